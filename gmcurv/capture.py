@@ -1,0 +1,621 @@
+"""Capture per-example gradients in decomposed form with one backward pass per Fisher column.
+
+Forward hooks record each supported module's input (``a``, or token indices); tensor hooks on
+its output record ``delta = ∂(Σ_n <G[c,n], f_n>)/∂y`` for every column ``c`` of the chosen
+Fisher (`gmcurv.losses`), so that with sum-over-examples semantics ``delta[n]`` belongs to
+example ``n`` alone. Supported modules:
+
+==============  ==============================================================
+``linear``      ``nn.Linear``: leading dimensions become tokens, bias folded into ``a``
+``conv2d``      ``nn.Conv2d`` (groups = 1): unfolded patches, positions become tokens
+``embedding``   ``nn.Embedding``: one-hot inputs kept as indices
+``norm``        LayerNorm / GroupNorm / BatchNorm / RMSNorm affine parameters:
+                ``g = Σ_positions delta ⊙ x̂`` (and ``Σ delta`` for the bias), exact and cheap
+``tied``        a parameter reached through several of the above (sum of sources)
+``dense``       anything else: per-example gradients from ``torch.func`` (``vmap`` of ``vjp``)
+==============  ==============================================================
+
+On the first batch the summed factors are checked against autograd's gradient; a block
+that disagrees (a weight also used outside its module's forward) falls back to ``dense``
+with a warning, so every parameter is always covered, correctly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_map
+
+from gmcurv.data import Batch, DataSample, batch_size_of
+from gmcurv.errors import ConfigError, GmcurvWarning, UnsupportedError
+from gmcurv.factors import (
+    DenseGradients,
+    EmbeddingFactors,
+    GradientSource,
+    LinearFactors,
+    SumOfSources,
+)
+from gmcurv.losses import FISHER_TYPES
+from gmcurv.objective import Objective
+
+_NORMS: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+ProgressFn = Callable[[int], None]
+
+
+# ------------------------------------------------------------------------------------ plans
+@dataclass(frozen=True)
+class BlockPlan:
+    """A set of parameters whose per-example gradients are captured together."""
+
+    name: str  # module path (or parameter name for dense blocks)
+    kind: str  # linear | conv2d | embedding | norm | tied | dense
+    params: tuple[str, ...]  # parameter names, in flat order
+    modules: tuple[str, ...]  # module paths whose forward calls produce the gradient
+
+
+def module_kind(module: nn.Module) -> str:
+    """How a module's own parameters are captured (see module doc)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        return "conv2d"
+    if (
+        isinstance(module, nn.Embedding)
+        and module.max_norm is None
+        and not module.scale_grad_by_freq
+        and not module.sparse
+    ):
+        return "embedding"
+    if isinstance(module, _NORMS):
+        return "norm"
+    return "dense"
+
+
+def plan_capture(model: nn.Module, params: dict[str, Tensor]) -> list[BlockPlan]:
+    """Group the selected parameters into capture blocks (one per module; tied ones merged)."""
+    name_of = {id(p): n for n, p in params.items()}
+    users: dict[int, list[str]] = {}  # param id -> module paths using it directly
+    kinds: dict[str, str] = {}
+    owned: dict[str, list[str]] = {}  # module path -> its selected parameter names
+    for path, module in model.named_modules():
+        mine = [name_of[id(p)] for p in module.parameters(recurse=False) if id(p) in name_of]
+        if not mine:
+            continue
+        kinds[path], owned[path] = module_kind(module), mine
+        for p in module.parameters(recurse=False):
+            if id(p) in name_of:
+                users.setdefault(id(p), []).append(path)
+    # connected components of modules that share parameters
+    parent = {m: m for m in owned}
+
+    def find(m: str) -> str:
+        while parent[m] != m:
+            parent[m] = parent[parent[m]]
+            m = parent[m]
+        return m
+
+    for paths in users.values():
+        for other in paths[1:]:
+            parent[find(other)] = find(paths[0])
+    groups: dict[str, list[str]] = {}
+    for m in owned:
+        groups.setdefault(find(m), []).append(m)
+    order = {n: i for i, n in enumerate(params)}
+    plans = []
+    for members in groups.values():
+        names = sorted({n for m in members for n in owned[m]}, key=order.__getitem__)
+        member_kinds = {kinds[m] for m in members}
+        if len(members) == 1:
+            kind = kinds[members[0]]
+        else:
+            kind = "dense" if "dense" in member_kinds or "norm" in member_kinds else "tied"
+        plans.append(BlockPlan(members[0] or names[0], kind, tuple(names), tuple(members)))
+    return sorted(plans, key=lambda b: order[b.params[0]])
+
+
+# ------------------------------------------------------------------------ captured gradients
+@dataclass(frozen=True)
+class Block:
+    """One block's per-example gradients (see `gmcurv.factors`)."""
+
+    name: str
+    kind: str
+    source: GradientSource
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return self.source.names
+
+    @property
+    def shapes(self) -> tuple[tuple[int, ...], ...]:
+        return self.source.shapes
+
+    @property
+    def dim(self) -> int:
+        return self.source.dim
+
+
+@dataclass(frozen=True)
+class DecomposedGradients:
+    """Per-example, per-column gradients of every selected parameter, block by block.
+
+    ``F = (1/N) Σ_n Σ_c g[n,c] g[n,c]^T`` over the concatenation of all blocks.
+    """
+
+    blocks: tuple[Block, ...]
+    fisher: str
+    losses: Tensor  # [N] per-example loss
+
+    @property
+    def n(self) -> int:
+        return int(self.losses.shape[0])
+
+    @property
+    def columns(self) -> int:
+        return self.blocks[0].source.columns if self.blocks else 1
+
+    @property
+    def n_params(self) -> int:
+        return sum(b.dim for b in self.blocks)
+
+    def select(self, index: Tensor) -> DecomposedGradients:
+        """Restrict to examples `index`."""
+        blocks = tuple(replace(b, source=b.source.select(index)) for b in self.blocks)
+        return replace(self, blocks=blocks, losses=self.losses[index])
+
+    @staticmethod
+    def cat(parts: Sequence[DecomposedGradients]) -> DecomposedGradients:
+        """Concatenate batches along examples."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        blocks = tuple(
+            replace(group[0], source=type(group[0].source).cat([b.source for b in group]))
+            for group in zip(*[p.blocks for p in parts], strict=True)
+        )
+        return replace(first, blocks=blocks, losses=torch.cat([p.losses for p in parts]))
+
+
+# ------------------------------------------------------------------------------- recording
+@dataclass
+class _Call:
+    inputs: Tensor
+    output: Tensor
+    deltas: dict[int, Tensor] = field(default_factory=dict)
+
+
+class _Recorder:
+    """Forward hooks on the modules of decomposed blocks; collects (input, output, deltas)."""
+
+    def __init__(self, model: nn.Module, paths: Sequence[str]):
+        self.calls: dict[str, list[_Call]] = {p: [] for p in paths}
+        self.column = 0
+        self.active = True
+        self._handles = [
+            model.get_submodule(p).register_forward_hook(self._hook(p)) for p in paths
+        ]
+
+    def _hook(self, path: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            if not self.active or not torch.is_grad_enabled() or not args:
+                return
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            call = _Call(args[0].detach(), output)
+            self.calls[path].append(call)
+            output.register_hook(lambda g, call=call: call.deltas.__setitem__(self.column,
+                                                                               g.detach()))
+
+        return hook
+
+    def outputs(self) -> list[Tensor]:
+        return [c.output for calls in self.calls.values() for c in calls]
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _only_selected_require_grad(model: nn.Module, params: dict[str, Tensor]) -> Iterator[None]:
+    """Temporarily freeze parameters outside the selection (saves their backward work)."""
+    keep = {id(p) for p in params.values()}
+    frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+# ------------------------------------------------------------------------- factor builders
+def _stack_deltas(call: _Call, columns: int) -> Tensor:
+    """``[C, *output.shape]`` (zeros for columns whose gradient did not reach the module)."""
+    zero = None
+    out = []
+    for c in range(columns):
+        d = call.deltas.get(c)
+        if d is None:
+            zero = zero if zero is not None else torch.zeros_like(call.output.detach())
+            d = zero
+        out.append(d)
+    return torch.stack(out)
+
+
+def _tokens(x: Tensor, n: int) -> Tensor:
+    """``[n, *lead, D] -> [n, T, D]``."""
+    return x.reshape(n, -1, x.shape[-1])
+
+
+def _linear_source(module: nn.Linear, calls: list[_Call], names: dict, n: int, columns: int):
+    a_parts, d_parts = [], []
+    for call in calls:
+        d = _stack_deltas(call, columns)  # [C, n, *lead, O]
+        d_parts.append(d.reshape(columns, n, -1, d.shape[-1]).transpose(0, 1))
+        a_parts.append(_tokens(call.inputs, n))
+    return _with_bias(torch.cat(d_parts, 2), torch.cat(a_parts, 1), module, names)
+
+
+def _conv2d_source(module: nn.Conv2d, calls: list[_Call], names: dict, n: int, columns: int):
+    a_parts, d_parts = [], []
+    for call in calls:
+        x = call.inputs
+        if module.padding_mode != "zeros":
+            x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+            padding = 0
+        elif isinstance(module.padding, str):
+            padding = _same_padding(module, x)
+        else:
+            padding = module.padding
+        if isinstance(padding, tuple) and len(padding) == 4:  # asymmetric 'same' padding
+            x, padding = F.pad(x, padding), 0
+        patches = F.unfold(x, module.kernel_size, module.dilation, padding, module.stride)
+        a_parts.append(patches.transpose(1, 2))  # [n, L, I k k]
+        d = _stack_deltas(call, columns)  # [C, n, O, H', W']
+        d_parts.append(d.reshape(columns, n, d.shape[2], -1).permute(1, 0, 3, 2))
+    return _with_bias(torch.cat(d_parts, 2), torch.cat(a_parts, 1), module, names)
+
+
+def _same_padding(module: nn.Conv2d, x: Tensor) -> tuple[int, ...] | int:
+    if module.padding == "valid":
+        return 0
+    pads: list[int] = []
+    for k, d in zip(reversed(module.kernel_size), reversed(module.dilation), strict=True):
+        total = d * (k - 1)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+def _with_bias(delta: Tensor, a: Tensor, module: nn.Module, names: dict) -> LinearFactors:
+    has_w, has_b = "weight" in names, "bias" in names
+    if not has_w:
+        a = a[..., :0]
+    if has_b:
+        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
+    order = [names[k] for k in ("weight", "bias") if k in names]
+    shapes = [tuple(getattr(module, k).shape) for k in ("weight", "bias") if k in names]
+    return LinearFactors(tuple(order), tuple(shapes), delta, a, has_w, has_b)
+
+
+def _embedding_source(module: nn.Embedding, calls: list[_Call], names: dict, n: int,
+                      columns: int) -> EmbeddingFactors:
+    idx_parts, d_parts = [], []
+    for call in calls:
+        idx = call.inputs.reshape(n, -1)
+        d = _stack_deltas(call, columns)
+        d = d.reshape(columns, n, -1, d.shape[-1]).transpose(0, 1)
+        if module.padding_idx is not None:
+            d = d * (idx != module.padding_idx)[:, None, :, None].to(d.dtype)
+        idx_parts.append(idx)
+        d_parts.append(d)
+    return EmbeddingFactors(
+        (names["weight"],), (tuple(module.weight.shape),), torch.cat(d_parts, 2),
+        torch.cat(idx_parts, 1),
+    )
+
+
+def _normalized(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """``x̂`` (the input before the affine map) and the dims the parameters broadcast over."""
+    if isinstance(module, nn.LayerNorm):
+        k = len(module.normalized_shape)
+        xh = F.layer_norm(x, module.normalized_shape, eps=module.eps)
+        return xh, tuple(range(1, x.ndim - k))
+    if hasattr(nn, "RMSNorm") and isinstance(module, nn.RMSNorm):
+        k = len(module.normalized_shape)
+        xh = F.rms_norm(x, module.normalized_shape, eps=module.eps)
+        return xh, tuple(range(1, x.ndim - k))
+    if isinstance(module, nn.GroupNorm):
+        xh = F.group_norm(x, module.num_groups, eps=module.eps)
+        return xh, tuple(range(2, x.ndim))
+    assert isinstance(module, nn.modules.batchnorm._BatchNorm)
+    batch_stats = module.training or module.running_mean is None
+    xh = F.batch_norm(
+        x,
+        None if batch_stats else module.running_mean,
+        None if batch_stats else module.running_var,
+        training=batch_stats,
+        eps=module.eps,
+    )
+    return xh, tuple(range(2, x.ndim))
+
+
+def _norm_source(module: nn.Module, calls: list[_Call], names: dict, n: int,
+                 columns: int) -> DenseGradients:
+    parts: dict[str, Tensor] = {}
+    for call in calls:
+        xh, dims = _normalized(module, call.inputs)
+        d = _stack_deltas(call, columns).transpose(0, 1)  # [n, C, *shape]
+        sum_dims = tuple(k + 1 for k in dims)  # shifted by the column axis
+        grads = {}
+        if "weight" in names:
+            grads["weight"] = (d * xh[:, None]).sum(sum_dims) if sum_dims else d * xh[:, None]
+        if "bias" in names:
+            grads["bias"] = d.sum(sum_dims) if sum_dims else d
+        for k, v in grads.items():
+            parts[k] = v if k not in parts else parts[k] + v
+    order = [k for k in ("weight", "bias") if k in names]
+    g = torch.cat([parts[k].reshape(n, columns, -1) for k in order], dim=-1)
+    shapes = tuple(tuple(getattr(module, k).shape) for k in order)
+    return DenseGradients(tuple(names[k] for k in order), shapes, g)
+
+
+_BUILDERS = {
+    "linear": _linear_source,
+    "conv2d": _conv2d_source,
+    "embedding": _embedding_source,
+    "norm": _norm_source,
+}
+
+
+# ------------------------------------------------------------------------------ the session
+class Capturer:
+    """Captures `DecomposedGradients` batch by batch for one objective and Fisher type."""
+
+    def __init__(
+        self,
+        objective: Objective,
+        fisher: str = "empirical",
+        mc_samples: int = 1,
+        seed: int = 0,
+        check: bool = True,
+    ):
+        if fisher not in FISHER_TYPES:
+            raise ConfigError(f"unknown --fisher {fisher!r}", hint=f"use one of {FISHER_TYPES}")
+        if mc_samples < 1:
+            raise ConfigError(f"--mc-samples must be at least 1, got {mc_samples}")
+        self.objective = objective
+        self.fisher = fisher
+        self.mc_samples = mc_samples
+        self.generator = torch.Generator(device=objective.device).manual_seed(seed)
+        self.plans = plan_capture(objective.model, objective.params)
+        self._check_pending = check
+        self.fallbacks: list[str] = []  # blocks moved to dense by the self-check
+
+    @property
+    def dense_modules(self) -> list[str]:
+        """Module paths whose parameters need dense per-example gradients."""
+        return [p.name for p in self.plans if p.kind == "dense"]
+
+    def __call__(self, batch: Batch) -> DecomposedGradients:
+        dg, grads = self._capture(batch, want_param_grads=self._check_pending)
+        if self._check_pending:
+            self._check_pending = False
+            bad = self._self_check(dg, grads)
+            if bad:
+                names = ", ".join(bad)
+                warnings.warn(
+                    f"parameters of {names} are also used outside their module's forward "
+                    "(e.g. shared through F.linear); their per-example gradients are computed "
+                    "densely instead",
+                    GmcurvWarning,
+                    stacklevel=2,
+                )
+                self.fallbacks += bad
+                self.plans = [
+                    replace(p, kind="dense", modules=()) if p.name in bad else p
+                    for p in self.plans
+                ]
+                dg, _ = self._capture(batch, want_param_grads=False)
+        return dg
+
+    # --------------------------------------------------------------------------- internals
+    def _capture(self, batch: Batch, want_param_grads: bool):
+        obj = self.objective
+        n = batch_size_of(batch.inputs)
+        model = obj.model
+        hooked = [p for p in self.plans if p.kind != "dense"]
+        paths = [m for p in hooked for m in p.modules]
+        recorder = _Recorder(model, paths)
+        param_grads: dict[str, Tensor] = {}
+        try:
+            with _only_selected_require_grad(model, obj.params), torch.enable_grad():
+                out = obj.outputs(batch.inputs)
+                targets = obj.targets(batch, out)
+                losses = obj.loss.per_example(out.detach(), targets)
+                cols = obj.loss.output_columns(
+                    out, targets, self.fisher, self.mc_samples, self.generator
+                )
+                recorder.active = False
+                outputs = recorder.outputs()
+                C = cols.shape[0]
+                for c in range(C):
+                    recorder.column = c
+                    inputs = list(obj.params.values()) if (c == 0 and want_param_grads) \
+                        else outputs
+                    if not inputs:
+                        break
+                    grads = torch.autograd.grad(
+                        out, inputs, grad_outputs=cols[c], retain_graph=c < C - 1,
+                        allow_unused=True,
+                    )
+                    if c == 0 and want_param_grads:
+                        param_grads = {
+                            k: g for k, g in zip(obj.params, grads, strict=True) if g is not None
+                        }
+        finally:
+            recorder.remove()
+        blocks = []
+        for plan in self.plans:
+            if plan.kind == "dense":
+                continue
+            blocks.append(Block(plan.name, plan.kind, self._build(plan, recorder, n, C)))
+        dense = [p for p in self.plans if p.kind == "dense"]
+        if dense:
+            blocks += self._dense_blocks(dense, batch, cols)
+        order = {p.name: i for i, p in enumerate(self.plans)}
+        blocks.sort(key=lambda b: order[b.name])
+        return DecomposedGradients(tuple(blocks), self.fisher, losses.detach()), param_grads
+
+    def _build(self, plan: BlockPlan, recorder: _Recorder, n: int, columns: int):
+        model = self.objective.model
+        params = self.objective.params
+        sources = []
+        for path in plan.modules:
+            module = model.get_submodule(path)
+            local = {
+                k: name
+                for k, p in module.named_parameters(recurse=False)
+                for name in plan.params
+                if params[name] is p
+            }
+            calls = recorder.calls[path]
+            for call in calls:
+                if call.inputs.shape[0] != n and module_kind(module) != "embedding":
+                    raise UnsupportedError(
+                        f"module {path} sees inputs with leading dimension "
+                        f"{call.inputs.shape[0]}, not the batch size {n}",
+                        hint="gmcurv needs the batch on dimension 0 inside the model "
+                        "(batch_first=True); or exclude it with --layers",
+                    )
+            kind = module_kind(module)
+            if not calls:
+                sources.append(self._zero_source(module, local, n, columns))
+                continue
+            sources.append(_BUILDERS[kind](module, calls, local, n, columns))
+        return sources[0] if len(sources) == 1 else SumOfSources(
+            plan.params, tuple(tuple(params[k].shape) for k in plan.params), tuple(sources)
+        )
+
+    def _zero_source(self, module: nn.Module, local: dict, n: int, columns: int):
+        """A module that was not called: its parameters get zero gradient."""
+        params = self.objective.params
+        names = tuple(local.values())
+        shapes = tuple(tuple(params[k].shape) for k in names)
+        dim = sum(math.prod(s) for s in shapes)
+        ref = params[names[0]]
+        return DenseGradients(names, shapes, ref.new_zeros(n, columns, dim))
+
+    def _dense_blocks(self, plans: list[BlockPlan], batch: Batch, cols: Tensor) -> list[Block]:
+        """Per-example, per-column gradients via ``vmap`` over examples of ``vjp``."""
+        obj = self.objective
+        names = [n for p in plans for n in p.params]
+        fixed = {k: v.detach() for k, v in obj.params.items() if k not in names}
+        primals = {k: obj.params[k].detach() for k in names}
+        is_dict = isinstance(batch.inputs, dict)
+
+        def one(x, cot):  # x: one example (no batch dim); cot: [C, *out_shape]
+            def f(p):
+                xb = tree_map(lambda t: t.unsqueeze(0), x)
+                return obj.outputs(xb, {**fixed, **p})[0]
+
+            _, pull = vjp(f, primals)
+            return vmap(pull)(cot)[0]
+
+        try:
+            g = vmap(one)(batch.inputs if is_dict else batch.inputs, cols.transpose(0, 1))
+        except Exception as e:  # torch.func cannot trace some modules (e.g. train-mode BN)
+            raise UnsupportedError(
+                f"per-example gradients of {', '.join(p.name for p in plans)} could not be "
+                f"computed with torch.func: {type(e).__name__}: {str(e).splitlines()[0]}",
+                hint="exclude those parameters with --layers, or use --mode eval",
+            ) from None
+        n, C = cols.shape[1], cols.shape[0]
+        blocks = []
+        for plan in plans:
+            shapes = tuple(tuple(obj.params[k].shape) for k in plan.params)
+            flat = torch.cat([g[k].reshape(n, C, -1) for k in plan.params], dim=-1)
+            blocks.append(Block(plan.name, "dense", DenseGradients(plan.params, shapes, flat)))
+        return blocks
+
+    def _self_check(self, dg: DecomposedGradients, grads: dict[str, Tensor]) -> list[str]:
+        """Names of blocks whose summed factors disagree with autograd's gradient."""
+        bad = []
+        tol = 1e-8 if self.objective.dtype == torch.float64 else 2e-3
+        total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+        for block in dg.blocks:
+            if block.kind == "dense":
+                continue
+            u = torch.zeros(dg.n, dg.columns, dtype=self.objective.dtype,
+                            device=self.objective.device)
+            u[:, 0] = 1.0
+            summed = block.source.vjp(u)
+            err = ref_sq = 0.0
+            for name in block.params:
+                got = summed[name].double()
+                ref = grads[name].double() if name in grads else torch.zeros_like(got)
+                err += float((got - ref).pow(2).sum())
+                ref_sq += float(ref.pow(2).sum())
+            if math.sqrt(err) > tol * max(math.sqrt(ref_sq), 1e-3 * total, 1e-30):
+                bad.append(block.name)
+        return bad
+
+
+# ------------------------------------------------------------------------------ convenience
+def capture(
+    objective: Objective,
+    batch: Batch,
+    fisher: str = "empirical",
+    mc_samples: int = 1,
+    seed: int = 0,
+) -> DecomposedGradients:
+    """Decomposed per-example gradients of one batch."""
+    return Capturer(objective, fisher, mc_samples, seed)(batch)
+
+
+def capture_stream(
+    objective: Objective,
+    data: DataSample,
+    batch_size: int,
+    fisher: str = "empirical",
+    mc_samples: int = 1,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    capturer: Capturer | None = None,
+) -> Iterator[DecomposedGradients]:
+    """Capture batch after batch (memory: one batch of factors at a time)."""
+    cap = capturer or Capturer(objective, fisher, mc_samples, seed)
+    for batch in data.batches(batch_size, objective.device, objective.dtype):
+        dg = cap(batch)
+        if progress:
+            progress(dg.n)
+        yield dg
+
+
+def capture_all(
+    objective: Objective,
+    data: DataSample,
+    batch_size: int,
+    fisher: str = "empirical",
+    mc_samples: int = 1,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> DecomposedGradients:
+    """All examples' factors at once (needed for Gram kernels), memory O(N (I+O)) per layer."""
+    return DecomposedGradients.cat(
+        list(capture_stream(objective, data, batch_size, fisher, mc_samples, seed, progress))
+    )

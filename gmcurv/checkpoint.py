@@ -1,0 +1,402 @@
+"""Checkpoints: safetensors in and out, architecture resolution, model building.
+
+Where the architecture comes from, first match wins:
+
+1. ``--arch`` when given explicitly (an explicit request beats anything implicit):
+   ``mlp[:activation]`` (inferred from ``<layer>.weight``/``.bias`` shapes),
+   ``path/to/file.py:factory`` or ``package.module:factory`` returning an ``nn.Module``;
+2. gmcurv metadata in the safetensors header (``gmcurv.arch``, ``gmcurv.arch_config``,
+   ``gmcurv.loss``), written by gmcurv itself (sample models, pruned checkpoints);
+3. a Hugging Face ``config.json`` beside the weights, for supported ``model_type`` values.
+
+Weights load with ``safetensors.torch.load_model`` semantics: tied parameters need only one
+of their names in the file; any other missing key, any unexpected key and any shape
+mismatch is an error naming the file. Tensors under the reserved ``gmcurv_mask.`` prefix
+are pruning masks (see `save_checkpoint`), returned separately.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import struct
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from gmcurv import __version__
+from gmcurv.errors import ArchitectureError, CheckpointError
+from gmcurv.fileio import atomic_write, sha256_file
+from gmcurv.models.registry import build_family, build_from_hf_config
+
+MASK_PREFIX = "gmcurv_mask."
+META_ARCH = "gmcurv.arch"
+META_ARCH_CONFIG = "gmcurv.arch_config"
+META_LOSS = "gmcurv.loss"
+META_VERSION = "gmcurv.version"
+PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
+
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a safetensors file declares, read without loading tensor data."""
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str]
+    metadata: dict[str, str]
+
+    @property
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the model's tensors (pruning masks left out)."""
+        return {k: s for k, s in self.shapes.items() if not k.startswith(MASK_PREFIX)}
+
+
+@dataclass
+class LoadedModel:
+    """A model built and loaded from a checkpoint, with where everything came from."""
+
+    model: nn.Module
+    path: Path
+    sha256: str
+    arch: str
+    arch_source: str
+    loss: str
+    metadata: dict[str, str]
+    masks: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def n_params(self) -> int:
+        """Number of distinct parameters (tied tensors counted once)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+
+# ------------------------------------------------------------------------------ reading files
+def resolve_weights_path(model_path: str | Path) -> Path:
+    """The ``.safetensors`` file behind MODEL (a file, or a directory holding one)."""
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no such file or directory",
+            hint="pass the path of a .safetensors checkpoint (or a directory holding one)",
+        )
+    if path.is_dir():
+        preferred = path / "model.safetensors"
+        if preferred.is_file():
+            return preferred
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise CheckpointError(
+                f"{path}: directory holds no .safetensors file",
+                hint="point MODEL at a .safetensors file or a directory with model.safetensors",
+            )
+        raise CheckpointError(
+            f"{path}: directory holds several .safetensors files "
+            f"({', '.join(p.name for p in found[:4])})",
+            hint="point MODEL at one of them, or name it model.safetensors",
+        )
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: pickle-based checkpoints are refused (loading one can run arbitrary code)",
+            hint="convert it once with safetensors.torch.save_file(model.state_dict(), "
+            "'model.safetensors')",
+        )
+    return path
+
+
+def read_header(path: str | Path) -> Header:
+    """Parse and validate a safetensors header; detects truncated and corrupt files."""
+    path = Path(path)
+    fix = "re-download or re-export the checkpoint; the file is damaged"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: file is too short to be a safetensors file", fix)
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(
+                    f"{path}: not a safetensors file or truncated "
+                    f"(header claims {n} bytes, file has {size})",
+                    fix,
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read file: {e.strerror}") from None
+    try:
+        header = json.loads(raw)
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (invalid JSON)", fix) from None
+    metadata = header.pop("__metadata__", None) or {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    end = 0
+    for name, info in header.items():
+        try:
+            shape = tuple(int(s) for s in info["shape"])
+            dtype = str(info["dtype"])
+            start, stop = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}", fix) from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if dtype in _DTYPE_BYTES and stop - start != numel * _DTYPE_BYTES[dtype]:
+            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent byte size", fix)
+        shapes[name], dtypes[name] = shape, dtype
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path}: file is truncated: the header declares {8 + n + end} bytes, "
+            f"the file has {size}",
+            fix,
+        )
+    return Header(path, shapes, dtypes, {str(k): str(v) for k, v in metadata.items()})
+
+
+def load_tensors(path: str | Path) -> dict[str, Tensor]:
+    """All tensors of a validated safetensors file (on CPU)."""
+    read_header(path)
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type
+        raise CheckpointError(f"{path}: cannot load tensors: {e}") from None
+
+
+# ------------------------------------------------------------------------ building the model
+def _load_hf_config(weights: Path) -> dict[str, Any] | None:
+    cfg = weights.parent / "config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        config = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"{cfg}: cannot parse config.json: {e}", hint="fix or remove the file"
+        ) from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{cfg}: config.json is not a JSON object", hint="fix the file")
+    return config
+
+
+def _import_factory(spec: str):
+    """Resolve ``path/to/file.py:factory`` or ``package.module:factory`` to a callable."""
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ArchitectureError(
+            f"--arch {spec!r} is neither a family nor a factory",
+            hint="use mlp[:activation], path/to/model.py:factory or package.module:factory",
+        )
+    is_file = target.endswith(".py") or "/" in target or "\\" in target
+    try:
+        if is_file:
+            file = Path(target).expanduser()
+            if not file.is_file():
+                raise ArchitectureError(
+                    f"--arch {spec!r}: file {file} not found", hint="check the path"
+                )
+            mod_name = f"gmcurv_user_arch_{abs(hash(str(file.resolve())))}"
+            module_spec = importlib.util.spec_from_file_location(mod_name, file)
+            if module_spec is None or module_spec.loader is None:
+                raise ArchitectureError(f"--arch {spec!r}: cannot import {file}")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[mod_name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ArchitectureError:
+        raise
+    except Exception as e:
+        raise ArchitectureError(
+            f"--arch {spec!r}: importing {target} failed: {type(e).__name__}: {e}",
+            hint="fix the error in that module (run it with python to see the traceback)",
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ArchitectureError(
+            f"--arch {spec!r}: {target} has no callable {attr!r}",
+            hint="name a function or class in that module that returns an nn.Module",
+        )
+    return factory
+
+
+def build_from_factory(spec: str) -> nn.Module:
+    """Call a user factory and check that it returns an ``nn.Module``."""
+    factory = _import_factory(spec)
+    try:
+        model = factory()
+    except Exception as e:
+        raise ArchitectureError(
+            f"--arch {spec!r}: the factory raised {type(e).__name__}: {e}",
+            hint="the factory is called with no arguments and must return an nn.Module",
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ArchitectureError(
+            f"--arch {spec!r}: the factory returned {type(model).__name__}, not an nn.Module",
+            hint="return the model instance from the factory",
+        )
+    return model
+
+
+def _is_family_spec(spec: str) -> bool:
+    head = spec.partition(":")[0]
+    return head.isidentifier() and "." not in head and not spec.endswith(".py")
+
+
+def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, str | None]:
+    """Build the (untrained) model for a checkpoint: (model, arch, arch source, loss hint)."""
+    source = str(header.path)
+    shapes = header.weight_shapes
+    meta = header.metadata
+    meta_config = json.loads(meta[META_ARCH_CONFIG]) if META_ARCH_CONFIG in meta else None
+    if arch:
+        if _is_family_spec(arch):
+            return build_family(arch, shapes, source, meta_config), arch, "--arch", None
+        return build_from_factory(arch), arch, "--arch", None
+    if META_ARCH in meta:
+        spec = meta[META_ARCH]
+        return build_family(spec, shapes, source, meta_config), spec, "metadata", meta.get(META_LOSS)
+    config = _load_hf_config(header.path)
+    if config is not None:
+        model, loss = build_from_hf_config(config, shapes, source)
+        return model, str(config.get("model_type")), "config.json", loss
+    raise ArchitectureError(
+        f"{source}: cannot tell the architecture: no gmcurv metadata and no config.json beside it",
+        hint="pass --arch mlp[:activation] for a plain MLP, or --arch path/to/model.py:factory",
+    )
+
+
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names of state-dict entries that share storage (tied weights)."""
+    groups: dict[tuple[int, int, tuple[int, ...]], list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        groups.setdefault(key, []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def load_state(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> None:
+    """Copy `tensors` into `model`, strictly (tied names may be absent), with clear errors."""
+    expected = model.state_dict()
+    tied = _tied_groups(model)
+    alias = {n: g for g in tied for n in g}
+    missing = [
+        k for k in expected if k not in tensors and not any(a in tensors for a in alias.get(k, []))
+    ]
+    unexpected = [k for k in tensors if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in tensors.items()
+        if k in expected and tuple(v.shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+    if unexpected:
+        problems.append(
+            f"unexpected keys {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else "")
+        )
+    if mismatched:
+        problems.append("shape mismatches: " + "; ".join(mismatched[:5]))
+    if problems:
+        raise CheckpointError(
+            f"{source}: checkpoint does not fit the architecture: " + "; ".join(problems),
+            hint="check that --arch (or the config.json) matches the checkpoint",
+        )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            target = expected[name]
+            if value.is_floating_point() != target.is_floating_point():
+                raise CheckpointError(
+                    f"{source}: tensor {name} has dtype {value.dtype}, the model expects "
+                    f"{target.dtype}",
+                    hint="re-export the checkpoint with matching dtypes",
+                )
+            target.copy_(value)
+
+
+def load_model(
+    model_path: str | Path,
+    arch: str | None = None,
+    loss: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Resolve, build and load a model from MODEL (file or directory)."""
+    weights = resolve_weights_path(model_path)
+    header = read_header(weights)
+    model, arch_name, arch_source, loss_hint = build_model(header, arch)
+    tensors = load_tensors(weights)
+    masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
+    state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(
+                f"{weights}: tensor {k} contains NaN or Inf values",
+                hint="the checkpoint is damaged or training diverged; use an earlier checkpoint",
+            )
+    load_state(model, state, str(weights))
+    model.to(device=device, dtype=dtype)
+    return LoadedModel(
+        model=model,
+        path=weights,
+        sha256=sha256_file(weights),
+        arch=arch_name,
+        arch_source=arch_source,
+        loss=loss or loss_hint or "cross_entropy",
+        metadata=header.metadata,
+        masks=masks,
+    )
+
+
+# ------------------------------------------------------------------------------------ writing
+def gmcurv_metadata(
+    arch: str, loss: str, arch_config: dict[str, Any] | None = None, **extra: Any
+) -> dict[str, str]:
+    """Header metadata that lets gmcurv rebuild a model without `--arch`."""
+    meta = {META_ARCH: arch, META_LOSS: loss, META_VERSION: __version__}
+    if arch_config is not None:
+        meta[META_ARCH_CONFIG] = json.dumps(arch_config, sort_keys=True)
+    for key, value in extra.items():
+        meta[f"gmcurv.{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return meta
+
+
+def save_checkpoint(
+    path: str | Path,
+    state: Mapping[str, Tensor],
+    metadata: Mapping[str, str],
+    masks: Mapping[str, Tensor] | None = None,
+) -> Path:
+    """Write tensors (+ masks under ``gmcurv_mask.``) atomically; shared storage is de-duplicated.
+
+    The result loads with plain ``safetensors.torch.load_file``.
+    """
+    tensors: dict[str, Tensor] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:  # tied weight: keep the first name only, like save_model
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    for name, m in (masks or {}).items():
+        tensors[MASK_PREFIX + name] = m.detach().contiguous().cpu()
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))

@@ -1,0 +1,431 @@
+"""Per-example gradients kept as factors, and their algebra.
+
+Index letters, used in every einsum: ``n`` example, ``c`` Fisher column (one for the
+empirical Fisher, ``k`` for Monte Carlo, one per class for the exact one), ``t``/``s``
+token or position, ``o`` output unit, ``i`` input unit, ``v`` vocabulary row.
+
+Every source represents the gradients ``g[n, c] ∈ R^D`` of one block of parameters
+(``D`` scalars), with ``F_block = (1/N) Σ_{n,c} g[n,c] g[n,c]^T``:
+
+- `LinearFactors`: ``g[n,c] = Σ_t delta[n,c,t,:] a[n,t,:]^T`` (``nn.Linear``, ``nn.Conv2d``
+  after unfolding; a bias is the trailing column of ones in ``a``);
+- `EmbeddingFactors`: ``g[n,c] = Σ_t e_{index[n,t]} delta[n,c,t,:]^T`` (one-hot inputs kept as
+  indices, never materialised);
+- `DenseGradients`: ``g`` stored as is (norm layers, parameters of other modules);
+- `SumOfSources`: the gradient of a parameter reached by several modules (tied weights).
+
+Each source answers the same questions — squared norms, Gram kernel, diagonal, ``J v``,
+``J^T u`` and dense materialisation — with a closed form on its factors where one exists
+and, in the base class, by materialising ``g`` a chunk of examples at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+CHUNK_ELEMENTS = 1 << 24  # materialise at most ~16M gradient entries at once
+
+
+@dataclass(frozen=True)
+class GradientSource:
+    """Gradients ``g[n, c]`` of the parameters `names` (shapes `shapes`), see module doc."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    # ------------------------------------------------------------------ to be provided
+    @property
+    def n(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def columns(self) -> int:
+        raise NotImplementedError
+
+    def materialize(self, rows: slice) -> dict[str, Tensor]:
+        """``{name: [r, C, *shape]}`` for examples `rows`."""
+        raise NotImplementedError
+
+    def select(self, index: Tensor) -> GradientSource:
+        """The same source restricted to examples `index`."""
+        raise NotImplementedError
+
+    @classmethod
+    def cat(cls, parts: Sequence[GradientSource]) -> GradientSource:
+        """Concatenate along examples."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ generic algebra
+    @property
+    def dim(self) -> int:
+        """D, the number of scalars in the block."""
+        return sum(math.prod(s) for s in self.shapes)
+
+    def row_chunks(self) -> Iterator[slice]:
+        step = max(1, CHUNK_ELEMENTS // max(1, self.columns * self.dim))
+        for start in range(0, self.n, step):
+            yield slice(start, min(start + step, self.n))
+
+    def flat(self, rows: slice) -> Tensor:
+        """``[r, C, D]`` gradients, parameters concatenated in `names` order."""
+        g = self.materialize(rows)
+        r = rows.stop - rows.start
+        return torch.cat([g[k].reshape(r, self.columns, -1) for k in self.names], dim=-1)
+
+    def sq_norms(self) -> Tensor:
+        """``||g[n, c]||^2``, shape ``[N, C]``."""
+        return torch.cat([self.flat(sl).pow(2).sum(-1) for sl in self.row_chunks()])
+
+    def gram(self) -> Tensor:
+        """``K[(n,c), (n',c')] = <g[n,c], g[n',c']>`` in float64, shape ``[N C, N C]``."""
+        chunks = list(self.row_chunks())
+        if len(chunks) == 1:
+            g = self.flat(chunks[0]).reshape(self.n * self.columns, -1).double()
+            return g @ g.T
+        size = self.n * self.columns
+        K = torch.empty(size, size, dtype=torch.float64, device=self._device())
+        c = self.columns
+        for i, si in enumerate(chunks):
+            gi = self.flat(si).reshape(-1, self.dim).double()
+            for sj in chunks[i:]:
+                gj = gi if sj == si else self.flat(sj).reshape(-1, self.dim).double()
+                block = gi @ gj.T
+                K[si.start * c : si.stop * c, sj.start * c : sj.stop * c] = block
+                K[sj.start * c : sj.stop * c, si.start * c : si.stop * c] = block.T
+        return K
+
+    def diag(self) -> dict[str, Tensor]:
+        """``Σ_{n,c} g[n,c]^2`` per parameter (the Fisher diagonal times N)."""
+        out: dict[str, Tensor] = {}
+        for sl in self.row_chunks():
+            for k, v in self.materialize(sl).items():
+                sq = v.pow(2).sum((0, 1))
+                out[k] = sq if k not in out else out[k] + sq
+        return out
+
+    def jvp(self, vector: Mapping[str, Tensor]) -> Tensor:
+        """``J v``: ``<g[n,c], v>`` for a direction in parameter layout, shape ``[N, C]``."""
+        v = torch.cat([vector[k].reshape(-1) for k in self.names])
+        return torch.cat([self.flat(sl) @ v.to(self._dtype()) for sl in self.row_chunks()])
+
+    def vjp(self, u: Tensor) -> dict[str, Tensor]:
+        """``J^T u = Σ_{n,c} u[n,c] g[n,c]`` in parameter layout."""
+        out: dict[str, Tensor] = {}
+        for sl in self.row_chunks():
+            for k, v in self.materialize(sl).items():
+                part = torch.einsum("nc,nc...->...", u[sl].to(v.dtype), v)
+                out[k] = part if k not in out else out[k] + part
+        return out
+
+    def _device(self) -> torch.device:
+        raise NotImplementedError
+
+    def _dtype(self) -> torch.dtype:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------ linear
+@dataclass(frozen=True)
+class LinearFactors(GradientSource):
+    """``g[n,c] = Σ_t delta[n,c,t] a[n,t]^T`` with ``delta: [N,C,T,O]``, ``a: [N,T,I]``.
+
+    ``names`` holds the weight (``[O, ...]``, flattened row-major to ``[O, I_w]``) and/or
+    the bias (``[O]``, the last column of ``a``, all ones), in that order.
+    """
+
+    delta: Tensor
+    a: Tensor
+    has_weight: bool
+    has_bias: bool
+
+    @property
+    def n(self) -> int:
+        return self.delta.shape[0]
+
+    @property
+    def columns(self) -> int:
+        return self.delta.shape[1]
+
+    @property
+    def tokens(self) -> int:
+        return self.delta.shape[2]
+
+    def _device(self) -> torch.device:
+        return self.delta.device
+
+    def _dtype(self) -> torch.dtype:
+        return self.delta.dtype
+
+    def _split(self, G: Tensor) -> dict[str, Tensor]:
+        """``[..., O, I]`` matrix layout -> parameter layout."""
+        lead = G.shape[:-2]
+        out, names = {}, list(self.names)
+        if self.has_weight:
+            w = names.pop(0)
+            out[w] = G[..., : -1 if self.has_bias else None].reshape(*lead, *self.shapes[0])
+        if self.has_bias:
+            out[names[0]] = G[..., -1]
+        return out
+
+    def _join(self, vector: Mapping[str, Tensor]) -> Tensor:
+        """Parameter layout -> ``[O, I]`` matrix layout."""
+        parts, names = [], list(self.names)
+        o = self.delta.shape[-1]
+        if self.has_weight:
+            parts.append(vector[names.pop(0)].reshape(o, -1))
+        if self.has_bias:
+            parts.append(vector[names[0]].reshape(o, 1))
+        return torch.cat(parts, dim=1)
+
+    def materialize(self, rows: slice) -> dict[str, Tensor]:
+        return self._split(torch.einsum("ncto,nti->ncoi", self.delta[rows], self.a[rows]))
+
+    def _token_route(self) -> bool:
+        """Use token-pair kernels (cost ~T^2 (O+I)) rather than materialising (~T O I)?"""
+        t, o, i = self.tokens, self.delta.shape[-1], self.a.shape[-1]
+        return t == 1 or t * (o + i) < o * i
+
+    def sq_norms(self) -> Tensor:
+        if self.tokens == 1:
+            return self.delta[:, :, 0].pow(2).sum(-1) * self.a[:, 0].pow(2).sum(-1)[:, None]
+        if not self._token_route():
+            return super().sq_norms()
+        dd = torch.einsum("ncto,ncso->ncts", self.delta, self.delta)
+        aa = torch.einsum("nti,nsi->nts", self.a, self.a)
+        return torch.einsum("ncts,nts->nc", dd, aa)
+
+    def gram(self) -> Tensor:
+        if not self._token_route():
+            return super().gram()
+        d = self.delta.double()
+        a = self.a.double()
+        n, c, t, _ = d.shape
+        if t == 1:
+            dd = d[:, :, 0].reshape(n * c, -1)
+            aa = a[:, 0] @ a[:, 0].T  # [N, N]
+            return (dd @ dd.T) * aa.repeat_interleave(c, 0).repeat_interleave(c, 1)
+        # one example's rows at a time: memory O(C T N C T) instead of O((N C T)^2)
+        K = torch.empty(n * c, n * c, dtype=torch.float64, device=d.device)
+        aa = torch.einsum("nti,msi->ntms", a, a)  # [N, T, N, T]
+        dflat = d.reshape(n * c, t, -1)
+        for x in range(n):
+            rows = dflat[x * c : (x + 1) * c]  # [C, T, O]
+            ddx = torch.einsum("cto,yso->ctys", rows, dflat)  # [C, T, NC, T]
+            aax = aa[x].repeat_interleave(c, dim=1)  # [T, NC, T]
+            K[x * c : (x + 1) * c] = torch.einsum("ctys,tys->cy", ddx, aax)
+        return K
+
+    def diag(self) -> dict[str, Tensor]:
+        if self.tokens != 1:
+            return super().diag()
+        d2 = self.delta[:, :, 0].pow(2)
+        a2 = self.a[:, 0].pow(2)
+        return self._split(torch.einsum("nco,ni->oi", d2, a2))
+
+    def jvp(self, vector: Mapping[str, Tensor]) -> Tensor:
+        W = self._join(vector).to(self.delta.dtype)
+        return torch.einsum("ncto,oi,nti->nc", self.delta, W, self.a)
+
+    def vjp(self, u: Tensor) -> dict[str, Tensor]:
+        return self._split(torch.einsum("nc,ncto,nti->oi", u.to(self.delta.dtype), self.delta,
+                                        self.a))
+
+    def select(self, index: Tensor) -> LinearFactors:
+        return replace(self, delta=self.delta[index], a=self.a[index])
+
+    @classmethod
+    def cat(cls, parts: Sequence[GradientSource]) -> LinearFactors:
+        first = parts[0]
+        assert isinstance(first, LinearFactors)
+        return replace(
+            first,
+            delta=torch.cat([p.delta for p in parts]),  # type: ignore[attr-defined]
+            a=torch.cat([p.a for p in parts]),  # type: ignore[attr-defined]
+        )
+
+
+# --------------------------------------------------------------------------------- embedding
+@dataclass(frozen=True)
+class EmbeddingFactors(GradientSource):
+    """``g[n,c][v, :] = Σ_{t: index[n,t] = v} delta[n,c,t,:]`` for a ``[V, O]`` table."""
+
+    delta: Tensor  # [N, C, T, O]
+    index: Tensor  # [N, T] int64
+
+    @property
+    def n(self) -> int:
+        return self.delta.shape[0]
+
+    @property
+    def columns(self) -> int:
+        return self.delta.shape[1]
+
+    def _device(self) -> torch.device:
+        return self.delta.device
+
+    def _dtype(self) -> torch.dtype:
+        return self.delta.dtype
+
+    def materialize(self, rows: slice) -> dict[str, Tensor]:
+        d, idx = self.delta[rows], self.index[rows]
+        r, c, t, o = d.shape
+        v = self.shapes[0][0]
+        out = d.new_zeros(r, c, v, o)
+        scatter_idx = idx[:, None, :, None].expand(r, c, t, o)
+        return {self.names[0]: out.scatter_add_(2, scatter_idx, d)}
+
+    def _same(self, other_index: Tensor | None = None) -> Tensor:
+        other = self.index if other_index is None else other_index
+        return (self.index[:, :, None, None] == other[None, None]).to(self.delta.dtype)
+
+    def sq_norms(self) -> Tensor:
+        dd = torch.einsum("ncto,ncso->ncts", self.delta, self.delta)
+        same = (self.index[:, :, None] == self.index[:, None, :]).to(dd.dtype)  # [N, T, T]
+        return torch.einsum("ncts,nts->nc", dd, same)
+
+    def gram(self) -> Tensor:
+        d = self.delta.double()
+        n, c, t, _ = d.shape
+        dflat = d.reshape(n * c, t, -1)
+        K = torch.empty(n * c, n * c, dtype=torch.float64, device=d.device)
+        for x in range(n):
+            same = (self.index[x][:, None, None] == self.index[None]).double()  # [T, N, S]
+            ddx = torch.einsum("cto,yso->ctys", dflat[x * c : (x + 1) * c], dflat)
+            K[x * c : (x + 1) * c] = torch.einsum(
+                "ctys,tys->cy", ddx, same.repeat_interleave(c, dim=1)
+            )
+        return K
+
+    def diag(self) -> dict[str, Tensor]:
+        v, o = self.shapes[0]
+        out = self.delta.new_zeros(v, o)
+        for x in range(self.n):
+            uniq, inv = torch.unique(self.index[x], return_inverse=True)
+            for c in range(self.columns):
+                seg = self.delta.new_zeros(len(uniq), o).index_add_(0, inv, self.delta[x, c])
+                out.index_add_(0, uniq, seg.pow(2))
+        return {self.names[0]: out}
+
+    def jvp(self, vector: Mapping[str, Tensor]) -> Tensor:
+        table = vector[self.names[0]].to(self.delta.dtype)
+        return torch.einsum("ncto,nto->nc", self.delta, table[self.index])
+
+    def vjp(self, u: Tensor) -> dict[str, Tensor]:
+        v, o = self.shapes[0]
+        rows = torch.einsum("nc,ncto->nto", u.to(self.delta.dtype), self.delta).reshape(-1, o)
+        out = self.delta.new_zeros(v, o).index_add_(0, self.index.reshape(-1), rows)
+        return {self.names[0]: out}
+
+    def select(self, index: Tensor) -> EmbeddingFactors:
+        return replace(self, delta=self.delta[index], index=self.index[index])
+
+    @classmethod
+    def cat(cls, parts: Sequence[GradientSource]) -> EmbeddingFactors:
+        first = parts[0]
+        assert isinstance(first, EmbeddingFactors)
+        return replace(
+            first,
+            delta=torch.cat([p.delta for p in parts]),  # type: ignore[attr-defined]
+            index=torch.cat([p.index for p in parts]),  # type: ignore[attr-defined]
+        )
+
+
+# ------------------------------------------------------------------------------------- dense
+@dataclass(frozen=True)
+class DenseGradients(GradientSource):
+    """Explicit per-example gradients ``g: [N, C, D]`` (parameters concatenated, flattened)."""
+
+    g: Tensor
+
+    @property
+    def n(self) -> int:
+        return self.g.shape[0]
+
+    @property
+    def columns(self) -> int:
+        return self.g.shape[1]
+
+    def _device(self) -> torch.device:
+        return self.g.device
+
+    def _dtype(self) -> torch.dtype:
+        return self.g.dtype
+
+    def flat(self, rows: slice) -> Tensor:
+        return self.g[rows]
+
+    def materialize(self, rows: slice) -> dict[str, Tensor]:
+        g = self.g[rows]
+        out, pos = {}, 0
+        for name, shape in zip(self.names, self.shapes, strict=True):
+            k = math.prod(shape)
+            out[name] = g[..., pos : pos + k].reshape(*g.shape[:2], *shape)
+            pos += k
+        return out
+
+    def row_chunks(self) -> Iterator[slice]:
+        yield slice(0, self.n)
+
+    def select(self, index: Tensor) -> DenseGradients:
+        return replace(self, g=self.g[index])
+
+    @classmethod
+    def cat(cls, parts: Sequence[GradientSource]) -> DenseGradients:
+        return replace(parts[0], g=torch.cat([p.g for p in parts]))  # type: ignore[attr-defined]
+
+
+# -------------------------------------------------------------------------------------- sums
+@dataclass(frozen=True)
+class SumOfSources(GradientSource):
+    """Gradient of parameters reached through several modules (tied weights): the sum."""
+
+    parts: tuple[GradientSource, ...]
+
+    @property
+    def n(self) -> int:
+        return self.parts[0].n
+
+    @property
+    def columns(self) -> int:
+        return self.parts[0].columns
+
+    def _device(self) -> torch.device:
+        return self.parts[0]._device()
+
+    def _dtype(self) -> torch.dtype:
+        return self.parts[0]._dtype()
+
+    def materialize(self, rows: slice) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for part in self.parts:
+            for k, v in part.materialize(rows).items():
+                out[k] = v if k not in out else out[k] + v
+        return out
+
+    def jvp(self, vector: Mapping[str, Tensor]) -> Tensor:
+        return sum(p.jvp(vector) for p in self.parts)  # type: ignore[return-value]
+
+    def vjp(self, u: Tensor) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for part in self.parts:
+            for k, v in part.vjp(u).items():
+                out[k] = v if k not in out else out[k] + v
+        return out
+
+    def select(self, index: Tensor) -> SumOfSources:
+        return replace(self, parts=tuple(p.select(index) for p in self.parts))
+
+    @classmethod
+    def cat(cls, parts: Sequence[GradientSource]) -> SumOfSources:
+        first = parts[0]
+        assert isinstance(first, SumOfSources)
+        merged = tuple(
+            type(group[0]).cat(group)
+            for group in zip(*[p.parts for p in parts], strict=True)  # type: ignore[attr-defined]
+        )
+        return replace(first, parts=merged)

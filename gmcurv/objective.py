@@ -1,0 +1,182 @@
+"""The objective: a model, a per-example loss and the parameters curvature is taken over.
+
+``L(θ) = (1/N) Σ_n L_n(θ)`` with ``L_n`` from `gmcurv.losses`. Models run in eval mode by
+default (deterministic, examples independent); train mode is allowed with a warning when
+BatchNorm or Dropout make the answer batch-dependent or random.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gmcurv.data import Batch, DataSample, Inputs, batch_size_of
+from gmcurv.errors import ConfigError, DataError, GmcurvWarning
+from gmcurv.losses import CrossEntropy, Loss, get_loss
+from gmcurv.params import ParamSpace
+
+STOCHASTIC_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def select_params(model: nn.Module, layers: str | None = None) -> dict[str, nn.Parameter]:
+    """Trainable parameters, optionally filtered by a glob on names (``'fc*'``, ``'*.weight'``).
+
+    A glob matches a parameter if it matches its full name or its module path. Several globs
+    may be separated by commas.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not layers:
+        return params
+    globs = [g.strip() for g in layers.split(",") if g.strip()]
+    chosen = {
+        n: p
+        for n, p in params.items()
+        if any(fnmatch.fnmatchcase(n, g) or fnmatch.fnmatchcase(n.rpartition(".")[0], g)
+               for g in globs)
+    }
+    if not chosen:
+        modules = sorted({n.rpartition(".")[0] for n in params})
+        raise ConfigError(
+            f"--layers {layers!r} matches no trainable parameter",
+            hint=f"module names in this model: {', '.join(modules[:12])}"
+            + (" ..." if len(modules) > 12 else ""),
+        )
+    return chosen
+
+
+@dataclass
+class Objective:
+    """A model, its loss and the parameters to differentiate."""
+
+    model: nn.Module
+    loss: Loss
+    params: dict[str, nn.Parameter]
+    mode: str = "eval"
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        loss: Loss | str,
+        layers: str | None = None,
+        mode: str = "eval",
+    ) -> Objective:
+        if mode not in ("eval", "train"):
+            raise ConfigError(f"--mode must be eval or train, got {mode!r}")
+        loss = get_loss(loss) if isinstance(loss, str) else loss
+        model.train(mode == "train")
+        stochastic = sorted({type(m).__name__ for m in model.modules()
+                             if isinstance(m, STOCHASTIC_MODULES)})
+        if stochastic and mode == "train":
+            warnings.warn(
+                f"train mode with {', '.join(stochastic)}: per-example gradients depend on the "
+                "batch (BatchNorm) or on random masks (Dropout), so curvature is ill-defined and "
+                "iterative methods may not converge; --mode eval is recommended",
+                GmcurvWarning,
+                stacklevel=2,
+            )
+        params = select_params(model, layers)
+        if not params:
+            raise ConfigError("the model has no trainable parameters")
+        return cls(model, loss, params, mode)
+
+    # -------------------------------------------------------------------------- evaluation
+    @property
+    def space(self) -> ParamSpace:
+        return ParamSpace.of(self.params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.params.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.params.values())).device
+
+    def outputs(self, inputs: Inputs, params: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Model outputs; with `params`, those tensors replace the model's (functional call)."""
+        if params is None:
+            return self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
+        args = () if isinstance(inputs, dict) else (inputs,)
+        kwargs = inputs if isinstance(inputs, dict) else None
+        return functional_call(self.model, dict(params), args, kwargs, strict=False)
+
+    def targets(self, batch: Batch, outputs: Tensor) -> Tensor:
+        """Targets shaped and typed for the loss (defaults for next-token prediction)."""
+        targets = batch.targets if batch.targets is not None else self.loss.default_targets(
+            batch.inputs)
+        if targets is None:
+            raise DataError("the data has no targets", hint="store them under 'targets'")
+        if isinstance(self.loss, CrossEntropy):
+            if targets.is_floating_point():
+                targets = targets.long()
+            return targets
+        targets = targets.to(outputs.dtype)
+        return targets.reshape(outputs.shape) if targets.shape != outputs.shape else targets
+
+    def per_example_loss(
+        self, batch: Batch, params: Mapping[str, Tensor] | None = None
+    ) -> Tensor:
+        """``L_n`` for each example of the batch, shape ``[n]``."""
+        out = self.outputs(batch.inputs, params)
+        return self.loss.per_example(out, self.targets(batch, out))
+
+    # -------------------------------------------------------------------------- validation
+    def check_data(self, data: DataSample) -> torch.Size:
+        """Validate DATA against the model before any compute; returns one example's output shape."""
+        data.validate()
+        probe = data.first(2)
+        try:
+            with torch.no_grad():
+                out = self.outputs(
+                    {k: v.to(self.device) for k, v in probe.inputs.items()}
+                    if isinstance(probe.inputs, dict)
+                    else probe.inputs.to(self.device, self.dtype if probe.inputs.is_floating_point()
+                                         else probe.inputs.dtype)
+                )
+        except (RuntimeError, ValueError, TypeError, IndexError) as e:
+            shape = (
+                {k: tuple(v.shape[1:]) for k, v in probe.inputs.items()}
+                if isinstance(probe.inputs, dict) else tuple(probe.inputs.shape[1:])
+            )
+            raise DataError(
+                f"{data.path}: the model cannot take these inputs (one example has shape "
+                f"{shape}): {str(e).splitlines()[0]}",
+                hint="check that the data belongs to this model",
+            ) from None
+        if not isinstance(out, Tensor):
+            raise DataError(
+                f"the model returned {type(out).__name__}, not a tensor",
+                hint="wrap the model so that forward returns the logits/outputs tensor",
+            )
+        if not torch.isfinite(out).all():
+            raise DataError(
+                f"{data.path}: the model's outputs contain NaN/Inf on the first examples",
+                hint="check the checkpoint and the input scaling",
+            )
+        per_example = out.shape[1:]
+        for shard, inputs, targets in data.shard_arrays():
+            n = batch_size_of(inputs)
+            batch = Batch(inputs, targets, 0)
+            try:
+                tgt = self.targets(batch, out.new_empty((n, *per_example)))
+            except DataError as e:
+                raise DataError(f"{shard.path}: {e.message}", e.hint) from None
+            self.loss.check(torch.Size((n, *per_example)), tgt, str(shard.path))
+        return per_example
+
+
+def trainable_modules(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Module]:
+    """Modules owning at least one selected parameter directly, by module path."""
+    owned = {id(p) for p in params.values()}
+    return {
+        name: m
+        for name, m in model.named_modules(remove_duplicate=False)
+        if any(id(p) in owned for p in m.parameters(recurse=False))
+    }
