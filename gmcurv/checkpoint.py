@@ -400,3 +400,35 @@ def save_checkpoint(
     for name, m in (masks or {}).items():
         tensors[MASK_PREFIX + name] = m.detach().contiguous().cpu()
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One capture block of a model, for ``gmcurv info``."""
+
+    name: str
+    kind: str
+    params: dict[str, tuple[int, ...]]
+    n_params: int
+
+
+def describe_layers(model: nn.Module) -> list[LayerInfo]:
+    """The model's parameter blocks and how gmcurv captures each (see `gmcurv.capture`)."""
+    from gmcurv.capture import plan_capture
+    from gmcurv.objective import select_params
+
+    params = select_params(model)
+    return [
+        LayerInfo(
+            plan.name,
+            plan.kind,
+            {p: tuple(params[p].shape) for p in plan.params},
+            sum(params[p].numel() for p in plan.params),
+        )
+        for plan in plan_capture(model, params)
+    ]
+
+
+def mask_sparsity(masks: Mapping[str, Tensor]) -> dict[str, float]:
+    """Fraction of zeros in each pruning mask."""
+    return {k: 1.0 - float(m.float().mean()) for k, m in masks.items()}

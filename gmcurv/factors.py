@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -65,6 +65,17 @@ class GradientSource:
     def dim(self) -> int:
         """D, the number of scalars in the block."""
         return sum(math.prod(s) for s in self.shapes)
+
+    def nbytes(self) -> int:
+        """Memory held by this source's tensors."""
+        total = 0
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                total += v.numel() * v.element_size()
+            elif isinstance(v, tuple):
+                total += sum(p.nbytes() for p in v if isinstance(p, GradientSource))
+        return total
 
     def row_chunks(self) -> Iterator[slice]:
         step = max(1, CHUNK_ELEMENTS // max(1, self.columns * self.dim))

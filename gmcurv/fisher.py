@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from gmcurv.capture import DecomposedGradients
+from gmcurv.results import Estimate
 
 
 def _blocks(dg: DecomposedGradients, names: Iterable[str] | None):
@@ -99,11 +100,18 @@ def fisher_quadratic_form(dg: DecomposedGradients, vector: Mapping[str, Tensor])
 
 @dataclass(frozen=True)
 class FisherEigen:
-    """Top eigenpairs of ``F`` (exact, via the Gram kernel)."""
+    """Top eigenpairs of ``F`` from the Gram kernel (dense ``eigh``, or Lanczos on ``K``)."""
 
     values: Tensor  # [k], descending
     vectors: list[dict[str, Tensor]] | None  # unit eigenvectors in parameter layout
-    rank: int  # numerical rank of K (how many nonzero eigenvalues F has)
+    residuals: Tensor  # [k] residuals of K's eigenpairs, divided by N (0 for dense eigh)
+    converged: Tensor  # [k] bool
+    rank: int | None  # numerical rank of K (dense route only)
+    method: str  # 'gram' (dense eigh of K) or 'gram-lanczos'
+    n_matvecs: int = 0
+
+
+DENSE_GRAM_LIMIT = 2048  # above N*C = this, Lanczos on the implicit K = J J^T
 
 
 def fisher_eigen(
@@ -111,24 +119,51 @@ def fisher_eigen(
     k: int = 5,
     blocks: Iterable[str] | None = None,
     vectors: bool = False,
+    tol: float = 1e-10,
+    dense_limit: int = DENSE_GRAM_LIMIT,
+    seed: int = 0,
 ) -> FisherEigen:
-    """The `k` largest eigenvalues of ``F`` (restricted to `blocks`) and optionally vectors."""
-    K = gram_kernel(dg, blocks)
-    mu, U = torch.linalg.eigh(K)
-    mu, U = mu.flip(0), U.flip(1)
-    tol = mu[0].abs() * K.shape[0] * torch.finfo(torch.float64).eps if len(mu) else 0.0
-    rank = int((mu > tol).sum())
-    take = min(k, len(mu))
-    values = (mu[:take] / dg.n).clamp_min(0.0)
+    """The `k` largest eigenvalues of ``F`` (restricted to `blocks`) and optionally vectors.
+
+    Up to `dense_limit` rows of ``J`` the kernel is formed and diagonalised exactly;
+    beyond, Lanczos runs on ``u -> J (J^T u)`` (never forming ``K``).
+    """
+    from gmcurv.lanczos import lanczos
+
+    sub = DecomposedGradients(_blocks(dg, blocks), dg.fisher, dg.losses)
+    size = dg.n * dg.columns
+    if size <= dense_limit:
+        K = gram_kernel(sub)
+        mu, U = torch.linalg.eigh(K)
+        mu, U = mu.flip(0), U.flip(1)
+        tol_rank = mu[0].abs() * size * torch.finfo(torch.float64).eps if size else 0.0
+        rank: int | None = int((mu > tol_rank).sum())
+        take = min(k, size)
+        mu, U = mu[:take], U[:, :take]
+        residuals = torch.zeros(take, dtype=torch.float64)
+        converged = torch.ones(take, dtype=torch.bool)
+        method, n_mv = "gram", 0
+    else:
+        dtype = dg.losses.dtype
+
+        def kmv(u: Tensor) -> Tensor:
+            uu = u.to(dtype).reshape(dg.n, dg.columns)
+            return jvp(sub, vjp(sub, uu)).reshape(-1).double()
+
+        res = lanczos(kmv, size, k, tol=tol, seed=seed, vectors=vectors,
+                      device=dg.losses.device)
+        mu, U = res.values, (res.vectors.T if res.vectors is not None else None)
+        residuals, converged, rank = res.residuals, res.converged, None
+        method, n_mv = "gram-lanczos", res.n_matvecs
+    values = (mu / dg.n).clamp_min(0.0)
     vecs = None
-    if vectors:
-        sub = DecomposedGradients(_blocks(dg, blocks), dg.fisher, dg.losses)
+    if vectors and U is not None:
         vecs = []
-        for j in range(take):
+        for j in range(len(mu)):
             u = U[:, j].reshape(dg.n, dg.columns).to(dg.losses.dtype)
             scale = math.sqrt(max(float(mu[j]), 1e-300))
             vecs.append({name: t / scale for name, t in vjp(sub, u).items()})
-    return FisherEigen(values, vecs, rank)
+    return FisherEigen(values, vecs, residuals / dg.n, converged, rank, method, n_mv)
 
 
 @dataclass
@@ -174,3 +209,142 @@ class FisherAccumulator:
 
     def mean_loss(self) -> float:
         return float(torch.cat(self.losses).mean())
+
+
+# --------------------------------------------------------------------------- command level
+@dataclass(frozen=True)
+class LayerCurvature:
+    """One block's share: its trace, size, capture kind and top eigenvalues."""
+
+    trace: Estimate
+    n_params: int
+    kind: str
+    eigenvalues: list[Estimate] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FisherSummary:
+    """Fisher trace (total, per layer), top eigenvalues and the mean loss, on a sample."""
+
+    fisher: str
+    trace: Estimate
+    eigenvalues: list[Estimate]
+    per_layer: dict[str, LayerCurvature]
+    loss: Estimate
+    rank: int | None
+    n_params: int
+
+
+def factor_bytes(dg: DecomposedGradients) -> int:
+    """Bytes held by a batch of decomposed gradients."""
+    return sum(b.source.nbytes() for b in dg.blocks)
+
+
+def _trace_estimate(acc: FisherAccumulator, fisher: str, block: str | None, columns: int,
+                    col_norms: dict[str, list[Tensor]]) -> Estimate:
+    value, data_se = acc.trace(block)
+    n = acc.n
+    if fisher != "mc":
+        return Estimate.exact_value(value, n, "exact", data_stderr=data_se)
+    # Monte Carlo noise: spread across the sampled columns of each example
+    names = [block] if block else list(col_norms)
+    per_col = sum(torch.cat(col_norms[b]) for b in names) * columns  # [N, C]
+    if columns > 1:
+        var = per_col.var(dim=1, unbiased=True) / columns
+        se = float(var.sum().sqrt()) / n
+    else:
+        se = data_se
+    return Estimate(value, se, n, f"mc({columns} per example)", True, data_stderr=data_se)
+
+
+def fisher_summary(
+    objective,
+    data,
+    *,
+    batch_size: int = 256,
+    fisher: str = "empirical",
+    mc_samples: int = 1,
+    seed: int = 0,
+    k: int = 5,
+    per_layer: bool = True,
+    budget_bytes: int | None = None,
+    progress=None,
+) -> FisherSummary:
+    """Everything ``gmcurv trace --curvature fisher`` reports, streamed over the data.
+
+    Factors are kept (memory O(N (I+O)) per layer) only when eigenvalues are requested.
+    """
+    from gmcurv.capture import Capturer, capture_stream
+    from gmcurv.memory import preflight
+
+    cap = Capturer(objective, fisher, mc_samples, seed)
+    n = data.n
+    probe = cap(data.first(min(2, n)))
+    per_example = factor_bytes(probe) / probe.n
+    if k > 0:
+        cols = probe.columns
+        preflight(
+            per_example * n + 3 * (n * cols) ** 2 * 8,
+            budget_bytes,
+            f"exact top-{k} Fisher eigenvalues of {n} examples ({cols} column(s) each)",
+            "use --samples to take fewer examples, --layers to restrict, or --k 0",
+        )
+    cap = Capturer(objective, fisher, mc_samples, seed)
+    acc = FisherAccumulator(diagonal=False)
+    col_norms: dict[str, list[Tensor]] = {}
+    kept: list[DecomposedGradients] = []
+    for dg in capture_stream(objective, data, batch_size, progress=progress, capturer=cap):
+        acc.add(dg)
+        if fisher == "mc":
+            for b in dg.blocks:
+                col_norms.setdefault(b.name, []).append(b.source.sq_norms().double())
+        if k > 0:
+            kept.append(dg)
+    columns = kept[0].columns if kept else mc_samples if fisher == "mc" else 1
+    trace = _trace_estimate(acc, fisher, None, columns, col_norms)
+    eigenvalues: list[Estimate] = []
+    rank = None
+    layer_eigs: dict[str, list[Estimate]] = {}
+    if k > 0:
+        full = DecomposedGradients.cat(kept)
+        del kept
+        res = fisher_eigen(full, k, seed=seed)
+        rank = res.rank
+        eigenvalues = _eigen_estimates(res, full.n, fisher)
+        if per_layer:
+            for b in full.blocks:
+                layer_eigs[b.name] = _eigen_estimates(
+                    fisher_eigen(full, k, blocks=[b.name], seed=seed), full.n, fisher)
+    layers = {
+        name: LayerCurvature(
+            _trace_estimate(acc, fisher, name, columns, col_norms),
+            sum(math.prod(s) for s in _shapes_of(objective, params)),
+            acc.block_kinds[name],
+            layer_eigs.get(name, []),
+        )
+        for name, params in acc.block_params.items()
+    } if per_layer else {}
+    losses = torch.cat(acc.losses)
+    loss_se = float(losses.std()) / math.sqrt(len(losses)) if len(losses) > 1 else None
+    return FisherSummary(
+        fisher=fisher,
+        trace=trace,
+        eigenvalues=eigenvalues,
+        per_layer=layers,
+        loss=Estimate.exact_value(float(losses.mean()), len(losses), "mean", data_stderr=loss_se),
+        rank=rank,
+        n_params=objective.space.size,
+    )
+
+
+def _eigen_estimates(res: FisherEigen, n: int, fisher: str) -> list[Estimate]:
+    method = res.method + ("(mc)" if fisher == "mc" else "")
+    return [
+        Estimate(float(v), None, n, method, bool(c), n_matvecs=res.n_matvecs or None,
+                 residual=float(r))
+        for v, r, c in zip(res.values, res.residuals, res.converged, strict=True)
+    ]
+
+
+def _shapes_of(objective, params: tuple[str, ...]):
+    return [tuple(objective.params[p].shape) for p in params]

@@ -1,0 +1,116 @@
+"""The ``gmcurv`` command: one Typer app, one module per command.
+
+Errors from the engine (`gmcurv.errors`) become one message on stderr and their exit
+code (2 bad input, 3 non-convergence); anything unexpected becomes a one-line internal
+error (exit 4) — never a traceback unless ``GMCURV_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from gmcurv import __version__
+from gmcurv.cli.options import default_map
+from gmcurv.cli.session import stderr, warnings_to_stderr
+from gmcurv.errors import GmcurvError
+
+INTERNAL_ERROR = 4
+
+
+class GmcurvGroup(TyperGroup):
+    """Turns engine errors into messages and exit codes; routes warnings to stderr."""
+
+    def invoke(self, ctx: click.Context):
+        with warnings_to_stderr():
+            try:
+                return super().invoke(ctx)
+            except GmcurvError as e:
+                if os.environ.get("GMCURV_DEBUG"):
+                    raise
+                stderr.print(f"[bold red]error:[/bold red] {e.message}", markup=True,
+                             highlight=False, soft_wrap=True)
+                if e.hint:
+                    stderr.print(f"[dim]hint:[/dim] {e.hint}", soft_wrap=True)
+                raise typer.Exit(e.exit_code) from None
+            except (click.exceptions.Exit, click.ClickException, click.Abort, typer.Exit):
+                raise
+            except KeyboardInterrupt:
+                stderr.print("[red]interrupted[/red]")
+                raise typer.Exit(130) from None
+            except MemoryError:
+                if os.environ.get("GMCURV_DEBUG"):
+                    raise
+                stderr.print("[bold red]error:[/bold red] out of memory",)
+                stderr.print("[dim]hint:[/dim] lower --batch-size or --samples, or restrict "
+                             "--layers")
+                raise typer.Exit(2) from None
+            except Exception as e:
+                if os.environ.get("GMCURV_DEBUG"):
+                    raise
+                stderr.print(
+                    f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}",
+                    soft_wrap=True,
+                )
+                stderr.print("[dim]hint:[/dim] rerun with GMCURV_DEBUG=1 for the traceback "
+                             "and report it")
+                raise typer.Exit(INTERNAL_ERROR) from None
+
+
+COMMANDS = ["info", "trace", "eigen", "spectrum", "saliency", "landscape", "lora", "head",
+            "check"]
+
+app = typer.Typer(
+    cls=GmcurvGroup,
+    name="gmcurv",
+    help="Curvature and loss-landscape analysis for PyTorch checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"default_map": default_map(COMMANDS), "help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gmcurv {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Show the version and exit."),
+) -> None:
+    """Curvature and loss-landscape analysis for PyTorch checkpoints.
+
+    With MODEL and DATA left out, commands run on the bundled sample model.
+    """
+
+
+def _register() -> None:
+    from gmcurv.cli import check, info, trace
+
+    for module in (info, trace, check):
+        module.register(app)
+    # optional commands added by later modules register themselves here
+    for name in ("eigen", "spectrum", "saliency", "landscape", "lora", "head"):
+        try:
+            module = __import__(f"gmcurv.cli.{name}", fromlist=["register"])
+        except ModuleNotFoundError as e:
+            if e.name != f"gmcurv.cli.{name}":
+                raise
+            continue
+        module.register(app)
+
+
+_register()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

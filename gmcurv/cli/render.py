@@ -1,0 +1,59 @@
+"""Rich rendering helpers shared by the commands (tables only; no computation)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from gmcurv.results import Report
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    """Compact number: 4 significant digits, scientific when large or small."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if x == 0:
+        return "0"
+    if 1e-3 <= abs(x) < 1e5:
+        return f"{x:.{digits}g}"
+    return f"{x:.{max(1, digits - 1)}e}"
+
+
+def fmt_estimate(e: dict[str, Any] | None, digits: int = 4) -> str:
+    """``value ± stderr`` (stderr omitted when exact)."""
+    if e is None:
+        return "—"
+    text = fmt(e.get("value"), digits)
+    if e.get("stderr") is not None:
+        text += f" ± {fmt(e['stderr'], 2)}"
+    if e.get("converged") is False:
+        text += " [yellow](not converged)[/yellow]"
+    return text
+
+
+def header(report: Report, console: Console, title: str) -> None:
+    """One line saying what was analysed."""
+    parts = [f"[bold]{title}[/bold]"]
+    if report.model:
+        parts.append(f"model [cyan]{report.model.path}[/cyan] ({report.model.arch}, "
+                     f"{report.model.n_params:,} params)")
+    if report.data:
+        parts.append(f"data [cyan]{report.data.path}[/cyan] (N={report.data.n:,})")
+    console.print(" · ".join(parts), soft_wrap=True)
+
+
+def footer(report: Report, console: Console) -> None:
+    total = sum(report.timings.values())
+    stages = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
+    console.print(f"[dim]{report.device}, {report.dtype}, seed {report.seed} · "
+                  f"{total:.2f}s ({stages})[/dim]", soft_wrap=True)
+
+
+def new_table(title: str | None = None, *columns: str, **kw: Any) -> Table:
+    table = Table(title=title, title_justify="left", header_style="bold", **kw)
+    for i, col in enumerate(columns):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    return table

@@ -1,0 +1,261 @@
+"""What every analysis command does around its computation.
+
+Resolve options (device, dtype, defaults to the bundled sample), load the model and data
+through the engine, build the objective, time stages, show progress on stderr, assemble
+the `Report`, print it (rich or JSON), write ``-o``, and apply ``--fail-if`` / ``--strict``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from gmcurv.checkpoint import LoadedModel, load_model
+from gmcurv.data import DataSample, load_data
+from gmcurv.errors import ConfigError, ConvergenceError, GmcurvWarning
+from gmcurv.fileio import atomic_write_text, ensure_not_input
+from gmcurv.objective import Objective
+from gmcurv.results import DataInfo, ModelInfo, Report, iter_estimates
+from gmcurv.rules import evaluate, parse_rules
+from gmcurv.samples import sample_data, sample_model
+
+stdout = Console(highlight=False, soft_wrap=False)
+stderr = Console(stderr=True, highlight=False)
+
+# Warnings raised during a command: printed at once on stderr and copied into the report.
+collected_warnings: list[str] = []
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` -> cuda if available, else mps, else cpu; others are checked."""
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device {spec!r}", hint="use auto, cpu, cuda[:i] or mps") \
+            from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda requested but CUDA is not available",
+                          hint="use --device cpu (or auto)")
+    if device.type == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise ConfigError("--device mps requested but MPS is not available",
+                          hint="use --device cpu (or auto)")
+    return device
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def resolved_config(ctx: click.Context) -> dict[str, Any]:
+    """The command's options after precedence, with where each value came from."""
+    values, sources = {}, {}
+    for name, value in ctx.params.items():
+        values[name] = value.value if hasattr(value, "value") else (
+            str(value) if isinstance(value, Path) else value)
+        src = ctx.get_parameter_source(name)
+        sources[name] = src.name.lower() if src is not None else "default"
+    values["sources"] = sources
+    return values
+
+
+@dataclass
+class Session:
+    """One command run: inputs, objective, timings and output."""
+
+    command: str
+    config: dict[str, Any]
+    seed: int | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    quiet: bool = False
+    json_mode: bool = False
+    loaded: LoadedModel | None = None
+    data: DataSample | None = None
+    objective: Objective | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    inputs: list[Path] = field(default_factory=list)
+
+    # ------------------------------------------------------------------------- loading
+    @classmethod
+    def open(
+        cls,
+        ctx: click.Context,
+        model: Path | None,
+        data: Path | None,
+        *,
+        arch: str | None = None,
+        loss: Any = None,
+        samples: int | None = None,
+        device: str = "auto",
+        dtype: Any = "float32",
+        mode: Any = "eval",
+        layers: str | None = None,
+        seed: int | None = None,
+        quiet: bool = False,
+        json_mode: bool = False,
+        need_data: bool = True,
+    ) -> Session:
+        """Load MODEL (and DATA) — the bundled sample when left out — and build the objective."""
+        collected_warnings.clear()
+        s = cls(
+            command=ctx.info_name or "gmcurv",
+            config=resolved_config(ctx),
+            seed=seed,
+            device=resolve_device(device),
+            dtype=resolve_dtype(getattr(dtype, "value", dtype)),
+            quiet=quiet,
+            json_mode=json_mode,
+        )
+        if model is None:
+            model = sample_model()
+            if data is None and need_data:
+                data = sample_data()
+            s.note(f"no MODEL given: using the bundled sample {model.parent.name}")
+        loss_name = getattr(loss, "value", loss)
+        with s.stage("load"):
+            s.loaded = load_model(model, arch=arch, loss=loss_name, dtype=s.dtype,
+                                  device=s.device)
+            s.inputs.append(Path(model))
+            if need_data:
+                if data is None:
+                    raise ConfigError(
+                        f"{s.command} needs DATA: a data file or directory",
+                        hint=f"gmcurv {s.command} MODEL DATA (or leave both out for the sample)",
+                    )
+                s.data = load_data(data, samples)
+                s.inputs.append(Path(data))
+        if need_data:
+            with s.stage("validate"):
+                s.objective = Objective.build(s.loaded.model, s.loaded.loss, layers,
+                                              getattr(mode, "value", mode))
+                s.objective.check_data(s.data)
+        return s
+
+    # ------------------------------------------------------------------------- progress
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            stderr.print(f"[dim]note:[/dim] {text}")
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage into ``timings`` (seconds)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def progress(self, label: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        """A rich progress bar on stderr (hidden when quiet or not a terminal)."""
+        disabled = self.quiet or not stderr.is_terminal
+        bar = Progress(
+            SpinnerColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=stderr,
+            transient=True,
+            disable=disabled,
+        )
+        with bar:
+            task = bar.add_task(label, total=total)
+            yield lambda k=1: bar.advance(task, k)
+
+    # --------------------------------------------------------------------------- output
+    def report(self, results: dict[str, Any]) -> Report:
+        lm = self.loaded
+        return Report(
+            command=self.command,
+            config=self.config,
+            seed=self.seed,
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""),
+            model=None if lm is None else ModelInfo(
+                str(lm.path), lm.sha256, lm.n_params, lm.arch, lm.arch_source, lm.loss),
+            data=None if self.data is None else DataInfo(str(self.data.path), self.data.n),
+            results=results,
+            timings={k: round(v, 6) for k, v in self.timings.items()},
+            warnings=list(collected_warnings),
+        )
+
+    def finish(
+        self,
+        report: Report,
+        render: Callable[[Report, Console], None],
+        output: Path | None = None,
+        fail_if: list[str] | None = None,
+        strict: bool = False,
+    ) -> None:
+        """Print, write ``-o``, then gate: exit 1 on a breached rule, 3 on non-convergence."""
+        rules = [r for text in (fail_if or []) for r in parse_rules(text)]
+        doc = report.to_dict()
+        verdicts = evaluate(doc, rules) if rules else []  # bad paths fail before output
+        if output is not None:
+            ensure_not_input(output, self.inputs)
+            atomic_write_text(output, report.to_json() + "\n")
+        if self.json_mode:
+            typer.echo(report.to_json())
+        else:
+            render(report, stdout)
+            if output is not None:
+                self.note(f"report written to {output}")
+        breached = [v for v in verdicts if v.breached]
+        for v in verdicts:
+            mark = "[red]FAIL[/red]" if v.breached else "[green]ok[/green]"
+            if not self.quiet or v.breached:
+                stderr.print(f"{mark} {v.rule} (actual {v.actual:.6g})")
+        if strict:
+            stuck = [p for p, e in iter_estimates(doc.get("results", {})) if not e["converged"]]
+            if stuck:
+                raise ConvergenceError(
+                    f"{len(stuck)} estimate(s) did not converge: {', '.join(stuck[:5])}",
+                    hint="raise --max-iters / --probes, or loosen --tol",
+                )
+        if breached:
+            raise typer.Exit(1)
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """`warnings.showwarning` replacement: one line on stderr, copied into the report."""
+    text = str(message)
+    collected_warnings.append(text)
+    stderr.print(f"[yellow]warning:[/yellow] {text}")
+
+
+@contextlib.contextmanager
+def warnings_to_stderr() -> Iterator[None]:
+    """Show gmcurv's own warnings (others only with GMCURV_DEBUG=1)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always" if os.environ.get("GMCURV_DEBUG") else "ignore")
+        warnings.simplefilter("always", GmcurvWarning)
+        warnings.showwarning = show_warning
+        yield
