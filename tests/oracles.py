@@ -39,7 +39,23 @@ def output_jacobians(obj: Objective, batch: Batch) -> Tensor:
 
 
 def dense_hessian(obj: Objective, batch: Batch) -> Tensor:
-    """``[P, P]`` Hessian of ``(1/N) Σ_n L_n`` via ``torch.func.hessian``."""
+    """``[P, P]`` Hessian of ``(1/N) Σ_n L_n``, row by row with plain double backward.
+
+    Not ``torch.func.hessian``: in torch 2.13 its vmap-based rows come out wrong (and
+    asymmetric) for the LayerNorm weight of the tiny attention model, while plain autograd,
+    finite differences and jvp-of-grad agree (see tests/test_oracles.py).
+    """
+    params = {k: v.detach() for k, v in obj.params.items()}
+    space = ParamSpace.of(params)
+    flat = space.flatten(params).clone().requires_grad_(True)
+    loss = obj.per_example_loss(batch, space.unflatten(flat)).mean()
+    (g,) = torch.autograd.grad(loss, flat, create_graph=True)
+    rows = [torch.autograd.grad(g[i], flat, retain_graph=True)[0] for i in range(flat.numel())]
+    return torch.stack(rows)
+
+
+def func_hessian(obj: Objective, batch: Batch) -> Tensor:
+    """``torch.func.hessian`` of the same loss (kept to document its disagreement)."""
     params = {k: v.detach() for k, v in obj.params.items()}
     space = ParamSpace.of(params)
 
@@ -47,6 +63,27 @@ def dense_hessian(obj: Objective, batch: Batch) -> Tensor:
         return obj.per_example_loss(batch, space.unflatten(flat)).mean()
 
     return hessian(loss)(space.flatten(params))
+
+
+def dense_ggn(obj: Objective, batch: Batch) -> Tensor:
+    """``(1/N) Σ_n J_n^T Λ_n J_n`` from explicit output Jacobians and output Hessians."""
+    J = output_jacobians(obj, batch)  # [N, *out, P]
+    n, P = J.shape[0], J.shape[-1]
+    with torch.no_grad():
+        out = obj.outputs(batch.inputs)
+        tgt = obj.targets(batch, out)
+    Jf = J.reshape(n, -1, P)
+    E = Jf.shape[1]
+    G = torch.zeros(P, P, dtype=J.dtype)
+    for i in range(n):
+        # Λ_i column by column through the loss's own Hessian-vector product
+        lam = torch.stack([
+            obj.loss.output_hessian_vp(out[i : i + 1], tgt[i : i + 1],
+                                       e.reshape(1, *out.shape[1:])).reshape(-1)
+            for e in torch.eye(E, dtype=J.dtype)
+        ])
+        G += Jf[i].T @ lam @ Jf[i]
+    return G / n
 
 
 def functional(model: nn.Module):
