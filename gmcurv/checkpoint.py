@@ -256,8 +256,11 @@ def build_from_factory(spec: str) -> nn.Module:
 
 
 def _is_family_spec(spec: str) -> bool:
-    head = spec.partition(":")[0]
-    return head.isidentifier() and "." not in head and not spec.endswith(".py")
+    """``mlp``, ``mlp:tanh`` (a registered family), or any bare name (reported as unknown)."""
+    from gmcurv.models.registry import FAMILIES
+
+    head, sep, _ = spec.partition(":")
+    return head in FAMILIES or (not sep and not spec.endswith(".py") and "/" not in spec)
 
 
 def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, str | None]:

@@ -201,3 +201,7 @@ def iter_estimates(node: Any, path: str = ""):
     elif isinstance(node, list):
         for i, v in enumerate(node):
             yield from iter_estimates(v, f"{path}[{i}]")
+
+
+if __name__ == "__main__":  # python -m gmcurv.results > gmcurv/schema/report.schema.json
+    print(json.dumps(report_schema(), indent=2))

@@ -1,0 +1,128 @@
+"""Fisher closed forms on factors equal those of the dense J^T J / N (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from oracles import dense_ggn, per_example_grads
+from test_capture import N, _problem, _rows
+
+from gmcurv.capture import DecomposedGradients, capture
+from gmcurv.fisher import (
+    FisherAccumulator,
+    fisher_diagonal,
+    fisher_eigen,
+    fisher_matvec,
+    fisher_quadratic_form,
+    fisher_trace,
+    gram_kernel,
+)
+
+CASES = ["mlp", "tokens", "custom", "attention", "conv", "tied"]
+
+
+def _dense_fisher(obj, batch, fisher="empirical"):
+    if fisher == "empirical":
+        J = per_example_grads(obj, batch)
+        return J.T @ J / len(batch), J
+    dg = capture(obj, batch, fisher=fisher)
+    rows = _rows(dg, obj).reshape(-1, obj.space.size)
+    return rows.T @ rows / len(batch), rows
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_trace_diag_eigen_match_dense(name):
+    obj, batch = _problem(name)
+    F, J = _dense_fisher(obj, batch)
+    dg = capture(obj, batch)
+    assert math.isclose(fisher_trace(dg), float(torch.trace(F)), rel_tol=1e-10)
+    diag = obj.space.flatten(fisher_diagonal(dg))
+    torch.testing.assert_close(diag, torch.diagonal(F), rtol=1e-10, atol=1e-14)
+    ref = torch.linalg.eigvalsh(F).flip(0)[:4]
+    res = fisher_eigen(dg, 4)
+    torch.testing.assert_close(res.values, ref, rtol=1e-9, atol=1e-13)
+    assert res.method == "gram" and res.rank == torch.linalg.matrix_rank(J).item()
+
+
+@pytest.mark.parametrize("name", ["mlp", "tokens", "conv", "attention"])
+def test_per_block_gram_and_trace(name):
+    obj, batch = _problem(name)
+    _, J = _dense_fisher(obj, batch)
+    dg = capture(obj, batch)
+    offsets = obj.space.offsets()
+    for block in dg.blocks:
+        cols = torch.cat([torch.arange(offsets[p].start, offsets[p].stop) for p in block.params])
+        Jb = J[:, cols]
+        torch.testing.assert_close(gram_kernel(dg, [block.name]), Jb @ Jb.T, rtol=1e-10,
+                                   atol=1e-13)
+        torch.testing.assert_close(block.source.sq_norms()[:, 0], (Jb ** 2).sum(1), rtol=1e-10,
+                                   atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention", "conv"])
+def test_eigenvectors_and_products(name):
+    obj, batch = _problem(name)
+    F, _ = _dense_fisher(obj, batch)
+    dg = capture(obj, batch)
+    res = fisher_eigen(dg, 3, vectors=True)
+    for lam, vec in zip(res.values, res.vectors, strict=True):
+        v = obj.space.flatten(vec)
+        assert math.isclose(float(v.norm()), 1.0, rel_tol=1e-9)
+        torch.testing.assert_close(F @ v, lam * v, rtol=1e-8, atol=1e-12)
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(obj.space.size, generator=g, dtype=torch.float64)
+    fv = obj.space.flatten(fisher_matvec(dg, obj.space.unflatten(v)))
+    torch.testing.assert_close(fv, F @ v, rtol=1e-10, atol=1e-13)
+    q = fisher_quadratic_form(dg, obj.space.unflatten(v))
+    assert math.isclose(q, float(v @ F @ v), rel_tol=1e-10)
+
+
+def test_lanczos_gram_route_matches_dense_route():
+    obj, batch = _problem("conv")
+    dg = capture(obj, batch, fisher="exact")  # N * C = 21 rows
+    dense = fisher_eigen(dg, 4)
+    iterative = fisher_eigen(dg, 4, dense_limit=5, tol=1e-12)
+    assert iterative.method == "gram-lanczos" and bool(iterative.converged.all())
+    torch.testing.assert_close(iterative.values, dense.values, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_exact_fisher_equals_ggn_for_one_prediction_per_example(name):
+    obj, batch = _problem(name)
+    F, _ = _dense_fisher(obj, batch, "exact")
+    torch.testing.assert_close(F, dense_ggn(obj, batch), rtol=1e-9, atol=1e-12)
+
+
+def test_mc_fisher_is_unbiased_for_the_exact_fisher():
+    obj, batch = _problem("mlp")
+    exact = fisher_trace(capture(obj, batch, fisher="exact"))
+    draws = torch.tensor([fisher_trace(capture(obj, batch, fisher="mc", seed=s))
+                          for s in range(200)], dtype=torch.float64)
+    se = float(draws.std()) / math.sqrt(len(draws))
+    assert abs(float(draws.mean()) - exact) < 4 * se
+    assert se > 0
+
+
+def test_streaming_accumulator_equals_all_at_once():
+    obj, batch = _problem("attention")
+    dg = capture(obj, batch)
+    acc = FisherAccumulator()
+    for idx in (torch.arange(0, 3), torch.arange(3, N)):
+        acc.add(dg.select(idx))
+    value, se = acc.trace()
+    assert acc.n == N
+    assert math.isclose(value, fisher_trace(dg), rel_tol=1e-12)
+    s = acc.per_example()
+    assert math.isclose(se, float(s.std()) / math.sqrt(N), rel_tol=1e-12)
+    for k, v in fisher_diagonal(dg).items():
+        torch.testing.assert_close(acc.diag()[k], v, rtol=1e-12, atol=1e-15)
+
+
+def test_cat_of_batches_gives_same_eigenvalues():
+    obj, batch = _problem("tokens")
+    dg = capture(obj, batch)
+    parts = [dg.select(torch.arange(0, 4)), dg.select(torch.arange(4, N))]
+    joined = DecomposedGradients.cat(parts)
+    torch.testing.assert_close(fisher_eigen(joined, 3).values, fisher_eigen(dg, 3).values)
