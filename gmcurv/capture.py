@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vjp, vmap
+from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
 from gmcurv.data import Batch, DataSample, batch_size_of
@@ -204,9 +204,7 @@ class _Recorder:
         self.calls: dict[str, list[_Call]] = {p: [] for p in paths}
         self.column = 0
         self.active = True
-        self._handles = [
-            model.get_submodule(p).register_forward_hook(self._hook(p)) for p in paths
-        ]
+        self._handles = [model.get_submodule(p).register_forward_hook(self._hook(p)) for p in paths]
 
     def _hook(self, path: str):
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -216,8 +214,9 @@ class _Recorder:
                 return
             call = _Call(args[0].detach(), output)
             self.calls[path].append(call)
-            output.register_hook(lambda g, call=call: call.deltas.__setitem__(self.column,
-                                                                               g.detach()))
+            output.register_hook(
+                lambda g, call=call: call.deltas.__setitem__(self.column, g.detach())
+            )
 
         return hook
 
@@ -312,8 +311,9 @@ def _with_bias(delta: Tensor, a: Tensor, module: nn.Module, names: dict) -> Line
     return LinearFactors(tuple(order), tuple(shapes), delta, a, has_w, has_b)
 
 
-def _embedding_source(module: nn.Embedding, calls: list[_Call], names: dict, n: int,
-                      columns: int) -> EmbeddingFactors:
+def _embedding_source(
+    module: nn.Embedding, calls: list[_Call], names: dict, n: int, columns: int
+) -> EmbeddingFactors:
     idx_parts, d_parts = [], []
     for call in calls:
         idx = call.inputs.reshape(n, -1)
@@ -324,7 +324,9 @@ def _embedding_source(module: nn.Embedding, calls: list[_Call], names: dict, n: 
         idx_parts.append(idx)
         d_parts.append(d)
     return EmbeddingFactors(
-        (names["weight"],), (tuple(module.weight.shape),), torch.cat(d_parts, 2),
+        (names["weight"],),
+        (tuple(module.weight.shape),),
+        torch.cat(d_parts, 2),
         torch.cat(idx_parts, 1),
     )
 
@@ -354,8 +356,9 @@ def _normalized(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
     return xh, tuple(range(2, x.ndim))
 
 
-def _norm_source(module: nn.Module, calls: list[_Call], names: dict, n: int,
-                 columns: int) -> DenseGradients:
+def _norm_source(
+    module: nn.Module, calls: list[_Call], names: dict, n: int, columns: int
+) -> DenseGradients:
     parts: dict[str, Tensor] = {}
     for call in calls:
         xh, dims = _normalized(module, call.inputs)
@@ -427,8 +430,7 @@ class Capturer:
                 )
                 self.fallbacks += bad
                 self.plans = [
-                    replace(p, kind="dense", modules=()) if p.name in bad else p
-                    for p in self.plans
+                    replace(p, kind="dense", modules=()) if p.name in bad else p for p in self.plans
                 ]
                 dg, _ = self._capture(batch, want_param_grads=False)
         return dg
@@ -455,12 +457,14 @@ class Capturer:
                 C = cols.shape[0]
                 for c in range(C):
                     recorder.column = c
-                    inputs = list(obj.params.values()) if (c == 0 and want_param_grads) \
-                        else outputs
+                    inputs = list(obj.params.values()) if (c == 0 and want_param_grads) else outputs
                     if not inputs:
                         break
                     grads = torch.autograd.grad(
-                        out, inputs, grad_outputs=cols[c], retain_graph=c < C - 1,
+                        out,
+                        inputs,
+                        grad_outputs=cols[c],
+                        retain_graph=c < C - 1,
                         allow_unused=True,
                     )
                     if c == 0 and want_param_grads:
@@ -507,8 +511,12 @@ class Capturer:
                 sources.append(self._zero_source(module, local, n, columns))
                 continue
             sources.append(_BUILDERS[kind](module, calls, local, n, columns))
-        return sources[0] if len(sources) == 1 else SumOfSources(
-            plan.params, tuple(tuple(params[k].shape) for k in plan.params), tuple(sources)
+        return (
+            sources[0]
+            if len(sources) == 1
+            else SumOfSources(
+                plan.params, tuple(tuple(params[k].shape) for k in plan.params), tuple(sources)
+            )
         )
 
     def _zero_source(self, module: nn.Module, local: dict, n: int, columns: int):
@@ -526,7 +534,6 @@ class Capturer:
         names = [n for p in plans for n in p.params]
         fixed = {k: v.detach() for k, v in obj.params.items() if k not in names}
         primals = {k: obj.params[k].detach() for k in names}
-        is_dict = isinstance(batch.inputs, dict)
 
         def one(x, cot):  # x: one example (no batch dim); cot: [C, *out_shape]
             def f(p):
@@ -537,7 +544,7 @@ class Capturer:
             return vmap(pull)(cot)[0]
 
         try:
-            g = vmap(one)(batch.inputs if is_dict else batch.inputs, cols.transpose(0, 1))
+            g = vmap(one)(batch.inputs, cols.transpose(0, 1))
         except Exception as e:  # torch.func cannot trace some modules (e.g. train-mode BN)
             raise UnsupportedError(
                 f"per-example gradients of {', '.join(p.name for p in plans)} could not be "
@@ -560,8 +567,9 @@ class Capturer:
         for block in dg.blocks:
             if block.kind == "dense":
                 continue
-            u = torch.zeros(dg.n, dg.columns, dtype=self.objective.dtype,
-                            device=self.objective.device)
+            u = torch.zeros(
+                dg.n, dg.columns, dtype=self.objective.dtype, device=self.objective.device
+            )
             u[:, 0] = 1.0
             summed = block.source.vjp(u)
             err = ref_sq = 0.0

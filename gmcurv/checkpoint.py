@@ -275,7 +275,12 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
         return build_from_factory(arch), arch, "--arch", None
     if META_ARCH in meta:
         spec = meta[META_ARCH]
-        return build_family(spec, shapes, source, meta_config), spec, "metadata", meta.get(META_LOSS)
+        return (
+            build_family(spec, shapes, source, meta_config),
+            spec,
+            "metadata",
+            meta.get(META_LOSS),
+        )
     config = _load_hf_config(header.path)
     if config is not None:
         model, loss = build_from_hf_config(config, shapes, source)

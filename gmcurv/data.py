@@ -341,9 +341,14 @@ class DataSample:
         targets = None if ys[0] is None else torch.cat(ys).to(device)
         return Batch(move_inputs(inputs, device, float_dtype), targets, start)
 
-    def first(self, k: int = 2) -> Batch:
+    def first(
+        self,
+        k: int = 2,
+        device: torch.device | str = "cpu",
+        float_dtype: torch.dtype = torch.float32,
+    ) -> Batch:
         """The first `k` examples (for shape probing)."""
-        return next(self.batches(min(k, self.n)))
+        return next(self.batches(min(k, self.n), device, float_dtype))
 
     def validate(self) -> None:
         """Check shards agree on keys, shapes and dtypes and hold only finite numbers."""
@@ -378,9 +383,10 @@ class DataSample:
                 sig[k][0] != ref[k][0] or sig[k][1].is_floating_point != ref[k][1].is_floating_point
                 for k in sig
             ):
+                got = {k: v[0] for k, v in sig.items()}
+                want = {k: v[0] for k, v in ref.items()}
                 raise DataError(
-                    f"{shard.path}: shard does not match the first shard "
-                    f"({ {k: v[0] for k, v in sig.items()} } vs { {k: v[0] for k, v in ref.items()} })",
+                    f"{shard.path}: shard does not match the first shard ({got} vs {want})",
                     hint="all shards need the same keys, trailing shapes and dtypes",
                 )
 

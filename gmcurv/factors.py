@@ -243,8 +243,9 @@ class LinearFactors(GradientSource):
         return torch.einsum("ncto,oi,nti->nc", self.delta, W, self.a)
 
     def vjp(self, u: Tensor) -> dict[str, Tensor]:
-        return self._split(torch.einsum("nc,ncto,nti->oi", u.to(self.delta.dtype), self.delta,
-                                        self.a))
+        return self._split(
+            torch.einsum("nc,ncto,nti->oi", u.to(self.delta.dtype), self.delta, self.a)
+        )
 
     def select(self, index: Tensor) -> LinearFactors:
         return replace(self, delta=self.delta[index], a=self.a[index])

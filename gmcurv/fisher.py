@@ -70,9 +70,12 @@ def jvp(dg: DecomposedGradients, vector: Mapping[str, Tensor]) -> Tensor:
     for b in dg.blocks:
         if not any(k in vector for k in b.params):
             continue
-        full = {k: vector[k] if k in vector else torch.zeros(s, dtype=dg.losses.dtype,
-                                                              device=dg.losses.device)
-                for k, s in zip(b.params, b.shapes, strict=True)}
+        full = {
+            k: vector[k]
+            if k in vector
+            else torch.zeros(s, dtype=dg.losses.dtype, device=dg.losses.device)
+            for k, s in zip(b.params, b.shapes, strict=True)
+        }
         part = b.source.jvp(full)
         out = part if out is None else out + part
     if out is None:
@@ -150,8 +153,7 @@ def fisher_eigen(
             uu = u.to(dtype).reshape(dg.n, dg.columns)
             return jvp(sub, vjp(sub, uu)).reshape(-1).double()
 
-        res = lanczos(kmv, size, k, tol=tol, seed=seed, vectors=vectors,
-                      device=dg.losses.device)
+        res = lanczos(kmv, size, k, tol=tol, seed=seed, vectors=vectors, device=dg.losses.device)
         mu, U = res.values, (res.vectors.T if res.vectors is not None else None)
         residuals, converged, rank = res.residuals, res.converged, None
         method, n_mv = "gram-lanczos", res.n_matvecs
@@ -240,8 +242,13 @@ def factor_bytes(dg: DecomposedGradients) -> int:
     return sum(b.source.nbytes() for b in dg.blocks)
 
 
-def _trace_estimate(acc: FisherAccumulator, fisher: str, block: str | None, columns: int,
-                    col_norms: dict[str, list[Tensor]]) -> Estimate:
+def _trace_estimate(
+    acc: FisherAccumulator,
+    fisher: str,
+    block: str | None,
+    columns: int,
+    col_norms: dict[str, list[Tensor]],
+) -> Estimate:
     value, data_se = acc.trace(block)
     n = acc.n
     if fisher != "mc":
@@ -279,7 +286,7 @@ def fisher_summary(
 
     cap = Capturer(objective, fisher, mc_samples, seed)
     n = data.n
-    probe = cap(data.first(min(2, n)))
+    probe = cap(data.first(2, objective.device, objective.dtype))
     per_example = factor_bytes(probe) / probe.n
     if k > 0:
         cols = probe.columns
@@ -314,16 +321,21 @@ def fisher_summary(
         if per_layer:
             for b in full.blocks:
                 layer_eigs[b.name] = _eigen_estimates(
-                    fisher_eigen(full, k, blocks=[b.name], seed=seed), full.n, fisher)
-    layers = {
-        name: LayerCurvature(
-            _trace_estimate(acc, fisher, name, columns, col_norms),
-            sum(math.prod(s) for s in _shapes_of(objective, params)),
-            acc.block_kinds[name],
-            layer_eigs.get(name, []),
-        )
-        for name, params in acc.block_params.items()
-    } if per_layer else {}
+                    fisher_eigen(full, k, blocks=[b.name], seed=seed), full.n, fisher
+                )
+    layers = (
+        {
+            name: LayerCurvature(
+                _trace_estimate(acc, fisher, name, columns, col_norms),
+                sum(math.prod(s) for s in _shapes_of(objective, params)),
+                acc.block_kinds[name],
+                layer_eigs.get(name, []),
+            )
+            for name, params in acc.block_params.items()
+        }
+        if per_layer
+        else {}
+    )
     losses = torch.cat(acc.losses)
     loss_se = float(losses.std()) / math.sqrt(len(losses)) if len(losses) > 1 else None
     return FisherSummary(
@@ -340,8 +352,9 @@ def fisher_summary(
 def _eigen_estimates(res: FisherEigen, n: int, fisher: str) -> list[Estimate]:
     method = res.method + ("(mc)" if fisher == "mc" else "")
     return [
-        Estimate(float(v), None, n, method, bool(c), n_matvecs=res.n_matvecs or None,
-                 residual=float(r))
+        Estimate(
+            float(v), None, n, method, bool(c), n_matvecs=res.n_matvecs or None, residual=float(r)
+        )
         for v, r, c in zip(res.values, res.residuals, res.converged, strict=True)
     ]
 

@@ -180,7 +180,7 @@ class CrossEntropy(Loss):
     @staticmethod
     def _pad(x: Tensor, outputs: Tensor) -> Tensor:
         """Zero cotangent for the last position, which predicts nothing."""
-        return torch.cat([x, x.new_zeros(x.shape[:1] + (1,) + x.shape[2:])], dim=1)
+        return torch.cat([x, x.new_zeros((*x.shape[:1], 1, *x.shape[2:]))], dim=1)
 
     def output_columns(
         self,

@@ -37,8 +37,9 @@ def select_params(model: nn.Module, layers: str | None = None) -> dict[str, nn.P
     chosen = {
         n: p
         for n, p in params.items()
-        if any(fnmatch.fnmatchcase(n, g) or fnmatch.fnmatchcase(n.rpartition(".")[0], g)
-               for g in globs)
+        if any(
+            fnmatch.fnmatchcase(n, g) or fnmatch.fnmatchcase(n.rpartition(".")[0], g) for g in globs
+        )
     }
     if not chosen:
         modules = sorted({n.rpartition(".")[0] for n in params})
@@ -71,8 +72,9 @@ class Objective:
             raise ConfigError(f"--mode must be eval or train, got {mode!r}")
         loss = get_loss(loss) if isinstance(loss, str) else loss
         model.train(mode == "train")
-        stochastic = sorted({type(m).__name__ for m in model.modules()
-                             if isinstance(m, STOCHASTIC_MODULES)})
+        stochastic = sorted(
+            {type(m).__name__ for m in model.modules() if isinstance(m, STOCHASTIC_MODULES)}
+        )
         if stochastic and mode == "train":
             warnings.warn(
                 f"train mode with {', '.join(stochastic)}: per-example gradients depend on the "
@@ -109,8 +111,9 @@ class Objective:
 
     def targets(self, batch: Batch, outputs: Tensor) -> Tensor:
         """Targets shaped and typed for the loss (defaults for next-token prediction)."""
-        targets = batch.targets if batch.targets is not None else self.loss.default_targets(
-            batch.inputs)
+        targets = (
+            batch.targets if batch.targets is not None else self.loss.default_targets(batch.inputs)
+        )
         if targets is None:
             raise DataError("the data has no targets", hint="store them under 'targets'")
         if isinstance(self.loss, CrossEntropy):
@@ -120,30 +123,27 @@ class Objective:
         targets = targets.to(outputs.dtype)
         return targets.reshape(outputs.shape) if targets.shape != outputs.shape else targets
 
-    def per_example_loss(
-        self, batch: Batch, params: Mapping[str, Tensor] | None = None
-    ) -> Tensor:
+    def per_example_loss(self, batch: Batch, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """``L_n`` for each example of the batch, shape ``[n]``."""
         out = self.outputs(batch.inputs, params)
         return self.loss.per_example(out, self.targets(batch, out))
 
     # -------------------------------------------------------------------------- validation
     def check_data(self, data: DataSample) -> torch.Size:
-        """Validate DATA against the model before any compute; returns one example's output shape."""
+        """Validate DATA against the model before any compute.
+
+        Returns the output shape of one example.
+        """
         data.validate()
-        probe = data.first(2)
+        probe = data.first(2, self.device, self.dtype)
         try:
             with torch.no_grad():
-                out = self.outputs(
-                    {k: v.to(self.device) for k, v in probe.inputs.items()}
-                    if isinstance(probe.inputs, dict)
-                    else probe.inputs.to(self.device, self.dtype if probe.inputs.is_floating_point()
-                                         else probe.inputs.dtype)
-                )
+                out = self.outputs(probe.inputs)
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             shape = (
                 {k: tuple(v.shape[1:]) for k, v in probe.inputs.items()}
-                if isinstance(probe.inputs, dict) else tuple(probe.inputs.shape[1:])
+                if isinstance(probe.inputs, dict)
+                else tuple(probe.inputs.shape[1:])
             )
             raise DataError(
                 f"{data.path}: the model cannot take these inputs (one example has shape "

@@ -30,7 +30,10 @@ _OPS = {
     "<": operator.lt,
     ">": operator.gt,
 }
-_RULE = re.compile(r"^\s*(?P<path>.+?)\s*(?P<op><=|>=|==|!=|<|>)\s*(?P<num>[-+0-9.eEinfINFna]+)\s*$")
+_RULE = re.compile(
+    r"""^\s*(?P<path>(?:[^<>=!"'\s]|"[^"]*"|'[^']*')+)\s*(?P<op><=|>=|==|!=|<|>)"""
+    r"""\s*(?P<num>[-+0-9.eEinfINFna]+)\s*$"""
+)
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,7 @@ def lookup(report: Mapping[str, Any], path: str) -> float:
         )
     if is_estimate(node):
         node = node["value"]
-    if isinstance(node, bool) or not isinstance(node, int | float) and node is not None:
+    if isinstance(node, bool) or (not isinstance(node, int | float) and node is not None):
         raise ConfigError(f"rule path {path!r} points at {type(node).__name__}, not a number")
     return math.nan if node is None else float(node)
 

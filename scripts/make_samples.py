@@ -10,6 +10,7 @@ training examples, test/ with the held-out split, and MODEL_CARD.md.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -38,7 +39,7 @@ def digits_split(seed: int = 0):
 def train_mlp(x, y, sizes, activation=nn.ReLU, steps=150, lr=3e-3, seed=0, wd=1e-3):
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(activation())
@@ -55,7 +56,9 @@ def train_mlp(x, y, sizes, activation=nn.ReLU, steps=150, lr=3e-3, seed=0, wd=1e
 def evaluate(model, x, y):
     with torch.no_grad():
         out = model(x)
-        return float(nn.functional.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
+        return float(nn.functional.cross_entropy(out, y)), float(
+            (out.argmax(1) == y).float().mean()
+        )
 
 
 def write_shards(folder: Path, x, y, shard_size: int):
@@ -64,8 +67,10 @@ def write_shards(folder: Path, x, y, shard_size: int):
     folder.mkdir(parents=True)
     for i, start in enumerate(range(0, len(x), shard_size)):
         save_file(
-            {"inputs": x[start : start + shard_size].contiguous(),
-             "targets": y[start : start + shard_size].contiguous()},
+            {
+                "inputs": x[start : start + shard_size].contiguous(),
+                "targets": y[start : start + shard_size].contiguous(),
+            },
             str(folder / f"shard-{i:03d}.safetensors"),
         )
 
@@ -81,7 +86,8 @@ def make_digits_mlp():
     out.mkdir(parents=True, exist_ok=True)
     state = {f"net.{k}": v for k, v in model.state_dict().items()}
     meta = gmcurv_metadata(
-        "mlp:relu", "cross_entropy",
+        "mlp:relu",
+        "cross_entropy",
         dataset="sklearn digits (8x8, 1797 images), inputs scaled to [0, 1]",
         train_metrics={"loss": round(train[0], 4), "accuracy": round(train[1], 4)},
         test_metrics={"loss": round(test[0], 4), "accuracy": round(test[1], 4)},
@@ -92,11 +98,13 @@ def make_digits_mlp():
     write_shards(out / "test", xte, yte, 540)
     card = f"""# digits_mlp — gmcurv's bundled sample model
 
-- Architecture: MLP 64-128-64-10, ReLU (`net.0`, `net.2`, `net.4`), {sum(p.numel() for p in model.parameters()):,} parameters.
+- Architecture: MLP 64-128-64-10, ReLU (`net.0`, `net.2`, `net.4`),
+  {sum(p.numel() for p in model.parameters()):,} parameters.
 - Data: scikit-learn's bundled 8x8 digits (1,797 real hand-written digit images, UCI), pixel
   values scaled to [0, 1]; split with seed 0 into 1,257 training and 540 test images.
 - Training: full-batch Adam (lr 3e-3, weight decay 1e-3), 150 steps, seed 0, one thread.
-- Metrics: train loss {train[0]:.4f}, accuracy {train[1]:.4f}; test loss {test[0]:.4f}, accuracy {test[1]:.4f}.
+- Metrics: train loss {train[0]:.4f}, accuracy {train[1]:.4f};
+  test loss {test[0]:.4f}, accuracy {test[1]:.4f}.
 - `data/`: the first 1,024 training images in 4 safetensors shards (`inputs` [n, 64] float32,
   `targets` [n] int64) — the sample `gmcurv trace` uses by default.
 - `test/`: the 540 held-out images.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -11,12 +12,13 @@ from safetensors.torch import save_file
 from gmcurv.checkpoint import gmcurv_metadata, save_checkpoint
 
 
-def write_mlp(path: Path, sizes=(6, 8, 3), activation="tanh", seed=0, metadata=True,
-              prefix="net") -> Path:
+def write_mlp(
+    path: Path, sizes=(6, 8, 3), activation="tanh", seed=0, metadata=True, prefix="net"
+) -> Path:
     torch.manual_seed(seed)
     state = {}
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        state[f"{prefix}.{2 * i}.weight"] = torch.randn(b, a) / a ** 0.5
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
+        state[f"{prefix}.{2 * i}.weight"] = torch.randn(b, a) / a**0.5
         state[f"{prefix}.{2 * i}.bias"] = torch.randn(b) * 0.1
     meta = gmcurv_metadata(f"mlp:{activation}", "cross_entropy") if metadata else {}
     save_checkpoint(path, state, meta)
@@ -37,8 +39,12 @@ def write_data(path: Path, n=40, d=6, classes=3, seed=0, shards=1, fmt="safetens
         return path
     bounds = np.linspace(0, n, shards + 1).astype(int)
     for i in range(shards):
-        _write_one(path / f"part-{i}.{fmt}", x[bounds[i]:bounds[i + 1]],
-                   y[bounds[i]:bounds[i + 1]], fmt)
+        _write_one(
+            path / f"part-{i}.{fmt}",
+            x[bounds[i] : bounds[i + 1]],
+            y[bounds[i] : bounds[i + 1]],
+            fmt,
+        )
     return path
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
 
 def mlp(bias: bool = True, sizes=(5, 7, 6, 3), act=nn.Tanh) -> nn.Module:
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b, bias=bias))
         if i < len(sizes) - 2:
             layers.append(act())

@@ -77,11 +77,14 @@ def dense_ggn(obj: Objective, batch: Batch) -> Tensor:
     G = torch.zeros(P, P, dtype=J.dtype)
     for i in range(n):
         # Λ_i column by column through the loss's own Hessian-vector product
-        lam = torch.stack([
-            obj.loss.output_hessian_vp(out[i : i + 1], tgt[i : i + 1],
-                                       e.reshape(1, *out.shape[1:])).reshape(-1)
-            for e in torch.eye(E, dtype=J.dtype)
-        ])
+        lam = torch.stack(
+            [
+                obj.loss.output_hessian_vp(
+                    out[i : i + 1], tgt[i : i + 1], e.reshape(1, *out.shape[1:])
+                ).reshape(-1)
+                for e in torch.eye(E, dtype=J.dtype)
+            ]
+        )
         G += Jf[i].T @ lam @ Jf[i]
     return G / n
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models import TinyAttention, TinyConv, Tied, TokenMLP, WithCustom, mlp, seeded
+from models import Tied, TinyAttention, TinyConv, TokenMLP, WithCustom, mlp, seeded
 from oracles import output_jacobians, per_example_grads
 from torch import nn
 
@@ -51,8 +51,9 @@ def _rows(dg: DecomposedGradients, obj: Objective) -> torch.Tensor:
     space = obj.space
     return torch.stack(
         [
-            torch.stack([space.flatten({k: v[n, c] for k, v in grads.items()})
-                         for c in range(dg.columns)])
+            torch.stack(
+                [space.flatten({k: v[n, c] for k, v in grads.items()}) for c in range(dg.columns)]
+            )
             for n in range(dg.n)
         ]
     )
@@ -129,14 +130,18 @@ def test_self_check_falls_back_to_dense_for_weights_used_outside(recwarn):
     torch.manual_seed(0)
     obj = Objective.build(SharedOutside().double(), "cross_entropy")
     g = torch.Generator().manual_seed(0)
-    batch = Batch(torch.randn(N, 4, generator=g, dtype=torch.float64),
-                  torch.randint(0, 3, (N,), generator=g), 0)
+    batch = Batch(
+        torch.randn(N, 4, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (N,), generator=g),
+        0,
+    )
     cap = Capturer(obj)
     dg = cap(batch)
     assert cap.fallbacks == ["fc"]
     assert any("outside their module" in str(w.message) for w in recwarn)
-    torch.testing.assert_close(_rows(dg, obj)[:, 0], per_example_grads(obj, batch),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        _rows(dg, obj)[:, 0], per_example_grads(obj, batch), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_layers_glob_restricts_parameters():
@@ -144,11 +149,15 @@ def test_layers_glob_restricts_parameters():
     obj = Objective.build(model, "cross_entropy", layers="2,4.weight")
     assert list(obj.params) == ["2.weight", "2.bias", "4.weight"]
     g = torch.Generator().manual_seed(1)
-    batch = Batch(torch.randn(N, 5, generator=g, dtype=torch.float64),
-                  torch.randint(0, 3, (N,), generator=g), 0)
+    batch = Batch(
+        torch.randn(N, 5, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (N,), generator=g),
+        0,
+    )
     dg = capture(obj, batch)
-    torch.testing.assert_close(_rows(dg, obj)[:, 0], per_example_grads(obj, batch),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        _rows(dg, obj)[:, 0], per_example_grads(obj, batch), rtol=1e-10, atol=1e-12
+    )
     # the restriction is temporary: all parameters still require grad afterwards
     assert all(p.requires_grad for p in model.parameters())
 

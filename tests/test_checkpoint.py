@@ -19,8 +19,11 @@ def test_metadata_roundtrip(tmp_path):
     assert lm.loss == "cross_entropy" and lm.n_params == 6 * 8 + 8 + 8 * 3 + 3
     x = torch.randn(2, 6)
     state = load_file(str(p))
-    ref = nn.functional.linear(nn.functional.gelu(nn.functional.linear(
-        x, state["net.0.weight"], state["net.0.bias"])), state["net.2.weight"], state["net.2.bias"])
+    ref = nn.functional.linear(
+        nn.functional.gelu(nn.functional.linear(x, state["net.0.weight"], state["net.0.bias"])),
+        state["net.2.weight"],
+        state["net.2.bias"],
+    )
     torch.testing.assert_close(lm.model(x), ref)
     assert len(lm.sha256) == 64
 
@@ -82,7 +85,7 @@ def test_missing_unexpected_and_mismatched_keys(tmp_path):
     state["extra.weight"] = torch.zeros(1)
     bad = tmp_path / "bad.safetensors"
     save_file(state, str(bad), metadata={"gmcurv.arch": "mlp:tanh"})
-    with pytest.raises(Exception, match="extra.weight"):
+    with pytest.raises(Exception, match=r"extra\.weight"):
         load_model(bad)
     factory = tmp_path / "arch.py"
     factory.write_text(
@@ -147,8 +150,9 @@ def test_bad_arch_specs(tmp_path, spec, message):
 
 def test_nan_weights_rejected(tmp_path):
     p = tmp_path / "nan.safetensors"
-    save_file({"fc.weight": torch.tensor([[float("nan")]])}, str(p),
-              metadata={"gmcurv.arch": "mlp"})
+    save_file(
+        {"fc.weight": torch.tensor([[float("nan")]])}, str(p), metadata={"gmcurv.arch": "mlp"}
+    )
     with pytest.raises(CheckpointError, match="NaN"):
         load_model(p)
 

@@ -41,8 +41,14 @@ def test_samples_limit_and_first(tmp_path):
 
 def test_dict_inputs_when_extra_keys(tmp_path):
     p = tmp_path / "tok.safetensors"
-    save_file({"input_ids": torch.randint(0, 5, (4, 3)), "attention_mask": torch.ones(4, 3),
-               "labels": torch.randint(0, 5, (4, 3))}, str(p))
+    save_file(
+        {
+            "input_ids": torch.randint(0, 5, (4, 3)),
+            "attention_mask": torch.ones(4, 3),
+            "labels": torch.randint(0, 5, (4, 3)),
+        },
+        str(p),
+    )
     batch = next(load_data(p).batches(4))
     assert isinstance(batch.inputs, dict) and set(batch.inputs) == {"input_ids", "attention_mask"}
 
@@ -89,10 +95,14 @@ def test_truncated_safetensors_data(tmp_path):
 def test_mismatched_shards(tmp_path):
     d = tmp_path / "d"
     d.mkdir()
-    save_file({"inputs": torch.randn(3, 4), "targets": torch.zeros(3, dtype=torch.long)},
-              str(d / "a.safetensors"))
-    save_file({"inputs": torch.randn(3, 5), "targets": torch.zeros(3, dtype=torch.long)},
-              str(d / "b.safetensors"))
+    save_file(
+        {"inputs": torch.randn(3, 4), "targets": torch.zeros(3, dtype=torch.long)},
+        str(d / "a.safetensors"),
+    )
+    save_file(
+        {"inputs": torch.randn(3, 5), "targets": torch.zeros(3, dtype=torch.long)},
+        str(d / "b.safetensors"),
+    )
     with pytest.raises(DataError, match="does not match the first shard"):
         load_data(d).validate()
 

@@ -55,10 +55,10 @@ def test_per_block_gram_and_trace(name):
     for block in dg.blocks:
         cols = torch.cat([torch.arange(offsets[p].start, offsets[p].stop) for p in block.params])
         Jb = J[:, cols]
-        torch.testing.assert_close(gram_kernel(dg, [block.name]), Jb @ Jb.T, rtol=1e-10,
-                                   atol=1e-13)
-        torch.testing.assert_close(block.source.sq_norms()[:, 0], (Jb ** 2).sum(1), rtol=1e-10,
-                                   atol=1e-14)
+        torch.testing.assert_close(gram_kernel(dg, [block.name]), Jb @ Jb.T, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(
+            block.source.sq_norms()[:, 0], (Jb**2).sum(1), rtol=1e-10, atol=1e-14
+        )
 
 
 @pytest.mark.parametrize("name", ["mlp", "attention", "conv"])
@@ -98,8 +98,10 @@ def test_exact_fisher_equals_ggn_for_one_prediction_per_example(name):
 def test_mc_fisher_is_unbiased_for_the_exact_fisher():
     obj, batch = _problem("mlp")
     exact = fisher_trace(capture(obj, batch, fisher="exact"))
-    draws = torch.tensor([fisher_trace(capture(obj, batch, fisher="mc", seed=s))
-                          for s in range(200)], dtype=torch.float64)
+    draws = torch.tensor(
+        [fisher_trace(capture(obj, batch, fisher="mc", seed=s)) for s in range(200)],
+        dtype=torch.float64,
+    )
     se = float(draws.std()) / math.sqrt(len(draws))
     assert abs(float(draws.mean()) - exact) < 4 * se
     assert se > 0

@@ -23,8 +23,9 @@ def test_means_match_pytorch_default_reduction():
     # sequences of equal length: mean over examples of token means = token mean
     seq = torch.randn(3, 5, 4, generator=g, dtype=torch.float64)
     ys = torch.randint(0, 4, (3, 5), generator=g)
-    torch.testing.assert_close(ce.per_example(seq, ys).mean(),
-                               F.cross_entropy(seq.reshape(-1, 4), ys.reshape(-1)))
+    torch.testing.assert_close(
+        ce.per_example(seq, ys).mean(), F.cross_entropy(seq.reshape(-1, 4), ys.reshape(-1))
+    )
 
 
 def test_next_token_shifts_and_ignores():
@@ -32,8 +33,9 @@ def test_next_token_shifts_and_ignores():
     ids = torch.randint(0, 7, (2, 5), generator=g)
     ids[1, 4] = -100
     nt = get_loss("next_token")
-    ref = torch.stack([
-        F.cross_entropy(logits[i, :-1], ids[i, 1:], ignore_index=-100) for i in range(2)])
+    ref = torch.stack(
+        [F.cross_entropy(logits[i, :-1], ids[i, 1:], ignore_index=-100) for i in range(2)]
+    )
     torch.testing.assert_close(nt.per_example(logits, ids), ref)
     assert nt.default_targets(ids) is ids
 
@@ -43,8 +45,11 @@ def test_output_hessian_vp_matches_autograd(name):
     loss = get_loss(name)
     shape = (2, 4, 3)
     out = torch.randn(*shape, generator=g, dtype=torch.float64)
-    tgt = (torch.randint(0, 3, shape[:-1], generator=g) if name != "mse"
-           else torch.randn(*shape, generator=g, dtype=torch.float64))
+    tgt = (
+        torch.randint(0, 3, shape[:-1], generator=g)
+        if name != "mse"
+        else torch.randn(*shape, generator=g, dtype=torch.float64)
+    )
     v = torch.randn(*shape, generator=g, dtype=torch.float64)
     H = hessian(lambda o: loss.per_example(o, tgt).sum())(out)
     ref = (H.reshape(out.numel(), -1) @ v.reshape(-1)).reshape(shape)
@@ -55,17 +60,22 @@ def test_output_hessian_vp_matches_autograd(name):
 def test_exact_columns_square_to_lambda_and_mc_matches_in_expectation(name):
     loss = get_loss(name)
     out = torch.randn(3, 4, generator=g, dtype=torch.float64)
-    tgt = torch.randint(0, 4, (3,), generator=g) if name != "mse" else torch.randn(3, 4,
-                                                                                  dtype=torch.float64)
+    tgt = (
+        torch.randint(0, 4, (3,), generator=g)
+        if name != "mse"
+        else torch.randn(3, 4, dtype=torch.float64)
+    )
     cols = loss.output_columns(out, tgt, "exact")  # [C, N, 4]
     lam = torch.einsum("cni,cnj->nij", cols, cols)
     for n in range(3):
         eye = torch.eye(4, dtype=torch.float64)
-        ref = torch.stack([loss.output_hessian_vp(out[n:n + 1], tgt[n:n + 1], e[None])[0]
-                           for e in eye])
+        ref = torch.stack(
+            [loss.output_hessian_vp(out[n : n + 1], tgt[n : n + 1], e[None])[0] for e in eye]
+        )
         torch.testing.assert_close(lam[n], ref)
-    mc = loss.output_columns(out, tgt, "mc", mc_samples=20000,
-                             generator=torch.Generator().manual_seed(1))
+    mc = loss.output_columns(
+        out, tgt, "mc", mc_samples=20000, generator=torch.Generator().manual_seed(1)
+    )
     emp = torch.einsum("cni,cnj->nij", mc, mc)
     torch.testing.assert_close(emp, lam, atol=0.03, rtol=0.1)
 

@@ -22,7 +22,8 @@ def _report(**results) -> dict:
 
 def test_published_schema_is_current():
     assert json.loads(SCHEMA_FILE.read_text()) == report_schema(), (
-        "regenerate with: python -m gmcurv.results > gmcurv/schema/report.schema.json")
+        "regenerate with: python -m gmcurv.results > gmcurv/schema/report.schema.json"
+    )
 
 
 def test_report_validates_and_nan_becomes_null():
@@ -35,12 +36,16 @@ def test_report_validates_and_nan_becomes_null():
 
 def test_rules_parse_and_evaluate():
     doc = _report(
-        fisher={"trace": Estimate(120.0, None, 10, "exact"),
-                "eigenvalues": [Estimate(9.0, None, 10, "gram"), Estimate(2.0, None, 10, "gram")],
-                "per_layer": {"net.0": {"trace": Estimate(5.0, 0.5, 10, "exact")}}},
+        fisher={
+            "trace": Estimate(120.0, None, 10, "exact"),
+            "eigenvalues": [Estimate(9.0, None, 10, "gram"), Estimate(2.0, None, 10, "gram")],
+            "per_layer": {"net.0": {"trace": Estimate(5.0, 0.5, 10, "exact")}},
+        },
     )
-    rules = parse_rules("fisher.trace > 100 and fisher.eigenvalues[1] <= 2, "
-                        "fisher.per_layer.net.0.trace.stderr < 0.1")
+    rules = parse_rules(
+        "fisher.trace > 100 and fisher.eigenvalues[1] <= 2, "
+        "fisher.per_layer.net.0.trace.stderr < 0.1"
+    )
     verdicts = evaluate(doc, rules)
     assert [v.breached for v in verdicts] == [True, True, False]
     assert lookup(doc, 'fisher.per_layer["net.0"].trace') == 5.0

@@ -24,6 +24,11 @@ INTERNAL_ERROR = 4
 class GmcurvGroup(TyperGroup):
     """Turns engine errors into messages and exit codes; routes warnings to stderr."""
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        # config-file defaults are read per invocation, from the working directory
+        extra.setdefault("default_map", default_map(COMMANDS))
+        return super().make_context(info_name, args, parent=parent, **extra)
+
     def invoke(self, ctx: click.Context):
         with warnings_to_stderr():
             try:
@@ -31,8 +36,12 @@ class GmcurvGroup(TyperGroup):
             except GmcurvError as e:
                 if os.environ.get("GMCURV_DEBUG"):
                     raise
-                stderr.print(f"[bold red]error:[/bold red] {e.message}", markup=True,
-                             highlight=False, soft_wrap=True)
+                stderr.print(
+                    f"[bold red]error:[/bold red] {e.message}",
+                    markup=True,
+                    highlight=False,
+                    soft_wrap=True,
+                )
                 if e.hint:
                     stderr.print(f"[dim]hint:[/dim] {e.hint}", soft_wrap=True)
                 raise typer.Exit(e.exit_code) from None
@@ -44,9 +53,12 @@ class GmcurvGroup(TyperGroup):
             except MemoryError:
                 if os.environ.get("GMCURV_DEBUG"):
                     raise
-                stderr.print("[bold red]error:[/bold red] out of memory",)
-                stderr.print("[dim]hint:[/dim] lower --batch-size or --samples, or restrict "
-                             "--layers")
+                stderr.print(
+                    "[bold red]error:[/bold red] out of memory",
+                )
+                stderr.print(
+                    "[dim]hint:[/dim] lower --batch-size or --samples, or restrict --layers"
+                )
                 raise typer.Exit(2) from None
             except Exception as e:
                 if os.environ.get("GMCURV_DEBUG"):
@@ -55,13 +67,13 @@ class GmcurvGroup(TyperGroup):
                     f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}",
                     soft_wrap=True,
                 )
-                stderr.print("[dim]hint:[/dim] rerun with GMCURV_DEBUG=1 for the traceback "
-                             "and report it")
+                stderr.print(
+                    "[dim]hint:[/dim] rerun with GMCURV_DEBUG=1 for the traceback and report it"
+                )
                 raise typer.Exit(INTERNAL_ERROR) from None
 
 
-COMMANDS = ["info", "trace", "eigen", "spectrum", "saliency", "landscape", "lora", "head",
-            "check"]
+COMMANDS = ["info", "trace", "eigen", "spectrum", "saliency", "landscape", "lora", "head", "check"]
 
 app = typer.Typer(
     cls=GmcurvGroup,
@@ -71,7 +83,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
-    context_settings={"default_map": default_map(COMMANDS), "help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 
 
@@ -83,8 +95,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Show the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
 ) -> None:
     """Curvature and loss-landscape analysis for PyTorch checkpoints.
 

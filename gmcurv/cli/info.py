@@ -17,9 +17,11 @@ from gmcurv.results import Report
 def render(report: Report, console: Console) -> None:
     header(report, console, "gmcurv info")
     res = report.to_dict()["results"]
-    console.print(f"architecture [bold]{res['arch']}[/bold] (from {res['arch_source']}), "
-                  f"loss {res['loss']}, {res['n_params']:,} parameters, "
-                  f"sha256 {res['sha256'][:16]}…")
+    console.print(
+        f"architecture [bold]{res['arch']}[/bold] (from {res['arch_source']}), "
+        f"loss {res['loss']}, {res['n_params']:,} parameters, "
+        f"sha256 {res['sha256'][:16]}…"
+    )
     table = new_table(None, "layer", "capture", "parameters", "count")
     for layer in res["layers"]:
         shapes = ", ".join(f"{k.rsplit('.', 1)[-1]} {tuple(v)}" for k, v in layer["params"].items())
@@ -46,8 +48,17 @@ def info(
     quiet: o.QuietOpt = False,
 ) -> None:
     """Architecture, layers (and how each is captured), parameter counts and metadata."""
-    session = Session.open(ctx, model, None, arch=arch, loss=loss, device="cpu", quiet=quiet,
-                           json_mode=json, need_data=False)
+    session = Session.open(
+        ctx,
+        model,
+        None,
+        arch=arch,
+        loss=loss,
+        device="cpu",
+        quiet=quiet,
+        json_mode=json,
+        need_data=False,
+    )
     lm = session.loaded
     assert lm is not None
     meta = {}

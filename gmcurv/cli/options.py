@@ -72,108 +72,176 @@ MODEL_HELP = "Checkpoint (.safetensors file or a directory with model.safetensor
 DATA_HELP = "Data sample: a file or a directory of shards (.safetensors/.npz/.npy/.csv)."
 
 ModelArg = Annotated[
-    Path | None, typer.Argument(help=MODEL_HELP + " Default: the bundled sample.",
-                                show_default=False)
+    Path | None,
+    typer.Argument(help=MODEL_HELP + " Default: the bundled sample.", show_default=False),
 ]
 DataArg = Annotated[
-    Path | None, typer.Argument(help=DATA_HELP + " Default: the sample's data.",
-                                show_default=False)
+    Path | None, typer.Argument(help=DATA_HELP + " Default: the sample's data.", show_default=False)
 ]
 CurvatureOpt = Annotated[
-    Curvature, typer.Option("--curvature", envvar=_env("CURVATURE"),
-                            help="Which curvature matrix.")
+    Curvature, typer.Option("--curvature", envvar=_env("CURVATURE"), help="Which curvature matrix.")
 ]
 FisherOpt = Annotated[
-    FisherType, typer.Option("--fisher", envvar=_env("FISHER"),
-                             help="Fisher type: observed labels, labels sampled from the model, "
-                                  "or the exact expectation.")
+    FisherType,
+    typer.Option(
+        "--fisher",
+        envvar=_env("FISHER"),
+        help="Fisher type: observed labels, labels sampled from the model, "
+        "or the exact expectation.",
+    ),
 ]
 MethodOpt = Annotated[
-    Method, typer.Option("--method", envvar=_env("METHOD"),
-                         help="Estimator (auto picks exact closed forms where they exist).")
+    Method,
+    typer.Option(
+        "--method",
+        envvar=_env("METHOD"),
+        help="Estimator (auto picks exact closed forms where they exist).",
+    ),
 ]
 SamplesOpt = Annotated[
-    int | None, typer.Option("--samples", "-n", envvar=_env("SAMPLES"), min=1,
-                             help="Use the first N examples of DATA (default: all).",
-                             show_default=False)
+    int | None,
+    typer.Option(
+        "--samples",
+        "-n",
+        envvar=_env("SAMPLES"),
+        min=1,
+        help="Use the first N examples of DATA (default: all).",
+        show_default=False,
+    ),
 ]
 BatchSizeOpt = Annotated[
-    int, typer.Option("--batch-size", "-b", envvar=_env("BATCH_SIZE"), min=1,
-                      help="Examples per batch (memory vs speed).")
+    int,
+    typer.Option(
+        "--batch-size",
+        "-b",
+        envvar=_env("BATCH_SIZE"),
+        min=1,
+        help="Examples per batch (memory vs speed).",
+    ),
 ]
 ProbesOpt = Annotated[
-    int, typer.Option("--probes", envvar=_env("PROBES"), min=1,
-                      help="Random probes / matrix-vector products for stochastic estimators.")
+    int,
+    typer.Option(
+        "--probes",
+        envvar=_env("PROBES"),
+        min=1,
+        help="Random probes / matrix-vector products for stochastic estimators.",
+    ),
 ]
-KOpt = Annotated[int, typer.Option("--k", "-k", envvar=_env("K"), min=1,
-                                   help="How many top eigenvalues.")]
+KOpt = Annotated[
+    int, typer.Option("--k", "-k", envvar=_env("K"), min=1, help="How many top eigenvalues.")
+]
 PerLayerOpt = Annotated[
-    bool, typer.Option("--per-layer/--no-per-layer", envvar=_env("PER_LAYER"),
-                       help="Also report each layer.")
+    bool,
+    typer.Option(
+        "--per-layer/--no-per-layer", envvar=_env("PER_LAYER"), help="Also report each layer."
+    ),
 ]
 LayersOpt = Annotated[
-    str | None, typer.Option("--layers", envvar=_env("LAYERS"),
-                             help="Glob(s) on parameter or module names, comma-separated "
-                                  "(e.g. 'net.0,net.2' or '*.weight').", show_default=False)
+    str | None,
+    typer.Option(
+        "--layers",
+        envvar=_env("LAYERS"),
+        help="Glob(s) on parameter or module names, comma-separated "
+        "(e.g. 'net.0,net.2' or '*.weight').",
+        show_default=False,
+    ),
 ]
 DeviceOpt = Annotated[
     str, typer.Option("--device", envvar=_env("DEVICE"), help="auto | cpu | cuda[:i] | mps.")
 ]
-DTypeOpt = Annotated[
-    DType, typer.Option("--dtype", envvar=_env("DTYPE"), help="Compute dtype.")
-]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", envvar=_env("DTYPE"), help="Compute dtype.")]
 SeedOpt = Annotated[int, typer.Option("--seed", envvar=_env("SEED"), help="Random seed.")]
 ModeOpt = Annotated[
-    Mode, typer.Option("--mode", envvar=_env("MODE"),
-                       help="Model mode: eval (deterministic) or train (BatchNorm/Dropout active).")
+    Mode,
+    typer.Option(
+        "--mode",
+        envvar=_env("MODE"),
+        help="Model mode: eval (deterministic) or train (BatchNorm/Dropout active).",
+    ),
 ]
 ArchOpt = Annotated[
-    str | None, typer.Option("--arch", envvar=_env("ARCH"),
-                             help="mlp[:activation], path/to/model.py:factory or "
-                                  "package.module:factory (overrides metadata/config.json).",
-                             show_default=False)
+    str | None,
+    typer.Option(
+        "--arch",
+        envvar=_env("ARCH"),
+        help="mlp[:activation], path/to/model.py:factory or "
+        "package.module:factory (overrides metadata/config.json).",
+        show_default=False,
+    ),
 ]
 LossOpt = Annotated[
-    LossName | None, typer.Option("--loss", envvar=_env("LOSS"),
-                                  help="Loss (default: from the checkpoint, else cross_entropy).",
-                                  show_default=False)
+    LossName | None,
+    typer.Option(
+        "--loss",
+        envvar=_env("LOSS"),
+        help="Loss (default: from the checkpoint, else cross_entropy).",
+        show_default=False,
+    ),
 ]
 McSamplesOpt = Annotated[
-    int, typer.Option("--mc-samples", envvar=_env("MC_SAMPLES"), min=1,
-                      help="Sampled labels per example for --fisher mc.")
+    int,
+    typer.Option(
+        "--mc-samples",
+        envvar=_env("MC_SAMPLES"),
+        min=1,
+        help="Sampled labels per example for --fisher mc.",
+    ),
 ]
 JsonOpt = Annotated[
-    bool, typer.Option("--json", envvar=_env("JSON"),
-                       help="Print only the JSON report on stdout.")
+    bool, typer.Option("--json", envvar=_env("JSON"), help="Print only the JSON report on stdout.")
 ]
 OutputOpt = Annotated[
-    Path | None, typer.Option("--output", "-o", help="Write the JSON report to this file.",
-                              show_default=False)
+    Path | None,
+    typer.Option("--output", "-o", help="Write the JSON report to this file.", show_default=False),
 ]
 PlotOpt = Annotated[
-    Path | None, typer.Option("--plot", help="Write a plot (.png, .svg or .pdf).",
-                              show_default=False)
+    Path | None,
+    typer.Option("--plot", help="Write a plot (.png, .svg or .pdf).", show_default=False),
 ]
 QuietOpt = Annotated[
-    bool, typer.Option("--quiet", "-q", envvar=_env("QUIET"),
-                       help="No progress bars or notes (errors still print).")
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        envvar=_env("QUIET"),
+        help="No progress bars or notes (errors still print).",
+    ),
 ]
 FailIfOpt = Annotated[
-    list[str] | None, typer.Option("--fail-if", help="Exit 1 if this rule holds, e.g. "
-                                   "'fisher.trace > 100' (repeatable).", show_default=False)
+    list[str] | None,
+    typer.Option(
+        "--fail-if",
+        help="Exit 1 if this rule holds, e.g. 'fisher.trace > 100' (repeatable).",
+        show_default=False,
+    ),
 ]
 StrictOpt = Annotated[
-    bool, typer.Option("--strict", envvar=_env("STRICT"),
-                       help="Exit 3 if an iterative estimate did not converge.")
+    bool,
+    typer.Option(
+        "--strict", envvar=_env("STRICT"), help="Exit 3 if an iterative estimate did not converge."
+    ),
 ]
-TolOpt = Annotated[float, typer.Option("--tol", envvar=_env("TOL"), min=0.0,
-                                       help="Relative tolerance of iterative methods.")]
-MaxItersOpt = Annotated[int, typer.Option("--max-iters", envvar=_env("MAX_ITERS"), min=1,
-                                          help="Iteration cap of iterative methods.")]
+TolOpt = Annotated[
+    float,
+    typer.Option(
+        "--tol", envvar=_env("TOL"), min=0.0, help="Relative tolerance of iterative methods."
+    ),
+]
+MaxItersOpt = Annotated[
+    int,
+    typer.Option(
+        "--max-iters", envvar=_env("MAX_ITERS"), min=1, help="Iteration cap of iterative methods."
+    ),
+]
 MaxMemoryOpt = Annotated[
-    str | None, typer.Option("--max-memory", envvar=_env("MAX_MEMORY"),
-                             help="Memory budget, e.g. '4GB' (default: half of available RAM).",
-                             show_default=False)
+    str | None,
+    typer.Option(
+        "--max-memory",
+        envvar=_env("MAX_MEMORY"),
+        help="Memory budget, e.g. '4GB' (default: half of available RAM).",
+        show_default=False,
+    ),
 ]
 
 

@@ -38,8 +38,10 @@ def header(report: Report, console: Console, title: str) -> None:
     """One line saying what was analysed."""
     parts = [f"[bold]{title}[/bold]"]
     if report.model:
-        parts.append(f"model [cyan]{report.model.path}[/cyan] ({report.model.arch}, "
-                     f"{report.model.n_params:,} params)")
+        parts.append(
+            f"model [cyan]{report.model.path}[/cyan] ({report.model.arch}, "
+            f"{report.model.n_params:,} params)"
+        )
     if report.data:
         parts.append(f"data [cyan]{report.data.path}[/cyan] (N={report.data.n:,})")
     console.print(" · ".join(parts), soft_wrap=True)
@@ -48,8 +50,10 @@ def header(report: Report, console: Console, title: str) -> None:
 def footer(report: Report, console: Console) -> None:
     total = sum(report.timings.values())
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
-    console.print(f"[dim]{report.device}, {report.dtype}, seed {report.seed} · "
-                  f"{total:.2f}s ({stages})[/dim]", soft_wrap=True)
+    console.print(
+        f"[dim]{report.device}, {report.dtype}, seed {report.seed} · {total:.2f}s ({stages})[/dim]",
+        soft_wrap=True,
+    )
 
 
 def new_table(title: str | None = None, *columns: str, **kw: Any) -> Table:

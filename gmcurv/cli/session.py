@@ -56,16 +56,19 @@ def resolve_device(spec: str) -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ConfigError(f"unknown --device {spec!r}", hint="use auto, cpu, cuda[:i] or mps") \
-            from None
+        raise ConfigError(
+            f"unknown --device {spec!r}", hint="use auto, cpu, cuda[:i] or mps"
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda requested but CUDA is not available",
-                          hint="use --device cpu (or auto)")
+        raise ConfigError(
+            "--device cuda requested but CUDA is not available", hint="use --device cpu (or auto)"
+        )
     if device.type == "mps" and not (
         getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
     ):
-        raise ConfigError("--device mps requested but MPS is not available",
-                          hint="use --device cpu (or auto)")
+        raise ConfigError(
+            "--device mps requested but MPS is not available", hint="use --device cpu (or auto)"
+        )
     return device
 
 
@@ -73,14 +76,26 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
+_SOURCE_NAMES = {
+    "COMMANDLINE": "command line",
+    "ENVIRONMENT": "environment",
+    "DEFAULT_MAP": "config file",
+    "DEFAULT": "default",
+    "PROMPT": "prompt",
+}
+
+
 def resolved_config(ctx: click.Context) -> dict[str, Any]:
     """The command's options after precedence, with where each value came from."""
     values, sources = {}, {}
     for name, value in ctx.params.items():
-        values[name] = value.value if hasattr(value, "value") else (
-            str(value) if isinstance(value, Path) else value)
+        values[name] = (
+            value.value
+            if hasattr(value, "value")
+            else (str(value) if isinstance(value, Path) else value)
+        )
         src = ctx.get_parameter_source(name)
-        sources[name] = src.name.lower() if src is not None else "default"
+        sources[name] = _SOURCE_NAMES.get(src.name if src is not None else "", "default")
     values["sources"] = sources
     return values
 
@@ -124,6 +139,8 @@ class Session:
     ) -> Session:
         """Load MODEL (and DATA) — the bundled sample when left out — and build the objective."""
         collected_warnings.clear()
+        for text in ctx.params.get("fail_if") or []:
+            parse_rules(text)  # a typo in a rule fails before any compute
         s = cls(
             command=ctx.info_name or "gmcurv",
             config=resolved_config(ctx),
@@ -140,8 +157,7 @@ class Session:
             s.note(f"no MODEL given: using the bundled sample {model.parent.name}")
         loss_name = getattr(loss, "value", loss)
         with s.stage("load"):
-            s.loaded = load_model(model, arch=arch, loss=loss_name, dtype=s.dtype,
-                                  device=s.device)
+            s.loaded = load_model(model, arch=arch, loss=loss_name, dtype=s.dtype, device=s.device)
             s.inputs.append(Path(model))
             if need_data:
                 if data is None:
@@ -153,8 +169,9 @@ class Session:
                 s.inputs.append(Path(data))
         if need_data:
             with s.stage("validate"):
-                s.objective = Objective.build(s.loaded.model, s.loaded.loss, layers,
-                                              getattr(mode, "value", mode))
+                s.objective = Objective.build(
+                    s.loaded.model, s.loaded.loss, layers, getattr(mode, "value", mode)
+                )
                 s.objective.check_data(s.data)
         return s
 
@@ -199,8 +216,9 @@ class Session:
             seed=self.seed,
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""),
-            model=None if lm is None else ModelInfo(
-                str(lm.path), lm.sha256, lm.n_params, lm.arch, lm.arch_source, lm.loss),
+            model=None
+            if lm is None
+            else ModelInfo(str(lm.path), lm.sha256, lm.n_params, lm.arch, lm.arch_source, lm.loss),
             data=None if self.data is None else DataInfo(str(self.data.path), self.data.n),
             results=results,
             timings={k: round(v, 6) for k, v in self.timings.items()},

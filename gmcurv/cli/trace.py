@@ -16,16 +16,33 @@ from gmcurv.memory import parse_bytes
 from gmcurv.results import Report
 
 
-def fisher_results(session: Session, fisher: str, mc_samples: int, k: int, per_layer: bool,
-                   batch_size: int, seed: int, max_memory: str | None) -> dict[str, Any]:
+def fisher_results(
+    session: Session,
+    fisher: str,
+    mc_samples: int,
+    k: int,
+    per_layer: bool,
+    batch_size: int,
+    seed: int,
+    max_memory: str | None,
+) -> dict[str, Any]:
     """Run the Fisher closed forms with a progress bar; results as a JSON-able dict."""
     assert session.objective is not None and session.data is not None
-    with session.stage("fisher"), session.progress("Fisher: capturing gradients",
-                                                   session.data.n) as advance:
+    with (
+        session.stage("fisher"),
+        session.progress("Fisher: capturing gradients", session.data.n) as advance,
+    ):
         s = fisher_summary(
-            session.objective, session.data, batch_size=batch_size, fisher=fisher,
-            mc_samples=mc_samples, seed=seed, k=k, per_layer=per_layer,
-            budget_bytes=parse_bytes(max_memory) if max_memory else None, progress=advance,
+            session.objective,
+            session.data,
+            batch_size=batch_size,
+            fisher=fisher,
+            mc_samples=mc_samples,
+            seed=seed,
+            k=k,
+            per_layer=per_layer,
+            budget_bytes=parse_bytes(max_memory) if max_memory else None,
+            progress=advance,
         )
     return {
         "loss": s.loss,
@@ -53,15 +70,28 @@ def render(report: Report, console: Console) -> None:
         if name == "fisher":
             label += f" ({block['type']})"
         t = block["trace"]
-        table = new_table(f"{label}: trace {fmt_estimate(t)}", "layer", "kind", "params",
-                          "trace", "share", "λ_max")
+        table = new_table(
+            f"{label}: trace {fmt_estimate(t)}",
+            "layer",
+            "kind",
+            "params",
+            "trace",
+            "share",
+            "λ_max",
+        )
         total = t["value"] or 0.0
         for layer, info in block.get("per_layer", {}).items():
             lt = info["trace"]
             eig = info.get("eigenvalues") or []
             share = f"{100 * lt['value'] / total:.1f}%" if total else "—"
-            table.add_row(layer, info["kind"], f"{info['n_params']:,}", fmt_estimate(lt), share,
-                          fmt(eig[0]["value"]) if eig else "—")
+            table.add_row(
+                layer,
+                info["kind"],
+                f"{info['n_params']:,}",
+                fmt_estimate(lt),
+                share,
+                fmt(eig[0]["value"]) if eig else "—",
+            )
         if block.get("per_layer"):
             console.print(table)
         else:
@@ -124,11 +154,23 @@ def trace(
             hint="the Fisher uses exact closed forms on decomposed gradients (--method auto)",
         )
     session = Session.open(
-        ctx, model, data, arch=arch, loss=loss, samples=samples, device=device, dtype=dtype,
-        mode=mode, layers=layers, seed=seed, quiet=quiet, json_mode=json,
+        ctx,
+        model,
+        data,
+        arch=arch,
+        loss=loss,
+        samples=samples,
+        device=device,
+        dtype=dtype,
+        mode=mode,
+        layers=layers,
+        seed=seed,
+        quiet=quiet,
+        json_mode=json,
     )
-    results = fisher_results(session, fisher.value, mc_samples, k, per_layer, batch_size, seed,
-                             max_memory)
+    results = fisher_results(
+        session, fisher.value, mc_samples, k, per_layer, batch_size, seed, max_memory
+    )
     session.finish(session.report(results), render, output, fail_if, strict)
 
 

@@ -57,7 +57,9 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[activation]()
         self._paths = [spec.path for spec in layers]
         for spec in layers:
-            _set_submodule(self, spec.path, nn.Linear(spec.in_features, spec.out_features, spec.bias))
+            _set_submodule(
+                self, spec.path, nn.Linear(spec.in_features, spec.out_features, spec.bias)
+            )
         self.in_features = layers[0].in_features
         self.out_features = layers[-1].out_features
 
@@ -96,7 +98,7 @@ def infer_mlp_layers(shapes: Mapping[str, tuple[int, ...]], source: str) -> list
     """Chain ``<path>.weight`` / ``<path>.bias`` entries of a state dict into MLP layers."""
     weights = {k[: -len(".weight")]: s for k, s in shapes.items() if k.endswith(".weight")}
     biases = {k[: -len(".bias")]: s for k, s in shapes.items() if k.endswith(".bias")}
-    other = [k for k in shapes if not (k.endswith(".weight") or k.endswith(".bias"))]
+    other = [k for k in shapes if not (k.endswith((".weight", ".bias")))]
     if other or not weights:
         raise ArchitectureError(
             f"{source}: cannot infer an MLP: "

@@ -11,11 +11,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
-from gmcurv.errors import ConfigError  # noqa: E402
-from gmcurv.fileio import atomic_write  # noqa: E402
+from gmcurv.errors import ConfigError
+from gmcurv.fileio import atomic_write
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 
@@ -35,8 +35,7 @@ def save_figure(fig: Figure, path: Path, dpi: int = 150) -> Path:
     """Save atomically in the format given by the extension, then close the figure."""
     fmt = check_plot_path(path)
     try:
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi,
-                                                   bbox_inches="tight"))
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
     finally:
         plt.close(fig)
     return path
