@@ -253,7 +253,7 @@ def _stack_deltas(call: _Call, columns: int) -> Tensor:
             zero = zero if zero is not None else torch.zeros_like(call.output.detach())
             d = zero
         out.append(d)
-    return torch.stack(out)
+    return out[0].unsqueeze(0) if columns == 1 else torch.stack(out)
 
 
 def _tokens(x: Tensor, n: int) -> Tensor:
@@ -267,7 +267,7 @@ def _linear_source(module: nn.Linear, calls: list[_Call], names: dict, n: int, c
         d = _stack_deltas(call, columns)  # [C, n, *lead, O]
         d_parts.append(d.reshape(columns, n, -1, d.shape[-1]).transpose(0, 1))
         a_parts.append(_tokens(call.inputs, n))
-    return _with_bias(torch.cat(d_parts, 2), torch.cat(a_parts, 1), module, names)
+    return _with_bias(_cat(d_parts, 2), _cat(a_parts, 1), module, names)
 
 
 def _conv2d_source(module: nn.Conv2d, calls: list[_Call], names: dict, n: int, columns: int):
@@ -287,7 +287,7 @@ def _conv2d_source(module: nn.Conv2d, calls: list[_Call], names: dict, n: int, c
         a_parts.append(patches.transpose(1, 2))  # [n, L, I k k]
         d = _stack_deltas(call, columns)  # [C, n, O, H', W']
         d_parts.append(d.reshape(columns, n, d.shape[2], -1).permute(1, 0, 3, 2))
-    return _with_bias(torch.cat(d_parts, 2), torch.cat(a_parts, 1), module, names)
+    return _with_bias(_cat(d_parts, 2), _cat(a_parts, 1), module, names)
 
 
 def _same_padding(module: nn.Conv2d, x: Tensor) -> tuple[int, ...] | int:
@@ -300,15 +300,16 @@ def _same_padding(module: nn.Conv2d, x: Tensor) -> tuple[int, ...] | int:
     return tuple(pads)
 
 
-def _with_bias(delta: Tensor, a: Tensor, module: nn.Module, names: dict) -> LinearFactors:
+def _with_bias(delta: Tensor, x: Tensor, module: nn.Module, names: dict) -> LinearFactors:
     has_w, has_b = "weight" in names, "bias" in names
-    if not has_w:
-        a = a[..., :0]
-    if has_b:
-        a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
     order = [names[k] for k in ("weight", "bias") if k in names]
     shapes = [tuple(getattr(module, k).shape) for k in ("weight", "bias") if k in names]
-    return LinearFactors(tuple(order), tuple(shapes), delta, a, has_w, has_b)
+    return LinearFactors(tuple(order), tuple(shapes), delta, x, has_w, has_b)
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` without the copy when there is one part (the common single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _embedding_source(
@@ -326,8 +327,8 @@ def _embedding_source(
     return EmbeddingFactors(
         (names["weight"],),
         (tuple(module.weight.shape),),
-        torch.cat(d_parts, 2),
-        torch.cat(idx_parts, 1),
+        _cat(d_parts, 2),
+        _cat(idx_parts, 1),
     )
 
 

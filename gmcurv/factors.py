@@ -143,16 +143,26 @@ class GradientSource:
 # ------------------------------------------------------------------------------------ linear
 @dataclass(frozen=True)
 class LinearFactors(GradientSource):
-    """``g[n,c] = Σ_t delta[n,c,t] a[n,t]^T`` with ``delta: [N,C,T,O]``, ``a: [N,T,I]``.
+    """``g[n,c] = Σ_t delta[n,c,t] a[n,t]^T`` with ``delta: [N,C,T,O]``, ``a = [x, 1]``.
 
-    ``names`` holds the weight (``[O, ...]``, flattened row-major to ``[O, I_w]``) and/or
-    the bias (``[O]``, the last column of ``a``, all ones), in that order.
+    ``x: [N,T,I_w]`` are the layer's inputs (kept as captured, never copied); the bias acts
+    as a trailing input column of ones, handled analytically. `a` materialises ``[x, 1]``
+    for callers that want the folded layout. ``names`` holds the weight (``[O, ...]``,
+    flattened row-major to ``[O, I_w]``) and/or the bias (``[O]``), in that order.
     """
 
     delta: Tensor
-    a: Tensor
+    x: Tensor
     has_weight: bool
     has_bias: bool
+
+    @property
+    def a(self) -> Tensor:
+        """``[N, T, I]``: inputs with the bias column of ones appended (when there is a bias)."""
+        x = self.x if self.has_weight else self.x[..., :0]
+        if not self.has_bias:
+            return x
+        return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
     @property
     def n(self) -> int:
@@ -172,83 +182,95 @@ class LinearFactors(GradientSource):
     def _dtype(self) -> torch.dtype:
         return self.delta.dtype
 
-    def _split(self, G: Tensor) -> dict[str, Tensor]:
-        """``[..., O, I]`` matrix layout -> parameter layout."""
-        lead = G.shape[:-2]
-        out, names = {}, list(self.names)
-        if self.has_weight:
-            w = names.pop(0)
-            out[w] = G[..., : -1 if self.has_bias else None].reshape(*lead, *self.shapes[0])
-        if self.has_bias:
-            out[names[0]] = G[..., -1]
+    def _names(self) -> tuple[str | None, str | None]:
+        names = list(self.names)
+        w = names.pop(0) if self.has_weight else None
+        b = names[0] if self.has_bias else None
+        return w, b
+
+    def _pack(self, weight: Tensor | None, bias: Tensor | None) -> dict[str, Tensor]:
+        """``[..., O, I_w]`` weight part and ``[..., O]`` bias part -> parameter layout."""
+        w, b = self._names()
+        out = {}
+        if w is not None and weight is not None:
+            out[w] = weight.reshape(*weight.shape[:-2], *self.shapes[0])
+        if b is not None and bias is not None:
+            out[b] = bias
         return out
 
-    def _join(self, vector: Mapping[str, Tensor]) -> Tensor:
-        """Parameter layout -> ``[O, I]`` matrix layout."""
-        parts, names = [], list(self.names)
-        o = self.delta.shape[-1]
-        if self.has_weight:
-            parts.append(vector[names.pop(0)].reshape(o, -1))
-        if self.has_bias:
-            parts.append(vector[names[0]].reshape(o, 1))
-        return torch.cat(parts, dim=1)
+    def _pair_kernel(self, xx: Tensor) -> Tensor:
+        """Input-side kernel ``a·a' = w x·x' + b`` from ``xx = x·x'`` (weight/bias flags)."""
+        out = xx if self.has_weight else torch.zeros_like(xx)
+        return out + 1.0 if self.has_bias else out
 
     def materialize(self, rows: slice) -> dict[str, Tensor]:
-        return self._split(torch.einsum("ncto,nti->ncoi", self.delta[rows], self.a[rows]))
+        d = self.delta[rows]
+        weight = torch.einsum("ncto,nti->ncoi", d, self.x[rows]) if self.has_weight else None
+        bias = d.sum(2) if self.has_bias else None
+        return self._pack(weight, bias)
 
     def _token_route(self) -> bool:
         """Use token-pair kernels (cost ~T^2 (O+I)) rather than materialising (~T O I)?"""
-        t, o, i = self.tokens, self.delta.shape[-1], self.a.shape[-1]
+        t, o, i = self.tokens, self.delta.shape[-1], self.x.shape[-1] + 1
         return t == 1 or t * (o + i) < o * i
 
     def sq_norms(self) -> Tensor:
         if self.tokens == 1:
-            return self.delta[:, :, 0].pow(2).sum(-1) * self.a[:, 0].pow(2).sum(-1)[:, None]
+            xx = self.x[:, 0].pow(2).sum(-1)[:, None]
+            return self.delta[:, :, 0].pow(2).sum(-1) * self._pair_kernel(xx)
         if not self._token_route():
             return super().sq_norms()
         dd = torch.einsum("ncto,ncso->ncts", self.delta, self.delta)
-        aa = torch.einsum("nti,nsi->nts", self.a, self.a)
+        aa = self._pair_kernel(torch.einsum("nti,nsi->nts", self.x, self.x))
         return torch.einsum("ncts,nts->nc", dd, aa)
 
     def gram(self) -> Tensor:
         if not self._token_route():
             return super().gram()
         d = self.delta.double()
-        a = self.a.double()
+        x = self.x.double()
         n, c, t, _ = d.shape
         if t == 1:
             dd = d[:, :, 0].reshape(n * c, -1)
-            aa = a[:, 0] @ a[:, 0].T  # [N, N]
+            aa = self._pair_kernel(x[:, 0] @ x[:, 0].T)  # [N, N]
             return (dd @ dd.T) * aa.repeat_interleave(c, 0).repeat_interleave(c, 1)
         # one example's rows at a time: memory O(C T N C T) instead of O((N C T)^2)
         K = torch.empty(n * c, n * c, dtype=torch.float64, device=d.device)
-        aa = torch.einsum("nti,msi->ntms", a, a)  # [N, T, N, T]
+        aa = self._pair_kernel(torch.einsum("nti,msi->ntms", x, x))  # [N, T, N, T]
         dflat = d.reshape(n * c, t, -1)
-        for x in range(n):
-            rows = dflat[x * c : (x + 1) * c]  # [C, T, O]
+        for e in range(n):
+            rows = dflat[e * c : (e + 1) * c]  # [C, T, O]
             ddx = torch.einsum("cto,yso->ctys", rows, dflat)  # [C, T, NC, T]
-            aax = aa[x].repeat_interleave(c, dim=1)  # [T, NC, T]
-            K[x * c : (x + 1) * c] = torch.einsum("ctys,tys->cy", ddx, aax)
+            aax = aa[e].repeat_interleave(c, dim=1)  # [T, NC, T]
+            K[e * c : (e + 1) * c] = torch.einsum("ctys,tys->cy", ddx, aax)
         return K
 
     def diag(self) -> dict[str, Tensor]:
         if self.tokens != 1:
             return super().diag()
-        d2 = self.delta[:, :, 0].pow(2)
-        a2 = self.a[:, 0].pow(2)
-        return self._split(torch.einsum("nco,ni->oi", d2, a2))
+        d2 = self.delta[:, :, 0].pow(2)  # [N, C, O]
+        weight = torch.einsum("nco,ni->oi", d2, self.x[:, 0].pow(2)) if self.has_weight else None
+        bias = d2.sum((0, 1)) if self.has_bias else None
+        return self._pack(weight, bias)
 
     def jvp(self, vector: Mapping[str, Tensor]) -> Tensor:
-        W = self._join(vector).to(self.delta.dtype)
-        return torch.einsum("ncto,oi,nti->nc", self.delta, W, self.a)
+        w, b = self._names()
+        out = self.delta.new_zeros(self.n, self.columns)
+        if w is not None:
+            W = vector[w].reshape(self.delta.shape[-1], -1).to(self.delta.dtype)
+            out = out + torch.einsum("ncto,oi,nti->nc", self.delta, W, self.x)
+        if b is not None:
+            out = out + torch.einsum("ncto,o->nc", self.delta, vector[b].to(self.delta.dtype))
+        return out
 
     def vjp(self, u: Tensor) -> dict[str, Tensor]:
-        return self._split(
-            torch.einsum("nc,ncto,nti->oi", u.to(self.delta.dtype), self.delta, self.a)
-        )
+        ud = torch.einsum("nc,ncto->nto", u.to(self.delta.dtype), self.delta)
+        weight = torch.einsum("nto,nti->oi", ud, self.x) if self.has_weight else None
+        bias = ud.sum((0, 1)) if self.has_bias else None
+        return self._pack(weight, bias)
 
     def select(self, index: Tensor) -> LinearFactors:
-        return replace(self, delta=self.delta[index], a=self.a[index])
+        return replace(self, delta=self.delta[index], x=self.x[index])
 
     @classmethod
     def cat(cls, parts: Sequence[GradientSource]) -> LinearFactors:
@@ -257,7 +279,7 @@ class LinearFactors(GradientSource):
         return replace(
             first,
             delta=torch.cat([p.delta for p in parts]),  # type: ignore[attr-defined]
-            a=torch.cat([p.a for p in parts]),  # type: ignore[attr-defined]
+            x=torch.cat([p.x for p in parts]),  # type: ignore[attr-defined]
         )
 
 
