@@ -294,7 +294,7 @@ def fisher_summary(
             per_example * n + 3 * (n * cols) ** 2 * 8,
             budget_bytes,
             f"exact top-{k} Fisher eigenvalues of {n} examples ({cols} column(s) each)",
-            "use --samples to take fewer examples, --layers to restrict, or --k 0",
+            "use --samples to take fewer examples or --layers to restrict the parameters",
         )
     cap = Capturer(objective, fisher, mc_samples, seed)
     acc = FisherAccumulator(diagonal=False)

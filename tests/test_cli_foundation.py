@@ -210,3 +210,28 @@ def test_rich_table_snapshot():
         "N=100, method exact; sampling s.e. of the trace over examples ±0.25\n"
     )
     assert text.startswith(expected), text
+
+
+@pytest.mark.parametrize(
+    "args", [["trace", "--k", "0"], ["trace", "--bogus"], ["trace", "--fisher", "nope"]]
+)
+def test_usage_errors_exit_2(runner, args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "internal error" not in result.output
+
+
+def test_config_file_and_environment_precedence(runner, problem, tmp_path, monkeypatch):
+    model, data = problem
+    monkeypatch.delenv("GMCURV_NO_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "gmcurv.toml").write_text("batch-size = 7\nk = 2\n[trace]\nk = 3\n")
+    doc = _json(runner.invoke(app, ["trace", str(model), str(data), "--json"]))
+    assert doc["config"]["batch_size"] == 7 and doc["config"]["k"] == 3
+    assert doc["config"]["sources"]["k"] == "config file"
+    assert len(doc["results"]["fisher"]["eigenvalues"]) == 3
+    monkeypatch.setenv("GMCURV_K", "1")
+    doc = _json(runner.invoke(app, ["trace", str(model), str(data), "--json"]))
+    assert doc["config"]["k"] == 1 and doc["config"]["sources"]["k"] == "environment"
+    doc = _json(runner.invoke(app, ["trace", str(model), str(data), "--json", "--k", "2"]))
+    assert doc["config"]["k"] == 2 and doc["config"]["sources"]["k"] == "command line"

@@ -7,9 +7,9 @@ error (exit 4) — never a traceback unless ``GMCURV_DEBUG=1``.
 
 from __future__ import annotations
 
+import importlib
 import os
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -20,6 +20,18 @@ from gmcurv.errors import GmcurvError
 
 INTERNAL_ERROR = 4
 
+# Typer either uses click or vendors it (typer._click): take the exceptions from whichever
+# implementation its group class is built on, so usage errors keep click's exit code 2.
+_click = importlib.import_module(TyperGroup.__mro__[1].__module__.rsplit(".", 1)[0])
+_PASS_THROUGH = tuple(
+    {
+        exc
+        for mod in (_click.exceptions, typer)
+        for name in ("ClickException", "Exit", "Abort")
+        if isinstance(exc := getattr(mod, name, None), type)
+    }
+)
+
 
 class GmcurvGroup(TyperGroup):
     """Turns engine errors into messages and exit codes; routes warnings to stderr."""
@@ -29,7 +41,7 @@ class GmcurvGroup(TyperGroup):
         extra.setdefault("default_map", default_map(COMMANDS))
         return super().make_context(info_name, args, parent=parent, **extra)
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         with warnings_to_stderr():
             try:
                 return super().invoke(ctx)
@@ -45,7 +57,7 @@ class GmcurvGroup(TyperGroup):
                 if e.hint:
                     stderr.print(f"[dim]hint:[/dim] {e.hint}", soft_wrap=True)
                 raise typer.Exit(e.exit_code) from None
-            except (click.exceptions.Exit, click.ClickException, click.Abort, typer.Exit):
+            except _PASS_THROUGH:
                 raise
             except KeyboardInterrupt:
                 stderr.print("[red]interrupted[/red]")

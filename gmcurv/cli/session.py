@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import click
 import torch
 import typer
 from rich.console import Console
@@ -85,7 +84,7 @@ _SOURCE_NAMES = {
 }
 
 
-def resolved_config(ctx: click.Context) -> dict[str, Any]:
+def resolved_config(ctx: typer.Context) -> dict[str, Any]:
     """The command's options after precedence, with where each value came from."""
     values, sources = {}, {}
     for name, value in ctx.params.items():
@@ -121,7 +120,7 @@ class Session:
     @classmethod
     def open(
         cls,
-        ctx: click.Context,
+        ctx: typer.Context,
         model: Path | None,
         data: Path | None,
         *,
