@@ -194,34 +194,55 @@ class DecomposedGradients:
 class _Call:
     inputs: Tensor
     output: Tensor
+    broadcast: bool = False
     deltas: dict[int, Tensor] = field(default_factory=dict)
 
 
 class _Recorder:
-    """Forward hooks on the modules of decomposed blocks; collects (input, output, deltas)."""
+    """Forward hooks on the modules of decomposed blocks; collects (input, output, deltas).
 
-    def __init__(self, model: nn.Module, paths: Sequence[str]):
+    A module applied to a tensor without the batch dimension (a positional embedding
+    looked up with ``arange(T)``, or with a leading 1) feeds every example the same output;
+    its output is then expanded to ``[n, ...]`` so that its gradient stays per example
+    (the first-batch self-check verifies the model's outputs are unchanged by this).
+    """
+
+    def __init__(self, model: nn.Module, paths: Sequence[str], n: int):
         self.calls: dict[str, list[_Call]] = {p: [] for p in paths}
+        self.n = n
         self.column = 0
         self.active = True
         self._handles = [model.get_submodule(p).register_forward_hook(self._hook(p)) for p in paths]
 
     def _hook(self, path: str):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
             if not self.active or not torch.is_grad_enabled() or not args:
-                return
-            if not isinstance(output, Tensor) or not output.requires_grad:
-                return
-            call = _Call(args[0].detach(), output)
+                return None
+            if not isinstance(output, Tensor) or not output.requires_grad or output.ndim == 0:
+                return None
+            x = args[0]
+            broadcast = output.shape[0] != self.n
+            if broadcast:
+                if output.shape[0] == 1 and x.shape[0] == 1:
+                    output = output.expand(self.n, *output.shape[1:])
+                    x = x.expand(self.n, *x.shape[1:])
+                else:
+                    output = output.unsqueeze(0).expand(self.n, *output.shape)
+                    x = x.unsqueeze(0).expand(self.n, *x.shape)
+            call = _Call(x.detach(), output, broadcast)
             self.calls[path].append(call)
             output.register_hook(
                 lambda g, call=call: call.deltas.__setitem__(self.column, g.detach())
             )
+            return output if broadcast else None
 
         return hook
 
     def outputs(self) -> list[Tensor]:
         return [c.output for calls in self.calls.values() for c in calls]
+
+    def broadcast_modules(self) -> set[str]:
+        return {p for p, calls in self.calls.items() if any(c.broadcast for c in calls)}
 
     def remove(self) -> None:
         for h in self._handles:
@@ -416,35 +437,27 @@ class Capturer:
         return [p.name for p in self.plans if p.kind == "dense"]
 
     def __call__(self, batch: Batch) -> DecomposedGradients:
-        dg, grads = self._capture(batch, want_param_grads=self._check_pending)
+        dg, out, cols, broadcast = self._capture(batch)
         if self._check_pending:
             self._check_pending = False
-            bad = self._self_check(dg, grads)
+            bad = self._self_check(batch, dg, out, cols, broadcast)
             if bad:
-                names = ", ".join(bad)
-                warnings.warn(
-                    f"parameters of {names} are also used outside their module's forward "
-                    "(e.g. shared through F.linear); their per-example gradients are computed "
-                    "densely instead",
-                    GmcurvWarning,
-                    stacklevel=2,
-                )
                 self.fallbacks += bad
                 self.plans = [
                     replace(p, kind="dense", modules=()) if p.name in bad else p for p in self.plans
                 ]
-                dg, _ = self._capture(batch, want_param_grads=False)
+                dg = self._capture(batch)[0]
         return dg
 
     # --------------------------------------------------------------------------- internals
-    def _capture(self, batch: Batch, want_param_grads: bool):
+    def _capture(self, batch: Batch):
+        """One hooked forward, one backward per column; (gradients, outputs, columns, ...)."""
         obj = self.objective
         n = batch_size_of(batch.inputs)
         model = obj.model
         hooked = [p for p in self.plans if p.kind != "dense"]
         paths = [m for p in hooked for m in p.modules]
-        recorder = _Recorder(model, paths)
-        param_grads: dict[str, Tensor] = {}
+        recorder = _Recorder(model, paths, n)
         try:
             with _only_selected_require_grad(model, obj.params), torch.enable_grad():
                 out = obj.outputs(batch.inputs)
@@ -456,35 +469,26 @@ class Capturer:
                 recorder.active = False
                 outputs = recorder.outputs()
                 C = cols.shape[0]
-                for c in range(C):
+                for c in range(C if outputs else 0):
                     recorder.column = c
-                    inputs = list(obj.params.values()) if (c == 0 and want_param_grads) else outputs
-                    if not inputs:
-                        break
-                    grads = torch.autograd.grad(
+                    torch.autograd.grad(
                         out,
-                        inputs,
+                        outputs,
                         grad_outputs=cols[c],
                         retain_graph=c < C - 1,
                         allow_unused=True,
                     )
-                    if c == 0 and want_param_grads:
-                        param_grads = {
-                            k: g for k, g in zip(obj.params, grads, strict=True) if g is not None
-                        }
         finally:
             recorder.remove()
-        blocks = []
-        for plan in self.plans:
-            if plan.kind == "dense":
-                continue
-            blocks.append(Block(plan.name, plan.kind, self._build(plan, recorder, n, C)))
+        blocks = [Block(plan.name, plan.kind, self._build(plan, recorder, n, C)) for plan in hooked]
         dense = [p for p in self.plans if p.kind == "dense"]
         if dense:
             blocks += self._dense_blocks(dense, batch, cols)
         order = {p.name: i for i, p in enumerate(self.plans)}
         blocks.sort(key=lambda b: order[b.name])
-        return DecomposedGradients(tuple(blocks), self.fisher, losses.detach()), param_grads
+        broadcast = {p.name for p in hooked if set(p.modules) & recorder.broadcast_modules()}
+        dg = DecomposedGradients(tuple(blocks), self.fisher, losses.detach())
+        return dg, out.detach(), cols, broadcast
 
     def _build(self, plan: BlockPlan, recorder: _Recorder, n: int, columns: int):
         model = self.objective.model
@@ -499,14 +503,6 @@ class Capturer:
                 if params[name] is p
             }
             calls = recorder.calls[path]
-            for call in calls:
-                if call.inputs.shape[0] != n and module_kind(module) != "embedding":
-                    raise UnsupportedError(
-                        f"module {path} sees inputs with leading dimension "
-                        f"{call.inputs.shape[0]}, not the batch size {n}",
-                        hint="gmcurv needs the batch on dimension 0 inside the model "
-                        "(batch_first=True); or exclude it with --layers",
-                    )
             kind = module_kind(module)
             if not calls:
                 sources.append(self._zero_source(module, local, n, columns))
@@ -560,28 +556,100 @@ class Capturer:
             blocks.append(Block(plan.name, "dense", DenseGradients(plan.params, shapes, flat)))
         return blocks
 
-    def _self_check(self, dg: DecomposedGradients, grads: dict[str, Tensor]) -> list[str]:
-        """Names of blocks whose summed factors disagree with autograd's gradient."""
+    def _self_check(
+        self,
+        batch: Batch,
+        dg: DecomposedGradients,
+        hooked_out: Tensor,
+        cols: Tensor,
+        broadcast: set[str],
+    ) -> list[str]:
+        """Blocks to move to dense: checked against a plain, hook-free forward and backward.
+
+        The model's outputs must be unchanged by the hooks (else the broadcast-expanded
+        modules are at fault); per block, ``Σ_n g[n, 0]`` must equal autograd's ``J^T G[0]``
+        (else a parameter is used outside its module) and, in eval mode, ``g[e, 0]`` must
+        equal autograd's gradient of example ``e`` alone for the first and last example
+        (else examples mix inside the model, e.g. a batch-less tensor used non-broadcast).
+        """
+        obj = self.objective
+        with _only_selected_require_grad(obj.model, obj.params), torch.enable_grad():
+            ref_out = obj.outputs(batch.inputs)
+            if ref_out.shape != hooked_out.shape or not torch.allclose(
+                ref_out.detach(), hooked_out, rtol=1e-5, atol=1e-6
+            ):
+                if not broadcast:  # pragma: no cover - hooks never change outputs otherwise
+                    raise UnsupportedError("capturing gradients changed the model's outputs")
+                warnings.warn(
+                    f"modules {', '.join(sorted(broadcast))} run without the batch dimension "
+                    "in a way gmcurv cannot expand; their per-example gradients are computed "
+                    "densely instead",
+                    GmcurvWarning,
+                    stacklevel=3,
+                )
+                return sorted(broadcast)
+            params = list(obj.params.values())
+            n = dg.n
+            probes = sorted({0, n - 1}) if obj.mode == "eval" else []
+            masks = [None, *probes]  # None: the sum over the batch; e: example e alone
+            refs = []
+            for k, e in enumerate(masks):
+                cot = cols[0]
+                if e is not None:
+                    cot = torch.zeros_like(cot)
+                    cot[e] = cols[0][e]
+                grads = torch.autograd.grad(
+                    ref_out,
+                    params,
+                    grad_outputs=cot,
+                    retain_graph=k < len(masks) - 1,
+                    allow_unused=True,
+                )
+                refs.append(dict(zip(obj.params, grads, strict=True)))
+        tol = 1e-8 if obj.dtype == torch.float64 else 2e-3
+        floors = [
+            1e-3
+            * math.sqrt(sum(float(g.double().pow(2).sum()) for g in r.values() if g is not None))
+            for r in refs
+        ]
+        u = torch.zeros(dg.n, dg.columns, dtype=obj.dtype, device=obj.device)
+        u[:, 0] = 1.0
         bad = []
-        tol = 1e-8 if self.objective.dtype == torch.float64 else 2e-3
-        total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
         for block in dg.blocks:
             if block.kind == "dense":
                 continue
-            u = torch.zeros(
-                dg.n, dg.columns, dtype=self.objective.dtype, device=self.objective.device
+            got_sets = [block.source.vjp(u)] + [
+                {k: v[0, 0] for k, v in block.source.materialize(slice(e, e + 1)).items()}
+                for e in probes
+            ]
+            for got, ref, floor in zip(got_sets, refs, floors, strict=True):
+                if not _agrees(got, ref, block.params, tol, floor):
+                    bad.append(block.name)
+                    break
+        if bad:
+            warnings.warn(
+                f"the decomposed gradients of {', '.join(bad)} disagree with autograd (a "
+                "parameter also used outside its module's forward, e.g. through F.linear, or "
+                "examples mixed inside the model); their per-example gradients are computed "
+                "densely instead",
+                GmcurvWarning,
+                stacklevel=3,
             )
-            u[:, 0] = 1.0
-            summed = block.source.vjp(u)
-            err = ref_sq = 0.0
-            for name in block.params:
-                got = summed[name].double()
-                ref = grads[name].double() if name in grads else torch.zeros_like(got)
-                err += float((got - ref).pow(2).sum())
-                ref_sq += float(ref.pow(2).sum())
-            if math.sqrt(err) > tol * max(math.sqrt(ref_sq), 1e-3 * total, 1e-30):
-                bad.append(block.name)
         return bad
+
+
+def _agrees(
+    got: dict[str, Tensor], ref: dict[str, Tensor | None], names, tol: float, floor: float
+) -> bool:
+    """``||got - ref|| <= tol max(||ref||, floor)`` over a block (absent gradients are 0)."""
+    err = ref_sq = 0.0
+    for name in names:
+        g = got[name].double()
+        r = ref[name]
+        r = torch.zeros_like(g) if r is None else r.double()
+        err += float((g - r).pow(2).sum())
+        ref_sq += float(r.pow(2).sum())
+    return math.sqrt(err) <= tol * max(math.sqrt(ref_sq), floor, 1e-30)
 
 
 # ------------------------------------------------------------------------------ convenience
