@@ -127,7 +127,7 @@ def make_method(name: str, w):
     if name == "opacus_grad_sample":
         from opacus import GradSampleModule
 
-        gsm = GradSampleModule(model, loss_reduction="sum")
+        gsm = GradSampleModule(model, loss_reduction="sum").train()  # hooks need train mode
 
         def run():
             gsm.zero_grad(set_to_none=True)
@@ -140,7 +140,7 @@ def make_method(name: str, w):
 
         gsm = GradSampleModuleFastGradientClipping(
             model, loss_reduction="sum", use_ghost_clipping=True
-        )
+        ).train()  # opacus captures activations only in train mode (no dropout/BN here)
 
         def run():
             gsm.zero_grad(set_to_none=True)
