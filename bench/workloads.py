@@ -30,7 +30,7 @@ class TinyTransformer(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         # positions with the batch dimension (HF style), so per-example-gradient peers work
-        positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+        positions = torch.arange(ids.shape[1], device=ids.device).repeat(ids.shape[0], 1)
         h = self.tok(ids) + self.pos(positions)
         x = self.ln1(h)
         att = (self.q(x) @ self.k(x).transpose(1, 2)) / math.sqrt(x.shape[-1])

@@ -337,12 +337,14 @@ class EmbeddingFactors(GradientSource):
 
     def diag(self) -> dict[str, Tensor]:
         v, o = self.shapes[0]
-        out = self.delta.new_zeros(v, o)
-        for x in range(self.n):
-            uniq, inv = torch.unique(self.index[x], return_inverse=True)
-            for c in range(self.columns):
-                seg = self.delta.new_zeros(len(uniq), o).index_add_(0, inv, self.delta[x, c])
-                out.index_add_(0, uniq, seg.pow(2))
+        n, c, t, _ = self.delta.shape
+        # segment-sum the tokens of each (example, row) pair, then square and scatter to rows
+        keys = (torch.arange(n, device=self.index.device)[:, None] * v + self.index).reshape(-1)
+        uniq, inv = torch.unique(keys, return_inverse=True)
+        d = self.delta.permute(0, 2, 1, 3).reshape(n * t, c * o)
+        seg = self.delta.new_zeros(len(uniq), c * o).index_add_(0, inv, d)
+        sq = seg.pow(2).reshape(len(uniq), c, o).sum(1)
+        out = self.delta.new_zeros(v, o).index_add_(0, uniq % v, sq)
         return {self.names[0]: out}
 
     def jvp(self, vector: Mapping[str, Tensor]) -> Tensor:
