@@ -128,3 +128,15 @@ def test_cat_of_batches_gives_same_eigenvalues():
     parts = [dg.select(torch.arange(0, 4)), dg.select(torch.arange(4, N))]
     joined = DecomposedGradients.cat(parts)
     torch.testing.assert_close(fisher_eigen(joined, 3).values, fisher_eigen(dg, 3).values)
+
+
+@pytest.mark.parametrize("name", ["attention", "conv", "tied", "tokens"])
+def test_exact_fisher_closed_forms_with_many_columns(name):
+    obj, batch = _problem(name)
+    F, rows = _dense_fisher(obj, batch, "exact")
+    dg = capture(obj, batch, fisher="exact")
+    assert dg.columns == obj.outputs(batch.inputs).shape[-1]
+    assert math.isclose(fisher_trace(dg), float(torch.trace(F)), rel_tol=1e-10)
+    diag = obj.space.flatten(fisher_diagonal(dg))
+    torch.testing.assert_close(diag, torch.diagonal(F), rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(gram_kernel(dg), rows @ rows.T, rtol=1e-10, atol=1e-13)
