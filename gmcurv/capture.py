@@ -45,6 +45,7 @@ from gmcurv.factors import (
 )
 from gmcurv.losses import FISHER_TYPES
 from gmcurv.objective import Objective
+from gmcurv.rng import example_noise
 
 _NORMS: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
@@ -426,7 +427,7 @@ class Capturer:
         self.objective = objective
         self.fisher = fisher
         self.mc_samples = mc_samples
-        self.generator = torch.Generator(device=objective.device).manual_seed(seed)
+        self.seed = seed
         self.plans = plan_capture(objective.model, objective.params)
         self._check_pending = check
         self.fallbacks: list[str] = []  # blocks moved to dense by the self-check
@@ -450,6 +451,15 @@ class Capturer:
         return dg
 
     # --------------------------------------------------------------------------- internals
+    def _noise(self, batch: Batch, out: Tensor) -> Tensor | None:
+        """Monte Carlo draws for this batch, a function of (seed, example index) only."""
+        if self.fisher != "mc":
+            return None
+        shape, kind = self.objective.loss.noise_spec(out.shape, self.mc_samples)
+        return example_noise(
+            self.seed, batch.start, out.shape[0], shape, kind, out.dtype, out.device
+        )
+
     def _capture(self, batch: Batch):
         """One hooked forward, one backward per column; (gradients, outputs, columns, ...)."""
         obj = self.objective
@@ -464,7 +474,7 @@ class Capturer:
                 targets = obj.targets(batch, out)
                 losses = obj.loss.per_example(out.detach(), targets)
                 cols = obj.loss.output_columns(
-                    out, targets, self.fisher, self.mc_samples, self.generator
+                    out, targets, self.fisher, self.mc_samples, self._noise(batch, out)
                 )
                 recorder.active = False
                 outputs = recorder.outputs()

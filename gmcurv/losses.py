@@ -79,9 +79,17 @@ class Loss:
         targets: Tensor,
         fisher: str,
         mc_samples: int = 1,
-        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
-        """Cotangents ``G: [C, *outputs.shape]`` for the chosen Fisher (see module doc)."""
+        """Cotangents ``G: [C, *outputs.shape]`` for the chosen Fisher (see module doc).
+
+        For ``mc``, `noise` holds the per-example random draws, ``[N, *noise_shape]``
+        (see `noise_spec`); without it they are drawn from the global generator.
+        """
+        raise NotImplementedError
+
+    def noise_spec(self, outputs_shape: torch.Size, mc_samples: int) -> tuple[tuple[int, ...], str]:
+        """Shape (per example) and kind ('uniform' | 'normal') of the MC noise."""
         raise NotImplementedError
 
     def n_columns(self, outputs_shape: torch.Size, fisher: str, mc_samples: int) -> int:
@@ -182,13 +190,19 @@ class CrossEntropy(Loss):
         """Zero cotangent for the last position, which predicts nothing."""
         return torch.cat([x, x.new_zeros((*x.shape[:1], 1, *x.shape[2:]))], dim=1)
 
+    def noise_spec(self, outputs_shape: torch.Size, mc_samples: int) -> tuple[tuple[int, ...], str]:
+        tokens = tuple(outputs_shape[1:-1])
+        if self.shift and tokens:
+            tokens = (tokens[0] - 1, *tokens[1:])
+        return (mc_samples, *tokens), "uniform"
+
     def output_columns(
         self,
         outputs: Tensor,
         targets: Tensor,
         fisher: str,
         mc_samples: int = 1,
-        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         logits, tgt = self._align(outputs.detach(), targets)
         p = logits.softmax(-1)
@@ -198,9 +212,15 @@ class CrossEntropy(Loss):
             onehot = F.one_hot(tgt.clamp_min(0), n_classes).to(p.dtype)
             cols = (w * (p - onehot)).unsqueeze(0)
         elif fisher == "mc":
-            flat = p.reshape(-1, n_classes)
-            draws = torch.multinomial(flat, mc_samples, replacement=True, generator=generator)
-            onehot = F.one_hot(draws.T, n_classes).to(p.dtype).reshape((mc_samples, *p.shape))
+            if noise is None:
+                noise = torch.rand(
+                    (p.shape[0], mc_samples, *p.shape[1:-1]), dtype=p.dtype, device=p.device
+                )
+            u = noise.to(p.dtype).movedim(1, 0)  # [k, N, *tok] uniforms
+            cdf = p.cumsum(-1)
+            # inverse-CDF sampling: the class whose cumulative probability first exceeds u
+            draws = (cdf.unsqueeze(0) <= u.unsqueeze(-1)).sum(-1).clamp_max(n_classes - 1)
+            onehot = F.one_hot(draws, n_classes).to(p.dtype)
             cols = w * (p - onehot) / math.sqrt(mc_samples)
         elif fisher == "exact":
             cols = self._exact_columns(p, w)
@@ -264,13 +284,16 @@ class MeanSquaredError(Loss):
     def output_hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         return (2.0 / self._elements(outputs)) * v
 
+    def noise_spec(self, outputs_shape: torch.Size, mc_samples: int) -> tuple[tuple[int, ...], str]:
+        return (mc_samples, *outputs_shape[1:]), "normal"
+
     def output_columns(
         self,
         outputs: Tensor,
         targets: Tensor,
         fisher: str,
         mc_samples: int = 1,
-        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
     ) -> Tensor:
         out = outputs.detach()
         e = self._elements(out)
@@ -279,9 +302,11 @@ class MeanSquaredError(Loss):
         if fisher == "mc":
             # targets ~ N(f, (E/2) I), the likelihood whose NLL is the loss; the gradient is
             # (2/E)(f - y) = -sqrt(2/E) ε with ε standard normal.
-            eps = torch.randn(
-                (mc_samples, *out.shape), generator=generator, dtype=out.dtype, device=out.device
-            )
+            if noise is None:
+                noise = torch.randn(
+                    (out.shape[0], mc_samples, *out.shape[1:]), dtype=out.dtype, device=out.device
+                )
+            eps = noise.to(out.dtype).movedim(1, 0)  # [k, N, *out]
             return -math.sqrt(2.0 / e) * eps / math.sqrt(mc_samples)
         if fisher == "exact":
             eye = torch.eye(e, dtype=out.dtype, device=out.device) * math.sqrt(2.0 / e)

@@ -215,3 +215,13 @@ def test_batchless_modules_are_expanded_or_fall_back(hf_style, misuse, recwarn):
     else:
         assert kinds["pos"] == "embedding" and kinds["proj"] == "linear"
         assert not cap.fallbacks
+
+
+def test_mc_noise_depends_only_on_the_example_not_the_batching():
+    obj, batch = _problem("tokens")
+    whole = capture(obj, batch, fisher="mc", mc_samples=2, seed=3)
+    first = Capturer(obj, "mc", 2, seed=3)(Batch(batch.inputs[:3], batch.targets[:3], 0))
+    rest = Capturer(obj, "mc", 2, seed=3)(Batch(batch.inputs[3:], batch.targets[3:], 3))
+    torch.testing.assert_close(
+        _rows(DecomposedGradients.cat([first, rest]), obj), _rows(whole, obj)
+    )

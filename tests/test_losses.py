@@ -73,9 +73,10 @@ def test_exact_columns_square_to_lambda_and_mc_matches_in_expectation(name):
             [loss.output_hessian_vp(out[n : n + 1], tgt[n : n + 1], e[None])[0] for e in eye]
         )
         torch.testing.assert_close(lam[n], ref)
-    mc = loss.output_columns(
-        out, tgt, "mc", mc_samples=20000, generator=torch.Generator().manual_seed(1)
-    )
+    shape, kind = loss.noise_spec(out.shape, 20000)
+    draw = torch.rand if kind == "uniform" else torch.randn
+    noise = draw((3, *shape), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    mc = loss.output_columns(out, tgt, "mc", mc_samples=20000, noise=noise)
     emp = torch.einsum("cni,cnj->nij", mc, mc)
     torch.testing.assert_close(emp, lam, atol=0.03, rtol=0.1)
 
