@@ -269,23 +269,46 @@ def _discover(path: Path) -> list[tuple[Path, str]]:
 # -------------------------------------------------------------------------------- the sample
 @dataclass
 class DataSample:
-    """A data sample of `n` examples across shards, served in deterministic batches."""
+    """A data sample across shards, served in deterministic batches.
+
+    `limit` keeps the first examples (``--samples``); `window` restricts to examples
+    ``[start, stop)`` of those (a distributed rank's share). Batches carry the global index
+    of their first example.
+    """
 
     path: Path
     shards: list[Shard]
     limit: int | None = None
+    window: tuple[int, int] | None = None
     _cache: dict[Path, tuple[Inputs, Tensor | None]] = field(default_factory=dict, repr=False)
 
     @property
-    def n(self) -> int:
+    def n_total(self) -> int:
+        """Examples in the (limited) sample before any sharding."""
         total = sum(s.n for s in self.shards)
         return total if self.limit is None else min(total, self.limit)
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """Global indices ``[start, stop)`` this sample serves."""
+        return self.window if self.window is not None else (0, self.n_total)
+
+    @property
+    def n(self) -> int:
+        start, stop = self.span
+        return stop - start
 
     def take(self, n: int | None) -> DataSample:
         """The first `n` examples (all when None)."""
         if n is not None and n <= 0:
             raise DataError(f"--samples must be positive, got {n}")
-        return replace(self, limit=n, _cache={})
+        return replace(self, limit=n, window=None, _cache={})
+
+    def shard(self, rank: int, world: int) -> DataSample:
+        """Rank `rank`'s contiguous share of ``world`` (sizes differ by at most one)."""
+        total = self.n_total
+        start, stop = rank * total // world, (rank + 1) * total // world
+        return replace(self, window=(start, stop), _cache={})
 
     def _load(self, shard: Shard) -> tuple[Inputs, Tensor | None]:
         if shard.path not in self._cache:
@@ -305,30 +328,36 @@ class DataSample:
         device: torch.device | str = "cpu",
         float_dtype: torch.dtype = torch.float32,
     ) -> Iterator[Batch]:
-        """Batches of at most `batch_size` examples, in shard order, up to the limit."""
+        """Batches of at most `batch_size` examples, in shard order, within the span."""
         if batch_size <= 0:
             raise DataError(f"--batch-size must be positive, got {batch_size}")
-        served = 0
+        start, stop = self.span
+        first = start  # global index of the pending batch's first example
         pending: list[tuple[Inputs, Tensor | None]] = []
         pending_n = 0
+        lo = 0
         for shard in self.shards:
-            if served + pending_n >= self.n:
-                break
+            hi = lo + shard.n
+            a, b = max(start, lo) - lo, min(stop, hi) - lo
+            lo = hi
+            if b <= a:
+                if lo >= stop:
+                    break
+                continue
             inputs, targets = self._load(shard)
-            take = min(shard.n, self.n - served - pending_n)
-            pos = 0
-            while pos < take:
-                step = min(batch_size - pending_n, take - pos)
+            pos = a
+            while pos < b:
+                step = min(batch_size - pending_n, b - pos)
                 sl = slice(pos, pos + step)
                 pending.append((slice_inputs(inputs, sl), None if targets is None else targets[sl]))
                 pending_n += step
                 pos += step
                 if pending_n == batch_size:
-                    yield self._emit(pending, served, device, float_dtype)
-                    served += pending_n
+                    yield self._emit(pending, first, device, float_dtype)
+                    first += pending_n
                     pending, pending_n = [], 0
         if pending:
-            yield self._emit(pending, served, device, float_dtype)
+            yield self._emit(pending, first, device, float_dtype)
 
     @staticmethod
     def _emit(parts, start, device, float_dtype) -> Batch:

@@ -112,3 +112,19 @@ def test_row_count_mismatch(tmp_path):
     save_file({"inputs": torch.randn(3, 4), "targets": torch.zeros(2, dtype=torch.long)}, str(p))
     with pytest.raises(DataError, match="rows"):
         load_data(p).validate()
+
+
+def test_shards_split_contiguously_and_keep_global_indices(tmp_path):
+    data = load_data(write_data(tmp_path / "d", n=23, shards=3), samples=20)
+    whole = torch.cat([b.inputs for b in data.batches(6)])
+    parts, starts = [], []
+    for rank in range(3):
+        part = data.shard(rank, 3)
+        assert part.n_total == 20
+        batches = list(part.batches(4))
+        starts.append(batches[0].start)
+        parts.append(torch.cat([b.inputs for b in batches]))
+        assert sum(len(b) for b in batches) == part.n
+    assert [p.shape[0] for p in parts] == [6, 7, 7]
+    assert starts == [0, 6, 13]
+    torch.testing.assert_close(torch.cat(parts), whole)
