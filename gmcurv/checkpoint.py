@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import re
 import struct
 import sys
 from collections.abc import Mapping
@@ -34,7 +35,7 @@ from torch import Tensor, nn
 from gmcurv import __version__
 from gmcurv.errors import ArchitectureError, CheckpointError
 from gmcurv.fileio import atomic_write, sha256_file
-from gmcurv.models.registry import build_family, build_from_hf_config
+from gmcurv.models.registry import build_family, build_from_hf_config, family_loss
 
 MASK_PREFIX = "gmcurv_mask."
 META_ARCH = "gmcurv.arch"
@@ -271,7 +272,8 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
     meta_config = json.loads(meta[META_ARCH_CONFIG]) if META_ARCH_CONFIG in meta else None
     if arch:
         if _is_family_spec(arch):
-            return build_family(arch, shapes, source, meta_config), arch, "--arch", None
+            model = build_family(arch, shapes, source, meta_config)
+            return model, arch, "--arch", family_loss(arch)
         return build_from_factory(arch), arch, "--arch", None
     if META_ARCH in meta:
         spec = meta[META_ARCH]
@@ -279,7 +281,7 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
             build_family(spec, shapes, source, meta_config),
             spec,
             "metadata",
-            meta.get(META_LOSS),
+            meta.get(META_LOSS) or family_loss(spec),
         )
     config = _load_hf_config(header.path)
     if config is not None:
@@ -340,6 +342,16 @@ def load_state(model: nn.Module, tensors: Mapping[str, Tensor], source: str) -> 
             target.copy_(value)
 
 
+def drop_ignored_keys(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Leave out entries the model declares as not its own (``ignored_checkpoint_keys``:
+    regular expressions, e.g. GPT-2's legacy attention-mask buffers ``h.0.attn.bias``)."""
+    patterns = [re.compile(p) for p in getattr(model, "ignored_checkpoint_keys", ())]
+    expected = model.state_dict().keys()
+    return {
+        k: v for k, v in state.items() if k in expected or not any(p.search(k) for p in patterns)
+    }
+
+
 def load_model(
     model_path: str | Path,
     arch: str | None = None,
@@ -354,6 +366,7 @@ def load_model(
     tensors = load_tensors(weights)
     masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
+    state = drop_ignored_keys(model, state)
     for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(

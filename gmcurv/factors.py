@@ -236,12 +236,12 @@ class LinearFactors(GradientSource):
             return (dd @ dd.T) * aa.repeat_interleave(c, 0).repeat_interleave(c, 1)
         # one example's rows at a time: memory O(C T N C T) instead of O((N C T)^2)
         K = torch.empty(n * c, n * c, dtype=torch.float64, device=d.device)
-        aa = self._pair_kernel(torch.einsum("nti,msi->ntms", x, x))  # [N, T, N, T]
         dflat = d.reshape(n * c, t, -1)
         for e in range(n):
             rows = dflat[e * c : (e + 1) * c]  # [C, T, O]
             ddx = torch.einsum("cto,yso->ctys", rows, dflat)  # [C, T, NC, T]
-            aax = aa[e].repeat_interleave(c, dim=1)  # [T, NC, T]
+            aa = self._pair_kernel(torch.einsum("ti,msi->tms", x[e], x))  # [T, N, T]
+            aax = aa.repeat_interleave(c, dim=1)  # [T, NC, T]
             K[e * c : (e + 1) * c] = torch.einsum("ctys,tys->cy", ddx, aax)
         return K
 

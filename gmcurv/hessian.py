@@ -4,12 +4,15 @@
 outputs, see `gmcurv.losses`) for ``L = (1/N) Σ_n L_n``; products accumulate over data
 batches in a fixed order. Hessian-vector products use forward-over-reverse
 (``torch.func.jvp`` of ``torch.func.grad``) through ``functional_call`` and fall back to
-reverse-over-reverse automatically when an op has no forward-mode rule (e.g. CPU
-``scaled_dot_product_attention`` in torch 2.13). ``.backward(create_graph=True)`` is never used.
+reverse-over-reverse automatically when an op has no forward-mode rule.
+``.backward(create_graph=True)`` is never used. ``F.scaled_dot_product_attention`` runs on
+PyTorch's math kernel inside these products: the fused kernels (the CPU flash kernel in
+torch 2.13) have neither a forward-mode rule nor a differentiable backward.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +28,15 @@ from gmcurv.params import ParamSpace
 CURVATURES = ("hessian", "ggn")
 
 
+def twice_differentiable_attention() -> contextlib.AbstractContextManager:
+    """Route ``scaled_dot_product_attention`` to the math kernel (second-order safe)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _detached(objective: Objective) -> dict[str, Tensor]:
     return {k: p.detach() for k, p in objective.params.items()}
 
@@ -33,6 +45,13 @@ def batch_hvp(
     objective: Objective, batch: Batch, vector: dict[str, Tensor], forward_mode: bool = True
 ) -> dict[str, Tensor]:
     """``∇²(Σ_n L_n) v`` on one batch (sum over its examples)."""
+    with twice_differentiable_attention():
+        return _batch_hvp(objective, batch, vector, forward_mode)
+
+
+def _batch_hvp(
+    objective: Objective, batch: Batch, vector: dict[str, Tensor], forward_mode: bool
+) -> dict[str, Tensor]:
     params = _detached(objective)
 
     def total(p: dict[str, Tensor]) -> Tensor:
@@ -40,6 +59,7 @@ def batch_hvp(
 
     if forward_mode:
         return jvp(grad(total), (params,), (vector,))[1]
+
     # reverse-over-reverse: ∇_θ <∇_θ L, v>
     def directional(p: dict[str, Tensor]) -> Tensor:
         g = grad(total)(p)
@@ -52,6 +72,13 @@ def batch_ggnvp(
     objective: Objective, batch: Batch, vector: dict[str, Tensor], forward_mode: bool = True
 ) -> dict[str, Tensor]:
     """``Σ_n J_n^T Λ_n J_n v`` on one batch."""
+    with twice_differentiable_attention():
+        return _batch_ggnvp(objective, batch, vector, forward_mode)
+
+
+def _batch_ggnvp(
+    objective: Objective, batch: Batch, vector: dict[str, Tensor], forward_mode: bool
+) -> dict[str, Tensor]:
     params = _detached(objective)
 
     def f(p: dict[str, Tensor]) -> Tensor:

@@ -1,9 +1,18 @@
-"""Memory preflight: estimate big allocations before making them, fail with a clear fix."""
+"""Memory preflight: estimate big allocations before making them, fail with a clear fix.
+
+The budget is ``--max-memory`` (default: half the memory available now). Before capturing
+per-example gradients, `preflight_capture` runs one example forward (no backward) to size
+the activations autograd keeps, the Fisher's output columns, the decomposed factors and any
+dense per-example gradients, and stops with the option that fixes an overrun
+(``--batch-size``, ``--samples``, ``--layers``, ``--fisher``).
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from dataclasses import dataclass
 
 from gmcurv.errors import ConfigError, MemoryBudgetError
 
@@ -69,3 +78,179 @@ def preflight(need: float, budget: int | None, what: str, fix: str) -> None:
             f"{what} needs about {human(need)}, over the memory budget of {human(limit)}",
             hint=f"{fix}; or raise --max-memory",
         )
+
+
+# ------------------------------------------------------------------------- capture preflight
+@dataclass(frozen=True)
+class CaptureEstimate:
+    """Bytes one example costs when its gradients are captured (`estimate_capture`).
+
+    - ``activations``: tensors autograd saves for the backward pass (parameters excluded);
+    - ``cotangents``: the Fisher's output columns ``G`` (``C`` x the outputs);
+    - ``factors``: decomposed factors (``delta``: ``C`` x the module's outputs, inputs once);
+    - ``dense``: dense per-example gradients, ``C`` x the parameters of `dense_modules`.
+    """
+
+    columns: int
+    activations: int
+    cotangents: int
+    factors: int
+    dense: int
+    dense_modules: tuple[str, ...] = ()
+    dense_params: int = 0
+
+    def batch_bytes(self, batch_size: int) -> int:
+        """Peak while one batch is captured (the dense fallback re-runs the graph per column)."""
+        graph = self.activations * (1 + (self.columns if self.dense else 0))
+        return batch_size * (graph + self.cotangents + self.factors + self.dense)
+
+    def kept_bytes(self, n: int) -> int:
+        """Factors of `n` examples held at once, plus the largest Gram kernel formed on them."""
+        from gmcurv.fisher import DENSE_GRAM_LIMIT
+
+        rows = min(n * self.columns, DENSE_GRAM_LIMIT)
+        return n * (self.factors + self.dense) + 3 * rows * rows * 8
+
+    def describe(self) -> str:
+        parts = [
+            ("activations", self.activations),
+            ("output columns", self.cotangents),
+            ("factors", self.factors),
+            ("dense gradients", self.dense),
+        ]
+        return ", ".join(f"{name} {human(b)}" for name, b in parts if b)
+
+
+def estimate_capture(objective, example, fisher: str = "empirical", mc_samples: int = 1):
+    """`CaptureEstimate` from one hooked forward pass of a one-example `Batch` (no backward).
+
+    Shapes of every captured module's inputs and outputs give the factor sizes; a
+    saved-tensors hook measures what autograd keeps; nothing of size ``C`` is allocated,
+    so even an exact Fisher with millions of columns is estimated safely.
+    """
+    import torch
+
+    from gmcurv.capture import _only_selected_require_grad, module_kind, plan_capture
+
+    obj = objective
+    itemsize = torch.empty((), dtype=obj.dtype).element_size()
+    plans = plan_capture(obj.model, obj.params)
+    hooked = {m for p in plans if p.kind != "dense" for m in p.modules}
+    factor_elems = [0, 0]  # [per column, once]
+    norm_params = 0
+    handles = []
+
+    def record(module, args, output) -> None:
+        if not args or not isinstance(output, torch.Tensor):
+            return
+        x, kind = args[0], module_kind(module)
+        factor_elems[0] += output.numel()  # delta: C x the module's outputs
+        if kind == "linear":
+            factor_elems[1] += x.numel()
+        elif kind == "conv2d":
+            k = math.prod(module.kernel_size) * module.in_channels
+            factor_elems[1] += output.numel() // module.out_channels * k
+        elif kind == "embedding":
+            factor_elems[1] += x.numel() * 8 // itemsize  # int64 indices
+
+    for path in hooked:
+        module = obj.model.get_submodule(path)
+        if module_kind(module) == "norm":
+            norm_params += sum(p.numel() for p in module.parameters(recurse=False))
+        handles.append(module.register_forward_hook(record))
+    params = {p.untyped_storage().data_ptr() for p in obj.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    try:
+        with (
+            _only_selected_require_grad(obj.model, obj.params),
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            out = obj.outputs(example.inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    columns = obj.loss.n_columns(out.shape, fisher, mc_samples)
+    dense = [p for p in plans if p.kind == "dense"]
+    dense_params = sum(obj.params[k].numel() for p in dense for k in p.params)
+    return CaptureEstimate(
+        columns=columns,
+        activations=sum(saved.values()),
+        cotangents=columns * out.numel() * itemsize,
+        factors=(columns * (factor_elems[0] + norm_params) + factor_elems[1]) * itemsize,
+        dense=columns * dense_params * itemsize,
+        dense_modules=tuple(p.name for p in dense),
+        dense_params=dense_params,
+    )
+
+
+def check_capture(
+    estimate: CaptureEstimate,
+    n: int,
+    batch_size: int,
+    budget: int | None,
+    keep: bool = False,
+    fisher: str = "empirical",
+) -> None:
+    """Raise `MemoryBudgetError` naming the option that fixes it, if capture would not fit.
+
+    `keep`: all `n` examples' factors are held at once (Gram kernels, exact eigenvalues).
+    """
+    limit = default_budget() if budget is None else budget
+    one = estimate.batch_bytes(1)
+    if one > limit:
+        fixes = ["--layers to analyse fewer parameters"]
+        if fisher == "exact" and estimate.columns > 1:
+            fixes.insert(0, f"--fisher mc or empirical (exact needs {estimate.columns:,} columns)")
+        if estimate.dense_modules:
+            fixes.append(
+                f"or exclude the dense-fallback modules {', '.join(estimate.dense_modules[:4])}"
+            )
+        preflight(
+            one,
+            limit,
+            f"capturing per-example gradients of a single example ({estimate.describe()})",
+            "use " + ", ".join(fixes),
+        )
+    b = min(batch_size, n)
+    if estimate.batch_bytes(b) > limit:
+        fit = max(1, int(limit // max(one, 1)))
+        preflight(
+            estimate.batch_bytes(b),
+            limit,
+            f"capturing a batch of {b} examples (per example: {estimate.describe()})",
+            f"lower --batch-size to {fit} or less",
+        )
+    if keep and estimate.kept_bytes(n) > limit:
+        per = estimate.factors + estimate.dense
+        fit = max(1, int((limit - estimate.kept_bytes(0)) // max(per, 1)))
+        preflight(
+            estimate.kept_bytes(n),
+            limit,
+            f"keeping the decomposed gradients of all {n} examples for eigenvalues "
+            f"({human(per)} per example)",
+            f"use --samples {fit} or less, --layers to analyse fewer parameters, or --k 0",
+        )
+
+
+def preflight_capture(
+    objective,
+    data,
+    batch_size: int,
+    fisher: str = "empirical",
+    mc_samples: int = 1,
+    budget: int | None = None,
+    keep: bool = False,
+) -> CaptureEstimate:
+    """Estimate the memory of capturing `data` and stop early if it exceeds the budget."""
+    example = data.first(1, objective.device, objective.dtype)
+    estimate = estimate_capture(objective, example, fisher, mc_samples)
+    check_capture(estimate, data.n, batch_size, budget, keep, fisher)
+    return estimate

@@ -4,6 +4,9 @@
   colon) to a builder ``(option, config, shapes, source) -> nn.Module``.
 - `HF_MODEL_TYPES` maps a Hugging Face ``config.json`` ``model_type`` to a builder
   ``(config, shapes, source) -> nn.Module`` and the loss that family trains with.
+- `FAMILY_LOSSES`: a family's default loss when neither ``--loss`` nor metadata names one.
+
+Built in: ``mlp`` (family), ``gpt2`` (family and ``model_type``; `gmcurv.models.gpt2`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from gmcurv.errors import ArchitectureError
+from gmcurv.models.gpt2 import build_gpt2, gpt2_family
 from gmcurv.models.mlp import ACTIVATIONS, build_mlp
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -39,13 +43,22 @@ def _mlp(option: str | None, config: dict[str, Any] | None, shapes: Shapes, sour
     return build_mlp(shapes, activation, source)
 
 
-FAMILIES: dict[str, FamilyBuilder] = {"mlp": _mlp}
-HF_MODEL_TYPES: dict[str, HFFamily] = {}
+FAMILIES: dict[str, FamilyBuilder] = {"mlp": _mlp, "gpt2": gpt2_family}
+HF_MODEL_TYPES: dict[str, HFFamily] = {"gpt2": HFFamily(build_gpt2, "next_token")}
+# the loss a family trains with, when neither --loss nor checkpoint metadata names one
+FAMILY_LOSSES: dict[str, str] = {"gpt2": "next_token"}
 
 
-def register_family(name: str, builder: FamilyBuilder) -> None:
-    """Make ``--arch name[:option]`` build models with `builder`."""
+def register_family(name: str, builder: FamilyBuilder, loss: str | None = None) -> None:
+    """Make ``--arch name[:option]`` build models with `builder` (trained with `loss`)."""
     FAMILIES[name] = builder
+    if loss is not None:
+        FAMILY_LOSSES[name] = loss
+
+
+def family_loss(spec: str) -> str | None:
+    """The default loss of ``family[:option]``, if the family declares one."""
+    return FAMILY_LOSSES.get(spec.partition(":")[0])
 
 
 def register_hf_model_type(model_type: str, family: HFFamily) -> None:
