@@ -35,6 +35,7 @@ from torch.func import vjp, vmap
 from torch.utils._pytree import tree_map
 
 from gmcurv.data import Batch, DataSample, batch_size_of
+from gmcurv.distributed import gather_decomposed
 from gmcurv.errors import ConfigError, GmcurvWarning, UnsupportedError
 from gmcurv.factors import (
     DenseGradients,
@@ -702,7 +703,11 @@ def capture_all(
     seed: int = 0,
     progress: ProgressFn | None = None,
 ) -> DecomposedGradients:
-    """All examples' factors at once (needed for Gram kernels), memory O(N (I+O)) per layer."""
-    return DecomposedGradients.cat(
+    """All examples' factors at once (needed for Gram kernels), memory O(N (I+O)) per layer.
+
+    Under torchrun each rank captures its shard and the factors are all-gathered.
+    """
+    local = DecomposedGradients.cat(
         list(capture_stream(objective, data, batch_size, fisher, mc_samples, seed, progress))
     )
+    return gather_decomposed(local)  # all ranks' examples under torchrun

@@ -318,9 +318,14 @@ class DataSample:
         return self._cache[shard.path]
 
     def shard_arrays(self) -> Iterator[tuple[Shard, Inputs, Tensor | None]]:
-        """Each shard's full arrays (used by validation)."""
+        """The full arrays of each file overlapping the span (used by validation)."""
+        start, stop = self.span
+        lo = 0
         for shard in self.shards:
-            yield (shard, *self._load(shard))
+            hi = lo + shard.n
+            if lo < stop and hi > start:
+                yield (shard, *self._load(shard))
+            lo = hi
 
     def batches(
         self,

@@ -209,6 +209,22 @@ class FisherAccumulator:
     def diag(self) -> dict[str, Tensor]:
         return {k: v / self.n for k, v in self.diag_sums.items()}
 
+    def gathered(self, comm=None) -> FisherAccumulator:
+        """All ranks' contributions (per-example values gathered in order, sums reduced)."""
+        from gmcurv.distributed import current
+
+        comm = comm or current()
+        if not comm.active:
+            return self
+        return FisherAccumulator(
+            diagonal=self.diagonal,
+            sq_norms={k: [comm.all_gather_rows(torch.cat(v))] for k, v in self.sq_norms.items()},
+            diag_sums={k: comm.all_reduce(v) for k, v in self.diag_sums.items()},
+            losses=[comm.all_gather_rows(torch.cat(self.losses))],
+            block_params=self.block_params,
+            block_kinds=self.block_kinds,
+        )
+
     def mean_loss(self) -> float:
         return float(torch.cat(self.losses).mean())
 
@@ -282,10 +298,13 @@ def fisher_summary(
     Factors are kept (memory O(N (I+O)) per layer) only when eigenvalues are requested.
     """
     from gmcurv.capture import Capturer, capture_stream
+    from gmcurv.distributed import current, gather_decomposed
     from gmcurv.memory import preflight
 
+    gather_rows = current().all_gather_rows
+
     cap = Capturer(objective, fisher, mc_samples, seed)
-    n = data.n
+    n = data.n_total  # all ranks' examples end up gathered for the eigenvalues
     probe = cap(data.first(2, objective.device, objective.dtype))
     per_example = factor_bytes(probe) / probe.n
     if k > 0:
@@ -307,13 +326,15 @@ def fisher_summary(
                 col_norms.setdefault(b.name, []).append(b.source.sq_norms().double())
         if k > 0:
             kept.append(dg)
+    acc = acc.gathered()
+    col_norms = {k: [gather_rows(torch.cat(v))] for k, v in col_norms.items()}
     columns = kept[0].columns if kept else mc_samples if fisher == "mc" else 1
     trace = _trace_estimate(acc, fisher, None, columns, col_norms)
     eigenvalues: list[Estimate] = []
     rank = None
     layer_eigs: dict[str, list[Estimate]] = {}
     if k > 0:
-        full = DecomposedGradients.cat(kept)
+        full = gather_decomposed(DecomposedGradients.cat(kept))
         del kept
         res = fisher_eigen(full, k, seed=seed)
         rank = res.rank

@@ -7,13 +7,14 @@ error (exit 4) — never a traceback unless ``GMCURV_DEBUG=1``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
 import typer
 from typer.core import TyperGroup
 
-from gmcurv import __version__
+from gmcurv import __version__, distributed
 from gmcurv.cli.options import default_map
 from gmcurv.cli.session import stderr, warnings_to_stderr
 from gmcurv.errors import GmcurvError
@@ -42,12 +43,17 @@ class GmcurvGroup(TyperGroup):
         return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx: typer.Context):
-        with warnings_to_stderr():
+        with warnings_to_stderr(), _leave_process_group():
             try:
                 return super().invoke(ctx)
             except GmcurvError as e:
                 if os.environ.get("GMCURV_DEBUG"):
                     raise
+                comm = distributed.current()
+                if comm.active and not comm.main and isinstance(e, distributed.DistributedError):
+                    raise typer.Exit(e.exit_code) from None  # rank 0 reports it
+                if comm.active:
+                    stderr.print(f"[dim]rank {comm.rank}:[/dim] ", end="")
                 stderr.print(
                     f"[bold red]error:[/bold red] {e.message}",
                     markup=True,
@@ -83,6 +89,14 @@ class GmcurvGroup(TyperGroup):
                     "[dim]hint:[/dim] rerun with GMCURV_DEBUG=1 for the traceback and report it"
                 )
                 raise typer.Exit(INTERNAL_ERROR) from None
+
+
+@contextlib.contextmanager
+def _leave_process_group():
+    try:
+        yield
+    finally:
+        distributed.shutdown()
 
 
 COMMANDS = ["info", "trace", "eigen", "spectrum", "saliency", "landscape", "lora", "head", "check"]

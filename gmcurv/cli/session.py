@@ -28,6 +28,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from gmcurv import distributed
 from gmcurv.checkpoint import LoadedModel, load_model
 from gmcurv.data import DataSample, load_data
 from gmcurv.errors import ConfigError, ConvergenceError, GmcurvWarning
@@ -115,6 +116,7 @@ class Session:
     objective: Objective | None = None
     timings: dict[str, float] = field(default_factory=dict)
     inputs: list[Path] = field(default_factory=list)
+    comm: distributed.Comm = field(default_factory=distributed.current)
 
     # ------------------------------------------------------------------------- loading
     @classmethod
@@ -140,38 +142,53 @@ class Session:
         collected_warnings.clear()
         for text in ctx.params.get("fail_if") or []:
             parse_rules(text)  # a typo in a rule fails before any compute
+        resolved = resolve_device(device)
+        comm = distributed.init_from_env(resolved)  # no-op outside torchrun
+        if comm.active and resolved.type == "cuda":
+            resolved = comm.device
         s = cls(
             command=ctx.info_name or "gmcurv",
             config=resolved_config(ctx),
             seed=seed,
-            device=resolve_device(device),
+            device=resolved,
             dtype=resolve_dtype(getattr(dtype, "value", dtype)),
-            quiet=quiet,
+            quiet=quiet or not comm.main,
             json_mode=json_mode,
+            comm=comm,
         )
         if model is None:
             model = sample_model()
             if data is None and need_data:
                 data = sample_data()
             s.note(f"no MODEL given: using the bundled sample {model.parent.name}")
+        if need_data and data is None:
+            raise ConfigError(
+                f"{s.command} needs DATA: a data file or directory",
+                hint=f"gmcurv {s.command} MODEL DATA (or leave both out for the sample)",
+            )
         loss_name = getattr(loss, "value", loss)
-        with s.stage("load"):
+
+        def load() -> None:
             s.loaded = load_model(model, arch=arch, loss=loss_name, dtype=s.dtype, device=s.device)
             s.inputs.append(Path(model))
             if need_data:
-                if data is None:
-                    raise ConfigError(
-                        f"{s.command} needs DATA: a data file or directory",
-                        hint=f"gmcurv {s.command} MODEL DATA (or leave both out for the sample)",
-                    )
-                s.data = load_data(data, samples)
+                s.data = load_data(data, samples).shard(comm.rank, comm.world)
                 s.inputs.append(Path(data))
+
+        def validate() -> None:
+            assert s.loaded is not None and s.data is not None
+            s.objective = Objective.build(
+                s.loaded.model, s.loaded.loss, layers, getattr(mode, "value", mode)
+            )
+            s.objective.check_data(s.data)  # this rank's share of the files
+            if comm.active:
+                s.note(f"rank {comm.rank}/{comm.world}: examples {s.data.span}")
+
+        with s.stage("load"):
+            distributed.agreed(load, comm)
         if need_data:
             with s.stage("validate"):
-                s.objective = Objective.build(
-                    s.loaded.model, s.loaded.loss, layers, getattr(mode, "value", mode)
-                )
-                s.objective.check_data(s.data)
+                distributed.agreed(validate, comm)
         return s
 
     # ------------------------------------------------------------------------- progress
@@ -218,7 +235,7 @@ class Session:
             model=None
             if lm is None
             else ModelInfo(str(lm.path), lm.sha256, lm.n_params, lm.arch, lm.arch_source, lm.loss),
-            data=None if self.data is None else DataInfo(str(self.data.path), self.data.n),
+            data=None if self.data is None else DataInfo(str(self.data.path), self.data.n_total),
             results=results,
             timings={k: round(v, 6) for k, v in self.timings.items()},
             warnings=list(collected_warnings),
@@ -236,6 +253,10 @@ class Session:
         rules = [r for text in (fail_if or []) for r in parse_rules(text)]
         doc = report.to_dict()
         verdicts = evaluate(doc, rules) if rules else []  # bad paths fail before output
+        if not self.comm.main:  # under torchrun only rank 0 prints and writes files
+            if any(v.breached for v in verdicts):
+                raise typer.Exit(1)
+            return
         if output is not None:
             ensure_not_input(output, self.inputs)
             atomic_write_text(output, report.to_json() + "\n")
@@ -265,7 +286,8 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     """`warnings.showwarning` replacement: one line on stderr, copied into the report."""
     text = str(message)
     collected_warnings.append(text)
-    stderr.print(f"[yellow]warning:[/yellow] {text}")
+    if distributed.current().main:  # under torchrun, rank 0 speaks for all
+        stderr.print(f"[yellow]warning:[/yellow] {text}")
 
 
 @contextlib.contextmanager
