@@ -317,12 +317,20 @@ class EmbeddingFactors(GradientSource):
         other = self.index if other_index is None else other_index
         return (self.index[:, :, None, None] == other[None, None]).to(self.delta.dtype)
 
+    def _token_route(self) -> bool:
+        """Token-pair kernels (cost ~T^2 O per pair) rather than materialising (~V O)?"""
+        return self.delta.shape[2] ** 2 < self.shapes[0][0]
+
     def sq_norms(self) -> Tensor:
+        if not self._token_route():
+            return super().sq_norms()
         dd = torch.einsum("ncto,ncso->ncts", self.delta, self.delta)
         same = (self.index[:, :, None] == self.index[:, None, :]).to(dd.dtype)  # [N, T, T]
         return torch.einsum("ncts,nts->nc", dd, same)
 
     def gram(self) -> Tensor:
+        if not self._token_route():
+            return super().gram()
         d = self.delta.double()
         n, c, t, _ = d.shape
         dflat = d.reshape(n * c, t, -1)
