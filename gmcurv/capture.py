@@ -684,9 +684,18 @@ def capture_stream(
     seed: int = 0,
     progress: ProgressFn | None = None,
     capturer: Capturer | None = None,
+    budget_bytes: int | None = None,
+    keep: bool = False,
 ) -> Iterator[DecomposedGradients]:
-    """Capture batch after batch (memory: one batch of factors at a time)."""
+    """Capture batch after batch (memory: one batch of factors at a time).
+
+    A memory preflight runs first (`gmcurv.memory.preflight_capture`; `budget_bytes`
+    None = the default budget); `keep`: the caller holds every batch's factors.
+    """
+    from gmcurv.memory import preflight_capture
+
     cap = capturer or Capturer(objective, fisher, mc_samples, seed)
+    preflight_capture(objective, data, batch_size, cap.fisher, cap.mc_samples, budget_bytes, keep)
     for batch in data.batches(batch_size, objective.device, objective.dtype):
         dg = cap(batch)
         if progress:
@@ -702,12 +711,14 @@ def capture_all(
     mc_samples: int = 1,
     seed: int = 0,
     progress: ProgressFn | None = None,
+    budget_bytes: int | None = None,
 ) -> DecomposedGradients:
     """All examples' factors at once (needed for Gram kernels), memory O(N (I+O)) per layer.
 
     Under torchrun each rank captures its shard and the factors are all-gathered.
     """
-    local = DecomposedGradients.cat(
-        list(capture_stream(objective, data, batch_size, fisher, mc_samples, seed, progress))
+    stream = capture_stream(
+        objective, data, batch_size, fisher, mc_samples, seed, progress, None, budget_bytes, True
     )
+    local = DecomposedGradients.cat(list(stream))
     return gather_decomposed(local)  # all ranks' examples under torchrun

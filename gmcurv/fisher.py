@@ -299,27 +299,25 @@ def fisher_summary(
     """
     from gmcurv.capture import Capturer, capture_stream
     from gmcurv.distributed import current, gather_decomposed
-    from gmcurv.memory import preflight
 
     gather_rows = current().all_gather_rows
 
-    cap = Capturer(objective, fisher, mc_samples, seed)
-    n = data.n_total  # all ranks' examples end up gathered for the eigenvalues
-    probe = cap(data.first(2, objective.device, objective.dtype))
-    per_example = factor_bytes(probe) / probe.n
-    if k > 0:
-        cols = probe.columns
-        preflight(
-            per_example * n + 3 * (n * cols) ** 2 * 8,
-            budget_bytes,
-            f"exact top-{k} Fisher eigenvalues of {n} examples ({cols} column(s) each)",
-            "use --samples to take fewer examples or --layers to restrict the parameters",
-        )
+    # capture_stream's memory preflight sizes activations, columns and factors from one
+    # example's forward and, when eigenvalues are wanted, all N examples' factors + kernel
     cap = Capturer(objective, fisher, mc_samples, seed)
     acc = FisherAccumulator(diagonal=False)
     col_norms: dict[str, list[Tensor]] = {}
     kept: list[DecomposedGradients] = []
-    for dg in capture_stream(objective, data, batch_size, progress=progress, capturer=cap):
+    stream = capture_stream(
+        objective,
+        data,
+        batch_size,
+        progress=progress,
+        capturer=cap,
+        budget_bytes=budget_bytes,
+        keep=k > 0,
+    )
+    for dg in stream:
         acc.add(dg)
         if fisher == "mc":
             for b in dg.blocks:

@@ -198,26 +198,30 @@ def check_capture(
     budget: int | None,
     keep: bool = False,
     fisher: str = "empirical",
+    n_kept: int | None = None,
 ) -> None:
     """Raise `MemoryBudgetError` naming the option that fixes it, if capture would not fit.
 
-    `keep`: all `n` examples' factors are held at once (Gram kernels, exact eigenvalues).
+    `keep`: all examples' factors are held at once (Gram kernels, exact eigenvalues) —
+    `n_kept` of them (default `n`; under torchrun, every rank's examples).
     """
+    n_kept = n if n_kept is None else n_kept
     limit = default_budget() if budget is None else budget
     one = estimate.batch_bytes(1)
+    columns_fix = ""
+    if fisher == "exact" and estimate.columns > 1:
+        columns_fix = (
+            f"; or use --fisher mc or empirical (the exact Fisher has {estimate.columns:,} "
+            "columns per example)"
+        )
     if one > limit:
-        fixes = ["--layers to analyse fewer parameters"]
-        if fisher == "exact" and estimate.columns > 1:
-            fixes.insert(0, f"--fisher mc or empirical (exact needs {estimate.columns:,} columns)")
-        if estimate.dense_modules:
-            fixes.append(
-                f"or exclude the dense-fallback modules {', '.join(estimate.dense_modules[:4])}"
-            )
+        dense = estimate.dense_modules
+        exclude = f" (e.g. leave out {', '.join(dense[:4])}, captured densely)" if dense else ""
         preflight(
             one,
             limit,
             f"capturing per-example gradients of a single example ({estimate.describe()})",
-            "use " + ", ".join(fixes),
+            f"use --layers to analyse fewer parameters{exclude}{columns_fix}",
         )
     b = min(batch_size, n)
     if estimate.batch_bytes(b) > limit:
@@ -226,17 +230,18 @@ def check_capture(
             estimate.batch_bytes(b),
             limit,
             f"capturing a batch of {b} examples (per example: {estimate.describe()})",
-            f"lower --batch-size to {fit} or less",
+            f"lower --batch-size to {fit} or less{columns_fix}",
         )
-    if keep and estimate.kept_bytes(n) > limit:
+    if keep and estimate.kept_bytes(n_kept) > limit:
         per = estimate.factors + estimate.dense
         fit = max(1, int((limit - estimate.kept_bytes(0)) // max(per, 1)))
         preflight(
-            estimate.kept_bytes(n),
+            estimate.kept_bytes(n_kept),
             limit,
-            f"keeping the decomposed gradients of all {n} examples for eigenvalues "
+            f"keeping the decomposed gradients of all {n_kept} examples for eigenvalues "
             f"({human(per)} per example)",
-            f"use --samples {fit} or less, --layers to analyse fewer parameters, or --k 0",
+            f"use --samples {fit} or less, --layers to analyse fewer parameters, or --k 0"
+            f"{columns_fix}",
         )
 
 
@@ -252,5 +257,6 @@ def preflight_capture(
     """Estimate the memory of capturing `data` and stop early if it exceeds the budget."""
     example = data.first(1, objective.device, objective.dtype)
     estimate = estimate_capture(objective, example, fisher, mc_samples)
-    check_capture(estimate, data.n, batch_size, budget, keep, fisher)
+    n_kept = getattr(data, "n_total", data.n)
+    check_capture(estimate, data.n, batch_size, budget, keep, fisher, n_kept)
     return estimate
