@@ -1,0 +1,474 @@
+"""``gmcurv saliency``: magnitude / OBD / OBS saliencies, pruning curves, ``--prune`` writes a
+pruned checkpoint."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from gmcurv.cli import options as o
+from gmcurv.cli.plots import check_plot_path
+from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
+from gmcurv.cli.session import Session
+from gmcurv.data import load_data
+from gmcurv.errors import ConfigError
+from gmcurv.fileio import ensure_not_input, sha256_file
+from gmcurv.memory import parse_bytes
+from gmcurv.pruning import check_fraction, default_output_path, save_pruned
+from gmcurv.results import Report, to_jsonable
+from gmcurv.saliency import (
+    CONVENTION,
+    DEFAULT_ROUNDS,
+    LEVELS,
+    PruneResult,
+    SaliencyAnalysis,
+    prune_model,
+    saliency_analysis,
+)
+from gmcurv.woodbury import DEFAULT_DAMPING
+
+
+class Criterion(str, Enum):
+    magnitude = "magnitude"
+    obd = "obd"
+    obs = "obs"
+    obd_hessian = "obd-hessian"
+
+
+class Scope(str, Enum):
+    global_ = "global"
+    layer = "layer"
+
+
+class Structure(str, Enum):
+    block = "block"
+    global_ = "global"
+
+
+PruneOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--prune",
+        help="Remove this fraction of the prunable weights (0 <= F < 1) and write a pruned "
+        "checkpoint.",
+        show_default=False,
+    ),
+]
+CriterionOpt = Annotated[
+    Criterion,
+    typer.Option("--criterion", envvar="GMCURV_CRITERION", help="Which saliency --prune uses."),
+]
+ScopeOpt = Annotated[
+    Scope,
+    typer.Option(
+        "--scope", help="Rank all prunable weights together (global) or each tensor alone."
+    ),
+]
+UpdateOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--update/--no-update",
+        help="Apply the OBS weight update to the remaining weights (default: on for obs).",
+        show_default=False,
+    ),
+]
+RoundsOpt = Annotated[
+    int,
+    typer.Option(
+        "--rounds", min=1, help="Iterative OBS: prune in this many rounds, re-capturing between."
+    ),
+]
+StructureOpt = Annotated[
+    Structure,
+    typer.Option(
+        "--structure",
+        help="Fisher inverse for OBS: block-diagonal per layer (WoodFisher) or the full Fisher.",
+    ),
+]
+DampingOpt = Annotated[
+    float,
+    typer.Option(
+        "--damping",
+        help="OBS damping relative to the mean Fisher eigenvalue: eps = damping * tr(F) / P.",
+    ),
+]
+IncludeBiasOpt = Annotated[
+    bool,
+    typer.Option(
+        "--include-bias", help="Also prune biases and normalisation parameters (off by default)."
+    ),
+]
+EvalDataOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--eval-data",
+        help="Data to measure loss/accuracy on (default: DATA), e.g. a held-out split.",
+        show_default=False,
+    ),
+]
+LevelsOpt = Annotated[
+    str,
+    typer.Option("--levels", help="Sparsity levels of the pruning curves, comma-separated."),
+]
+ProbesOpt = Annotated[
+    int,
+    typer.Option("--probes", min=1, help="Hutchinson probes for the obd-hessian diagonal."),
+]
+CheckpointOutputOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--output",
+        "-o",
+        help="With --prune: the pruned checkpoint (.safetensors; default "
+        "<model>.pruned-<percent>.safetensors). A .json name writes the report instead.",
+        show_default=False,
+    ),
+]
+ReportOpt = Annotated[
+    Path | None,
+    typer.Option("--report", help="Write the JSON report to this file.", show_default=False),
+]
+
+
+# --------------------------------------------------------------------------------- results
+def _common(fisher: str, columns: int, n: int, damping: float, eps: float | None) -> dict:
+    return {
+        "convention": CONVENTION,
+        "fisher": {"type": fisher, "columns": columns, "n_examples": n},
+        "damping": {
+            "relative": damping,
+            "eps": eps,
+            "definition": "eps = damping * tr(F) / P (F on DATA, P = captured parameters)",
+        },
+    }
+
+
+def analysis_results(a: SaliencyAnalysis) -> dict[str, Any]:
+    out = _common(a.fisher, a.columns, a.n_examples, a.damping, a.eps)
+    out.update(
+        {
+            "criteria": a.criteria,
+            "structure": a.structure,
+            "scope": a.scope,
+            "n_params": a.n_params,
+            "n_prunable": a.n_prunable,
+            "n_already_pruned": a.n_already_pruned,
+            "baseline": {"loss": a.baseline.loss, "accuracy": a.baseline.accuracy, "n": a.n_eval},
+            "layers": {
+                k: {"n_params": v.n_params, "saliency": v.stats} for k, v in a.layers.items()
+            },
+            "sweep": a.sweep,
+        }
+    )
+    return out
+
+
+def prune_results(r: PruneResult, path: Path, sha: str) -> dict[str, Any]:
+    s = r.summary()
+    s["checkpoint"] = {"path": str(path), "sha256": sha}
+    return s
+
+
+# --------------------------------------------------------------------------------- rendering
+def render(report: Report, console: Console) -> None:
+    header(report, console, "gmcurv saliency")
+    res = report.to_dict()["results"]
+    damp = res["damping"]
+    eps = fmt(damp["eps"]) if damp["eps"] is not None else "—"
+    console.print(
+        f"Fisher {res['fisher']['type']} (N={res['fisher']['n_examples']:,}), "
+        f"eps {eps} = {damp['relative']:g} x tr(F)/P",
+        soft_wrap=True,
+    )
+    console.print(f"[dim]{res['convention']}[/dim]", soft_wrap=True)
+    if "layers" in res:
+        _render_layers(res, console)
+        _render_sweep(res, console)
+    if "prune" in res:
+        _render_prune(res["prune"], console)
+    footer(report, console)
+
+
+def _render_layers(res: dict, console: Console) -> None:
+    table = new_table(
+        f"Saliency per tensor ({res['n_prunable']:,} prunable of {res['n_params']:,} parameters; "
+        f"OBS {res['structure']}-wise)",
+        "tensor",
+        "criterion",
+        "median",
+        "p95",
+        "max",
+        "mean",
+    )
+    for name, info in res["layers"].items():
+        first = True
+        for crit, st in info["saliency"].items():
+            table.add_row(
+                f"{name} ({info['n_params']:,})" if first else "",
+                crit,
+                *(fmt_estimate(st[k]) for k in ("median", "p95", "max", "mean")),
+                end_section=crit == list(info["saliency"])[-1],
+            )
+            first = False
+    console.print(table)
+
+
+def _render_sweep(res: dict, console: Console) -> None:
+    sweep = res["sweep"]
+    if not sweep:
+        return
+    first = next(iter(sweep.values()))
+    base = res["baseline"]
+    acc = base.get("accuracy")
+    title = (
+        f"After pruning ({res['scope']} scope, no retraining): "
+        + ("accuracy and loss" if acc else "loss")
+        + f" on {base['n']:,} examples; unpruned "
+        + (f"{100 * acc['value']:.1f}% " if acc else "")
+        + fmt(base["loss"]["value"], 3)
+    )
+    table = new_table(title, "criterion", *[f"{100 * p['fraction']:g}%" for p in first])
+    for crit, points in sweep.items():
+        cells = []
+        for p in points:
+            text = fmt(p["loss"]["value"], 3)
+            if p.get("accuracy"):
+                text = f"{100 * p['accuracy']['value']:.1f}% {text}"
+            cells.append(text)
+        table.add_row(crit, *cells)
+    console.print(table)
+
+
+def _render_prune(p: dict, console: Console) -> None:
+    how = p["criterion"] + (" + OBS update" if p["update"] else "")
+    if p["update"] and p["rounds"] > 1:
+        how += f" in {p['rounds']} rounds"
+    console.print(
+        f"[bold]Pruned {p['n_removed']:,} of {p['n_prunable']:,} prunable weights[/bold] "
+        f"({100 * p['fraction']:g}%, {how}, {p['scope']} scope)",
+        soft_wrap=True,
+    )
+    table = new_table(None, "", "loss", "accuracy")
+    for label, ev in (("before", p["before"]), ("after", p["after"])):
+        a = ev.get("accuracy")
+        table.add_row(label, fmt_estimate(ev["loss"]), f"{100 * a['value']:.2f}%" if a else "—")
+    console.print(table)
+    sparsity = ", ".join(f"{k} {100 * v['sparsity']:.1f}%" for k, v in p["layers"].items())
+    console.print(f"sparsity per tensor: {sparsity}", soft_wrap=True)
+    if p.get("predicted_increase"):
+        console.print(
+            f"predicted loss increase {fmt_estimate(p['predicted_increase'])} "
+            f"({p['predicted_increase']['method']})",
+            soft_wrap=True,
+        )
+    ck = p["checkpoint"]
+    console.print(f"wrote [cyan]{ck['path']}[/cyan] (sha256 {ck['sha256'][:16]}…)", soft_wrap=True)
+
+
+# ---------------------------------------------------------------------------------- command
+def _parse_levels(text: str) -> list[float]:
+    try:
+        levels = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--levels {text!r} is not a comma-separated list of fractions",
+            hint="write e.g. --levels 0.1,0.3,0.5,0.7,0.9",
+        ) from None
+    if not levels:
+        raise ConfigError("--levels is empty", hint="write e.g. --levels 0.1,0.5,0.9")
+    for f in levels:
+        check_fraction(f)
+    return levels
+
+
+def _outputs(output: Path | None, report: Path | None, prune: float | None):
+    """(checkpoint path or None, report path or None) from -o / --report."""
+    checkpoint = None
+    if output is not None:
+        suffix = output.suffix.lower()
+        if suffix == ".json":
+            if report is not None:
+                raise ConfigError("give the JSON report once: -o x.json or --report x.json")
+            report = output
+        elif suffix == ".safetensors":
+            if prune is None:
+                raise ConfigError(
+                    f"-o {output}: a checkpoint is only written with --prune",
+                    hint="add --prune FRACTION, or write the report with --report x.json",
+                )
+            checkpoint = output
+        else:
+            raise ConfigError(
+                f"-o {output}: unknown output type {output.suffix!r}",
+                hint="use a .safetensors name for the pruned checkpoint or .json for the report",
+            )
+    return checkpoint, report
+
+
+def saliency(
+    ctx: typer.Context,
+    model: o.ModelArg = None,
+    data: o.DataArg = None,
+    prune: PruneOpt = None,
+    criterion: CriterionOpt = Criterion.obs,
+    scope: ScopeOpt = Scope.global_,
+    update: UpdateOpt = None,
+    rounds: RoundsOpt = DEFAULT_ROUNDS,
+    structure: StructureOpt = Structure.block,
+    damping: DampingOpt = DEFAULT_DAMPING,
+    fisher: o.FisherOpt = o.FisherType.empirical,
+    mc_samples: o.McSamplesOpt = 1,
+    include_bias: IncludeBiasOpt = False,
+    eval_data: EvalDataOpt = None,
+    levels: LevelsOpt = ",".join(f"{x:g}" for x in LEVELS),
+    probes: ProbesOpt = 32,
+    samples: o.SamplesOpt = None,
+    batch_size: o.BatchSizeOpt = 256,
+    layers: o.LayersOpt = None,
+    device: o.DeviceOpt = "auto",
+    dtype: o.DTypeOpt = o.DType.float32,
+    seed: o.SeedOpt = 0,
+    mode: o.ModeOpt = o.Mode.eval,
+    arch: o.ArchOpt = None,
+    loss: o.LossOpt = None,
+    max_memory: o.MaxMemoryOpt = None,
+    json: o.JsonOpt = False,
+    output: CheckpointOutputOpt = None,
+    report_path: ReportOpt = None,
+    plot: o.PlotOpt = None,
+    quiet: o.QuietOpt = False,
+    fail_if: o.FailIfOpt = None,
+    strict: o.StrictOpt = False,
+) -> None:
+    """Pruning saliency (magnitude, OBD, OBS) per tensor and what pruning would cost;
+    --prune F removes that fraction and writes a pruned checkpoint.
+
+    Examples: [bold]gmcurv saliency[/bold] (bundled sample) ·
+    [bold]gmcurv saliency --prune 0.5[/bold] ·
+    [bold]gmcurv saliency m.safetensors d/ --prune 0.7 --eval-data test/ -o m70.safetensors[/bold]
+    """
+    if prune is not None:
+        check_fraction(prune)
+    level_list = _parse_levels(levels)
+    checkpoint, report_file = _outputs(output, report_path, prune)
+    if plot is not None:
+        check_plot_path(plot)
+    session = Session.open(
+        ctx,
+        model,
+        data,
+        arch=arch,
+        loss=loss,
+        samples=samples,
+        device=device,
+        dtype=dtype,
+        mode=mode,
+        layers=layers,
+        seed=seed,
+        quiet=quiet,
+        json_mode=json,
+    )
+    assert session.objective is not None and session.data is not None
+    assert session.loaded is not None
+    ev = None
+    if eval_data is not None:
+        with session.stage("load"):
+            ev = load_data(eval_data)
+            session.objective.check_data(ev)
+            session.inputs.append(eval_data)
+    budget = parse_bytes(max_memory) if max_memory else None
+    common = {
+        "fisher": fisher.value,
+        "mc_samples": mc_samples,
+        "damping": damping,
+        "structure": structure.value,
+        "include_bias": include_bias,
+        "masks": session.loaded.masks,
+        "batch_size": batch_size,
+        "seed": seed,
+        "probes": probes,
+        "budget_bytes": budget,
+        "eval_data": ev,
+    }
+    results: dict[str, Any] = {}
+    if prune is None or plot is not None:
+        crits = ["magnitude", "obd", "obs"]
+        if criterion is Criterion.obd_hessian:
+            crits.append("obd-hessian")
+        with (
+            session.stage("saliency"),
+            session.progress("saliency: capturing gradients", session.data.n) as advance,
+        ):
+            analysis = saliency_analysis(
+                session.objective,
+                session.data,
+                criteria=crits,
+                levels=level_list,
+                scope=scope.value,
+                progress=advance,
+                **common,
+            )
+        results = analysis_results(analysis)
+    if prune is not None:
+        target = checkpoint or default_output_path(session.loaded.path, prune)
+        if report_file is not None and report_file.resolve() == Path(target).resolve():
+            raise ConfigError(f"the report and the checkpoint would both be written to {target}")
+        n_rounds = rounds if (update if update is not None else criterion is Criterion.obs) else 1
+        with (
+            session.stage("prune"),
+            session.progress("pruning", session.data.n * n_rounds) as advance,
+        ):
+            pruned = prune_model(
+                session.objective,
+                session.data,
+                prune,
+                criterion=criterion.value,
+                scope=scope.value,
+                update=update,
+                rounds=rounds,
+                progress=advance,
+                **common,
+            )
+        with session.stage("write"):
+            path = save_pruned(
+                session.loaded,
+                pruned.weights,
+                pruned.masks,
+                Path(target),
+                {
+                    "source_sha256": session.loaded.sha256,
+                    "criterion": pruned.criterion,
+                    "fraction": pruned.fraction,
+                    "scope": pruned.scope,
+                    "update": pruned.update,
+                    "rounds": pruned.rounds,
+                    "structure": pruned.structure,
+                    "fisher": pruned.fisher,
+                    "damping": pruned.damping,
+                    "eps": [float(f"{e:.4g}") for e in pruned.eps],
+                    "n_removed": pruned.n_removed,
+                    "n_prunable": pruned.n_prunable,
+                },
+                inputs=session.inputs,
+            )
+        if not results:
+            eps0 = pruned.eps[0] if pruned.eps else None
+            results = _common(pruned.fisher, pruned.columns, session.data.n, damping, eps0)
+        results["prune"] = prune_results(pruned, path, sha256_file(path))
+    if plot is not None:
+        from gmcurv.cli.plots.saliency import plot_saliency
+
+        with session.stage("plot"):
+            ensure_not_input(plot, session.inputs)
+            plot_saliency(to_jsonable(results), plot)
+        session.note(f"plot written to {plot}")
+    doc = session.report(results)
+    session.finish(doc, render, report_file, fail_if, strict)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("saliency")(saliency)

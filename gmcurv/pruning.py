@@ -1,0 +1,255 @@
+"""Pruning mechanics: which weights may go, masks with exact counts, evaluation, checkpoints.
+
+Masks here are *removal* masks (True = pruned); checkpoints store the complement under the
+reserved ``gmcurv_mask.`` prefix (1 = kept, as in ``torch.nn.utils.prune``), so the fraction
+of zeros of a stored mask is the layer's sparsity.
+
+Counting: pruning a fraction ``f`` removes exactly ``round(f * n_prunable)`` weights
+(Python's ``round``). With ``scope='layer'`` every prunable tensor loses ``floor(f n_l)`` or
+``ceil(f n_l)`` of its ``n_l`` weights, the extra ones going to the largest remainders, so the
+total is still exact. Ties in saliency are broken by position (stable sort), so masks are
+deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gmcurv.capture import plan_capture
+from gmcurv.checkpoint import (
+    META_ARCH,
+    LoadedModel,
+    _is_family_spec,
+    gmcurv_metadata,
+    load_tensors,
+    save_checkpoint,
+)
+from gmcurv.data import DataSample
+from gmcurv.errors import ConfigError
+from gmcurv.fileio import ensure_not_input
+from gmcurv.objective import Objective
+from gmcurv.results import Estimate
+from gmcurv.samples import SAMPLE_ROOT
+
+SCOPES = ("global", "layer")
+META_PRUNING = "gmcurv.pruning"
+
+
+# ------------------------------------------------------------------------------ what may go
+def prunable_params(objective: Objective, include_bias: bool = False) -> list[str]:
+    """Names of the parameters pruning may touch, in the objective's order.
+
+    By default weights only: tensors with at least two dimensions outside normalisation
+    layers (biases, norm scales and other vectors stay). `include_bias` allows every
+    selected parameter.
+    """
+    if include_bias:
+        return list(objective.params)
+    norm = {
+        p for plan in plan_capture(objective.model, objective.params) if plan.kind == "norm"
+        for p in plan.params
+    }  # fmt: skip
+    return [k for k, v in objective.params.items() if v.ndim >= 2 and k not in norm]
+
+
+def check_fraction(fraction: float) -> float:
+    """A pruning fraction must lie in ``[0, 1)``."""
+    if not (isinstance(fraction, int | float) and math.isfinite(fraction) and 0 <= fraction < 1):
+        raise ConfigError(
+            f"--prune {fraction} is not a fraction in [0, 1)",
+            hint="give the share of prunable weights to remove, e.g. --prune 0.5",
+        )
+    return float(fraction)
+
+
+def layer_quotas(sizes: Mapping[str, int], fraction: float) -> dict[str, int]:
+    """Per-tensor removal counts summing to ``round(f Σ n_l)`` (largest remainders)."""
+    total = round(fraction * sum(sizes.values()))
+    exact = {k: fraction * n for k, n in sizes.items()}
+    quota = {k: min(sizes[k], math.floor(v)) for k, v in exact.items()}
+    order = sorted(sizes, key=lambda k: (-(exact[k] - quota[k]), list(sizes).index(k)))
+    short = total - sum(quota.values())
+    for k in order:
+        if short <= 0:
+            break
+        if quota[k] < sizes[k]:
+            quota[k] += 1
+            short -= 1
+    return quota
+
+
+def target_counts(
+    sizes: Mapping[str, int], fraction: float, scope: str, step: int = 1, steps: int = 1
+) -> int | dict[str, int]:
+    """How many weights are removed after `step` of `steps` (global total or per tensor).
+
+    Intermediate targets are the final ones scaled by ``step/steps`` and rounded down, so they
+    grow monotonically and the last step hits the exact final count.
+    """
+    if scope == "global":
+        total = round(fraction * sum(sizes.values()))
+        return total * step // steps
+    if scope == "layer":
+        return {k: q * step // steps for k, q in layer_quotas(sizes, fraction).items()}
+    raise ConfigError(f"unknown --scope {scope!r}", hint=f"use one of {SCOPES}")
+
+
+def select_masks(
+    saliency: Mapping[str, Tensor],
+    target: int | Mapping[str, int],
+    removed: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Removal masks: the weights already `removed` plus the least salient others.
+
+    `target` is the total number removed afterwards (global scope) or one count per tensor
+    (layer scope). Raises `ConfigError` when more weights are already removed than asked.
+    """
+    removed = {k: removed[k].bool() for k in saliency if removed and k in removed}
+    if isinstance(target, int):
+        names = list(saliency)
+        groups = [(names, target)]
+    else:
+        groups = [([k], int(target[k])) for k in saliency]
+    out: dict[str, Tensor] = {}
+    for names, count in groups:
+        flat_sal = torch.cat([saliency[k].reshape(-1).double() for k in names])
+        flat_old = torch.cat(
+            [
+                removed[k].reshape(-1)
+                if k in removed
+                else torch.zeros_like(saliency[k], dtype=torch.bool).reshape(-1)
+                for k in names
+            ]
+        )
+        have = int(flat_old.sum())
+        if have > count:
+            where = names[0] if len(names) == 1 else "the prunable weights"
+            raise ConfigError(
+                f"{have} weights of {where} are already pruned, more than the {count} requested",
+                hint="ask for a larger --prune fraction than the checkpoint's current sparsity",
+            )
+        key = flat_sal.masked_fill(flat_old, -math.inf)
+        order = torch.argsort(key, stable=True)[:count]
+        flat = torch.zeros_like(flat_old)
+        flat[order] = True
+        pos = 0
+        for k in names:
+            n = saliency[k].numel()
+            out[k] = flat[pos : pos + n].reshape(saliency[k].shape)
+            pos += n
+    return out
+
+
+def apply_masks(weights: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Weights with the removed entries set to exactly zero."""
+    return {k: v.masked_fill(masks[k], 0.0) if k in masks else v for k, v in weights.items()}
+
+
+def count_removed(masks: Mapping[str, Tensor]) -> int:
+    return sum(int(m.sum()) for m in masks.values())
+
+
+# -------------------------------------------------------------------------------- evaluation
+@dataclass(frozen=True)
+class Evaluation:
+    """Mean loss and accuracy of a model on data (accuracy None for regression losses)."""
+
+    loss: Estimate
+    accuracy: Estimate | None
+
+
+def evaluate(
+    objective: Objective,
+    data: DataSample,
+    batch_size: int = 256,
+    params: Mapping[str, Tensor] | None = None,
+) -> Evaluation:
+    """Loss and accuracy with `params` substituted (e.g. a masked model), streamed in batches.
+
+    Both are exact on the sample; ``data_stderr`` is their sampling error over examples.
+    """
+    losses: list[Tensor] = []
+    correct, scored = 0, 0
+    has_acc = True
+    with torch.no_grad():
+        for batch in data.batches(batch_size, objective.device, objective.dtype):
+            out = objective.outputs(batch.inputs, params)
+            targets = objective.targets(batch, out)
+            losses.append(objective.loss.per_example(out, targets).double())
+            counts = objective.loss.accuracy_counts(out, targets)
+            if counts is None:
+                has_acc = False
+            else:
+                correct += int(counts[0])
+                scored += counts[1]
+    loss = torch.cat(losses)
+    n = loss.numel()
+    se = float(loss.std()) / math.sqrt(n) if n > 1 else None
+    mean = float(loss.mean())
+    acc = None
+    if has_acc and scored:
+        p = correct / scored
+        acc = Estimate.exact_value(
+            p, scored, "fraction correct", data_stderr=math.sqrt(p * (1 - p) / scored)
+        )
+    return Evaluation(Estimate.exact_value(mean, n, "mean loss", data_stderr=se), acc)
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def default_output_path(model_path: Path, fraction: float) -> Path:
+    """``<stem>.pruned-<percent>.safetensors`` beside the input.
+
+    A bundled sample (inside the installed package) is never written into: its pruned copy
+    goes to the working directory as ``<sample>.pruned-<percent>.safetensors``.
+    """
+    pct = f"{100 * fraction:.4g}"
+    path = Path(model_path)
+    if SAMPLE_ROOT in path.resolve().parents:
+        return Path.cwd() / f"{path.parent.name}.pruned-{pct}.safetensors"
+    return path.with_name(f"{path.stem}.pruned-{pct}.safetensors")
+
+
+def save_pruned(
+    loaded: LoadedModel,
+    weights: Mapping[str, Tensor],
+    masks: Mapping[str, Tensor],
+    output: Path,
+    info: Mapping[str, Any],
+    inputs: list[Path | None] | None = None,
+) -> Path:
+    """Write a pruned checkpoint: the input's tensors (keys and dtypes kept), pruned weights,
+    keep-masks under ``gmcurv_mask.`` and gmcurv metadata (the input's plus pruning info).
+
+    The input file is only read; `output` may not be any of `inputs`.
+    """
+    ensure_not_input(output, [loaded.path, *(inputs or [])])
+    original = load_tensors(loaded.path)
+    by_id = {id(p): name for name, p in loaded.model.named_parameters()}
+    state_vars = loaded.model.state_dict(keep_vars=True)
+    state: dict[str, Tensor] = {}
+    file_key: dict[str, str] = {}
+    for key, value in original.items():
+        if key.startswith("gmcurv_mask."):
+            continue
+        var = state_vars.get(key)
+        name = by_id.get(id(var)) if var is not None else None
+        if name is not None and name in weights:
+            state[key] = weights[name].detach().to("cpu", value.dtype).contiguous()
+            file_key.setdefault(name, key)
+        else:
+            state[key] = value
+    keep = {file_key.get(k, k): (~m).cpu() for k, m in masks.items()}
+    meta = dict(loaded.metadata)
+    if META_ARCH not in meta and _is_family_spec(loaded.arch):
+        meta.update(gmcurv_metadata(loaded.arch, loaded.loss))
+    meta.setdefault("gmcurv.loss", loaded.loss)
+    meta[META_PRUNING] = json.dumps(dict(info), sort_keys=True)
+    return save_checkpoint(output, state, meta, keep)
