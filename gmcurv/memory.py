@@ -240,8 +240,7 @@ def check_capture(
             limit,
             f"keeping the decomposed gradients of all {n_kept} examples for eigenvalues "
             f"({human(per)} per example)",
-            f"use --samples {fit} or less, --layers to analyse fewer parameters, or --k 0"
-            f"{columns_fix}",
+            f"use --samples {fit} or less, or --layers to analyse fewer parameters{columns_fix}",
         )
 
 

@@ -33,6 +33,7 @@ from gmcurv.checkpoint import LoadedModel, load_model
 from gmcurv.data import DataSample, load_data
 from gmcurv.errors import ConfigError, ConvergenceError, GmcurvWarning
 from gmcurv.fileio import atomic_write_text, ensure_not_input
+from gmcurv.memory import estimate_capture, human
 from gmcurv.objective import Objective
 from gmcurv.results import DataInfo, ModelInfo, Report, iter_estimates
 from gmcurv.rules import evaluate, parse_rules
@@ -189,7 +190,33 @@ class Session:
         if need_data:
             with s.stage("validate"):
                 distributed.agreed(validate, comm)
+            s.warn_dense_fallback(ctx)
         return s
+
+    def warn_dense_fallback(self, ctx: typer.Context) -> None:
+        """Warn (into the report too) which modules get dense per-example gradients and
+        the memory that takes — for commands that capture gradients (a ``--fisher`` option)."""
+        if "fisher" not in ctx.params or self.objective is None or self.data is None:
+            return
+        if not self.comm.main:
+            return  # one warning per job, from rank 0
+        fisher = getattr(ctx.params["fisher"], "value", ctx.params["fisher"])
+        mc = ctx.params.get("mc_samples") or 1
+        example = self.data.first(1, self.objective.device, self.objective.dtype)
+        est = estimate_capture(self.objective, example, fisher, mc)
+        if not est.dense_modules:
+            return
+        n = self.data.n
+        batch = min(ctx.params.get("batch_size") or n, n)
+        names = ", ".join(est.dense_modules[:6]) + (" ..." if len(est.dense_modules) > 6 else "")
+        warnings.warn(
+            f"parameters of {names} ({est.dense_params:,} in all) have no decomposed form: "
+            f"their per-example gradients are computed densely with torch.func, about "
+            f"{human(est.dense * batch)} per batch of {batch} ({human(est.dense * n)} for all "
+            f"{n} examples when kept); leave them out with --layers if that is too much",
+            GmcurvWarning,
+            stacklevel=2,
+        )
 
     # ------------------------------------------------------------------------- progress
     def note(self, text: str) -> None:
