@@ -86,20 +86,31 @@ def layer_quotas(sizes: Mapping[str, int], fraction: float) -> dict[str, int]:
     return quota
 
 
-def target_counts(
-    sizes: Mapping[str, int], fraction: float, scope: str, step: int = 1, steps: int = 1
-) -> int | dict[str, int]:
-    """How many weights are removed after `step` of `steps` (global total or per tensor).
-
-    Intermediate targets are the final ones scaled by ``step/steps`` and rounded down, so they
-    grow monotonically and the last step hits the exact final count.
-    """
+def target_counts(sizes: Mapping[str, int], fraction: float, scope: str) -> int | dict[str, int]:
+    """How many weights pruning `fraction` removes: a total (global) or one count per tensor."""
     if scope == "global":
-        total = round(fraction * sum(sizes.values()))
-        return total * step // steps
+        return round(fraction * sum(sizes.values()))
     if scope == "layer":
-        return {k: q * step // steps for k, q in layer_quotas(sizes, fraction).items()}
+        return layer_quotas(sizes, fraction)
     raise ConfigError(f"unknown --scope {scope!r}", hint=f"use one of {SCOPES}")
+
+
+def round_target(
+    final: int | Mapping[str, int],
+    removed: Mapping[str, Tensor],
+    step: int,
+    steps: int,
+) -> int | dict[str, int]:
+    """The target after `step` of `steps` rounds: from what is already `removed` to `final`
+    in equal integer steps (monotone; the last step is exactly `final`)."""
+    if isinstance(final, int):
+        start = count_removed(removed)
+        return start + (final - start) * step // steps
+    out = {}
+    for k, t in final.items():
+        start = int(removed[k].sum()) if k in removed else 0
+        out[k] = start + (t - start) * step // steps
+    return out
 
 
 def select_masks(

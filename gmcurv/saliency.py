@@ -50,6 +50,7 @@ from gmcurv.pruning import (
     count_removed,
     evaluate,
     prunable_params,
+    round_target,
     select_masks,
     target_counts,
 )
@@ -138,7 +139,9 @@ def curvature_at(
                 "use --samples to take fewer examples for the Fisher, --fisher empirical, "
                 "or --layers to restrict",
             )
-        dg = capture_all(objective, data, batch_size, fisher, mc_samples, seed, progress)
+        dg = capture_all(
+            objective, data, batch_size, fisher, mc_samples, seed, progress, budget_bytes
+        )
         curv.dg = dg
         curv.eps = default_eps(dg, damping)
         if "fisher_diag" in needs:
@@ -529,6 +532,7 @@ def prune_model(
     ev = eval_data or data
     before = evaluate(objective, ev, batch_size)
     needs = _needs([criterion], update)
+    final = target_counts(sizes, fraction, scope)
     current = dict(original)
     eps_used: list[float] = []
     columns = 0
@@ -556,9 +560,7 @@ def prune_model(
                 eps_used.append(curv.eps)
                 columns = curv.dg.columns
             sal, _ = saliencies(criterion, current, names, curv)
-            new_removed = select_masks(
-                sal, target_counts(sizes, fraction, scope, r, rounds), removed
-            )
+            new_removed = select_masks(sal, round_target(final, removed, r, rounds), removed)
             if update:
                 assert curv.dg is not None and curv.eps is not None
                 op = (

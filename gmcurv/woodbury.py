@@ -318,7 +318,7 @@ class DampedFisher:
                 wq = {}
                 for name in b.params:
                     m = self.removed.get(name)
-                    w = weights[name].double()
+                    w = weights[name].detach().double()
                     wq[name] = w * m if m is not None else torch.zeros_like(w)
                     wq_sq += float(wq[name].pow(2).sum())
                 if wq_sq > 0:
@@ -330,7 +330,7 @@ class DampedFisher:
                 t = self._mask(k, t)
                 m = self.removed.get(k)
                 if m is not None:
-                    t = torch.where(m, -weights[k].double(), t)
+                    t = torch.where(m, -weights[k].detach().double(), t)
                 delta[k] = t
         return delta, increase
 
