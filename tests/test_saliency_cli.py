@@ -1,0 +1,234 @@
+"""``gmcurv saliency``: report schema, --prune checkpoints, exit codes, plots."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import jsonschema
+import pytest
+import torch
+from helpers import write_data, write_mlp
+from rich.console import Console
+from safetensors.torch import load_file
+
+from gmcurv.checkpoint import MASK_PREFIX, load_model
+from gmcurv.cli import saliency as saliency_cmd
+from gmcurv.cli.app import app
+from gmcurv.fileio import sha256_file
+from gmcurv.results import Report, report_schema
+
+
+@pytest.fixture
+def problem(tmp_path):
+    model = write_mlp(tmp_path / "model.safetensors", sizes=(6, 10, 8, 3))
+    data = write_data(tmp_path / "data", n=48, shards=2)
+    return model, data
+
+
+def _json(result) -> dict:
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    jsonschema.validate(doc, report_schema())
+    return doc
+
+
+N_PRUNABLE = 6 * 10 + 10 * 8 + 8 * 3
+
+
+def test_report_json_has_criteria_eps_convention_and_curves(runner, problem):
+    model, data = problem
+    doc = _json(
+        runner.invoke(app, ["saliency", str(model), str(data), "--json", "--levels", "0.2,0.6"])
+    )
+    res = doc["results"]
+    assert doc["command"] == "saliency"
+    assert res["fisher"]["type"] == "empirical" and res["damping"]["eps"] > 0
+    assert "½" in res["convention"] and res["damping"]["relative"] == 0.01
+    assert res["n_prunable"] == N_PRUNABLE and set(res["layers"]) == {
+        "net.0.weight",
+        "net.2.weight",
+        "net.4.weight",
+    }
+    for info in res["layers"].values():
+        assert set(info["saliency"]) == {"magnitude", "obd", "obs"}
+        assert info["saliency"]["obs"]["median"]["stderr"] is None
+    assert set(res["sweep"]) == {"magnitude", "obd", "obs", "obs+update"}
+    for points in res["sweep"].values():
+        assert [p["fraction"] for p in points] == [0.2, 0.6]
+        assert [p["n_removed"] for p in points] == [
+            round(0.2 * N_PRUNABLE),
+            round(0.6 * N_PRUNABLE),
+        ]
+        assert 0 <= points[-1]["accuracy"]["value"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("fraction", "extra"),
+    [
+        ("0.5", []),
+        ("0.3", ["--criterion", "magnitude", "--scope", "layer"]),
+        ("0.7", ["--criterion", "obd", "--update", "--rounds", "2", "--structure", "global"]),
+    ],
+)
+def test_prune_writes_exact_reloadable_checkpoint(runner, problem, tmp_path, fraction, extra):
+    model, data = problem
+    digest = sha256_file(model)
+    out = tmp_path / "pruned.safetensors"
+    args = ["saliency", str(model), str(data), "--prune", fraction, "-o", str(out), "--json"]
+    doc = _json(runner.invoke(app, [*args, *extra]))
+    assert sha256_file(model) == digest  # the input is never touched
+    pr = doc["results"]["prune"]
+    expected = round(float(fraction) * N_PRUNABLE)
+    assert pr["n_removed"] == expected and pr["n_prunable"] == N_PRUNABLE
+    assert pr["checkpoint"]["path"] == str(out) and pr["checkpoint"]["sha256"] == sha256_file(out)
+    raw = load_file(str(out))  # plain safetensors
+    masks = {k[len(MASK_PREFIX) :]: v for k, v in raw.items() if k.startswith(MASK_PREFIX)}
+    assert set(masks) == {"net.0.weight", "net.2.weight", "net.4.weight"}
+    assert sum(int((~m).sum()) for m in masks.values()) == expected
+    for k, m in masks.items():
+        assert bool((raw[k][~m] == 0).all())
+        assert m.shape == raw[k].shape
+    reloaded = load_model(out)
+    assert reloaded.arch == "mlp:tanh" and set(reloaded.masks) == set(masks)
+    assert json.loads(reloaded.metadata["gmcurv.pruning"])["n_removed"] == expected
+    # every gmcurv command reads it
+    info = runner.invoke(app, ["info", str(out), "--json"])
+    assert info.exit_code == 0, info.output
+    again = _json(
+        runner.invoke(app, ["saliency", str(out), str(data), "--json", "--levels", "0.9"])
+    )
+    assert again["results"]["n_already_pruned"] == expected
+
+
+def test_default_output_name_derives_from_input(runner, problem, tmp_path):
+    model, data = problem
+    r = runner.invoke(app, ["saliency", str(model), str(data), "--prune", "0.25", "-q"])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "model.pruned-25.safetensors"
+    assert out.is_file() and "model.pruned-25.safetensors" in r.stdout
+
+
+def test_prune_reports_before_and_after(runner, problem, tmp_path):
+    model, data = problem
+    out = tmp_path / "p.safetensors"
+    r = runner.invoke(
+        app,
+        [
+            "saliency",
+            str(model),
+            str(data),
+            "--prune",
+            "0.6",
+            "-o",
+            str(out),
+            "--eval-data",
+            str(data),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "before" in r.stdout and "after" in r.stdout and "Pruned 98 of 164" in r.stdout
+
+
+@pytest.mark.parametrize("bad", ["-0.1", "1", "1.5", "nan", "inf"])
+def test_bad_fractions_exit_2(runner, problem, bad, tmp_path):
+    model, data = problem
+    r = runner.invoke(app, ["saliency", str(model), str(data), f"--prune={bad}"])
+    assert r.exit_code == 2, r.output
+    assert not list(tmp_path.glob("*.pruned-*"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-o", "x.txt"],
+        ["-o", "x.safetensors"],  # a checkpoint needs --prune
+        ["--levels", "0.5,abc"],
+        ["--levels", "1.2"],
+        ["--damping", "0"],
+        ["--criterion", "random"],
+        ["--plot", "x.gif"],
+        ["--prune", "0.5", "--rounds", "0"],
+    ],
+)
+def test_bad_options_exit_2(runner, problem, args):
+    model, data = problem
+    r = runner.invoke(app, ["saliency", str(model), str(data), *args])
+    assert r.exit_code == 2, r.output
+
+
+def test_output_may_not_overwrite_input(runner, problem):
+    model, data = problem
+    digest = sha256_file(model)
+    r = runner.invoke(app, ["saliency", str(model), str(data), "--prune", "0.5", "-o", str(model)])
+    assert r.exit_code == 2 and "overwrite" in r.output
+    assert sha256_file(model) == digest
+
+
+def test_plot_and_report_file(runner, problem, tmp_path):
+    model, data = problem
+    png, rep = tmp_path / "s.png", tmp_path / "r.json"
+    r = runner.invoke(
+        app,
+        [
+            "saliency",
+            str(model),
+            str(data),
+            "--plot",
+            str(png),
+            "-o",
+            str(rep),
+            "-q",
+            "--prune",
+            "0.4",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    doc = json.loads(rep.read_text())
+    jsonschema.validate(doc, report_schema())
+    assert "sweep" in doc["results"] and doc["results"]["prune"]["n_removed"] == round(0.4 * 164)
+
+
+def test_fail_if_gates_on_pruned_accuracy(runner, problem, tmp_path):
+    model, data = problem
+    base = ["saliency", str(model), str(data), "--prune", "0.5", "-q"]
+    ok = runner.invoke(
+        app, [*base, "-o", str(tmp_path / "a.safetensors"), "--fail-if", "prune.after.accuracy < 0"]
+    )
+    assert ok.exit_code == 0, ok.output
+    bad = runner.invoke(
+        app, [*base, "-o", str(tmp_path / "b.safetensors"), "--fail-if", "prune.after.loss > 0"]
+    )
+    assert bad.exit_code == 1
+
+
+def test_sample_runs_without_arguments(runner, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(
+        app, ["saliency", "--samples", "128", "--prune", "0.5", "--rounds", "2", "-q"]
+    )
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "digits_mlp.pruned-50.safetensors"
+    assert out.is_file()
+    assert load_model(out).masks["net.0.weight"].dtype == torch.bool
+
+
+def test_render_into_fixed_width_console(runner, problem):
+    model, data = problem
+    doc = _json(runner.invoke(app, ["saliency", str(model), str(data), "--json"]))
+    report = Report(
+        command=doc["command"],
+        config=doc["config"],
+        seed=doc["seed"],
+        device=doc["device"],
+        dtype=doc["dtype"],
+        model=None,
+        data=None,
+        results=doc["results"],
+        timings=doc["timings"],
+    )
+    buf = io.StringIO()
+    saliency_cmd.render(report, Console(file=buf, width=100, no_color=True))
+    text = buf.getvalue()
+    assert "net.0.weight" in text and "obs+update" in text and "eps" in text
