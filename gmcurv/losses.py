@@ -117,9 +117,9 @@ class CrossEntropy(Loss):
             return outputs[:, :-1], targets[:, 1:]
         return outputs, targets
 
-    def _token_weights(self, targets: Tensor) -> Tensor:
+    def _token_weights(self, targets: Tensor, dtype: torch.dtype | None = None) -> Tensor:
         """``w[n, t] = 1 / (#valid tokens of n)`` on valid tokens, 0 on ignored ones."""
-        valid = (targets != IGNORE_INDEX).to(torch.get_default_dtype())
+        valid = (targets != IGNORE_INDEX).to(dtype or torch.get_default_dtype())
         flat = valid.reshape(valid.shape[0], -1)
         count = flat.sum(1).clamp_min(1.0)
         return (flat / count[:, None]).reshape(valid.shape)
@@ -132,7 +132,7 @@ class CrossEntropy(Loss):
             reduction="none",
             ignore_index=IGNORE_INDEX,
         ).reshape(tgt.shape)
-        w = self._token_weights(tgt).to(ce.dtype)
+        w = self._token_weights(tgt, ce.dtype)
         return (ce * w).reshape(ce.shape[0], -1).sum(1)
 
     def accuracy_counts(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, int]:
@@ -181,7 +181,7 @@ class CrossEntropy(Loss):
         logits, tgt = self._align(outputs, targets)
         vv = v[:, :-1] if self.shift else v
         p = logits.softmax(-1)
-        w = self._token_weights(tgt).to(p.dtype).unsqueeze(-1)
+        w = self._token_weights(tgt, p.dtype).unsqueeze(-1)
         hv = w * (p * vv - p * (p * vv).sum(-1, keepdim=True))
         return self._pad(hv, outputs) if self.shift else hv
 
@@ -206,7 +206,7 @@ class CrossEntropy(Loss):
     ) -> Tensor:
         logits, tgt = self._align(outputs.detach(), targets)
         p = logits.softmax(-1)
-        w = self._token_weights(tgt).to(p.dtype).unsqueeze(-1)  # [N, *tok, 1]
+        w = self._token_weights(tgt, p.dtype).unsqueeze(-1)  # [N, *tok, 1]
         n_classes = p.shape[-1]
         if fisher == "empirical":
             onehot = F.one_hot(tgt.clamp_min(0), n_classes).to(p.dtype)

@@ -120,3 +120,76 @@ def seeded(factory, seed=0, **kw):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
     return model
+
+
+# ----------------------------------------------------------- more capture cases (issue 6)
+class ConvZoo(nn.Module):
+    """Conv2d variants: stride, dilation, 'same' padding with an even kernel (asymmetric),
+    reflect/circular padding, no bias, a non-square kernel, a layer applied twice, and a
+    grouped conv (dense fallback)."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.strided = nn.Conv2d(2, 3, 3, stride=2, padding=1)
+        self.dilated = nn.Conv2d(3, 3, 2, dilation=2, padding="same")  # pads 1 left, 1 right
+        self.even = nn.Conv2d(3, 2, (2, 3), padding="same", bias=False)  # asymmetric
+        self.reflect = nn.Conv2d(2, 4, 3, padding=1, padding_mode="reflect")
+        self.circular = nn.Conv2d(4, 4, (3, 1), padding=(1, 0), padding_mode="circular")
+        self.twice = nn.Conv2d(4, 4, 1)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
+        self.head = nn.Linear(4 * 3 * 3, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.strided(x))  # [N, 3, 3, 3]
+        h = torch.tanh(self.dilated(h))
+        h = torch.tanh(self.reflect(self.even(h)))
+        h = torch.tanh(self.circular(h))
+        h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
+        h = torch.tanh(self.grouped(h))
+        return self.head(h.flatten(1))
+
+
+class EmbedZoo(nn.Module):
+    """Embeddings: a large vocabulary (token-pair route), a small one used twice
+    (materialised route), padding_idx, and a per-token Linear head (sequence outputs)."""
+
+    def __init__(self, vocab=40, small=4, d=5, classes=3):
+        super().__init__()
+        self.big = nn.Embedding(vocab, d, padding_idx=0)
+        self.small = nn.Embedding(small, d)
+        self.norm = nn.RMSNorm(d) if hasattr(nn, "RMSNorm") else nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+        self.small_vocab = small
+
+    def forward(self, ids):
+        h = self.big(ids) + self.small(ids % self.small_vocab)
+        h = h + self.small((ids + 1) % self.small_vocab)
+        return self.head(torch.tanh(self.norm(h)))  # [N, T, classes]
+
+
+class TiedPair(nn.Module):
+    """Weights shared between two Linear layers, and an embedding tied to a biased head."""
+
+    def __init__(self, vocab=6, d=4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.a = nn.Linear(d, d)
+        self.b = nn.Linear(d, d, bias=False)
+        self.b.weight = self.a.weight
+        self.gn = nn.GroupNorm(2, d)
+        self.out = nn.Linear(d, vocab)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        h = torch.tanh(self.a(self.emb(ids)))  # [N, T, d]
+        h = torch.tanh(self.b(h)) + h
+        h = self.gn(h.transpose(1, 2)).transpose(1, 2)
+        return self.out(h.mean(1))
+
+
+def tiny_gpt2(vocab=9, t=6, d=8, layers=2, heads=2):
+    """gmcurv's GPT-2 at toy size (next-token loss)."""
+    from gmcurv.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=vocab, n_positions=t, n_embd=d, n_layer=layers, n_head=heads)
+    return GPT2LMHeadModel(cfg)
