@@ -84,7 +84,7 @@ class Loss:
         """Cotangents ``G: [C, *outputs.shape]`` for the chosen Fisher (see module doc).
 
         For ``mc``, `noise` holds the per-example random draws, ``[N, *noise_shape]``
-        (see `noise_spec`); without it they are drawn from the global generator.
+        (see `noise_spec` and `gmcurv.rng.example_noise`).
         """
         raise NotImplementedError
 
@@ -212,10 +212,7 @@ class CrossEntropy(Loss):
             onehot = F.one_hot(tgt.clamp_min(0), n_classes).to(p.dtype)
             cols = (w * (p - onehot)).unsqueeze(0)
         elif fisher == "mc":
-            if noise is None:
-                noise = torch.rand(
-                    (p.shape[0], mc_samples, *p.shape[1:-1]), dtype=p.dtype, device=p.device
-                )
+            noise = _require(noise)
             u = noise.to(p.dtype).movedim(1, 0)  # [k, N, *tok] uniforms
             cdf = p.cumsum(-1)
             # inverse-CDF sampling: the class whose cumulative probability first exceeds u
@@ -302,10 +299,7 @@ class MeanSquaredError(Loss):
         if fisher == "mc":
             # targets ~ N(f, (E/2) I), the likelihood whose NLL is the loss; the gradient is
             # (2/E)(f - y) = -sqrt(2/E) ε with ε standard normal.
-            if noise is None:
-                noise = torch.randn(
-                    (out.shape[0], mc_samples, *out.shape[1:]), dtype=out.dtype, device=out.device
-                )
+            noise = _require(noise)
             eps = noise.to(out.dtype).movedim(1, 0)  # [k, N, *out]
             return -math.sqrt(2.0 / e) * eps / math.sqrt(mc_samples)
         if fisher == "exact":
@@ -313,6 +307,15 @@ class MeanSquaredError(Loss):
             cols = eye.reshape(e, 1, *out.shape[1:]).expand(e, out.shape[0], *out.shape[1:])
             return cols.contiguous()
         raise ConfigError(f"unknown Fisher type {fisher!r}", hint=f"use one of {FISHER_TYPES}")
+
+
+def _require(noise: Tensor | None) -> Tensor:
+    if noise is None:
+        raise ConfigError(
+            "Monte Carlo Fisher columns need per-example noise",
+            hint="draw it with gmcurv.rng.example_noise (Capturer does this for you)",
+        )
+    return noise
 
 
 LOSSES: dict[str, Loss] = {
