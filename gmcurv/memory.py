@@ -88,7 +88,9 @@ class CaptureEstimate:
     - ``activations``: tensors autograd saves for the backward pass (parameters excluded);
     - ``cotangents``: the Fisher's output columns ``G`` (``C`` x the outputs);
     - ``factors``: decomposed factors (``delta``: ``C`` x the module's outputs, inputs once);
-    - ``dense``: dense per-example gradients, ``C`` x the parameters of `dense_modules`.
+    - ``dense``: dense per-example gradients, ``C`` x the parameters of `dense_modules`;
+    - ``check`` (per capture, not per example): the first batch's self-check against
+      autograd — three full gradients plus float64 copies of the largest block.
     """
 
     columns: int
@@ -98,11 +100,14 @@ class CaptureEstimate:
     dense: int
     dense_modules: tuple[str, ...] = ()
     dense_params: int = 0
+    check: int = 0
 
-    def batch_bytes(self, batch_size: int) -> int:
-        """Peak while one batch is captured (the dense fallback re-runs the graph per column)."""
+    def batch_bytes(self, batch_size: int, first: bool = True) -> int:
+        """Peak while one batch is captured (the dense fallback re-runs the graph per column);
+        `first`: with the self-check the first batch runs."""
         graph = self.activations * (1 + (self.columns if self.dense else 0))
-        return batch_size * (graph + self.cotangents + self.factors + self.dense)
+        per_batch = batch_size * (graph + self.cotangents + self.factors + self.dense)
+        return per_batch + (self.check if first else 0)
 
     def kept_bytes(self, n: int) -> int:
         """Factors of `n` examples held at once, plus the largest Gram kernel formed on them."""
@@ -118,7 +123,8 @@ class CaptureEstimate:
             ("factors", self.factors),
             ("dense gradients", self.dense),
         ]
-        return ", ".join(f"{name} {human(b)}" for name, b in parts if b)
+        text = ", ".join(f"{name} {human(b)}" for name, b in parts if b)
+        return text + (f"; self-check {human(self.check)} once" if self.check else "")
 
 
 def estimate_capture(objective, example, fisher: str = "empirical", mc_samples: int = 1):
@@ -180,6 +186,8 @@ def estimate_capture(objective, example, fisher: str = "empirical", mc_samples: 
     columns = obj.loss.n_columns(out.shape, fisher, mc_samples)
     dense = [p for p in plans if p.kind == "dense"]
     dense_params = sum(obj.params[k].numel() for p in dense for k in p.params)
+    n_params = sum(p.numel() for p in obj.params.values())
+    largest = max(sum(obj.params[k].numel() for k in p.params) for p in plans)
     return CaptureEstimate(
         columns=columns,
         activations=sum(saved.values()),
@@ -188,6 +196,7 @@ def estimate_capture(objective, example, fisher: str = "empirical", mc_samples: 
         dense=columns * dense_params * itemsize,
         dense_modules=tuple(p.name for p in dense),
         dense_params=dense_params,
+        check=3 * n_params * itemsize + 4 * largest * 8,
     )
 
 
@@ -225,7 +234,8 @@ def check_capture(
         )
     b = min(batch_size, n)
     if estimate.batch_bytes(b) > limit:
-        fit = max(1, int(limit // max(one, 1)))
+        per_example = max(estimate.batch_bytes(1, first=False), 1)
+        fit = max(1, int((limit - estimate.check) // per_example))
         preflight(
             estimate.batch_bytes(b),
             limit,
