@@ -451,6 +451,20 @@ class SumOfSources(GradientSource):
                 out[k] = v if k not in out else out[k] + v
         return out
 
+    def sq_norms(self) -> Tensor:
+        """``||Σ_p g^p||² = Σ_p ||g^p||² + 2 Σ_{p<q} <g^p, g^q>`` with the cross terms in
+        token form (`_token_form`), never materialising a tied ``[V, O]`` gradient; the
+        generic chunked route when a part has no token form."""
+        forms = [_token_form(p) for p in self.parts]
+        if any(f is None for f in forms):
+            return super().sq_norms()
+        out = sum(p.sq_norms() for p in self.parts)
+        for i in range(len(forms)):
+            for j in range(i + 1, len(forms)):
+                for name in forms[i].keys() & forms[j].keys():  # type: ignore[union-attr]
+                    out = out + 2 * _cross(*forms[i][name], *forms[j][name])  # type: ignore[index]
+        return out  # type: ignore[return-value]
+
     def jvp(self, vector: Mapping[str, Tensor]) -> Tensor:
         return sum(p.jvp(vector) for p in self.parts)  # type: ignore[return-value]
 
@@ -473,3 +487,47 @@ class SumOfSources(GradientSource):
             for group in zip(*[p.parts for p in parts], strict=True)  # type: ignore[attr-defined]
         )
         return replace(first, parts=merged)
+
+
+# ----------------------------------------------------------------- token forms (tied weights)
+# A matrix gradient in token form: g[n,c] = Σ_t rows[n,c,t] ⊗ cols[n,c,t], each side either
+# dense ``[N, C or 1, T, D]`` or one-hot, kept as indices ``[N, T]``.
+Side = Tensor  # dense [N, C|1, T, D] (float) or indices [N, T] (int64)
+
+
+def _token_form(part: GradientSource) -> dict[str, tuple[Side, Side]] | None:
+    """``{name: (rows, cols)}`` for linear (weight ``Σ_t δ_t x_t^T``, bias ``Σ_t δ_t 1``) and
+    embedding (``Σ_t e_{i_t} δ_t^T``) factors; None for other sources."""
+    if isinstance(part, LinearFactors):
+        w, b = part._names()
+        x = part.x[:, None]  # [N, 1, T, I]
+        forms = {}
+        if w is not None:
+            forms[w] = (part.delta, x)
+        if b is not None:
+            forms[b] = (part.delta, x.new_ones(*x.shape[:-1], 1))
+        return forms
+    if isinstance(part, EmbeddingFactors):
+        return {part.names[0]: (part.index, part.delta)}
+    return None
+
+
+def _side_products(a: Side, b: Side, dtype: torch.dtype) -> Tensor:
+    """``P[n, c, t, s] = a[n,c,t] · b[n,c,s]`` (``c`` broadcast where a side has none)."""
+    a_idx, b_idx = not a.is_floating_point(), not b.is_floating_point()
+    if a_idx and b_idx:
+        return (a[:, None, :, None] == b[:, None, None, :]).to(dtype)
+    if a_idx:
+        return _side_products(b, a, dtype).transpose(2, 3)
+    if b_idx:  # a[n, c, t, b[n, s]]
+        n, c, t, _ = a.shape
+        return torch.gather(a, 3, b[:, None, None, :].expand(n, c, t, b.shape[1]))
+    return torch.einsum("ncto,ncso->ncts", a, b)
+
+
+def _cross(rows_a: Side, cols_a: Side, rows_b: Side, cols_b: Side) -> Tensor:
+    """``<g_a[n,c], g_b[n,c]>`` for two token forms of the same matrix, ``[N, C]``."""
+    dtype = next(t.dtype for t in (rows_a, cols_a, rows_b, cols_b) if t.is_floating_point())
+    left = _side_products(rows_a, rows_b, dtype)
+    right = _side_products(cols_a, cols_b, dtype)
+    return (left * right).sum((2, 3))
