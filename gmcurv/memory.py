@@ -101,12 +101,15 @@ class CaptureEstimate:
     dense_modules: tuple[str, ...] = ()
     dense_params: int = 0
     check: int = 0
+    outputs: int = 0  # the model's outputs (the loss makes a few temporaries of this size)
 
     def batch_bytes(self, batch_size: int, first: bool = True) -> int:
-        """Peak while one batch is captured (the dense fallback re-runs the graph per column);
-        `first`: with the self-check the first batch runs."""
-        graph = self.activations * (1 + (self.columns if self.dense else 0))
-        per_batch = batch_size * (graph + self.cotangents + self.factors + self.dense)
+        """Peak while one batch is captured: the saved graph and as much again for the
+        backward pass (the dense fallback re-runs it per column), the loss's temporaries,
+        columns and factors; `first`: the first batch also runs the self-check."""
+        graph = 2 * self.activations * (1 + (self.columns if self.dense else 0))
+        loss = 4 * self.outputs + self.cotangents
+        per_batch = batch_size * (graph + loss + self.factors + self.dense)
         return per_batch + (self.check if first else 0)
 
     def kept_bytes(self, n: int) -> int:
@@ -197,6 +200,7 @@ def estimate_capture(objective, example, fisher: str = "empirical", mc_samples: 
         dense_modules=tuple(p.name for p in dense),
         dense_params=dense_params,
         check=3 * n_params * itemsize + 4 * largest * 8,
+        outputs=out.numel() * itemsize,
     )
 
 

@@ -1,0 +1,325 @@
+"""Throughput on a randomly initialised 124M-parameter GPT-2 on a CPU.
+
+    python bench/models/bench_gpt2.py                 # N = 4 and 8 sequences of 128 tokens
+    python bench/models/bench_gpt2.py --n 4 --quick   # one size, one timed repeat
+
+Model: `gmcurv.models.gpt2.GPT2LMHeadModel` with Hugging Face's ``gpt2`` sizes (n_embd 768,
+12 layers, 12 heads, vocabulary 50,257, 1,024 positions; ``lm_head`` tied to ``wte``, a
+38.6M-parameter block), GPT-2 initialisation with seed 0, float32, 2 threads. Data:
+uniformly random token ids, ``[N, 128]``, next-token loss (all tokens count).
+
+Each method runs in its own subprocess; peak memory is the process's peak RSS (absolute,
+and above the RSS after set-up: model and data built, nothing run). Times: first run, then
+the median of the timed repeats.
+
+- ``plain_backward``: ``loss.backward()`` of the mean loss (the reference cost);
+- ``gmcurv_trace``: `gmcurv.memory.estimate_capture` (the preflight), then `Capturer` +
+  `FisherAccumulator`: the empirical Fisher trace, total and per block. The first run
+  includes the one-off self-check of the factors against autograd; repeats do not;
+- ``gmcurv_trace_nocheck``: the same without the self-check (steady-state memory);
+- ``torch_func_trace``: per-example gradients from ``vmap(grad)`` (``N x P`` floats), summed
+  squares;
+- ``opacus_trace``: opacus ``GradSampleModule`` per-sample gradients, summed squares;
+- ``gmcurv_hvp`` / ``gmcurv_ggnvp``: `CurvatureOperator` Hessian / GGN-vector products
+  (batches of 4, forward-over-reverse; attention on the math kernel);
+- ``pyhessian_hvp``: PyHessian's Hessian-vector product (``backward(create_graph=True)``
+  once, then ``autograd.grad`` of the kept graph per product; math attention kernel, since
+  the CPU flash kernel's backward is not differentiable).
+
+Results: bench/models/results.json (see RESULTS.md). Run final numbers under
+``flock /tmp/gmcurv-bench.lock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+SEQ = 128
+HVP_BATCH = 4
+METHODS = [
+    "plain_backward",
+    "gmcurv_trace",
+    "gmcurv_trace_nocheck",
+    "torch_func_trace",
+    "opacus_trace",
+    "gmcurv_hvp",
+    "gmcurv_ggnvp",
+    "pyhessian_hvp",
+]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def build(n: int):
+    from gmcurv.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config()).eval()
+    ids = torch.randint(0, 50257, (n, SEQ), generator=torch.Generator().manual_seed(0))
+    return model, ids
+
+
+def mean_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over all tokens (= gmcurv's objective: equal lengths)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def math_attention():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def unit_vector(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(p.shape, generator=g) for k, p in params.items()}
+    norm = sum(float(x.pow(2).sum()) for x in v.values()) ** 0.5
+    return {k: x / norm for k, x in v.items()}
+
+
+def make_method(name: str, model, ids):
+    """A zero-argument callable doing one unit of work, returning a dict of outputs."""
+    from gmcurv.data import Batch
+    from gmcurv.objective import Objective
+
+    n = len(ids)
+    if name == "plain_backward":
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            mean_loss(model(ids), ids).backward()
+            return {}
+
+        return run
+    if name in ("gmcurv_trace", "gmcurv_trace_nocheck"):
+        from gmcurv.capture import Capturer
+        from gmcurv.fisher import FisherAccumulator
+        from gmcurv.memory import estimate_capture
+
+        obj = Objective.build(model, "next_token")
+        batch = Batch(ids, None, 0)
+        t0 = time.perf_counter()
+        est = estimate_capture(obj, Batch(ids[:1], None, 0))
+        preflight_s = time.perf_counter() - t0
+        cap = Capturer(obj, check=name == "gmcurv_trace")
+
+        def run():
+            dg = cap(batch)
+            acc = FisherAccumulator(diagonal=False)
+            acc.add(dg)
+            tied = next(b for b in dg.blocks if b.kind == "tied")
+            return {
+                "fisher_trace": acc.trace()[0],
+                "tied_block_trace": acc.trace(tied.name)[0],
+                "factor_gb": sum(b.source.nbytes() for b in dg.blocks) / 1e9,
+                "blocks": len(dg.blocks),
+                "preflight_s": preflight_s,
+                "estimate_first_batch_gb": est.batch_bytes(n) / 1e9,
+                "estimate_steady_batch_gb": est.batch_bytes(n, first=False) / 1e9,
+            }
+
+        return run
+    if name == "torch_func_trace":
+        from torch.func import functional_call, grad, vmap
+
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss_one(p, x):
+            xb = x.unsqueeze(0)
+            return mean_loss(functional_call(model, p, (xb,)), xb)
+
+        per_example = vmap(grad(loss_one), in_dims=(None, 0))
+
+        def run():
+            with math_attention():  # vmap has no batching rule for the CPU flash kernel
+                g = per_example(params, ids)
+            return {"fisher_trace": sum(float(v.pow(2).sum()) for v in g.values()) / n}
+
+        return run
+    if name == "opacus_trace":
+        from opacus import GradSampleModule
+
+        gsm = GradSampleModule(model, loss_reduction="sum").train()  # no dropout in the model
+
+        def run():
+            gsm.zero_grad(set_to_none=True)
+            logits = gsm(ids)
+            per = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                ids[:, 1:].reshape(-1),
+                reduction="none",
+            ).reshape(n, -1)
+            per.mean(1).sum().backward()
+            total = 0.0
+            for p in gsm.parameters():
+                gs = p.grad_sample
+                total += float(gs.pow(2).sum())
+            return {"fisher_trace": total / n}
+
+        return run
+    if name in ("gmcurv_hvp", "gmcurv_ggnvp"):
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        from gmcurv.data import load_data
+        from gmcurv.hessian import CurvatureOperator
+
+        obj = Objective.build(model, "next_token")
+        tmp = Path(tempfile.mkdtemp()) / "tokens.safetensors"
+        save_file({"input_ids": ids}, str(tmp))
+        kind = "hessian" if name == "gmcurv_hvp" else "ggn"
+        op = CurvatureOperator(obj, load_data(tmp), batch_size=HVP_BATCH, kind=kind)
+        v = unit_vector(obj.params)
+
+        def run():
+            hv = op.matvec_dict(v)
+            quad = sum(float((hv[k] * v[k]).sum()) for k in v)
+            return {"v_C_v": quad, "forward_mode": op.forward_mode}
+
+        return run
+    if name == "pyhessian_hvp":
+        from pyhessian import hessian
+        from pyhessian.utils import hessian_vector_product
+
+        with math_attention():
+            comp = hessian(model, mean_loss, data=(ids, ids), cuda=False)
+        names = [k for k, p in model.named_parameters() if p.requires_grad]
+        v = unit_vector(dict(model.named_parameters()))
+        vs = [v[k] for k in names]
+
+        def run():
+            with math_attention():
+                hv = hessian_vector_product(comp.gradsH, comp.params, vs)
+            return {"v_C_v": sum(float((a * b).sum()) for a, b in zip(hv, vs, strict=True))}
+
+        return run
+    raise KeyError(name)
+
+
+def measure_one(n: int, method: str, repeats: int) -> dict:
+    torch.set_num_threads(2)
+    model, ids = build(n)
+    base = rss_bytes()
+    t_setup = time.perf_counter()
+    try:
+        run = make_method(method, model, ids)
+        setup_s = time.perf_counter() - t_setup
+        t0 = time.perf_counter()
+        out = run()
+        first_s = time.perf_counter() - t0
+    except Exception as e:  # a peer that cannot handle the model
+        return {"status": "unsupported", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = run()
+        times.append(time.perf_counter() - t0)
+    return {
+        "status": "ok",
+        "n": n,
+        "seq": SEQ,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "setup_s": round(setup_s, 3),
+        "first_s": round(first_s, 3),
+        "median_s": round(statistics.median(times), 3) if times else None,
+        "times_s": [round(t, 3) for t in times],
+        "setup_rss_gb": round(base / 1e9, 3),
+        "peak_rss_gb": round(peak_bytes() / 1e9, 3),
+        "peak_extra_gb": round(max(0, peak_bytes() - base) / 1e9, 3),
+        **out,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--one", nargs=2, metavar=("N", "METHOD"))
+    ap.add_argument("--n", type=int, nargs="*", default=[4, 8])
+    ap.add_argument("--methods", nargs="*", default=METHODS)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(HERE / "results.json"))
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(measure_one(int(args.one[0]), args.one[1], args.repeats)))
+        return
+    repeats = 1 if args.quick else args.repeats
+    results: dict = {}
+    for n in args.n:
+        key = f"N={n}"
+        results[key] = {}
+        for method in args.methods:
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", str(n), method, "--repeats", str(repeats)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            try:
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+            except (IndexError, ValueError):
+                res = {"status": "failed", "error": proc.stderr[-600:]}
+            results[key][method] = res
+            shown = (
+                f"first {res['first_s']:.1f}s, median {res['median_s']}s, "
+                f"peak {res['peak_rss_gb']:.2f} GB (+{res['peak_extra_gb']:.2f})"
+                if res.get("status") == "ok"
+                else f"{res['status']}: {res.get('error', '')[:200]}"
+            )
+            print(f"{key:5s} {method:22s} {shown}", flush=True)
+        _compare(results[key])
+    doc = {
+        "machine": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "threads": 2,
+            "processor": platform.processor() or platform.machine(),
+            "cpus": __import__("os").cpu_count(),
+        },
+        "model": "GPT-2 124M (n_embd 768, 12 layers, 12 heads, vocab 50257), random init",
+        "seq": SEQ,
+        "repeats": repeats,
+        "results": results,
+    }
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _compare(res: dict) -> None:
+    """Ratios to the plain backward pass and agreement between methods, in place."""
+    ok = {k: v for k, v in res.items() if v.get("status") == "ok"}
+    base = ok.get("plain_backward", {}).get("median_s")
+    for v in ok.values():
+        if base and v.get("median_s"):
+            v["x_plain_backward"] = round(v["median_s"] / base, 2)
+    ref = ok.get("gmcurv_trace", {}).get("fisher_trace")
+    for k in ("torch_func_trace", "opacus_trace", "gmcurv_trace_nocheck"):
+        if ref and k in ok:
+            ok[k]["trace_rel_diff_vs_gmcurv"] = abs(ok[k]["fisher_trace"] - ref) / abs(ref)
+    hv = ok.get("gmcurv_hvp", {}).get("v_C_v")
+    if hv and "pyhessian_hvp" in ok:
+        ok["pyhessian_hvp"]["vHv_rel_diff_vs_gmcurv"] = abs(
+            ok["pyhessian_hvp"]["v_C_v"] - hv
+        ) / abs(hv)
+
+
+if __name__ == "__main__":
+    main()
