@@ -51,7 +51,7 @@ from gmcurv.factors import (
 from gmcurv.fisher import fisher_trace
 
 STRUCTURES = ("block", "global")
-COLUMN_CHUNK = 1 << 22  # at most ~4M entries of J (N C x m) formed at once
+COLUMN_CHUNK = 1 << 20  # at most ~1M entries of J (N C x m) formed at once
 DEFAULT_DAMPING = 1e-2  # eps = damping * tr(F) / P, see `default_eps`
 
 
