@@ -7,12 +7,16 @@ Where the architecture comes from, first match wins:
    ``path/to/file.py:factory`` or ``package.module:factory`` returning an ``nn.Module``;
 2. gmcurv metadata in the safetensors header (``gmcurv.arch``, ``gmcurv.arch_config``,
    ``gmcurv.loss``), written by gmcurv itself (sample models, pruned checkpoints);
-3. a Hugging Face ``config.json`` beside the weights, for supported ``model_type`` values.
+3. a Hugging Face ``config.json`` beside the weights, for supported ``model_type`` values
+   (the model may name itself by a family spec, ``arch_spec``, e.g. ``gpt2:n_head=12``,
+   which is what checkpoints gmcurv writes from it record).
 
 Weights load with ``safetensors.torch.load_model`` semantics: tied parameters need only one
 of their names in the file; any other missing key, any unexpected key and any shape
 mismatch is an error naming the file. Tensors under the reserved ``gmcurv_mask.`` prefix
-are pruning masks (see `save_checkpoint`), returned separately.
+are pruning masks (see `save_checkpoint`), returned separately. A model may declare entries
+to ignore (``ignored_checkpoint_keys``) and entries other tools store transposed
+(``checkpoint_transposed_keys()``, read transposed from files without gmcurv metadata).
 """
 
 from __future__ import annotations
@@ -286,7 +290,9 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
     config = _load_hf_config(header.path)
     if config is not None:
         model, loss = build_from_hf_config(config, shapes, source)
-        return model, str(config.get("model_type")), "config.json", loss
+        # a family spec that rebuilds the model without config.json (e.g. gpt2:n_head=12)
+        name = getattr(model, "arch_spec", None) or str(config.get("model_type"))
+        return model, name, "config.json", loss
     raise ArchitectureError(
         f"{source}: cannot tell the architecture: no gmcurv metadata and no config.json beside it",
         hint="pass --arch mlp[:activation] for a plain MLP, or --arch path/to/model.py:factory",
@@ -352,6 +358,20 @@ def drop_ignored_keys(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str
     }
 
 
+def from_foreign_layout(
+    model: nn.Module, state: Mapping[str, Tensor], metadata: Mapping[str, str]
+) -> dict[str, Tensor]:
+    """Transpose the entries a model says other tools store transposed
+    (``checkpoint_transposed_keys()``, e.g. Hugging Face ``Conv1D`` weights ``[in, out]``),
+    for files not written by gmcurv (no ``gmcurv.arch`` metadata). gmcurv writes parameters
+    as they are in the model."""
+    keys = getattr(model, "checkpoint_transposed_keys", None)
+    if META_ARCH in metadata or keys is None:
+        return dict(state)
+    transposed = set(keys())
+    return {k: v.t() if k in transposed and v.ndim == 2 else v for k, v in state.items()}
+
+
 def load_model(
     model_path: str | Path,
     arch: str | None = None,
@@ -367,6 +387,7 @@ def load_model(
     masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
     state = drop_ignored_keys(model, state)
+    state = from_foreign_layout(model, state, header.metadata)
     for k, v in state.items():
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(

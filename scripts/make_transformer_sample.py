@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from gmcurv.checkpoint import save_checkpoint
-from gmcurv.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from gmcurv.models.gpt2 import GPT2Config, GPT2LMHeadModel, to_hf_state_dict
 
 OUT = Path(__file__).resolve().parents[1] / "gmcurv" / "sample_models" / "tiny_gpt"
 CONFIG = GPT2Config(
@@ -118,7 +118,7 @@ def main() -> None:
             shutil.rmtree(OUT / folder)
         (OUT / folder).mkdir(parents=True)
         save_file({"input_ids": ids.contiguous()}, str(OUT / folder / "tokens.safetensors"))
-    save_checkpoint(OUT / "model.safetensors", model.state_dict(), {"format": "pt"})
+    save_checkpoint(OUT / "model.safetensors", to_hf_state_dict(model), {"format": "pt"})
     hf = {
         **cfg.to_dict(),
         "architectures": ["GPT2LMHeadModel"],

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from gmcurv.checkpoint import build_model, load_model, read_header
 from gmcurv.cli.app import app
 from gmcurv.errors import ArchitectureError
-from gmcurv.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from gmcurv.models.gpt2 import GPT2Config, GPT2LMHeadModel, to_hf_state_dict
 from gmcurv.results import report_schema
 
 USER_MODEL = """
@@ -168,12 +168,11 @@ def _gpt2_file(tmp_path, n_head=2, prefixed=True):
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=n_head)
     model = GPT2LMHeadModel(cfg)
-    state = model.state_dict()
+    state = to_hf_state_dict(model)  # as transformers writes it
     if not prefixed:
         state = {k.removeprefix("transformer."): v for k, v in state.items()}
     path = tmp_path / "gpt.safetensors"
-    tensors = {k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}
-    save_file(tensors, str(path))
+    save_file(state, str(path))
     return path, model
 
 

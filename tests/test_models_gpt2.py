@@ -20,7 +20,7 @@ from oracles import dense_ggn, dense_hessian
 from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from gmcurv.checkpoint import load_model, read_header, save_checkpoint
+from gmcurv.checkpoint import gmcurv_metadata, load_model, read_header, save_checkpoint
 from gmcurv.cli.app import app
 from gmcurv.data import Batch, load_data
 from gmcurv.errors import ArchitectureError, DataError
@@ -30,6 +30,8 @@ from gmcurv.models.gpt2 import (
     GPT2Config,
     GPT2LMHeadModel,
     build_gpt2,
+    from_hf_state_dict,
+    to_hf_state_dict,
 )
 from gmcurv.objective import Objective
 from gmcurv.results import report_schema
@@ -99,11 +101,13 @@ def reference_logits(state: dict, cfg: GPT2Config, ids: torch.Tensor, mask=None)
 @pytest.mark.parametrize("cls", [GPT2LMHeadModel, GPT2BareLMHeadModel])
 def test_logits_match_a_plain_reference_in_hf_layout(cls):
     model = _model(cls=cls)
-    state = model.state_dict()
+    state = to_hf_state_dict(model)
     prefix = "transformer." if cls is GPT2LMHeadModel else ""
-    # HF Conv1D layout in the state dict: [in, out]
+    # parameters in nn.Linear layout [out, in]; HF Conv1D layout [in, out]; tied head left out
+    assert model.get_parameter(prefix + "h.0.attn.c_attn.weight").shape == (36, 12)
     assert state[prefix + "h.0.attn.c_attn.weight"].shape == (12, 36)
     assert state[prefix + "h.0.mlp.c_proj.weight"].shape == (48, 12)
+    assert "lm_head.weight" not in state
     ids = _ids()
     torch.testing.assert_close(model(ids), reference_logits(state, SMALL, ids), rtol=1e-12, atol=0)
 
@@ -115,7 +119,7 @@ def test_attention_mask_hides_padding():
     mask[0, 5:] = 0  # right padding
     mask[1, :2] = 0  # left padding
     out = model(ids, attention_mask=mask)
-    ref = reference_logits(model.state_dict(), SMALL, ids, mask)
+    ref = reference_logits(to_hf_state_dict(model), SMALL, ids, mask)
     valid = mask.bool()
     torch.testing.assert_close(out[valid], ref[valid], rtol=1e-12, atol=1e-12)
     assert torch.isfinite(out).all()  # fully masked rows stay finite
@@ -129,7 +133,8 @@ def test_tied_head_and_state_dict_round_trip():
     names = [n for n, _ in model.named_parameters()]
     assert "lm_head.weight" not in names and "transformer.wte.weight" in names
     other = _model(seed=1)
-    other.load_state_dict(model.state_dict())  # takes the [in, out] layout back
+    result = other.load_state_dict(from_hf_state_dict(other, to_hf_state_dict(model)), strict=False)
+    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys  # tied
     ids = _ids()
     torch.testing.assert_close(other(ids), model(ids), rtol=0, atol=0)
 
@@ -149,7 +154,7 @@ def test_config_variants_match_the_reference(change):
     cfg = replace(SMALL, **change)
     model = _model(cfg)
     ids = _ids()
-    torch.testing.assert_close(model(ids), reference_logits(model.state_dict(), cfg, ids))
+    torch.testing.assert_close(model(ids), reference_logits(to_hf_state_dict(model), cfg, ids))
 
 
 def test_long_sequences_and_float_inputs_are_refused():
@@ -163,7 +168,7 @@ def test_long_sequences_and_float_inputs_are_refused():
 # ----------------------------------------------------------------------------- checkpoints
 def _write_hf_dir(path: Path, model, config: dict | None = None, extra=None, drop=()):
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v for k, v in model.state_dict().items() if k not in drop}
+    state = {k: v for k, v in to_hf_state_dict(model).items() if k not in drop}
     state.update(extra or {})
     save_checkpoint(path / "model.safetensors", state, {"format": "pt"})
     cfg = config if config is not None else model.config.to_dict()
@@ -178,7 +183,8 @@ def test_directory_with_config_json_loads(tmp_path, cls):
     keys = read_header(path / "model.safetensors").shapes
     assert "lm_head.weight" not in keys  # tied: stored once, as wte
     loaded = load_model(path)
-    assert (loaded.arch, loaded.arch_source, loaded.loss) == ("gpt2", "config.json", "next_token")
+    assert (loaded.arch_source, loaded.loss) == ("config.json", "next_token")
+    assert loaded.arch == "gpt2:n_head=3"  # a family spec that rebuilds it without config.json
     assert type(loaded.model) is cls
     ids = _ids()
     torch.testing.assert_close(loaded.model(ids), model(ids), rtol=0, atol=0)
@@ -193,7 +199,7 @@ def test_legacy_buffers_and_explicit_lm_head_are_accepted(tmp_path):
     } | {f"h.{i}.attn.masked_bias": torch.tensor(-1e4) for i in range(2)}
     path = tmp_path / "legacy"
     path.mkdir()
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state = to_hf_state_dict(model)
     state["lm_head.weight"] = state["wte.weight"].clone()  # both names present
     save_file({**state, **extra}, str(path / "model.safetensors"))
     (path / "config.json").write_text(json.dumps(model.config.to_dict()))
@@ -226,6 +232,21 @@ def test_bad_configs_are_errors(tmp_path, config, message):
     path = _write_hf_dir(tmp_path / "bad", model, {**model.config.to_dict(), **config})
     with pytest.raises(ArchitectureError, match=message):
         load_model(path)
+
+
+def test_gmcurv_written_checkpoints_keep_parameter_layout(tmp_path):
+    """What gmcurv writes (e.g. pruned models): parameters as they are + the family spec."""
+    cfg = replace(SMALL, activation_function="relu", layer_norm_epsilon=1e-3)
+    model = _model(cfg, dtype=torch.float32)
+    spec = model.arch_spec
+    assert spec == "gpt2:n_head=3,activation_function=relu,layer_norm_epsilon=0.001"
+    path = tmp_path / "own.safetensors"  # no config.json beside it
+    save_checkpoint(path, model.state_dict(), gmcurv_metadata(spec, "next_token"))
+    loaded = load_model(path)
+    assert (loaded.arch, loaded.arch_source, loaded.loss) == (spec, "metadata", "next_token")
+    assert loaded.model.config == model.config
+    ids = _ids()
+    torch.testing.assert_close(loaded.model(ids), model(ids), rtol=0, atol=0)
 
 
 def test_not_a_gpt2_checkpoint():
@@ -329,7 +350,7 @@ def test_sample_through_the_cli(runner):
     assert info.exit_code == 0, info.output
     doc = json.loads(info.stdout)
     jsonschema.validate(doc, report_schema())
-    assert doc["model"]["arch"] == "gpt2" and doc["model"]["loss"] == "next_token"
+    assert doc["model"]["arch"] == "gpt2:n_head=4" and doc["model"]["loss"] == "next_token"
     trace = runner.invoke(
         app,
         ["trace", str(model_dir), str(sample_data("tiny_gpt")), "--json", "--samples", "16"],
@@ -341,6 +362,31 @@ def test_sample_through_the_cli(runner):
     assert fisher["per_layer"]["transformer.wte"]["kind"] == "tied"
     assert fisher["per_layer"]["transformer.h.0.attn.c_attn"]["kind"] == "linear"
     assert not any("no decomposed form" in w for w in doc["warnings"])
+
+
+def test_saliency_prune_round_trip(runner, tmp_path):
+    """``gmcurv saliency --prune`` on the sample: the pruned file reloads (without
+    config.json) with its masks' zeros in place, including the Conv1D-stored weights."""
+    if "saliency" not in {c.name or c.callback.__name__ for c in app.registered_commands}:
+        pytest.skip("gmcurv saliency is not available in this build")
+    model_dir, data = sample_model("tiny_gpt").parent, sample_data("tiny_gpt")
+    out = tmp_path / "pruned.safetensors"
+    args = ["saliency", str(model_dir), str(data), "--samples", "32", "--prune", "0.3"]
+    result = runner.invoke(app, [*args, "--rounds", "2", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    pruned = load_model(out)
+    assert pruned.arch == "gpt2:n_head=4" and pruned.arch_source == "metadata"
+    params = dict(pruned.model.named_parameters())
+    conv1d = [k for k in pruned.masks if "c_attn" in k or "c_fc" in k]
+    assert conv1d, sorted(pruned.masks)
+    removed = 0
+    for name, keep in pruned.masks.items():
+        assert keep.shape == params[name].shape
+        assert bool((params[name][keep == 0] == 0).all()), name
+        removed += int((keep == 0).sum())
+    assert removed > 0.25 * sum(params[k].numel() for k in pruned.masks)
+    trace = runner.invoke(app, ["trace", str(out), str(data), "--samples", "8", "--json"])
+    assert trace.exit_code == 0, trace.output
 
 
 def test_memory_preflight_names_the_fix(runner):

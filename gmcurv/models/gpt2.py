@@ -15,8 +15,11 @@ embedding), so `gmcurv.capture` keeps all of them in decomposed form.
 Checkpoints (``config.json`` + ``model.safetensors``, e.g. from ``save_pretrained``):
 
 - HF's ``Conv1D`` stores ``c_attn``/``c_proj``/``c_fc`` weights as ``[in, out]``
-  (``y = x W + b``); `Conv1D` here is an ``nn.Linear`` whose ``state_dict()`` entry is that
-  transposed view (and ``load_state_dict`` accepts it), so files keep the HF layout;
+  (``y = x W + b``); here they are ``nn.Linear`` weights ``[out, in]``, and
+  `gmcurv.checkpoint` transposes them when reading a file without gmcurv metadata (one
+  written by ``transformers``); files gmcurv writes (pruned checkpoints) hold the
+  parameters as they are, with ``gmcurv.arch = gpt2:n_head=H`` metadata (`arch_spec`).
+  `to_hf_state_dict` / `from_hf_state_dict` convert for other tools;
 - keys with the ``transformer.`` prefix (``GPT2LMHeadModel``) or without (``GPT2Model``,
   as in the original hub checkpoints) build `GPT2LMHeadModel` or `GPT2BareLMHeadModel`;
 - ``lm_head.weight`` is tied to ``wte.weight`` (either name may be in the file);
@@ -99,29 +102,12 @@ class GPT2Config:
 
 # ------------------------------------------------------------------------------------ layers
 class Conv1D(nn.Linear):
-    """``nn.Linear`` whose checkpoint entry for ``weight`` is HF ``Conv1D``'s ``[in, out]``.
+    """A projection stored by Hugging Face as ``Conv1D`` (weight ``[in, out]`` in its files).
 
-    The parameter stays ``[out, in]`` (decomposed capture sees a Linear layer); only
-    ``state_dict()`` shows (a transposed view of) it and ``load_state_dict`` takes it
-    transposed.
+    The parameter is an ordinary ``nn.Linear`` weight ``[out, in]`` (decomposed capture, the
+    Fisher and every flat parameter vector see Linear layout); `gmcurv.checkpoint` transposes
+    these entries when it reads a Hugging Face file (see `checkpoint_transposed_keys`).
     """
-
-    def __init__(self, in_features: int, out_features: int):
-        super().__init__(in_features, out_features)
-        self.register_state_dict_post_hook(_weight_to_checkpoint)
-        self.register_load_state_dict_pre_hook(_weight_from_checkpoint)
-
-
-def _weight_to_checkpoint(module, state_dict, prefix, local_metadata) -> None:
-    key = prefix + "weight"
-    if key in state_dict:
-        state_dict[key] = state_dict[key].t()  # [out, in] -> [in, out], a view
-
-
-def _weight_from_checkpoint(module, state_dict, prefix, *args) -> None:
-    key = prefix + "weight"
-    if key in state_dict and tuple(state_dict[key].shape) == tuple(module.weight.shape[::-1]):
-        state_dict[key] = state_dict[key].t()
 
 
 class Attention(nn.Module):
@@ -222,10 +208,40 @@ class GPT2Model(nn.Module):
         return self.hidden_states(input_ids, attention_mask)
 
 
-class GPT2LMHeadModel(nn.Module):
-    """Hugging Face ``GPT2LMHeadModel`` layout: ``transformer.*`` keys and a tied ``lm_head``."""
+class _CheckpointLayout:
+    """What `gmcurv.checkpoint` asks of a model beyond its state dict."""
 
+    config: GPT2Config
     ignored_checkpoint_keys = IGNORED_KEYS
+
+    def checkpoint_transposed_keys(self) -> set[str]:
+        """State-dict keys a Hugging Face file stores transposed (the ``Conv1D`` weights)."""
+        return {
+            f"{path}.weight"
+            for path, m in self.named_modules()  # type: ignore[attr-defined]
+            if isinstance(m, Conv1D)
+        }
+
+    @property
+    def arch_config(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    @property
+    def arch_spec(self) -> str:
+        """``gpt2:n_head=H[,...]``: the family spec that rebuilds this model from its shapes
+        (written into the metadata of checkpoints gmcurv saves, e.g. pruned ones)."""
+        default = GPT2Config()
+        fields_ = ["n_head"] + [
+            f
+            for f in ("activation_function", "layer_norm_epsilon", "scale_attn_weights",
+                      "scale_attn_by_inverse_layer_idx", "tie_word_embeddings")
+            if getattr(self.config, f) != getattr(default, f)
+        ]  # fmt: skip
+        return "gpt2:" + ",".join(f"{f}={getattr(self.config, f)}" for f in fields_)
+
+
+class GPT2LMHeadModel(_CheckpointLayout, nn.Module):
+    """Hugging Face ``GPT2LMHeadModel`` layout: ``transformer.*`` keys and a tied ``lm_head``."""
 
     def __init__(self, cfg: GPT2Config):
         super().__init__()
@@ -235,29 +251,19 @@ class GPT2LMHeadModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
 
-    @property
-    def arch_config(self) -> dict[str, Any]:
-        return self.config.to_dict()
-
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits ``[N, T, V]``."""
         return self.lm_head(self.transformer.hidden_states(input_ids, attention_mask))
 
 
-class GPT2BareLMHeadModel(GPT2Model):
+class GPT2BareLMHeadModel(_CheckpointLayout, GPT2Model):
     """Hugging Face ``GPT2Model`` layout (keys without prefix) plus the tied ``lm_head``."""
-
-    ignored_checkpoint_keys = IGNORED_KEYS
 
     def __init__(self, cfg: GPT2Config):
         super().__init__(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.wte.weight
-
-    @property
-    def arch_config(self) -> dict[str, Any]:
-        return self.config.to_dict()
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Logits ``[N, T, V]``."""
@@ -275,6 +281,25 @@ def _init_weights(model: GPT2Model, cfg: GPT2Config, std: float = 0.02) -> None:
             nn.init.normal_(p, 0.0, std / math.sqrt(2 * cfg.n_layer))
         else:
             nn.init.normal_(p, 0.0, std)
+
+
+def to_hf_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The model's tensors as a Hugging Face file holds them: ``Conv1D`` weights ``[in, out]``,
+    a tied ``lm_head.weight`` left out (``save_pretrained`` keeps ``wte`` only)."""
+    transposed = model.checkpoint_transposed_keys()  # type: ignore[operator]
+    state = model.state_dict()
+    tied = getattr(model.config, "tie_word_embeddings", True)  # type: ignore[union-attr]
+    return {
+        k: (v.t() if k in transposed else v).contiguous()
+        for k, v in state.items()
+        if not (tied and k == "lm_head.weight")
+    }
+
+
+def from_hf_state_dict(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A Hugging Face state dict in this model's layout, for ``model.load_state_dict``."""
+    transposed = model.checkpoint_transposed_keys()  # type: ignore[operator]
+    return {k: (v.t() if k in transposed else v) for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------- building
@@ -307,8 +332,8 @@ def infer_config(
     positions = shapes[p + "wpe.weight"][0]
     layers = {int(m[1]) for k in shapes if (m := re.match(rf"{re.escape(p)}h\.(\d+)\.", k))}
     n_layer = max(layers) + 1 if layers else 0
-    fc = shapes.get(p + "h.0.mlp.c_fc.weight")
-    inner = fc[1] if fc is not None else None
+    fc = shapes.get(p + "h.0.mlp.c_fc.bias")  # [inner] in either weight layout
+    inner = fc[0] if fc is not None else None
     found = {"vocab_size": vocab, "n_embd": embd, "n_positions": positions, "n_layer": n_layer}
     for key, value in found.items():
         given = config.get(key)
@@ -406,11 +431,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 __all__ = [
+    "Conv1D",
     "GPT2BareLMHeadModel",
     "GPT2Config",
     "GPT2LMHeadModel",
     "GPT2Model",
     "build_gpt2",
+    "from_hf_state_dict",
     "gpt2_family",
     "infer_config",
+    "to_hf_state_dict",
 ]
