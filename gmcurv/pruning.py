@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gmcurv import distributed
 from gmcurv.capture import plan_capture
 from gmcurv.checkpoint import (
     META_ARCH,
@@ -187,24 +188,26 @@ def evaluate(
 
     Both are exact on the sample; ``data_stderr`` is their sampling error over examples.
     """
-    losses: list[Tensor] = []
-    correct, scored = 0, 0
+    total = torch.zeros(5, dtype=torch.float64)  # Σ L, Σ L², n, correct, scored
     has_acc = True
     with torch.no_grad():
         for batch in data.batches(batch_size, objective.device, objective.dtype):
             out = objective.outputs(batch.inputs, params)
             targets = objective.targets(batch, out)
-            losses.append(objective.loss.per_example(out, targets).double())
+            loss = objective.loss.per_example(out, targets).double().cpu()
+            total[:3] += torch.stack([loss.sum(), loss.pow(2).sum(), torch.tensor(loss.numel())])
             counts = objective.loss.accuracy_counts(out, targets)
             if counts is None:
                 has_acc = False
             else:
-                correct += int(counts[0])
-                scored += counts[1]
-    loss = torch.cat(losses)
-    n = loss.numel()
-    se = float(loss.std()) / math.sqrt(n) if n > 1 else None
-    mean = float(loss.mean())
+                total[3] += float(counts[0])
+                total[4] += counts[1]
+    total = distributed.current().all_reduce(total)  # under torchrun: every rank's shard
+    s1, s2, n_f, correct, scored_f = (float(v) for v in total)
+    n, scored = int(n_f), int(scored_f)
+    mean = s1 / n
+    var = max(0.0, (s2 - n * mean * mean) / (n - 1)) if n > 1 else 0.0
+    se = math.sqrt(var / n) if n > 1 else None
     acc = None
     if has_acc and scored:
         p = correct / scored

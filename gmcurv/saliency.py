@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gmcurv.capture import DecomposedGradients, capture_all
+from gmcurv import distributed
+from gmcurv.capture import DecomposedGradients, capture_all, plan_capture
 from gmcurv.data import DataSample
 from gmcurv.errors import ConfigError, UnsupportedError
 from gmcurv.fisher import fisher_diagonal
@@ -130,12 +131,15 @@ def curvature_at(
             objective, data, batch_size, fisher, mc_samples, budget_bytes, keep=True
         )
         if "inverse" in needs or "capture" in needs:
-            rows = data.n * est.columns
-            groups = 1 if structure == "global" else len(objective.params)
+            n_total = data.n * distributed.current().world  # factors are gathered
+            rows = n_total * est.columns
+            groups = (
+                1 if structure == "global" else len(plan_capture(objective.model, objective.params))
+            )
             preflight(
-                kernel_bytes(rows, groups) + data.n * (est.factors + est.dense),
+                kernel_bytes(rows, groups) + n_total * (est.factors + est.dense),
                 budget_bytes,
-                f"the damped inverse Fisher of {data.n} examples x {est.columns} column(s)",
+                f"the damped inverse Fisher of {n_total} examples x {est.columns} column(s)",
                 "use --samples to take fewer examples for the Fisher, --fisher empirical, "
                 "or --layers to restrict",
             )

@@ -232,3 +232,42 @@ def test_render_into_fixed_width_console(runner, problem):
     saliency_cmd.render(report, Console(file=buf, width=100, no_color=True))
     text = buf.getvalue()
     assert "net.0.weight" in text and "obs+update" in text and "eps" in text
+
+
+def test_two_ranks_prune_like_one_process(tmp_path):
+    """torchrun with 2 gloo ranks: same masks, weights and held-out loss as one process."""
+    import os
+    import subprocess
+    import sys
+
+    model = write_mlp(tmp_path / "m.safetensors", sizes=(6, 9, 4))
+    data = write_data(tmp_path / "d", n=37, d=6, classes=4, shards=3)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+    env.update({"GMCURV_DIST_TIMEOUT": "60", "GMCURV_NO_CONFIG": "1"})
+    docs = {}
+    for procs in (1, 2):
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"]
+        cmd = [sys.executable, *(launch if procs > 1 else []), "-m", "gmcurv", "saliency"]
+        args = [str(model), str(data), "--json", "--dtype", "float64", "--batch-size", "5"]
+        out = tmp_path / f"p{procs}.safetensors"
+        res = subprocess.run(
+            [*cmd, *args, "--prune", "0.6", "--rounds", "2", "-o", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env=env,
+            cwd=tmp_path,
+            check=False,
+        )
+        assert res.returncode == 0, res.stderr
+        docs[procs] = json.loads(res.stdout)["results"]["prune"]
+    assert docs[1]["n_removed"] == docs[2]["n_removed"] == round(0.6 * (6 * 9 + 9 * 4))
+    a, b = docs[1]["after"]["loss"]["value"], docs[2]["after"]["loss"]["value"]
+    assert abs(a - b) < 1e-10 * abs(a)
+    one, two = (
+        load_file(str(tmp_path / "p1.safetensors")),
+        load_file(str(tmp_path / "p2.safetensors")),
+    )
+    assert one.keys() == two.keys()
+    for k in one:
+        assert torch.allclose(one[k].double(), two[k].double(), atol=1e-6), k

@@ -434,32 +434,35 @@ def saliency(
                 **common,
             )
         with session.stage("write"):
-            path = save_pruned(
-                session.loaded,
-                pruned.weights,
-                pruned.masks,
-                Path(target),
-                {
-                    "source_sha256": session.loaded.sha256,
-                    "criterion": pruned.criterion,
-                    "fraction": pruned.fraction,
-                    "scope": pruned.scope,
-                    "update": pruned.update,
-                    "rounds": pruned.rounds,
-                    "structure": pruned.structure,
-                    "fisher": pruned.fisher,
-                    "damping": pruned.damping,
-                    "eps": [float(f"{e:.4g}") for e in pruned.eps],
-                    "n_removed": pruned.n_removed,
-                    "n_prunable": pruned.n_prunable,
-                },
-                inputs=session.inputs,
-            )
+            path, digest = Path(target), ""
+            if session.comm.main:  # under torchrun, rank 0 writes
+                path = save_pruned(
+                    session.loaded,
+                    pruned.weights,
+                    pruned.masks,
+                    Path(target),
+                    {
+                        "source_sha256": session.loaded.sha256,
+                        "criterion": pruned.criterion,
+                        "fraction": pruned.fraction,
+                        "scope": pruned.scope,
+                        "update": pruned.update,
+                        "rounds": pruned.rounds,
+                        "structure": pruned.structure,
+                        "fisher": pruned.fisher,
+                        "damping": pruned.damping,
+                        "eps": [float(f"{e:.4g}") for e in pruned.eps],
+                        "n_removed": pruned.n_removed,
+                        "n_prunable": pruned.n_prunable,
+                    },
+                    inputs=session.inputs,
+                )
+                digest = sha256_file(path)
         if not results:
             eps0 = pruned.eps[0] if pruned.eps else None
             results = _common(pruned.fisher, pruned.columns, session.data.n, damping, eps0)
-        results["prune"] = prune_results(pruned, path, sha256_file(path))
-    if plot is not None:
+        results["prune"] = prune_results(pruned, path, digest)
+    if plot is not None and session.comm.main:
         from gmcurv.cli.plots.saliency import plot_saliency
 
         with session.stage("plot"):
