@@ -93,11 +93,11 @@ def _needs(criteria: Sequence[str], update: bool) -> set[str]:
         raise ConfigError(f"unknown --criterion {unknown[0]!r}", hint=f"use one of {CRITERIA}")
     needs: set[str] = set()
     if "obd" in criteria:
-        needs |= {"capture", "fisher_diag"}
+        needs.add("fisher_diag")
     if "obs" in criteria:
-        needs |= {"capture", "inverse"}
+        needs.add("inverse")
     if update:
-        needs.add("capture")
+        needs.add("kernel")
     if "obd-hessian" in criteria:
         needs.add("hessian")
     return needs
@@ -124,13 +124,15 @@ def curvature_at(
     budget_bytes: int | None = None,
     progress: ProgressFn | None = None,
 ) -> Curvature:
-    """Capture gradients at the objective's current weights and derive what `needs` lists."""
+    """Capture gradients at the objective's current weights and derive what `needs` lists:
+    ``fisher_diag`` (OBD), ``inverse`` (OBS saliency), ``kernel`` (factors kept for an OBS
+    update), ``hessian`` (Hessian diagonal)."""
     curv = Curvature()
-    if "capture" in needs or "inverse" in needs or "fisher_diag" in needs:
+    if needs & {"fisher_diag", "inverse", "kernel"}:
         est = preflight_capture(
             objective, data, batch_size, fisher, mc_samples, budget_bytes, keep=True
         )
-        if "inverse" in needs or "capture" in needs:
+        if needs & {"inverse", "kernel"}:
             n_total = data.n * distributed.current().world  # factors are gathered
             rows = n_total * est.columns
             groups = (
@@ -352,7 +354,7 @@ def saliency_analysis(
     curv = curvature_at(
         objective,
         data,
-        _needs(criteria, False) | ({"inverse"} if update_curve else set()),
+        _needs(criteria, False),
         fisher=fisher,
         mc_samples=mc_samples,
         damping=damping,

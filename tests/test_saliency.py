@@ -55,7 +55,7 @@ def _dense_parts(obj, batch, eps, structure="block"):
 def test_obd_obs_saliencies_and_rankings_match_dense(tmp_path, name):
     obj, batch = _problem(name)
     data = _to_file(tmp_path, batch)
-    curv = curvature_at(obj, data, {"capture", "fisher_diag", "inverse"}, damping=0.05)
+    curv = curvature_at(obj, data, {"fisher_diag", "inverse"}, damping=0.05)
     F, H = _dense_parts(obj, batch, curv.eps)
     w = obj.space.flatten({k: v.detach() for k, v in obj.params.items()}).double()
     names = list(obj.params)
@@ -129,7 +129,7 @@ def test_obs_prediction_is_the_actual_loss_change_of_a_quadratic_loss(tmp_path):
     base = evaluate(obj, data).loss.value
     for removed_idx in ([7], [0, 3, 8]):
         curv = curvature_at(
-            obj, data, {"capture", "inverse"}, fisher="exact", damping=1e-9, structure="global"
+            obj, data, {"inverse"}, fisher="exact", damping=1e-9, structure="global"
         )
         mask = {"weight": torch.zeros(2, 5, dtype=torch.bool)}
         mask["weight"].view(-1)[removed_idx] = True
