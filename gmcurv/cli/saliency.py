@@ -241,6 +241,12 @@ def _render_sweep(res: dict, console: Console) -> None:
             cells.append(text)
         table.add_row(crit, *cells)
     console.print(table)
+    if "obs+update" in sweep:
+        console.print(
+            "[dim]obs+update: the OBS masks plus the exact one-shot OBS update of the remaining "
+            "weights; --prune F applies it in --rounds re-linearised rounds[/dim]",
+            soft_wrap=True,
+        )
 
 
 def _render_prune(p: dict, console: Console) -> None:
