@@ -28,7 +28,6 @@ from gmcurv.capture import plan_capture
 from gmcurv.checkpoint import (
     META_ARCH,
     LoadedModel,
-    _is_family_spec,
     gmcurv_metadata,
     load_tensors,
     save_checkpoint,
@@ -36,6 +35,7 @@ from gmcurv.checkpoint import (
 from gmcurv.data import DataSample
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import ensure_not_input
+from gmcurv.models.registry import FAMILIES
 from gmcurv.objective import Objective
 from gmcurv.results import Estimate
 from gmcurv.samples import SAMPLE_ROOT
@@ -239,8 +239,9 @@ def save_pruned(
     info: Mapping[str, Any],
     inputs: list[Path | None] | None = None,
 ) -> Path:
-    """Write a pruned checkpoint: the input's tensors (keys and dtypes kept), pruned weights,
-    keep-masks under ``gmcurv_mask.`` and gmcurv metadata (the input's plus pruning info).
+    """Write a pruned checkpoint: the input's keys and dtypes, the model's values (pruned
+    where given) in the model's own layout, keep-masks under ``gmcurv_mask.`` and gmcurv
+    metadata (the input's plus the family spec and pruning info).
 
     The input file is only read; `output` may not be any of `inputs`.
     """
@@ -254,16 +255,20 @@ def save_pruned(
         if key.startswith("gmcurv_mask."):
             continue
         var = state_vars.get(key)
-        name = by_id.get(id(var)) if var is not None else None
-        if name is not None and name in weights:
-            state[key] = weights[name].detach().to("cpu", value.dtype).contiguous()
-            file_key.setdefault(name, key)
-        else:
+        if var is None:  # an entry the model ignores: copied as is
             state[key] = value
+            continue
+        name = by_id.get(id(var))
+        # the model's layout (gmcurv metadata marks it), in the file's dtype
+        new = weights[name] if name is not None and name in weights else var
+        state[key] = new.detach().to("cpu", value.dtype).contiguous()
+        if name is not None:
+            file_key.setdefault(name, key)
     keep = {file_key.get(k, k): (~m).cpu() for k, m in masks.items()}
     meta = dict(loaded.metadata)
-    if META_ARCH not in meta and _is_family_spec(loaded.arch):
-        meta.update(gmcurv_metadata(loaded.arch, loaded.loss))
+    family = loaded.arch.partition(":")[0] in FAMILIES
+    if family and (META_ARCH not in meta or loaded.arch_source == "--arch"):
+        meta.update(gmcurv_metadata(loaded.arch, loaded.loss))  # reloads without --arch
     meta.setdefault("gmcurv.loss", loaded.loss)
     meta[META_PRUNING] = json.dumps(dict(info), sort_keys=True)
     return save_checkpoint(output, state, meta, keep)

@@ -157,3 +157,12 @@ def test_save_pruned_tied_weights_use_the_file_key(tmp_path):
     raw = load_file(str(out))
     assert "out.weight" not in raw and bool((raw["emb.weight"][0] == 0).all())
     assert {k for k in raw if k.startswith(MASK_PREFIX)} == {MASK_PREFIX + "emb.weight"}
+
+
+def test_save_pruned_records_an_explicit_family(tmp_path):
+    src = write_mlp(tmp_path / "bare.safetensors", sizes=(6, 8, 3), metadata=False)
+    loaded = load_model(src, arch="mlp:tanh")
+    weights = {k: v.detach() for k, v in loaded.model.named_parameters()}
+    out = save_pruned(loaded, weights, {}, tmp_path / "p.safetensors", {"fraction": 0.0})
+    again = load_model(out)  # no --arch needed any more
+    assert again.arch == "mlp:tanh" and again.arch_source == "metadata"
