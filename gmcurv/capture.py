@@ -551,8 +551,12 @@ class Capturer:
             _, pull = vjp(f, primals)
             return vmap(pull)(cot)[0]
 
+        from gmcurv.hessian import twice_differentiable_attention
+
         try:
-            g = vmap(one)(batch.inputs, cols.transpose(0, 1))
+            # attention on the math kernel: the fused CPU kernel has no vmap batching rule
+            with twice_differentiable_attention():
+                g = vmap(one)(batch.inputs, cols.transpose(0, 1))
         except Exception as e:  # torch.func cannot trace some modules (e.g. train-mode BN)
             raise UnsupportedError(
                 f"per-example gradients of {', '.join(p.name for p in plans)} could not be "
