@@ -228,15 +228,14 @@ class DampedFisher:
         if _groups is not None:
             self.groups = _groups
             return
-        size = dg.n * dg.columns
-        shift = dg.n * self.eps * torch.eye(size, dtype=torch.float64, device=dg.losses.device)
         parts = [(b,) for b in dg.blocks] if structure == "block" else [tuple(dg.blocks)]
         self.groups = []
         for blocks in parts:
-            A = shift.clone()
-            for b in blocks:
+            A = remaining_kernel(blocks[0], self.removed)
+            for b in blocks[1:]:
                 A += remaining_kernel(b, self.removed)
-            A = 0.5 * (A + A.T)
+            A = 0.5 * (A + A.T)  # exact symmetry for the Cholesky factorisation
+            A.diagonal().add_(dg.n * self.eps)
             self.groups.append(_Group(blocks, A, _cholesky(A)))
 
     def without(self, more: Mapping[str, Tensor]) -> DampedFisher:

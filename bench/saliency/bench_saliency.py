@@ -184,6 +184,15 @@ def scaling_one(n: int, d: int, tokens: int, dense: bool) -> dict:
     out["update_seconds"] = time.perf_counter() - t0
     out["peak_extra_bytes"] = rss_bytes("VmHWM") - base
     out["kernel_bytes"] = 8 * n * n
+    for _ in range(2):  # shared machine: keep the best of three timings
+        t0 = time.perf_counter()
+        D = DampedFisher(dg, eps, "block")
+        diag = D.inverse_diagonal()
+        t1 = time.perf_counter()
+        D.without(removed).remove(weights)
+        t2 = time.perf_counter()
+        out["inverse_diag_seconds"] = min(out["inverse_diag_seconds"], t1 - t0)
+        out["update_seconds"] = min(out["update_seconds"], t2 - t1)
     if dense:
         del D
         J = torch.einsum("nto,nti->noi", delta[:, 0].double(), x.double()).reshape(n, -1)
