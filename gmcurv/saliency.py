@@ -184,15 +184,8 @@ def _hessian_diagonal(
 
 
 def _diag_parts(res: Any, op: Any) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Accept the diagonal estimator's result as flat tensors or parameter dicts."""
-    value = getattr(res, "value", getattr(res, "values", None))
-    stderr = getattr(res, "stderr", None)
-    if value is None and isinstance(res, tuple):
-        value, stderr = res
-    if isinstance(value, Tensor):
-        value = op.space.unflatten(value)
-    if isinstance(stderr, Tensor):
-        stderr = op.space.unflatten(stderr)
+    """(value, stderr) of `gmcurv.stochastic.DiagonalEstimate` in parameter layout."""
+    value, stderr = res.as_dicts(op.space)
     return (
         {k: v.double() for k, v in value.items()},
         {k: v.double() for k, v in stderr.items()},
@@ -230,7 +223,7 @@ def criterion_method(criterion: str, curv: Curvature, fisher: str) -> str:
         return f"½ F_qq w² ({fisher} Fisher)"
     if criterion == "obs":
         return f"w² / (2 [(F + eps I)⁻¹]_qq) ({fisher} Fisher, eps {curv.eps:.3g})"
-    return f"½ H_qq w² (Hutchinson diagonal, {curv.probes} probes)"
+    return f"½ H_qq w² (diag H = mean z ⊙ Hz over {curv.probes} Rademacher probes)"
 
 
 def layer_statistics(

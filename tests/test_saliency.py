@@ -151,7 +151,11 @@ def test_prune_model_removes_exactly_round_fraction(tmp_path, scope, fraction):
     res = prune_model(obj, data, fraction, scope=scope, rounds=2, damping=0.05)
     n_prunable = sum(v.numel() for v in obj.params.values() if v.ndim >= 2)
     assert res.n_prunable == n_prunable
-    assert res.n_removed == round(fraction * n_prunable) == sum(int(m.sum()) for m in res.masks.values())
+    assert (
+        res.n_removed
+        == round(fraction * n_prunable)
+        == sum(int(m.sum()) for m in res.masks.values())
+    )
     assert set(res.masks) == {k for k, v in obj.params.items() if v.ndim >= 2}
     for k, m in res.masks.items():
         assert bool((res.weights[k][m] == 0).all())
@@ -236,7 +240,7 @@ def test_obd_hessian_matches_dense_diagonal(tmp_path):
 
     obj, batch = _problem("mlp")
     data = _to_file(tmp_path, batch)
-    curv = curvature_at(obj, data, {"hessian"}, probes=400, seed=0)
+    curv = curvature_at(obj, data, {"hessian"}, probes=120, seed=0)
     names = list(obj.params)
     sal, se = saliencies("obd-hessian", obj.params, names, curv)
     w = obj.space.flatten({k: v.detach() for k, v in obj.params.items()}).double()

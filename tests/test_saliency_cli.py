@@ -271,3 +271,22 @@ def test_two_ranks_prune_like_one_process(tmp_path):
     assert one.keys() == two.keys()
     for k in one:
         assert torch.allclose(one[k].double(), two[k].double(), atol=1e-6), k
+
+
+def test_obd_hessian_criterion(runner, problem, tmp_path):
+    pytest.importorskip("gmcurv.stochastic")
+    model, data = problem
+    out = tmp_path / "h.safetensors"
+    args = ["saliency", str(model), str(data), "--criterion", "obd-hessian", "--probes", "8"]
+    doc = _json(
+        runner.invoke(
+            app,
+            [*args, "--prune", "0.5", "-o", str(out), "--json", "--plot", str(tmp_path / "h.png")],
+        )
+    )
+    res = doc["results"]
+    assert res["criteria"] == ["magnitude", "obd", "obs", "obd-hessian"]
+    mean = res["layers"]["net.2.weight"]["saliency"]["obd-hessian"]["mean"]
+    assert mean["stderr"] > 0 and "8 Rademacher probes" in mean["method"]
+    assert res["prune"]["criterion"] == "obd-hessian" and not res["prune"]["update"]
+    assert res["prune"]["n_removed"] == round(0.5 * N_PRUNABLE)
