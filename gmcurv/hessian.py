@@ -1,10 +1,13 @@
 """Hessian and GGN as matrix-free operators over the objective's flat parameter space.
 
 ``H = ∇² L(θ)`` and ``G = (1/N) Σ_n J_n^T Λ_n J_n`` (``Λ_n`` the loss Hessian w.r.t. the
-outputs, see `gmcurv.losses`) for ``L = (1/N) Σ_n L_n``; products accumulate over data
-batches in a fixed order. Hessian-vector products use forward-over-reverse
-(``torch.func.jvp`` of ``torch.func.grad``) through ``functional_call`` and fall back to
-reverse-over-reverse automatically when an op has no forward-mode rule.
+outputs, see `gmcurv.losses`) for ``L = (1/N) Σ_n L_n``, and their difference
+``R = H - G = (1/N) Σ_n Σ_o r[n,o] ∇²f[n,o]`` with ``r = ∂L_n/∂f_n`` held fixed (the
+"residual" kind: the Hessian of ``θ -> <r, f(θ)>``). Products accumulate over data
+batches in a fixed order, checked on every pass (a batch fingerprint per position).
+Hessian-vector products use forward-over-reverse (``torch.func.jvp`` of
+``torch.func.grad``) through ``functional_call`` and fall back to reverse-over-reverse
+automatically when an op has no forward-mode rule.
 ``.backward(create_graph=True)`` is never used. ``F.scaled_dot_product_attention`` runs on
 PyTorch's math kernel inside these products: the fused kernels (the CPU flash kernel in
 torch 2.13) have neither a forward-mode rule nor a differentiable backward.
@@ -17,15 +20,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad, jvp, vjp
 
 from gmcurv.data import Batch, DataSample
-from gmcurv.errors import ConfigError
+from gmcurv.errors import ConfigError, DataError
+from gmcurv.fisher import LayerCurvature
+from gmcurv.lanczos import lanczos
 from gmcurv.objective import Objective
 from gmcurv.params import ParamSpace
+from gmcurv.results import Estimate
 
-CURVATURES = ("hessian", "ggn")
+CURVATURES = ("hessian", "ggn", "residual")
 
 
 def twice_differentiable_attention() -> contextlib.AbstractContextManager:
@@ -98,12 +104,74 @@ def _batch_ggnvp(
     return pull(lam_jv)[0]
 
 
+def output_residuals(objective: Objective, batch: Batch) -> Tensor:
+    """``r = ∂(Σ_n L_n)/∂f`` at the current parameters (outputs' shape, detached)."""
+    with torch.enable_grad():
+        out = objective.outputs(batch.inputs, _detached(objective)).detach().requires_grad_(True)
+        total = objective.loss.per_example(out, objective.targets(batch, out)).sum()
+        return torch.autograd.grad(total, out)[0].detach()
+
+
+def batch_residual_vp(
+    objective: Objective,
+    batch: Batch,
+    vector: dict[str, Tensor],
+    forward_mode: bool = True,
+    residuals: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """``Σ_n Σ_o r[n,o] ∇²f[n,o] v`` on one batch: the batch's ``(H - G) v`` (times its size)."""
+    r = output_residuals(objective, batch) if residuals is None else residuals
+    with twice_differentiable_attention():
+        params = _detached(objective)
+
+        def total(p: dict[str, Tensor]) -> Tensor:
+            return (objective.outputs(batch.inputs, p) * r).sum()
+
+        if forward_mode:
+            return jvp(grad(total), (params,), (vector,))[1]
+
+        def directional(p: dict[str, Tensor]) -> Tensor:
+            g = grad(total)(p)
+            return sum((g[k] * vector[k]).sum() for k in g)  # type: ignore[return-value]
+
+        return grad(directional)(params)
+
+
+def _checksum(t: Tensor | dict[str, Tensor] | None) -> float:
+    """Order-sensitive checksum of a batch's rows (``Σ_i (i+1) rowsum_i``)."""
+    if t is None:
+        return 0.0
+    if isinstance(t, dict):
+        return sum(_checksum(v) for v in t.values())
+    rows = t.detach().reshape(t.shape[0], -1).double().sum(1)
+    weights = torch.arange(1, rows.numel() + 1, dtype=torch.float64, device=rows.device)
+    return float((rows * weights).sum())
+
+
+def fingerprint(batch: Batch) -> tuple[int, int, float, float]:
+    """What identifies a batch across passes: start index, size, input and target checksums."""
+    return (batch.start, len(batch), _checksum(batch.inputs), _checksum(batch.targets))
+
+
+def _nbytes(batch: Batch) -> int:
+    parts = list(batch.inputs.values()) if isinstance(batch.inputs, dict) else [batch.inputs]
+    if batch.targets is not None:
+        parts.append(batch.targets)
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
+DEFAULT_CACHE_BYTES = 256 * 2**20  # keep the data sample in memory up to this size
+
+
 @dataclass
 class CurvatureOperator:
-    """``v -> C v`` for ``C`` the Hessian or GGN of the mean loss over `data` (flat vectors).
+    """``v -> C v`` for ``C`` the Hessian, the GGN or their difference (``kind='residual'``)
+    of the mean loss over `data` (flat vectors).
 
     Counts products in `n_matvecs`. Forward mode is tried first and switched off for good
-    on ``NotImplementedError``.
+    on ``NotImplementedError``. Batches are kept in memory after the first pass when the
+    sample is at most `cache_bytes`; otherwise they are re-read on every product and
+    checked against the first pass's fingerprints (`DataError` if the order changed).
     """
 
     objective: Objective
@@ -114,6 +182,9 @@ class CurvatureOperator:
     n_matvecs: int = 0
     progress: Callable[[int], None] | None = None
     _batches: list[Batch] | None = field(default=None, repr=False)
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    _prints: list[tuple] | None = field(default=None, repr=False)
+    _residuals: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in CURVATURES:
@@ -132,24 +203,71 @@ class CurvatureOperator:
         return self.data.n
 
     def batches(self):
-        return self.data.batches(self.batch_size, self.objective.device, self.objective.dtype)
+        """The data's batches in a fixed order (cached, or re-read and fingerprint-checked)."""
+        if self._batches is not None:
+            yield from self._batches
+            return
+        first_pass = self._prints is None
+        prints: list[tuple] = []
+        kept: list[Batch] | None = []
+        held = 0
+        stream = self.data.batches(self.batch_size, self.objective.device, self.objective.dtype)
+        for i, batch in enumerate(stream):
+            fp = fingerprint(batch)
+            prints.append(fp)
+            if first_pass:
+                if kept is not None:
+                    held += _nbytes(batch)
+                    kept = [*kept, batch] if held <= self.cache_bytes else None
+            elif i >= len(self._prints) or self._prints[i] != fp:  # type: ignore[arg-type]
+                raise self._order_error(f"batch {i}, starting at example {batch.start}")
+            yield batch
+        if first_pass:
+            self._prints, self._batches = prints, kept
+        elif len(prints) != len(self._prints):  # type: ignore[arg-type]
+            raise self._order_error("the number of batches")
 
-    def _batch_product(self, batch: Batch, vec: dict[str, Tensor]) -> dict[str, Tensor]:
-        fn = batch_hvp if self.kind == "hessian" else batch_ggnvp
+    def _order_error(self, what: str) -> DataError:
+        return DataError(
+            f"{self.data.path}: the data changed between passes ({what} differs from the "
+            "first pass)",
+            hint="curvature products need the same batches in the same order on every pass: "
+            "do not shuffle, and keep the files unchanged while gmcurv runs",
+        )
+
+    def _residual(self, index: int, batch: Batch) -> Tensor:
+        if index not in self._residuals:
+            r = output_residuals(self.objective, batch)
+            if self._batches is not None:
+                self._residuals[index] = r
+            return r
+        return self._residuals[index]
+
+    def _call(self, index: int, batch: Batch, vec: dict[str, Tensor], forward: bool):
+        if self.kind == "hessian":
+            return batch_hvp(self.objective, batch, vec, forward)
+        if self.kind == "ggn":
+            return batch_ggnvp(self.objective, batch, vec, forward)
+        r = self._residual(index, batch)
+        return batch_residual_vp(self.objective, batch, vec, forward, r)
+
+    def _batch_product(
+        self, batch: Batch, vec: dict[str, Tensor], index: int = -1
+    ) -> dict[str, Tensor]:
         if self.forward_mode:
             try:
-                return fn(self.objective, batch, vec, True)
+                return self._call(index, batch, vec, True)
             except (NotImplementedError, RuntimeError) as e:
                 if "forward" not in str(e).lower() and not isinstance(e, NotImplementedError):
                     raise
                 self.forward_mode = False
-        return fn(self.objective, batch, vec, False)
+        return self._call(index, batch, vec, False)
 
     def matvec_dict(self, vector: dict[str, Tensor]) -> dict[str, Tensor]:
         """``C v`` in parameter layout."""
         out: dict[str, Tensor] | None = None
-        for batch in self.batches():
-            part = self._batch_product(batch, vector)
+        for i, batch in enumerate(self.batches()):
+            part = self._batch_product(batch, vector, i)
             out = part if out is None else {k: out[k] + part[k] for k in out}
         assert out is not None
         self.n_matvecs += 1
@@ -163,3 +281,400 @@ class CurvatureOperator:
         return self.space.flatten(self.matvec_dict(vec)).to(v.dtype)
 
     __call__ = matvec
+
+    def is_random(self, seed: int = 0) -> bool:
+        """Whether products are random (train mode with active Dropout): two products with
+        the same vector disagree. Costs two products, and only in that case."""
+        if self.objective.mode != "train" or not any(
+            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+            for m in self.objective.model.modules()
+        ):
+            return False
+        gen = torch.Generator(device=self.objective.device).manual_seed(seed)
+        v = torch.randn(self.size, generator=gen, dtype=torch.float64, device=self.objective.device)
+        a, b = self.matvec(v), self.matvec(v)
+        return not torch.allclose(a, b, rtol=1e-6, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------ dense
+DENSE_MAX_PARAMS = 2000  # --method auto: dense below this many parameters ...
+DENSE_MAX_WORK = 20_000_000  # ... and N * P at most this (P products over N examples)
+
+
+def dense_matrix(op: CurvatureOperator, budget_bytes: int | None = None) -> Tensor:
+    """The ``[P, P]`` matrix (float64, symmetrised) from ``P`` products with basis vectors."""
+    from gmcurv.memory import preflight
+
+    P = op.size
+    preflight(
+        8.0 * P * P * 2,
+        budget_bytes,
+        f"the dense {P} x {P} curvature matrix",
+        "use --method hutchpp / lanczos, or restrict --layers",
+    )
+    A = torch.zeros(P, P, dtype=torch.float64)
+    e = torch.zeros(P, dtype=torch.float64, device=op.objective.device)
+    for q in range(P):
+        e[q] = 1.0
+        A[:, q] = op.matvec(e).double().cpu()
+        e[q] = 0.0
+    return (A + A.T) / 2
+
+
+def resolve_method(method: str, n_params: int, n: int) -> str:
+    """``auto`` -> ``exact`` for tiny problems (dense matrix), else ``hutchpp``."""
+    if method != "auto":
+        return method
+    if n_params <= DENSE_MAX_PARAMS and n_params * n <= DENSE_MAX_WORK:
+        return "exact"
+    return "hutchpp"
+
+
+# ------------------------------------------------------------------- exact GGN trace
+EXACT_GGN_MAX_COLUMNS = 256  # C-class factors per example beyond which auto goes stochastic
+
+
+def _ggn_scale(objective: Objective, batch: Batch) -> Tensor | None:
+    """Per-example factor turning the exact Fisher into the GGN (None: they are equal).
+
+    Cross-entropy averaged over an example's ``T_n`` valid tokens has token weights
+    ``w = 1/T_n``: the exact Fisher is ``Σ_t w^2 J_t^T Λ_t J_t`` and the GGN
+    ``Σ_t w J_t^T Λ_t J_t``, so ``GGN_n = T_n F_n``. For MSE (``Λ = (2/E) I``) and one
+    prediction per example they coincide.
+    """
+    from gmcurv.losses import IGNORE_INDEX, CrossEntropy
+
+    loss = objective.loss
+    if not isinstance(loss, CrossEntropy):
+        return None
+    tgt = objective.targets(batch, None)  # type: ignore[arg-type]  # CE ignores outputs
+    if loss.shift:
+        tgt = tgt[:, 1:]
+    if tgt.ndim < 2:
+        return None
+    return (tgt != IGNORE_INDEX).reshape(tgt.shape[0], -1).sum(1).clamp_min(1).double()
+
+
+def exact_ggn_columns(objective: Objective, data: DataSample) -> int:
+    """C-class factor columns per example the exact GGN trace needs."""
+    example = data.first(1, objective.device, objective.dtype)
+    with torch.no_grad():
+        out = objective.outputs(example.inputs)
+    return objective.loss.n_columns(out.shape, "exact", 1)
+
+
+def exact_ggn_trace(
+    objective: Objective,
+    data: DataSample,
+    batch_size: int = 256,
+    budget_bytes: int | None = None,
+    progress: Callable[[int], None] | None = None,
+):
+    """``tr G`` per block from the C-class square-root factors (no products):
+    ``tr G = (1/N) Σ_n s_n Σ_c ||g[n,c]||^2`` with ``s_n`` from `_ggn_scale`.
+
+    Returns a `gmcurv.fisher.FisherAccumulator` whose ``trace(block)`` gives the value on
+    the sample and the standard error over examples.
+    """
+    from gmcurv.capture import Capturer
+    from gmcurv.fisher import FisherAccumulator
+    from gmcurv.memory import preflight_capture
+
+    cap = Capturer(objective, "exact")
+    preflight_capture(objective, data, batch_size, "exact", 1, budget_bytes, False)
+    acc = FisherAccumulator(diagonal=False)
+    for batch in data.batches(batch_size, objective.device, objective.dtype):
+        dg = cap(batch)
+        scale = _ggn_scale(objective, batch)
+        for b in dg.blocks:
+            acc.block_params[b.name] = b.params
+            acc.block_kinds[b.name] = b.kind
+            s = b.source.sq_norms().sum(1).double()
+            acc.sq_norms.setdefault(b.name, []).append(s if scale is None else s * scale)
+        acc.losses.append(dg.losses.double())
+        if progress:
+            progress(dg.n)
+    return acc
+
+
+# ------------------------------------------------------------------ command level
+@dataclass(frozen=True)
+class CurvatureSummary:
+    """Trace (total, per layer) and top eigenvalues of the Hessian or GGN on a sample."""
+
+    kind: str
+    method: str
+    trace: Estimate
+    eigenvalues: list[Estimate]
+    per_layer: dict[str, LayerCurvature]
+    n_params: int
+    n_matvecs: int
+    notes: list[str] = field(default_factory=list)
+
+
+def capture_blocks(objective: Objective) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Per-layer blocks, the same as the Fisher's: ``{name: (param names, kind)}``."""
+    from gmcurv.capture import plan_capture
+
+    return {p.name: (p.params, p.kind) for p in plan_capture(objective.model, objective.params)}
+
+
+def _n_params(objective: Objective, names: tuple[str, ...]) -> int:
+    return sum(objective.params[k].numel() for k in names)
+
+
+def _dense_summary(op, A: Tensor, blocks, k: int, per_layer: bool) -> tuple[Estimate, list, dict]:
+    n, P = op.n, op.size
+    method = "exact(dense)"
+
+    def eig_estimates(M: Tensor) -> list[Estimate]:
+        w = torch.linalg.eigvalsh(M).flip(0)[:k]
+        return [Estimate(float(v), None, n, method, True, n_matvecs=P, residual=0.0) for v in w]
+
+    trace = Estimate.exact_value(float(torch.diagonal(A).sum()), n, method, n_matvecs=P)
+    layers = {}
+    if per_layer:
+        offsets = op.space.offsets()
+        for name, (params, kind) in blocks.items():
+            idx = torch.cat([torch.arange(offsets[p].start, offsets[p].stop) for p in params])
+            sub = A[idx][:, idx]
+            layers[name] = LayerCurvature(
+                Estimate.exact_value(float(torch.diagonal(sub).sum()), n, method, n_matvecs=P),
+                len(idx),
+                kind,
+                eig_estimates(sub)[:1],
+            )
+    return trace, eig_estimates(A) if k > 0 else [], layers
+
+
+def lanczos_estimates(
+    op: CurvatureOperator,
+    k: int,
+    tol: float,
+    max_iters: int | None,
+    seed: int,
+    vectors: bool,
+    restarts: int = 0,
+):
+    """Top-k by Lanczos on `op` as `Estimate`s, converged when the eigenvalue error bound
+    is within ``tol |λ_max|`` (`gmcurv.lanczos`, gap rule) — never when products are random.
+    `restarts` > 0 deflates converged pairs and restarts to recover repeated eigenvalues."""
+    before = op.n_matvecs
+    res = lanczos(
+        op.matvec,
+        op.size,
+        k,
+        tol=tol,
+        max_iters=max_iters,
+        seed=seed,
+        dtype=torch.float64,
+        device=op.objective.device,
+        vectors=vectors,
+        max_restarts=restarts,
+        criterion="gap",
+    )
+    random = op.is_random(seed)
+    n_mv = op.n_matvecs - before
+    ests = [
+        Estimate(
+            float(v),
+            None,
+            res.iterations,
+            "lanczos",
+            bool(c) and not random,
+            n_matvecs=n_mv,
+            residual=float(r),
+        )
+        for v, r, c in zip(res.values, res.residuals, res.converged, strict=True)
+    ]
+    return ests, res, random
+
+
+def curvature_summary(
+    objective: Objective,
+    data: DataSample,
+    kind: str,
+    *,
+    method: str = "auto",
+    probes: int = 100,
+    k: int = 5,
+    per_layer: bool = True,
+    seed: int = 0,
+    tol: float = 1e-3,
+    max_iters: int | None = None,
+    batch_size: int = 256,
+    budget_bytes: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    restarts: int = 0,
+) -> CurvatureSummary:
+    """Everything ``gmcurv trace --curvature hessian|ggn`` reports.
+
+    Methods: ``exact`` (dense matrix from ``P`` products), ``hutchinson`` / ``hutchpp``
+    (`probes` probes / products per estimate, block-restricted per layer), ``auto``: exact
+    when tiny, else the GGN trace exactly from C-class factors (`exact_ggn_trace`) and, for
+    the Hessian, ``tr H = tr G + tr(H - G)`` with Hutch++ on the residual ``H - G`` only
+    (falls back to Hutch++ on the matrix itself when the factors would be too many).
+    Top-k eigenvalues by Lanczos (tolerance `tol` on residuals relative to ``|λ_max|``).
+    """
+    from gmcurv.stochastic import block_traces, combine, trace
+
+    if kind not in ("hessian", "ggn"):
+        raise ConfigError(f"unknown curvature {kind!r}", hint="use hessian or ggn")
+    blocks = capture_blocks(objective)
+    P, n = objective.space.size, data.n
+    resolved = resolve_method(method, P, n)
+    if resolved not in ("exact", "hutchinson", "hutchpp"):
+        raise ConfigError(
+            f"--method {resolved} does not estimate traces",
+            hint="use auto, exact, hutchinson or hutchpp",
+        )
+    op = CurvatureOperator(objective, data, batch_size, kind, progress=progress)
+    notes: list[str] = []
+    if resolved == "exact":
+        A = dense_matrix(op, budget_bytes)
+        tr, eigs, layers = _dense_summary(op, A, blocks, k, per_layer)
+        return CurvatureSummary(kind, "exact(dense)", tr, eigs, layers, P, op.n_matvecs, notes)
+
+    exact_ggn = method == "auto" and exact_ggn_columns(objective, data) <= EXACT_GGN_MAX_COLUMNS
+    ggn_part: dict[str, tuple[float, float]] = {}
+    if exact_ggn:
+        acc = exact_ggn_trace(objective, data, batch_size, budget_bytes)
+        ggn_part = {b: acc.trace(b) for b in blocks}
+        notes.append("GGN trace exact from the C-class square-root factors (no products)")
+    space, dtype, device = objective.space, objective.dtype, objective.device
+    parts: dict[str, Estimate] = {}
+    if kind == "ggn" and exact_ggn:
+        label = "exact(factors)"
+        for b, (value, se) in ggn_part.items():
+            parts[b] = Estimate.exact_value(value, n, label, data_stderr=se, n_matvecs=0)
+        value, se = acc.trace(None)
+        total = Estimate.exact_value(value, n, label, data_stderr=se, n_matvecs=0)
+    else:
+        target = CurvatureOperator(objective, data, batch_size, "residual") if exact_ggn else op
+        target.progress = progress
+        prefix = "exact-ggn+" if exact_ggn else ""
+        suffix = "(H-G)" if exact_ggn else ""
+        if per_layer:
+            est = block_traces(
+                target.matvec,
+                space,
+                {b: p for b, (p, _) in blocks.items()},
+                probes,
+                resolved,
+                seed=seed,
+                dtype=dtype,
+                device=device,
+                small_exact=method == "auto",
+            )
+            for b, e in est.items():
+                base = ggn_part.get(b, (0.0, 0.0))[0]
+                parts[b] = _shifted(e, base, prefix, suffix, n)
+            whole = combine(list(est.values()), None)
+            base = sum(v for v, _ in ggn_part.values())
+            total = _shifted(whole, base, prefix, suffix + "[per-layer sum]", n)
+        else:
+            whole = trace(target.matvec, P, probes, resolved, seed=seed, dtype=dtype, device=device)
+            base = sum(v for v, _ in ggn_part.values())
+            total = _shifted(whole, base, prefix, suffix, n)
+        if exact_ggn:
+            op.n_matvecs += target.n_matvecs
+    eigs: list[Estimate] = []
+    if k > 0:
+        eigs, _, random = lanczos_estimates(op, k, tol, max_iters, seed, False, restarts)
+        if random:
+            notes.append("products are random (train mode with Dropout): nothing converged")
+    layers = {
+        b: LayerCurvature(parts[b], _n_params(objective, p), kd, [])
+        for b, (p, kd) in blocks.items()
+        if b in parts
+    }
+    return CurvatureSummary(kind, total.method, total, eigs, layers, P, op.n_matvecs, notes)
+
+
+def _shifted(e, base: float, prefix: str, suffix: str, n: int) -> Estimate:
+    """A `TraceEstimate` of the residual plus the exact GGN part, as an `Estimate`."""
+    method = prefix + e.method + suffix
+    if e.exact:
+        return Estimate.exact_value(base + e.value, n, method, n_matvecs=e.n_matvecs)
+    return Estimate(base + e.value, e.stderr, e.n_probes, method, True, n_matvecs=e.n_matvecs)
+
+
+@dataclass(frozen=True)
+class EigenSummary:
+    """Top-k eigenvalues (and optionally unit eigenvectors in parameter layout)."""
+
+    kind: str
+    method: str
+    values: list[Estimate]
+    vectors: list[dict[str, Tensor]] | None
+    n_params: int
+    n_matvecs: int
+    notes: list[str] = field(default_factory=list)
+
+
+def top_eigen(
+    objective: Objective,
+    data: DataSample,
+    kind: str,
+    k: int = 5,
+    *,
+    method: str = "auto",
+    tol: float = 1e-3,
+    max_iters: int | None = None,
+    seed: int = 0,
+    vectors: bool = False,
+    batch_size: int = 256,
+    fisher: str = "empirical",
+    budget_bytes: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    restarts: int = 0,
+) -> EigenSummary:
+    """What ``gmcurv eigen`` reports: the Hessian/GGN by dense ``eigh`` (``exact``, tiny
+    models) or Lanczos; the Fisher on the exact Gram route (`gmcurv.fisher.fisher_eigen`)."""
+    P, n = objective.space.size, data.n
+    if kind == "fisher":
+        from gmcurv.capture import capture_all
+        from gmcurv.fisher import fisher_eigen
+
+        dg = capture_all(objective, data, batch_size, fisher, budget_bytes=budget_bytes)
+        res = fisher_eigen(dg, k, vectors=vectors, seed=seed)
+        values = [
+            Estimate(
+                float(v), None, dg.n, res.method, bool(c), n_matvecs=res.n_matvecs,
+                residual=float(r),
+            )
+            for v, r, c in zip(res.values, res.residuals, res.converged, strict=True)
+        ]  # fmt: skip
+        return EigenSummary(kind, res.method, values, res.vectors, P, res.n_matvecs)
+    if kind not in ("hessian", "ggn"):
+        raise ConfigError(f"unknown curvature {kind!r}", hint="use hessian, ggn or fisher")
+    resolved = method if method != "auto" else resolve_method("auto", P, n)
+    resolved = "lanczos" if resolved in ("hutchpp", "hutchinson") and method == "auto" else resolved
+    if resolved not in ("exact", "lanczos"):
+        raise ConfigError(
+            f"--method {method} does not compute eigenvalues",
+            hint="use auto, exact or lanczos (and --curvature fisher for the Gram route)",
+        )
+    op = CurvatureOperator(objective, data, batch_size, kind, progress=progress)
+    if resolved == "exact":
+        A = dense_matrix(op, budget_bytes)
+        w, V = torch.linalg.eigh(A)
+        w, V = w.flip(0)[:k], V.flip(1)[:, :k]
+        values = [
+            Estimate(float(v), None, n, "exact(dense)", True, n_matvecs=P, residual=0.0) for v in w
+        ]
+        vecs = [_layout(op, V[:, j]) for j in range(len(w))] if vectors else None
+        return EigenSummary(kind, "exact(dense)", values, vecs, P, op.n_matvecs)
+    values, res, random = lanczos_estimates(op, k, tol, max_iters, seed, vectors, restarts)
+    notes = ["products are random (train mode with Dropout): nothing converged"] if random else []
+    vecs = None
+    if vectors and res.vectors is not None:
+        vecs = [_layout(op, v) for v in res.vectors]
+    return EigenSummary(kind, "lanczos", values, vecs, P, op.n_matvecs, notes)
+
+
+def _layout(op: CurvatureOperator, v: Tensor) -> dict[str, Tensor]:
+    v = v / v.norm()
+    return {
+        k: t.to(op.objective.dtype).cpu().contiguous() for k, t in op.space.unflatten(v).items()
+    }

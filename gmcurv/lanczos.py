@@ -3,7 +3,12 @@
 Builds an orthonormal Krylov basis ``Q`` and the tridiagonal ``T = Q^T A Q``; the Ritz
 pairs ``(θ, Q s)`` of ``T`` approximate eigenpairs of ``A`` with residual
 ``||A Q s - θ Q s|| = |β_m s_m|`` (exact in exact arithmetic with full reorthogonalisation).
-A pair is converged when its residual is at most ``tol * max|θ|``.
+A pair is converged when its residual is at most ``tol * max|θ|`` (``criterion='residual'``),
+or when its eigenvalue error bound is (``criterion='gap'``): for a Ritz pair with residual
+``r`` and gap ``δ`` to the rest of the spectrum, some eigenvalue lies within
+``min(r, r^2 / δ)`` of ``θ`` (Kato–Temple); ``δ`` is taken as the distance to the nearest
+other Ritz value less that value's residual (the plain residual bound when that is not
+positive). The gap rule stops once eigenvalues (not vectors) are accurate.
 
 A single Krylov sequence sees each eigenvalue once, so repeated eigenvalues would be
 missed. After the first run, converged pairs are *locked* and Lanczos restarts in their
@@ -55,6 +60,7 @@ def _run(
     max_iters: int,
     scale_hint: float,
     check_every: int,
+    criterion: str = "residual",
 ):
     """One Lanczos sequence orthogonal to `locked`; returns Ritz data of its top-k."""
     n = start.numel()
@@ -87,7 +93,8 @@ def _run(
             top = _order(theta, which)[:k]
             res = (b * S[m - 1, top]).abs()
             scale = max(float(theta.abs().max()), scale_hint, 1e-300)
-            if bool((res <= tol * scale).all()) or b < 1e-12 * scale:
+            bound = error_bounds(theta, (b * S[m - 1]).abs(), top, criterion)
+            if bool((bound <= tol * scale).all()) or b < 1e-12 * scale:
                 beta[j] = b
                 break
         if b < 1e-300:
@@ -98,9 +105,25 @@ def _run(
     theta, S = torch.linalg.eigh(T)
     last_beta = float(beta[m - 1])
     top = _order(theta, which)[: min(k, m)]
-    res = (last_beta * S[m - 1, top]).abs()
+    all_res = (last_beta * S[m - 1]).abs()
+    res = all_res[top]
     vecs = S[:, top].T.to(dtype) @ Q[:m]
-    return theta[top], res, vecs, m
+    return theta[top], res, vecs, m, error_bounds(theta, all_res, top, criterion)
+
+
+def error_bounds(theta: Tensor, res: Tensor, top: Tensor, criterion: str) -> Tensor:
+    """Eigenvalue error bounds of the Ritz values `top` (see module doc)."""
+    if criterion == "residual" or len(theta) < 2:
+        return res[top]
+    if criterion != "gap":
+        raise ValueError(f"criterion must be residual or gap, got {criterion!r}")
+    out = []
+    for i in top.tolist():
+        others = torch.cat([torch.arange(i), torch.arange(i + 1, len(theta))])
+        gap = float(((theta[others] - theta[i]).abs() - res[others]).min())
+        r = float(res[i])
+        out.append(min(r, r * r / gap) if gap > 0 else r)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def lanczos(
@@ -117,6 +140,7 @@ def lanczos(
     device: torch.device | str = "cpu",
     vectors: bool = False,
     check_every: int = 1,
+    criterion: str = "residual",
 ) -> LanczosResult:
     """Top-`k` eigenpairs of the symmetric ``n x n`` operator `matvec` (see module doc)."""
     if k < 1:
@@ -130,12 +154,12 @@ def lanczos(
         count["mv"] += 1
         return matvec(v)
 
-    pairs: list[tuple[float, float, Tensor]] = []  # (value, residual, vector)
+    pairs: list[tuple[float, float, Tensor, float]] = []  # (value, residual, vector, bound)
     iterations = 0
     scale = 0.0
 
-    def ok(p: tuple[float, float, Tensor]) -> bool:
-        return p[1] <= tol * max(scale, 1e-300)
+    def ok(p: tuple[float, float, Tensor, float]) -> bool:
+        return p[3] <= tol * max(scale, 1e-300)
 
     for run in range(max_restarts + 1):
         done = [p for p in pairs if ok(p)]
@@ -146,10 +170,12 @@ def lanczos(
         if budget < 1:
             break
         start = torch.randn(n, generator=gen, dtype=dtype, device=device)
-        theta, r, V, m = _run(counted, start, locked, k, which, tol, budget, scale, check_every)
+        theta, r, V, m, bd = _run(
+            counted, start, locked, k, which, tol, budget, scale, check_every, criterion
+        )
         iterations += m
         scale = max(scale, float(theta.abs().max()) if len(theta) else 0.0)
-        new = list(zip(theta.tolist(), r.tolist(), list(V), strict=True))
+        new = list(zip(theta.tolist(), r.tolist(), list(V), bd.tolist(), strict=True))
         if run == 0:
             pairs = new
             continue
@@ -160,7 +186,8 @@ def lanczos(
             break  # the complement holds nothing that enters the top k
     values = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
     residuals = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
-    converged = residuals <= tol * max(scale, 1e-300)
+    bounds = torch.tensor([p[3] for p in pairs], dtype=torch.float64)
+    converged = bounds <= tol * max(scale, 1e-300)
     vecs = [p[2] for p in pairs]
     return LanczosResult(
         values=values,
@@ -185,3 +212,30 @@ def relative_gap(values: Tensor) -> float:
     if len(v) < 2:
         return math.inf
     return float(((v[:-1] - v[1:]).abs() / v.abs().max().clamp_min(1e-300)).min())
+
+
+def lanczos_tridiagonal(
+    matvec: Matvec, start: Tensor, steps: int, breakdown: float = 1e-12
+) -> tuple[Tensor, Tensor]:
+    """``m <= steps`` Lanczos steps from `start` with full reorthogonalisation: the
+    diagonal ``α [m]`` and off-diagonal ``β [m-1]`` of ``T = Q^T A Q`` (float64), stopping
+    early on an invariant subspace (``β < breakdown · max(1, |α|)``)."""
+    n = start.numel()
+    steps = min(steps, n)
+    dtype = start.dtype
+    Q = torch.zeros(steps, n, dtype=dtype, device=start.device)
+    alpha: list[float] = []
+    beta: list[float] = []
+    Q[0] = start / start.norm()
+    for j in range(steps):
+        w = matvec(Q[j]).to(dtype)
+        a = float(Q[j] @ w)
+        alpha.append(a)
+        for _ in range(2):
+            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
+        b = float(w.norm())
+        if j + 1 == steps or b < breakdown * max(1.0, abs(a)):
+            break
+        beta.append(b)
+        Q[j + 1] = w / b
+    return torch.tensor(alpha, dtype=torch.float64), torch.tensor(beta, dtype=torch.float64)

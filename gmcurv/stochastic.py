@@ -1,0 +1,282 @@
+"""Randomised trace and diagonal estimators over a matrix-free symmetric operator ``A``.
+
+- Hutchinson: ``tr A = E[z^T A z]`` for Rademacher ``z`` (``E[z z^T] = I``); with ``m``
+  probes the mean of ``s_i = z_i^T A z_i`` is unbiased and its standard error is
+  ``std(s) / sqrt(m)`` (variance per probe ``2 (||A||_F^2 - Σ_q A_qq^2)``).
+- Hutch++ (Meyer, Musco, Musco, Woodruff 2021): with ``m`` products, sketch ``Q = orth(A S)``
+  from ``k = m/3`` probes, take ``tr(Q^T A Q)`` exactly (``k`` products) and Hutchinson on
+  the deflated ``(I - QQ^T) A (I - QQ^T)`` with the remaining ``l = m - 2k`` probes. Since
+  ``tr A = tr(Q^T A Q) + tr((I-QQ^T) A (I-QQ^T))`` for any orthonormal ``Q``, the estimate is
+  unbiased conditionally on ``Q``, so the residual probes' standard error is calibrated.
+- Block traces: ``tr A_ll`` from probes supported on block ``l`` only (``z_l^T (A z_l)_l``),
+  free of the cross-block variance; blocks no larger than the probe budget are summed
+  exactly over their basis vectors.
+- Diagonal: ``diag A = E[z ⊙ A z]`` (Rademacher), per-entry standard errors over probes.
+
+Probes come from a local ``torch.Generator`` seeded per estimate, never the global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from gmcurv.errors import ConfigError
+from gmcurv.params import ParamSpace
+from gmcurv.results import Estimate
+
+Matvec = Callable[[Tensor], Tensor]
+TRACE_METHODS = ("hutchinson", "hutchpp", "exact")
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """A trace estimate: value, probe standard error (0 when exact), products used."""
+
+    value: float
+    stderr: float
+    n_probes: int
+    n_matvecs: int
+    method: str
+
+    @property
+    def exact(self) -> bool:
+        return self.method.startswith("exact")
+
+    def estimate(self, method: str | None = None, converged: bool = True) -> Estimate:
+        """As a reported `Estimate` (stderr None when exact)."""
+        return Estimate(
+            self.value,
+            None if self.exact else self.stderr,
+            self.n_probes,
+            method or self.method,
+            converged,
+            n_matvecs=self.n_matvecs,
+        )
+
+
+def combine(parts: Sequence[TraceEstimate], method: str | None = None) -> TraceEstimate:
+    """Sum of independent estimates (stderrs add in quadrature)."""
+    methods = sorted({p.method for p in parts})
+    return TraceEstimate(
+        sum(p.value for p in parts),
+        math.sqrt(sum(p.stderr**2 for p in parts)),
+        sum(p.n_probes for p in parts),
+        sum(p.n_matvecs for p in parts),
+        method or "+".join(methods),
+    )
+
+
+def rademacher(n: int, gen: torch.Generator, dtype=torch.float64, device="cpu", count=None):
+    """``±1`` entries, shape ``[n]`` or ``[count, n]``."""
+    shape = (n,) if count is None else (count, n)
+    z = torch.randint(0, 2, shape, generator=gen, device=device, dtype=torch.int8)
+    return z.to(dtype).mul_(2).sub_(1)
+
+
+def _generator(seed: int, device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def _mean_se(samples: Tensor) -> tuple[float, float]:
+    m = samples.numel()
+    mean = float(samples.mean())
+    se = float(samples.std(unbiased=True)) / math.sqrt(m) if m > 1 else math.nan
+    return mean, se
+
+
+def hutchinson(
+    matvec: Matvec,
+    n: int,
+    probes: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    rtol: float | None = None,
+    min_probes: int = 8,
+) -> TraceEstimate:
+    """``tr A ≈ mean_i z_i^T A z_i``; stops early once ``stderr <= rtol |mean|``."""
+    if probes < 2:
+        raise ConfigError("Hutchinson needs at least 2 probes for a standard error")
+    gen = _generator(seed, device)
+    samples: list[float] = []
+    for i in range(probes):
+        z = rademacher(n, gen, dtype, device)
+        samples.append(float(z.double() @ matvec(z).double()))
+        if rtol is not None and i + 1 >= max(2, min_probes):
+            mean, se = _mean_se(torch.tensor(samples, dtype=torch.float64))
+            if se <= rtol * abs(mean):
+                break
+    mean, se = _mean_se(torch.tensor(samples, dtype=torch.float64))
+    return TraceEstimate(mean, se, len(samples), len(samples), "hutchinson")
+
+
+def hutchpp(
+    matvec: Matvec,
+    n: int,
+    matvecs: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> TraceEstimate:
+    """Hutch++ with a budget of `matvecs` products (see module doc); ``n_probes`` counts
+    the residual Hutchinson probes the standard error rests on."""
+    k = min(matvecs // 3, n)
+    if k < 1 or matvecs - 2 * k < 2:
+        return hutchinson(matvec, n, max(matvecs, 2), seed=seed, dtype=dtype, device=device)
+    gen = _generator(seed, device)
+    S = rademacher(n, gen, dtype, device, count=k)  # [k, n]
+    AS = torch.stack([matvec(s).to(dtype) for s in S])
+    Q = torch.linalg.qr(AS.double().T).Q.T.to(dtype)  # [k, n], orthonormal rows
+    AQ = torch.stack([matvec(q).to(dtype) for q in Q])
+    top = float((Q.double() * AQ.double()).sum())
+    m = matvecs - 2 * k
+    samples = torch.empty(m, dtype=torch.float64)
+    for i in range(m):
+        g = rademacher(n, gen, dtype, device)
+        g = g - Q.T @ (Q @ g)
+        g = g - Q.T @ (Q @ g)  # twice: orthogonal to working precision
+        samples[i] = float(g.double() @ matvec(g).double())
+    mean, se = _mean_se(samples)
+    return TraceEstimate(top + mean, se, m, 2 * k + m, "hutchpp")
+
+
+def exact_trace(matvec: Matvec, n: int, dtype=torch.float64, device="cpu") -> TraceEstimate:
+    """``Σ_q e_q^T A e_q`` with `n` products (for small blocks)."""
+    total = 0.0
+    e = torch.zeros(n, dtype=dtype, device=device)
+    for q in range(n):
+        e[q] = 1.0
+        total += float(matvec(e)[q])
+        e[q] = 0.0
+    return TraceEstimate(total, 0.0, n, n, "exact(basis)")
+
+
+def trace(
+    matvec: Matvec,
+    n: int,
+    probes: int,
+    method: str = "hutchpp",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    small_exact: bool = True,
+) -> TraceEstimate:
+    """Dispatch: ``hutchinson`` (`probes` probes), ``hutchpp`` (`probes` products) or
+    ``exact``; with `small_exact`, an operator of size ``n <= probes`` is summed exactly."""
+    if method not in TRACE_METHODS:
+        raise ConfigError(f"unknown trace method {method!r}", hint=f"use one of {TRACE_METHODS}")
+    if method == "exact" or (small_exact and n <= probes):
+        return exact_trace(matvec, n, dtype, device)
+    if method == "hutchinson":
+        return hutchinson(matvec, n, probes, seed=seed, dtype=dtype, device=device)
+    return hutchpp(matvec, n, probes, seed=seed, dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------ blocks
+def restrict(matvec: Matvec, space: ParamSpace, names: Sequence[str]) -> tuple[Matvec, int]:
+    """The diagonal block ``A_ll`` of the parameters `names` as an operator on their flat
+    coordinates: ``v_l -> (A [v_l; 0])_l``."""
+    offsets = space.offsets()
+    slices = [offsets[k] for k in names]
+    size = sum(s.stop - s.start for s in slices)
+
+    def block_mv(v: Tensor) -> Tensor:
+        full = v.new_zeros(space.size)
+        pos = 0
+        for s in slices:
+            k = s.stop - s.start
+            full[s] = v[pos : pos + k]
+            pos += k
+        out = matvec(full)
+        return torch.cat([out[s] for s in slices])
+
+    return block_mv, size
+
+
+def block_traces(
+    matvec: Matvec,
+    space: ParamSpace,
+    blocks: Mapping[str, Sequence[str]],
+    probes: int,
+    method: str = "hutchpp",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    small_exact: bool = True,
+) -> dict[str, TraceEstimate]:
+    """``tr A_ll`` for each block from block-restricted probes (independent seeds)."""
+    out = {}
+    for i, (name, params) in enumerate(blocks.items()):
+        mv, size = restrict(matvec, space, params)
+        out[name] = trace(
+            mv,
+            size,
+            probes,
+            method,
+            seed=seed * 1_000_003 + i,
+            dtype=dtype,
+            device=device,
+            small_exact=small_exact,
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------- diagonal
+@dataclass(frozen=True)
+class DiagonalEstimate:
+    """``diag A`` per coordinate (flat) with per-entry standard errors."""
+
+    value: Tensor  # [n]
+    stderr: Tensor  # [n]
+    n_samples: int
+    n_matvecs: int
+    method: str = "hutchinson-diag"
+
+    def as_dicts(self, space: ParamSpace) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(value, stderr) in parameter layout."""
+        return space.unflatten(self.value), space.unflatten(self.stderr)
+
+
+def diagonal(
+    matvec: Matvec,
+    n: int,
+    probes: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+) -> DiagonalEstimate:
+    """``diag A ≈ mean_i z_i ⊙ A z_i`` (Rademacher; exact entries have zero variance only
+    when ``A`` is diagonal). Streams the first two moments, memory O(n)."""
+    if probes < 2:
+        raise ConfigError("the diagonal estimator needs at least 2 probes for standard errors")
+    gen = _generator(seed, device)
+    s1 = torch.zeros(n, dtype=torch.float64, device=device)
+    s2 = torch.zeros(n, dtype=torch.float64, device=device)
+    for _ in range(probes):
+        z = rademacher(n, gen, dtype, device)
+        x = (z * matvec(z).to(dtype)).double()
+        s1 += x
+        s2 += x * x
+    mean = s1 / probes
+    var = ((s2 - probes * mean * mean) / (probes - 1)).clamp_min(0.0)
+    return DiagonalEstimate(mean, (var / probes).sqrt(), probes, probes)
+
+
+def hessian_diagonal(operator: Any, probes: int = 100, seed: int = 0) -> DiagonalEstimate:
+    """``diag H ≈ E[z ⊙ H z]`` for a `gmcurv.hessian.CurvatureOperator` (flat layout:
+    ``operator.space.unflatten`` or `DiagonalEstimate.as_dicts` give parameter layout)."""
+    obj = operator.objective
+    return diagonal(
+        operator.matvec, operator.space.size, probes, seed=seed, dtype=obj.dtype, device=obj.device
+    )
