@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp, vjp
+from torch.func import grad, jvp, vjp, vmap
 
 from gmcurv.data import Batch, DataSample
 from gmcurv.errors import ConfigError, DataError
@@ -224,6 +224,8 @@ class CurvatureOperator:
             yield batch
         if first_pass:
             self._prints, self._batches = prints, kept
+            if kept is None:
+                self._residuals.clear()  # nothing is cached when the batches are not
         elif len(prints) != len(self._prints):  # type: ignore[arg-type]
             raise self._order_error("the number of batches")
 
@@ -238,7 +240,7 @@ class CurvatureOperator:
     def _residual(self, index: int, batch: Batch) -> Tensor:
         if index not in self._residuals:
             r = output_residuals(self.objective, batch)
-            if self._batches is not None:
+            if self._batches is not None or self._prints is None:  # cached, or first pass
                 self._residuals[index] = r
             return r
         return self._residuals[index]
@@ -282,6 +284,37 @@ class CurvatureOperator:
 
     __call__ = matvec
 
+    def matmat(self, V: Tensor) -> Tensor:
+        """``C V^T`` for ``V: [m, P]`` (rows are vectors), ``[m, P]``; the products of one
+        batch run vectorised with ``torch.func.vmap`` when the model allows, else in a loop."""
+        vecs = self.space.unflatten(V.to(self.objective.dtype))
+        out: dict[str, Tensor] | None = None
+        for i, batch in enumerate(self.batches()):
+            part = self._batch_matmat(batch, vecs, i, V.shape[0])
+            out = part if out is None else {k: out[k] + part[k] for k in out}
+        assert out is not None
+        self.n_matvecs += V.shape[0]
+        if self.progress:
+            self.progress(V.shape[0])
+        m = V.shape[0]
+        flat = torch.cat([out[k].reshape(m, -1) for k in self.space.names], dim=1)  # [m, P]
+        return (flat / self.n).to(V.dtype)
+
+    _vmap_ok: bool = True
+
+    def _batch_matmat(self, batch: Batch, vecs: dict[str, Tensor], index: int, m: int):
+        if self._vmap_ok:
+            if self.kind == "residual":
+                self._residual(index, batch)  # computed outside vmap
+            try:
+                return vmap(lambda v: self._batch_product(batch, v, index))(vecs)
+            except Exception:  # no batching rule somewhere: one product at a time
+                self._vmap_ok = False
+        rows = [
+            self._batch_product(batch, {k: t[j] for k, t in vecs.items()}, index) for j in range(m)
+        ]
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
     def is_random(self, seed: int = 0) -> bool:
         """Whether products are random (train mode with active Dropout): two products with
         the same vector disagree. Costs two products, and only in that case."""
@@ -313,11 +346,12 @@ def dense_matrix(op: CurvatureOperator, budget_bytes: int | None = None) -> Tens
         "use --method hutchpp / lanczos, or restrict --layers",
     )
     A = torch.zeros(P, P, dtype=torch.float64)
-    e = torch.zeros(P, dtype=torch.float64, device=op.objective.device)
-    for q in range(P):
-        e[q] = 1.0
-        A[:, q] = op.matvec(e).double().cpu()
-        e[q] = 0.0
+    chunk = max(1, min(P, 256))
+    for lo in range(0, P, chunk):
+        hi = min(P, lo + chunk)
+        E = torch.zeros(hi - lo, P, dtype=torch.float64, device=op.objective.device)
+        E[torch.arange(hi - lo), torch.arange(lo, hi)] = 1.0
+        A[lo:hi] = op.matmat(E).double().cpu()
     return (A + A.T) / 2
 
 

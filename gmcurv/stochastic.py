@@ -43,10 +43,7 @@ class TraceEstimate:
     n_probes: int
     n_matvecs: int
     method: str
-
-    @property
-    def exact(self) -> bool:
-        return self.method.startswith("exact")
+    exact: bool = False  # the value has no probe noise
 
     def estimate(self, method: str | None = None, converged: bool = True) -> Estimate:
         """As a reported `Estimate` (stderr None when exact)."""
@@ -69,6 +66,7 @@ def combine(parts: Sequence[TraceEstimate], method: str | None = None) -> TraceE
         sum(p.n_probes for p in parts),
         sum(p.n_matvecs for p in parts),
         method or "+".join(methods),
+        all(p.exact for p in parts),
     )
 
 
@@ -156,7 +154,7 @@ def exact_trace(matvec: Matvec, n: int, dtype=torch.float64, device="cpu") -> Tr
         e[q] = 1.0
         total += float(matvec(e)[q])
         e[q] = 0.0
-    return TraceEstimate(total, 0.0, n, n, "exact(basis)")
+    return TraceEstimate(total, 0.0, n, n, "exact(basis)", True)
 
 
 def trace(

@@ -92,3 +92,40 @@ def dense_ggn(obj: Objective, batch: Batch) -> Tensor:
 def functional(model: nn.Module):
     """(params, buffers) of a model for functional_call."""
     return dict(model.named_parameters()), dict(model.named_buffers()), functional_call
+
+
+def dense_ggn_autograd(obj: Objective, batch: Batch) -> Tensor:
+    """``(1/N) Σ_n J_n^T Λ_n J_n`` with ``Λ_n`` from plain double backward of the per-example
+    loss w.r.t. the outputs — independent of the loss's own ``output_hessian_vp``."""
+    J = output_jacobians(obj, batch)  # [N, *out, P]
+    n, P = J.shape[0], J.shape[-1]
+    with torch.no_grad():
+        out = obj.outputs(batch.inputs)
+        tgt = obj.targets(batch, out)
+    Jf = J.reshape(n, -1, P)
+    E = Jf.shape[1]
+    G = torch.zeros(P, P, dtype=J.dtype)
+    for i in range(n):
+        o = out[i : i + 1].clone().requires_grad_(True)
+        loss = obj.loss.per_example(o, tgt[i : i + 1]).sum()
+        (g,) = torch.autograd.grad(loss, o, create_graph=True)
+        g = g.reshape(-1)
+        lam = torch.stack(
+            [torch.autograd.grad(g[e], o, retain_graph=True)[0].reshape(-1) for e in range(E)]
+        )
+        G += Jf[i].T @ lam @ Jf[i]
+    return G / n
+
+
+def finite_difference_hvp(obj: Objective, batch: Batch, v: Tensor, h: float = 1e-5) -> Tensor:
+    """``(∇L(θ + h v) - ∇L(θ - h v)) / 2h`` by plain autograd (central differences)."""
+    params = {k: p.detach() for k, p in obj.params.items()}
+    space = ParamSpace.of(params)
+    flat = space.flatten(params)
+
+    def gradient(theta: Tensor) -> Tensor:
+        theta = theta.clone().requires_grad_(True)
+        loss = obj.per_example_loss(batch, space.unflatten(theta)).mean()
+        return torch.autograd.grad(loss, theta)[0]
+
+    return (gradient(flat + h * v) - gradient(flat - h * v)) / (2 * h)
