@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -200,6 +201,17 @@ class _Call:
     deltas: dict[int, Tensor] = field(default_factory=dict)
 
 
+def _delta_hook(recorder: weakref.ref, call: weakref.ref) -> Callable[[Tensor], None]:
+    """Tensor hook storing ``∂/∂output`` of the current column into the call's deltas."""
+
+    def hook(g: Tensor) -> None:
+        rec, c = recorder(), call()
+        if rec is not None and c is not None:
+            c.deltas[rec.column] = g.detach()
+
+    return hook
+
+
 class _Recorder:
     """Forward hooks on the modules of decomposed blocks; collects (input, output, deltas).
 
@@ -233,9 +245,10 @@ class _Recorder:
                     x = x.unsqueeze(0).expand(self.n, *x.shape)
             call = _Call(x.detach(), output, broadcast)
             self.calls[path].append(call)
-            output.register_hook(
-                lambda g, call=call: call.deltas.__setitem__(self.column, g.detach())
-            )
+            # weak references: a hook on `output` that held the call (which holds `output`)
+            # or the recorder would be a cycle through autograd's C++ graph, which Python's
+            # garbage collector cannot see — every batch's graph and factors would leak
+            output.register_hook(_delta_hook(weakref.ref(self), weakref.ref(call)))
             return output if broadcast else None
 
         return hook

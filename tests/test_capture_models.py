@@ -267,3 +267,27 @@ def test_memory_estimate_bounds_the_factors(name):
         out = obj.outputs(one.inputs)
     assert exact.columns == obj.loss.n_columns(out.shape, "exact", 1) > 1
     assert exact.batch_bytes(N) > est.batch_bytes(N)
+
+
+def test_repeated_capture_frees_each_batch():
+    """Hooks must not tie a batch's graph and factors into an uncollectable cycle."""
+    import gc
+    import weakref
+
+    obj, batch = _problem("gpt2")
+    cap = Capturer(obj)
+    first = cap(batch)
+    linear = next(b for b in first.blocks if b.kind == "linear")
+    probe = weakref.ref(linear.source.delta)  # a captured delta tensor
+    del linear
+    del first
+    gc.collect()
+    assert probe() is None
+    for _ in range(2):
+        cap(batch)
+    gc.collect()
+    live = sum(1 for o in gc.get_objects() if torch.is_tensor(o))
+    for _ in range(3):
+        cap(batch)
+    gc.collect()
+    assert sum(1 for o in gc.get_objects() if torch.is_tensor(o)) <= live
