@@ -1,0 +1,148 @@
+"""Hutchinson, Hutch++, block traces and the diagonal estimator: unbiased, calibrated."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from oracles import dense_hessian
+
+from gmcurv.errors import ConfigError
+from gmcurv.hessian import CurvatureOperator
+from gmcurv.params import ParamSpace
+from gmcurv.stochastic import (
+    block_traces,
+    combine,
+    diagonal,
+    exact_trace,
+    hessian_diagonal,
+    hutchinson,
+    hutchpp,
+    restrict,
+    trace,
+)
+
+
+def _matrix(n=60, decay=0.9, seed=0, negative=True):
+    """Symmetric, indefinite, decaying spectrum (Hutch++'s favourable case)."""
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64)).Q
+    w = decay ** torch.arange(n, dtype=torch.float64) * 10
+    if negative:
+        w[1::7] *= -1
+    return Q @ torch.diag(w) @ Q.T
+
+
+def _check_unbiased_and_calibrated(estimates, truth):
+    values = torch.tensor([e.value for e in estimates], dtype=torch.float64)
+    ses = torch.tensor([e.stderr for e in estimates], dtype=torch.float64)
+    m = len(values)
+    mean_se = float(values.std()) / math.sqrt(m)
+    assert abs(float(values.mean()) - truth) <= 3 * mean_se  # unbiased
+    # calibrated: the reported stderr matches the spread over seeds
+    ratio = float(ses.pow(2).mean().sqrt()) / float(values.std())
+    assert 0.8 < ratio < 1.25, ratio
+    z = (values - truth) / ses
+    assert float((z.abs() < 2).double().mean()) > 0.85  # t-tails with few probes
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutchpp"])
+def test_trace_estimators_unbiased_and_calibrated(method):
+    A = _matrix()
+    truth = float(torch.trace(A))
+    if method == "hutchinson":
+        ests = [hutchinson(lambda v: A @ v, 60, 30, seed=s) for s in range(300)]
+    else:
+        ests = [hutchpp(lambda v: A @ v, 60, 30, seed=s) for s in range(300)]
+    assert all(e.n_matvecs == 30 for e in ests)
+    _check_unbiased_and_calibrated(ests, truth)
+
+
+def test_hutchpp_beats_hutchinson_on_decaying_spectrum():
+    A = _matrix(decay=0.8)
+    truth = float(torch.trace(A))
+    err = {}
+    for name, fn in (("h", hutchinson), ("pp", hutchpp)):
+        vals = torch.tensor([fn(lambda v: A @ v, 60, 30, seed=s).value for s in range(50)])
+        err[name] = float((vals - truth).pow(2).mean().sqrt())
+    assert err["pp"] < err["h"] / 3, err
+
+
+def test_exact_and_small_blocks():
+    A = _matrix(n=12)
+    e = exact_trace(lambda v: A @ v, 12)
+    assert e.value == pytest.approx(float(torch.trace(A)), rel=1e-12) and e.exact
+    assert e.estimate().stderr is None and e.estimate().n_matvecs == 12
+    auto = trace(lambda v: A @ v, 12, 20, "hutchpp")
+    assert auto.exact and auto.n_matvecs == 12
+    with pytest.raises(ConfigError):
+        trace(lambda v: A @ v, 12, 20, "bogus")
+    with pytest.raises(ConfigError):
+        hutchinson(lambda v: A @ v, 12, 1)
+
+
+def test_hutchinson_stops_early_at_rtol():
+    A = torch.eye(50, dtype=torch.float64) * 3.0  # z^T A z = 150 for every Rademacher z
+    e = hutchinson(lambda v: A @ v, 50, 100, rtol=1e-3)
+    assert e.n_probes == 8 and e.value == pytest.approx(150.0) and e.stderr == 0.0
+
+
+def test_block_traces_restricted_probes():
+    A = _matrix(n=30)
+    space = ParamSpace(("a", "b", "c"), ((4, 2), (10,), (3, 4)))
+    sl = space.offsets()
+    mv, size = restrict(lambda v: A @ v, space, ["a", "c"])
+    assert size == 20
+    idx = torch.cat([torch.arange(sl["a"].start, sl["a"].stop), torch.arange(18, 30)])
+    v = torch.randn(20, dtype=torch.float64)
+    torch.testing.assert_close(mv(v), A[idx][:, idx] @ v)
+    blocks = {"ac": ["a", "c"], "b": ["b"]}
+    truth = {"ac": float(torch.diagonal(A)[idx].sum()), "b": float(torch.diagonal(A)[8:18].sum())}
+    runs = [
+        block_traces(lambda v: A @ v, space, blocks, 9, "hutchinson", seed=s) for s in range(200)
+    ]
+    for name in blocks:
+        _check_unbiased_and_calibrated([r[name] for r in runs], truth[name])
+    total = combine(list(runs[0].values()))
+    assert total.n_matvecs == 18
+    assert total.stderr == pytest.approx(math.hypot(runs[0]["ac"].stderr, runs[0]["b"].stderr))
+    exact = block_traces(lambda v: A @ v, space, blocks, 25, "hutchpp")
+    assert exact["ac"].exact and exact["b"].exact
+    assert combine(list(exact.values())).value == pytest.approx(float(torch.trace(A)))
+
+
+def test_diagonal_unbiased_and_calibrated():
+    A = _matrix(n=40, decay=0.95)
+    truth = torch.diagonal(A)
+    runs = [diagonal(lambda v: A @ v, 40, 20, seed=s) for s in range(200)]
+    values = torch.stack([r.value for r in runs])  # [seeds, n]
+    ses = torch.stack([r.stderr for r in runs])
+    mean_se = values.std(0) / math.sqrt(len(runs))
+    assert bool(((values.mean(0) - truth).abs() <= 3.5 * mean_se).all())
+    ratio = ses.pow(2).mean(0).sqrt() / values.std(0)
+    assert 0.8 < float(ratio.median()) < 1.2
+    z = (values - truth) / ses
+    assert float((z.abs() < 2).double().mean()) > 0.9
+    D = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    d = diagonal(lambda v: D @ v, 5, 3)
+    torch.testing.assert_close(d.value, torch.diagonal(D)) and torch.testing.assert_close(
+        d.stderr, torch.zeros(5, dtype=torch.float64)
+    )
+
+
+def test_hessian_diagonal_on_operator(tmp_path):
+    from test_hessian import problem
+
+    obj, batch, data = problem("attention", tmp_path)
+    H = dense_hessian(obj, batch)
+    op = CurvatureOperator(obj, data, batch_size=4)
+    res = hessian_diagonal(op, probes=60, seed=3)
+    assert res.n_matvecs == 60 == op.n_matvecs and res.value.shape == (obj.space.size,)
+    z = (res.value - torch.diagonal(H)) / res.stderr.clamp_min(1e-300)
+    assert float((z.abs() < 3).double().mean()) > 0.97
+    value, stderr = res.as_dicts(obj.space)
+    assert stderr["q.weight"].shape == obj.params["q.weight"].shape
+    assert (
+        set(value) == set(obj.params) and value["ln.weight"].shape == obj.params["ln.weight"].shape
+    )
