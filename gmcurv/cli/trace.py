@@ -2,18 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
 from gmcurv.cli import options as o
+from gmcurv.cli.plots import check_plot_path
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
+from gmcurv.fileio import ensure_not_input
 from gmcurv.fisher import fisher_summary
+from gmcurv.hessian import curvature_summary
 from gmcurv.memory import parse_bytes
-from gmcurv.results import Report
+from gmcurv.results import Report, to_jsonable
+
+TRACE_METHODS = (o.Method.auto, o.Method.exact, o.Method.hutchinson, o.Method.hutchpp)
+MaxItersOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-iters",
+        envvar="GMCURV_MAX_ITERS",
+        min=1,
+        help="Lanczos iteration cap (default: max(4k + 20, 60)).",
+        show_default=False,
+    ),
+]
+RestartsOpt = Annotated[
+    int,
+    typer.Option(
+        "--restarts",
+        envvar="GMCURV_RESTARTS",
+        min=0,
+        help="Lanczos restarts in the complement of converged pairs (recovers repeated "
+        "eigenvalues; each costs another Lanczos run).",
+    ),
+]
 
 
 def fisher_results(
@@ -57,18 +82,99 @@ def fisher_results(
     }
 
 
+def curvature_results(
+    session: Session,
+    kind: str,
+    method: str,
+    probes: int,
+    k: int,
+    per_layer: bool,
+    batch_size: int,
+    seed: int,
+    tol: float,
+    max_iters: int | None,
+    restarts: int,
+    max_memory: str | None,
+) -> dict[str, Any]:
+    """Hessian or GGN trace (total, per layer) and top eigenvalues, as a JSON-able dict."""
+    assert session.objective is not None and session.data is not None
+    label = "Hessian" if kind == "hessian" else "GGN"
+    with session.stage(kind), session.progress(f"{label}: products", None) as advance:
+        s = curvature_summary(
+            session.objective,
+            session.data,
+            kind,
+            method=method,
+            probes=probes,
+            k=k,
+            per_layer=per_layer,
+            seed=seed,
+            tol=tol,
+            max_iters=max_iters,
+            batch_size=batch_size,
+            budget_bytes=parse_bytes(max_memory) if max_memory else None,
+            progress=advance,
+            restarts=restarts,
+        )
+    for note in s.notes:
+        session.note(f"{label}: {note}")
+    return {
+        "method": s.method,
+        "n_params": s.n_params,
+        "n_matvecs": s.n_matvecs,
+        "trace": s.trace,
+        "eigenvalues": s.eigenvalues,
+        "per_layer": s.per_layer,
+        "notes": s.notes,
+    }
+
+
+NAMES = ("fisher", "ggn", "hessian")
+
+
+def _label(name: str, block: dict[str, Any]) -> str:
+    label = name.upper() if name == "ggn" else name.capitalize()
+    return label + (f" ({block['type']})" if name == "fisher" else "")
+
+
+def _side_by_side(res: dict[str, Any], console: Console) -> None:
+    """One table: per-layer traces of every curvature computed, with products used."""
+    present = [n for n in NAMES if res.get(n)]
+    table = new_table("traces side by side", "layer", *[_label(n, res[n]) for n in present])
+    layers: list[str] = []
+    for n in present:
+        layers += [name for name in res[n].get("per_layer", {}) if name not in layers]
+    for layer in layers:
+        table.add_row(
+            layer,
+            *[
+                fmt_estimate(res[n].get("per_layer", {}).get(layer, {}).get("trace"))
+                for n in present
+            ],
+        )
+    table.add_row("[bold]total[/bold]", *[fmt_estimate(res[n]["trace"]) for n in present])
+    table.add_row(
+        "[dim]products[/dim]",
+        *[
+            f"{res[n].get('n_matvecs') or 0:,}" if n != "fisher" else "0 (closed form)"
+            for n in present
+        ],
+    )
+    console.print(table)
+
+
 def render(report: Report, console: Console) -> None:
     header(report, console, "gmcurv trace")
     res = report.to_dict()["results"]
     if "loss" in res:
         console.print(f"mean loss {fmt_estimate(res['loss'])}")
-    for name in ("fisher", "ggn", "hessian"):
+    if sum(1 for n in NAMES if res.get(n)) > 1:
+        _side_by_side(res, console)
+    for name in NAMES:
         block = res.get(name)
         if not block:
             continue
-        label = name.upper() if name == "ggn" else name.capitalize()
-        if name == "fisher":
-            label += f" ({block['type']})"
+        label = _label(name, block)
         t = block["trace"]
         table = new_table(
             f"{label}: trace {fmt_estimate(t)}",
@@ -103,7 +209,10 @@ def render(report: Report, console: Console) -> None:
             extra = f", rank {block['rank']:,}" if block.get("rank") is not None else ""
             console.print(f"top-{len(eigs)} eigenvalues ({method}{extra}): {vals}")
         n = t["n_samples"]
-        note = f"N={n:,}, method {t['method']}"
+        note = f"{'N' if name == 'fisher' else 'samples'}={n:,}, method {t['method']}"
+        if block.get("n_matvecs"):
+            what = "Hessian" if name == "hessian" else "GGN"
+            note += f", {block['n_matvecs']:,} {what}-vector products"
         if t.get("data_stderr") is not None:
             note += f"; sampling s.e. of the trace over examples ±{fmt(t['data_stderr'], 2)}"
         console.print(f"[dim]{note}[/dim]")
@@ -121,6 +230,9 @@ def trace(
     batch_size: o.BatchSizeOpt = 256,
     probes: o.ProbesOpt = 100,
     k: o.KOpt = 5,
+    tol: o.TolOpt = 1e-3,
+    max_iters: MaxItersOpt = None,
+    restarts: RestartsOpt = 0,
     per_layer: o.PerLayerOpt = True,
     layers: o.LayersOpt = None,
     mc_samples: o.McSamplesOpt = 1,
@@ -133,26 +245,37 @@ def trace(
     max_memory: o.MaxMemoryOpt = None,
     json: o.JsonOpt = False,
     output: o.OutputOpt = None,
+    plot: o.PlotOpt = None,
     quiet: o.QuietOpt = False,
     fail_if: o.FailIfOpt = None,
     strict: o.StrictOpt = False,
 ) -> None:
     """Curvature traces, total and per layer, with the top eigenvalues.
 
+    Fisher: exact closed forms on decomposed gradients. GGN / Hessian (--method): exact
+    dense matrix for tiny models; otherwise Hutch++ / Hutchinson with --probes per layer
+    (block-restricted probes) — auto takes the GGN trace exactly from C-class factors and
+    estimates only the Hessian's difference from it; top-k eigenvalues by Lanczos.
+
     Examples: [bold]gmcurv trace[/bold] (bundled sample) ·
-    [bold]gmcurv trace model.safetensors data/ --fisher mc --json[/bold] ·
-    [bold]gmcurv trace m.safetensors d/ --fail-if "fisher.trace > 100"[/bold]
+    [bold]gmcurv trace model.safetensors data/ --curvature all --plot traces.png[/bold] ·
+    [bold]gmcurv trace m.safetensors d/ --fail-if "hessian.trace > 100"[/bold]
     """
-    if curvature is not o.Curvature.fisher:
-        raise ConfigError(
-            f"--curvature {curvature.value} is not available in this build",
-            hint="use --curvature fisher",
-        )
-    if method not in (o.Method.auto, o.Method.exact, o.Method.gram):
+    kinds = list(NAMES) if curvature is o.Curvature.all else [curvature.value]
+    if kinds == ["fisher"] and method not in (o.Method.auto, o.Method.exact, o.Method.gram):
         raise ConfigError(
             f"--method {method.value} does not apply to the Fisher",
             hint="the Fisher uses exact closed forms on decomposed gradients (--method auto)",
         )
+    if kinds != ["fisher"] and method not in TRACE_METHODS:
+        raise ConfigError(
+            f"--method {method.value} does not estimate GGN/Hessian traces",
+            hint="use auto, exact, hutchinson or hutchpp",
+        )
+    if method in (o.Method.hutchinson, o.Method.hutchpp) and probes < 2:
+        raise ConfigError("--probes must be at least 2 for a standard error", hint="--probes 100")
+    if plot is not None:
+        check_plot_path(plot)
     session = Session.open(
         ctx,
         model,
@@ -168,9 +291,25 @@ def trace(
         quiet=quiet,
         json_mode=json,
     )
-    results = fisher_results(
-        session, fisher.value, mc_samples, k, per_layer, batch_size, seed, max_memory
-    )
+    results: dict[str, Any] = {}
+    if "fisher" in kinds:
+        results = fisher_results(
+            session, fisher.value, mc_samples, k, per_layer, batch_size, seed, max_memory
+        )
+    hm = method.value if method is not o.Method.gram else "auto"
+    for kind in ("ggn", "hessian"):
+        if kind in kinds:
+            results[kind] = curvature_results(
+                session, kind, hm, probes, k, per_layer, batch_size, seed, tol, max_iters,
+                restarts, max_memory,
+            )  # fmt: skip
+    if plot is not None and session.comm.main:
+        from gmcurv.cli.plots.spectrum import plot_traces
+
+        with session.stage("plot"):
+            ensure_not_input(plot, session.inputs)
+            plot_traces(to_jsonable(results), plot)
+        session.note(f"plot written to {plot}")
     session.finish(session.report(results), render, output, fail_if, strict)
 
 
