@@ -238,7 +238,10 @@ def _read_config(raw: dict[str, Any] | None, config_path: Path | None, where: Pa
             raise AdapterError(f"{config_path}: cannot parse: {e}", hint="fix the JSON") from None
         where = config_path
     if not isinstance(raw, dict):
-        raise AdapterError(f"{where}: the adapter config is not a JSON object", hint="fix it")
+        raise AdapterError(
+            f"{where}: the adapter config is not a JSON object",
+            hint=f"use the {CONFIG_NAME} peft wrote with the adapter",
+        )
     peft_type = str(raw.get("peft_type") or "LORA").upper()
     if peft_type != "LORA":
         raise UnsupportedError(
@@ -257,7 +260,9 @@ def _read_config(raw: dict[str, Any] | None, config_path: Path | None, where: Pa
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterError(f"{where}: r must be a positive integer, got {r!r}", hint="fix r")
     if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
-        raise AdapterError(f"{where}: lora_alpha must be a number, got {alpha!r}")
+        raise AdapterError(
+            f"{where}: lora_alpha must be a number, got {alpha!r}", hint="fix lora_alpha"
+        )
     targets = raw.get("target_modules")
     if targets is not None and not isinstance(targets, str):
         targets = [str(t) for t in targets]
@@ -265,7 +270,10 @@ def _read_config(raw: dict[str, Any] | None, config_path: Path | None, where: Pa
     for key in ("rank_pattern", "alpha_pattern"):
         value = raw.get(key) or {}
         if not isinstance(value, dict):
-            raise AdapterError(f"{where}: {key} must be an object, got {value!r}")
+            raise AdapterError(
+                f"{where}: {key} must be an object, got {value!r}",
+                hint=f"{key} maps module-name patterns to values",
+            )
         patterns[key] = value
     return LoraConfig(
         r=r,
@@ -340,7 +348,10 @@ def _layer(module: str, found: dict[str, tuple[str, Tensor]], cfg: LoraConfig, w
     (key_a, A), (key_b, B) = found["lora_A"], found["lora_B"]
     embedding = "embedding" in found
     if not (A.is_floating_point() and B.is_floating_point()):
-        raise AdapterError(f"{where}: {key_a} / {key_b} are not floating-point tensors")
+        raise AdapterError(
+            f"{where}: {key_a} / {key_b} are not floating-point tensors",
+            hint="LoRA factors are float tensors; is this a quantised adapter?",
+        )
     if embedding:
         kind, ok = "embedding", A.ndim == 2 and B.ndim == 2
     elif A.ndim == 4:
@@ -371,7 +382,10 @@ def _layer(module: str, found: dict[str, tuple[str, Tensor]], cfg: LoraConfig, w
         )
     for key, t in ((key_a, A), (key_b, B)):
         if not torch.isfinite(t).all():
-            raise AdapterError(f"{where}: {key} contains NaN or Inf values")
+            raise AdapterError(
+                f"{where}: {key} contains NaN or Inf values",
+                hint="training diverged or the file is damaged; use another checkpoint",
+            )
     return LoraLayer(
         module=module,
         kind=kind,

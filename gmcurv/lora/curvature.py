@@ -214,7 +214,7 @@ def curvature_along(
     for a, d in dirs.items():
         full = {k: d[k] if k in d else torch.zeros_like(v) for k, v in base.items()}
         hv_local = op.matvec_dict(full)
-        hv = {k: comm.all_reduce(v.double() * data.n) / n for k, v in hv_local.items()}
+        hv = {k: comm.all_reduce(v.detach().double() * data.n) / n for k, v in hv_local.items()}
         if progress:
             progress(data.n)
         out[a] = _assemble(sums[a], d, grad_mean, hv, loss, n, fisher, scales, gather)
