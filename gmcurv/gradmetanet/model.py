@@ -1,0 +1,204 @@
+"""GradMetaNet for curvature: a set of ``b`` decomposed gradients -> full-sample curvature.
+
+Pipeline (Eq. 9 of the paper)::
+
+    entries [b, J, F] ⊕ positional encoding ⊕ globals  --embed-->  h [b, J, C_e]
+    -> interactions-across-sets blocks over (example x neuron)       h [b, J, C_e]
+    -> pooling over examples (+ global term)                         z [J, C_z]
+    -> DeepSets blocks over neurons                                  z [J, C_z]
+    -> L_Prod: per weight / per bias outputs, invariant head: scalars
+
+Outputs are log-ratios to the plug-in estimates on the same set (`decode`): per parameter
+``K = 2`` channels (Fisher diagonal, OBS curvature), and ``S = 3`` scalars (Fisher trace,
+Hessian trace and top Hessian eigenvalue, the last two relative to the Fisher trace and
+top Fisher eigenvalue of the set). A zero output reproduces the plug-in.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gmcurv.gradmetanet.features import (
+    BIAS_FEATURES,
+    EDGE_FEATURES,
+    EXAMPLE_FEATURES,
+    GLOBAL_FEATURES,
+    HeadInput,
+)
+from gmcurv.gradmetanet.layers import (
+    DeepSets,
+    ExamplePool,
+    InteractionBlock,
+    InvariantHead,
+    PositionalEncoding,
+    ProdHead,
+    group_onehot,
+)
+
+PARAM_TARGETS = ("fisher_diag", "obs_curv")
+SCALAR_TARGETS = ("fisher_trace", "hessian_trace", "hessian_top")
+FLOOR = 1e-3  # decode floor, relative to the layer's mean plug-in value
+ENTRY_INPUTS = 7 + EXAMPLE_FEATURES  # a, d, a², d², a·d, has_a, has_d, example features
+
+
+def entry_features(inp: HeadInput) -> Tensor:
+    """``[..., b, J, ENTRY_INPUTS]``: the (a, delta) pair expanded with products, presence
+    flags (from the neuron's group) and the example's own features."""
+    a, d = inp.entries[..., 0], inp.entries[..., 1]
+    L = inp.depth
+    has_a = (inp.groups < L).to(a.dtype).expand_as(a)
+    has_d = (inp.groups > 0).to(a.dtype).expand_as(a)
+    ex = inp.examples[..., :, None, :].expand(*a.shape, inp.examples.shape[-1])
+    return torch.cat([torch.stack([a, d, a * a, d * d, a * d, has_a, has_d], -1), ex], -1)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Sizes of the network (all defaults are those of the shipped head)."""
+
+    entry_channels: int = 16
+    n_interaction: int = 2
+    neuron_channels: int = 32
+    n_deepsets: int = 2
+    prod_channels: int = 8
+    hidden: int = 32
+    n_freq: int = 4
+    index_freqs: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class HeadOutput:
+    """Raw log-ratios: ``w[l]: [O_l, I_l, K]``, ``b[l]: [O_l, K]`` or None, ``scalars: [S]``."""
+
+    w: tuple[Tensor, ...]
+    b: tuple[Tensor | None, ...]
+    scalars: Tensor
+
+
+class GradMetaNet(nn.Module):
+    """The equivariant head (see module doc)."""
+
+    def __init__(self, config: HeadConfig | None = None, seed: int = 0):
+        super().__init__()
+        cfg = self.config = config or HeadConfig()
+        self.pe = PositionalEncoding(cfg.n_freq, cfg.index_freqs)
+        ce, cz = cfg.entry_channels, cfg.neuron_channels
+        self.embed_entry = nn.Linear(ENTRY_INPUTS, ce)
+        self.embed_pos = nn.Linear(self.pe.dim, ce, bias=False)
+        self.embed_global = nn.Linear(GLOBAL_FEATURES, ce, bias=False)
+        self.interactions = nn.ModuleList(InteractionBlock(ce) for _ in range(cfg.n_interaction))
+        self.pool = ExamplePool(ce, cz)
+        self.pos_z = nn.Linear(self.pe.dim, cz, bias=False)
+        self.deepsets = nn.ModuleList(DeepSets(cz) for _ in range(cfg.n_deepsets))
+        self.prod = ProdHead(
+            cz,
+            ce,
+            cfg.prod_channels,
+            EDGE_FEATURES,
+            BIAS_FEATURES,
+            cfg.hidden,
+            len(PARAM_TARGETS),
+        )
+        self.scalar = InvariantHead(cz, GLOBAL_FEATURES, cfg.hidden, len(SCALAR_TARGETS))
+        self.reset_parameters(seed)
+
+    def reset_parameters(self, seed: int = 0) -> None:
+        """Linear weights ``U(±1/sqrt(fan_in))`` from a local generator, biases zero, and
+        zero final layers: a fresh head reproduces the plug-in (zero log-ratios)."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    bound = 1.0 / math.sqrt(m.in_features)
+                    m.weight.uniform_(-bound, bound, generator=gen)
+                    if m.bias is not None:
+                        m.bias.zero_()
+            for final in (self.prod.w_final, self.prod.b_final, self.scalar.mlp[-1]):
+                final.weight.zero_()
+                final.bias.zero_()
+
+    def forward(self, inp: HeadInput) -> HeadOutput:
+        dtype = inp.entries.dtype
+        groups = inp.groups
+        n_groups = inp.depth + 1
+        means = group_onehot(groups, n_groups, dtype)
+        pos = self.pe(groups, n_groups, dtype)  # [J, P]
+        glob = self.embed_global(inp.globals_)[..., None, None, :]  # [..., 1, 1, C]
+        h = self.embed_entry(entry_features(inp)) + self.embed_pos(pos) + glob
+        for block in self.interactions:
+            h = block(h, groups, means)
+        z = self.pool(h) + self.pos_z(pos)
+        for block in self.deepsets:
+            z = block(z, groups, means)
+        counts = torch.bincount(groups, minlength=n_groups).tolist()
+        offsets = [0]
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        ws, bs = self.prod(h, z, offsets, inp.edges, inp.bias_edges)
+        scalars = self.scalar(z, groups, n_groups, inp.globals_)
+        return HeadOutput(tuple(ws), tuple(bs), scalars)
+
+
+# ------------------------------------------------------------------------------------ decode
+@dataclass(frozen=True)
+class Prediction:
+    """Decoded predictions in the model's own units (float64).
+
+    ``param[l]: [O_l, I_l, K]`` and ``bias[l]: [O_l, K]`` (channels `PARAM_TARGETS`),
+    ``scalars: [S]`` (`SCALAR_TARGETS`).
+    """
+
+    param: tuple[Tensor, ...]
+    bias: tuple[Tensor | None, ...]
+    scalars: Tensor
+
+
+def _log_base(plug: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``log(plug + FLOOR · mean)``, the mean over the parameter dims, per channel."""
+    return torch.log(plug + FLOOR * plug.mean(dims, keepdim=True))
+
+
+def log_prediction(inp: HeadInput, out: HeadOutput) -> Prediction:
+    """Predictions in normalised units and log space: ``log(plug + floor) + r`` per channel,
+    ``log(plug scalar) + r`` for scalars (differentiable, overflow-free; used in training).
+
+    The floor (`FLOOR` times the layer's mean plug-in value per channel) lets the head
+    predict curvature where the set saw none (e.g. a unit inactive on all ``b`` examples).
+    """
+    params, biases = [], []
+    for l in range(inp.depth):
+        params.append(_log_base(inp.plug_w[l].to(out.w[l].dtype), (-3, -2)) + out.w[l])
+        pb, ob = inp.plug_b[l], out.b[l]
+        biases.append(None if pb is None or ob is None else _log_base(pb.to(ob.dtype), (-2,)) + ob)
+    scalars = torch.log(inp.plug_scalars.to(out.scalars.dtype).clamp_min(1e-300)) + out.scalars
+    return Prediction(tuple(params), tuple(biases), scalars)
+
+
+def decode(inp: HeadInput, out: HeadOutput) -> Prediction:
+    """Predictions in the model's units: ``unit · (plug-in + floor) · exp(log-ratio)``."""
+    d = HeadOutput(
+        tuple(w.double() for w in out.w),
+        tuple(None if b is None else b.double() for b in out.b),
+        out.scalars.double(),
+    )
+    logp = log_prediction(inp.to(torch.float64), d)
+    params = [
+        torch.exp(p) * u.double()[..., None, None, None]
+        for p, u in zip(logp.param, inp.unit_w, strict=True)
+    ]
+    biases = [
+        None if p is None else torch.exp(p) * u.double()[..., None, None]
+        for p, u in zip(logp.bias, inp.unit_b, strict=True)
+    ]
+    return Prediction(tuple(params), tuple(biases), torch.exp(logp.scalars))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,138 @@
+"""The shipped head: ``sample_models/gradmetanet_head.safetensors`` and its metadata.
+
+The file holds the network's weights and, in the safetensors header (key ``gmcurv_head``),
+a JSON document: ``version``, ``config`` (`HeadConfig`), ``targets``, ``training`` (the
+zoo and `TrainConfig` it came from, the exact command lines, seconds, steps),
+``supported`` (loss, Fisher, activations, depths) and ``metrics`` (held-out accuracy
+against the plug-in, written by ``gmcurv head eval --record``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gmcurv.errors import CheckpointError, UnsupportedError
+from gmcurv.gradmetanet.features import MLPChain
+from gmcurv.gradmetanet.model import PARAM_TARGETS, SCALAR_TARGETS, GradMetaNet, HeadConfig
+from gmcurv.samples import SAMPLE_ROOT
+
+HEAD_FILE = SAMPLE_ROOT / "gradmetanet_head.safetensors"
+CARD_FILE = SAMPLE_ROOT / "GRADMETANET_HEAD_CARD.md"
+HEAD_FORMAT = 1
+META_KEY = "gmcurv_head"
+
+
+@dataclass
+class LoadedHead:
+    """A head ready to run, with its metadata."""
+
+    model: GradMetaNet
+    meta: dict[str, Any]
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return str(self.meta.get("version", "?"))
+
+    @property
+    def supported(self) -> dict[str, Any]:
+        return self.meta.get("supported", {})
+
+    def check(self, chain: MLPChain) -> None:
+        """Refuse MLPs outside what the head was trained on (with the --method exact hint)."""
+        sup = self.supported
+        acts = sup.get("activations")
+        hint = "use --method exact (or auto); the head's card lists what it supports"
+        if acts and chain.activation not in acts:
+            raise UnsupportedError(
+                f"the GradMetaNet head was trained on {', '.join(acts)} MLPs, not "
+                f"{chain.activation}",
+                hint=hint,
+            )
+        lo, hi = sup.get("min_layers", 1), sup.get("max_layers", 99)
+        if not lo <= chain.depth <= hi:
+            raise UnsupportedError(
+                f"the GradMetaNet head supports MLPs with {lo} to {hi} linear layers, "
+                f"this one has {chain.depth}",
+                hint=hint,
+            )
+
+
+def head_metadata(
+    config: HeadConfig,
+    training: dict[str, Any],
+    supported: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+    version: str = "1",
+) -> dict[str, Any]:
+    return {
+        "format": HEAD_FORMAT,
+        "version": version,
+        "config": config.to_dict(),
+        "targets": {"per_parameter": list(PARAM_TARGETS), "scalars": list(SCALAR_TARGETS)},
+        "training": training,
+        "supported": supported,
+        "metrics": metrics or {},
+    }
+
+
+def save_head(path: Path, model: GradMetaNet, meta: dict[str, Any]) -> None:
+    """Atomic write of weights + metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
+    tmp.replace(path)
+
+
+def read_head_metadata(path: Path | None = None) -> dict[str, Any]:
+    path = Path(path) if path is not None else HEAD_FILE
+    _exists(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if META_KEY not in meta:
+        raise CheckpointError(
+            f"{path}: not a GradMetaNet head (no '{META_KEY}' metadata)",
+            hint="pass a file written by gmcurv head train",
+        )
+    return json.loads(meta[META_KEY])
+
+
+def _exists(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(
+            f"{path}: no GradMetaNet head there",
+            hint="train one with gmcurv head zoo && gmcurv head train, or omit --head for the "
+            "shipped one",
+        )
+
+
+def load_head(path: Path | None = None, dtype: torch.dtype = torch.float32) -> LoadedHead:
+    """Load a head (default: the shipped one)."""
+    path = Path(path) if path is not None else HEAD_FILE
+    meta = read_head_metadata(path)
+    if meta.get("format") != HEAD_FORMAT:
+        raise CheckpointError(
+            f"{path}: head format {meta.get('format')} is not supported (expected {HEAD_FORMAT})",
+            hint="retrain it with this version: gmcurv head train",
+        )
+    model = GradMetaNet(HeadConfig(**meta["config"]))
+    with safe_open(str(path), "pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"{path}: weights do not fit the head's config: {str(e).splitlines()[0]}",
+            hint="the file is damaged or from another version; retrain with gmcurv head train",
+        ) from None
+    model = model.to(dtype).eval()
+    return LoadedHead(model, meta, path)
