@@ -372,6 +372,8 @@ def lora(
     }
     if targets and session.comm.main:
         with session.stage("export"):
+            if len(targets) > 1 and export is not None and export.parent.is_dir():
+                export.mkdir(exist_ok=True)  # one sub-directory per adapter
             by_name = {a.name: a for a in adapters}
             written = {
                 n: write_adapter(canonical_adapter(by_name[n]), t) for n, t in targets.items()
