@@ -15,6 +15,7 @@ from gmcurv.lora.adapter import (
     LoraConfig,
     LoraLayer,
     looks_like_adapter,
+    make_adapter,
     read_adapter,
     write_adapter,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "curvature_along",
     "layer_features",
     "looks_like_adapter",
+    "make_adapter",
     "read_adapter",
     "update_direction",
     "update_jvp",

@@ -430,6 +430,38 @@ def read_adapter(path: str | Path, name: str | None = None) -> Adapter:
     )
 
 
+# --------------------------------------------------------------------------------- building
+def make_adapter(
+    factors: Mapping[str, tuple[Tensor, Tensor]],
+    r: int,
+    lora_alpha: float,
+    name: str = "adapter",
+    embeddings: tuple[str, ...] = (),
+    **config: Any,
+) -> Adapter:
+    """An in-memory adapter from ``{module: (B, A)}`` in PEFT shapes (e.g. factors trained
+    by hand), validated like a file; `config` adds ``adapter_config.json`` fields."""
+    if not factors:
+        raise AdapterError(f"adapter {name}: no factors given", hint="pass {module: (B, A)}")
+    raw = {"peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "bias": "none"}
+    raw.setdefault("target_modules", sorted({m.rsplit(".", 1)[-1] for m in factors}))
+    raw.update(config)
+    where = Path(name)
+    cfg = _read_config(raw, None, where)
+    layers = {}
+    for module, (B, A) in factors.items():
+        part = "embedding" if module in embeddings else "weight"
+        found = {
+            "lora_A": (f"{module}.lora_A", A.detach()),
+            "lora_B": (f"{module}.lora_B", B.detach()),
+        }
+        if part == "embedding":
+            found["embedding"] = found["lora_A"]
+        layers[module] = _layer(module, found, cfg, where)
+    dtype = next(iter(layers.values())).A.dtype if layers else torch.float32
+    return Adapter(name, where, where, "", cfg, layers, (), dtype)
+
+
 # ---------------------------------------------------------------------------------- writing
 def adapter_state(adapter: Adapter) -> dict[str, Tensor]:
     """The factors under PEFT's keys (``base_model.model.<module>.lora_A.weight`` ...)."""

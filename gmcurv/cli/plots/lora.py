@@ -23,16 +23,17 @@ def plot_lora(results: dict[str, Any], path: Path) -> Path:
     axes = list(axes) if panels > 1 else [axes]
     ax = axes[0]
     markers = "osd^v<>p*h"
-    for i, (name, a) in enumerate(adapters.items()):
-        for module, f in a["layers"].items():
+    several = len(adapters) > 1
+    for i, (name, a) in enumerate(adapters.items()):  # colour: adapter; marker: layer
+        for j, (module, f) in enumerate(a["layers"].items()):
             sv = [e["value"] for e in f["singular_values"]]
             positive = [v for v in sv if v and v > 0]
             if not positive:
                 continue
-            label = f"{name}: {module}" if len(adapters) > 1 else module
             ax.plot(
-                range(1, len(positive) + 1), positive, marker=markers[i % len(markers)],
-                label=label, linewidth=1,
+                range(1, len(positive) + 1), positive, marker=markers[j % len(markers)],
+                color=f"C{i % 10}" if several else f"C{j % 10}", linewidth=1,
+                label=f"{name}: {module}" if several else module,
             )  # fmt: skip
     ax.set_yscale("log")
     ax.xaxis.get_major_locator().set_params(integer=True)
