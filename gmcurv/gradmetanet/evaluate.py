@@ -1,0 +1,177 @@
+"""Held-out accuracy of a head against the plug-in estimators on the same gradient sets.
+
+For each held-out zoo model and each of its draws (``b`` examples), against the exact
+large-sample truth:
+
+- ``fisher_diag``, ``obs_curv``: normalised mean absolute error over the whole model,
+  ``Σ_q |pred_q - true_q| / Σ_q |true_q|`` (the paper's metric); plug-in = the closed form
+  on the same ``b`` gradients;
+- ``fisher_trace``: relative error ``|pred - true| / true``; plug-in = ``tr F`` of the set;
+- ``hessian_trace``, ``hessian_top``: relative error; the baseline is the Fisher proxy on
+  the set (``tr F``, ``λ_max F``).
+
+``change`` is ``head / plug - 1`` of the mean errors (negative: the head is better).
+``calibration`` is the root-mean-square log-ratio ``log(pred / true)`` of the head per
+target — what `predict_curvature` reports as a relative standard error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gmcurv.gradmetanet.model import PARAM_TARGETS, SCALAR_TARGETS, HeadOutput, log_prediction
+from gmcurv.gradmetanet.pretrained import LoadedHead
+from gmcurv.gradmetanet.train import Item, loss_parts, make_item
+from gmcurv.gradmetanet.zoo import ZooModel, iter_zoo
+
+METRICS = (
+    "fisher_diag.nmae",
+    "obs_curv.nmae",
+    "fisher_trace.relerr",
+    "hessian_trace.relerr",
+    "hessian_top.relerr",
+)
+BASELINES = {
+    "fisher_diag.nmae": "plug-in diag F (same b gradients)",
+    "obs_curv.nmae": "plug-in damped inverse (same b gradients)",
+    "fisher_trace.relerr": "plug-in tr F (same b gradients)",
+    "hessian_trace.relerr": "Fisher proxy tr F (same b gradients)",
+    "hessian_top.relerr": "Fisher proxy λ_max F (same b gradients)",
+}
+
+
+@dataclass
+class DrawErrors:
+    """Errors of one model's draws: ``{metric: [R]}`` for head and plug-in, log-ratios."""
+
+    name: str
+    split: str
+    dataset: str
+    widths: tuple[int, ...]
+    activation: str
+    step: int
+    accuracy: float
+    head: dict[str, list[float]]
+    plug: dict[str, list[float]]
+    logratio: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _zero_like(out: HeadOutput) -> HeadOutput:
+    return HeadOutput(
+        tuple(torch.zeros_like(w) for w in out.w),
+        tuple(None if b is None else torch.zeros_like(b) for b in out.b),
+        torch.zeros_like(out.scalars),
+    )
+
+
+def item_errors(head: LoadedHead, item: Item) -> tuple[dict, dict, dict]:
+    """Per-draw errors of the head and of the plug-in on one item."""
+    with torch.no_grad():
+        out = head.model(item.inp)
+    res = {}
+    for who, o in (("head", out), ("plug", _zero_like(out))):
+        parts = loss_parts(item.inp, o, item)
+        logp = log_prediction(item.inp, o).scalars.double()  # [R, S]
+        errs: dict[str, list[float]] = {}
+        for k, name in enumerate(PARAM_TARGETS):
+            errs[f"{name}.nmae"] = parts.nmae[:, k].double().tolist()
+        ratios = {}
+        for s, name in enumerate(SCALAR_TARGETS):
+            t = float(item.t_s[s])
+            if not (math.isfinite(t) and t > 0):
+                errs[f"{name}.relerr"] = [math.nan] * logp.shape[0]
+                ratios[name] = [math.nan] * logp.shape[0]
+                continue
+            pred = torch.exp(logp[:, s])
+            errs[f"{name}.relerr"] = ((pred - t).abs() / t).tolist()
+            ratios[name] = (logp[:, s] - math.log(t)).tolist()
+        res[who] = (errs, ratios)
+    return res["head"][0], res["plug"][0], res["head"][1]
+
+
+def evaluate_models(
+    head: LoadedHead, models: Sequence[ZooModel], progress: Callable[[int], None] | None = None
+) -> list[DrawErrors]:
+    head.model.eval()
+    out = []
+    for zm in models:
+        item = make_item(zm, next(head.model.parameters()).dtype)
+        h, p, ratios = item_errors(head, item)
+        s = zm.spec
+        out.append(
+            DrawErrors(
+                zm.name,
+                s.split,
+                s.dataset,
+                s.widths,
+                s.activation,
+                zm.step,
+                float(zm.scalars.get("accuracy") or math.nan),
+                h,
+                p,
+                ratios,
+            )
+        )
+        if progress:
+            progress(1)
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    v = [x for x in values if math.isfinite(x)]
+    return sum(v) / len(v) if v else math.nan
+
+
+def summarise(rows: Sequence[DrawErrors]) -> dict[str, Any]:
+    """``{metric: {head, plug, change, n_models, n_draws, baseline}}`` over `rows`."""
+    out: dict[str, Any] = {}
+    for m in METRICS:
+        h = [x for r in rows for x in r.head.get(m, [])]
+        p = [x for r in rows for x in r.plug.get(m, [])]
+        pairs = [(a, b) for a, b in zip(h, p, strict=True) if math.isfinite(a) and math.isfinite(b)]
+        mh, mp = _mean([a for a, _ in pairs]), _mean([b for _, b in pairs])
+        wins = sum(a < b for a, b in pairs)
+        out[m] = {
+            "head": mh,
+            "plug": mp,
+            "change": mh / mp - 1.0 if pairs and mp > 0 else math.nan,
+            "head_better_share": wins / len(pairs) if pairs else math.nan,
+            "n_draws": len(pairs),
+            "n_models": sum(any(math.isfinite(x) for x in r.head.get(m, [])) for r in rows),
+            "baseline": BASELINES[m],
+        }
+    return out
+
+
+def calibration(rows: Sequence[DrawErrors]) -> dict[str, float]:
+    """Root-mean-square log-ratio of the head per scalar target and per-parameter NMAE."""
+    out = {}
+    for name in SCALAR_TARGETS:
+        v = [x for r in rows for x in r.logratio.get(name, []) if math.isfinite(x)]
+        out[name] = math.sqrt(sum(x * x for x in v) / len(v)) if v else math.nan
+    return out
+
+
+def evaluate_head(
+    head: LoadedHead,
+    cache_dir: Path,
+    splits: Sequence[str] = ("test-dataset", "test-arch"),
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate on the zoo's held-out splits: per split and overall summaries, per-model rows."""
+    models = list(iter_zoo(cache_dir, tuple(splits)))
+    rows = evaluate_models(head, models, progress)
+    by_split = {s: summarise([r for r in rows if r.split == s]) for s in splits}
+    return {
+        "splits": by_split,
+        "all": summarise(rows),
+        "calibration": calibration(rows),
+        "rows": rows,
+        "n_models": len(rows),
+    }
