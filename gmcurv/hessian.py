@@ -161,6 +161,7 @@ def _nbytes(batch: Batch) -> int:
 
 
 DEFAULT_CACHE_BYTES = 256 * 2**20  # keep the data sample in memory up to this size
+DEFAULT_GRAPH_BYTES = 2**30  # keep per-batch gradient graphs up to this size (Hessian, eval)
 
 
 @dataclass
@@ -185,6 +186,12 @@ class CurvatureOperator:
     cache_bytes: int = DEFAULT_CACHE_BYTES
     _prints: list[tuple] | None = field(default=None, repr=False)
     _residuals: dict[int, Tensor] = field(default_factory=dict, repr=False)
+    cache_graph: bool | None = None
+    graph_bytes: int = DEFAULT_GRAPH_BYTES
+    _graphs: dict[int, tuple[list[Tensor], tuple[Tensor, ...]]] = field(
+        default_factory=dict, repr=False
+    )
+    _graph_held: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
         if self.kind not in CURVATURES:
@@ -226,6 +233,7 @@ class CurvatureOperator:
             self._prints, self._batches = prints, kept
             if kept is None:
                 self._residuals.clear()  # nothing is cached when the batches are not
+                self._drop_graphs()
         elif len(prints) != len(self._prints):  # type: ignore[arg-type]
             raise self._order_error("the number of batches")
 
@@ -245,8 +253,61 @@ class CurvatureOperator:
             return r
         return self._residuals[index]
 
+    # -- cached gradient graphs: H v = ∇<g, v> by one backward through g's graph ----------
+    def _graph_wanted(self) -> bool:
+        if self.kind != "hessian" or self.objective.mode != "eval" or self.cache_graph is False:
+            return False
+        return self._batches is not None or self._prints is None  # cached data, or first pass
+
+    def _drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._graph_held = 0
+        if self.cache_graph is None:
+            self.cache_graph = False
+
+    def _graph(self, index: int, batch: Batch) -> tuple[list[Tensor], tuple[Tensor, ...]] | None:
+        """``(leaves, g)`` with ``g = ∇(Σ_n L_n)`` built with ``create_graph`` (kept while
+        all batches' graphs fit in `graph_bytes`, counted through saved tensors)."""
+        if index in self._graphs:
+            return self._graphs[index]
+        held = [0]
+
+        def pack(t: Tensor) -> Tensor:
+            held[0] += t.numel() * t.element_size()
+            return t
+
+        names = self.space.names
+        leaves = [self.objective.params[k].detach().requires_grad_(True) for k in names]
+        with (
+            twice_differentiable_attention(),
+            torch.enable_grad(),
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        ):
+            total = self.objective.per_example_loss(batch, dict(zip(names, leaves, strict=True)))
+            g = torch.autograd.grad(total.sum(), leaves, create_graph=True)
+        self._graph_held += held[0]
+        if self._graph_held > self.graph_bytes:
+            self._drop_graphs()
+            return None
+        self._graphs[index] = (leaves, g)
+        return self._graphs[index]
+
+    def _graph_product(self, index: int, batch: Batch, vec: dict[str, Tensor], batched: bool):
+        graph = self._graph(index, batch) if self._graph_wanted() else None
+        if graph is None:
+            return None
+        leaves, g = graph
+        outs = [vec[k] for k in self.space.names]
+        with torch.enable_grad():
+            hv = torch.autograd.grad(
+                g, leaves, grad_outputs=outs, retain_graph=True, is_grads_batched=batched
+            )
+        return {k: t.detach() for k, t in zip(self.space.names, hv, strict=True)}
+
     def _call(self, index: int, batch: Batch, vec: dict[str, Tensor], forward: bool):
         if self.kind == "hessian":
+            if index >= 0 and (out := self._graph_product(index, batch, vec, False)) is not None:
+                return out
             return batch_hvp(self.objective, batch, vec, forward)
         if self.kind == "ggn":
             return batch_ggnvp(self.objective, batch, vec, forward)
@@ -303,6 +364,13 @@ class CurvatureOperator:
     _vmap_ok: bool = True
 
     def _batch_matmat(self, batch: Batch, vecs: dict[str, Tensor], index: int, m: int):
+        if self.kind == "hessian" and self._vmap_ok and self._graph_wanted():
+            try:
+                out = self._graph_product(index, batch, vecs, True)
+                if out is not None:
+                    return out
+            except Exception:  # no batching rule somewhere: one product at a time
+                self._vmap_ok = False
         if self._vmap_ok:
             if self.kind == "residual":
                 self._residual(index, batch)  # computed outside vmap
