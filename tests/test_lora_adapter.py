@@ -21,6 +21,7 @@ from gmcurv.lora import (
     attach,
     canonical_adapter,
     looks_like_adapter,
+    make_adapter,
     read_adapter,
     update_direction,
     write_adapter,
@@ -298,3 +299,18 @@ def test_target_modules_not_naming_a_layer_warns(tmp_path, model):
         read_adapter(path)
     with pytest.warns(GmcurvWarning, match="does not name 0"):
         attach(read_adapter(path), model)
+
+
+def test_make_adapter_round_trip(tmp_path, model):
+    factors = random_factors(model, ["0", "2"], 3, dtype=torch.float64)
+    ad = make_adapter(factors, 3, 6, name="mine", use_rslora=True)
+    assert ad.layers["2"].scale == pytest.approx(6 / math.sqrt(3))
+    back = read_adapter(write_adapter(ad, tmp_path / "mine").parent)
+    assert back.config.use_rslora and back.config.target_modules == ["0", "2"]
+    for m, (B, A) in factors.items():
+        assert torch.equal(back.layers[m].B, B) and torch.equal(back.layers[m].A, A)
+    B, A = factors["0"]
+    with pytest.raises(AdapterError, match="rank mismatch"):
+        make_adapter({"0": (B, A[:2])}, 3, 6)
+    with pytest.raises(AdapterError, match="no factors"):
+        make_adapter({}, 3, 6)

@@ -236,3 +236,20 @@ def test_help_documents_the_arguments(runner):
     text = " ".join(result.stdout.split())
     for phrase in ("Adapters come first", "adapter_config.json", "MODEL", "DATA", "--export"):
         assert phrase in text
+
+
+def test_demo_adapter_script(runner, tmp_path, monkeypatch):
+    """scripts/make_lora_adapters.py writes adapters gmcurv lora reads (few steps here)."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "make_lora_adapters.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "demo"), "--steps", "3"])
+    runpy.run_path(str(script), run_name="__main__")
+    names = ["mirror-r1", "mirror-r4", "mirror-r16", "random-r4"]
+    paths = [str(tmp_path / "demo" / n) for n in names]
+    doc = _json(runner.invoke(app, ["lora", *paths, "--json"]))
+    assert list(doc["results"]["adapters"]) == names
+    r16 = doc["results"]["adapters"]["mirror-r16"]["layers"]["net.4"]
+    assert len(r16["singular_values"]) == 10  # min(r, out, in)

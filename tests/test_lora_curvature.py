@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -121,9 +122,9 @@ def test_fisher_hessian_and_first_order_equal_dense(case):
     assert res.first_order.value == pytest.approx(float(J.mean(0) @ v), rel=1e-9, abs=1e-14)
     assert res.update_norm.value == pytest.approx(float(v.norm()), rel=1e-12)
     assert res.hessian_rayleigh.value == pytest.approx(float(v @ H @ v) / float(v @ v), rel=1e-9)
-    assert res.loss.value == pytest.approx(
-        float(case["obj"].per_example_loss(case["batch"]).mean()), rel=1e-12
-    )
+    with torch.no_grad():
+        loss = float(case["obj"].per_example_loss(case["batch"]).mean())
+    assert res.loss.value == pytest.approx(loss, rel=1e-12)
     assert res.fisher_qf.n_samples == N and res.fisher == "empirical"
 
 
@@ -147,7 +148,8 @@ def test_per_parameter_parts(case):
 
 def test_measured_change_equals_an_independently_merged_model(case):
     model, batch, res = case["model"], case["batch"], case["res"]
-    base_loss = case["full"].per_example_loss(batch).mean()
+    with torch.no_grad():
+        base_loss = case["full"].per_example_loss(batch).mean()
     for point in res.points:
         merged = copy.deepcopy(model)
         params = dict(merged.named_parameters())
@@ -161,7 +163,8 @@ def test_measured_change_equals_an_independently_merged_model(case):
                     delta = delta.T
                 params[target.param].add_(point.scale * delta.reshape(params[target.param].shape))
         obj = Objective.build(merged, case["loss"])
-        change = float(obj.per_example_loss(batch).mean() - base_loss)
+        with torch.no_grad():
+            change = float(obj.per_example_loss(batch).mean() - base_loss)
         assert point.measured.value == pytest.approx(change, rel=1e-9, abs=1e-13)
         assert point.predicted.value == pytest.approx(
             point.scale * res.first_order.value + 0.5 * point.scale**2 * res.hessian_qf.value
@@ -283,3 +286,16 @@ def test_tied_weight_warning(tmp_path):
     with pytest.warns(GmcurvWarning, match="lm_head shares its weight"):
         (u,) = attach(ad, model)
     assert u.param == "transformer.wte.weight"  # the tied parameter's one name
+
+
+def test_no_stray_warnings(tmp_path):
+    """The engine detaches what it reports (no 'requires_grad to scalar' warnings)."""
+    model, loss, x, y = _model_and_data("mlp")
+    save_file({"inputs": x, "targets": y}, str(tmp_path / "d.safetensors"))
+    data = load_data(tmp_path / "d.safetensors")
+    ups = attach(_adapter(tmp_path, model, ["0", "2"], 2)[1], model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        curvature_along(Objective.build(model, loss), data, {"a": ups}, scales=(1.0,))
+    stray = [w for w in caught if not issubclass(w.category, GmcurvWarning | DeprecationWarning)]
+    assert not stray, [str(w.message) for w in stray]
