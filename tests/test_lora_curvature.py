@@ -234,7 +234,7 @@ def test_exact_fisher_equals_dense_ggn_and_mc_is_unbiased(tmp_path):
     full = Objective.build(model, loss)
     obj = along_objective(full, {"a": ups})
     v = obj.space.flatten(update_direction(ups, torch.float64))
-    G = dense_ggn(obj, Batch(x, y, 0))
+    G = dense_ggn(obj, Batch(x, y, 0)).detach()
     exact = curvature_along(full, data, {"a": ups}, fisher="exact", scales=(1.0,))["a"]
     assert exact.fisher_qf.value == pytest.approx(float(v @ G @ v), rel=1e-9)
     assert exact.fisher_qf.stderr is None
