@@ -170,7 +170,11 @@ def curvature_along(
     comm = distributed.current()
     obj = along_objective(objective, updates)
     base = {k: p.detach() for k, p in obj.params.items()}
-    dirs = {a: update_direction(list(ups), obj.dtype, obj.device) for a, ups in updates.items()}
+
+    def direction(a: str) -> dict[str, Tensor]:
+        """dθ of adapter `a` (dense, parameter-sized; built when needed, one at a time)."""
+        return update_direction(list(updates[a]), obj.dtype, obj.device)
+
     cap = Capturer(obj, fisher, mc_samples, seed)
     preflight_capture(obj, data, batch_size, fisher, mc_samples, budget_bytes, keep=False)
     sums = {a: _Sums() for a in updates}
@@ -194,7 +198,8 @@ def curvature_along(
         with torch.no_grad():
             l0 = obj.per_example_loss(batch, base)
             losses.append(l0.double())
-            for a, d in dirs.items():
+            for a in updates:
+                d = direction(a)
                 for alpha in scales:
                     merged = {k: base[k] + alpha * v for k, v in d.items()}
                     la = obj.per_example_loss(batch, merged)
@@ -211,7 +216,8 @@ def curvature_along(
     loss = Estimate.exact_value(loss_mean, n, "mean loss", data_stderr=loss_se)
 
     out: dict[str, AdapterCurvature] = {}
-    for a, d in dirs.items():
+    for a in updates:
+        d = direction(a)
         full = {k: d[k] if k in d else torch.zeros_like(v) for k, v in base.items()}
         hv_local = op.matvec_dict(full)
         hv = {k: comm.all_reduce(v.detach().double() * data.n) / n for k, v in hv_local.items()}
