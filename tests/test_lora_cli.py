@@ -253,3 +253,18 @@ def test_demo_adapter_script(runner, tmp_path, monkeypatch):
     assert list(doc["results"]["adapters"]) == names
     r16 = doc["results"]["adapters"]["mirror-r16"]["layers"]["net.4"]
     assert len(r16["singular_values"]) == 10  # min(r, out, in)
+
+
+def test_untrained_adapter_warns_and_reports_zeros(runner, tmp_path):
+    """peft initialises B = 0: the update is zero; ranks are 0 and ratios null."""
+    zero = write_peft_adapter(
+        tmp_path / "zero", {"net.4": (torch.zeros(10, 2), torch.randn(2, 64))}, 2, 4
+    )
+    args = ["lora", str(zero), str(MODEL), str(DATA), "-n", "16", "--json"]
+    doc = _json(runner.invoke(app, args))
+    assert any("update is zero" in w for w in doc["warnings"])
+    res = doc["results"]["adapters"]["zero"]
+    assert res["layers"]["net.4"]["effective_rank"]["value"] == 0.0
+    c = res["curvature"]
+    assert c["hessian_qf"]["value"] == 0.0 and c["hessian_rayleigh"]["value"] is None
+    assert all(p["measured"]["value"] == 0.0 for p in c["points"])

@@ -45,7 +45,7 @@ from gmcurv.results import Report, to_jsonable
 from gmcurv.rules import parse_rules
 
 PATHS_HELP = (
-    "ADAPTER... [MODEL [DATA]]. Adapters come first: each is a directory holding "
+    "Adapters come first: each is a directory holding "
     "adapter_config.json (+ adapter_model.safetensors, as peft's save_pretrained writes), or "
     "a .safetensors adapter file (LoRA keys; config in its header or adapter_config.json "
     "beside it). The first path that is not an adapter is MODEL (a .safetensors file or a "
@@ -315,7 +315,8 @@ def lora(
     Examples: [bold]gmcurv lora adapter/[/bold] ·
     [bold]gmcurv lora a/ b/ c/ --json > features.json[/bold] ·
     [bold]gmcurv lora adapter/ model.safetensors data/ --plot lora.png[/bold] ·
-    [bold]gmcurv lora adapter/ --export canonical.safetensors[/bold]
+    [bold]gmcurv lora adapter/ --export canonical.safetensors[/bold] ·
+    [bold]gmcurv lora ad/ m.safetensors d/ --fail-if "adapters.ad.curvature.hessian_qf > 10"[/bold]
     """
     adapter_paths, model, data = split_paths(paths)
     scale_list = parse_scales(scales)

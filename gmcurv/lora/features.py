@@ -22,11 +22,13 @@ positive (ties: the first).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from gmcurv.errors import GmcurvWarning
 from gmcurv.lora.adapter import Adapter, LoraLayer
 from gmcurv.results import Estimate
 
@@ -149,6 +151,13 @@ def adapter_features(adapter: Adapter) -> AdapterFeatures:
     """Features of every layer of `adapter` and its totals."""
     layers = {m: layer_features(layer, adapter.dtype) for m, layer in adapter.layers.items()}
     total = math.sqrt(sum(f.frobenius.value**2 for f in layers.values()))
+    if total == 0:
+        warnings.warn(
+            f"{adapter.path}: the update is zero (every lora_B is 0, as peft initialises it): "
+            "is this an untrained adapter?",
+            GmcurvWarning,
+            stacklevel=2,
+        )
     cfg = adapter.config
     return AdapterFeatures(
         name=adapter.name,
