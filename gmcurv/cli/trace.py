@@ -209,10 +209,11 @@ def render(report: Report, console: Console) -> None:
             extra = f", rank {block['rank']:,}" if block.get("rank") is not None else ""
             console.print(f"top-{len(eigs)} eigenvalues ({method}{extra}): {vals}")
         n = t["n_samples"]
-        note = f"{'N' if name == 'fisher' else 'samples'}={n:,}, method {t['method']}"
+        what = "N" if name == "fisher" or t.get("stderr") is None else "probes"
+        note = f"{what}={n:,}, method {t['method']}"
         if block.get("n_matvecs"):
-            what = "Hessian" if name == "hessian" else "GGN"
-            note += f", {block['n_matvecs']:,} {what}-vector products"
+            product = "Hessian" if name == "hessian" else "GGN"
+            note += f", {block['n_matvecs']:,} {product}-vector products"
         if t.get("data_stderr") is not None:
             note += f"; sampling s.e. of the trace over examples ±{fmt(t['data_stderr'], 2)}"
         console.print(f"[dim]{note}[/dim]")
