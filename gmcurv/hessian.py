@@ -207,7 +207,18 @@ class CurvatureOperator:
 
     @property
     def n(self) -> int:
-        return self.data.n
+        """Examples averaged over (all ranks' under torchrun)."""
+        from gmcurv.distributed import current
+
+        return self.data.n_total if current().active else self.data.n
+
+    @staticmethod
+    def _reduce(out: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Sum partial products over ranks under torchrun (each holds a shard)."""
+        from gmcurv.distributed import current
+
+        comm = current()
+        return {k: comm.all_reduce(v) for k, v in out.items()} if comm.active else out
 
     def batches(self):
         """The data's batches in a fixed order (cached, or re-read and fingerprint-checked)."""
@@ -333,6 +344,7 @@ class CurvatureOperator:
             part = self._batch_product(batch, vector, i)
             out = part if out is None else {k: out[k] + part[k] for k in out}
         assert out is not None
+        out = self._reduce(out)
         self.n_matvecs += 1
         if self.progress:
             self.progress(1)
@@ -354,6 +366,7 @@ class CurvatureOperator:
             part = self._batch_matmat(batch, vecs, i, V.shape[0])
             out = part if out is None else {k: out[k] + part[k] for k in out}
         assert out is not None
+        out = self._reduce(out)
         self.n_matvecs += V.shape[0]
         if self.progress:
             self.progress(V.shape[0])
@@ -496,7 +509,7 @@ def exact_ggn_trace(
         acc.losses.append(dg.losses.double())
         if progress:
             progress(dg.n)
-    return acc
+    return acc.gathered()  # all ranks' examples under torchrun
 
 
 # ------------------------------------------------------------------ command level

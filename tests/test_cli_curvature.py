@@ -200,3 +200,31 @@ def test_spectrum_json_and_plot(runner, problem, tmp_path):
     assert human.exit_code == 0 and "spectrum" in human.stdout
     bad = _run(runner, "spectrum", model, data, "--method", "hutchpp")
     assert bad.exit_code == 2
+
+
+def test_two_ranks_match_one_process(tmp_path):
+    """Under torchrun each rank holds a shard; products and factor traces are all-reduced."""
+    from test_distributed import _run as run_procs
+
+    model = write_mlp(tmp_path / "model.safetensors", sizes=(6, 9, 4), activation="tanh")
+    data = write_data(tmp_path / "data", n=37, d=6, classes=4, shards=3)
+    common = ["--json", "--dtype", "float64", "--batch-size", "5", "--seed", "3"]
+    # stochastic GGN/Hessian traces per layer, Lanczos eigenvalues, the Fisher's closed forms
+    runs = {
+        "all": ["trace", model, data, "--curvature", "all", "--method", "hutchpp", "--probes", "9",
+                "--k", "2", *common],
+    }  # fmt: skip
+    for name, args in runs.items():
+        args = [str(a) for a in args]
+        one, two = run_procs(args, 1, tmp_path), run_procs(args, 2, tmp_path)
+        assert one.returncode == 0 and two.returncode == 0, (name, one.stderr, two.stderr)
+        a, b = json.loads(one.stdout)["results"], json.loads(two.stdout)["results"]
+        for kind in ("ggn", "hessian"):
+            if kind not in a:
+                continue
+            if "trace" in a[kind]:
+                assert b[kind]["trace"]["value"] == pytest.approx(
+                    a[kind]["trace"]["value"], rel=1e-9
+                )
+            for x, y in zip(a[kind]["eigenvalues"], b[kind]["eigenvalues"], strict=True):
+                assert y["value"] == pytest.approx(x["value"], rel=1e-7)
