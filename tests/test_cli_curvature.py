@@ -228,3 +228,34 @@ def test_two_ranks_match_one_process(tmp_path):
                 )
             for x, y in zip(a[kind]["eigenvalues"], b[kind]["eigenvalues"], strict=True):
                 assert y["value"] == pytest.approx(x["value"], rel=1e-7)
+
+
+def test_iteration_flags(runner, problem):
+    model, data = problem
+    base = [
+        "eigen",
+        model,
+        data,
+        "--method",
+        "lanczos",
+        "--k",
+        "2",
+        "--tol",
+        "1e-8",
+        "--json",
+        *F64,
+    ]
+    plain = _json(_run(runner, *base))["results"]["hessian"]
+    restarted = _json(_run(runner, *base, "--restarts", "1"))["results"]["hessian"]
+    assert restarted["n_matvecs"] > plain["n_matvecs"]
+    for a, b in zip(plain["eigenvalues"], restarted["eigenvalues"], strict=True):
+        assert b["value"] == pytest.approx(a["value"], rel=1e-7)
+    capped = _json(
+        _run(runner, "trace", model, data, "--curvature", "ggn", "--method", "hutchpp",
+             "--max-iters", "4", "--tol", "1e-12", "--k", "2", "--json", *F64)
+    )["results"]["ggn"]  # fmt: skip
+    assert not any(e["converged"] for e in capped["eigenvalues"])
+    spec = ["spectrum", model, data, "--method", "lanczos", "--probes", "1", "--steps", "6"]
+    narrow = _json(_run(runner, *spec, "--sigma", "0.01", "--json"))["results"]["hessian"]
+    wide = _json(_run(runner, *spec, "--sigma", "0.1", "--json"))["results"]["hessian"]
+    assert wide["sigma"] == pytest.approx(10 * narrow["sigma"])
