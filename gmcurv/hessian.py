@@ -484,18 +484,21 @@ def exact_ggn_trace(
     batch_size: int = 256,
     budget_bytes: int | None = None,
     progress: Callable[[int], None] | None = None,
+    check: bool = True,
 ):
     """``tr G`` per block from the C-class square-root factors (no products):
     ``tr G = (1/N) Σ_n s_n Σ_c ||g[n,c]||^2`` with ``s_n`` from `_ggn_scale`.
 
     Returns a `gmcurv.fisher.FisherAccumulator` whose ``trace(block)`` gives the value on
-    the sample and the standard error over examples.
+    the sample and the standard error over examples. `check`: the capture's first-batch
+    self-check against autograd (`gmcurv.capture.Capturer`); leave on unless the model's
+    capture was already verified.
     """
     from gmcurv.capture import Capturer
     from gmcurv.fisher import FisherAccumulator
     from gmcurv.memory import preflight_capture
 
-    cap = Capturer(objective, "exact")
+    cap = Capturer(objective, "exact", check=check)
     preflight_capture(objective, data, batch_size, "exact", 1, budget_bytes, False)
     acc = FisherAccumulator(diagonal=False)
     for batch in data.batches(batch_size, objective.device, objective.dtype):

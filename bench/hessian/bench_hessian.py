@@ -345,7 +345,8 @@ def ggn_section(s: Setup, repeats: int) -> dict:
     acc = exact_ggn_trace(s.obj, s.data, s.n)
     value = acc.trace(None)[0]
     t_ours = median_time(lambda: exact_ggn_trace(s.obj, s.data, s.n), repeats)
-    out = {"gmcurv": {"value": value, "seconds": t_ours}}
+    t_fast = median_time(lambda: exact_ggn_trace(s.obj, s.data, s.n, check=False), repeats)
+    out = {"gmcurv": {"value": value, "seconds": t_ours, "seconds_without_self_check": t_fast}}
     try:
         from backpack import backpack, extend
         from backpack.extensions import DiagGGNExact
@@ -380,7 +381,11 @@ def main() -> None:
     ap.add_argument("--cap", type=int, default=400)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(HERE / "results.json"))
+    ap.add_argument("--markdown", action="store_true", help="Only print tables from --out.")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     torch.set_num_threads(args.threads)
     results = {
         "meta": {
@@ -413,16 +418,127 @@ def main() -> None:
     print(markdown(results))
 
 
+def _f(x, digits=3):
+    if x is None:
+        return "—"
+    return f"{x:.{digits}g}"
+
+
 def markdown(results: dict) -> str:
-    rows = []
-    for name, r in results["workloads"].items():
+    """The tables of RESULTS.md from results.json."""
+    wl = results["workloads"]
+    m = results["meta"]
+    out = [
+        f"torch {m['torch']}, {m['dtype']}, {m['threads']} thread(s), CPU; {m['date']}; "
+        "whole sample as one batch for every library.",
+        "",
+        "**Per-HVP time** (ms, median, measured round-robin; ratio = peer / gmcurv)",
+        "",
+        "| workload | P | gmcurv | PyHessian | curvlinops | hessian-eigenthings |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in wl.items():
         h = r["per_hvp_seconds"]
-        ms = " | ".join(
-            f"{h[k] * 1e3:.1f}"
-            for k in ("gmcurv", "pyhessian", "curvlinops", "hessian_eigenthings")
+        cells = [f"{h['gmcurv'] * 1e3:.1f}"] + [
+            f"{h[k] * 1e3:.1f} ({h[k] / h['gmcurv']:.2f}x)"
+            for k in ("pyhessian", "curvlinops", "hessian_eigenthings")
+        ]
+        out.append(f"| {name} | {r['P']:,} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "**Hessian trace to 1 % relative error** (reference: "
+        + "; ".join(f"{n} {_f(r['reference_trace']['value'], 6)} ({r['reference_trace']['how']}"
+                    f", s.e. {_f(r['reference_trace']['stderr'], 2)})" for n, r in wl.items())
+        + ")",
+        "",
+        "| workload | plain Hutchinson: HVPs (s) | gmcurv Hutch++: HVPs (s, err) | gmcurv auto: "
+        "HVPs (s, err) | auto vs Hutchinson |",
+        "|---|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for name, r in wl.items():
+        t = r["trace"]
+        h = t["hutchinson"]
+        cells = [f"{h['probes_for_1pct']:,} ({h['seconds_for_1pct']:.1f})"]
+        for key in ("gmcurv_hutchpp_1pct", "gmcurv_auto_1pct"):
+            e = t[key]
+            mark = "" if e["reached"] else " not reached at cap"
+            cells.append(
+                f"{e['n_matvecs']:,} ({e['seconds']:.1f}, {100 * e['rel_err']:.2f} %){mark}"
+            )
+        ratio = t["gmcurv_auto_1pct"]["fewer_hvps_than_hutchinson"]
+        cells.append(f"{ratio:.0f}x fewer HVPs" if ratio else "—")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "Peers at a fixed budget of ~100 products (relative error vs the reference, seconds):",
+        "",
+        "| workload | PyHessian Hutchinson 100 | curvlinops Hutchinson 100 | curvlinops Hutch++ 99 "
+        "| hessian-eigenthings Hutch++ 99 |",
+        "|---|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for name, r in wl.items():
+        t = r["trace"]
+        cells = [
+            f"{100 * t[k]['rel_err']:.1f} % ({t[k]['seconds']:.1f} s)"
+            for k in ("pyhessian_hutchinson_100", "curvlinops_hutchinson_100",
+                      "curvlinops_hutchpp_99", "eigenthings_hutchpp_99")
+        ]  # fmt: skip
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "**Top-5 eigenvalues** (HVPs, seconds, max relative error vs a tight Lanczos reference)",
+        "",
+        "| workload | gmcurv Lanczos | hessian-eigenthings Lanczos | PyHessian power | "
+        "curvlinops + scipy eigsh |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in wl.items():
+        e = r["eigen_top5"]
+        cells = []
+        for k in ("gmcurv_lanczos", "eigenthings_lanczos", "pyhessian_power", "curvlinops_eigsh"):
+            x = e[k]
+            flag = "" if x.get("converged", True) else ", not converged"
+            cells.append(f"{x['n_matvecs']} ({x['seconds']:.1f} s, {_f(x['rel_err'], 2)}{flag})")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out += [
+        "",
+        "**Spectral density** (one Lanczos run of 50 steps; seconds)",
+        "",
+        "| workload | gmcurv SLQ | hessian-eigenthings | PyHessian |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, r in wl.items():
+        d = r["density"]
+        ph = d["pyhessian_density"]
+        ph_cell = f"{ph['seconds']:.1f}" if "seconds" in ph else f"fails ({ph['error'][:40]}...)"
+        out.append(
+            f"| {name} | {d['gmcurv_slq']['seconds']:.1f} | "
+            f"{d['eigenthings_density']['seconds']:.1f} | {ph_cell} |"
         )
-        rows.append(f"| {name} | {r['P']:,} | {ms} |")
-    return "\n".join(rows)
+    out += [
+        "",
+        "**Exact GGN trace** (seconds, end to end; BackPACK: DiagGGNExact summed)",
+        "",
+        "| workload | gmcurv (C-class factors) | gmcurv, capture self-check off | BackPACK | "
+        "ratio BackPACK / gmcurv (check on, off) | agreement |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in wl.items():
+        g = r["ggn_exact_trace"]
+        bp = g["backpack"]
+        if "error" in bp:
+            out.append(
+                f"| {name} | {g['gmcurv']['seconds']:.3f} | "
+                f"{g['gmcurv']['seconds_without_self_check']:.3f} | "
+                f"unsupported ({bp['error'][:60]}) | — | — |"
+            )
+        else:
+            on, off = g["gmcurv"]["seconds"], g["gmcurv"]["seconds_without_self_check"]
+            out.append(
+                f"| {name} | {on:.3f} | {off:.3f} | {bp['seconds']:.3f} | "
+                f"{bp['seconds'] / on:.2f}, {bp['seconds'] / off:.2f} | {bp['rel_diff']:.1e} |"
+            )
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
