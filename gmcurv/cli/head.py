@@ -166,7 +166,7 @@ def train(
     save: Annotated[
         Path, typer.Option("--save", help="Where to write the trained head (.safetensors).")
     ] = Path("gradmetanet_head.safetensors"),
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the zoo.")] = 10,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the zoo.")] = 12,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate.")] = 2e-3,
     seed: o.SeedOpt = 0,
     checkpoint: Annotated[
@@ -296,6 +296,7 @@ LABELS = {
     "fisher_diag.nmae": "Fisher diagonal (NMAE)",
     "obs_curv.nmae": "OBS curvature (NMAE)",
     "fisher_trace.relerr": "Fisher trace (rel. error)",
+    "fisher_trace_from_diag.relerr": "Fisher trace as Σ diagonal (rel. error)",
     "hessian_trace.relerr": "Hessian trace (rel. error)",
     "hessian_top.relerr": "top Hessian eigenvalue (rel. error)",
 }

@@ -34,6 +34,7 @@ METRICS = (
     "fisher_diag.nmae",
     "obs_curv.nmae",
     "fisher_trace.relerr",
+    "fisher_trace_from_diag.relerr",
     "hessian_trace.relerr",
     "hessian_top.relerr",
 )
@@ -41,6 +42,7 @@ BASELINES = {
     "fisher_diag.nmae": "plug-in diag F (same b gradients)",
     "obs_curv.nmae": "plug-in damped inverse (same b gradients)",
     "fisher_trace.relerr": "plug-in tr F (same b gradients)",
+    "fisher_trace_from_diag.relerr": "plug-in tr F (same b gradients)",
     "hessian_trace.relerr": "Fisher proxy tr F (same b gradients)",
     "hessian_top.relerr": "Fisher proxy λ_max F (same b gradients)",
 }
@@ -77,11 +79,21 @@ def item_errors(head: LoadedHead, item: Item) -> tuple[dict, dict, dict]:
     res = {}
     for who, o in (("head", out), ("plug", _zero_like(out))):
         parts = loss_parts(item.inp, o, item)
-        logp = log_prediction(item.inp, o).scalars.double()  # [R, S]
+        logp_full = log_prediction(item.inp, o)
+        logp = logp_full.scalars.double()  # [R, S]
         errs: dict[str, list[float]] = {}
         for k, name in enumerate(PARAM_TARGETS):
             errs[f"{name}.nmae"] = parts.nmae[:, k].double().tolist()
         ratios = {}
+        t = float(item.t_s[0])
+        total = 0.0
+        for l in range(item.inp.depth):  # Σ of the predicted diagonal, in the model's units
+            u = item.inp.unit_w[l].double()
+            total = total + torch.exp(logp_full.param[l][..., 0].double()).sum((-2, -1)) * u
+            if logp_full.bias[l] is not None:
+                ub = item.inp.unit_b[l].double()
+                total = total + torch.exp(logp_full.bias[l][..., 0].double()).sum(-1) * ub
+        errs["fisher_trace_from_diag.relerr"] = ((total - t).abs() / t).tolist()
         for s, name in enumerate(SCALAR_TARGETS):
             t = float(item.t_s[s])
             if not (math.isfinite(t) and t > 0):

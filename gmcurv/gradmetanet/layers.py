@@ -151,6 +151,24 @@ class DeepSets(nn.Module):
         return z + self.act(mix)
 
 
+class ExampleWeights(nn.Module):
+    """Learned weights of the examples, ``α_n = 2 σ(MLP(mean_j h[n,j]))`` in ``(0, 2)``
+    (1 at initialisation): equivariant over examples, invariant to neuron permutations.
+
+    They define a reweighted plug-in ``Σ_n α_n g_n^2 / Σ_n α_n`` whose log-ratio to the
+    plain one the head adds to its Fisher outputs — so it can discount (or stress) examples
+    whose gradients dominate a small set, the main source of the plug-in's error when
+    per-example gradients are heavy-tailed (well-trained classifiers).
+    """
+
+    def __init__(self, c: int, hidden: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(c, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, h: Tensor) -> Tensor:
+        return 2.0 * torch.sigmoid(self.mlp(h.mean(-2)))[..., 0]  # [..., b]
+
+
 # ---------------------------------------------------------------------------------- heads
 class ProdHead(nn.Module):
     """``L_Prod``: per-parameter outputs of linear layer ``l`` (inputs = group ``l``,

@@ -32,6 +32,7 @@ from gmcurv.gradmetanet.features import (
 from gmcurv.gradmetanet.layers import (
     DeepSets,
     ExamplePool,
+    ExampleWeights,
     InteractionBlock,
     InvariantHead,
     PositionalEncoding,
@@ -107,6 +108,7 @@ class GradMetaNet(nn.Module):
             len(PARAM_TARGETS),
         )
         self.scalar = InvariantHead(cz, GLOBAL_FEATURES, cfg.hidden, len(SCALAR_TARGETS))
+        self.weights = ExampleWeights(ce, cfg.hidden)
         self.reset_parameters(seed)
 
     def reset_parameters(self, seed: int = 0) -> None:
@@ -120,7 +122,13 @@ class GradMetaNet(nn.Module):
                     m.weight.uniform_(-bound, bound, generator=gen)
                     if m.bias is not None:
                         m.bias.zero_()
-            for final in (self.prod.w_final, self.prod.b_final, self.scalar.mlp[-1]):
+            finals = (
+                self.prod.w_final,
+                self.prod.b_final,
+                self.scalar.mlp[-1],
+                self.weights.mlp[-1],
+            )
+            for final in finals:
                 final.weight.zero_()
                 final.bias.zero_()
 
@@ -143,7 +151,60 @@ class GradMetaNet(nn.Module):
             offsets.append(offsets[-1] + c)
         ws, bs = self.prod(h, z, offsets, inp.edges, inp.bias_edges)
         scalars = self.scalar(z, groups, n_groups, inp.globals_)
+        dw, db, dtr = reweighted_shift(inp, self.weights(h), offsets)
+        ws = [
+            torch.cat([w[..., :1] + d[..., None], w[..., 1:]], -1)
+            for w, d in zip(ws, dw, strict=True)
+        ]
+        bs = [
+            None
+            if b is None or d is None
+            else torch.cat([b[..., :1] + d[..., None], b[..., 1:]], -1)
+            for b, d in zip(bs, db, strict=True)
+        ]
+        scalars = torch.cat([scalars[..., :1] + dtr[..., None], scalars[..., 1:]], -1)
         return HeadOutput(tuple(ws), tuple(bs), scalars)
+
+
+def reweighted_shift(
+    inp: HeadInput, alpha: Tensor, offsets: list[int]
+) -> tuple[list[Tensor], list[Tensor | None], Tensor]:
+    """Log-ratios of the ``α``-weighted plug-in to the plain one (normalised units)::
+
+        P_α[j,i] = Σ_n α_n d[n,j]^2 a[n,i]^2 / Σ_n α_n      (bias: a = 1)
+        Δ = log(P_α + floor) - log(P_1 + floor)
+
+    per weight and bias of every layer, with the floor of `log_prediction`, and for the
+    trace ``log(Σ α_n s_n / Σ α_n) - log(mean_n s_n)``, ``s_n = ||g_n||^2``. Zero at
+    ``α = 1``.
+    """
+    a2, d2 = inp.entries[..., 0].pow(2), inp.entries[..., 1].pow(2)  # [..., b, J]
+    w = alpha / alpha.sum(-1, keepdim=True)  # [..., b]
+    ones = torch.full_like(w, 1.0 / w.shape[-1])
+    dws, dbs = [], []
+    s_alpha = s_one = 0.0
+    for l in range(inp.depth):
+        ai = a2[..., offsets[l] : offsets[l + 1]]  # [..., b, I]
+        dj = d2[..., offsets[l + 1] : offsets[l + 2]]  # [..., b, O]
+        floor = FLOOR * inp.plug_w[l][..., 0].to(a2.dtype).mean((-2, -1))[..., None, None]
+        pa = torch.einsum("...n,...nj,...ni->...ji", w, dj, ai)
+        p1 = torch.einsum("...n,...nj,...ni->...ji", ones, dj, ai)
+        dws.append(torch.log(pa + floor) - torch.log(p1 + floor))
+        per_example = dj.sum(-1) * ai.sum(-1) * inp.unit_w[l].to(a2.dtype)[..., None]
+        pb = inp.plug_b[l]
+        if pb is None:
+            dbs.append(None)
+        else:
+            fb = FLOOR * pb[..., 0].to(a2.dtype).mean(-1)[..., None]
+            qa = torch.einsum("...n,...nj->...j", w, dj)
+            q1 = dj.mean(-2)
+            dbs.append(torch.log(qa + fb) - torch.log(q1 + fb))
+            per_example = per_example + dj.sum(-1) * inp.unit_b[l].to(a2.dtype)[..., None]
+        s_alpha = s_alpha + (w * per_example).sum(-1)
+        s_one = s_one + per_example.mean(-1)
+    tiny = torch.finfo(a2.dtype).tiny
+    dtr = torch.log(s_alpha + tiny) - torch.log(s_one + tiny)
+    return dws, dbs, dtr
 
 
 # ------------------------------------------------------------------------------------ decode

@@ -141,3 +141,69 @@ def predict_curvature(
         seconds=seconds,
         per_layer_trace=per_layer,
     )
+
+
+def relative_error(learned: float, exact: float) -> float:
+    """``|learned - exact| / |exact|`` (NaN when the exact value is 0 or missing)."""
+    if exact is None or not math.isfinite(exact) or exact == 0:
+        return math.nan
+    return abs(learned - exact) / abs(exact)
+
+
+@dataclass(frozen=True)
+class LearnedSaliency:
+    """OBD / OBS saliencies from the head's predicted curvature, and what pruning costs.
+
+    ``obd_q = ½ F̂_qq w_q²`` and ``obs_q = ½ r̂_q w_q²`` (``r̂`` the predicted OBS curvature
+    ``1/[(F + eps I)^-1]_qq``), on the prunable weights; `sweep` evaluates masking the least
+    salient weights (global scope, no weight update) at each level.
+    """
+
+    curvature: LearnedCurvature
+    saliency: dict[str, dict[str, Tensor]]  # criterion -> {param: tensor}
+    layers: dict[str, dict[str, dict[str, Estimate]]]  # param -> criterion -> statistics
+    sweep: dict[str, list[dict]]  # criterion -> [{fraction, n_removed, loss, accuracy}]
+    baseline: dict
+
+
+def learned_saliency(
+    objective: Objective,
+    data: DataSample,
+    *,
+    b: int = DEFAULT_SET_SIZE,
+    seed: int = 0,
+    head: LoadedHead | None = None,
+    levels: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    eval_data: DataSample | None = None,
+    batch_size: int = 256,
+) -> LearnedSaliency:
+    """Saliencies from `predict_curvature` and a masking sweep on `eval_data` (or `data`)."""
+    from gmcurv.pruning import apply_masks, evaluate, prunable_params, select_masks
+    from gmcurv.saliency import layer_statistics
+
+    lc = predict_curvature(objective, data, b, seed, head)
+    names = prunable_params(objective)
+    w = {k: objective.params[k].detach().double() for k in names}
+    sal = {
+        "obd": {k: 0.5 * lc.fisher_diag[k] * w[k].pow(2) for k in names},
+        "obs": {k: 0.5 * lc.obs_curv[k] * w[k].pow(2) for k in names},
+    }
+    layers = {k: {c: layer_statistics(sal[c][k], f"{c} ({lc.method})") for c in sal} for k in names}
+    target = eval_data or data
+    base = evaluate(objective, target, batch_size)
+    weights = {k: v.detach() for k, v in objective.params.items()}
+    total = sum(w[k].numel() for k in names)
+    sweep: dict[str, list[dict]] = {}
+    for c, s in sal.items():
+        points = []
+        for f in levels:
+            count = round(f * total)
+            masks = select_masks(s, count)
+            ev = evaluate(objective, target, batch_size, apply_masks(weights, masks))
+            points.append(
+                {"fraction": f, "n_removed": count, "loss": ev.loss, "accuracy": ev.accuracy}
+            )
+        sweep[c] = points
+    return LearnedSaliency(
+        lc, sal, layers, sweep, {"loss": base.loss, "accuracy": base.accuracy, "n": target.n}
+    )
