@@ -172,7 +172,7 @@ def scaling_one(n: int, d: int, tokens: int, dense: bool) -> dict:
     eps = default_eps(dg, 1e-2)
     weights = {"w": torch.randn(d, d, generator=g), "b": torch.randn(d, generator=g)}
     removed = {"w": torch.rand(d, d, generator=g) < 0.5}
-    out = {"n": n, "d": d, "tokens": tokens, "P": d * d + d}
+    out = {"n": n, "d": d, "tokens": tokens, "P": d * d + d, "loadavg": os.getloadavg()[0]}
     base = rss_bytes()
     reset_peak()
     t0 = time.perf_counter()
@@ -244,6 +244,7 @@ def cli_timing() -> dict:
             )
             out[label] = time.perf_counter() - t0
             print(f"cli: {label}: {out[label]:.2f}s", flush=True)
+        out["loadavg"] = os.getloadavg()[0]
     return out
 
 
@@ -302,7 +303,7 @@ def markdown(doc: dict) -> str:
     cli = doc.get("cli_seconds")
     if cli:
         lines += ["| command (bundled sample) | wall time |", "|---|---:|"]
-        lines += [f"| `{k}` | {v:.1f} s |" for k, v in cli.items()]
+        lines += [f"| `{k}` | {v:.1f} s |" for k, v in cli.items() if k != "loadavg"]
     return "\n".join(lines)
 
 
@@ -335,6 +336,7 @@ def main() -> None:
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg()[0],
     }
     if args.part in ("all", "quality"):
         doc["quality"] = {"rounds": rounds, "levels": LEVELS, "models": quality(rounds)}
