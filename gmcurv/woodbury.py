@@ -249,14 +249,17 @@ class DampedFisher:
         }
         groups = []
         for g in self.groups:
+            mine = [
+                {k: v for k, v in new.items() if k in b.params and bool(v.any())} for b in g.blocks
+            ]
+            if not any(mine):
+                groups.append(g)
+                continue
             A = g.A.clone()
-            touched = False
-            for b in g.blocks:
-                mine = {k: v for k, v in new.items() if k in b.params and bool(v.any())}
-                for _, _, cols in column_chunks(b, mine) if mine else ():
+            for b, cols_of in zip(g.blocks, mine, strict=True):
+                for _, _, cols in column_chunks(b, cols_of) if cols_of else ():
                     A.addmm_(cols, cols.T, alpha=-1.0)
-                    touched = True
-            groups.append(_Group(g.blocks, A, _cholesky(A)) if touched else g)
+            groups.append(_Group(g.blocks, A, _cholesky(A)))
         return DampedFisher(
             self.dg, self.eps, self.structure, _union(self.removed, new), _groups=groups
         )
