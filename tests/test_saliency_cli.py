@@ -290,3 +290,15 @@ def test_obd_hessian_criterion(runner, problem, tmp_path):
     assert mean["stderr"] > 0 and "8 Rademacher probes" in mean["method"]
     assert res["prune"]["criterion"] == "obd-hessian" and not res["prune"]["update"]
     assert res["prune"]["n_removed"] == round(0.5 * N_PRUNABLE)
+
+
+def test_method_learned_and_both(runner, problem):
+    pytest.importorskip("gmcurv.gradmetanet.predict")
+    model, data = problem
+    base = ["saliency", str(model), str(data), "--json", "--levels", "0.5"]
+    learned = _json(runner.invoke(app, [*base, "--method", "learned"]))["results"]
+    assert set(learned["learned"]["criteria"]) == {"obd", "obs"} and "sweep" not in learned
+    both = _json(runner.invoke(app, [*base, "--method", "both"]))["results"]
+    assert "sweep" in both and both["learned"]["comparison"]
+    for args in (["--method", "learned", "--prune", "0.5"], ["--method", "hutchpp"]):
+        assert runner.invoke(app, [*base, *args]).exit_code == 2

@@ -332,6 +332,7 @@ def saliency(
     eval_data: EvalDataOpt = None,
     levels: LevelsOpt = ",".join(f"{x:g}" for x in LEVELS),
     probes: ProbesOpt = 32,
+    method: o.MethodOpt = o.Method.auto,
     samples: o.SamplesOpt = None,
     batch_size: o.BatchSizeOpt = 256,
     layers: o.LayersOpt = None,
@@ -357,8 +358,18 @@ def saliency(
     [bold]gmcurv saliency --prune 0.5[/bold] ·
     [bold]gmcurv saliency m.safetensors d/ --prune 0.7 --eval-data test/ -o m70.safetensors[/bold]
     """
+    if method not in (o.Method.auto, o.Method.exact, o.Method.learned, o.Method.both):
+        raise ConfigError(
+            f"--method {method.value} does not apply to saliency",
+            hint="use auto (exact closed forms), learned (the GradMetaNet head) or both",
+        )
     if prune is not None:
         check_fraction(prune)
+        if method is o.Method.learned:
+            raise ConfigError(
+                "--prune uses the exact saliencies, not the learned ones",
+                hint="drop --method learned (or use --method both to see them side by side)",
+            )
     level_list = _parse_levels(levels)
     checkpoint, report_file = _outputs(output, report_path, prune)
     if plot is not None:
@@ -386,6 +397,13 @@ def saliency(
             ev = load_data(eval_data)
             session.objective.check_data(ev)
             session.inputs.append(eval_data)
+    if method is o.Method.learned:  # the GradMetaNet head answers (gmcurv.cli.learned)
+        from gmcurv.cli import learned as lh
+
+        results = lh.learned_saliency_results(session, level_list, ev, batch_size, seed)
+        doc = session.report(results)
+        session.finish(doc, lh.render_learned("gmcurv saliency"), report_file, fail_if, strict)
+        return
     budget = parse_bytes(max_memory) if max_memory else None
     common = {
         "fisher": fisher.value,
@@ -401,7 +419,8 @@ def saliency(
         "eval_data": ev,
     }
     results: dict[str, Any] = {}
-    if prune is None or plot is not None:
+    shown = render
+    if prune is None or plot is not None or method is o.Method.both:
         crits = ["magnitude", "obd", "obs"]
         if criterion is Criterion.obd_hessian:
             crits.append("obd-hessian")
@@ -419,6 +438,13 @@ def saliency(
                 **common,
             )
         results = analysis_results(analysis)
+        if method is o.Method.both:
+            from gmcurv.cli import learned as lh
+
+            learned = lh.learned_saliency_results(session, level_list, ev, batch_size, seed)
+            learned["learned"]["comparison"] = lh.compare_saliency(learned, results)
+            results.update(learned)
+            shown = lh.render_with_comparison(render)
     if prune is not None:
         target = checkpoint or default_output_path(session.loaded.path, prune)
         if report_file is not None and report_file.resolve() == Path(target).resolve():
@@ -476,7 +502,7 @@ def saliency(
             plot_saliency(to_jsonable(results), plot)
         session.note(f"plot written to {plot}")
     doc = session.report(results)
-    session.finish(doc, render, report_file, fail_if, strict)
+    session.finish(doc, shown, report_file, fail_if, strict)
 
 
 def register(app: typer.Typer) -> None:
