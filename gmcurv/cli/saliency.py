@@ -397,6 +397,14 @@ def saliency(
             ev = load_data(eval_data)
             session.objective.check_data(ev)
             session.inputs.append(eval_data)
+    target = None
+    if prune is not None:  # refuse bad output paths before any compute
+        target = Path(checkpoint or default_output_path(session.loaded.path, prune))
+        ensure_not_input(target, session.inputs)
+        if report_file is not None and report_file.resolve() == target.resolve():
+            raise ConfigError(f"the report and the checkpoint would both be written to {target}")
+    if report_file is not None:
+        ensure_not_input(report_file, session.inputs)
     if method is o.Method.learned:  # the GradMetaNet head answers (gmcurv.cli.learned)
         from gmcurv.cli import learned as lh
 
@@ -446,9 +454,7 @@ def saliency(
             results.update(learned)
             shown = lh.render_with_comparison(render)
     if prune is not None:
-        target = checkpoint or default_output_path(session.loaded.path, prune)
-        if report_file is not None and report_file.resolve() == Path(target).resolve():
-            raise ConfigError(f"the report and the checkpoint would both be written to {target}")
+        assert target is not None
         n_rounds = rounds if (update if update is not None else criterion is Criterion.obs) else 1
         with (
             session.stage("prune"),
@@ -466,13 +472,13 @@ def saliency(
                 **common,
             )
         with session.stage("write"):
-            path, digest = Path(target), ""
+            path, digest = target, ""
             if session.comm.main:  # under torchrun, rank 0 writes
                 path = save_pruned(
                     session.loaded,
                     pruned.weights,
                     pruned.masks,
-                    Path(target),
+                    target,
                     {
                         "source_sha256": session.loaded.sha256,
                         "criterion": pruned.criterion,
