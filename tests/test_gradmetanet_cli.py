@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 import jsonschema
+import pytest
 
 from gmcurv.cli.app import app
 from gmcurv.gradmetanet.pretrained import load_head
 from gmcurv.results import report_schema
+from tests.helpers import write_data, write_mlp
 
 
 def _ok(result, code=0):
@@ -82,3 +84,59 @@ def test_head_errors_exit_2(runner, tmp_path):
     assert r.exit_code == 2 and "no GradMetaNet head" in r.output
     r = runner.invoke(app, ["head", "train", "--cache-dir", str(tmp_path), "--save", "x.pt"])
     assert r.exit_code == 2 and ".safetensors" in r.output
+
+
+# ------------------------------------------------------------------ --method learned | both
+@pytest.fixture
+def problem(tmp_path):
+    model = write_mlp(tmp_path / "m.safetensors", sizes=(6, 8, 3), activation="tanh")
+    data = write_data(tmp_path / "d.safetensors", n=160, d=6, classes=3)
+    return model, data
+
+
+def test_trace_learned_and_both(runner, problem):
+    model, data = problem
+    base = ["trace", str(model), str(data), "--json"]
+    doc = _json(_ok(runner.invoke(app, [*base, "--method", "learned", "--curvature", "all"])))
+    res = doc["results"]
+    assert res["learned"]["b"] == 128 and "learned" in res["fisher"]["trace"]["method"]
+    assert res["fisher"]["trace"]["value"] > 0 and res["fisher"]["trace"]["n_samples"] == 128
+    assert res["hessian"]["eigenvalues"][0]["value"] > 0 and "ggn" not in res
+    both = _json(_ok(runner.invoke(app, [*base, "--method", "both", "--curvature", "hessian"])))
+    rows = both["results"]["learned"]["comparison"]
+    assert [r["quantity"] for r in rows] == ["Hessian trace", "Hessian λ_max"]
+    exact = both["results"]["hessian"]["trace"]["value"]
+    assert rows[0]["exact"]["value"] == exact
+    assert rows[0]["relative_error"] == pytest.approx(
+        abs(rows[0]["learned"]["value"] - exact) / exact
+    )
+    human = _ok(runner.invoke(app, ["trace", str(model), str(data), "--method", "learned"]))
+    assert "GradMetaNet head" in human.stdout and "b=128" in human.stdout
+    rule = ["--method", "learned", "--fail-if", "fisher.trace > 1e9"]
+    _ok(runner.invoke(app, ["trace", str(model), str(data), *rule]))
+
+
+def test_eigen_learned_and_both(runner, problem):
+    model, data = problem
+    base = ["eigen", str(model), str(data), "--json"]
+    res = _json(_ok(runner.invoke(app, [*base, "--method", "learned"])))["results"]
+    assert len(res["hessian"]["eigenvalues"]) == 1 and res["hessian"]["n_matvecs"] == 0
+    both = _json(_ok(runner.invoke(app, [*base, "--method", "both", "--k", "2"])))["results"]
+    row = both["learned"]["comparison"][0]
+    assert row["exact"]["value"] == both["hessian"]["eigenvalues"][0]["value"]
+
+
+def test_learned_refuses_what_the_head_does_not_know(runner, problem, tmp_path):
+    model, data = problem
+    cases = [
+        ["trace", str(model), str(data), "--method", "learned", "--curvature", "ggn"],
+        ["trace", str(model), str(data), "--method", "learned", "--fisher", "mc"],
+        ["eigen", str(model), str(data), "--method", "learned", "--curvature", "fisher"],
+        ["trace", str(model), str(data), "--method", "learned", "--layers", "net.0"],
+    ]
+    for args in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2, (args, r.output)
+    other = write_mlp(tmp_path / "s.safetensors", sizes=(6, 8, 3), activation="softplus")
+    r = runner.invoke(app, ["trace", str(other), str(data), "--method", "learned"])
+    assert r.exit_code == 2 and "--method exact" in r.output and "softplus" in r.output

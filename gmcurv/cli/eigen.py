@@ -129,7 +129,17 @@ def eigen(
     Examples: [bold]gmcurv eigen --k 5[/bold] ·
     [bold]gmcurv eigen m.safetensors d/ --curvature ggn --save-vectors vecs.safetensors[/bold]
     """
-    if method not in METHODS:
+    learned = method in (o.Method.learned, o.Method.both)  # the GradMetaNet head (cli.learned)
+    if learned:
+        from gmcurv.cli import learned as lh
+
+        if curvature is not EigenCurvature.hessian:
+            raise ConfigError(
+                f"--method {method.value}: the head predicts the top Hessian eigenvalue, "
+                f"not the {curvature.value}'s",
+                hint="use --curvature hessian, or --method auto",
+            )
+    if method not in METHODS and not learned:
         raise ConfigError(
             f"--method {method.value} does not compute eigenvalues",
             hint="use auto, exact, lanczos (Hessian/GGN) or gram (Fisher)",
@@ -139,7 +149,7 @@ def eigen(
         if curvature is EigenCurvature.fisher
         else (o.Method.auto, o.Method.exact, o.Method.lanczos)
     )
-    if method not in allowed:
+    if method not in allowed and not learned:
         raise ConfigError(
             f"--method {method.value} does not apply to --curvature {curvature.value}",
             hint="the Fisher uses the exact Gram route (--method auto or gram); "
@@ -162,7 +172,17 @@ def eigen(
         ensure_not_input(plot, session.inputs)
     assert session.objective is not None and session.data is not None
     kind = curvature.value
-    em = "auto" if method in (o.Method.auto, o.Method.gram) or kind == "fisher" else method.value
+    if method is o.Method.learned:
+        results = lh.learned_eigen(session, kind, k, seed)
+        session.finish(
+            session.report(results), lh.render_learned("gmcurv eigen"), output, fail_if, strict
+        )
+        return
+    em = (
+        "auto"
+        if method in (o.Method.auto, o.Method.gram, o.Method.both) or kind == "fisher"
+        else method.value
+    )
     with session.stage(kind), session.progress(f"{kind}: eigenvalues", None) as advance:
         s = top_eigen(
             session.objective,
@@ -197,13 +217,16 @@ def eigen(
             save_vectors(save_vectors_to, s, session.loaded.sha256 if session.loaded else None)
         block["vectors"] = str(save_vectors_to)
     results = {kind: block}
+    if method is o.Method.both:
+        results["learned"] = lh.compare_eigen(session, results, kind, seed)
     if plot is not None and session.comm.main:
         from gmcurv.cli.plots.spectrum import plot_eigenvalues
 
         with session.stage("plot"):
             plot_eigenvalues(to_jsonable(results), plot)
         session.note(f"plot written to {plot}")
-    session.finish(session.report(results), render, output, fail_if, strict)
+    shown = lh.render_with_comparison(render) if method is o.Method.both else render
+    session.finish(session.report(results), shown, output, fail_if, strict)
 
 
 def register(app: typer.Typer) -> None:

@@ -263,12 +263,21 @@ def trace(
     [bold]gmcurv trace m.safetensors d/ --fail-if "hessian.trace > 100"[/bold]
     """
     kinds = list(NAMES) if curvature is o.Curvature.all else [curvature.value]
-    if kinds == ["fisher"] and method not in (o.Method.auto, o.Method.exact, o.Method.gram):
+    learned = method in (o.Method.learned, o.Method.both)  # the GradMetaNet head (cli.learned)
+    if learned:
+        from gmcurv.cli import learned as lh
+
+        lh.check_kinds(kinds, fisher.value)
+    if (
+        kinds == ["fisher"]
+        and not learned
+        and method not in (o.Method.auto, o.Method.exact, o.Method.gram)
+    ):
         raise ConfigError(
             f"--method {method.value} does not apply to the Fisher",
             hint="the Fisher uses exact closed forms on decomposed gradients (--method auto)",
         )
-    if kinds != ["fisher"] and method not in TRACE_METHODS:
+    if kinds != ["fisher"] and not learned and method not in TRACE_METHODS:
         raise ConfigError(
             f"--method {method.value} does not estimate GGN/Hessian traces",
             hint="use auto, exact, hutchinson or hutchpp",
@@ -292,18 +301,26 @@ def trace(
         quiet=quiet,
         json_mode=json,
     )
+    if method is o.Method.learned:
+        results = lh.learned_trace(session, kinds, seed)
+        session.finish(
+            session.report(results), lh.render_learned("gmcurv trace"), output, fail_if, strict
+        )
+        return
     results: dict[str, Any] = {}
     if "fisher" in kinds:
         results = fisher_results(
             session, fisher.value, mc_samples, k, per_layer, batch_size, seed, max_memory
         )
-    hm = method.value if method is not o.Method.gram else "auto"
+    hm = method.value if method not in (o.Method.gram, o.Method.both) else "auto"
     for kind in ("ggn", "hessian"):
         if kind in kinds:
             results[kind] = curvature_results(
                 session, kind, hm, probes, k, per_layer, batch_size, seed, tol, max_iters,
                 restarts, max_memory,
             )  # fmt: skip
+    if method is o.Method.both:
+        results["learned"] = lh.compare_trace(session, results, seed)
     if plot is not None and session.comm.main:
         from gmcurv.cli.plots.spectrum import plot_traces
 
@@ -311,7 +328,8 @@ def trace(
             ensure_not_input(plot, session.inputs)
             plot_traces(to_jsonable(results), plot)
         session.note(f"plot written to {plot}")
-    session.finish(session.report(results), render, output, fail_if, strict)
+    shown = lh.render_with_comparison(render) if method is o.Method.both else render
+    session.finish(session.report(results), shown, output, fail_if, strict)
 
 
 def register(app: typer.Typer) -> None:
