@@ -465,6 +465,21 @@ class SumOfSources(GradientSource):
                     out = out + 2 * _cross(*forms[i][name], *forms[j][name])  # type: ignore[index]
         return out  # type: ignore[return-value]
 
+    def gram(self) -> Tensor:
+        """``K = Σ_p K_p + Σ_{p<q} (X_pq + X_pq^T)``, ``X_pq[(n,c),(m,c')] = <g^p[n,c], g^q[m,c']>``
+        in token form (one example's rows at a time), each ``K_p`` by its own closed form;
+        the generic chunked route when a part has no token form."""
+        forms = [_token_form(p) for p in self.parts]
+        if any(f is None for f in forms):
+            return super().gram()
+        K = sum(p.gram() for p in self.parts)
+        for i in range(len(forms)):
+            for j in range(i + 1, len(forms)):
+                for name in forms[i].keys() & forms[j].keys():  # type: ignore[union-attr]
+                    X = _cross_gram(*forms[i][name], *forms[j][name])  # type: ignore[index]
+                    K = K + X + X.T
+        return K  # type: ignore[return-value]
+
     def jvp(self, vector: Mapping[str, Tensor]) -> Tensor:
         return sum(p.jvp(vector) for p in self.parts)  # type: ignore[return-value]
 
@@ -531,3 +546,35 @@ def _cross(rows_a: Side, cols_a: Side, rows_b: Side, cols_b: Side) -> Tensor:
     left = _side_products(rows_a, rows_b, dtype)
     right = _side_products(cols_a, cols_b, dtype)
     return (left * right).sum((2, 3))
+
+
+def _pair_products(a: Side, b: Side) -> Tensor:
+    """``P[c, t, m, k, s] = a[c, t] · b[m, k, s]`` for one example's side `a` (dense
+    ``[C|1, T, D]`` or indices ``[T]``) against all examples' `b` (``[M, K|1, S, D]`` or
+    ``[M, S]``); size-1 axes where a side has no column axis."""
+    a_idx, b_idx = not a.is_floating_point(), not b.is_floating_point()
+    if a_idx and b_idx:
+        return (a[:, None, None] == b[None, :, None, :])[None]  # [1, T, M, 1, S] (bool)
+    if a_idx:  # b[m, k, s, a[t]]
+        return b[..., a].permute(3, 0, 1, 2)[None]  # [1, T, M, K, S]
+    if b_idx:  # a[c, t, b[m, s]]
+        return a[:, :, b][:, :, :, None]  # [C, T, M, 1, S]
+    return torch.einsum("ctd,mksd->ctmks", a, b)
+
+
+def _cross_gram(rows_a: Side, cols_a: Side, rows_b: Side, cols_b: Side) -> Tensor:
+    """``X[(n,c),(m,c')] = <g_a[n,c], g_b[m,c']>`` (float64, ``[N C, N C]``) for two token
+    forms of the same matrix: ``Σ_{t,s} (rows_a·rows_b)(cols_a·cols_b)``, row by row."""
+    dense = [t for t in (rows_a, cols_a, rows_b, cols_b) if t.is_floating_point()]
+    n = rows_a.shape[0]
+    c = max(t.shape[1] for t in dense)
+    rows_a, cols_a, rows_b, cols_b = (
+        t.double() if t.is_floating_point() else t for t in (rows_a, cols_a, rows_b, cols_b)
+    )
+    X = torch.empty(n * c, n * c, dtype=torch.float64, device=dense[0].device)
+    for e in range(n):
+        left = _pair_products(rows_a[e], rows_b)
+        right = _pair_products(cols_a[e], cols_b)
+        prod = (left * right).sum((1, 4))  # [C|1, M, K|1]
+        X[e * c : (e + 1) * c] = prod.expand(c, n, c).reshape(c, n * c)
+    return X
