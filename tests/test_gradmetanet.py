@@ -339,3 +339,86 @@ def test_saved_head_round_trip_and_evaluation(tiny_zoo, tmp_path):
         head.check(mlp_chain(_mlp(act="gelu")))
     with pytest.raises(UnsupportedError, match="linear layers"):
         head.check(mlp_chain(_mlp(widths=(3, 3, 3), act="tanh")))
+
+
+# ------------------------------------------------------------------------------ shipped head
+def test_shipped_head_loads_and_matches_stored_outputs():
+    """Regression guard: the shipped head on a fixed input (values stored at release)."""
+    from gmcurv.gradmetanet.pretrained import CARD_FILE, HEAD_FILE, load_head
+
+    head = load_head()
+    assert head.path == HEAD_FILE and CARD_FILE.exists()
+    meta = head.meta
+    assert meta["supported"]["activations"] == ["gelu", "relu", "tanh"]
+    assert meta["targets"]["scalars"] == ["fisher_trace", "hessian_trace", "hessian_top"]
+    assert meta["metrics"]["heldout"]["test-dataset"]["fisher_diag.nmae"]["n_draws"] > 0
+    assert any(c.startswith("gmcurv head train") for c in meta["training"]["commands"])
+    inp = _encode(_mlp(seed=21), _batch(n=64, seed=22), torch.float32)
+    with torch.no_grad():
+        out = head.model(inp)
+        pred = decode(inp, out)
+    close = {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(
+        out.scalars,
+        torch.tensor([-0.04005422070622444, 0.040878117084503174, -0.2650793194770813]),
+        **close,
+    )
+    torch.testing.assert_close(
+        out.w[0][:2, :3],
+        torch.tensor(
+            [
+                [
+                    [0.6229220032691956, 0.1309663951396942],
+                    [0.49234282970428467, 0.21703937649726868],
+                    [0.45858287811279297, 0.22040919959545135],
+                ],
+                [
+                    [0.17107927799224854, 0.29400378465652466],
+                    [0.2543237805366516, 0.3621622920036316],
+                    [0.11848361790180206, 0.3392524719238281],
+                ],
+            ]
+        ),
+        **close,
+    )
+    torch.testing.assert_close(
+        out.b[1],
+        torch.tensor(
+            [
+                [0.032317858189344406, 0.2295491099357605],
+                [-0.1188257485628128, 0.48718148469924927],
+                [0.04830171912908554, 0.10457785427570343],
+                [-0.13781824707984924, 0.16191667318344116],
+            ]
+        ),
+        **close,
+    )
+    torch.testing.assert_close(
+        pred.scalars,
+        torch.tensor(
+            [14.084173352160693, 15.27143435133876, 2.9629953304337016], dtype=torch.float64
+        ),
+        rtol=1e-4,
+        atol=0,
+    )
+    assert float(pred.param[2][..., 0].sum()) == pytest.approx(1.9597033449258245, rel=1e-4)
+
+
+def test_predict_curvature_on_an_mlp(tmp_path):
+    from gmcurv.gradmetanet.predict import predict_curvature
+
+    data = _data_file(tmp_path, n=300, d=5)
+    obj = Objective.build(_mlp(seed=23), "cross_entropy")
+    lc = predict_curvature(obj, data, b=128, seed=0)
+    assert lc.b == 128 and lc.n == 300 and len(lc.index) == 128
+    assert lc.fisher_trace.n_samples == 128 and "learned" in lc.fisher_trace.method
+    assert lc.fisher_trace.stderr > 0 and lc.hessian_top.value > 0
+    assert set(lc.fisher_diag) == set(obj.params)
+    for k, v in lc.fisher_diag.items():
+        assert v.shape == obj.params[k].shape and bool((v > 0).all())
+    again = predict_curvature(obj, data, b=128, seed=0)
+    assert again.fisher_trace.value == lc.fisher_trace.value  # seeded
+    other = predict_curvature(obj, data, b=128, seed=1)
+    assert not torch.equal(other.index, lc.index)
+    with pytest.raises(UnsupportedError, match="method exact"):
+        predict_curvature(Objective.build(seeded(TinyConv), "cross_entropy"), data)

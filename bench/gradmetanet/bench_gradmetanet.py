@@ -102,15 +102,18 @@ def model_extras(head, zm, cache: Path, tmp: Path, seed: int) -> dict:
     op128 = CurvatureOperator(obj, sub128, 128)
     hut10 = hutchinson(op128.matvec, op128.size, 10, seed=seed)
     lan10 = lanczos(op128.matvec, op128.size, 1, which="LA", max_iters=10, seed=seed, tol=0.0)
+    out["step"] = zm.step
     out["hessian_trace"] = {
         "true": t_h,
-        "hutchinson_2x64": relerr(hut.value, t_h),
-        "hutchinson_10x128": relerr(hut10.value, t_h),
+        "fisher_proxy": draw.plug.trace,
+        "hutchinson_2x64": hut.value,
+        "hutchinson_10x128": hut10.value,
     }
     out["hessian_top"] = {
         "true": t_top,
-        "lanczos_8x16": relerr(float(lan.values[0]), t_top),
-        "lanczos_10x128": relerr(float(lan10.values[0]), t_top),
+        "fisher_proxy": draw.plug.top,
+        "lanczos_8x16": float(lan.values[0]),
+        "lanczos_10x128": float(lan10.values[0]),
     }
 
     # the head and the plug-in on the same 128 gradients, timed end to end
@@ -129,6 +132,8 @@ def model_extras(head, zm, cache: Path, tmp: Path, seed: int) -> dict:
 
     plug_diag, t_plug = timed(run_plug)
     (pred, chain), t_head = timed(run_head)
+    out["hessian_trace"]["head"] = float(pred.scalars[1])
+    out["hessian_top"]["head"] = float(pred.scalars[2])
     full = write_subset(tmp / "full.safetensors", x, y)
 
     def run_truth():
@@ -153,7 +158,7 @@ def model_extras(head, zm, cache: Path, tmp: Path, seed: int) -> dict:
         xt, yt = f.get_tensor("inputs").double(), f.get_tensor("targets")
     test = write_subset(tmp / "test.safetensors", xt, yt)
     weights = {k: v.detach() for k, v in obj.params.items()}
-    prunable = [w for w in chain.weights]
+    prunable = list(chain.weights)
     head_diag = {w: pred.param[l][..., 0] for l, w in enumerate(chain.weights)}
     true_diag = {w: zm.targets[f"fisher_diag.{w}"] for w in prunable}
     sources = {
@@ -238,31 +243,179 @@ def breakdown(rows, key) -> dict:
     return {str(k): summarise(v) for k, v in sorted(groups.items())}
 
 
+def _scores(rows: list[dict], key: str, names: tuple[str, ...]) -> dict:
+    """Mean / median relative error and |ln(pred/true)| per estimator (non-positive
+    estimates have no log-ratio: counted in ``n_nonpositive``)."""
+    out = {}
+    for name in names:
+        rel, logs, bad = [], [], 0
+        for r in rows:
+            t, v = r[key]["true"], r[key][name]
+            if not (t and math.isfinite(t) and t > 0):
+                continue
+            rel.append(abs(v - t) / t)
+            if v > 0:
+                logs.append(abs(math.log(v / t)))
+            else:
+                bad += 1
+        out[name] = {
+            "relerr_mean": mean(rel),
+            "relerr_median": statistics.median(rel) if rel else math.nan,
+            "logerr_mean": mean(logs),
+            "logerr_median": statistics.median(logs) if logs else math.nan,
+            "n": len(rel),
+            "n_nonpositive": bad,
+        }
+    return out
+
+
 def aggregate_extras(extras: list[dict]) -> dict:
     out = {}
     for split in (*SPLITS, "all"):
         rs = [e for e in extras if split in ("all", e["split"])]
         if not rs:
             continue
+        trained = [r for r in rs if r["step"] >= 400]
         out[split] = {
             "n_models": len(rs),
-            "hessian_trace_relerr": {
-                k: mean([r["hessian_trace"][k] for r in rs])
-                for k in ("hutchinson_2x64", "hutchinson_10x128")
-            },
-            "hessian_top_relerr": {
-                k: mean([r["hessian_top"][k] for r in rs])
-                for k in ("lanczos_8x16", "lanczos_10x128")
-            },
+            "hessian_trace": _scores(
+                rs,
+                "hessian_trace",
+                ("head", "fisher_proxy", "hutchinson_2x64", "hutchinson_10x128"),
+            ),
+            "hessian_top": _scores(
+                rs, "hessian_top", ("head", "fisher_proxy", "lanczos_8x16", "lanczos_10x128")
+            ),
             "prune50_accuracy": {
                 k: mean([r["prune50_accuracy"][k] for r in rs])
                 for k in ("unpruned", "head", "plug_in", "truth", "magnitude")
+            },
+            "prune50_accuracy_trained": {
+                "n_models": len(trained),
+                **{
+                    k: mean([r["prune50_accuracy"][k] for r in trained])
+                    for k in ("unpruned", "head", "plug_in", "truth", "magnitude")
+                },
             },
             "seconds_median": {
                 k: statistics.median([r["seconds"][k] for r in rs]) for k in rs[0]["seconds"]
             },
         }
     return out
+
+
+# ---------------------------------------------------------------------------------- markdown
+LABELS = {
+    "fisher_diag.nmae": "Fisher diagonal · NMAE",
+    "obs_curv.nmae": "OBS curvature · NMAE",
+    "fisher_trace.logerr": "Fisher trace (scalar head) · mean abs ln-ratio",
+    "fisher_trace.relerr": "Fisher trace (scalar head) · mean rel. error",
+    "fisher_trace_from_diag.logerr": "Fisher trace as Σ diagonal · mean abs ln-ratio",
+    "fisher_trace_from_diag.relerr": "Fisher trace as Σ diagonal · mean rel. error",
+    "hessian_trace.logerr": "Hessian trace · mean abs ln-ratio",
+    "hessian_trace.relerr": "Hessian trace · mean rel. error",
+    "hessian_top.logerr": "Hessian λ_max · mean abs ln-ratio",
+    "hessian_top.relerr": "Hessian λ_max · mean rel. error",
+}
+
+
+def _f(x: float, d: int = 3) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{x:.{d}f}"
+
+
+def markdown(result: dict) -> str:
+    """The RESULTS.md tables from a results.json document."""
+    lines = []
+    acc = result["accuracy"]
+    for split, summary in acc["by_split"].items():
+        lines += [
+            f"#### {split}: head vs baseline on the same 128 gradients",
+            "",
+            "| target | head | baseline | change | head median | baseline median | head closer | "
+            "baseline |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for m, v in summary.items():
+            lines.append(
+                f"| {LABELS.get(m, m)} | {_f(v['head'])} | {_f(v['plug'])} | "
+                f"{100 * v['change']:+.1f} % | {_f(v['head_median'])} | {_f(v['plug_median'])} | "
+                f"{100 * v['head_better_share']:.0f} % | {v['baseline']} |"
+            )
+        lines.append("")
+    lines += [
+        "#### Fisher diagonal NMAE by subgroup (both held-out splits)",
+        "",
+        "| group | head | plug-in | change | draws |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for title, key in (
+        ("dataset", "by_dataset"),
+        ("steps", "by_step"),
+        ("activation", "by_activation"),
+        ("linear layers", "by_depth"),
+    ):
+        for g, summary in acc[key].items():
+            v = summary["fisher_diag.nmae"]
+            lines.append(
+                f"| {title} {g} | {_f(v['head'])} | {_f(v['plug'])} | "
+                f"{100 * v['change']:+.1f} % | {v['n_draws']} |"
+            )
+    lines.append("")
+    ec = result["equal_compute_pruning_timing"]
+    for split, v in ec.items():
+        lines += [
+            f"#### {split}: Hessian estimators ({v['n_models']} models, first draw each)",
+            "",
+            "| target | estimator | mean abs ln-ratio | median | mean rel. error | median | "
+            "non-positive |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for key, label in (("hessian_trace", "tr H"), ("hessian_top", "λ_max H")):
+            for name, s in v[key].items():
+                lines.append(
+                    f"| {label} | {name} | {_f(s['logerr_mean'])} | {_f(s['logerr_median'])} | "
+                    f"{_f(s['relerr_mean'])} | {_f(s['relerr_median'])} | {s['n_nonpositive']} |"
+                )
+        p, pt = v["prune50_accuracy"], v["prune50_accuracy_trained"]
+        lines += [
+            "",
+            "| test accuracy after 50 % OBD pruning | unpruned | head | plug-in | truth | "
+            "magnitude |",
+            "|---|---:|---:|---:|---:|---:|",
+            f"| all {v['n_models']} models | {_f(p['unpruned'])} | {_f(p['head'])} | "
+            f"{_f(p['plug_in'])} | {_f(p['truth'])} | {_f(p['magnitude'])} |",
+            f"| {pt['n_models']} models trained >= 400 steps | {_f(pt['unpruned'])} | "
+            f"{_f(pt['head'])} | {_f(pt['plug_in'])} | {_f(pt['truth'])} | {_f(pt['magnitude'])} |",
+            "",
+            "| wall time (median, s) | " + " | ".join(v["seconds_median"]) + " |",
+            "|---|" + "---:|" * len(v["seconds_median"]),
+            "| | " + " | ".join(_f(x, 4) for x in v["seconds_median"].values()) + " |",
+            "",
+        ]
+    sm = result["sample_model"]
+    lines += [
+        "#### bundled sample digits_mlp (64-128-64-10 ReLU, width 128 > any zoo model)",
+        "",
+        f"truth on its 1,024 examples: tr F {sm['truth']['fisher_trace']:.4g}, "
+        f"tr H {sm['truth']['hessian_trace']:.4g}, λ_max H {sm['truth']['hessian_top']:.4g}",
+        "",
+        "| seed | diag NMAE head | plug-in | tr F rel. head | plug-in | tr H rel. head | "
+        "Fisher proxy | λ_max rel. head | Fisher proxy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sm["draws"]:
+        cells = [
+            r["fisher_diag_nmae"]["head"],
+            r["fisher_diag_nmae"]["plug_in"],
+            r["fisher_trace_relerr"]["head"],
+            r["fisher_trace_relerr"]["plug_in"],
+            r["hessian_trace_relerr"]["head"],
+            r["hessian_trace_relerr"]["fisher_proxy"],
+            r["hessian_top_relerr"]["head"],
+            r["hessian_top_relerr"]["fisher_proxy"],
+        ]
+        lines.append(f"| {r['seed']} | " + " | ".join(_f(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -273,7 +426,11 @@ def main() -> None:
     ap.add_argument("--max-models", type=int, default=None, help="per split (quick runs)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--markdown", action="store_true", help="print tables from --out and exit")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.out.read_text())), end="")
+        return
     torch.set_num_threads(args.threads)
     head = load_head(args.head)
     models = list(iter_zoo(args.cache_dir, SPLITS))

@@ -166,7 +166,7 @@ def train(
     save: Annotated[
         Path, typer.Option("--save", help="Where to write the trained head (.safetensors).")
     ] = Path("gradmetanet_head.safetensors"),
-    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the zoo.")] = 12,
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="Passes over the zoo.")] = 8,
     lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate.")] = 2e-3,
     seed: o.SeedOpt = 0,
     checkpoint: Annotated[
@@ -293,27 +293,32 @@ def train(
 
 # ----------------------------------------------------------------------------------- eval
 LABELS = {
-    "fisher_diag.nmae": "Fisher diagonal (NMAE)",
-    "obs_curv.nmae": "OBS curvature (NMAE)",
-    "fisher_trace.relerr": "Fisher trace (rel. error)",
-    "fisher_trace_from_diag.relerr": "Fisher trace as Σ diagonal (rel. error)",
-    "hessian_trace.relerr": "Hessian trace (rel. error)",
-    "hessian_top.relerr": "top Hessian eigenvalue (rel. error)",
+    "fisher_diag.nmae": "diag F · NMAE",
+    "obs_curv.nmae": "OBS curv. · NMAE",
+    "fisher_trace.logerr": "tr F · |ln r|",
+    "fisher_trace.relerr": "tr F · rel.",
+    "fisher_trace_from_diag.logerr": "tr F as Σdiag · |ln r|",
+    "fisher_trace_from_diag.relerr": "tr F as Σdiag · rel.",
+    "hessian_trace.logerr": "tr H · |ln r|",
+    "hessian_trace.relerr": "tr H · rel.",
+    "hessian_top.logerr": "λmax H · |ln r|",
+    "hessian_top.relerr": "λmax H · rel.",
 }
 
 
 def _render_eval(report: Report, console: Console) -> None:
     res = report.to_dict()["results"]
+    baselines: dict[str, str] = {}
     for split, summary in res["splits"].items():
         table = new_table(
-            f"held-out split {split} (head vs baseline on the same b gradients)",
+            f"held-out split {split}: head vs baseline on the same b gradients",
             "target",
             "head",
             "baseline",
             "change",
-            "head better",
-            "draws",
-            "baseline is",
+            "head med",
+            "base med",
+            "wins",
         )
         for metric, s in summary.items():
             change = s["change"]
@@ -323,12 +328,20 @@ def _render_eval(report: Report, console: Console) -> None:
                 fmt(s["head"]),
                 fmt(s["plug"]),
                 "—" if change is None else f"[{color}]{100 * change:+.1f}%[/{color}]",
+                fmt(s.get("head_median")),
+                fmt(s.get("plug_median")),
                 "—" if s["head_better_share"] is None else f"{100 * s['head_better_share']:.0f}%",
-                str(s["n_draws"]),
-                s["baseline"],
             )
+            baselines[LABELS.get(metric, metric).split(" · ")[0]] = s["baseline"]
         console.print(table)
-    console.print(f"[dim]{res['n_models']} held-out models · head {res['head']}[/dim]")
+    for target, base in baselines.items():
+        console.print(f"[dim]{target}: baseline = {base}[/dim]")
+    console.print(
+        f"[dim]{res['n_models']} held-out models; errors against the exact large-sample "
+        "values, mean (and median) over draws; NMAE = Σ|pred - true| / Σ|true|; "
+        "|ln r| = |ln(pred / true)|; rel. = |pred - true| / true; wins = share of draws "
+        f"where the head is closer · head {res['head']}[/dim]"
+    )
 
 
 @head_app.command("eval")

@@ -63,16 +63,21 @@ def _info(lc) -> dict[str, Any]:
 
 
 def _layer_estimates(lc, session: Session) -> dict[str, Any]:
+    """Per-layer Fisher traces: the head's total split by each layer's share of the
+    predicted diagonal (so the layers add up to the total)."""
     assert session.objective is not None
-    rel = lc.fisher_trace.stderr / lc.fisher_trace.value if lc.fisher_trace.value else 1.0
+    total = lc.fisher_trace.value
+    rel = lc.fisher_trace.stderr / total if total else 1.0
+    diag_sum = sum(lc.per_layer_trace.values()) or 1.0
     out = {}
     params = session.objective.params
     for path, value in lc.per_layer_trace.items():
         n = sum(p.numel() for k, p in params.items() if k.rpartition(".")[0] == path)
+        v = total * value / diag_sum
         out[path] = {
             "kind": "linear",
             "n_params": n,
-            "trace": Estimate(value, abs(value) * rel, lc.b, lc.method + ", Σ diagonal"),
+            "trace": Estimate(v, abs(v) * rel, lc.b, lc.method + ", share of the diagonal"),
         }
     return out
 

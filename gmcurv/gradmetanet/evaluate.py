@@ -6,9 +6,15 @@ large-sample truth:
 - ``fisher_diag``, ``obs_curv``: normalised mean absolute error over the whole model,
   ``Σ_q |pred_q - true_q| / Σ_q |true_q|`` (the paper's metric); plug-in = the closed form
   on the same ``b`` gradients;
-- ``fisher_trace``: relative error ``|pred - true| / true``; plug-in = ``tr F`` of the set;
-- ``hessian_trace``, ``hessian_top``: relative error; the baseline is the Fisher proxy on
-  the set (``tr F``, ``λ_max F``).
+- ``fisher_trace`` (the scalar head) and ``fisher_trace_from_diag`` (the sum of the predicted
+  diagonal): plug-in = ``tr F`` of the set;
+- ``hessian_trace``, ``hessian_top``: the baseline is the Fisher proxy on the set
+  (``tr F``, ``λ_max F``).
+
+Scalars are scored by the absolute log-ratio ``|ln(pred / true)|`` (``logerr``: symmetric,
+so a factor 3 too high costs what a factor 3 too low does) and by the relative error
+``|pred - true| / true`` (``relerr``: bounded by 1 for underestimates, unbounded for
+overestimates, so it favours estimators that err low); both are reported, mean and median.
 
 ``change`` is ``head / plug - 1`` of the mean errors (negative: the head is better).
 ``calibration`` is the root-mean-square log-ratio ``log(pred / true)`` of the head per
@@ -30,21 +36,22 @@ from gmcurv.gradmetanet.pretrained import LoadedHead
 from gmcurv.gradmetanet.train import Item, loss_parts, make_item
 from gmcurv.gradmetanet.zoo import ZooModel, iter_zoo
 
+SCALARS = ("fisher_trace", "fisher_trace_from_diag", "hessian_trace", "hessian_top")
 METRICS = (
     "fisher_diag.nmae",
     "obs_curv.nmae",
-    "fisher_trace.relerr",
-    "fisher_trace_from_diag.relerr",
-    "hessian_trace.relerr",
-    "hessian_top.relerr",
+    *(f"{name}.{kind}" for name in SCALARS for kind in ("logerr", "relerr")),
 )
+_SCALAR_BASELINES = {
+    "fisher_trace": "plug-in tr F (same b gradients)",
+    "fisher_trace_from_diag": "plug-in tr F (same b gradients)",
+    "hessian_trace": "Fisher proxy tr F (same b gradients)",
+    "hessian_top": "Fisher proxy λ_max F (same b gradients)",
+}
 BASELINES = {
     "fisher_diag.nmae": "plug-in diag F (same b gradients)",
     "obs_curv.nmae": "plug-in damped inverse (same b gradients)",
-    "fisher_trace.relerr": "plug-in tr F (same b gradients)",
-    "fisher_trace_from_diag.relerr": "plug-in tr F (same b gradients)",
-    "hessian_trace.relerr": "Fisher proxy tr F (same b gradients)",
-    "hessian_top.relerr": "Fisher proxy λ_max F (same b gradients)",
+    **{f"{n}.{k}": b for n, b in _SCALAR_BASELINES.items() for k in ("logerr", "relerr")},
 }
 
 
@@ -85,7 +92,6 @@ def item_errors(head: LoadedHead, item: Item) -> tuple[dict, dict, dict]:
         for k, name in enumerate(PARAM_TARGETS):
             errs[f"{name}.nmae"] = parts.nmae[:, k].double().tolist()
         ratios = {}
-        t = float(item.t_s[0])
         total = 0.0
         for l in range(item.inp.depth):  # Σ of the predicted diagonal, in the model's units
             u = item.inp.unit_w[l].double()
@@ -93,16 +99,20 @@ def item_errors(head: LoadedHead, item: Item) -> tuple[dict, dict, dict]:
             if logp_full.bias[l] is not None:
                 ub = item.inp.unit_b[l].double()
                 total = total + torch.exp(logp_full.bias[l][..., 0].double()).sum(-1) * ub
-        errs["fisher_trace_from_diag.relerr"] = ((total - t).abs() / t).tolist()
-        for s, name in enumerate(SCALAR_TARGETS):
-            t = float(item.t_s[s])
+        preds = {name: torch.exp(logp[:, s]) for s, name in enumerate(SCALAR_TARGETS)}
+        preds["fisher_trace_from_diag"] = total
+        truth = {name: float(item.t_s[s]) for s, name in enumerate(SCALAR_TARGETS)}
+        truth["fisher_trace_from_diag"] = truth["fisher_trace"]
+        for name in SCALARS:
+            t, pred = truth[name], preds[name]
             if not (math.isfinite(t) and t > 0):
-                errs[f"{name}.relerr"] = [math.nan] * logp.shape[0]
-                ratios[name] = [math.nan] * logp.shape[0]
+                nan = [math.nan] * logp.shape[0]
+                errs[f"{name}.relerr"] = errs[f"{name}.logerr"] = ratios[name] = nan
                 continue
-            pred = torch.exp(logp[:, s])
+            lr = torch.log(pred) - math.log(t)
             errs[f"{name}.relerr"] = ((pred - t).abs() / t).tolist()
-            ratios[name] = (logp[:, s] - math.log(t)).tolist()
+            errs[f"{name}.logerr"] = lr.abs().tolist()
+            ratios[name] = lr.tolist()
         res[who] = (errs, ratios)
     return res["head"][0], res["plug"][0], res["head"][1]
 
@@ -140,6 +150,14 @@ def _mean(values: list[float]) -> float:
     return sum(v) / len(v) if v else math.nan
 
 
+def _median(values: list[float]) -> float:
+    v = sorted(values)
+    if not v:
+        return math.nan
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else 0.5 * (v[mid - 1] + v[mid])
+
+
 def summarise(rows: Sequence[DrawErrors]) -> dict[str, Any]:
     """``{metric: {head, plug, change, n_models, n_draws, baseline}}`` over `rows`."""
     out: dict[str, Any] = {}
@@ -152,6 +170,8 @@ def summarise(rows: Sequence[DrawErrors]) -> dict[str, Any]:
         out[m] = {
             "head": mh,
             "plug": mp,
+            "head_median": _median([a for a, _ in pairs]),
+            "plug_median": _median([b for _, b in pairs]),
             "change": mh / mp - 1.0 if pairs and mp > 0 else math.nan,
             "head_better_share": wins / len(pairs) if pairs else math.nan,
             "n_draws": len(pairs),
@@ -162,9 +182,9 @@ def summarise(rows: Sequence[DrawErrors]) -> dict[str, Any]:
 
 
 def calibration(rows: Sequence[DrawErrors]) -> dict[str, float]:
-    """Root-mean-square log-ratio of the head per scalar target and per-parameter NMAE."""
+    """Root-mean-square log-ratio of the head per scalar target."""
     out = {}
-    for name in SCALAR_TARGETS:
+    for name in SCALARS:
         v = [x for r in rows for x in r.logratio.get(name, []) if math.isfinite(x)]
         out[name] = math.sqrt(sum(x * x for x in v) / len(v)) if v else math.nan
     return out

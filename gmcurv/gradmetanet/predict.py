@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from gmcurv.capture import Capturer
 from gmcurv.data import Batch, DataSample
+from gmcurv.errors import GmcurvWarning
 from gmcurv.gradmetanet.features import PlugIn, check_supported, encode, gradient_set, plug_in
 from gmcurv.gradmetanet.model import decode
 from gmcurv.gradmetanet.pretrained import LoadedHead, load_head
@@ -96,7 +98,9 @@ def predict_curvature(
     """Run the head on ``b`` random examples of `data` (see module doc)."""
     chain = check_supported(objective, "empirical")
     head = head or load_head()
-    head.check(chain)
+    widths = [int(objective.params[w].shape[0]) for w in chain.weights[:-1]]
+    for note in head.check(chain, widths):
+        warnings.warn(note, GmcurvWarning, stacklevel=2)
     t0 = time.perf_counter()
     batch, index = sample_batch(data, b, seed, objective.device, objective.dtype)
     dg = Capturer(objective, "empirical", 1, seed)(batch)

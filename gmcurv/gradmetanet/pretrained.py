@@ -45,8 +45,9 @@ class LoadedHead:
     def supported(self) -> dict[str, Any]:
         return self.meta.get("supported", {})
 
-    def check(self, chain: MLPChain) -> None:
-        """Refuse MLPs outside what the head was trained on (with the --method exact hint)."""
+    def check(self, chain: MLPChain, widths: list[int] | None = None) -> list[str]:
+        """Refuse MLPs outside what the head was trained on (with the --method exact hint);
+        return warnings for supported-but-unseen sizes (hidden widths beyond the zoo's)."""
         sup = self.supported
         acts = sup.get("activations")
         hint = "use --method exact (or auto); the head's card lists what it supports"
@@ -63,6 +64,15 @@ class LoadedHead:
                 f"this one has {chain.depth}",
                 hint=hint,
             )
+        trained = sup.get("trained_widths") or []
+        notes = []
+        if widths and trained and max(widths) > max(trained):
+            notes.append(
+                f"hidden width {max(widths)} is beyond the widths the GradMetaNet head was "
+                f"trained on (up to {max(trained)}); the head is width-agnostic but its error "
+                "may be larger than on its model card — compare with --method both"
+            )
+        return notes
 
 
 def head_metadata(

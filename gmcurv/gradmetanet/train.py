@@ -48,7 +48,7 @@ TARGET_FLOOR = 1e-3  # floor inside log(true), relative to the layer's mean true
 class TrainConfig:
     """Optimisation settings (defaults: those of the shipped head)."""
 
-    epochs: int = 12
+    epochs: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
     models_per_step: int = 4
