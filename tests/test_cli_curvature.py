@@ -88,8 +88,8 @@ def test_trace_plot_and_bad_options(runner, problem, tmp_path):
     assert matplotlib.image.imread(str(png)).shape[-1] in (3, 4)
     bad = _run(runner, "trace", model, data, "--curvature", "fisher", "--method", "hutchpp")
     assert bad.exit_code == 2 and "does not apply" in bad.output
-    bad = _run(runner, "trace", model, data, "--curvature", "hessian", "--method", "learned")
-    assert bad.exit_code == 2
+    bad = _run(runner, "trace", model, data, "--curvature", "ggn", "--method", "learned")
+    assert bad.exit_code == 2 and "no GGN" in bad.output
     bad = _run(runner, "trace", model, data, "--curvature", "hessian", "--plot", tmp_path / "x.gif")
     assert bad.exit_code == 2
     gate = _run(
