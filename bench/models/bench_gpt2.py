@@ -10,13 +10,17 @@ uniformly random token ids, ``[N, 128]``, next-token loss (all tokens count).
 
 Each method runs in its own subprocess; peak memory is the process's peak RSS (absolute,
 and above the RSS after set-up: model and data built, nothing run). Times: first run, then
-the median of the timed repeats.
+the median and the minimum of the timed repeats (the machine is shared: the load average
+after each method is recorded, and the minimum is the least disturbed measurement).
 
 - ``plain_backward``: ``loss.backward()`` of the mean loss (the reference cost);
 - ``gmcurv_trace``: `gmcurv.memory.estimate_capture` (the preflight), then `Capturer` +
   `FisherAccumulator`: the empirical Fisher trace, total and per block. The first run
   includes the one-off self-check of the factors against autograd; repeats do not;
 - ``gmcurv_trace_nocheck``: the same without the self-check (steady-state memory);
+- ``gmcurv_fisher_summary``: everything ``gmcurv trace`` computes (`fisher_summary`: the
+  preflight, trace total and per block, exact top-5 eigenvalues of the whole Fisher and of
+  each of the 75 blocks from Gram kernels of the kept factors);
 - ``torch_func_trace``: per-example gradients from ``vmap(grad)`` (``N x P`` floats), summed
   squares;
 - ``opacus_trace``: opacus ``GradSampleModule`` per-sample gradients, summed squares;
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -52,6 +57,7 @@ METHODS = [
     "plain_backward",
     "gmcurv_trace",
     "gmcurv_trace_nocheck",
+    "gmcurv_fisher_summary",
     "torch_func_trace",
     "opacus_trace",
     "gmcurv_hvp",
@@ -135,6 +141,29 @@ def make_method(name: str, model, ids):
                 "preflight_s": preflight_s,
                 "estimate_first_batch_gb": est.batch_bytes(n) / 1e9,
                 "estimate_steady_batch_gb": est.batch_bytes(n, first=False) / 1e9,
+            }
+
+        return run
+    if name == "gmcurv_fisher_summary":
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        from gmcurv.data import load_data
+        from gmcurv.fisher import fisher_summary
+
+        obj = Objective.build(model, "next_token")
+        tmp = Path(tempfile.mkdtemp()) / "tokens.safetensors"
+        save_file({"input_ids": ids}, str(tmp))
+        data = load_data(tmp)
+
+        def run():
+            s = fisher_summary(obj, data, batch_size=n, k=5, per_layer=True)
+            return {
+                "fisher_trace": s.trace.value,
+                "top_eigenvalues": [e.value for e in s.eigenvalues],
+                "rank": s.rank,
+                "blocks": len(s.per_layer),
             }
 
         return run
@@ -242,6 +271,8 @@ def measure_one(n: int, method: str, repeats: int) -> dict:
         "setup_s": round(setup_s, 3),
         "first_s": round(first_s, 3),
         "median_s": round(statistics.median(times), 3) if times else None,
+        "min_s": round(min(times), 3) if times else None,
+        "load_avg": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min, after the runs
         "times_s": [round(t, 3) for t in times],
         "setup_rss_gb": round(base / 1e9, 3),
         "peak_rss_gb": round(peak_bytes() / 1e9, 3),
@@ -293,7 +324,7 @@ def main() -> None:
             "torch": torch.__version__,
             "threads": 2,
             "processor": platform.processor() or platform.machine(),
-            "cpus": __import__("os").cpu_count(),
+            "cpus": os.cpu_count(),
         },
         "model": "GPT-2 124M (n_embd 768, 12 layers, 12 heads, vocab 50257), random init",
         "seq": SEQ,
@@ -307,11 +338,14 @@ def _compare(res: dict) -> None:
     """Ratios to the plain backward pass and agreement between methods, in place."""
     ok = {k: v for k, v in res.items() if v.get("status") == "ok"}
     base = ok.get("plain_backward", {}).get("median_s")
+    best = ok.get("plain_backward", {}).get("min_s")
     for v in ok.values():
         if base and v.get("median_s"):
             v["x_plain_backward"] = round(v["median_s"] / base, 2)
+        if best and v.get("min_s"):
+            v["x_plain_backward_min"] = round(v["min_s"] / best, 2)
     ref = ok.get("gmcurv_trace", {}).get("fisher_trace")
-    for k in ("torch_func_trace", "opacus_trace", "gmcurv_trace_nocheck"):
+    for k in ("torch_func_trace", "opacus_trace", "gmcurv_trace_nocheck", "gmcurv_fisher_summary"):
         if ref and k in ok:
             ok[k]["trace_rel_diff_vs_gmcurv"] = abs(ok[k]["fisher_trace"] - ref) / abs(ref)
     hv = ok.get("gmcurv_hvp", {}).get("v_C_v")
