@@ -39,6 +39,11 @@ class TinyTransformer(nn.Module):
         return self.head(h.mean(1))
 
 
+def tiny_transformer() -> TinyTransformer:
+    """``--arch bench/workloads.py:tiny_transformer`` for W3's checkpoint."""
+    return TinyTransformer()
+
+
 def mlp(sizes, act) -> nn.Sequential:
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(itertools.pairwise(sizes)):

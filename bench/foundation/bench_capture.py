@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -170,6 +171,8 @@ def measure_one(workload: str, method: str, repeats: int) -> dict:
     result = {
         "status": "ok",
         "median_ms": 1000 * statistics.median(times),
+        "min_ms": 1000 * min(times),
+        "load_avg": [round(x, 2) for x in os.getloadavg()],
         "times_ms": [round(1000 * t, 3) for t in times],
         "peak_extra_mb": max(0, peak_bytes() - base) / 2**20,
         "n": w.n,
@@ -196,7 +199,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results.json"))
+    ap.add_argument("--markdown", action="store_true", help="Only print tables from --out.")
     args = ap.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(Path(args.out).read_text())))
+        return
     if args.one:
         print(json.dumps(measure_one(*args.one, args.repeats)))
         return
@@ -216,12 +223,13 @@ def main() -> None:
             except (IndexError, ValueError):
                 res = {"status": "failed", "error": proc.stderr[-400:]}
             results[wl][method] = res
-            shown = f"{res['median_ms']:.2f} ms" if res.get("status") == "ok" else res["status"]
+            ok = res.get("status") == "ok"
+            shown = f"{res['median_ms']:.2f} ms (min {res['min_ms']:.2f})" if ok else res["status"]
             print(f"{wl:3s} {method:22s} {shown}", flush=True)
-        base = results[wl]["plain_backward"]["median_ms"]
+        base = results[wl]["plain_backward"]["min_ms"]
         for res in results[wl].values():
             if res.get("status") == "ok":
-                res["x_plain_backward"] = res["median_ms"] / base
+                res["x_plain_backward"] = res["min_ms"] / base
     doc = {
         "machine": {
             "python": platform.python_version(),
@@ -233,6 +241,51 @@ def main() -> None:
         "results": results,
     }
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+NAMES = {
+    "plain_backward": "plain `loss.backward()`",
+    "gmcurv_capture": "**gmcurv** decomposed capture",
+    "torch_func_vmap_grad": "torch.func `vmap(grad)`",
+    "backpack_batchgrad": "BackPACK `BatchGrad`",
+    "opacus_grad_sample": "opacus `GradSampleModule`",
+    "gmcurv_fisher": "**gmcurv** capture + trace + diagonal",
+    "backpack_fisher": "BackPACK `BatchL2Grad` + `SumGradSquared`",
+    "opacus_ghost_trace": "opacus ghost norms (trace only)",
+    "torch_func_fisher": "torch.func per-example grads, squared",
+}
+
+
+def markdown(doc: dict) -> str:
+    """RESULTS.md tables: min time over repeats (ms), x plain backward, x gmcurv, memory."""
+    out = []
+    for wl, res in doc["results"].items():
+        ok = next(iter(r for r in res.values() if r.get("status") == "ok"))
+        out += [
+            f"**{wl}** (N = {ok['n']:,}, P = {ok['n_params']:,})",
+            "",
+            "| method | min ms (median) | x plain backward | x gmcurv | peak extra MB |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for group, ref in ((CAPTURE, "gmcurv_capture"), (FISHER, "gmcurv_fisher")):
+            for m in group:
+                r = res[m]
+                if r.get("status") != "ok":
+                    out.append(f"| {NAMES[m]} | {r.get('status')} | | | |")
+                    continue
+                ratio = r["min_ms"] / res[ref]["min_ms"]
+                out.append(
+                    f"| {NAMES[m]} | {r['min_ms']:.1f} ({r['median_ms']:.1f}) | "
+                    f"{r['x_plain_backward']:.2f} | {ratio:.2f} | {r['peak_extra_mb']:.0f} |"
+                )
+        cap = res["gmcurv_capture"]
+        if "factor_mb" in cap:
+            out.append(
+                f"\nFactors kept: {cap['factor_mb']:.1f} MB vs "
+                f"{cap['dense_per_example_mb']:,.0f} MB for the dense N x P per-example gradients."
+            )
+        out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
