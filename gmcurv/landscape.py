@@ -1,0 +1,589 @@
+"""1-D / 2-D loss slices around the weights: ``L(θ0 + α d1 + β d2)`` on a grid.
+
+Directions (each a ``{name: tensor}`` over the objective's parameters):
+
+- ``random``: Gaussian directions, filter-normalised (Li et al., 2018, "Visualizing the Loss
+  Landscape of Neural Nets"): every filter of a weight tensor (row of a Linear weight =
+  output neuron, output channel of a Conv weight, dimension 0 in general) is rescaled to the
+  norm of the same filter of the weights. Biases and other 1-D parameters (norm scales and
+  shifts) are zeroed, or — with ``include_bias`` — rescaled as a whole to the parameter's norm.
+- ``eigen``: the top Hessian eigenvectors (unit norm, no normalisation), from
+  `gmcurv.hessian.top_eigen`. Along a unit eigenvector ``v`` with eigenvalue ``λ`` the slice is
+  ``L(a) ≈ L0 + (g·v) a + ½ λ a²``, so the fitted curvature ``2 c2`` approximates ``λ``.
+- ``checkpoint``: ``d_i = θ_i - θ0`` for other checkpoints of the same architecture, so
+  ``α = 1`` (or ``β = 1``) *is* that checkpoint: linear interpolation (1-D) or the plane
+  through three checkpoints (2-D).
+
+Evaluation reuses one functional model: the points of a chunk are stacked into parameter
+tensors ``[C, *shape]`` and run through ``torch.func.vmap(functional_call)`` in one pass per
+data batch (the chunk size comes from a memory budget); the model is never copied and its
+own parameters are never modified. The loss is the mean of `gmcurv.losses` per-example
+losses over the data (the objective every other command uses); the accuracy is reported
+for classification losses.
+
+Sharpness along a direction: the curvature at the centre, ``2 c2`` of a least-squares
+parabola ``c0 + c1 t + c2 t²`` through the five points ``t ∈ {-2h, -h, 0, h, 2h}`` with
+``h = FIT_STEP · (high - low)`` (half a percent of the grid's range: local, yet far above
+float32 round-off), with its standard error from the fit residual. On a ReLU network the
+kinks the slice crosses add to the fitted curvature, so it sits somewhat above the Hessian
+eigenvalue; on a smooth loss the two agree as ``h -> 0``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from gmcurv.data import Batch, DataSample, batch_size_of
+from gmcurv.errors import CheckpointError, ConfigError, GmcurvError
+from gmcurv.memory import default_budget
+from gmcurv.objective import Objective
+from gmcurv.results import Estimate
+
+if TYPE_CHECKING:
+    from gmcurv.checkpoint import LoadedModel
+
+ProgressFn = Callable[[float], None]
+Direction = dict[str, Tensor]
+
+NORMALISATIONS = ("filter", "eigen", "none")
+FIT_POINTS = (-2, -1, 0, 1, 2)  # stencil of the quadratic fit, in units of FIT_STEP · range
+FIT_STEP = 0.005  # stencil spacing as a fraction of the grid's range (±1% of it in all)
+DEFAULT_BUDGET = 512 * 2**20  # bytes for one chunk of grid points (parameters + activations)
+MAX_CHUNK = 256
+DEFAULT_CACHE_BYTES = 256 * 2**20  # keep the data sample in memory up to this size
+_EPS = 1e-10
+
+
+# ------------------------------------------------------------------------------------ the grid
+def parse_range(text: str) -> tuple[float, float]:
+    """``"-1:1"`` -> ``(-1.0, 1.0)``; the low end must be below the high end."""
+    m = re.fullmatch(r"\s*([^:]+?)\s*:\s*([^:]+?)\s*", str(text))
+    lo = hi = None
+    if m:
+        try:
+            lo, hi = float(m[1]), float(m[2])
+        except ValueError:
+            lo = hi = None
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ConfigError(
+            f"--range {text!r}: expected LOW:HIGH with two numbers",
+            hint="e.g. --range -1:1 (or --range=-1:1)",
+        )
+    if not lo < hi:
+        raise ConfigError(
+            f"--range {text!r}: the low end {lo:g} must be below the high end {hi:g}",
+            hint=f"write --range {min(lo, hi):g}:{max(lo, hi):g}"
+            if lo != hi
+            else "give an interval, e.g. --range -1:1",
+        )
+    return lo, hi
+
+
+def grid_axis(lo: float, hi: float, steps: int) -> Tensor:
+    """``steps`` evenly spaced coordinates from `lo` to `hi` (float64)."""
+    if steps < 3:
+        raise ConfigError(
+            f"--steps {steps}: a landscape needs at least 3 points per axis",
+            hint="e.g. --steps 41 (odd counts put a grid point on the centre)",
+        )
+    axis = torch.linspace(lo, hi, steps, dtype=torch.float64)
+    axis[axis.abs() <= 1e-12 * (hi - lo)] = 0.0  # the centre exactly, not 1e-17 beside it
+    return axis
+
+
+# ---------------------------------------------------------------------------------- directions
+def is_filter_param(t: Tensor) -> bool:
+    """Weight tensors with filters (ndim >= 2); 1-D tensors are biases / norm parameters."""
+    return t.ndim >= 2
+
+
+def filter_normalize(
+    direction: Mapping[str, Tensor], weights: Mapping[str, Tensor], include_bias: bool = False
+) -> Direction:
+    """Li et al. filter normalisation of `direction` against `weights`.
+
+    Filter ``i`` (index along dimension 0) of every tensor with ``ndim >= 2`` gets the norm of
+    filter ``i`` of the weight; 1-D tensors are zeroed, or with `include_bias` rescaled to the
+    weight's norm as a whole.
+    """
+    out: Direction = {}
+    for name, d in direction.items():
+        w = weights[name].to(d.dtype)
+        if is_filter_param(w):
+            dn = d.reshape(d.shape[0], -1).norm(dim=1)
+            wn = w.reshape(w.shape[0], -1).norm(dim=1)
+            scale = wn / (dn + _EPS)
+            out[name] = d * scale.reshape(-1, *([1] * (d.ndim - 1)))
+        elif include_bias:
+            out[name] = d * (w.norm() / (d.norm() + _EPS))
+        else:
+            out[name] = torch.zeros_like(d)
+    return out
+
+
+def random_directions(
+    weights: Mapping[str, Tensor], n: int, seed: int = 0, include_bias: bool = False
+) -> list[Direction]:
+    """`n` filter-normalised Gaussian directions (drawn in float64 from a local generator, in
+    parameter order, so they do not depend on the compute dtype or device)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        raw = {
+            k: torch.randn(w.shape, generator=gen, dtype=torch.float64) for k, w in weights.items()
+        }
+        w64 = {k: w.detach().to("cpu", torch.float64) for k, w in weights.items()}
+        d = filter_normalize(raw, w64, include_bias)
+        out.append({k: v.to(weights[k].device, weights[k].dtype) for k, v in d.items()})
+    if all(float(sum(v.norm() ** 2 for v in d.values())) == 0.0 for d in out):
+        raise ConfigError(
+            "the random directions are zero: every selected parameter is a bias or 1-D "
+            "(normalisation) parameter, which filter normalisation leaves out",
+            hint="add --include-bias, or select weight matrices with --layers",
+        )
+    return out
+
+
+def checkpoint_directions(
+    center: Mapping[str, Tensor], others: Sequence[Mapping[str, Tensor]], names: Sequence[str]
+) -> list[Direction]:
+    """``θ_i - θ0`` for each other checkpoint (`names` label them in errors)."""
+    out = []
+    for other, label in zip(others, names, strict=True):
+        missing = [k for k in center if k not in other]
+        if missing:
+            raise CheckpointError(
+                f"--to {label}: no parameter {missing[0]} (the centre model has it)",
+                hint="--to needs checkpoints of the same architecture as MODEL",
+            )
+        bad = [
+            f"{k}: {tuple(other[k].shape)} vs {tuple(c.shape)}"
+            for k, c in center.items()
+            if tuple(other[k].shape) != tuple(c.shape)
+        ]
+        if bad:
+            raise CheckpointError(
+                f"--to {label}: parameter shapes differ from MODEL's ({'; '.join(bad[:3])})",
+                hint="--to needs checkpoints of the same architecture as MODEL",
+            )
+        d = {k: other[k].detach().to(c.device, c.dtype) - c.detach() for k, c in center.items()}
+        if float(sum(v.norm() ** 2 for v in d.values())) == 0.0:
+            raise ConfigError(
+                f"--to {label}: the checkpoint equals MODEL, so the direction is zero",
+                hint="interpolate towards a different checkpoint",
+            )
+        out.append(d)
+    if len(out) == 2:
+        a, b = (torch.cat([v.reshape(-1).double() for v in d.values()]) for d in out)
+        cos = float(a @ b / (a.norm() * b.norm()))
+        if abs(cos) > 1 - 1e-9:
+            raise ConfigError(
+                f"--to {names[0]} and --to {names[1]}: the three checkpoints lie on one "
+                "line, so they span no plane",
+                hint="use a single --to for a 1-D interpolation",
+            )
+    return out
+
+
+def eigen_directions(
+    objective: Objective,
+    data: DataSample,
+    n: int,
+    *,
+    batch_size: int = 256,
+    seed: int = 0,
+    tol: float = 1e-3,
+    budget_bytes: int | None = None,
+    progress: ProgressFn | None = None,
+) -> tuple[list[Direction], list[Estimate], str, list[str]]:
+    """The top-`n` Hessian eigenvectors (unit norm) with their eigenvalues and method."""
+    from gmcurv.hessian import top_eigen
+
+    s = top_eigen(
+        objective,
+        data,
+        "hessian",
+        n,
+        method="auto",
+        tol=tol,
+        seed=seed,
+        vectors=True,
+        batch_size=batch_size,
+        budget_bytes=budget_bytes,
+        progress=progress,
+    )
+    assert s.vectors is not None
+    device, dtype = objective.device, objective.dtype
+    dirs = [{k: v.to(device, dtype) for k, v in vec.items()} for vec in s.vectors]
+    return dirs, s.values, s.method, s.notes
+
+
+def direction_norm(d: Mapping[str, Tensor]) -> float:
+    return math.sqrt(sum(float(v.double().norm() ** 2) for v in d.values()))
+
+
+# ---------------------------------------------------------------------------------- evaluation
+def _activation_elems(objective: Objective, batch: Batch) -> int:
+    """Output elements of every module for one example (a bound on live activations)."""
+    total = 0
+
+    def hook(_m, _inp, out):
+        nonlocal total
+        if isinstance(out, Tensor):
+            total += out.numel()
+
+    one = Batch(_slice(batch.inputs, 1), None, 0)
+    handles = [m.register_forward_hook(hook) for m in objective.model.modules()]
+    try:
+        with torch.no_grad():
+            objective.outputs(one.inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(total, 1)
+
+
+def _slice(inputs, k):
+    return {n: v[:k] for n, v in inputs.items()} if isinstance(inputs, dict) else inputs[:k]
+
+
+def chunk_size(
+    objective: Objective, probe: Batch, batch_size: int, budget_bytes: int | None = None
+) -> int:
+    """Grid points per vmapped forward: parameters and activations of a chunk within budget."""
+    budget = budget_bytes if budget_bytes is not None else min(DEFAULT_BUDGET, default_budget())
+    elt = torch.empty((), dtype=objective.dtype).element_size()
+    per_point = elt * (objective.space.size + 2 * batch_size * _activation_elems(objective, probe))
+    return int(max(1, min(MAX_CHUNK, budget // per_point)))
+
+
+@dataclass
+class PointValues:
+    """Mean loss (and accuracy) at each evaluated point, float64."""
+
+    loss: Tensor
+    accuracy: Tensor | None
+    n: int
+    chunk: int
+    vmapped: bool
+
+
+def evaluate_points(
+    objective: Objective,
+    data: DataSample,
+    directions: Sequence[Mapping[str, Tensor]],
+    coords: Tensor,
+    *,
+    batch_size: int = 256,
+    budget_bytes: int | None = None,
+    chunk: int | None = None,
+    progress: ProgressFn | None = None,
+    cache_bytes: int = DEFAULT_CACHE_BYTES,
+) -> PointValues:
+    """``L(θ0 + Σ_k coords[m, k] d_k)`` for every row `m` of `coords` ``[M, K]``.
+
+    Streams the data once; for each batch, points go through one functional model in chunks
+    (``vmap`` over stacked parameters), falling back to one point at a time for models
+    ``vmap`` cannot batch. Under torchrun the sums are all-reduced over ranks.
+    """
+    from gmcurv.distributed import current
+
+    if coords.ndim != 2 or coords.shape[1] != len(directions):
+        raise ValueError("coords must be [M, number of directions]")
+    device, dtype = objective.device, objective.dtype
+    center = {k: p.detach() for k, p in objective.params.items()}
+    dirs = [{k: d[k].to(device, dtype) for k in center} for d in directions]
+    M = coords.shape[0]
+    cs = coords.to(device, dtype)
+    sums = torch.zeros(M, dtype=torch.float64, device=device)
+    correct = torch.zeros(M, dtype=torch.float64, device=device)
+    scored = 0
+    n_seen = 0
+    n_batches = max(1, math.ceil(data.n / batch_size))
+    use_vmap = True
+    size = chunk
+    loss = objective.loss
+
+    def point_params(c: Tensor) -> dict[str, Tensor]:
+        """``θ0 + Σ_k c[:, k] d_k`` stacked over the chunk: ``[C, *shape]`` per parameter."""
+        out = {}
+        for name, t in center.items():
+            view = (-1, *([1] * t.ndim))
+            acc = torch.addcmul(t, c[:, 0].reshape(view), dirs[0][name])  # [C, *shape]
+            for k in range(1, len(dirs)):
+                acc.addcmul_(c[:, k].reshape(view), dirs[k][name])
+            out[name] = acc
+        return out
+
+    def batched_outputs(params: dict[str, Tensor], inputs) -> Tensor:
+        return vmap(lambda p: objective.outputs(inputs, p))(params)
+
+    # batches: kept in memory after the first pass when small, else re-read per chunk
+    kept: list[Batch] | None = None
+
+    def batches():
+        nonlocal kept
+        if kept is not None:
+            yield from kept
+            return
+        store: list[Batch] | None = []
+        held = 0
+        for batch in data.batches(batch_size, device, dtype):
+            if store is not None:
+                held += _nbytes(batch)
+                if held <= cache_bytes:
+                    store.append(batch)
+                else:
+                    store = None
+            yield batch
+        kept = store
+
+    accuracy_ok = True
+    first_pass = True
+    with torch.no_grad():
+        if size is None:
+            probe = data.first(1, device, dtype)
+            size = chunk_size(objective, probe, min(batch_size, data.n), budget_bytes)
+        for s in range(0, M, size):
+            c = cs[s : s + size]
+            params = point_params(c)
+            for batch in batches():
+                outs: Tensor | list[Tensor]
+                if use_vmap:
+                    try:
+                        outs = batched_outputs(params, batch.inputs)
+                    except (RuntimeError, NotImplementedError, ValueError):
+                        use_vmap = False  # e.g. data-dependent control flow: loop instead
+                if not use_vmap:
+                    outs = [
+                        objective.outputs(batch.inputs, {k: v[j] for k, v in params.items()})
+                        for j in range(c.shape[0])
+                    ]
+                stacked = outs if isinstance(outs, Tensor) else torch.stack(outs)
+                targets = objective.targets(batch, stacked[0])
+                if first_pass:
+                    n_seen += len(batch)
+                    if accuracy_ok:
+                        counts = loss.accuracy_counts(stacked[0], targets)
+                        accuracy_ok = counts is not None
+                        scored += counts[1] if counts is not None else 0
+                sums[s : s + len(c)] += _per_point(
+                    lambda o, t=targets: loss.per_example(o, t).double().sum(), stacked
+                )
+                if accuracy_ok:
+                    correct[s : s + len(c)] += _per_point(
+                        lambda o, t=targets: loss.accuracy_counts(o, t)[0].double(), stacked
+                    )
+                if progress is not None:
+                    progress(c.shape[0] / n_batches)
+            first_pass = False
+    comm = current()
+    n_total = n_seen
+    if comm.active:
+        sums = comm.all_reduce(sums)
+        correct = comm.all_reduce(correct)
+        totals = comm.all_reduce(torch.tensor([float(n_seen), float(scored)], device=device))
+        n_total, scored = int(totals[0]), int(totals[1])
+    mean = (sums / max(n_total, 1)).cpu()
+    acc = (correct / scored).cpu() if accuracy_ok and scored > 0 else None
+    return PointValues(mean, acc, n_total, int(size or 1), use_vmap)
+
+
+def _nbytes(batch: Batch) -> int:
+    parts = list(batch.inputs.values()) if isinstance(batch.inputs, dict) else [batch.inputs]
+    if batch.targets is not None:
+        parts.append(batch.targets)
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
+def _per_point(fn: Callable[[Tensor], Tensor], outs: Tensor) -> Tensor:
+    """``fn`` on each point's outputs ``outs[c]``: one vmapped call, else a loop."""
+    try:
+        return vmap(fn)(outs)
+    except (RuntimeError, NotImplementedError, ValueError):
+        return torch.stack([fn(o) for o in outs])
+
+
+# ------------------------------------------------------------------------------ quadratic fit
+@dataclass(frozen=True)
+class QuadraticFit:
+    """``c0 + c1 t + c2 t²`` by least squares; ``curvature = 2 c2`` with its standard error."""
+
+    c0: float
+    c1: float
+    c2: float
+    curvature: float
+    stderr: float | None
+    halfwidth: float
+
+
+def quadratic_fit(t: Tensor, y: Tensor) -> QuadraticFit:
+    t, y = t.double(), y.double()
+    A = torch.stack([torch.ones_like(t), t, t * t], dim=1)
+    sol = torch.linalg.lstsq(A, y.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+    dof = len(t) - 3
+    stderr = None
+    if dof > 0:
+        resid = y - A @ sol
+        sigma2 = float(resid @ resid) / dof
+        cov = sigma2 * torch.linalg.inv(A.T @ A)
+        stderr = 2 * math.sqrt(max(float(cov[2, 2]), 0.0))
+    c0, c1, c2 = (float(v) for v in sol)
+    return QuadraticFit(c0, c1, c2, 2 * c2, stderr, float(t.abs().max()))
+
+
+# --------------------------------------------------------------------------------- the result
+@dataclass
+class Landscape:
+    """A 1-D or 2-D slice and what is read off it."""
+
+    alphas: Tensor  # [S1]
+    betas: Tensor | None  # [S2] (None for 1-D)
+    loss: Tensor  # [S1] or [S1, S2]: loss[i, j] = L(θ0 + alphas[i] d1 + betas[j] d2)
+    accuracy: Tensor | None
+    center_loss: float
+    center_accuracy: float | None
+    fits: list[QuadraticFit]
+    n: int
+    n_points: int
+    chunk: int
+    vmapped: bool
+    fit_coords: Tensor = field(repr=False)  # [K, 5] stencil per direction
+    fit_loss: Tensor = field(repr=False)  # [K, 5]
+    extra_loss: Tensor | None = None  # at the `extra` coordinates, if any
+
+
+def landscape(
+    objective: Objective,
+    data: DataSample,
+    directions: Sequence[Mapping[str, Tensor]],
+    alphas: Tensor,
+    betas: Tensor | None = None,
+    *,
+    batch_size: int = 256,
+    budget_bytes: int | None = None,
+    chunk: int | None = None,
+    progress: ProgressFn | None = None,
+    extra: Tensor | None = None,
+) -> Landscape:
+    """Evaluate the grid (1-D with one direction, 2-D with two), the centre, the
+    five-point stencil of each direction's quadratic fit and any `extra` points ``[E, K]``
+    (e.g. the ``--to`` checkpoints themselves) in one pass."""
+    K = len(directions)
+    if K not in (1, 2) or (K == 2) != (betas is not None):
+        raise ValueError("one direction with alphas, or two with alphas and betas")
+    alphas = alphas.double()
+    if K == 1:
+        grid = alphas.unsqueeze(1)
+    else:
+        assert betas is not None
+        betas = betas.double()
+        grid = torch.cartesian_prod(alphas, betas)
+    axes = [alphas] if K == 1 else [alphas, betas]
+    hs = [FIT_STEP * float(ax[-1] - ax[0]) for ax in axes]  # type: ignore[index]
+    stencil = torch.tensor(FIT_POINTS, dtype=torch.float64)
+    fit_rows, fit_coords = [], []
+    for k in range(K):
+        t = stencil * hs[k]
+        rows = torch.zeros(len(t), K, dtype=torch.float64)
+        rows[:, k] = t
+        fit_rows.append(rows)
+        fit_coords.append(t)
+    center = torch.zeros(1, K, dtype=torch.float64)
+    extras = [extra.double().reshape(-1, K)] if extra is not None else []
+    coords = torch.cat([grid, center, *fit_rows, *extras])
+    values = evaluate_points(
+        objective,
+        data,
+        directions,
+        coords,
+        batch_size=batch_size,
+        budget_bytes=budget_bytes,
+        chunk=chunk,
+        progress=progress,
+    )
+    G = grid.shape[0]
+    shape = (len(alphas),) if K == 1 else (len(alphas), len(betas))  # type: ignore[arg-type]
+    loss = values.loss[:G].reshape(shape)
+    acc = values.accuracy[:G].reshape(shape) if values.accuracy is not None else None
+    center_loss = float(values.loss[G])
+    center_acc = float(values.accuracy[G]) if values.accuracy is not None else None
+    F = G + 1 + K * len(stencil)
+    fit_loss = values.loss[G + 1 : F].reshape(K, len(stencil))
+    fits = [quadratic_fit(fit_coords[k], fit_loss[k]) for k in range(K)]
+    return Landscape(
+        alphas=alphas,
+        betas=betas if K == 2 else None,
+        loss=loss,
+        accuracy=acc,
+        center_loss=center_loss,
+        center_accuracy=center_acc,
+        fits=fits,
+        n=values.n,
+        n_points=coords.shape[0],
+        chunk=values.chunk,
+        vmapped=values.vmapped,
+        fit_coords=torch.stack(fit_coords),
+        fit_loss=fit_loss,
+        extra_loss=values.loss[F:] if extra is not None else None,
+    )
+
+
+def mean_loss(objective: Objective, data: DataSample, batch_size: int = 256) -> float:
+    """The plain mean loss at the model's own weights (reference for the centre)."""
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for batch in data.batches(batch_size, objective.device, objective.dtype):
+            total += float(objective.per_example_loss(batch).double().sum())
+            n += batch_size_of(batch.inputs)
+    return total / n
+
+
+def load_endpoints(
+    paths: Sequence[str | Path],
+    center: LoadedModel,
+    params: Mapping[str, Tensor],
+    *,
+    arch: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Tensor]]:
+    """The selected parameters of each ``--to`` checkpoint, checked against the centre model
+    (same architecture, same parameter names and shapes)."""
+    from gmcurv.checkpoint import load_model
+
+    out = []
+    for path in paths:
+        try:
+            other = load_model(path, arch=arch, loss=center.loss, dtype=dtype, device=device)
+        except GmcurvError as e:
+            raise type(e)(f"--to {path}: {e.message}", e.hint) from None
+        if other.arch != center.arch:
+            raise CheckpointError(
+                f"--to {path}: architecture {other.arch} differs from MODEL's {center.arch}",
+                hint="--to needs checkpoints of the same architecture as MODEL",
+            )
+        named = dict(other.model.named_parameters())
+        bad = [
+            f"{k}: {tuple(named[k].shape)} vs {tuple(p.shape)}"
+            for k, p in params.items()
+            if k in named and tuple(named[k].shape) != tuple(p.shape)
+        ]
+        missing = [k for k in params if k not in named]
+        if missing or bad:
+            what = f"no parameter {missing[0]}" if missing else "; ".join(bad[:3])
+            raise CheckpointError(
+                f"--to {path}: parameters do not match MODEL's ({what})",
+                hint="--to needs checkpoints of the same architecture and shapes as MODEL",
+            )
+        out.append({k: named[k].detach() for k in params})
+    return out
