@@ -59,6 +59,7 @@ FIT_POINTS = (-2, -1, 0, 1, 2)  # stencil of the quadratic fit, in units of FIT_
 FIT_STEP = 0.005  # stencil spacing as a fraction of the grid's range (±1% of it in all)
 DEFAULT_BUDGET = 512 * 2**20  # bytes for one chunk of grid points (parameters + activations)
 MAX_CHUNK = 256
+CHUNK_ROWS = 16384  # examples x points per vmapped forward (measured sweet spot on CPU)
 DEFAULT_CACHE_BYTES = 256 * 2**20  # keep the data sample in memory up to this size
 _EPS = 1e-10
 
@@ -259,11 +260,12 @@ def _slice(inputs, k):
 def chunk_size(
     objective: Objective, probe: Batch, batch_size: int, budget_bytes: int | None = None
 ) -> int:
-    """Grid points per vmapped forward: parameters and activations of a chunk within budget."""
+    """Grid points per vmapped forward: about `CHUNK_ROWS` rows (points x examples), bigger
+    chunks being memory-bound on CPU, and parameters plus activations within budget."""
     budget = budget_bytes if budget_bytes is not None else min(DEFAULT_BUDGET, default_budget())
     elt = torch.empty((), dtype=objective.dtype).element_size()
     per_point = elt * (objective.space.size + 2 * batch_size * _activation_elems(objective, probe))
-    return int(max(1, min(MAX_CHUNK, budget // per_point)))
+    return int(max(1, min(MAX_CHUNK, CHUNK_ROWS // batch_size, budget // per_point)))
 
 
 @dataclass
@@ -277,6 +279,51 @@ class PointValues:
     vmapped: bool
 
 
+def input_linears(objective: Objective, inputs) -> dict[str, tuple[str, str | None]]:
+    """``nn.Linear`` modules applied once, directly, to the model's input tensor, whose
+    weight (and bias, if any) are selected and not tied: ``{module: (weight, bias)}``.
+
+    Their output is affine in the grid coordinates, ``x (W0 + Σ c_k D_k)^T + b0 + Σ c_k db_k
+    = base + Σ c_k proj_k``, so a batch's ``base`` and ``proj_k`` are computed once and each
+    grid point costs one ``[1, K+1] x [K+1, B·out]`` product instead of a ``[B, in] x [in,
+    out]`` matmul.
+    """
+    if not isinstance(inputs, Tensor):
+        return {}
+    owners: dict[int, list[str]] = {}
+    for name, p in objective.model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    calls: dict[str, int] = {}
+    direct: set[str] = set()
+    handles = []
+    for mname, m in objective.model.named_modules():
+        if type(m) is torch.nn.Linear:
+
+            def pre(_m, args, mname=mname):
+                calls[mname] = calls.get(mname, 0) + 1
+                if args and args[0] is inputs:
+                    direct.add(mname)
+
+            handles.append(m.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            objective.outputs(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for mname in sorted(direct):
+        if calls.get(mname) != 1:
+            continue
+        m = objective.model.get_submodule(mname)
+        prefix = f"{mname}." if mname else ""
+        w, b = prefix + "weight", (prefix + "bias") if m.bias is not None else None
+        names = [w] + ([b] if b else [])
+        if all(n in objective.params and len(owners[id(objective.params[n])]) == 1 for n in names):
+            out[mname] = (w, b)
+    return out
+
+
 def evaluate_points(
     objective: Objective,
     data: DataSample,
@@ -288,12 +335,16 @@ def evaluate_points(
     chunk: int | None = None,
     progress: ProgressFn | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    affine_inputs: bool = True,
 ) -> PointValues:
     """``L(θ0 + Σ_k coords[m, k] d_k)`` for every row `m` of `coords` ``[M, K]``.
 
-    Streams the data once; for each batch, points go through one functional model in chunks
-    (``vmap`` over stacked parameters), falling back to one point at a time for models
-    ``vmap`` cannot batch. Under torchrun the sums are all-reduced over ranks.
+    Chunks of points go through one functional model (``vmap`` over stacked parameters),
+    falling back to one point at a time for models ``vmap`` cannot batch; each chunk sees
+    every batch (kept in memory after the first pass when the sample is small). With
+    `affine_inputs`, Linear layers fed by the raw input use the affine form of
+    `input_linears` (their ``forward`` is swapped for the duration of the call). Under
+    torchrun the sums are all-reduced over ranks.
     """
     from gmcurv.distributed import current
 
@@ -310,19 +361,48 @@ def evaluate_points(
     n_seen = 0
     n_batches = max(1, math.ceil(data.n / batch_size))
     use_vmap = True
-    size = chunk
     loss = objective.loss
+    probe = data.first(min(2, data.n), device, dtype)
+    size = chunk or chunk_size(objective, probe, min(batch_size, data.n), budget_bytes)
+    affine = input_linears(objective, probe.inputs) if affine_inputs else {}
+    skip = {n for names in affine.values() for n in names if n is not None}
+    current_terms: dict[str, Tensor] = {}  # module -> [K+1, B, out] terms of the batch
+    terms_cache: dict[int, dict[str, Tensor]] = {}
 
     def point_params(c: Tensor) -> dict[str, Tensor]:
-        """``θ0 + Σ_k c[:, k] d_k`` stacked over the chunk: ``[C, *shape]`` per parameter."""
+        """``θ0 + Σ_k c[:, k] d_k`` stacked over the chunk: ``[C, *shape]`` per parameter;
+        for an affine input layer its weight slot carries the coordinates ``[C, K]``."""
         out = {}
         for name, t in center.items():
+            if name in skip:
+                continue
             view = (-1, *([1] * t.ndim))
             acc = torch.addcmul(t, c[:, 0].reshape(view), dirs[0][name])  # [C, *shape]
             for k in range(1, len(dirs)):
                 acc.addcmul_(c[:, k].reshape(view), dirs[k][name])
             out[name] = acc
+        for w, _ in affine.values():
+            out[w] = c
         return out
+
+    def affine_terms(x: Tensor) -> dict[str, Tensor]:
+        """Per affine layer ``[K+1, B, out]``: ``x W0^T + b0`` then ``x D_k^T + db_k``."""
+        terms = {}
+        for mname, (w, b) in affine.items():
+            rows = [
+                torch.nn.functional.linear(x, src[w], src[b] if b else None)
+                for src in (center, *dirs)
+            ]
+            terms[mname] = torch.stack(rows)
+        return terms
+
+    def patched(mname: str, module: torch.nn.Module):
+        def forward(_x: Tensor) -> Tensor:
+            c = module.weight  # the point's coordinates [K] (swapped in by functional_call)
+            ones = torch.ones_like(c[:1])
+            return torch.tensordot(torch.cat([ones, c]), current_terms[mname], dims=1)
+
+        return forward
 
     def batched_outputs(params: dict[str, Tensor], inputs) -> Tensor:
         return vmap(lambda p: objective.outputs(inputs, p))(params)
@@ -349,43 +429,54 @@ def evaluate_points(
 
     accuracy_ok = True
     first_pass = True
-    with torch.no_grad():
-        if size is None:
-            probe = data.first(1, device, dtype)
-            size = chunk_size(objective, probe, min(batch_size, data.n), budget_bytes)
-        for s in range(0, M, size):
-            c = cs[s : s + size]
-            params = point_params(c)
-            for batch in batches():
-                outs: Tensor | list[Tensor]
-                if use_vmap:
-                    try:
-                        outs = batched_outputs(params, batch.inputs)
-                    except (RuntimeError, NotImplementedError, ValueError):
-                        use_vmap = False  # e.g. data-dependent control flow: loop instead
-                if not use_vmap:
-                    outs = [
-                        objective.outputs(batch.inputs, {k: v[j] for k, v in params.items()})
-                        for j in range(c.shape[0])
-                    ]
-                stacked = outs if isinstance(outs, Tensor) else torch.stack(outs)
-                targets = objective.targets(batch, stacked[0])
-                if first_pass:
-                    n_seen += len(batch)
+    modules = {m: objective.model.get_submodule(m) for m in affine}
+    for mname, module in modules.items():
+        module.forward = patched(mname, module)  # type: ignore[method-assign]
+    try:
+        with torch.no_grad():
+            for s in range(0, M, size):
+                c = cs[s : s + size]
+                params = point_params(c)
+                for index, batch in enumerate(batches()):
+                    if affine:
+                        terms = terms_cache.get(index) if kept is not None else None
+                        if terms is None:
+                            terms = affine_terms(batch.inputs)  # type: ignore[arg-type]
+                            if kept is not None or first_pass:
+                                terms_cache[index] = terms
+                        current_terms.update(terms)
+                    outs: Tensor | list[Tensor]
+                    if use_vmap:
+                        try:
+                            outs = batched_outputs(params, batch.inputs)
+                        except (RuntimeError, NotImplementedError, ValueError):
+                            use_vmap = False  # e.g. data-dependent control flow: loop instead
+                    if not use_vmap:
+                        outs = [
+                            objective.outputs(batch.inputs, {k: v[j] for k, v in params.items()})
+                            for j in range(c.shape[0])
+                        ]
+                    stacked = outs if isinstance(outs, Tensor) else torch.stack(outs)
+                    targets = objective.targets(batch, stacked[0])
+                    if first_pass:
+                        n_seen += len(batch)
+                        if accuracy_ok:
+                            counts = loss.accuracy_counts(stacked[0], targets)
+                            accuracy_ok = counts is not None
+                            scored += counts[1] if counts is not None else 0
+                    sums[s : s + len(c)] += _point_losses(objective, stacked, targets)
                     if accuracy_ok:
-                        counts = loss.accuracy_counts(stacked[0], targets)
-                        accuracy_ok = counts is not None
-                        scored += counts[1] if counts is not None else 0
-                sums[s : s + len(c)] += _per_point(
-                    lambda o, t=targets: loss.per_example(o, t).double().sum(), stacked
-                )
-                if accuracy_ok:
-                    correct[s : s + len(c)] += _per_point(
-                        lambda o, t=targets: loss.accuracy_counts(o, t)[0].double(), stacked
-                    )
-                if progress is not None:
-                    progress(c.shape[0] / n_batches)
-            first_pass = False
+                        correct[s : s + len(c)] += _per_point(
+                            lambda o, t=targets: loss.accuracy_counts(o, t)[0].double(), stacked
+                        )
+                    if progress is not None:
+                        progress(c.shape[0] / n_batches)
+                if kept is None:
+                    terms_cache.clear()
+                first_pass = False
+    finally:
+        for module in modules.values():
+            del module.forward
     comm = current()
     n_total = n_seen
     if comm.active:
@@ -403,6 +494,15 @@ def _nbytes(batch: Batch) -> int:
     if batch.targets is not None:
         parts.append(batch.targets)
     return sum(t.numel() * t.element_size() for t in parts)
+
+
+def _point_losses(objective: Objective, outs: Tensor, targets: Tensor) -> Tensor:
+    """``Σ_n L_n`` per point from outputs ``[C, B, ...]``: one loss call on the flattened
+    ``[C·B, ...]`` outputs (``L_n`` is per example, so this is exact)."""
+    C, B = outs.shape[0], outs.shape[1]
+    flat_t = targets.unsqueeze(0).expand(C, *targets.shape).reshape(C * B, *targets.shape[1:])
+    per = objective.loss.per_example(outs.reshape(C * B, *outs.shape[2:]), flat_t)
+    return per.double().reshape(C, B).sum(1)
 
 
 def _per_point(fn: Callable[[Tensor], Tensor], outs: Tensor) -> Tensor:
