@@ -61,7 +61,6 @@ DEFAULT_BUDGET = 512 * 2**20  # bytes for one chunk of grid points (parameters +
 MAX_CHUNK = 256
 CHUNK_ROWS = 16384  # examples x points per vmapped forward (measured sweet spot on CPU)
 DEFAULT_CACHE_BYTES = 256 * 2**20  # keep the data sample in memory up to this size
-_EPS = 1e-10
 
 
 # ------------------------------------------------------------------------------------ the grid
@@ -122,13 +121,17 @@ def filter_normalize(
         if is_filter_param(w):
             dn = d.reshape(d.shape[0], -1).norm(dim=1)
             wn = w.reshape(w.shape[0], -1).norm(dim=1)
-            scale = wn / (dn + _EPS)
-            out[name] = d * scale.reshape(-1, *([1] * (d.ndim - 1)))
+            out[name] = d * _ratio(wn, dn).reshape(-1, *([1] * (d.ndim - 1)))
         elif include_bias:
-            out[name] = d * (w.norm() / (d.norm() + _EPS))
+            out[name] = d * _ratio(w.norm(), d.norm())
         else:
             out[name] = torch.zeros_like(d)
     return out
+
+
+def _ratio(num: Tensor, den: Tensor) -> Tensor:
+    """``num / den``, 0 where ``den`` is 0 (a zero filter of the direction stays zero)."""
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), 0.0)
 
 
 def random_directions(
