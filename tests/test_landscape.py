@@ -224,7 +224,7 @@ def test_models_vmap_cannot_batch_fall_back_to_a_loop(tmp_path):
 # ------------------------------------------------------------------------------ directions
 def test_filter_normalisation_gives_each_filter_its_weight_filters_norm():
     model = seeded(TinyConv)
-    params = dict(model.named_parameters())
+    params = {k: p.detach() for k, p in model.named_parameters()}
     dirs = random_directions(params, 2, seed=5)
     assert not torch.equal(dirs[0]["c1.weight"], dirs[1]["c1.weight"])
     for d in dirs:
