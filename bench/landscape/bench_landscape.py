@@ -96,16 +96,6 @@ def run(name: str, repeats: int, workdir: Path) -> dict:
     axis = grid_axis(-1.0, 1.0, STEPS)
     h = 2.0 / (STEPS - 1)
 
-    # ---------------------------------------------------------------------------- gmcurv
-    ours_times, res = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        res = landscape(objective, data, dirs, axis, axis.clone(), batch_size=n)
-        ours_times.append(time.perf_counter() - t0)
-    assert res is not None
-    ours = res.loss.numpy()
-
-    # ------------------------------------------------------------------- loss-landscapes
     metric = loss_landscapes.metrics.Loss(F.cross_entropy, x, y)
     theta = {k: p.detach().clone() for k, p in model.named_parameters()}
     zero = {k: torch.zeros_like(v) for k, v in theta.items()}
@@ -115,22 +105,28 @@ def run(name: str, repeats: int, workdir: Path) -> dict:
     end1 = {k: start[k] + STEPS * h * d1[k] for k in theta}
     end2 = {k: start[k] + STEPS * h * d2[k] for k in theta}
     m_start, m_end1, m_end2 = (set_params(model, v) for v in (start, end1, end2))
-    planar_times, planar = [], None
+
+    # interleaved repeats (gmcurv, planar, random_plane, gmcurv, ...): the minimum of each
+    # is the least disturbed by other jobs on a shared machine
+    ours_times, planar_times, plane_times = [], [], []
+    res = planar = None
     for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = landscape(objective, data, dirs, axis, axis.clone(), batch_size=n)
+        ours_times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         planar = loss_landscapes.planar_interpolation(
             m_start, m_end1, m_end2, metric, steps=STEPS, deepcopy_model=True
         )
         planar_times.append(time.perf_counter() - t0)
-    assert planar is not None
-    plane_times = []
-    for _ in range(repeats):
         torch.manual_seed(0)
         t0 = time.perf_counter()
         loss_landscapes.random_plane(
             model, metric, distance=1, steps=STEPS, normalization="filter", deepcopy_model=True
         )
         plane_times.append(time.perf_counter() - t0)
+    assert res is not None and planar is not None
+    ours = res.loss.numpy()
 
     # ------------------------------------------------------------------------ agreement
     with torch.no_grad():
@@ -204,7 +200,7 @@ def markdown(doc: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workloads", default="sample,W1")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--threads",
         default="1,2",
