@@ -44,6 +44,7 @@ from torch.func import vmap
 
 from gmcurv.data import Batch, DataSample, batch_size_of
 from gmcurv.errors import CheckpointError, ConfigError, GmcurvError
+from gmcurv.losses import CrossEntropy
 from gmcurv.memory import default_budget
 from gmcurv.objective import Objective
 from gmcurv.results import Estimate
@@ -59,7 +60,7 @@ FIT_POINTS = (-2, -1, 0, 1, 2)  # stencil of the quadratic fit, in units of FIT_
 FIT_STEP = 0.005  # stencil spacing as a fraction of the grid's range (±1% of it in all)
 DEFAULT_BUDGET = 512 * 2**20  # bytes for one chunk of grid points (parameters + activations)
 MAX_CHUNK = 256
-CHUNK_ROWS = 16384  # examples x points per vmapped forward (measured sweet spot on CPU)
+CHUNK_ROWS = 4096  # examples x points per forward (activations stay in cache on CPU)
 DEFAULT_CACHE_BYTES = 256 * 2**20  # keep the data sample in memory up to this size
 
 
@@ -280,22 +281,22 @@ class PointValues:
     n: int
     chunk: int
     vmapped: bool
+    mode: str = "vmap"  # 'stacked' (baddbmm), 'vmap' or 'loop' (one point at a time)
 
 
-def input_linears(objective: Objective, inputs) -> dict[str, tuple[str, str | None]]:
-    """``nn.Linear`` modules applied once, directly, to the model's input tensor, whose
-    weight (and bias, if any) are selected and not tied: ``{module: (weight, bias)}``.
+class _NotStackableError(Exception):
+    """A Linear layer saw an input without the leading chunk dimension."""
 
-    Their output is affine in the grid coordinates, ``x (W0 + Σ c_k D_k)^T + b0 + Σ c_k db_k
-    = base + Σ c_k proj_k``, so a batch's ``base`` and ``proj_k`` are computed once and each
-    grid point costs one ``[1, K+1] x [K+1, B·out]`` product instead of a ``[B, in] x [in,
-    out]`` matmul.
-    """
-    if not isinstance(inputs, Tensor):
-        return {}
-    owners: dict[int, list[str]] = {}
-    for name, p in objective.model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
+
+def _agree(a: Tensor, b: Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    tol = 1e-3 if a.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    return bool(torch.allclose(a, b, rtol=tol, atol=tol * float(b.abs().max().clamp_min(1e-30))))
+
+
+def _probe_linears(objective: Objective, inputs) -> tuple[dict[str, int], set[str]]:
+    """Calls per ``nn.Linear`` module in one forward, and those fed the raw input tensor."""
     calls: dict[str, int] = {}
     direct: set[str] = set()
     handles = []
@@ -314,17 +315,58 @@ def input_linears(objective: Objective, inputs) -> dict[str, tuple[str, str | No
     finally:
         for h in handles:
             h.remove()
+    return calls, direct
+
+
+def _own_params(objective: Objective, mname: str) -> tuple[str, str | None] | None:
+    """(weight, bias) names of Linear `mname` if all are selected and untied, else None."""
+    owners: dict[int, int] = {}
+    for _, p in objective.model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    m = objective.model.get_submodule(mname)
+    prefix = f"{mname}." if mname else ""
+    w, b = prefix + "weight", (prefix + "bias") if m.bias is not None else None
+    names = [w] + ([b] if b else [])
+    ok = all(n in objective.params and owners[id(objective.params[n])] == 1 for n in names)
+    return (w, b) if ok else None
+
+
+def input_linears(objective: Objective, inputs) -> dict[str, tuple[str, str | None]]:
+    """``nn.Linear`` modules applied once, directly, to the model's input tensor, whose
+    weight (and bias, if any) are selected and not tied: ``{module: (weight, bias)}``.
+
+    Their output is affine in the grid coordinates, ``x (W0 + Σ c_k D_k)^T + b0 + Σ c_k db_k
+    = base + Σ c_k proj_k``, so a batch's ``base`` and ``proj_k`` are computed once and each
+    grid point costs one ``[1, K+1] x [K+1, B·out]`` product instead of a ``[B, in] x [in,
+    out]`` matmul.
+    """
+    if not isinstance(inputs, Tensor):
+        return {}
+    calls, direct = _probe_linears(objective, inputs)
     out = {}
     for mname in sorted(direct):
-        if calls.get(mname) != 1:
-            continue
-        m = objective.model.get_submodule(mname)
-        prefix = f"{mname}." if mname else ""
-        w, b = prefix + "weight", (prefix + "bias") if m.bias is not None else None
-        names = [w] + ([b] if b else [])
-        if all(n in objective.params and len(owners[id(objective.params[n])]) == 1 for n in names):
-            out[mname] = (w, b)
+        own = _own_params(objective, mname) if calls.get(mname) == 1 else None
+        if own is not None:
+            out[mname] = own
     return out
+
+
+def stackable_linears(objective: Objective, inputs) -> dict[str, tuple[str, str | None]]:
+    """All ``nn.Linear`` modules holding selected parameters, when those are *all* the
+    selected parameters (untied, each module called once): such models can run a chunk of
+    grid points as stacked weights ``[C, out, in]`` through ``baddbmm`` without ``vmap``
+    (checked against ``vmap`` on the first chunk before it is trusted). Else ``{}``."""
+    if not isinstance(inputs, Tensor):
+        return {}
+    calls, _ = _probe_linears(objective, inputs)
+    out: dict[str, tuple[str, str | None]] = {}
+    for mname, count in calls.items():
+        own = _own_params(objective, mname)
+        if own is None or count != 1:
+            continue
+        out[mname] = own
+    covered = {n for names in out.values() for n in names if n is not None}
+    return out if covered == set(objective.params) else {}
 
 
 def evaluate_points(
@@ -339,6 +381,7 @@ def evaluate_points(
     progress: ProgressFn | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     affine_inputs: bool = True,
+    stacked: bool = True,
 ) -> PointValues:
     """``L(θ0 + Σ_k coords[m, k] d_k)`` for every row `m` of `coords` ``[M, K]``.
 
@@ -346,8 +389,10 @@ def evaluate_points(
     falling back to one point at a time for models ``vmap`` cannot batch; each chunk sees
     every batch (kept in memory after the first pass when the sample is small). With
     `affine_inputs`, Linear layers fed by the raw input use the affine form of
-    `input_linears` (their ``forward`` is swapped for the duration of the call). Under
-    torchrun the sums are all-reduced over ranks.
+    `input_linears`; with `stacked`, models whose selected parameters all sit in Linear
+    layers (`stackable_linears`) run without ``vmap``, as stacked ``baddbmm`` products (the
+    Linear modules' ``forward`` is swapped for the duration of the call and restored after).
+    Under torchrun the sums are all-reduced over ranks.
     """
     from gmcurv.distributed import current
 
@@ -369,6 +414,11 @@ def evaluate_points(
     size = chunk or chunk_size(objective, probe, min(batch_size, data.n), budget_bytes)
     affine = input_linears(objective, probe.inputs) if affine_inputs else {}
     skip = {n for names in affine.values() for n in names if n is not None}
+    stack = stackable_linears(objective, probe.inputs) if stacked else {}
+    linears = {**stack, **affine}  # modules whose forward is swapped
+    mode = "stacked" if stack else "vmap"
+    trusted = False  # stacked outputs agreed with vmap on the first chunk
+    state: dict = {"mode": "vmap", "coords": None, "params": None}
     current_terms: dict[str, Tensor] = {}  # module -> [K+1, B, out] terms of the batch
     terms_cache: dict[int, dict[str, Tensor]] = {}
 
@@ -400,12 +450,43 @@ def evaluate_points(
         return terms
 
     def patched(mname: str, module: torch.nn.Module):
-        def forward(_x: Tensor) -> Tensor:
-            c = module.weight  # the point's coordinates [K] (swapped in by functional_call)
-            ones = torch.ones_like(c[:1])
-            return torch.tensordot(torch.cat([ones, c]), current_terms[mname], dims=1)
+        names = linears[mname]
+
+        def forward(x: Tensor) -> Tensor:
+            if state["mode"] == "stacked":
+                c: Tensor = state["coords"]  # [C, K]
+                if mname in affine:
+                    terms = current_terms[mname]  # [K+1, B.., out]
+                    ones = torch.ones_like(c[:, :1])
+                    out = torch.cat([ones, c], 1) @ terms.reshape(terms.shape[0], -1)
+                    return out.reshape(c.shape[0], *terms.shape[1:])  # [C, B.., out]
+                if x.shape[0] != c.shape[0]:
+                    raise _NotStackableError
+                W = state["params"][names[0]]  # [C, out, in]
+                x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+                if names[1] is None:
+                    out = torch.bmm(x3, W.transpose(1, 2))
+                else:
+                    b = state["params"][names[1]].unsqueeze(1)
+                    out = torch.baddbmm(b, x3, W.transpose(1, 2))
+                return out.reshape(*x.shape[:-1], W.shape[1])
+            if mname in affine:
+                cv = module.weight  # the point's coordinates [K] (swapped in by functional_call)
+                ones = torch.ones_like(cv[:1])
+                return torch.tensordot(torch.cat([ones, cv]), current_terms[mname], dims=1)
+            return type(module).forward(module, x)
 
         return forward
+
+    def stacked_outputs(c: Tensor, params: dict[str, Tensor], inputs) -> Tensor | None:
+        state.update(mode="stacked", coords=c, params=params)
+        try:
+            out = objective.outputs(inputs)
+        except (_NotStackableError, RuntimeError, ValueError, IndexError):
+            return None
+        finally:
+            state.update(mode="vmap", coords=None, params=None)
+        return out if isinstance(out, Tensor) and out.shape[0] == c.shape[0] else None
 
     def batched_outputs(params: dict[str, Tensor], inputs) -> Tensor:
         return vmap(lambda p: objective.outputs(inputs, p))(params)
@@ -432,7 +513,7 @@ def evaluate_points(
 
     accuracy_ok = True
     first_pass = True
-    modules = {m: objective.model.get_submodule(m) for m in affine}
+    modules = {m: objective.model.get_submodule(m) for m in linears}
     for mname, module in modules.items():
         module.forward = patched(mname, module)  # type: ignore[method-assign]
     try:
@@ -448,29 +529,42 @@ def evaluate_points(
                             if kept is not None or first_pass:
                                 terms_cache[index] = terms
                         current_terms.update(terms)
-                    outs: Tensor | list[Tensor]
-                    if use_vmap:
+                    outs: Tensor | list[Tensor] | None = None
+                    if mode == "stacked":
+                        got = stacked_outputs(c, params, batch.inputs)
+                        if trusted:
+                            outs = got
+                        else:  # the first chunk: run vmap too, and compare
+                            try:
+                                outs = batched_outputs(params, batch.inputs)
+                            except (RuntimeError, NotImplementedError, ValueError):
+                                use_vmap = False
+                            trusted = got is not None and outs is not None and _agree(got, outs)
+                        if not trusted or got is None:
+                            mode = "vmap"
+                    if outs is None and use_vmap:
                         try:
                             outs = batched_outputs(params, batch.inputs)
                         except (RuntimeError, NotImplementedError, ValueError):
                             use_vmap = False  # e.g. data-dependent control flow: loop instead
-                    if not use_vmap:
+                    if outs is None:
+                        mode = "loop"
                         outs = [
                             objective.outputs(batch.inputs, {k: v[j] for k, v in params.items()})
                             for j in range(c.shape[0])
                         ]
-                    stacked = outs if isinstance(outs, Tensor) else torch.stack(outs)
-                    targets = objective.targets(batch, stacked[0])
+                    out_all = outs if isinstance(outs, Tensor) else torch.stack(outs)
+                    targets = objective.targets(batch, out_all[0])
                     if first_pass:
                         n_seen += len(batch)
                         if accuracy_ok:
-                            counts = loss.accuracy_counts(stacked[0], targets)
+                            counts = loss.accuracy_counts(out_all[0], targets)
                             accuracy_ok = counts is not None
                             scored += counts[1] if counts is not None else 0
-                    sums[s : s + len(c)] += _point_losses(objective, stacked, targets)
+                    sums[s : s + len(c)] += _point_losses(objective, out_all, targets)
                     if accuracy_ok:
                         correct[s : s + len(c)] += _per_point(
-                            lambda o, t=targets: loss.accuracy_counts(o, t)[0].double(), stacked
+                            lambda o, t=targets: loss.accuracy_counts(o, t)[0].double(), out_all
                         )
                     if progress is not None:
                         progress(c.shape[0] / n_batches)
@@ -489,7 +583,7 @@ def evaluate_points(
         n_total, scored = int(totals[0]), int(totals[1])
     mean = (sums / max(n_total, 1)).cpu()
     acc = (correct / scored).cpu() if accuracy_ok and scored > 0 else None
-    return PointValues(mean, acc, n_total, int(size or 1), use_vmap)
+    return PointValues(mean, acc, n_total, int(size or 1), use_vmap, mode)
 
 
 def _nbytes(batch: Batch) -> int:
@@ -501,8 +595,22 @@ def _nbytes(batch: Batch) -> int:
 
 def _point_losses(objective: Objective, outs: Tensor, targets: Tensor) -> Tensor:
     """``Σ_n L_n`` per point from outputs ``[C, B, ...]``: one loss call on the flattened
-    ``[C·B, ...]`` outputs (``L_n`` is per example, so this is exact)."""
+    ``[C·B, ...]`` outputs (``L_n`` is per example, so this is exact).
+
+    Classification with one prediction per example (logits ``[B, classes]``, labels ``[B]``,
+    none ignored) takes ``L_n = logsumexp(f_n) - f_n[y_n]`` directly: the same number as
+    `gmcurv.losses.CrossEntropy`, without materialising the log-softmax (5x cheaper)."""
     C, B = outs.shape[0], outs.shape[1]
+    loss = objective.loss
+    if (
+        isinstance(loss, CrossEntropy)
+        and not loss.shift
+        and outs.ndim == 3
+        and targets.ndim == 1
+        and bool((targets >= 0).all())
+    ):
+        picked = outs.gather(2, targets.reshape(1, B, 1).expand(C, B, 1)).squeeze(2)
+        return (torch.logsumexp(outs, dim=2) - picked).double().sum(1)
     flat_t = targets.unsqueeze(0).expand(C, *targets.shape).reshape(C * B, *targets.shape[1:])
     per = objective.loss.per_example(outs.reshape(C * B, *outs.shape[2:]), flat_t)
     return per.double().reshape(C, B).sum(1)

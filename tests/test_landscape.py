@@ -168,13 +168,16 @@ def test_grid_matches_a_pointwise_reference_for_every_chunking(mlp_problem):
     assert input_linears(objective, data.first(2, "cpu", F64).inputs) == {
         "net.0": ("net.0.weight", "net.0.bias")
     }
-    for chunk, affine, cache in [(1, True, 1 << 30), (4, False, 1 << 30), (9, True, 0)]:
+    cases = [(1, True, 1 << 30, True), (4, False, 1 << 30, True), (9, True, 0, False),
+             (2, False, 1 << 30, False)]  # fmt: skip
+    for chunk, affine, cache, stacked in cases:
         got = evaluate_points(
             objective, data, dirs, coords, batch_size=7, chunk=chunk, affine_inputs=affine,
-            cache_bytes=cache,
+            cache_bytes=cache, stacked=stacked,
         )  # fmt: skip
         torch.testing.assert_close(got.loss, ref, rtol=1e-12, atol=0)
         assert got.n == 30 and got.accuracy is not None
+        assert got.mode == ("stacked" if stacked and affine else "vmap")
     for p in objective.model.modules():
         assert "forward" not in vars(p)  # the swapped forward is gone afterwards
 
@@ -191,6 +194,7 @@ def test_conv_batchnorm_and_tied_models_match_the_reference(tmp_path):
         dirs = random_directions(objective.params, 2, seed=0, include_bias=True)
         coords = torch.tensor([[0.0, 0.0], [0.3, -0.2], [-1.0, 0.5]], dtype=F64)
         got = evaluate_points(objective, data, dirs, coords, batch_size=5)
+        assert got.mode == "vmap"  # Conv / BatchNorm / Embedding: no stacked Linear form
         torch.testing.assert_close(
             got.loss, _reference(objective, data, dirs, coords), rtol=1e-12, atol=0
         )
@@ -215,7 +219,7 @@ def test_models_vmap_cannot_batch_fall_back_to_a_loop(tmp_path):
     dirs = random_directions(objective.params, 1, seed=0)
     coords = torch.tensor([[-1.0], [0.0], [2.0]], dtype=F64)
     got = evaluate_points(objective, data, dirs, coords, batch_size=4, affine_inputs=False)
-    assert not got.vmapped
+    assert not got.vmapped and got.mode == "loop"
     torch.testing.assert_close(
         got.loss, _reference(objective, data, dirs, coords, 4), rtol=1e-12, atol=0
     )
@@ -312,3 +316,16 @@ def test_ranges_and_axes():
     assert ax[5] == 0.0 and len(ax) == 11  # exactly the centre, not 1e-17 beside it
     with pytest.raises(ConfigError, match="--steps"):
         grid_axis(-1.0, 1.0, 2)
+
+
+def test_per_point_losses_fast_path_matches_the_loss_module():
+    from gmcurv.landscape import _point_losses
+
+    g = torch.Generator().manual_seed(0)
+    outs = torch.randn(3, 5, 4, generator=g, dtype=F64) * 5
+    objective = Objective.build(nn.Linear(2, 4).double(), "cross_entropy")
+    for targets in (torch.tensor([0, 3, 1, 1, 2]), torch.tensor([0, -100, 1, 1, 2])):
+        want = torch.stack([objective.loss.per_example(o, targets).sum() for o in outs])
+        torch.testing.assert_close(
+            _point_losses(objective, outs, targets), want, rtol=1e-13, atol=0
+        )
