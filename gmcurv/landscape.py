@@ -671,6 +671,7 @@ class Landscape:
     fit_coords: Tensor = field(repr=False)  # [K, 5] stencil per direction
     fit_loss: Tensor = field(repr=False)  # [K, 5]
     extra_loss: Tensor | None = None  # at the `extra` coordinates, if any
+    mode: str = "vmap"  # how points were batched: 'stacked', 'vmap' or 'loop'
 
 
 def landscape(
@@ -746,6 +747,7 @@ def landscape(
         fit_coords=torch.stack(fit_coords),
         fit_loss=fit_loss,
         extra_loss=values.loss[F:] if extra is not None else None,
+        mode=values.mode,
     )
 
 

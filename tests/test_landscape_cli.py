@@ -155,7 +155,7 @@ def test_fail_if_gates_on_the_landscape_block(runner, problem):
 def test_default_sample_runs(runner, tmp_path):
     doc = _json(_run(runner, "landscape", "--steps", 3, "--1d", "--samples", 64, "--json"))
     block = doc["results"]["landscape"]
-    assert block["center"]["accuracy"]["value"] > 0.9 and block["vmapped"] is True
+    assert block["center"]["accuracy"]["value"] > 0.9 and block["evaluation"] == "stacked"
 
 
 @pytest.mark.parametrize(

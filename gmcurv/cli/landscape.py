@@ -181,6 +181,7 @@ def build_block(
         "n_points": res.n_points,
         "chunk": res.chunk,
         "vmapped": res.vmapped,
+        "evaluation": res.mode,
     }
 
 
@@ -254,8 +255,8 @@ def render(report: Report, console: Console) -> None:
         f"grid {size} on [{fmt(lo)}, {fmt(hi)}]: min {where(lowest)} · max {where(highest)}"
     )
     console.print(
-        f"[dim]{block['n_points']:,} points evaluated, {block['chunk']} per "
-        f"{'vmapped ' if block['vmapped'] else ''}forward[/dim]"
+        f"[dim]{block['n_points']:,} points evaluated, up to {block['chunk']} per forward "
+        f"({block['evaluation']})[/dim]"
     )
     footer(report, console)
 
