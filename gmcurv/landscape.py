@@ -458,17 +458,20 @@ def evaluate_points(
                 if mname in affine:
                     terms = current_terms[mname]  # [K+1, B.., out]
                     ones = torch.ones_like(c[:, :1])
-                    out = torch.cat([ones, c], 1) @ terms.reshape(terms.shape[0], -1)
+                    flat = terms.reshape(terms.shape[0], -1)
+                    buf = _buffer(mname, (c.shape[0], flat.shape[1]), flat)
+                    out = torch.mm(torch.cat([ones, c], 1), flat, out=buf)
                     return out.reshape(c.shape[0], *terms.shape[1:])  # [C, B.., out]
                 if x.shape[0] != c.shape[0]:
                     raise _NotStackableError
                 W = state["params"][names[0]]  # [C, out, in]
                 x3 = x.reshape(x.shape[0], -1, x.shape[-1])
+                buf = _buffer(mname, (x3.shape[0], x3.shape[1], W.shape[1]), x3)
                 if names[1] is None:
-                    out = torch.bmm(x3, W.transpose(1, 2))
+                    out = torch.bmm(x3, W.transpose(1, 2), out=buf)
                 else:
                     b = state["params"][names[1]].unsqueeze(1)
-                    out = torch.baddbmm(b, x3, W.transpose(1, 2))
+                    out = torch.baddbmm(b, x3, W.transpose(1, 2), out=buf)
                 return out.reshape(*x.shape[:-1], W.shape[1])
             if mname in affine:
                 cv = module.weight  # the point's coordinates [K] (swapped in by functional_call)
@@ -477,6 +480,17 @@ def evaluate_points(
             return type(module).forward(module, x)
 
         return forward
+
+    buffers: dict[tuple, Tensor] = {}
+
+    def _buffer(mname: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A reused output tensor per layer and shape: large temporaries are not returned
+        to the OS and re-faulted on every chunk (the outputs of a chunk are consumed before
+        the next chunk runs)."""
+        key = (mname, shape)
+        if key not in buffers:
+            buffers[key] = like.new_empty(shape)
+        return buffers[key]
 
     def stacked_outputs(c: Tensor, params: dict[str, Tensor], inputs) -> Tensor | None:
         state.update(mode="stacked", coords=c, params=params)
