@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 24  # materialise at most ~16M gradient entries at once
+CACHE_ELEMENTS = 1 << 18  # ~1 MB of float32: chunks for streaming reductions stay in cache
 
 
 @dataclass(frozen=True)
@@ -247,10 +248,33 @@ class LinearFactors(GradientSource):
 
     def diag(self) -> dict[str, Tensor]:
         if self.tokens != 1:
-            return super().diag()
+            return self._token_diag()
         d2 = self.delta[:, :, 0].pow(2)  # [N, C, O]
         weight = torch.einsum("nco,ni->oi", d2, self.x[:, 0].pow(2)) if self.has_weight else None
         bias = d2.sum((0, 1)) if self.has_bias else None
+        return self._pack(weight, bias)
+
+    def _token_diag(self) -> dict[str, Tensor]:
+        """``Σ_{n,c} (Σ_t delta[n,c,t] x[n,t]^T)^2`` for sequences, streamed over examples.
+
+        Each example's gradient must be formed (the square does not factor over tokens);
+        examples go in chunks of about ``CACHE_ELEMENTS`` entries, so the ``[r, C, O, I]``
+        slab is squared and summed while it is still in cache (memory traffic, not FLOPs,
+        bounds this reduction).
+        """
+        n, c, _, o = self.delta.shape
+        i = self.x.shape[-1]
+        step = max(1, CACHE_ELEMENTS // max(1, c * o * i))
+        weight = self.delta.new_zeros(o, i) if self.has_weight else None
+        bias = self.delta.new_zeros(o) if self.has_bias else None
+        for start in range(0, n, step):
+            d = self.delta[start : start + step]  # [r, C, T, O]
+            if weight is not None:
+                x = self.x[start : start + step]  # [r, T, I]
+                g = torch.matmul(d.transpose(-1, -2), x[:, None])  # [r, C, O, I]
+                weight += g.pow_(2).sum((0, 1))
+            if bias is not None:
+                bias += d.sum(2).pow_(2).sum((0, 1))
         return self._pack(weight, bias)
 
     def jvp(self, vector: Mapping[str, Tensor]) -> Tensor:
