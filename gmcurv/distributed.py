@@ -140,10 +140,22 @@ def init_from_env(device: torch.device, timeout_s: float | None = None) -> Comm:
     return _current
 
 
-def shutdown() -> None:
-    """Leave the process group (end of a command)."""
+def shutdown(linger_s: float = 30.0) -> None:
+    """Leave the process group (end of a command), together.
+
+    Ranks first meet at a barrier (gloo's monitored barrier, bounded by `linger_s`), so no
+    rank tears its connections down while another is still finishing its last collective:
+    without it, under load, gloo can abort the slower rank at exit ("terminate called
+    without an active exception"). A rank that already failed makes the barrier time out
+    quickly instead of hanging.
+    """
     global _current
     if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            if dist.get_backend() == "gloo":
+                dist.monitored_barrier(timeout=timedelta(seconds=linger_s))
+            else:
+                dist.barrier()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
     _current = Comm()

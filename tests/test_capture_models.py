@@ -154,6 +154,16 @@ def test_trace_and_diagonal(case):
     )
 
 
+def test_diagonal_streamed_one_example_at_a_time(case, monkeypatch):
+    """Sequence diagonals stream over example chunks; chunk boundaries change nothing."""
+    import gmcurv.factors
+
+    _, obj, _, dg, J = case
+    monkeypatch.setattr(gmcurv.factors, "CACHE_ELEMENTS", 1)
+    diag = obj.space.flatten(fisher_diagonal(dg))
+    torch.testing.assert_close(diag, torch.diagonal(J.T @ J / N), rtol=1e-10, atol=1e-15)
+
+
 def test_gram_and_sq_norms_per_block(case):
     _, obj, _, dg, J = case
     torch.testing.assert_close(gram_kernel(dg), J @ J.T, rtol=1e-10, atol=1e-13)
