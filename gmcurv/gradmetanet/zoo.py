@@ -90,7 +90,7 @@ def _sklearn():
     except ImportError:
         raise UnsupportedError(
             "building the model zoo needs scikit-learn (its bundled datasets and generators)",
-            hint="pip install scikit-learn (or the gmcurv[dev] extra)",
+            hint="pip install scikit-learn (or the gmcurv[zoo] extra)",
         ) from None
     return skd
 
