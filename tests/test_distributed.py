@@ -111,3 +111,19 @@ def test_a_failing_rank_stops_every_rank_with_a_message(tmp_path):
     assert "rank 0: error: rank 1 failed:" in ours and "NaN" in ours
     assert "rank 1: error:" in ours
     assert "gmcurv/" not in launcher.split("ChildFailedError")[0]  # no gmcurv frame
+
+
+def test_landscape_two_ranks_match_one_process(problem):
+    """Grid losses are sums over each rank's shard, all-reduced: equal to one process."""
+    tmp, model, data = problem
+    args = ["landscape", str(model), str(data), "--json", "--dtype", "float64"]
+    args += ["--steps", "5", "--batch-size", "7", "--seed", "2"]
+    one, two = _run(args, 1, tmp), _run(args, 2, tmp)
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    a, b = json.loads(one.stdout), json.loads(two.stdout)
+    assert b["data"]["n"] == a["data"]["n"] == 37
+    la, lb = a["results"]["landscape"], b["results"]["landscape"]
+    grid_a, grid_b = torch.tensor(la["grid"]["loss"]), torch.tensor(lb["grid"]["loss"])
+    assert grid_a.shape == (5, 5)
+    torch.testing.assert_close(grid_b, grid_a, rtol=1e-10, atol=1e-12)
