@@ -201,13 +201,20 @@ def _load_hf_config(weights: Path) -> dict[str, Any] | None:
     return config
 
 
-def _import_factory(spec: str):
-    """Resolve ``path/to/file.py:factory`` or ``package.module:factory`` to a callable."""
+def _import_factory(
+    spec: str,
+    option: str = "--arch",
+    returns: str = "an nn.Module",
+    usage: str = "use mlp[:activation], path/to/model.py:factory or package.module:factory",
+):
+    """Resolve ``path/to/file.py:name`` or ``package.module:name`` to a callable.
+
+    `option`, `returns` and `usage` only shape the error messages (``--arch``, ``--loss``).
+    """
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
         raise ArchitectureError(
-            f"--arch {spec!r} is neither a family nor a factory",
-            hint="use mlp[:activation], path/to/model.py:factory or package.module:factory",
+            f"{option} {spec!r} is neither a built-in name nor a factory", hint=usage
         )
     is_file = target.endswith(".py") or "/" in target or "\\" in target
     try:
@@ -215,12 +222,12 @@ def _import_factory(spec: str):
             file = Path(target).expanduser()
             if not file.is_file():
                 raise ArchitectureError(
-                    f"--arch {spec!r}: file {file} not found", hint="check the path"
+                    f"{option} {spec!r}: file {file} not found", hint="check the path"
                 )
-            mod_name = f"gmcurv_user_arch_{abs(hash(str(file.resolve())))}"
+            mod_name = f"gmcurv_user_{abs(hash(str(file.resolve())))}"
             module_spec = importlib.util.spec_from_file_location(mod_name, file)
             if module_spec is None or module_spec.loader is None:
-                raise ArchitectureError(f"--arch {spec!r}: cannot import {file}")
+                raise ArchitectureError(f"{option} {spec!r}: cannot import {file}")
             module = importlib.util.module_from_spec(module_spec)
             sys.modules[mod_name] = module
             module_spec.loader.exec_module(module)
@@ -230,14 +237,14 @@ def _import_factory(spec: str):
         raise
     except Exception as e:
         raise ArchitectureError(
-            f"--arch {spec!r}: importing {target} failed: {type(e).__name__}: {e}",
+            f"{option} {spec!r}: importing {target} failed: {type(e).__name__}: {e}",
             hint="fix the error in that module (run it with python to see the traceback)",
         ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ArchitectureError(
-            f"--arch {spec!r}: {target} has no callable {attr!r}",
-            hint="name a function or class in that module that returns an nn.Module",
+            f"{option} {spec!r}: {target} has no callable {attr!r}",
+            hint=f"name a function or class in that module that returns {returns}",
         )
     return factory
 

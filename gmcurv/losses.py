@@ -9,6 +9,8 @@ The objective is always the mean over examples, ``L(θ) = (1/N) Σ_n L_n(θ)``, 
   causal-LM convention: targets default to the input ids and are shifted here).
 - ``mse``: outputs and targets of the same shape; ``L_n`` = mean over the example's elements of
   ``(f - y)^2``.
+- ``path/to/file.py:fn`` or ``package.module:fn``: a user loss ``fn(outputs, targets) -> [N]``
+  returning each example's loss (`CallableLoss`; empirical Fisher, GGN and Hessian).
 
 For every loss, ``output_columns`` returns cotangents ``G[c, n] ∈ R^{shape of f_n}`` whose
 back-propagation gives the Fisher columns ``g_{n,c} = J_n^T G[c, n]`` so that
@@ -309,6 +311,81 @@ class MeanSquaredError(Loss):
         raise ConfigError(f"unknown Fisher type {fisher!r}", hint=f"use one of {FISHER_TYPES}")
 
 
+@dataclass(frozen=True)
+class CallableLoss(Loss):
+    """A user loss: ``fn(outputs, targets) -> [N]`` per-example losses (PINNs, custom NLLs).
+
+    ``L_n`` must depend on example ``n``'s outputs only (no batch statistics), so that the
+    gradient and Hessian of ``Σ_n L_n`` with respect to the outputs are per-example:
+    ``∂L_n/∂f_n`` gives the empirical Fisher column, and ``Λ_n v_n`` is one forward-over-
+    reverse product (`torch.func.jvp` of `torch.func.grad`; reverse-over-reverse for ops
+    without forward-mode AD, such as ``huber_loss``). The model's Fisher under its
+    own predictive distribution is not defined by a bare loss, so ``--fisher mc|exact`` are
+    refused; the GGN uses ``Λ_n`` and the Hessian is exact as always.
+    """
+
+    fn: object = None  # Callable[[Tensor, Tensor | None], Tensor]
+
+    def per_example(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        value = self.fn(outputs, targets)  # type: ignore[operator]
+        if not isinstance(value, Tensor) or value.shape != outputs.shape[:1]:
+            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ConfigError(
+                f"--loss {self.name}: returned {shape}, expected one loss per example "
+                f"(shape [{outputs.shape[0]}])",
+                hint="return the per-example losses, not their mean (reduction='none')",
+            )
+        return value
+
+    def check(self, outputs_shape: torch.Size, targets: Tensor | None, source: str) -> None:
+        return None  # the user's function sees the targets as stored
+
+    def output_hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
+        from torch.func import grad, jvp
+
+        def total(f: Tensor) -> Tensor:
+            return self.per_example(f, targets).sum()
+
+        f, v = outputs.detach(), v.to(outputs.dtype)
+        try:
+            return jvp(grad(total), (f,), (v,))[1]
+        except NotImplementedError:  # an op without forward-mode AD (e.g. huber_loss)
+            with torch.enable_grad():
+                f = f.requires_grad_(True)
+                (g,) = torch.autograd.grad(total(f), f, create_graph=True)
+                return torch.autograd.grad(g, f, v)[0]
+
+    def output_columns(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        fisher: str,
+        mc_samples: int = 1,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        if fisher != "empirical":
+            self._refuse(fisher)
+        from torch.func import grad
+
+        def total(f: Tensor) -> Tensor:
+            return self.per_example(f, targets).sum()
+
+        return grad(total)(outputs.detach()).unsqueeze(0)
+
+    def noise_spec(self, outputs_shape: torch.Size, mc_samples: int) -> tuple[tuple[int, ...], str]:
+        self._refuse("mc")
+
+    def _n_exact_columns(self, outputs_shape: torch.Size) -> int:
+        return 1 << 62  # no closed-form square root: the GGN trace is estimated, not exact
+
+    def _refuse(self, fisher: str):
+        raise UnsupportedError(
+            f"--fisher {fisher} needs the model's predictive distribution, which a custom "
+            f"loss ({self.name}) does not define",
+            hint="use --fisher empirical, or --curvature ggn for the curvature of the loss",
+        )
+
+
 def _require(noise: Tensor | None) -> Tensor:
     if noise is None:
         raise ConfigError(
@@ -326,10 +403,20 @@ LOSSES: dict[str, Loss] = {
 
 
 def get_loss(name: str) -> Loss:
-    """Look up a loss by name."""
-    try:
+    """A built-in loss by name, or a user's ``path/to/file.py:fn`` / ``package.module:fn``."""
+    if name in LOSSES:
         return LOSSES[name]
-    except KeyError:
+    if ":" not in name:
         raise UnsupportedError(
-            f"unknown loss {name!r}", hint=f"use one of: {', '.join(LOSSES)}"
-        ) from None
+            f"unknown loss {name!r}",
+            hint=f"use one of: {', '.join(LOSSES)}, or path/to/file.py:fn returning [N] losses",
+        )
+    from gmcurv.checkpoint import _import_factory
+
+    fn = _import_factory(
+        name,
+        option="--loss",
+        returns="per-example losses",
+        usage="use path/to/file.py:fn or package.module:fn, fn(outputs, targets) -> [N]",
+    )
+    return CallableLoss(name=name, fn=fn)

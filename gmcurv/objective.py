@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from gmcurv.data import Batch, DataSample, Inputs, batch_size_of
 from gmcurv.errors import ConfigError, DataError, GmcurvWarning
-from gmcurv.losses import CrossEntropy, Loss, get_loss
+from gmcurv.losses import CallableLoss, CrossEntropy, Loss, get_loss
 from gmcurv.params import ParamSpace
 
 STOCHASTIC_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
@@ -114,6 +114,8 @@ class Objective:
         targets = (
             batch.targets if batch.targets is not None else self.loss.default_targets(batch.inputs)
         )
+        if isinstance(self.loss, CallableLoss):
+            return targets  # as stored (or None): the user's function owns their meaning
         if targets is None:
             raise DataError("the data has no targets", hint="store them under 'targets'")
         if isinstance(self.loss, CrossEntropy):

@@ -58,12 +58,6 @@ class DType(str, Enum):
     float64 = "float64"
 
 
-class LossName(str, Enum):
-    cross_entropy = "cross_entropy"
-    mse = "mse"
-    next_token = "next_token"
-
-
 def _env(name: str) -> str:
     return f"GMCURV_{name}"
 
@@ -171,11 +165,13 @@ ArchOpt = Annotated[
     ),
 ]
 LossOpt = Annotated[
-    LossName | None,
+    str | None,
     typer.Option(
         "--loss",
         envvar=_env("LOSS"),
-        help="Loss (default: from the checkpoint, else cross_entropy).",
+        metavar="<cross_entropy|mse|next_token|file.py:fn>",
+        help="Loss (default: from the checkpoint, else cross_entropy); or your own "
+        "fn(outputs, targets) -> per-example losses [N] as path/to/file.py:fn or module:fn.",
         show_default=False,
     ),
 ]
