@@ -161,7 +161,19 @@ def _nbytes(batch: Batch) -> int:
 
 
 DEFAULT_CACHE_BYTES = 256 * 2**20  # keep the data sample in memory up to this size
-DEFAULT_GRAPH_BYTES = 2**30  # keep per-batch gradient graphs up to this size (Hessian, eval)
+DEFAULT_GRAPH_BYTES = 2**30  # at least this much for per-batch gradient graphs (Hessian, eval)
+
+
+def default_graph_bytes() -> int:
+    """Graph cache budget: a quarter of the memory available now, at least 1 GiB.
+
+    Over budget the graphs are dropped and every product recomputes its batch's forward
+    and backward (about 2x the time, bounded memory), so a generous default only trades
+    memory that is free anyway for speed.
+    """
+    from gmcurv.memory import available_bytes
+
+    return max(DEFAULT_GRAPH_BYTES, available_bytes() // 4)
 
 
 @dataclass
@@ -187,7 +199,7 @@ class CurvatureOperator:
     _prints: list[tuple] | None = field(default=None, repr=False)
     _residuals: dict[int, Tensor] = field(default_factory=dict, repr=False)
     cache_graph: bool | None = None
-    graph_bytes: int = DEFAULT_GRAPH_BYTES
+    graph_bytes: int = field(default_factory=default_graph_bytes)
     _graphs: dict[int, tuple[list[Tensor], tuple[Tensor, ...]]] = field(
         default_factory=dict, repr=False
     )
