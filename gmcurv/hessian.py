@@ -165,15 +165,19 @@ DEFAULT_GRAPH_BYTES = 2**30  # at least this much for per-batch gradient graphs 
 
 
 def default_graph_bytes() -> int:
-    """Graph cache budget: a quarter of the memory available now, at least 1 GiB.
+    """Graph cache budget: a quarter of the memory available now, shared by the ranks on
+    this host (torchrun's ``LOCAL_WORLD_SIZE``), at least 1 GiB.
 
     Over budget the graphs are dropped and every product recomputes its batch's forward
     and backward (about 2x the time, bounded memory), so a generous default only trades
     memory that is free anyway for speed.
     """
+    import os
+
     from gmcurv.memory import available_bytes
 
-    return max(DEFAULT_GRAPH_BYTES, available_bytes() // 4)
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(DEFAULT_GRAPH_BYTES, available_bytes() // (4 * local_ranks))
 
 
 @dataclass
