@@ -528,6 +528,9 @@ def evaluate_points(
     accuracy_ok = True
     first_pass = True
     modules = {m: objective.model.get_submodule(m) for m in linears}
+    own_forwards = {
+        m: mod.__dict__["forward"] for m, mod in modules.items() if "forward" in mod.__dict__
+    }
     for mname, module in modules.items():
         module.forward = patched(mname, module)  # type: ignore[method-assign]
     try:
@@ -586,8 +589,10 @@ def evaluate_points(
                     terms_cache.clear()
                 first_pass = False
     finally:
-        for module in modules.values():
+        for mname, module in modules.items():
             del module.forward
+            if mname in own_forwards:  # an instance-level forward the user had set
+                module.forward = own_forwards[mname]  # type: ignore[method-assign]
     comm = current()
     n_total = n_seen
     if comm.active:
