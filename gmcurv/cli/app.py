@@ -52,10 +52,10 @@ class GmcurvGroup(TyperGroup):
                 comm = distributed.current()
                 if comm.active and not comm.main and isinstance(e, distributed.DistributedError):
                     raise typer.Exit(e.exit_code) from None  # rank 0 reports it
-                if comm.active:
-                    stderr.print(f"[dim]rank {comm.rank}:[/dim] ", end="")
+                # one write per line: under torchrun the ranks share stderr
+                who = f"[dim]rank {comm.rank}:[/dim] " if comm.active else ""
                 stderr.print(
-                    f"[bold red]error:[/bold red] {e.message}",
+                    f"{who}[bold red]error:[/bold red] {e.message}",
                     markup=True,
                     highlight=False,
                     soft_wrap=True,
