@@ -343,16 +343,13 @@ class CallableLoss(Loss):
     def output_hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         from torch.func import grad, jvp
 
-        def total(f: Tensor) -> Tensor:
-            return self.per_example(f, targets).sum()
-
         f, v = outputs.detach(), v.to(outputs.dtype)
         try:
-            return jvp(grad(total), (f,), (v,))[1]
+            return jvp(grad(lambda o: self.total(o, targets)), (f,), (v,))[1]
         except NotImplementedError:  # an op without forward-mode AD (e.g. huber_loss)
             with torch.enable_grad():
                 f = f.requires_grad_(True)
-                (g,) = torch.autograd.grad(total(f), f, create_graph=True)
+                (g,) = torch.autograd.grad(self.total(f, targets), f, create_graph=True)
                 return torch.autograd.grad(g, f, v)[0]
 
     def output_columns(
@@ -367,10 +364,7 @@ class CallableLoss(Loss):
             self._refuse(fisher)
         from torch.func import grad
 
-        def total(f: Tensor) -> Tensor:
-            return self.per_example(f, targets).sum()
-
-        return grad(total)(outputs.detach()).unsqueeze(0)
+        return grad(lambda o: self.total(o, targets))(outputs.detach()).unsqueeze(0)
 
     def noise_spec(self, outputs_shape: torch.Size, mc_samples: int) -> tuple[tuple[int, ...], str]:
         self._refuse("mc")
