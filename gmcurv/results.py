@@ -174,11 +174,47 @@ def report_schema() -> dict[str, Any]:
                 ]
             },
             "timings": {"type": "object", "additionalProperties": {"type": "number"}},
-            "results": {"type": "object"},
+            "results": {
+                "type": "object",
+                "properties": {"series": {"$ref": "#/$defs/series"}},
+            },
             "warnings": {"type": "array", "items": {"type": "string"}},
         },
-        "$defs": {"estimate": estimate},
+        "$defs": {"estimate": estimate, "series": _series_schema()},
     }  # fmt: skip
+
+
+def _series_schema() -> dict[str, Any]:
+    """``results.series`` of ``gmcurv trace CKPT... DATA``: one row per checkpoint, in order."""
+    model = {
+        "type": "object",
+        "required": ["path", "sha256", "n_params", "arch", "arch_source", "loss"],
+        "properties": {
+            "path": {"type": "string"},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "n_params": {"type": "integer", "minimum": 0},
+        },
+    }
+    row = {
+        "type": "object",
+        "required": ["index", "step", "model", "results"],
+        "properties": {
+            "index": {"type": "integer", "minimum": 0},
+            "step": {"type": ["integer", "null"], "minimum": 0},
+            "model": model,
+            "seconds": {"type": "number", "minimum": 0},
+            "results": {"type": "object"},
+        },
+    }
+    return {
+        "type": "object",
+        "required": ["x", "order", "checkpoints"],
+        "properties": {
+            "x": {"enum": ["step", "index"]},
+            "order": {"type": "string"},
+            "checkpoints": {"type": "array", "minItems": 1, "items": row},
+        },
+    }
 
 
 def estimate_schema() -> dict[str, Any]:

@@ -293,6 +293,10 @@ class SaliencyAnalysis:
     baseline: Evaluation
     layers: dict[str, LayerSaliency]
     sweep: dict[str, list[SweepPoint]]
+    # per-weight values of each criterion (float64) and their standard errors (stochastic
+    # criteria only), for ``--save-scores``
+    scores: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+    score_stderr: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
 
 
 def _removed_from_masks(
@@ -364,10 +368,13 @@ def saliency_analysis(
     sizes = {k: weights[k].numel() for k in names}
     already = count_removed({k: v for k, v in removed.items() if k in sizes})
     sal_all: dict[str, dict[str, Tensor]] = {}
+    se_all: dict[str, dict[str, Tensor]] = {}
     layers: dict[str, dict[str, dict[str, Estimate]]] = {k: {} for k in names}
     for crit in criteria:
         sal, se = saliencies(crit, weights, names, curv)
         sal_all[crit] = sal
+        if se is not None:
+            se_all[crit] = se
         method = criterion_method(crit, curv, fisher)
         for k in names:
             keep = ~removed[k] if k in removed else torch.ones_like(sal[k], dtype=torch.bool)
@@ -420,6 +427,8 @@ def saliency_analysis(
         baseline=baseline,
         layers={k: LayerSaliency(sizes[k], layers[k]) for k in names},
         sweep=sweep,
+        scores=sal_all,
+        score_stderr=se_all,
     )
 
 

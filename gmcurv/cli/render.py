@@ -59,5 +59,40 @@ def footer(report: Report, console: Console) -> None:
 def new_table(title: str | None = None, *columns: str, **kw: Any) -> Table:
     table = Table(title=title, title_justify="left", header_style="bold", **kw)
     for i, col in enumerate(columns):
-        table.add_column(col, justify="left" if i == 0 else "right")
+        # names are never cut (shorten them with `shorten_names`); cells wrap, never "…"
+        table.add_column(
+            col, justify="left" if i == 0 else "right", no_wrap=i == 0, overflow="fold"
+        )
     return table
+
+
+def shorten_names(names: list[str], width: int) -> list[str]:
+    """Names cut from the left to at most `width` characters (``…h.11.attn.c_attn``), at a
+    separator where one fits, so the distinguishing tail stays; names that would then collide are
+    kept whole (the table wraps them rather than showing two identical cells)."""
+
+    def cut(name: str) -> str:
+        if len(name) <= width:
+            return name
+        # the longest tail that starts after a separator (. _ - /) and fits beside the "…"
+        starts = [i + 1 for i, ch in enumerate(name) if ch in "._-/"]
+        tails = [name[i:] for i in starts if len(name) - i + 1 <= width and i < len(name)]
+        return "…" + (tails[0] if tails else name[-(width - 1) :])
+
+    short = [cut(n) for n in names]
+    counts: dict[str, int] = {}
+    for s in short:
+        counts[s] = counts.get(s, 0) + 1
+    return [s if counts[s] == 1 else n for s, n in zip(short, names, strict=True)]
+
+
+def fmt_column(values: list[float | None], digits: int = 4, max_digits: int = 8) -> list[str]:
+    """`fmt` of a column's values with the fewest significant digits (at least `digits`)
+    at which distinct values read differently, so rows can be told apart."""
+    distinct = {v for v in values if v is not None}
+    for d in range(digits, max_digits + 1):
+        texts = [fmt(v, d) for v in values]
+        shown = {t for v, t in zip(values, texts, strict=True) if v is not None}
+        if len(shown) == len(distinct):
+            return texts
+    return [fmt(v, max_digits) for v in values]

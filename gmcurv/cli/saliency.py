@@ -11,11 +11,13 @@ import typer
 from rich.console import Console
 
 from gmcurv.cli import options as o
+from gmcurv.cli.exports import SaveScoresOpt, write_scores
 from gmcurv.cli.plots import check_plot_path
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
 from gmcurv.data import load_data
 from gmcurv.errors import ConfigError
+from gmcurv.export import check_export_paths
 from gmcurv.fileio import ensure_not_input, sha256_file
 from gmcurv.memory import parse_bytes
 from gmcurv.pruning import check_fraction, default_output_path, save_pruned
@@ -167,9 +169,19 @@ def analysis_results(a: SaliencyAnalysis) -> dict[str, Any]:
     return out
 
 
+PREDICTION_ASSUMPTION = (
+    "second-order (quadratic) model of the loss at the current weights, with the Fisher "
+    "for the Hessian and the gradient term dropped; exact only for small weight changes, "
+    "so it underestimates large removals"
+)
+
+
 def prune_results(r: PruneResult, path: Path, sha: str) -> dict[str, Any]:
     s = r.summary()
     s["checkpoint"] = {"path": str(path), "sha256": sha}
+    s["measured_increase"] = r.after.loss.value - r.before.loss.value
+    if r.predicted_increase is not None:
+        s["prediction_assumption"] = PREDICTION_ASSUMPTION
     return s
 
 
@@ -265,14 +277,30 @@ def _render_prune(p: dict, console: Console) -> None:
     console.print(table)
     sparsity = ", ".join(f"{k} {100 * v['sparsity']:.1f}%" for k, v in p["layers"].items())
     console.print(f"sparsity per tensor: {sparsity}", soft_wrap=True)
-    if p.get("predicted_increase"):
-        console.print(
-            f"predicted loss increase {fmt_estimate(p['predicted_increase'])} "
-            f"({p['predicted_increase']['method']})",
-            soft_wrap=True,
-        )
+    _render_increase(p, console)
     ck = p["checkpoint"]
     console.print(f"wrote [cyan]{ck['path']}[/cyan] (sha256 {ck['sha256'][:16]}…)", soft_wrap=True)
+
+
+def _render_increase(p: dict, console: Console) -> None:
+    """Measured loss increase beside OBS's prediction and the assumption behind it."""
+    measured = p["after"]["loss"]["value"] - p["before"]["loss"]["value"]
+    pred = p.get("predicted_increase")
+    line = f"loss increase: measured {fmt(measured)}"
+    if not pred:
+        console.print(line, soft_wrap=True)
+        return
+    line += f" · predicted {fmt(pred['value'])} ({pred['method']})"
+    if pred["value"] and pred["value"] > 0 and measured > 0:
+        ratio = measured / pred["value"]
+        line += f" · measured/predicted {ratio:.3g}x"
+    console.print(line, soft_wrap=True)
+    console.print(
+        "[dim]the prediction is a second-order model at the current weights (Fisher for the "
+        "Hessian, gradient term dropped): exact for small changes only, so it underestimates "
+        "large removals; a large gap is this known limit, not a wrong number[/dim]",
+        soft_wrap=True,
+    )
 
 
 # ---------------------------------------------------------------------------------- command
@@ -347,6 +375,7 @@ def saliency(
     output: CheckpointOutputOpt = None,
     report_path: ReportOpt = None,
     plot: o.PlotOpt = None,
+    save_scores: SaveScoresOpt = None,
     quiet: o.QuietOpt = False,
     fail_if: o.FailIfOpt = None,
     strict: o.StrictOpt = False,
@@ -405,6 +434,18 @@ def saliency(
             raise ConfigError(f"the report and the checkpoint would both be written to {target}")
     if report_file is not None:
         ensure_not_input(report_file, session.inputs)
+    if save_scores is not None:
+        if method is o.Method.learned:
+            raise ConfigError(
+                "--save-scores writes the exact saliencies, not the learned ones",
+                hint="drop --method learned (or use --method both)",
+            )
+        check_export_paths(
+            save_scores,
+            "--save-scores",
+            [*session.inputs, target, report_file, plot],
+            stderr=criterion is Criterion.obd_hessian,
+        )
     if method is o.Method.learned:  # the GradMetaNet head answers (gmcurv.cli.learned)
         from gmcurv.cli import learned as lh
 
@@ -428,7 +469,7 @@ def saliency(
     }
     results: dict[str, Any] = {}
     shown = render
-    if prune is None or plot is not None or method is o.Method.both:
+    if prune is None or plot is not None or method is o.Method.both or save_scores is not None:
         crits = ["magnitude", "obd", "obs"]
         if criterion is Criterion.obd_hessian:
             crits.append("obd-hessian")
@@ -446,6 +487,10 @@ def saliency(
                 **common,
             )
         results = analysis_results(analysis)
+        if save_scores is not None:
+            results["scores"] = write_scores(
+                session, save_scores, analysis, criterion.value, fisher.value
+            )
         if method is o.Method.both:
             from gmcurv.cli import learned as lh
 

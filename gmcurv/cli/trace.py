@@ -8,8 +8,18 @@ import typer
 from rich.console import Console
 
 from gmcurv.cli import options as o
+from gmcurv.cli.exports import SaveDiagonalOpt, check_save_diagonal, write_diagonal
 from gmcurv.cli.plots import check_plot_path
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
+from gmcurv.cli.series import (
+    PathsArg,
+    refuse_in_series,
+    render_series,
+    run_series,
+    set_config_args,
+    split_args,
+    with_loss,
+)
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import ensure_not_input
@@ -17,6 +27,7 @@ from gmcurv.fisher import fisher_summary
 from gmcurv.hessian import curvature_summary
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
+from gmcurv.series import resolve_series
 
 TRACE_METHODS = (o.Method.auto, o.Method.exact, o.Method.hutchinson, o.Method.hutchpp)
 MaxItersOpt = Annotated[
@@ -222,8 +233,7 @@ def render(report: Report, console: Console) -> None:
 
 def trace(
     ctx: typer.Context,
-    model: o.ModelArg = None,
-    data: o.DataArg = None,
+    paths: PathsArg = None,
     curvature: o.CurvatureOpt = o.Curvature.fisher,
     fisher: o.FisherOpt = o.FisherType.empirical,
     method: o.MethodOpt = o.Method.auto,
@@ -247,6 +257,7 @@ def trace(
     json: o.JsonOpt = False,
     output: o.OutputOpt = None,
     plot: o.PlotOpt = None,
+    save_diagonal: SaveDiagonalOpt = None,
     quiet: o.QuietOpt = False,
     fail_if: o.FailIfOpt = None,
     strict: o.StrictOpt = False,
@@ -260,7 +271,8 @@ def trace(
 
     Examples: [bold]gmcurv trace[/bold] (bundled sample) ·
     [bold]gmcurv trace model.safetensors data/ --curvature all --plot traces.png[/bold] ·
-    [bold]gmcurv trace m.safetensors d/ --fail-if "hessian.trace > 100"[/bold]
+    [bold]gmcurv trace m.safetensors d/ --fail-if "hessian.trace > 100"[/bold] ·
+    [bold]gmcurv trace ckpts/step_*.safetensors d/ --plot sharpness.png[/bold] (a series)
     """
     kinds = list(NAMES) if curvature is o.Curvature.all else [curvature.value]
     learned = method in (o.Method.learned, o.Method.both)  # the GradMetaNet head (cli.learned)
@@ -286,6 +298,19 @@ def trace(
         raise ConfigError("--probes must be at least 2 for a standard error", hint="--probes 100")
     if plot is not None:
         check_plot_path(plot)
+    models, data = split_args(paths)
+    series = resolve_series(models) if models else None
+    many = series is not None and len(series.checkpoints) > 1
+    if many:
+        refuse_in_series(f"--method {method.value}", learned)
+        refuse_in_series("--save-diagonal", save_diagonal is not None)
+    model = series.checkpoints[0].path if series else None
+    for out in (output, plot):  # refuse bad output paths before any compute
+        if out is not None:
+            ensure_not_input(out, [*models, data])
+    if save_diagonal is not None:
+        check_save_diagonal(save_diagonal, kinds, [*models, data, output, plot])
+    set_config_args(ctx, models, data)
     session = Session.open(
         ctx,
         model,
@@ -307,18 +332,52 @@ def trace(
             session.report(results), lh.render_learned("gmcurv trace"), output, fail_if, strict
         )
         return
-    results: dict[str, Any] = {}
-    if "fisher" in kinds:
-        results = fisher_results(
-            session, fisher.value, mc_samples, k, per_layer, batch_size, seed, max_memory
-        )
-    hm = method.value if method not in (o.Method.gram, o.Method.both) else "auto"
-    for kind in ("ggn", "hessian"):
-        if kind in kinds:
-            results[kind] = curvature_results(
-                session, kind, hm, probes, k, per_layer, batch_size, seed, tol, max_iters,
-                restarts, max_memory,
-            )  # fmt: skip
+
+    def compute(s: Session) -> dict[str, Any]:
+        """One checkpoint's results (the session's current model)."""
+        results: dict[str, Any] = {}
+        if "fisher" in kinds:
+            results = fisher_results(
+                s, fisher.value, mc_samples, k, per_layer, batch_size, seed, max_memory
+            )
+        hm = method.value if method not in (o.Method.gram, o.Method.both) else "auto"
+        for kind in ("ggn", "hessian"):
+            if kind in kinds:
+                results[kind] = curvature_results(
+                    s, kind, hm, probes, k, per_layer, batch_size, seed, tol, max_iters,
+                    restarts, max_memory,
+                )  # fmt: skip
+        return results
+
+    if many:
+        assert series is not None
+        results = {
+            "series": run_series(
+                session,
+                series,
+                with_loss(compute, batch_size),
+                arch=arch,
+                loss=loss,
+                layers=layers,
+                mode=mode,
+            )
+        }
+        if plot is not None and session.comm.main:
+            from gmcurv.cli.plots.series import plot_series
+
+            with session.stage("plot"):
+                ensure_not_input(plot, session.inputs)
+                plot_series(to_jsonable(results["series"]), plot)
+            session.note(f"plot written to {plot}")
+        session.finish(session.report(results), render_series, output, fail_if, strict)
+        return
+    results = compute(session)
+    if save_diagonal is not None:
+        results["diagonal"] = write_diagonal(
+            session, save_diagonal, kinds[0], fisher=fisher.value, mc_samples=mc_samples,
+            probes=probes, seed=seed, batch_size=batch_size,
+            budget_bytes=parse_bytes(max_memory) if max_memory else None,
+        )  # fmt: skip
     if method is o.Method.both:
         results["learned"] = lh.compare_trace(session, results, seed)
     if plot is not None and session.comm.main:

@@ -13,7 +13,7 @@ from gmcurv.cli.plots import new_figure, save_figure
 
 COLORS = {"fisher": "tab:blue", "ggn": "tab:orange", "hessian": "tab:green"}
 NAMES = ("fisher", "ggn", "hessian")
-_LABELS = {"fisher": "Fisher", "ggn": "GGN", "hessian": "Hessian"}
+LABELS = {"fisher": "Fisher", "ggn": "GGN", "hessian": "Hessian"}
 
 
 def plot_spectrum(results: dict[str, Any], path: Path) -> Path:
@@ -26,7 +26,7 @@ def plot_spectrum(results: dict[str, Any], path: Path) -> Path:
         grid, dens = block["grid"], block["density"]
         top = max(dens) if dens else 1.0
         floor = top * 1e-8  # the log axis needs a floor; PyHessian's figure does the same
-        ax.semilogy(grid, [max(d, floor) for d in dens], color=COLORS[name], label=_LABELS[name])
+        ax.semilogy(grid, [max(d, floor) for d in dens], color=COLORS[name], label=LABELS[name])
         nodes = [x for row in block["quadrature"]["nodes"] for x in row]
         ax.plot(nodes, [floor] * len(nodes), "|", color=COLORS[name], alpha=0.5, markersize=10)
     ax.set_xlabel("eigenvalue")
@@ -50,7 +50,7 @@ def plot_eigenvalues(results: dict[str, Any], path: Path) -> Path:
             width * 0.9,
             yerr=[e.get("residual") or 0.0 for e in eigs],
             color=COLORS[name],
-            label=_LABELS[name],
+            label=LABELS[name],
         )
     ax.set_xlabel("eigenvalue index (descending)")
     ax.set_ylabel("eigenvalue")
@@ -89,7 +89,7 @@ def plot_traces(results: dict[str, Any], path: Path) -> Path:
             width * 0.9,
             yerr=err,
             color=COLORS[name],
-            label=f"{_LABELS[name]} (tr {total:.4g})",
+            label=f"{LABELS[name]} (tr {total:.4g})",
         )
     ax.set_xticks(range(len(layers)))
     ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=8)
@@ -103,7 +103,7 @@ def plot_traces(results: dict[str, Any], path: Path) -> Path:
         eigs = results[name].get("eigenvalues") or []
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(eigs))]
         ax_eig.bar(
-            xs, [e["value"] for e in eigs], width * 0.9, color=COLORS[name], label=_LABELS[name]
+            xs, [e["value"] for e in eigs], width * 0.9, color=COLORS[name], label=LABELS[name]
         )
     ax_eig.set_xlabel("eigenvalue index (descending)")
     ax_eig.set_title("top eigenvalues")
