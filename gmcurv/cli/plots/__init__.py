@@ -46,3 +46,28 @@ def new_figure(*args, **kwargs):
     kwargs.setdefault("figsize", (7, 4.5))
     kwargs.setdefault("layout", "constrained")
     return plt.subplots(*args, **kwargs)
+
+
+def readable_log_axis(ax, which: str = "y") -> None:
+    """On a log axis spanning less than two decades, plain tick labels at round values
+    (``1.2``, not ``1.2×10⁰``); wider ranges keep matplotlib's powers of ten."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    lo, hi = ax.get_ylim() if which == "y" else ax.get_xlim()
+    if lo <= 0 or hi / lo >= 100:
+        return
+    axis.set_major_locator(MaxNLocator(6))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.6g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def two_se(e: dict | None) -> float:
+    """Two standard errors of an estimate: estimator noise, else sampling error over examples
+    (the closed forms are exact on the sample but not the population); 0 when neither."""
+    if not e:
+        return 0.0
+    se = e.get("stderr")
+    if se is None:
+        se = e.get("data_stderr")
+    return 2 * (se or 0.0)

@@ -10,8 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from gmcurv.cli.plots import new_figure, save_figure
+
+# the checkpoints of --to A --to B: distinct colours and shapes (the centre is a black dot)
+CHECKPOINT_STYLES = (("tab:red", "s"), ("tab:orange", "D"))
 
 
 def _fmt(x: float | None) -> str:
@@ -73,48 +77,69 @@ def plot_landscape(block: dict[str, Any], path: Path, surface: bool = False) -> 
         t = np.linspace(-half, half, 101)
         ax.plot(t, center + slope * t + 0.5 * fit * t**2, "--", color="tab:orange", lw=1,
                 label="quadratic fit at the centre")  # fmt: skip
-        ax.plot([0.0], [center], "o", color="black", label="centre (MODEL)")
-        for d in checkpoints:
-            ax.plot([1.0], [d["checkpoint_loss"]], "s", color="tab:red",
+        ax.plot([0.0], [center], "o", color="black", label="centre (MODEL)", zorder=5)
+        for i, d in enumerate(checkpoints):
+            color, marker = CHECKPOINT_STYLES[i % len(CHECKPOINT_STYLES)]
+            ax.plot([1.0], [d["checkpoint_loss"]], marker, color=color, markersize=9,
+                    markeredgecolor="black", clip_on=False, zorder=6,
                     label=Path(d["checkpoint"]).name)  # fmt: skip
         span = loss.max() - loss.min()
         ax.set_ylim(loss.min() - 0.05 * span, loss.max() + 0.05 * span + 1e-12)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("loss")
-        ax.legend(loc="upper right", fontsize=8)
-        _box(ax, annotation(block))
+        _outside(fig, ax, annotation(block))
         ax.set_title("loss along a line through the weights")
         return save_figure(fig, path)
     betas = np.asarray(grid["betas"], dtype=float)
     B, A = np.meshgrid(betas, alphas)  # loss[i, j] is (alphas[i], betas[j])
-    marks = [(0.0, 0.0, "centre", "black", "o")]
+    marks = [(0.0, 0.0, "centre (MODEL)", "black", "o")]
     for i, d in enumerate(checkpoints):
+        color, marker = CHECKPOINT_STYLES[i % len(CHECKPOINT_STYLES)]
         marks.append((1.0 if i == 0 else 0.0, 1.0 if i == 1 else 0.0,
-                      Path(d["checkpoint"]).name, "tab:red", "s"))  # fmt: skip
+                      Path(d["checkpoint"]).name, color, marker))  # fmt: skip
     if surface:
         import matplotlib.pyplot as plt
 
-        fig = plt.figure(figsize=(7, 5.5), layout="constrained")
+        fig = plt.figure(figsize=(7.5, 6), layout="constrained")
         ax = fig.add_subplot(projection="3d")
         surf = ax.plot_surface(A, B, loss, cmap="viridis", linewidth=0, antialiased=True)
-        fig.colorbar(surf, ax=ax, shrink=0.6, label="loss")
+        fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.1, label="loss", ticks=MaxNLocator(6))
         ax.scatter([0.0], [0.0], [center], color="black", s=20)  # type: ignore[arg-type]
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_zlabel("loss")
+        ax.set_xlabel(xlabel, labelpad=8)
+        ax.set_ylabel(ylabel, labelpad=8)
+        ax.zaxis.set_major_locator(MaxNLocator(5))
+        ax.set_zlabel("loss", labelpad=14)
         ax.text2D(0.0, 1.0, annotation(block), transform=ax.transAxes, fontsize=8, va="top")
         return save_figure(fig, path)
-    fig, ax = new_figure(figsize=(6.5, 5.5))
-    levels = np.linspace(loss.min(), loss.max(), 30) if loss.max() > loss.min() else 10
+    fig, ax = new_figure(figsize=(6.5, 6.5))
+    if loss.max() > loss.min():
+        levels = MaxNLocator(nbins=24).tick_values(float(loss.min()), float(loss.max()))
+    else:
+        levels = 10
     filled = ax.contourf(A, B, loss, levels=levels, cmap="viridis")
     ax.contour(A, B, loss, levels=levels, colors="white", linewidths=0.4, alpha=0.6)
-    fig.colorbar(filled, ax=ax, label="loss")
+    fig.colorbar(filled, ax=ax, label="loss", ticks=MaxNLocator(7))
     for x, y, label, color, marker in marks:
-        ax.plot([x], [y], marker, color=color, markeredgecolor="white", label=label)
+        ax.plot([x], [y], marker, color=color, markeredgecolor="white", markersize=10,
+                clip_on=False, zorder=6, label=label)  # fmt: skip
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_aspect("equal", adjustable="box")
-    ax.legend(loc="lower right", fontsize=8)
-    _box(ax, annotation(block))
+    _outside(fig, ax, annotation(block))
     ax.set_title("loss landscape")
     return save_figure(fig, path)
+
+
+def _outside(fig, ax, text: str) -> None:
+    """Legend and the info box below the axes, where they hide no data or marker."""
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower left", fontsize=8,
+               ncols=1, frameon=True)  # fmt: skip
+    fig.text(
+        0.99,
+        0.0,
+        text,
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"},
+    )

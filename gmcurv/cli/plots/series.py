@@ -9,16 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gmcurv.cli.plots import new_figure, save_figure
+from gmcurv.cli.plots import new_figure, save_figure, two_se
 from gmcurv.cli.plots.spectrum import COLORS, LABELS, NAMES
-
-
-def _err(e: dict[str, Any]) -> float:
-    """Two standard errors: estimator noise, else sampling error over examples."""
-    se = e.get("stderr")
-    if se is None:
-        se = e.get("data_stderr")
-    return 2 * (se or 0.0)
 
 
 def plot_series(series: dict[str, Any], path: Path) -> Path:
@@ -40,7 +32,7 @@ def plot_series(series: dict[str, Any], path: Path) -> Path:
         ax_tr.errorbar(
             [x for x, _ in tr],
             [t["value"] for _, t in tr],
-            yerr=[_err(t) for _, t in tr],
+            yerr=[two_se(t) for _, t in tr],
             fmt="o-",
             color=color,
             capsize=3,
@@ -52,7 +44,7 @@ def plot_series(series: dict[str, Any], path: Path) -> Path:
         ax_loss.errorbar(
             [x for x, _ in losses],
             [e["value"] for _, e in losses],
-            yerr=[_err(e) for _, e in losses],
+            yerr=[two_se(e) for _, e in losses],
             fmt="o-",
             color="black",
             capsize=3,
