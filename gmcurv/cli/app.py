@@ -99,7 +99,10 @@ def _leave_process_group():
         distributed.shutdown()
 
 
-COMMANDS = ["info", "trace", "eigen", "spectrum", "saliency", "landscape", "lora", "head", "check"]
+COMMANDS = [
+    "info", "trace", "eigen", "spectrum", "saliency", "landscape", "lora", "head", "check",
+    "report",
+]  # fmt: skip
 
 app = typer.Typer(
     cls=GmcurvGroup,
@@ -137,7 +140,7 @@ def _register() -> None:
     for module in (info, trace, check):
         module.register(app)
     # optional commands added by later modules register themselves here
-    for name in ("eigen", "spectrum", "saliency", "landscape", "lora", "head"):
+    for name in ("eigen", "spectrum", "saliency", "landscape", "lora", "head", "report"):
         try:
             module = __import__(f"gmcurv.cli.{name}", fromlist=["register"])
         except ModuleNotFoundError as e:

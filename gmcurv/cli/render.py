@@ -118,3 +118,19 @@ def fmt_column(values: list[float | None], digits: int = 4, max_digits: int = 8)
         if len(shown) == len(distinct):
             return texts
     return [fmt(v, max_digits) for v in values]
+
+
+def fmt_estimates(estimates: list[dict[str, Any] | None], digits: int = 4) -> list[str]:
+    """`fmt_estimate` of a column of estimates, values to the digits that tell rows apart."""
+    values = fmt_column([None if e is None else e.get("value") for e in estimates], digits)
+    out = []
+    for e, text in zip(estimates, values, strict=True):
+        if e is None:
+            out.append("—")
+            continue
+        if e.get("stderr") is not None:
+            text += f" ± {fmt(e['stderr'], 2)}"
+        if e.get("converged") is False:
+            text += " [yellow](not converged)[/yellow]"
+        out.append(text)
+    return out

@@ -13,7 +13,15 @@ from rich.console import Console
 from gmcurv.cli import options as o
 from gmcurv.cli.exports import SaveScoresOpt, write_scores
 from gmcurv.cli.plots import check_plot_path
-from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
+from gmcurv.cli.render import (
+    fmt,
+    fmt_column,
+    fmt_estimate,
+    footer,
+    header,
+    new_table,
+    shorten_names,
+)
 from gmcurv.cli.session import Session
 from gmcurv.data import load_data
 from gmcurv.errors import ConfigError
@@ -217,11 +225,12 @@ def _render_layers(res: dict, console: Console) -> None:
         "max",
         "mean",
     )
-    for name, info in res["layers"].items():
+    short = shorten_names(list(res["layers"]), 24)
+    for info, label in zip(res["layers"].values(), short, strict=True):
         first = True
         for crit, st in info["saliency"].items():
             table.add_row(
-                f"{name} ({info['n_params']:,})" if first else "",
+                f"{label} ({info['n_params']:,})" if first else "",
                 crit,
                 *(fmt_estimate(st[k]) for k in ("median", "p95", "max", "mean")),
                 end_section=crit == list(info["saliency"])[-1],
@@ -231,35 +240,54 @@ def _render_layers(res: dict, console: Console) -> None:
 
 
 def _render_sweep(res: dict, console: Console) -> None:
+    """Loss (and accuracy) after pruning, one table each: rows criteria, columns sparsity;
+    numbers carry the digits that tell the cells apart."""
     sweep = res["sweep"]
     if not sweep:
         return
     first = next(iter(sweep.values()))
     base = res["baseline"]
     acc = base.get("accuracy")
-    title = (
-        f"After pruning ({res['scope']} scope, no retraining): "
-        + ("accuracy and loss" if acc else "loss")
-        + f" on {base['n']:,} examples; unpruned "
-        + (f"{100 * acc['value']:.1f}% " if acc else "")
-        + fmt(base["loss"]["value"], 3)
-    )
-    table = new_table(title, "criterion", *[f"{100 * p['fraction']:g}%" for p in first])
-    for crit, points in sweep.items():
-        cells = []
-        for p in points:
-            text = fmt(p["loss"]["value"], 3)
-            if p.get("accuracy"):
-                text = f"{100 * p['accuracy']['value']:.1f}% {text}"
-            cells.append(text)
-        table.add_row(crit, *cells)
+    levels = [f"{100 * p['fraction']:g}%" for p in first]
+    crits = list(sweep)
+    names = shorten_names(crits, 16)
+    what = f"{res['scope']} scope, no retraining, {base['n']:,} examples"
+    losses = [base["loss"]["value"]] + [p["loss"]["value"] for c in crits for p in sweep[c]]
+    texts = fmt_column(losses)
+    console.print(f"After pruning ({what}):", soft_wrap=True)
+    table = new_table(f"loss; unpruned {texts[0]}", "criterion", *levels)
+    k = 1
+    for name, crit in zip(names, crits, strict=True):
+        table.add_row(name, *texts[k : k + len(sweep[crit])])
+        k += len(sweep[crit])
     console.print(table)
+    if acc:
+        accs = [acc["value"]] + [
+            (p.get("accuracy") or {}).get("value") for c in crits for p in sweep[c]
+        ]
+        pct = _percent_column(accs)
+        table = new_table(f"accuracy; unpruned {pct[0]}", "criterion", *levels)
+        k = 1
+        for name, crit in zip(names, crits, strict=True):
+            table.add_row(name, *pct[k : k + len(sweep[crit])])
+            k += len(sweep[crit])
+        console.print(table)
     if "obs+update" in sweep:
         console.print(
             "[dim]obs+update: the OBS masks plus the exact one-shot OBS update of the remaining "
             "weights; --prune F applies it in --rounds re-linearised rounds[/dim]",
             soft_wrap=True,
         )
+
+
+def _percent_column(values: list[float | None]) -> list[str]:
+    """Fractions as percentages with the decimals (0-3) that tell distinct values apart."""
+    distinct = {v for v in values if v is not None}
+    for d in range(1, 4):
+        texts = ["—" if v is None else f"{100 * v:.{d}f}%" for v in values]
+        if len({t for t in texts if t != "—"}) == len(distinct):
+            return texts
+    return texts
 
 
 def _render_prune(p: dict, console: Console) -> None:

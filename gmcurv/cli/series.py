@@ -162,8 +162,9 @@ def render_series(report: Any, console: Console) -> None:
         kind = n.upper() if n == "ggn" else n.capitalize()
         if n == "fisher":
             kind += f" ({next(b for b in blocks if b).get('type')})"
+        console.print(f"{kind}: {len(rows)} checkpoints, {block['order']}", soft_wrap=True)
         table = new_table(
-            f"{kind}: {len(rows)} checkpoints, {block['order']}",
+            None,
             "checkpoint",
             "step" if block["x"] == "step" else "#",
             "loss",

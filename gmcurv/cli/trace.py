@@ -10,7 +10,16 @@ from rich.console import Console
 from gmcurv.cli import options as o
 from gmcurv.cli.exports import SaveDiagonalOpt, check_save_diagonal, write_diagonal
 from gmcurv.cli.plots import check_plot_path
-from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
+from gmcurv.cli.render import (
+    fmt,
+    fmt_column,
+    fmt_estimate,
+    fmt_estimates,
+    footer,
+    header,
+    new_table,
+    shorten_names,
+)
 from gmcurv.cli.series import (
     PathsArg,
     refuse_in_series,
@@ -141,6 +150,7 @@ def curvature_results(
 
 
 NAMES = ("fisher", "ggn", "hessian")
+NAME_WIDTH = 28  # layer names longer than this are shortened from the left in tables
 
 
 def _label(name: str, block: dict[str, Any]) -> str:
@@ -155,14 +165,12 @@ def _side_by_side(res: dict[str, Any], console: Console) -> None:
     layers: list[str] = []
     for n in present:
         layers += [name for name in res[n].get("per_layer", {}) if name not in layers]
-    for layer in layers:
-        table.add_row(
-            layer,
-            *[
-                fmt_estimate(res[n].get("per_layer", {}).get(layer, {}).get("trace"))
-                for n in present
-            ],
-        )
+    columns = [
+        fmt_estimates([res[n].get("per_layer", {}).get(layer, {}).get("trace") for layer in layers])
+        for n in present
+    ]
+    for i, layer in enumerate(shorten_names(layers, NAME_WIDTH)):
+        table.add_row(layer, *[col[i] for col in columns])
     table.add_row("[bold]total[/bold]", *[fmt_estimate(res[n]["trace"]) for n in present])
     table.add_row(
         "[dim]products[/dim]",
@@ -197,17 +205,17 @@ def render(report: Report, console: Console) -> None:
             "λ_max",
         )
         total = t["value"] or 0.0
-        for layer, info in block.get("per_layer", {}).items():
+        per = block.get("per_layer", {})
+        traces = fmt_estimates([info["trace"] for info in per.values()])
+        lams = fmt_column(
+            [(info.get("eigenvalues") or [{}])[0].get("value") for info in per.values()]
+        )
+        names = shorten_names(list(per), NAME_WIDTH)
+        for i, info in enumerate(per.values()):
             lt = info["trace"]
-            eig = info.get("eigenvalues") or []
             share = f"{100 * lt['value'] / total:.1f}%" if total else "—"
             table.add_row(
-                layer,
-                info["kind"],
-                f"{info['n_params']:,}",
-                fmt_estimate(lt),
-                share,
-                fmt(eig[0]["value"]) if eig else "—",
+                names[i], info["kind"], f"{info['n_params']:,}", traces[i], share, lams[i]
             )
         if block.get("per_layer"):
             console.print(table)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gmcurv.cli.plots import new_figure, save_figure
+from gmcurv.cli.plots import new_figure, readable_log_axis, save_figure
 
 
 def plot_lora(results: dict[str, Any], path: Path) -> Path:
@@ -36,6 +36,7 @@ def plot_lora(results: dict[str, Any], path: Path) -> Path:
                 label=f"{name}: {module}" if several else module,
             )  # fmt: skip
     ax.set_yscale("log")
+    readable_log_axis(ax)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("index k")
     ax.set_ylabel("σ_k(s·B·A)")

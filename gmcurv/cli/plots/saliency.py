@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gmcurv.cli.plots import new_figure, save_figure
+from gmcurv.cli.plots import new_figure, readable_log_axis, save_figure
+from gmcurv.cli.render import shorten_names
 
 _COLORS = {
     "magnitude": "tab:gray",
@@ -62,9 +63,10 @@ def plot_saliency(results: dict[str, Any], path: Path) -> Path:
             ax_box.plot([], [], "s", color=_COLORS.get(crit, "tab:purple"), label=crit)
     ax_box.set_yscale("log")
     ax_box.set_xticks(range(len(layers)))
-    ax_box.set_xticklabels(list(layers), rotation=30, ha="right", fontsize=8)
+    ax_box.set_xticklabels(shorten_names(list(layers), 20), rotation=30, ha="right")
+    ax_box.set_xlabel("prunable tensor")
     ax_box.set_ylabel("saliency: predicted loss increase")
-    ax_box.set_title("saliency per tensor (5-25-50-75-95 %, clipped at 1e-12 x max)")
+    ax_box.set_title("saliency per tensor (boxes 25-75 %, whiskers 5-95 %)", fontsize=11)
     if crits:
         ax_box.legend(fontsize=8)
 
@@ -90,6 +92,7 @@ def plot_saliency(results: dict[str, Any], path: Path) -> Path:
         if pr["after"].get("accuracy"):
             ax_acc.plot([x], [100 * pr["after"]["accuracy"]["value"]], "k*", ms=12, label=label)
     ax_loss.set_yscale("log")
+    readable_log_axis(ax_loss)
     ax_loss.set_xlabel("pruned weights (%)")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("loss after pruning")
