@@ -250,3 +250,44 @@ def test_saliency_prune_method_learned(runner, problem, tmp_path):
     assert {"obd", "obs", "obs+update", "exact obs+update", "magnitude"} <= set(sweep)
     bad = runner.invoke(app, [*args, "--criterion", "obd"])
     assert bad.exit_code == 2 and "--criterion obs" in bad.output
+
+
+# ------------------------------------------------------------------------------ the card
+def _ec(head_mean, base_mean, win):
+    est = {
+        "head": {"mean": head_mean, "median": head_mean, "head_win_rate": math.nan, "n": 9},
+        "ggn_eq": {"mean": base_mean, "median": base_mean, "head_win_rate": win, "n": 9},
+    }
+    return {"estimators": est, "interval_coverage": None}
+
+
+def test_card_verdicts_and_generated_section():
+    from gmcurv.gradmetanet.card import END, START, measured_section, update_card, verdicts
+
+    ec = {
+        "summary": {
+            "test-arch": {"hessian_trace": _ec(0.3, 0.2, 0.4), "fisher_diag": _ec(0.1, 0.2, 0.8)}
+        },
+        "n_models": {"test-arch": 9},
+        "load": 3.0,
+    }
+    v = verdicts(ec)
+    assert v["hessian_trace"]["test-arch"] == {"wins": False, "beaten_by": ["ggn_eq"]}
+    assert v["fisher_diag"]["test-arch"]["wins"]
+    fitted = cal.fit([cal.Sample("hessian_trace", 10, r / 10) for r in range(-30, 31)])
+    meta = {"metrics": {"equal_cost": ec, "intervals": fitted.to_dict()}}
+    text = measured_section(meta)
+    assert "| Hessian trace | test-arch | no (not better than ggn_eq) |" in text
+    card = update_card(f"intro\n{START}\nold\n{END}\nrest", meta)
+    assert "old" not in card and card.startswith("intro") and card.endswith("rest")
+
+
+def test_card_and_head_info_cite_no_unshipped_files(runner):
+    import re
+
+    from gmcurv.gradmetanet.pretrained import CARD_FILE
+
+    card = CARD_FILE.read_text()
+    assert not re.search(r"\b(bench|tests|docs)/", card)
+    r = runner.invoke(app, ["head", "info"])
+    assert r.exit_code == 0 and not re.search(r"\b(bench|tests)/", r.stdout)

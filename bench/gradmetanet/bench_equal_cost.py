@@ -22,7 +22,9 @@ scalars (non-positive estimates counted apart), NMAE for the diagonal, the head'
 rate against each baseline, and the coverage of the head's calibrated interval.
 
 Run: ``python bench/gradmetanet/bench_equal_cost.py [--cache-dir DIR] [--limit N]``
-(writes ``bench/gradmetanet/equal_cost.json``; ``--markdown`` prints the tables).
+(writes ``bench/gradmetanet/equal_cost.json``; ``--markdown`` prints the tables;
+``--record`` stores the summary in the shipped head's metadata and regenerates the measured
+section of its model card, `gmcurv.gradmetanet.card`).
 """
 
 from __future__ import annotations
@@ -269,6 +271,26 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
+def record(doc: dict) -> None:
+    """Store the summary in the shipped head's metadata; regenerate the card's section."""
+    from gmcurv.gradmetanet.card import update_card
+    from gmcurv.gradmetanet.pretrained import CARD_FILE, HEAD_FILE, save_head
+
+    head = load_head(HEAD_FILE)
+    meta = dict(head.meta)
+    metrics = dict(meta.get("metrics", {}))
+    metrics["equal_cost"] = {
+        "summary": doc["summary"],
+        "n_models": doc["n_models"],
+        "seconds_median": doc["seconds_median"],
+        "date": doc.get("date", ""),
+        "load": doc["machine"]["load"][0],
+    }
+    meta["metrics"] = metrics
+    save_head(HEAD_FILE, head.model, meta)
+    CARD_FILE.write_text(update_card(CARD_FILE.read_text(), meta))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cache-dir", type=Path, default=None)
@@ -276,9 +298,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "equal_cost.json")
     ap.add_argument("--markdown", action="store_true")
     ap.add_argument("--splits", default=",".join(SPLITS))
+    ap.add_argument("--record", action="store_true", help="store in the head + update the card")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(json.loads(args.out.read_text())))
+        return
+    if args.record:
+        record(json.loads(args.out.read_text()))
         return
     torch.set_num_threads(1)
     cache = args.cache_dir or default_cache_dir()
@@ -314,6 +340,7 @@ def main() -> None:
             "load": os.getloadavg(),
         },
         "seconds": time.time() - t0,
+        "date": time.strftime("%Y-%m-%d"),
     }
     tmp_out = args.out.with_suffix(".tmp")
     tmp_out.write_text(json.dumps(doc, indent=1, allow_nan=True))

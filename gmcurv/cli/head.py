@@ -476,6 +476,9 @@ def _render_info(report: Report, console: Console) -> None:
     )
     for cmd in meta.get("training", {}).get("commands", []):
         console.print(f"  [cyan]{cmd}[/cyan]")
+    measured = res.get("measured")
+    if measured:
+        console.print(Markdown(measured))
 
 
 @head_app.command("info")
@@ -494,10 +497,13 @@ def info(
     meta = read_head_metadata(path)
     shipped = path.resolve() == HEAD_FILE.resolve()
     card = CARD_FILE.read_text() if shipped and CARD_FILE.exists() else None
+    from gmcurv.gradmetanet.card import measured_section
+
     results = {
         "path": str(path),
         "metadata": meta,
         "card": card,
+        "measured": measured_section(meta),
         "file_bytes": path.stat().st_size,
     }
     session.finish(session.report(results), _render_info, output)
