@@ -172,7 +172,7 @@ def test_trace_learned_prints_interval_and_the_engine_beside_it(
     out = r.stdout
     for col in ("head [lo, hi]", "plug-in F", "GGN", "Hessian", "range"):
         assert col in out
-    assert "80 % interval" in out and " [" in out and "±" not in out
+    assert "nominal 80 % interval" in out and "coverage" in out and "±" not in out
     assert r.output.count("answered by the pretrained GradMetaNet head") == 1
     doc = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
     rows = doc["results"]["learned"]["rows"]

@@ -438,14 +438,23 @@ def evaluate(
         session.note(f"no built models in split {calibration_split!r}: no intervals fitted")
     if record:
         meta = dict(loaded.meta)
-        meta["metrics"] = {
-            "heldout": ev["splits"],
-            "all": ev["all"],
-            "calibration": ev["calibration"],
-            "intervals": intervals,
-            "ranges": ev["ranges"] or {},
-            "n_models": ev["n_models"],
-        }
+        metrics = dict(meta.get("metrics", {}))
+        kept = int(metrics.get("n_models") or 0)
+        if ev["n_models"] and ev["n_models"] >= kept:  # never by a smaller evaluation
+            metrics.update(
+                heldout=ev["splits"],
+                all=ev["all"],
+                calibration=ev["calibration"],
+                n_models=ev["n_models"],
+            )
+        else:
+            session.note(
+                f"{ev['n_models']} held-out models < the {kept} the head's accuracy was "
+                "recorded on: that accuracy is kept (intervals are recorded)"
+            )
+        if intervals is not None:
+            metrics.update(intervals=intervals, ranges=ev["ranges"] or {})
+        meta["metrics"] = metrics
         save_head(loaded.path, loaded.model, meta)
         session.note(f"metrics recorded in {loaded.path}")
     results = {

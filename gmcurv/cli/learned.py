@@ -23,8 +23,8 @@ NOTE = (
     "engine on the same {b} examples (empirical Fisher, GGN, Hessian); exact: all of DATA"
 )
 CALIBRATED = (
-    "[lo, hi] is its {level} interval, calibrated on held-out zoo models — coverage in "
-    "gmcurv head info"
+    "[lo, hi] is its nominal {level} interval, calibrated on zoo models it was not trained "
+    "on; measured coverage on unseen datasets and architectures: {coverage} (gmcurv head info)"
 )
 UNCALIBRATED = "this head has no recorded calibration, so no interval: gmcurv head eval --record"
 
@@ -35,7 +35,16 @@ def _note(lc) -> str:
          if e.interval_level is not None),
         None,
     )  # fmt: skip
-    interval = UNCALIBRATED if level is None else CALIBRATED.format(level=f"{100 * level:.0f} %")
+    cov = (
+        "not measured"
+        if lc.coverage is None
+        else (f"{100 * lc.coverage[0]:.0f}-{100 * lc.coverage[1]:.0f} %")
+    )
+    interval = (
+        UNCALIBRATED
+        if level is None
+        else CALIBRATED.format(level=f"{100 * level:.0f} %", coverage=cov)
+    )
     return NOTE.format(b=lc.b, n=lc.n, interval=interval)
 
 

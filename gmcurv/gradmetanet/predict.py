@@ -62,6 +62,7 @@ class LearnedCurvature:
     out_of_range: tuple[RangeFlag, ...] = ()
     n_params: int = 0
     head_path: str = ""
+    coverage: tuple[float, float] | None = None  # measured range of the interval's coverage
 
 
 def sample_batch(data: DataSample, b: int, seed: int, device, dtype) -> tuple[Batch, Tensor]:
@@ -183,7 +184,24 @@ def predict_curvature(
         out_of_range=flags,
         n_params=n_params,
         head_path=str(head.path),
+        coverage=measured_coverage(head),
     )
+
+
+def measured_coverage(head: LoadedHead) -> tuple[float, float] | None:
+    """Lowest and highest coverage of the head's intervals measured on held-out splits
+    (per split and target, pooled entries ``all`` excluded), or None."""
+    cal = head.calibration
+    if cal is None:
+        return None
+    values = [
+        c["coverage"]
+        for split, per in cal.coverage.items()
+        if not split.endswith("all")
+        for c in per.values()
+        if c.get("n") and math.isfinite(c["coverage"])
+    ]
+    return (min(values), max(values)) if values else None
 
 
 def relative_error(learned: float, exact: float) -> float:
