@@ -179,3 +179,10 @@ def test_series_table_snapshot_at_80_columns():
     render_series(report, Console(width=80, file=buf, color_system=None))
     text = "\n".join(line.rstrip() for line in buf.getvalue().splitlines()[:-1]) + "\n"
     assert text == SNAPSHOT, text
+
+
+def test_fail_if_reaches_a_row_of_the_series(runner, ckpts):
+    folder, data = ckpts
+    rule = "series.checkpoints[2].results.fisher.trace > 0"
+    r = _run(runner, "trace", folder, data, "-k", "1", "-q", "--fail-if", rule)
+    assert r.exit_code == 1 and "FAIL" in r.output

@@ -131,15 +131,16 @@ def plot_landscape(block: dict[str, Any], path: Path, surface: bool = False) -> 
 
 
 def _outside(fig, ax, text: str) -> None:
-    """Legend and the info box below the axes, where they hide no data or marker."""
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower left", fontsize=8,
-               ncols=1, frameon=True)  # fmt: skip
-    fig.text(
-        0.99,
-        0.0,
-        text,
-        ha="right",
-        va="bottom",
+    """Legend and the numbers (as its title) in one box below the axes, where they hide no
+    data or marker and the layout makes room for them."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncols=min(3, max(1, len(labels))),
         fontsize=8,
-        bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"},
+        title=text,
+        title_fontsize=8,
+        alignment="left",
     )
