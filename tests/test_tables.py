@@ -122,3 +122,21 @@ def test_saliency_sweep_snapshot_at_80_columns():
     assert lines[-1].startswith("obs+update: the OBS masks")  # a note, soft-wrapped
     text = "\n".join(lines[:-1]) + "\n"
     assert text == SWEEP, text
+
+
+def test_pruned_output_shows_the_prediction_beside_the_measurement():
+    from rich.console import Console
+
+    from gmcurv.cli.saliency import _render_increase
+
+    p = {
+        "before": {"loss": _est(0.10)},
+        "after": {"loss": _est(0.60)},
+        "predicted_increase": _est(0.002, method="quadratic model ½δwᵀ(F+εI)δw"),
+    }
+    buf = StringIO()
+    _render_increase(p, Console(width=80, file=buf, color_system=None))
+    text = " ".join(buf.getvalue().split())
+    assert "measured 0.5 · predicted 0.002 (quadratic model" in text
+    assert "measured/predicted 250x" in text
+    assert "second-order model at the current weights" in text and "known limit" in text

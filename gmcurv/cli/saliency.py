@@ -25,7 +25,6 @@ from gmcurv.cli.render import (
 from gmcurv.cli.session import Session
 from gmcurv.data import load_data
 from gmcurv.errors import ConfigError
-from gmcurv.export import check_export_paths
 from gmcurv.fileio import ensure_not_input, sha256_file
 from gmcurv.memory import parse_bytes
 from gmcurv.pruning import check_fraction, default_output_path, pruned_outputs, save_pruned
@@ -469,6 +468,8 @@ def saliency(
     if report_file is not None:
         ensure_not_input(report_file, session.inputs)
     if save_scores is not None:
+        from gmcurv.export import check_export_paths
+
         if method is o.Method.learned:
             raise ConfigError(
                 "--save-scores writes the exact saliencies, not the learned ones",

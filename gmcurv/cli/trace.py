@@ -36,7 +36,6 @@ from gmcurv.fisher import fisher_summary
 from gmcurv.hessian import curvature_summary
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
-from gmcurv.series import resolve_series
 
 TRACE_METHODS = (o.Method.auto, o.Method.exact, o.Method.hutchinson, o.Method.hutchpp)
 MaxItersOpt = Annotated[
@@ -306,6 +305,8 @@ def trace(
         raise ConfigError("--probes must be at least 2 for a standard error", hint="--probes 100")
     if plot is not None:
         check_plot_path(plot)
+    from gmcurv.series import resolve_series
+
     models, data = split_args(paths)
     series = resolve_series(models) if models else None
     many = series is not None and len(series.checkpoints) > 1
