@@ -39,7 +39,7 @@ def plot_lora(results: dict[str, Any], path: Path) -> Path:
     readable_log_axis(ax)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("index k")
-    ax.set_ylabel("σ_k(s·B·A)")
+    ax.set_ylabel("singular value σₖ(s·B·A)")
     ax.set_title("singular values of each update")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize="small")

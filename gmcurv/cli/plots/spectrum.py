@@ -30,14 +30,16 @@ def _eigen_bars(ax, results: dict[str, Any], with_errors: bool) -> None:
             [e["value"] for e in eigs],
             width * 0.9,
             yerr=[e.get("residual") or 0.0 for e in eigs] if with_errors else None,
+            capsize=4 if with_errors else 0,
+            ecolor="black",
             color=COLORS[name],
             label=LABELS[name],
         )
     ax.set_xticks(range(1, k + 1))
     ax.set_xlabel("index i (λ₁ ≥ λ₂ ≥ …)")
     ax.set_ylabel("eigenvalue λᵢ")
-    if len(present) > 1:
-        ax.legend()
+    if present:
+        ax.legend()  # names the curvature even when there is one
     ax.axhline(0, color="black", linewidth=0.5)
 
 
@@ -81,7 +83,7 @@ def plot_eigenvalues(results: dict[str, Any], path: Path) -> Path:
     """Top-k eigenvalues per curvature as bars, Ritz residuals as error bars."""
     fig, ax = new_figure()
     _eigen_bars(ax, results, with_errors=True)
-    ax.set_title("top eigenvalues (bars: Ritz residual ‖Av − λv‖)")
+    ax.set_title("top eigenvalues (error bars: Ritz residual ‖Av − λv‖)")
     return save_figure(fig, path)
 
 
