@@ -95,7 +95,7 @@ def test_page_has_every_section_with_its_command_and_figure(page):
             assert src.startswith("data:image/png;base64,")
             assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
     assert "--plot traces.png" in p.sections["traces"]["cmd"]
-    assert "Loss after pruning" in text and "Fisher (empirical): trace" in text
+    assert "After pruning" in text and "Fisher (empirical): trace" in text
 
 
 def test_sections_subset_and_bad_options(runner, tmp_path):

@@ -85,9 +85,11 @@ def footer(report: Report, console: Console) -> None:
 def new_table(title: str | None = None, *columns: str, **kw: Any) -> Table:
     table = Table(title=title, title_justify="left", header_style="bold", **kw)
     for i, col in enumerate(columns):
-        # names are never cut (shorten them with `shorten_names`); cells wrap, never "…"
+        # the name column is never cut with "…" (shorten names from the left with
+        # `shorten_names`; a name without spaces is as wide as its longest word, so it stays
+        # whole unless the table cannot fit at all, and then folds)
         table.add_column(
-            col, justify="left" if i == 0 else "right", no_wrap=i == 0, overflow="fold"
+            col, justify="left" if i == 0 else "right", overflow="fold" if i == 0 else "ellipsis"
         )
     return table
 
