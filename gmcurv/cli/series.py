@@ -82,7 +82,11 @@ def run_series(
                     device=session.device,
                 )
                 session.objective = Objective.build(
-                    session.loaded.model, session.loaded.loss, layers, getattr(mode, "value", mode)
+                    session.loaded.model,
+                    session.loaded.loss,
+                    layers,
+                    getattr(mode, "value", mode),
+                    session.seed or 0,
                 )
                 session.objective.check_data(session.data)
 
