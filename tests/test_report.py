@@ -117,6 +117,12 @@ def test_sections_subset_and_bad_options(runner, tmp_path):
         assert r.exit_code == 2 and message in r.output, r.output
     r = runner.invoke(app, ["report", str(model), "-o", str(out)])
     assert r.exit_code == 2 and "needs DATA" in r.output
+    # a section whose command fails: the page says so, the exit code is the command's
+    bad = tmp_path / "bad.html"
+    args = ["report", str(model), "--sections", "model", "--arch", "mlp:nope", "-o", str(bad)]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "section 'Model summary' failed" in r.output
+    assert 'class="error"' in bad.read_text() and "nope" in bad.read_text()
 
 
 def _chromium(url: str, tmp: Path) -> tuple[str, str]:

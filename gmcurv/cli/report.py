@@ -51,6 +51,7 @@ class Section:
     png: bytes | None = None
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    exit_code: int = 0
 
 
 def _parse_sections(text: str) -> list[str]:
@@ -186,6 +187,7 @@ def collect(
         code, err = _run(argv)
         if code != 0 or not json_path.exists():
             sec.error = err.strip() or f"gmcurv {command} exited with code {code}"
+            sec.exit_code = code or 4
             out.append(sec)
             continue
         doc = json.loads(json_path.read_text())
@@ -366,8 +368,8 @@ def report(
         stderr.print(f"[yellow]warning:[/yellow] section {s.title!r} failed: {s.error}")
     if not quiet:
         stderr.print(f"[dim]note:[/dim] report written to {output} ({len(parts)} sections)")
-    if failed:
-        raise typer.Exit(1)
+    if failed:  # the page is written anyway; exit with the failed command's code
+        raise typer.Exit(max(s.exit_code for s in failed))
 
 
 def register(app: typer.Typer) -> None:
