@@ -263,7 +263,7 @@ def save_pruned(
     for key, value in original.items():
         if key.startswith(MASK_PREFIX):  # legacy masks inside the input: not carried over
             continue
-        var = state_vars.get(loaded.key_map.get(key, key))
+        var = state_vars.get(getattr(loaded, "key_map", {}).get(key, key))
         if var is None:  # an entry the model ignores: copied as is
             state[key] = value
             continue

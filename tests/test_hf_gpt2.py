@@ -117,7 +117,10 @@ def test_logits_loss_and_padding_match_transformers(tmp_path, activation):
         # per example: the mean over its valid tokens, as transformers computes it alone
         per = obj.per_example_loss(Batch({"input_ids": ids, "attention_mask": mask}, labels, 0))
         alone = hf(ids[:1, :8], labels=ids[:1, :8]).loss
+        # without labels, padded positions are ignored by default (HF's LM collator)
+        default = obj.per_example_loss(Batch({"input_ids": ids, "attention_mask": mask}, None, 0))
     assert abs(float(per[0]) - float(alone)) <= 1e-6
+    torch.testing.assert_close(default, per, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------- bundled sample
