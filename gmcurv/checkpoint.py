@@ -63,6 +63,7 @@ META_ARCH_CONFIG = "gmcurv.arch_config"
 META_LOSS = "gmcurv.loss"
 META_VERSION = "gmcurv.version"
 INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_LOSS_SOURCE = "built-in default (no --loss, checkpoint metadata or config.json names one)"
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
 
 _DTYPE_BYTES = {
@@ -548,7 +549,7 @@ def loss_source(
     if given:
         return "--loss"
     if hint is None:
-        return "built-in default (no --loss, checkpoint metadata or config.json names one)"
+        return DEFAULT_LOSS_SOURCE
     if META_LOSS in metadata and hint == metadata[META_LOSS]:
         return f"checkpoint metadata ({META_LOSS})"
     if arch_source == "config.json":

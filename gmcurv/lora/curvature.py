@@ -88,7 +88,7 @@ def along_objective(objective: Objective, updates: Mapping[str, Sequence[LayerUp
             hint="curvature is taken over trainable parameters; check the model",
         )
     chosen = {k: p for k, p in objective.params.items() if k in names}
-    return Objective(objective.model, objective.loss, chosen, objective.mode)
+    return Objective(objective.model, objective.loss, chosen, objective.mode, objective.seed)
 
 
 # ------------------------------------------------------------------------------ J dθ on factors
