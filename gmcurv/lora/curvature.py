@@ -114,6 +114,8 @@ def update_jvp(
             ups = by_param[mine[0]]
             left = torch.cat([u.left for u in ups], 1).to(src.delta)  # [O, r]
             right = torch.cat([u.right for u in ups], 0).to(src.x)  # [r, I]
+            if src.transposed:  # ΔW stored [I, O] (Conv1D): (L R)^T = R^T L^T
+                left, right = right.T.to(src.delta), left.T.to(src.x)
             dl = torch.einsum("ncto,or->nctr", src.delta, left)
             ra = torch.einsum("nti,ri->ntr", src.x, right)
             part = torch.einsum("nctr,ntr->nc", dl, ra)
