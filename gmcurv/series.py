@@ -4,7 +4,8 @@
 of checkpoints; the last is DATA. A MODEL-position directory is read as follows, first match
 wins (so the same directory always means the same thing):
 
-1. it holds ``config.json`` or ``model.safetensors``: **one** model (Hugging Face layout);
+1. it holds ``config.json``, ``model.safetensors`` or a sharded index: **one** model
+   (Hugging Face layout);
 2. it holds exactly one ``.safetensors`` file and no checkpoint sub-directories: one model;
 3. it holds several ``.safetensors`` files (and no checkpoint sub-directories): a **series**,
    one checkpoint per file;
@@ -13,6 +14,8 @@ wins (so the same directory always means the same thing):
 
 A directory with both files and checkpoint sub-directories is ambiguous (an error), and so is
 one whose files hold data (an ``inputs``/``x``/``input_ids`` tensor): DATA comes last.
+Pruning-mask sidecars (``<name>.masks.safetensors``) are never checkpoints: each belongs to
+the checkpoint beside it, which loads it.
 
 Order: by training step when *every* checkpoint carries one — header metadata
 (``gmcurv.step``, ``step``, ``global_step``), then ``trainer_state.json``'s ``global_step``
@@ -27,9 +30,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gmcurv.checkpoint import META_ARCH, read_header
+from gmcurv.checkpoint import INDEX_NAME, META_ARCH, read_header
 from gmcurv.data import INPUT_KEYS
 from gmcurv.errors import ConfigError
+from gmcurv.masks import is_masks_file
 from gmcurv.models.mlp import natural_key
 
 STEP_KEYS = ("gmcurv.step", "step", "global_step")
@@ -54,10 +58,19 @@ class Series:
     order: str  # how the order was decided, for the report
 
 
+def _one_model(path: Path) -> bool:
+    """A Hugging Face style model directory (rule 1)."""
+    return any((path / name).is_file() for name in ("config.json", "model.safetensors", INDEX_NAME))
+
+
+def _weights(path: Path) -> list[Path]:
+    """The checkpoint files in a directory (pruning-mask sidecars are not checkpoints)."""
+    found = (p for p in path.glob("*.safetensors") if not is_masks_file(p))
+    return sorted(found, key=lambda p: natural_key(p.name))
+
+
 def _is_model_dir(path: Path) -> bool:
-    if (path / "config.json").is_file() or (path / "model.safetensors").is_file():
-        return True
-    return len(list(path.glob("*.safetensors"))) == 1
+    return _one_model(path) or len(_weights(path)) == 1
 
 
 def _holds_data(path: Path) -> bool:
@@ -72,10 +85,10 @@ def expand(path: Path) -> list[Path]:
     """The checkpoints a MODEL-position argument stands for (see the module doc)."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        return [path]  # a file (or a missing path: the loader names it)
-    if (path / "config.json").is_file() or (path / "model.safetensors").is_file():
+        return [] if is_masks_file(path) else [path]  # a sidecar travels with its checkpoint
+    if _one_model(path):
         return [path]
-    files = sorted(path.glob("*.safetensors"), key=lambda p: natural_key(p.name))
+    files = _weights(path)
     subdirs = sorted(
         (p for p in path.iterdir() if p.is_dir() and _is_model_dir(p)),
         key=lambda p: natural_key(p.name),

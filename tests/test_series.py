@@ -186,3 +186,16 @@ def test_fail_if_reaches_a_row_of_the_series(runner, ckpts):
     rule = "series.checkpoints[2].results.fisher.trace > 0"
     r = _run(runner, "trace", folder, data, "-k", "1", "-q", "--fail-if", rule)
     assert r.exit_code == 1 and "FAIL" in r.output
+
+
+def test_mask_sidecars_are_not_checkpoints(runner, ckpts, tmp_path):
+    folder, data = ckpts
+    out = tmp_path / "pruned.safetensors"
+    r = _run(runner, "saliency", folder / "step_20.safetensors", data, "--prune", "0.5",
+             "-o", folder / "step_40.safetensors", "-q")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert (folder / "step_40.masks.safetensors").exists() and not out.exists()
+    s = resolve_series([folder])
+    assert [c.step for c in s.checkpoints] == [20, 40, 300, 1000]
+    s = resolve_series(sorted(folder.glob("*.safetensors")))  # a shell glob catches it too
+    assert len(s.checkpoints) == 4
