@@ -463,6 +463,7 @@ def resolve_method(method: str, n_params: int, n: int) -> str:
 
 # ------------------------------------------------------------------- exact GGN trace
 EXACT_GGN_MAX_COLUMNS = 256  # C-class factors per example beyond which auto goes stochastic
+DEFAULT_TRACE_RTOL = 0.01  # stochastic traces stop at 1 % relative standard error
 
 
 def _ggn_scale(objective: Objective, batch: Batch) -> Tensor | None:
@@ -544,6 +545,7 @@ class CurvatureSummary:
     n_params: int
     n_matvecs: int
     notes: list[str] = field(default_factory=list)
+    stopped: str | None = None  # stochastic trace: 'tol' or 'probes' (the cap); else None
 
 
 def capture_blocks(objective: Objective) -> dict[str, tuple[tuple[str, ...], str]]:
@@ -640,17 +642,25 @@ def curvature_summary(
     budget_bytes: int | None = None,
     progress: Callable[[int], None] | None = None,
     restarts: int = 0,
+    rtol: float | None = DEFAULT_TRACE_RTOL,
+    phase: Callable[[str, int | None], None] | None = None,
 ) -> CurvatureSummary:
     """Everything ``gmcurv trace --curvature hessian|ggn`` reports.
 
     Methods: ``exact`` (dense matrix from ``P`` products), ``hutchinson`` / ``hutchpp``
-    (`probes` probes / products per estimate, block-restricted per layer), ``auto``: exact
-    when tiny, else the GGN trace exactly from C-class factors (`exact_ggn_trace`) and, for
-    the Hessian, ``tr H = tr G + tr(H - G)`` with Hutch++ on the residual ``H - G`` only
-    (falls back to Hutch++ on the matrix itself when the factors would be too many).
-    Top-k eigenvalues by Lanczos (tolerance `tol` on residuals relative to ``|λ_max|``).
+    (at most `probes` products, stopping once the total's standard error is at most
+    `rtol` of the reported trace; every layer's trace from the same products,
+    `gmcurv.stochastic.shared_block_traces`), ``auto``: exact when tiny, else the GGN
+    trace exactly from C-class factors (`exact_ggn_trace`) and, for the Hessian,
+    ``tr H = tr G + tr(H - G)`` with Hutch++ on the residual ``H - G`` only — or no
+    products at all when the network is piecewise linear in each layer
+    (`gmcurv.piecewise`: the within-layer blocks of ``H - G`` vanish); falls back to
+    Hutch++ on the matrix itself when the factors would be too many.
+    Top-k eigenvalues by Lanczos (tolerance `tol` on eigenvalue error bounds relative to
+    ``|λ_max|``); ``k = 0`` skips them. `phase(label, total)` announces each phase.
     """
-    from gmcurv.stochastic import block_traces, combine, trace
+    from gmcurv.piecewise import piecewise_linear_reason
+    from gmcurv.stochastic import shared_block_traces
 
     if kind not in ("hessian", "ggn"):
         raise ConfigError(f"unknown curvature {kind!r}", hint="use hessian or ggn")
@@ -662,9 +672,12 @@ def curvature_summary(
             f"--method {resolved} does not estimate traces",
             hint="use auto, exact, hutchinson or hutchpp",
         )
+    announce = phase or (lambda label, total: None)
     op = CurvatureOperator(objective, data, batch_size, kind, progress=progress)
     notes: list[str] = []
+    stopped: str | None = None
     if resolved == "exact":
+        announce("dense matrix: products", P)
         A = dense_matrix(op, budget_bytes)
         tr, eigs, layers = _dense_summary(op, A, blocks, k, per_layer)
         return CurvatureSummary(kind, "exact(dense)", tr, eigs, layers, P, op.n_matvecs, notes)
@@ -672,13 +685,17 @@ def curvature_summary(
     exact_ggn = method == "auto" and exact_ggn_columns(objective, data) <= EXACT_GGN_MAX_COLUMNS
     ggn_part: dict[str, tuple[float, float]] = {}
     if exact_ggn:
-        acc = exact_ggn_trace(objective, data, batch_size, budget_bytes)
+        announce("GGN from factors: examples", n)
+        acc = exact_ggn_trace(objective, data, batch_size, budget_bytes, progress=progress)
         ggn_part = {b: acc.trace(b) for b in blocks}
         notes.append("GGN trace exact from the C-class square-root factors (no products)")
+    pl_reason = piecewise_linear_reason(objective.model, objective.mode)
     space, dtype, device = objective.space, objective.dtype, objective.device
     parts: dict[str, Estimate] = {}
-    if kind == "ggn" and exact_ggn:
-        label = "exact(factors)"
+    if exact_ggn and (kind == "ggn" or pl_reason is not None):
+        label = "exact(factors)" if kind == "ggn" else "exact-ggn+zero(H-G)"
+        if kind == "hessian":
+            notes.append(f"H - G: {pl_reason}")
         for b, (value, se) in ggn_part.items():
             parts[b] = Estimate.exact_value(value, n, label, data_stderr=se, n_matvecs=0)
         value, se = acc.trace(None)
@@ -688,32 +705,41 @@ def curvature_summary(
         target.progress = progress
         prefix = "exact-ggn+" if exact_ggn else ""
         suffix = "(H-G)" if exact_ggn else ""
-        if per_layer:
-            est = block_traces(
-                target.matvec,
-                space,
-                {b: p for b, (p, _) in blocks.items()},
-                probes,
-                resolved,
-                seed=seed,
-                dtype=dtype,
-                device=device,
-                small_exact=method == "auto",
+        base = sum(v for v, _ in ggn_part.values())
+        announce(f"{'H - G' if exact_ggn else 'trace'}: products", probes)
+        res = shared_block_traces(
+            target.matvec,
+            space,
+            {b: p for b, (p, _) in blocks.items()} if per_layer else {},
+            probes,
+            resolved,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+            rtol=rtol,
+            offset=base,
+        )
+        stopped = res.stopped
+        for b, e in res.blocks.items():
+            parts[b] = _shifted(e, ggn_part.get(b, (0.0, 0.0))[0], prefix, suffix, n)
+        total = _shifted(res.total, base, prefix, suffix, n)
+        if stopped == "tol":
+            notes.append(
+                f"stochastic trace stopped at {res.total.n_matvecs} products: relative "
+                f"standard error <= {rtol:g} (--tol)"
             )
-            for b, e in est.items():
-                base = ggn_part.get(b, (0.0, 0.0))[0]
-                parts[b] = _shifted(e, base, prefix, suffix, n)
-            whole = combine(list(est.values()), None)
-            base = sum(v for v, _ in ggn_part.values())
-            total = _shifted(whole, base, prefix, suffix + "[per-layer sum]", n)
         else:
-            whole = trace(target.matvec, P, probes, resolved, seed=seed, dtype=dtype, device=device)
-            base = sum(v for v, _ in ggn_part.values())
-            total = _shifted(whole, base, prefix, suffix, n)
+            notes.append(
+                f"stochastic trace stopped at the cap of {probes} products (--probes) before "
+                + (f"a relative standard error of {rtol:g}" if rtol else "any tolerance")
+            )
+        if per_layer:
+            notes.append("per-layer traces share the total's products (v_b^T (A v)_b)")
         if exact_ggn:
             op.n_matvecs += target.n_matvecs
     eigs: list[Estimate] = []
     if k > 0:
+        announce("Lanczos: products", max_iters or max(4 * k + 20, 60))
         eigs, _, random = lanczos_estimates(op, k, tol, max_iters, seed, False, restarts)
         if random:
             notes.append("products are random (train mode with Dropout): nothing converged")
@@ -722,7 +748,9 @@ def curvature_summary(
         for b, (p, kd) in blocks.items()
         if b in parts
     }
-    return CurvatureSummary(kind, total.method, total, eigs, layers, P, op.n_matvecs, notes)
+    return CurvatureSummary(
+        kind, total.method, total, eigs, layers, P, op.n_matvecs, notes, stopped
+    )
 
 
 def _shifted(e, base: float, prefix: str, suffix: str, n: int) -> Estimate:

@@ -26,6 +26,7 @@ from rich.progress import (
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
 from gmcurv import distributed
@@ -77,6 +78,13 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
+def warm_up_autograd() -> None:
+    """Pay torch's lazy imports of the first backward (``torch.autograd.grad`` with
+    ``grad_outputs`` imports sympy through ``torch.fx``) once, as start-up, so that
+    compute timings measure compute."""
+    import torch.fx.experimental.symbolic_shapes  # noqa: F401
+
+
 _SOURCE_NAMES = {
     "COMMANDLINE": "command line",
     "ENVIRONMENT": "environment",
@@ -99,6 +107,21 @@ def resolved_config(ctx: typer.Context) -> dict[str, Any]:
         sources[name] = _SOURCE_NAMES.get(src.name if src is not None else "", "default")
     values["sources"] = sources
     return values
+
+
+@dataclass
+class Advance:
+    """What `Session.progress` yields: ``advance(k)`` moves the bar by `k`;
+    ``advance.phase(label, total)`` starts the next phase on the same bar."""
+
+    bar: Progress
+    task: Any
+
+    def __call__(self, k: int = 1) -> None:
+        self.bar.advance(self.task, k)
+
+    def phase(self, label: str, total: int | None) -> None:
+        self.bar.reset(self.task, total=total, description=label)
 
 
 @dataclass
@@ -185,6 +208,9 @@ class Session:
             if comm.active:
                 s.note(f"rank {comm.rank}/{comm.world}: examples {s.data.span}")
 
+        if need_data:
+            with s.stage("startup"):
+                warm_up_autograd()
         with s.stage("load"):
             distributed.agreed(load, comm)
         if need_data:
@@ -242,13 +268,14 @@ class Session:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TimeRemainingColumn(),
             console=stderr,
             transient=True,
             disable=disabled,
         )
         with bar:
             task = bar.add_task(label, total=total)
-            yield lambda k=1: bar.advance(task, k)
+            yield Advance(bar, task)
 
     # --------------------------------------------------------------------------- output
     def report(self, results: dict[str, Any]) -> Report:
