@@ -17,11 +17,42 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gmcurv.data import Batch, DataSample, Inputs, batch_size_of
-from gmcurv.errors import ConfigError, DataError, GmcurvWarning
+from gmcurv.errors import ArchitectureError, ConfigError, DataError, GmcurvWarning
 from gmcurv.losses import CallableLoss, CrossEntropy, Loss, get_loss
 from gmcurv.params import ParamSpace
 
 STOCHASTIC_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+
+def output_tensor(out: object) -> Tensor:
+    """The tensor a model's forward stands for: the analysed function ``f(x)``.
+
+    A tensor as is; a tuple or list -> its first element; a dict or a Hugging Face
+    ``ModelOutput`` (a dict subclass, checked without importing `transformers`) -> its
+    ``logits``. Anything else is an `ArchitectureError` naming what was returned.
+    """
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        value = out.get("logits")
+        if isinstance(value, Tensor):
+            return value
+        keys = ", ".join(map(str, out.keys())) or "no keys"
+        raise ArchitectureError(
+            f"the model returned {type(out).__name__} without a 'logits' tensor ({keys})",
+            hint="wrap the model so that forward returns the logits/outputs tensor "
+            "(or a dict/ModelOutput with 'logits')",
+        )
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    what = type(out).__name__
+    if isinstance(out, (tuple, list)):
+        what += " whose first element is " + (type(out[0]).__name__ if out else "missing")
+    raise ArchitectureError(
+        f"the model returned {what}, not a tensor",
+        hint="forward must return the outputs tensor, a tuple/list starting with it, "
+        "or a dict/ModelOutput with 'logits'",
+    )
 
 
 def select_params(model: nn.Module, layers: str | None = None) -> dict[str, nn.Parameter]:
@@ -102,12 +133,15 @@ class Objective:
         return next(iter(self.params.values())).device
 
     def outputs(self, inputs: Inputs, params: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Model outputs; with `params`, those tensors replace the model's (functional call)."""
+        """Model outputs (unwrapped by `output_tensor`); with `params`, those tensors replace
+        the model's (functional call)."""
         if params is None:
-            return self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
-        args = () if isinstance(inputs, dict) else (inputs,)
-        kwargs = inputs if isinstance(inputs, dict) else None
-        return functional_call(self.model, dict(params), args, kwargs, strict=False)
+            out = self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
+        else:
+            args = () if isinstance(inputs, dict) else (inputs,)
+            kwargs = inputs if isinstance(inputs, dict) else None
+            out = functional_call(self.model, dict(params), args, kwargs, strict=False)
+        return output_tensor(out)
 
     def targets(self, batch: Batch, outputs: Tensor) -> Tensor:
         """Targets shaped and typed for the loss (defaults for next-token prediction)."""
@@ -152,11 +186,6 @@ class Objective:
                 f"{shape}): {str(e).splitlines()[0]}",
                 hint="check that the data belongs to this model",
             ) from None
-        if not isinstance(out, Tensor):
-            raise DataError(
-                f"the model returned {type(out).__name__}, not a tensor",
-                hint="wrap the model so that forward returns the logits/outputs tensor",
-            )
         if not torch.isfinite(out).all():
             raise DataError(
                 f"{data.path}: the model's outputs contain NaN/Inf on the first examples",
