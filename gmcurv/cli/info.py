@@ -7,7 +7,6 @@ import json as jsonlib
 import typer
 from rich.console import Console
 
-from gmcurv.checkpoint import describe_layers, mask_sparsity
 from gmcurv.cli import options as o
 from gmcurv.cli.render import footer, header, new_table
 from gmcurv.cli.session import Session
@@ -48,6 +47,8 @@ def info(
     quiet: o.QuietOpt = False,
 ) -> None:
     """Architecture, layers (and how each is captured), parameter counts and metadata."""
+    from gmcurv.checkpoint import describe_layers, mask_sparsity
+
     session = Session.open(
         ctx,
         model,

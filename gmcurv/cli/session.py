@@ -14,9 +14,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -29,16 +28,20 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from gmcurv import distributed
-from gmcurv.checkpoint import LoadedModel, load_model
-from gmcurv.data import DataSample, load_data
 from gmcurv.errors import ConfigError, ConvergenceError, GmcurvWarning
 from gmcurv.fileio import atomic_write_text, ensure_not_input
-from gmcurv.memory import estimate_capture, human
-from gmcurv.objective import Objective
+from gmcurv.memory import human
 from gmcurv.results import DataInfo, ModelInfo, Report, iter_estimates
 from gmcurv.rules import evaluate, parse_rules
 from gmcurv.samples import sample_data, sample_model
+
+if TYPE_CHECKING:  # torch and the engine load on first use: --help stays instant
+    import torch
+
+    from gmcurv import distributed
+    from gmcurv.checkpoint import LoadedModel
+    from gmcurv.data import DataSample
+    from gmcurv.objective import Objective
 
 stdout = Console(highlight=False, soft_wrap=False)
 stderr = Console(stderr=True, highlight=False)
@@ -49,6 +52,8 @@ collected_warnings: list[str] = []
 
 def resolve_device(spec: str) -> torch.device:
     """``auto`` -> cuda if available, else mps, else cpu; others are checked."""
+    import torch
+
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -75,6 +80,8 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
+    import torch
+
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
@@ -131,8 +138,8 @@ class Session:
     command: str
     config: dict[str, Any]
     seed: int | None = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
+    device: torch.device = None  # type: ignore[assignment]  # cpu (set in __post_init__)
+    dtype: torch.dtype = None  # type: ignore[assignment]  # float32
     quiet: bool = False
     json_mode: bool = False
     loaded: LoadedModel | None = None
@@ -140,7 +147,16 @@ class Session:
     objective: Objective | None = None
     timings: dict[str, float] = field(default_factory=dict)
     inputs: list[Path] = field(default_factory=list)
-    comm: distributed.Comm = field(default_factory=distributed.current)
+    comm: distributed.Comm = None  # type: ignore[assignment]  # the current process group
+
+    def __post_init__(self) -> None:
+        import torch
+
+        from gmcurv import distributed
+
+        self.device = torch.device("cpu") if self.device is None else self.device
+        self.dtype = torch.float32 if self.dtype is None else self.dtype
+        self.comm = distributed.current() if self.comm is None else self.comm
 
     # ------------------------------------------------------------------------- loading
     @classmethod
@@ -163,6 +179,11 @@ class Session:
         need_data: bool = True,
     ) -> Session:
         """Load MODEL (and DATA) — the bundled sample when left out — and build the objective."""
+        from gmcurv import distributed
+        from gmcurv.checkpoint import load_model
+        from gmcurv.data import load_data
+        from gmcurv.objective import Objective
+
         collected_warnings.clear()
         for text in ctx.params.get("fail_if") or []:
             parse_rules(text)  # a typo in a rule fails before any compute
@@ -226,6 +247,8 @@ class Session:
             return
         if not self.comm.main:
             return  # one warning per job, from rank 0
+        from gmcurv.memory import estimate_capture
+
         fisher = getattr(ctx.params["fisher"], "value", ctx.params["fisher"])
         mc = ctx.params.get("mc_samples") or 1
         example = self.data.first(1, self.objective.device, self.objective.dtype)
@@ -338,6 +361,8 @@ class Session:
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """`warnings.showwarning` replacement: one line on stderr, copied into the report."""
+    from gmcurv import distributed
+
     text = str(message)
     collected_warnings.append(text)
     if distributed.current().main:  # under torchrun, rank 0 speaks for all

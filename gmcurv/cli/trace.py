@@ -13,12 +13,11 @@ from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import ensure_not_input
-from gmcurv.fisher import fisher_summary
-from gmcurv.hessian import DEFAULT_TRACE_RTOL, curvature_summary
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
 
 LANCZOS_TOL = 1e-3  # default eigenvalue error bound relative to |λ_max|
+DEFAULT_TRACE_RTOL = 0.01  # = gmcurv.hessian.DEFAULT_TRACE_RTOL (not imported: start-up)
 TRACE_METHODS = (o.Method.auto, o.Method.exact, o.Method.hutchinson, o.Method.hutchpp)
 MaxItersOpt = Annotated[
     int | None,
@@ -78,6 +77,8 @@ def fisher_results(
     per_layer_eigen: bool = False,
 ) -> dict[str, Any]:
     """Run the Fisher closed forms with a progress bar; results as a JSON-able dict."""
+    from gmcurv.fisher import fisher_summary
+
     assert session.objective is not None and session.data is not None
     with (
         session.stage("fisher"),
@@ -127,6 +128,8 @@ def curvature_results(
     rtol: float | None = None,
 ) -> dict[str, Any]:
     """Hessian or GGN trace (total, per layer) and top eigenvalues, as a JSON-able dict."""
+    from gmcurv.hessian import curvature_summary
+
     assert session.objective is not None and session.data is not None
     label = "Hessian" if kind == "hessian" else "GGN"
     with session.stage(kind), session.progress(f"{label}: products", probes) as advance:
