@@ -282,7 +282,7 @@ class CurvatureOperator:
 
     # -- cached gradient graphs: H v = ∇<g, v> by one backward through g's graph ----------
     def _graph_wanted(self) -> bool:
-        if self.kind != "hessian" or self.objective.mode != "eval" or self.cache_graph is False:
+        if self.kind == "ggn" or self.objective.mode != "eval" or self.cache_graph is False:
             return False
         return self._batches is not None or self._prints is None  # cached data, or first pass
 
@@ -293,7 +293,8 @@ class CurvatureOperator:
             self.cache_graph = False
 
     def _graph(self, index: int, batch: Batch) -> tuple[list[Tensor], tuple[Tensor, ...]] | None:
-        """``(leaves, g)`` with ``g = ∇(Σ_n L_n)`` built with ``create_graph`` (kept while
+        """``(leaves, g)`` with ``g = ∇(Σ_n L_n)`` (Hessian) or ``g = ∇<f, r>`` (residual,
+        ``r`` fixed) built with ``create_graph`` (kept while
         all batches' graphs fit in `graph_bytes`, counted through saved tensors)."""
         if index in self._graphs:
             return self._graphs[index]
@@ -304,14 +305,19 @@ class CurvatureOperator:
             return t
 
         names = self.space.names
+        r = self._residual(index, batch) if self.kind == "residual" else None
         leaves = [self.objective.params[k].detach().requires_grad_(True) for k in names]
         with (
             twice_differentiable_attention(),
             torch.enable_grad(),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         ):
-            total = self.objective.per_example_loss(batch, dict(zip(names, leaves, strict=True)))
-            g = torch.autograd.grad(total.sum(), leaves, create_graph=True)
+            params = dict(zip(names, leaves, strict=True))
+            if self.kind == "residual":  # (H - G) v = ∇<∇<f, r>, v> with r held fixed
+                total = (self.objective.outputs(batch.inputs, params) * r).sum()
+            else:
+                total = self.objective.per_example_loss(batch, params).sum()
+            g = torch.autograd.grad(total, leaves, create_graph=True)
         self._graph_held += held[0]
         if self._graph_held > self.graph_bytes:
             self._drop_graphs()
@@ -324,12 +330,24 @@ class CurvatureOperator:
         if graph is None:
             return None
         leaves, g = graph
-        outs = [vec[k] for k in self.space.names]
+        names = self.space.names
+        live = [i for i, t in enumerate(g) if t.requires_grad]  # constant parts: no curvature
+        if not live:
+            return {k: vec[k].new_zeros(vec[k].shape) for k in names}
+        outs = [vec[names[i]] for i in live]
         with torch.enable_grad():
             hv = torch.autograd.grad(
-                g, leaves, grad_outputs=outs, retain_graph=True, is_grads_batched=batched
+                [g[i] for i in live],
+                leaves,
+                grad_outputs=outs,
+                retain_graph=True,
+                is_grads_batched=batched,
+                allow_unused=True,
             )
-        return {k: t.detach() for k, t in zip(self.space.names, hv, strict=True)}
+        return {
+            k: vec[k].new_zeros(vec[k].shape) if t is None else t.detach()
+            for k, t in zip(names, hv, strict=True)
+        }
 
     def _call(self, index: int, batch: Batch, vec: dict[str, Tensor], forward: bool):
         if self.kind == "hessian":
@@ -338,6 +356,8 @@ class CurvatureOperator:
             return batch_hvp(self.objective, batch, vec, forward)
         if self.kind == "ggn":
             return batch_ggnvp(self.objective, batch, vec, forward)
+        if index >= 0 and (out := self._graph_product(index, batch, vec, False)) is not None:
+            return out
         r = self._residual(index, batch)
         return batch_residual_vp(self.objective, batch, vec, forward, r)
 
@@ -644,6 +664,7 @@ def curvature_summary(
     restarts: int = 0,
     rtol: float | None = DEFAULT_TRACE_RTOL,
     phase: Callable[[str, int | None], None] | None = None,
+    cache: dict | None = None,
 ) -> CurvatureSummary:
     """Everything ``gmcurv trace --curvature hessian|ggn`` reports.
 
@@ -658,6 +679,8 @@ def curvature_summary(
     Hutch++ on the matrix itself when the factors would be too many.
     Top-k eigenvalues by Lanczos (tolerance `tol` on eigenvalue error bounds relative to
     ``|λ_max|``); ``k = 0`` skips them. `phase(label, total)` announces each phase.
+    `cache`: a dict shared by calls on the same objective and data (``--curvature all``),
+    so that the GGN's factors are captured once for the GGN and the Hessian.
     """
     from gmcurv.piecewise import piecewise_linear_reason
     from gmcurv.stochastic import shared_block_traces
@@ -685,8 +708,14 @@ def curvature_summary(
     exact_ggn = method == "auto" and exact_ggn_columns(objective, data) <= EXACT_GGN_MAX_COLUMNS
     ggn_part: dict[str, tuple[float, float]] = {}
     if exact_ggn:
-        announce("GGN from factors: examples", n)
-        acc = exact_ggn_trace(objective, data, batch_size, budget_bytes, progress=progress)
+        key = ("exact_ggn_trace", batch_size)
+        if cache is not None and key in cache:
+            acc = cache[key]
+        else:
+            announce("GGN from factors: examples", n)
+            acc = exact_ggn_trace(objective, data, batch_size, budget_bytes, progress=progress)
+            if cache is not None:
+                cache[key] = acc
         ggn_part = {b: acc.trace(b) for b in blocks}
         notes.append("GGN trace exact from the C-class square-root factors (no products)")
     pl_reason = piecewise_linear_reason(objective.model, objective.mode)

@@ -379,3 +379,15 @@ def test_summary_adaptive_stop_and_shared_per_layer_products(tmp_path, monkeypat
     loose = curvature_summary(obj, data, "hessian", probes=300, k=0, rtol=0.5)
     assert loose.stopped == "tol" and loose.n_matvecs < 300
     assert loose.trace.stderr <= 0.5 * abs(loose.trace.value)
+
+
+def test_ggn_factors_captured_once_for_ggn_and_hessian(tmp_path, monkeypatch):
+    monkeypatch.setattr(hs, "DENSE_MAX_PARAMS", 0)
+    obj, _, data = problem("relu", tmp_path)
+    calls = []
+    real = hs.exact_ggn_trace
+    monkeypatch.setattr(hs, "exact_ggn_trace", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cache: dict = {}
+    g = curvature_summary(obj, data, "ggn", k=0, cache=cache)
+    h = curvature_summary(obj, data, "hessian", k=0, cache=cache)
+    assert len(calls) == 1 and g.trace.value == pytest.approx(h.trace.value, rel=1e-12)

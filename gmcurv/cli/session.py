@@ -147,6 +147,7 @@ class Session:
     objective: Objective | None = None
     timings: dict[str, float] = field(default_factory=dict)
     inputs: list[Path] = field(default_factory=list)
+    cache: dict[Any, Any] = field(default_factory=dict)  # shared between phases of a command
     comm: distributed.Comm = None  # type: ignore[assignment]  # the current process group
 
     def __post_init__(self) -> None:

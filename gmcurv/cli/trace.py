@@ -150,6 +150,7 @@ def curvature_results(
             restarts=restarts,
             rtol=rtol,
             phase=lambda text, total: advance.phase(f"{label}: {text}", total),
+            cache=session.cache,
         )
     for note in s.notes:
         session.note(f"{label}: {note}")
