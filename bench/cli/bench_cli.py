@@ -184,7 +184,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--only", default=None, help="regex on case ids")
+    ap.add_argument("--render", action="store_true", help="only re-render from results.json")
     args = ap.parse_args()
+    if args.render:
+        doc = json.loads((HERE / "results.json").read_text())
+        (HERE / "RESULTS.md").write_text(markdown(doc))
+        readme(doc)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="gmcurv-bench-cli-"))
     paths = {w: write_workload(w, tmp) for w in ("W1", "W2", "W3")}
     todo = [c for c in cases(paths) if args.only is None or re.search(args.only, c["id"])]
@@ -393,7 +399,9 @@ def readme(doc: dict) -> None:
         parts.append(
             f"On the sample (1,024 digits, 17,226 parameters) the default `gmcurv trace` "
             f"computes for {sample['gmcurv_compute']:.2f} s ({sample['gmcurv_wall']:.1f} s "
-            f"for the whole process) on two shared CPU cores: empirical-Fisher trace "
+            f"for the whole process) on two CPU cores shared with other jobs (load average "
+            f"{doc['machine']['load_before'][0]:.0f} while measured, so absolute times are "
+            f"pessimistic): empirical-Fisher trace "
             f"{sample['value']:.4g}, exact top-5 eigenvalues, per-layer traces."
         )
     a, b = by.get("tiny_gpt all"), by.get("tiny_gpt all flat")
