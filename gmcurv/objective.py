@@ -1,14 +1,13 @@
 """The objective: a model, a per-example loss and the parameters curvature is taken over.
 
 ``L(θ) = (1/N) Σ_n L_n(θ)`` with ``L_n`` from `gmcurv.losses`. Models run in eval mode by
-default (deterministic, examples independent); train mode is allowed with a warning when
-BatchNorm or Dropout make the answer batch-dependent or random.
+default (deterministic, examples independent); see `gmcurv.modes` for what train mode
+means with Dropout and why it is refused with BatchNorm.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,11 +16,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gmcurv.data import Batch, DataSample, Inputs, batch_size_of
-from gmcurv.errors import ArchitectureError, ConfigError, DataError, GmcurvWarning
+from gmcurv.errors import ArchitectureError, ConfigError, DataError
 from gmcurv.losses import CallableLoss, CrossEntropy, Loss, get_loss
+from gmcurv.modes import apply_mode
 from gmcurv.params import ParamSpace
-
-STOCHASTIC_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
 def output_tensor(out: object) -> Tensor:
@@ -99,21 +97,8 @@ class Objective:
         layers: str | None = None,
         mode: str = "eval",
     ) -> Objective:
-        if mode not in ("eval", "train"):
-            raise ConfigError(f"--mode must be eval or train, got {mode!r}")
         loss = get_loss(loss) if isinstance(loss, str) else loss
-        model.train(mode == "train")
-        stochastic = sorted(
-            {type(m).__name__ for m in model.modules() if isinstance(m, STOCHASTIC_MODULES)}
-        )
-        if stochastic and mode == "train":
-            warnings.warn(
-                f"train mode with {', '.join(stochastic)}: per-example gradients depend on the "
-                "batch (BatchNorm) or on random masks (Dropout), so curvature is ill-defined and "
-                "iterative methods may not converge; --mode eval is recommended",
-                GmcurvWarning,
-                stacklevel=2,
-            )
+        apply_mode(model, mode)
         params = select_params(model, layers)
         if not params:
             raise ConfigError("the model has no trainable parameters")
@@ -154,6 +139,15 @@ class Objective:
             raise DataError("the data has no targets", hint="store them under 'targets'")
         if isinstance(self.loss, CrossEntropy):
             if targets.is_floating_point():
+                fractional = targets != targets.round()
+                if bool(fractional.any()):  # class indices: never truncate 6.5 to 6
+                    value = float(targets[fractional].flatten()[0])
+                    raise DataError(
+                        f"the targets hold non-integer values (e.g. {value:g}) but the "
+                        f"{self.loss.name} loss takes class indices",
+                        hint="store integer class labels, or pass --loss mse for "
+                        "regression targets",
+                    )
                 targets = targets.long()
             return targets
         targets = targets.to(outputs.dtype)

@@ -121,7 +121,8 @@ CheckpointOutputOpt = Annotated[
         "--output",
         "-o",
         help="With --prune: the pruned checkpoint (.safetensors; default "
-        "<model>.pruned-<percent>.safetensors). A .json name writes the report instead.",
+        "<model>.pruned-<percent>.safetensors), a plain state dict; its pruning masks go "
+        "beside it to <name>.masks.safetensors. A .json name writes the report instead.",
         show_default=False,
     ),
 ]
@@ -360,7 +361,7 @@ def saliency(
     [bold]gmcurv saliency m.safetensors d/ --prune 0.7 --eval-data test/ -o m70.safetensors[/bold]
     """
     from gmcurv.data import load_data
-    from gmcurv.pruning import check_fraction, default_output_path, save_pruned
+    from gmcurv.pruning import check_fraction, default_output_path, pruned_outputs
     from gmcurv.saliency import prune_model, saliency_analysis
 
     if method not in (o.Method.auto, o.Method.exact, o.Method.learned, o.Method.both):
@@ -370,10 +371,12 @@ def saliency(
         )
     if prune is not None:
         check_fraction(prune)
-        if method is o.Method.learned:
+        if method is o.Method.learned and criterion is not Criterion.obs:
             raise ConfigError(
-                "--prune uses the exact saliencies, not the learned ones",
-                hint="drop --method learned (or use --method both to see them side by side)",
+                f"--prune --method learned ranks by the head's OBS saliency, not "
+                f"--criterion {criterion.value}",
+                hint="use --criterion obs (the default) with --method learned, or drop "
+                "--method learned",
             )
     level_list = _parse_levels(levels)
     checkpoint, report_file = _outputs(output, report_path, prune)
@@ -405,19 +408,31 @@ def saliency(
     target = None
     if prune is not None:  # refuse bad output paths before any compute
         target = Path(checkpoint or default_output_path(session.loaded.path, prune))
-        ensure_not_input(target, session.inputs)
-        if report_file is not None and report_file.resolve() == target.resolve():
-            raise ConfigError(f"the report and the checkpoint would both be written to {target}")
+        for path in pruned_outputs(target):  # the checkpoint and its masks sidecar
+            ensure_not_input(path, session.inputs)
+            if report_file is not None and report_file.resolve() == path.resolve():
+                raise ConfigError(
+                    f"the report and the pruned checkpoint would both be written to {path}"
+                )
     if report_file is not None:
         ensure_not_input(report_file, session.inputs)
+    budget = parse_bytes(max_memory) if max_memory else None
     if method is o.Method.learned:  # the GradMetaNet head answers (gmcurv.cli.learned)
         from gmcurv.cli import learned as lh
 
         results = lh.learned_saliency_results(session, level_list, ev, batch_size, seed)
-        doc = session.report(results)
-        session.finish(doc, lh.render_learned("gmcurv saliency"), report_file, fail_if, strict)
+        shown = lh.render_learned("gmcurv saliency", _prune_part)
+        if prune is not None:
+            assert target is not None
+            with session.stage("prune"), session.progress("pruning (learned ranking)", None):
+                pruned = lh.learned_prune(
+                    session, prune, rounds, update, damping, structure.value, scope.value,
+                    ev, batch_size, seed, budget,
+                )  # fmt: skip
+            path, digest = _write_pruned(session, pruned, target)
+            results["prune"] = prune_results(pruned, path, digest)
+        session.finish(session.report(results), shown, report_file, fail_if, strict)
         return
-    budget = parse_bytes(max_memory) if max_memory else None
     common = {
         "fisher": fisher.value,
         "mc_samples": mc_samples,
@@ -476,31 +491,7 @@ def saliency(
                 progress=advance,
                 **common,
             )
-        with session.stage("write"):
-            path, digest = target, ""
-            if session.comm.main:  # under torchrun, rank 0 writes
-                path = save_pruned(
-                    session.loaded,
-                    pruned.weights,
-                    pruned.masks,
-                    target,
-                    {
-                        "source_sha256": session.loaded.sha256,
-                        "criterion": pruned.criterion,
-                        "fraction": pruned.fraction,
-                        "scope": pruned.scope,
-                        "update": pruned.update,
-                        "rounds": pruned.rounds,
-                        "structure": pruned.structure,
-                        "fisher": pruned.fisher,
-                        "damping": pruned.damping,
-                        "eps": [float(f"{e:.4g}") for e in pruned.eps],
-                        "n_removed": pruned.n_removed,
-                        "n_prunable": pruned.n_prunable,
-                    },
-                    inputs=session.inputs,
-                )
-                digest = sha256_file(path)
+        path, digest = _write_pruned(session, pruned, target)
         if not results:
             eps0 = pruned.eps[0] if pruned.eps else None
             results = _common(pruned.fisher, pruned.columns, session.data.n, damping, eps0)
@@ -514,6 +505,44 @@ def saliency(
         session.note(f"plot written to {plot}")
     doc = session.report(results)
     session.finish(doc, shown, report_file, fail_if, strict)
+
+
+def _write_pruned(session: Session, pruned: PruneResult, target: Path) -> tuple[Path, str]:
+    """Write the pruned checkpoint (rank 0 under torchrun); its path and sha256."""
+    from gmcurv.pruning import save_pruned
+
+    assert session.loaded is not None
+    with session.stage("write"):
+        path, digest = target, ""
+        if session.comm.main:  # under torchrun, rank 0 writes
+            path = save_pruned(
+                session.loaded,
+                pruned.weights,
+                pruned.masks,
+                target,
+                {
+                    "source_sha256": session.loaded.sha256,
+                    "criterion": pruned.criterion,
+                    "fraction": pruned.fraction,
+                    "scope": pruned.scope,
+                    "update": pruned.update,
+                    "rounds": pruned.rounds,
+                    "structure": pruned.structure,
+                    "fisher": pruned.fisher,
+                    "damping": pruned.damping,
+                    "eps": [float(f"{e:.4g}") for e in pruned.eps],
+                    "n_removed": pruned.n_removed,
+                    "n_prunable": pruned.n_prunable,
+                },
+                inputs=session.inputs,
+            )
+            digest = sha256_file(path)
+    return path, digest
+
+
+def _prune_part(res: dict, console: Console) -> None:
+    if "prune" in res:
+        _render_prune(res["prune"], console)
 
 
 def register(app: typer.Typer) -> None:

@@ -233,13 +233,43 @@ class Session:
         if need_data:
             with s.stage("startup"):
                 warm_up_autograd()
+        if getattr(mode, "value", mode) == "train":
+            import torch
+
+            torch.manual_seed(seed or 0)  # train-mode Dropout masks repeat with --seed
         with s.stage("load"):
             distributed.agreed(load, comm)
         if need_data:
             with s.stage("validate"):
                 distributed.agreed(validate, comm)
             s.warn_dense_fallback(ctx)
+        s.record_choices()
         return s
+
+    def record_choices(self) -> None:
+        """Record in ``config`` the choices made for the user, with why: the architecture
+        and loss (from --arch/--loss, checkpoint metadata, config.json, a family default or
+        the built-in default) and whether labels are shifted (next-token prediction)."""
+        lm, sources = self.loaded, self.config.setdefault("sources", {})
+        if lm is None:
+            return
+        for key, value, why in (
+            ("arch", lm.arch, lm.arch_source),
+            ("loss", lm.loss, lm.loss_source),
+        ):
+            if sources.get(key, "default") == "default":
+                self.config[key], sources[key] = value, why
+        if self.objective is not None:
+            loss = self.objective.loss
+            shift = getattr(loss, "shift", None)
+            self.config["label_shift"] = shift
+            sources["label_shift"] = (
+                f"the {loss.name} loss: logits[:, :-1] against targets[:, 1:]"
+                if shift
+                else f"the {loss.name} loss: targets aligned with the outputs"
+                if shift is not None
+                else f"the {loss.name} loss decides"
+            )
 
     def warn_dense_fallback(self, ctx: typer.Context) -> None:
         """Warn (into the report too) which modules get dense per-example gradients and
