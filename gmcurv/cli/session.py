@@ -181,9 +181,9 @@ class Session:
     ) -> Session:
         """Load MODEL (and DATA) — the bundled sample when left out — and build the objective."""
         from gmcurv import distributed
-        from gmcurv.checkpoint import load_model
+        from gmcurv.checkpoint import DEFAULT_LOSS_SOURCE, load_model
         from gmcurv.data import load_data
-        from gmcurv.objective import Objective
+        from gmcurv.objective import Objective, labels_are_input_ids
 
         collected_warnings.clear()
         for text in ctx.params.get("fail_if") or []:
@@ -224,19 +224,24 @@ class Session:
         def validate() -> None:
             assert s.loaded is not None and s.data is not None
             s.objective = Objective.build(
-                s.loaded.model, s.loaded.loss, layers, getattr(mode, "value", mode)
+                s.loaded.model, s.loaded.loss, layers, getattr(mode, "value", mode), seed or 0
             )
             s.objective.check_data(s.data)  # this rank's share of the files
+            if s.loaded.loss_source == DEFAULT_LOSS_SOURCE and labels_are_input_ids(s.data):
+                raise ConfigError(
+                    f"{data}: the labels equal the input ids (the Hugging Face causal-LM "
+                    "convention) but nothing names the loss, and the default cross_entropy "
+                    "would score every token against itself",
+                    hint="pass --loss next_token (labels shifted by one inside the loss, as "
+                    "transformers does), or --loss cross_entropy if the outputs are already "
+                    "aligned with the labels",
+                )
             if comm.active:
                 s.note(f"rank {comm.rank}/{comm.world}: examples {s.data.span}")
 
         if need_data:
             with s.stage("startup"):
                 warm_up_autograd()
-        if getattr(mode, "value", mode) == "train":
-            import torch
-
-            torch.manual_seed(seed or 0)  # train-mode Dropout masks repeat with --seed
         with s.stage("load"):
             distributed.agreed(load, comm)
         if need_data:
