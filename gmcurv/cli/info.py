@@ -10,7 +10,6 @@ from rich.console import Console
 from gmcurv.cli import options as o
 from gmcurv.cli.render import footer, header, new_table
 from gmcurv.cli.session import Session
-from gmcurv.masks import MASK_PREFIX, META_MASKS, masks_path
 from gmcurv.results import Report
 
 
@@ -49,6 +48,7 @@ def info(
 ) -> None:
     """Architecture, layers (and how each is captured), parameter counts and metadata."""
     from gmcurv.checkpoint import describe_layers, mask_sparsity
+    from gmcurv.masks import MASK_PREFIX, META_MASKS, masks_path
 
     session = Session.open(
         ctx,
