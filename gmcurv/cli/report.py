@@ -67,12 +67,9 @@ def _parse_sections(text: str) -> list[str]:
 
 def _accepted(command: str) -> set[str]:
     """Parameter names a gmcurv command accepts."""
-    from typer.main import get_command
+    from gmcurv.cli.app import _load_command
 
-    from gmcurv.cli.app import app
-
-    group = get_command(app)
-    return {p.name for p in group.commands[command].params}  # type: ignore[attr-defined]
+    return {p.name for p in _load_command(command).params}  # type: ignore[union-attr]
 
 
 def _flags(command: str, shared: dict[str, Any]) -> list[str]:
@@ -306,8 +303,10 @@ def report(
     loss: o.LossOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
-    """One self-contained HTML page: model summary, traces, eigenvalues, spectrum, saliency
-    sweep and a landscape, each with the command that reproduces it.
+    """One self-contained HTML page with every analysis, each with its command.
+
+    Model summary, traces, eigenvalues, spectrum, saliency sweep and a landscape, each
+    with the command that reproduces it.
 
     Runs the other commands in this process (same numbers, tables and figures) and embeds
     their output; the page loads nothing from the network.
