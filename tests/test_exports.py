@@ -152,12 +152,12 @@ def test_save_scores_obd_hessian_writes_errors(runner, problem, tmp_path):
 )
 def test_save_diagonal_refused_before_compute(runner, problem, tmp_path, monkeypatch, extra,
                                               message):  # fmt: skip
-    import gmcurv.cli.trace as trace_cli
+    import gmcurv.fisher
 
     def boom(*a, **k):  # no compute may start
         raise AssertionError("computed before refusing the output path")
 
-    monkeypatch.setattr(trace_cli, "fisher_summary", boom)
+    monkeypatch.setattr(gmcurv.fisher, "fisher_summary", boom)
     model, data = problem
     args = [a.format(model=model, tmp=tmp_path) for a in extra]
     if "does not exist" in message:

@@ -103,12 +103,12 @@ def test_checkpoint_in_the_data_position_is_refused(runner, ckpts):
 
 def test_series_run_matches_single_runs_and_loads_data_once(runner, ckpts, tmp_path,
                                                              monkeypatch):  # fmt: skip
-    import gmcurv.cli.session as session_mod
+    import gmcurv.data as data_mod
 
     folder, data = ckpts
     calls = []
-    real = session_mod.load_data
-    monkeypatch.setattr(session_mod, "load_data", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = data_mod.load_data
+    monkeypatch.setattr(data_mod, "load_data", lambda *a, **k: calls.append(a) or real(*a, **k))
     plot = tmp_path / "series.png"
     r = _run(runner, "trace", folder, data, *F64, "--curvature", "all", "--json",
              "--plot", plot)  # fmt: skip
