@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import itertools
 import json
+import math
 import re
 import struct
 import sys
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 from gmcurv import __version__
 from gmcurv.errors import ArchitectureError, CheckpointError
 from gmcurv.fileio import atomic_write, sha256_file
+from gmcurv.metadata import validate_metadata
 from gmcurv.models.registry import build_family, build_from_hf_config, family_loss
 
 MASK_PREFIX = "gmcurv_mask."
@@ -149,10 +152,10 @@ def read_header(path: str | Path) -> Header:
             raise ValueError("header is not a JSON object")
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: corrupt safetensors header (invalid JSON)", fix) from None
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = validate_metadata(path, header.pop("__metadata__", None))
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
-    end = 0
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         try:
             shape = tuple(int(s) for s in info["shape"])
@@ -160,20 +163,34 @@ def read_header(path: str | Path) -> Header:
             start, stop = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}", fix) from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if dtype in _DTYPE_BYTES and stop - start != numel * _DTYPE_BYTES[dtype]:
-            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent byte size", fix)
+        if dtype not in _DTYPE_BYTES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has unknown dtype {dtype!r}",
+                f"safetensors dtypes are {', '.join(_DTYPE_BYTES)}; {fix}",
+            )
+        if any(s < 0 for s in shape) or not 0 <= start <= stop:
+            raise CheckpointError(f"{path}: tensor {name!r} has a negative shape or offset", fix)
+        numel = math.prod(shape)
+        if stop - start != numel * _DTYPE_BYTES[dtype]:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has inconsistent byte size (shape {list(shape)} "
+                f"{dtype} needs {numel * _DTYPE_BYTES[dtype]} bytes, offsets span {stop - start})",
+                fix,
+            )
         shapes[name], dtypes[name] = shape, dtype
-        end = max(end, stop)
+        spans.append((start, stop, name))
+    spans.sort()
+    for (_, stop_a, a), (start_b, _, b) in itertools.pairwise(spans):
+        if start_b < stop_a:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the file", fix)
+    end = max((stop for _, stop, _ in spans), default=0)
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path}: file is truncated: the header declares {8 + n + end} bytes, "
             f"the file has {size}",
             fix,
         )
-    return Header(path, shapes, dtypes, {str(k): str(v) for k, v in metadata.items()})
+    return Header(path, shapes, dtypes, metadata)
 
 
 def load_tensors(path: str | Path) -> dict[str, Tensor]:
@@ -280,7 +297,9 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
     source = str(header.path)
     shapes = header.weight_shapes
     meta = header.metadata
-    meta_config = json.loads(meta[META_ARCH_CONFIG]) if META_ARCH_CONFIG in meta else None
+    meta_config = (
+        json.loads(meta[META_ARCH_CONFIG]) if META_ARCH_CONFIG in meta else None
+    )  # checked
     if arch:
         if _is_family_spec(arch):
             model = build_family(arch, shapes, source, meta_config)

@@ -35,6 +35,7 @@ from gmcurv.checkpoint import (
 from gmcurv.data import DataSample
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import ensure_not_input
+from gmcurv.metadata import copyable
 from gmcurv.models.registry import FAMILIES
 from gmcurv.objective import Objective
 from gmcurv.results import Estimate
@@ -270,5 +271,6 @@ def save_pruned(
     if family and (META_ARCH not in meta or loaded.arch_source == "--arch"):
         meta.update(gmcurv_metadata(loaded.arch, loaded.loss))  # reloads without --arch
     meta.setdefault("gmcurv.loss", loaded.loss)
+    meta = copyable(meta)  # descriptive keys only: a --loss file.py:fn is never written down
     meta[META_PRUNING] = json.dumps(dict(info), sort_keys=True)
     return save_checkpoint(output, state, meta, keep)

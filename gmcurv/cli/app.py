@@ -151,5 +151,8 @@ _register()
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (SIGINT -> exit 130, SIGTERM -> 143; see `signals`)."""
+    from gmcurv.cli import signals
+
+    signals.install()
     app()

@@ -348,6 +348,7 @@ def landscape_command(
         mode=mode, layers=layers, seed=seed, quiet=quiet, json_mode=json,
     )  # fmt: skip
     session.inputs.extend(to)
+    session.check_outputs(ctx)
     for out in (plot, save_grid_to, output):
         if out is not None:
             ensure_not_input(out, session.inputs)

@@ -342,6 +342,7 @@ def lora(
             need_data=False,
         )
     session.inputs.extend(adapter_paths)
+    session.check_outputs(ctx)
     for target in targets.values():
         ensure_not_input(target, session.inputs + ([data] if data else []))
     with session.stage("read"):

@@ -397,6 +397,7 @@ def saliency(
             ev = load_data(eval_data)
             session.objective.check_data(ev)
             session.inputs.append(eval_data)
+            session.check_outputs(ctx)
     target = None
     if prune is not None:  # refuse bad output paths before any compute
         target = Path(checkpoint or default_output_path(session.loaded.path, prune))
