@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from gmcurv import __version__
-from gmcurv.errors import ArchitectureError, CheckpointError
+from gmcurv.errors import ArchitectureError, CheckpointError, GmcurvError
 from gmcurv.fileio import atomic_write, sha256_file
 from gmcurv.metadata import validate_metadata
 from gmcurv.models.registry import build_family, build_from_hf_config, family_loss
@@ -315,7 +315,7 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
         )
     config = _load_hf_config(header.path)
     if config is not None:
-        model, loss = build_from_hf_config(config, shapes, source)
+        model, loss = _build_from_config(config, header.path.parent / "config.json", shapes, source)
         # a family spec that rebuilds the model without config.json (e.g. gpt2:n_head=12)
         name = getattr(model, "arch_spec", None) or str(config.get("model_type"))
         return model, name, "config.json", loss
@@ -323,6 +323,23 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
         f"{source}: cannot tell the architecture: no gmcurv metadata and no config.json beside it",
         hint="pass --arch mlp[:activation] for a plain MLP, or --arch path/to/model.py:factory",
     )
+
+
+def _build_from_config(config: dict[str, Any], path: Path, shapes, source: str):
+    """`build_from_hf_config`, with any failure reported as bad input naming config.json."""
+    try:
+        return build_from_hf_config(config, shapes, source)
+    except ArchitectureError as e:
+        if str(path) in e.message or source in e.message:
+            raise
+        raise ArchitectureError(f"{path}: {e.message}", hint=e.hint) from None
+    except GmcurvError:
+        raise
+    except Exception as e:
+        raise ArchitectureError(
+            f"{path}: cannot build the model from config.json: {type(e).__name__}: {e}",
+            hint="check the values in config.json (types, and e.g. that n_head divides n_embd)",
+        ) from None
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:

@@ -17,6 +17,7 @@ from gmcurv.cli.plots import check_plot_path
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import (
     Session,
+    check_rules,
     collected_warnings,
     resolve_device,
     resolve_dtype,
@@ -42,7 +43,6 @@ from gmcurv.lora.curvature import along_objective
 from gmcurv.memory import parse_bytes
 from gmcurv.objective import Objective
 from gmcurv.results import Report, to_jsonable
-from gmcurv.rules import parse_rules
 
 PATHS_HELP = (
     "Adapters come first: each is a directory holding "
@@ -142,8 +142,7 @@ def _unique_names(paths: list[Path]) -> list[str]:
 def _bare_session(ctx: typer.Context, seed: int, device: str, dtype: Any, quiet: bool, json: bool):
     """A session without a model (adapters alone)."""
     collected_warnings.clear()
-    for text in ctx.params.get("fail_if") or []:
-        parse_rules(text)
+    check_rules(ctx.params.get("fail_if"))
     return Session(
         command=ctx.info_name or "lora",
         config=resolved_config(ctx),

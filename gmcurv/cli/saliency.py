@@ -3,6 +3,7 @@ pruned checkpoint."""
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,10 +50,25 @@ class Structure(str, Enum):
     global_ = "global"
 
 
+def _checked_fraction(value: float | None) -> float | None:
+    """Parse-time check of --prune: a fraction in [0, 1)."""
+    from gmcurv.pruning import check_fraction
+
+    return None if value is None else check_fraction(value)
+
+
+def _checked_damping(value: float) -> float:
+    """Parse-time check of --damping: positive and finite."""
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a positive finite number (e.g. 0.01)")
+    return value
+
+
 PruneOpt = Annotated[
     float | None,
     typer.Option(
         "--prune",
+        callback=lambda v: _checked_fraction(v),
         help="Remove this fraction of the prunable weights (0 <= F < 1) and write a pruned "
         "checkpoint.",
         show_default=False,
@@ -93,6 +109,7 @@ DampingOpt = Annotated[
     float,
     typer.Option(
         "--damping",
+        callback=lambda v: _checked_damping(v),
         help="OBS damping relative to the mean Fisher eigenvalue: eps = damping * tr(F) / P.",
     ),
 ]
@@ -287,7 +304,11 @@ def _parse_levels(text: str) -> list[float]:
     if not levels:
         raise ConfigError("--levels is empty", hint="write e.g. --levels 0.1,0.5,0.9")
     for f in levels:
-        check_fraction(f)
+        if not (math.isfinite(f) and 0 <= f < 1):
+            raise ConfigError(
+                f"--levels {text!r}: {f:g} is not a sparsity in [0, 1)",
+                hint="write fractions of the prunable weights, e.g. --levels 0.1,0.5,0.9",
+            )
     return levels
 
 

@@ -53,6 +53,15 @@ OUTPUT_OPTIONS = {
 }
 
 
+def check_rules(texts: list[str] | None) -> None:
+    """Parse every ``--fail-if`` rule now; an error names the option and the rule."""
+    for text in texts or []:
+        try:
+            parse_rules(text)
+        except ConfigError as e:
+            raise ConfigError(f"--fail-if {text!r}: {e.message}", hint=e.hint) from None
+
+
 def sidecar_inputs(loaded: LoadedModel) -> list[Path]:
     """Files read beside the weights (config.json, ...): inputs that outputs may not replace."""
     near = [loaded.path.parent / "config.json", *getattr(loaded, "sidecars", [])]
@@ -158,8 +167,7 @@ class Session:
     ) -> Session:
         """Load MODEL (and DATA) — the bundled sample when left out — and build the objective."""
         collected_warnings.clear()
-        for text in ctx.params.get("fail_if") or []:
-            parse_rules(text)  # a typo in a rule fails before any compute
+        check_rules(ctx.params.get("fail_if"))  # a typo in a rule fails before any compute
         resolved = resolve_device(device)
         comm = distributed.init_from_env(resolved)  # no-op outside torchrun
         if comm.active and resolved.type == "cuda":
