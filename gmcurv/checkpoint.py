@@ -3,7 +3,8 @@
 Where the architecture comes from, first match wins:
 
 1. ``--arch`` when given explicitly (an explicit request beats anything implicit):
-   ``mlp[:activation]`` (inferred from ``<layer>.weight``/``.bias`` shapes),
+   ``mlp:activation`` (layers inferred from ``<layer>.weight``/``.bias`` shapes; the
+   activation must be named, here or in the checkpoint's metadata),
    ``path/to/file.py:factory`` or ``package.module:factory`` returning an ``nn.Module``;
 2. gmcurv metadata in the safetensors header (``gmcurv.arch``, ``gmcurv.arch_config``,
    ``gmcurv.loss``), written by gmcurv itself (sample models, pruned checkpoints);
@@ -13,8 +14,9 @@ Where the architecture comes from, first match wins:
 
 Weights load with ``safetensors.torch.load_model`` semantics: tied parameters need only one
 of their names in the file; any other missing key, any unexpected key and any shape
-mismatch is an error naming the file. Tensors under the reserved ``gmcurv_mask.`` prefix
-are pruning masks (see `save_checkpoint`), returned separately. A model may declare entries
+mismatch is an error naming the file. Pruning masks live in a sidecar file
+(`gmcurv.masks`; older files hold them under the reserved ``gmcurv_mask.`` prefix), returned
+separately. A model may declare entries
 to ignore (``ignored_checkpoint_keys``) and entries other tools store transposed
 (``checkpoint_transposed_keys()``, read transposed from files without gmcurv metadata).
 """
@@ -41,10 +43,18 @@ from torch import Tensor, nn
 from gmcurv import __version__
 from gmcurv.errors import ArchitectureError, CheckpointError, GmcurvError
 from gmcurv.fileio import atomic_write, sha256_file
+from gmcurv.masks import (
+    MASK_PREFIX,
+    META_MASKS,
+    is_masks_file,
+    masks_path,
+    read_masks,
+    remove_stale_masks,
+    write_masks,
+)
 from gmcurv.metadata import validate_metadata
 from gmcurv.models.registry import build_family, build_from_hf_config, family_loss
 
-MASK_PREFIX = "gmcurv_mask."
 META_ARCH = "gmcurv.arch"
 META_ARCH_CONFIG = "gmcurv.arch_config"
 META_LOSS = "gmcurv.loss"
@@ -84,6 +94,7 @@ class LoadedModel:
     loss: str
     metadata: dict[str, str]
     masks: dict[str, Tensor] = field(default_factory=dict)
+    loss_source: str = "--loss"  # where `loss` came from (see `loss_source`)
 
     @property
     def n_params(self) -> int:
@@ -104,7 +115,7 @@ def resolve_weights_path(model_path: str | Path) -> Path:
         preferred = path / "model.safetensors"
         if preferred.is_file():
             return preferred
-        found = sorted(path.glob("*.safetensors"))
+        found = sorted(p for p in path.glob("*.safetensors") if not is_masks_file(p))
         if len(found) == 1:
             return found[0]
         if not found:
@@ -222,7 +233,7 @@ def _import_factory(
     spec: str,
     option: str = "--arch",
     returns: str = "an nn.Module",
-    usage: str = "use mlp[:activation], path/to/model.py:factory or package.module:factory",
+    usage: str = "use mlp:<activation>, path/to/model.py:factory or package.module:factory",
 ):
     """Resolve ``path/to/file.py:name`` or ``package.module:name`` to a callable.
 
@@ -292,18 +303,26 @@ def _is_family_spec(spec: str) -> bool:
     return head in FAMILIES or (not sep and not spec.endswith(".py") and "/" not in spec)
 
 
+def _with_metadata_option(spec: str, meta: Mapping[str, str]) -> str:
+    """A bare ``--arch family`` completed by the checkpoint's own ``family:option``
+    metadata (``--arch mlp`` on a file whose metadata says ``mlp:tanh`` -> ``mlp:tanh``)."""
+    recorded = meta.get(META_ARCH, "")
+    if ":" not in spec and recorded.partition(":")[0] == spec and recorded.partition(":")[2]:
+        return recorded
+    return spec
+
+
 def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, str | None]:
     """Build the (untrained) model for a checkpoint: (model, arch, arch source, loss hint)."""
     source = str(header.path)
     shapes = header.weight_shapes
     meta = header.metadata
-    meta_config = (
-        json.loads(meta[META_ARCH_CONFIG]) if META_ARCH_CONFIG in meta else None
-    )  # checked
+    meta_config = json.loads(meta[META_ARCH_CONFIG]) if META_ARCH_CONFIG in meta else None
     if arch:
         if _is_family_spec(arch):
+            arch = _with_metadata_option(arch, meta)
             model = build_family(arch, shapes, source, meta_config)
-            return model, arch, "--arch", family_loss(arch)
+            return model, arch, "--arch", meta.get(META_LOSS) or family_loss(arch)
         return build_from_factory(arch), arch, "--arch", None
     if META_ARCH in meta:
         spec = meta[META_ARCH]
@@ -321,7 +340,8 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
         return model, name, "config.json", loss
     raise ArchitectureError(
         f"{source}: cannot tell the architecture: no gmcurv metadata and no config.json beside it",
-        hint="pass --arch mlp[:activation] for a plain MLP, or --arch path/to/model.py:factory",
+        hint="pass --arch mlp:<activation> (relu|tanh|gelu|...) for a plain MLP, "
+        "or --arch path/to/model.py:factory",
     )
 
 
@@ -439,16 +459,36 @@ def load_model(
             )
     load_state(model, state, str(weights))
     model.to(device=device, dtype=dtype)
+    sha = sha256_file(weights)
+    if not masks:  # current layout: a sidecar file beside the checkpoint
+        masks = read_masks(weights, sha, header.metadata, header.weight_shapes)
     return LoadedModel(
         model=model,
         path=weights,
-        sha256=sha256_file(weights),
+        sha256=sha,
         arch=arch_name,
         arch_source=arch_source,
         loss=loss or loss_hint or "cross_entropy",
         metadata=header.metadata,
         masks=masks,
+        loss_source=loss_source(loss, loss_hint, arch_name, arch_source, header.metadata),
     )
+
+
+def loss_source(
+    given: str | None, hint: str | None, arch: str, arch_source: str, metadata: Mapping[str, str]
+) -> str:
+    """Why the loss is what it is: ``--loss``, the checkpoint's metadata, config.json, the
+    architecture family's default, or the built-in default (cross-entropy)."""
+    if given:
+        return "--loss"
+    if hint is None:
+        return "built-in default (no --loss, checkpoint metadata or config.json names one)"
+    if META_LOSS in metadata and hint == metadata[META_LOSS]:
+        return f"checkpoint metadata ({META_LOSS})"
+    if arch_source == "config.json":
+        return f"config.json (model_type {arch})"
+    return f"default of the architecture family {arch.partition(':')[0]!r}"
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -470,9 +510,11 @@ def save_checkpoint(
     metadata: Mapping[str, str],
     masks: Mapping[str, Tensor] | None = None,
 ) -> Path:
-    """Write tensors (+ masks under ``gmcurv_mask.``) atomically; shared storage is de-duplicated.
+    """Write tensors atomically (shared storage de-duplicated) and `masks`, if any, to the
+    sidecar ``<name>.masks.safetensors`` (see `gmcurv.masks`).
 
-    The result loads with plain ``safetensors.torch.load_file``.
+    The checkpoint holds only the model's entries: plain ``safetensors.torch.load_file`` +
+    a strict ``load_state_dict`` accept it.
     """
     tensors: dict[str, Tensor] = {}
     seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
@@ -482,9 +524,15 @@ def save_checkpoint(
             continue
         seen[key] = name
         tensors[name] = t.detach().contiguous().cpu()
-    for name, m in (masks or {}).items():
-        tensors[MASK_PREFIX + name] = m.detach().contiguous().cpu()
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata)))
+    meta = {k: v for k, v in metadata.items() if k != META_MASKS}
+    if masks:
+        meta[META_MASKS] = masks_path(path).name
+    out = atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    if masks:
+        write_masks(out, sha256_file(out), masks)
+    else:
+        remove_stale_masks(out)
+    return out
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,8 @@ def _read_csv(path: Path) -> dict[str, Tensor]:
         )
     x, y = values[:, :-1], values[:, -1]
     yt = torch.from_numpy(y.astype(np.int64)) if np.all(y == np.round(y)) else torch.from_numpy(y)
-    return {"inputs": torch.from_numpy(x.astype(np.float32)), "targets": yt}
+    # float64 as parsed: batches take the compute dtype, so --dtype float64 loses nothing
+    return {"inputs": torch.from_numpy(np.ascontiguousarray(x)), "targets": yt}
 
 
 def _read_shard(shard: Shard) -> dict[str, Tensor]:

@@ -1,14 +1,13 @@
 """The objective: a model, a per-example loss and the parameters curvature is taken over.
 
 ``L(θ) = (1/N) Σ_n L_n(θ)`` with ``L_n`` from `gmcurv.losses`. Models run in eval mode by
-default (deterministic, examples independent); train mode is allowed with a warning when
-BatchNorm or Dropout make the answer batch-dependent or random.
+default (deterministic, examples independent); see `gmcurv.modes` for what train mode
+means with Dropout and why it is refused with BatchNorm.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -17,11 +16,41 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gmcurv.data import Batch, DataSample, Inputs, batch_size_of
-from gmcurv.errors import ConfigError, DataError, GmcurvWarning
+from gmcurv.errors import ArchitectureError, ConfigError, DataError
 from gmcurv.losses import CallableLoss, CrossEntropy, Loss, get_loss
+from gmcurv.modes import apply_mode
 from gmcurv.params import ParamSpace
 
-STOCHASTIC_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+
+def output_tensor(out: object) -> Tensor:
+    """The tensor a model's forward stands for: the analysed function ``f(x)``.
+
+    A tensor as is; a tuple or list -> its first element; a dict or a Hugging Face
+    ``ModelOutput`` (a dict subclass, checked without importing `transformers`) -> its
+    ``logits``. Anything else is an `ArchitectureError` naming what was returned.
+    """
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping):
+        value = out.get("logits")
+        if isinstance(value, Tensor):
+            return value
+        keys = ", ".join(map(str, out.keys())) or "no keys"
+        raise ArchitectureError(
+            f"the model returned {type(out).__name__} without a 'logits' tensor ({keys})",
+            hint="wrap the model so that forward returns the logits/outputs tensor "
+            "(or a dict/ModelOutput with 'logits')",
+        )
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+        return out[0]
+    what = type(out).__name__
+    if isinstance(out, (tuple, list)):
+        what += " whose first element is " + (type(out[0]).__name__ if out else "missing")
+    raise ArchitectureError(
+        f"the model returned {what}, not a tensor",
+        hint="forward must return the outputs tensor, a tuple/list starting with it, "
+        "or a dict/ModelOutput with 'logits'",
+    )
 
 
 def select_params(model: nn.Module, layers: str | None = None) -> dict[str, nn.Parameter]:
@@ -68,21 +97,8 @@ class Objective:
         layers: str | None = None,
         mode: str = "eval",
     ) -> Objective:
-        if mode not in ("eval", "train"):
-            raise ConfigError(f"--mode must be eval or train, got {mode!r}")
         loss = get_loss(loss) if isinstance(loss, str) else loss
-        model.train(mode == "train")
-        stochastic = sorted(
-            {type(m).__name__ for m in model.modules() if isinstance(m, STOCHASTIC_MODULES)}
-        )
-        if stochastic and mode == "train":
-            warnings.warn(
-                f"train mode with {', '.join(stochastic)}: per-example gradients depend on the "
-                "batch (BatchNorm) or on random masks (Dropout), so curvature is ill-defined and "
-                "iterative methods may not converge; --mode eval is recommended",
-                GmcurvWarning,
-                stacklevel=2,
-            )
+        apply_mode(model, mode)
         params = select_params(model, layers)
         if not params:
             raise ConfigError("the model has no trainable parameters")
@@ -102,12 +118,15 @@ class Objective:
         return next(iter(self.params.values())).device
 
     def outputs(self, inputs: Inputs, params: Mapping[str, Tensor] | None = None) -> Tensor:
-        """Model outputs; with `params`, those tensors replace the model's (functional call)."""
+        """Model outputs (unwrapped by `output_tensor`); with `params`, those tensors replace
+        the model's (functional call)."""
         if params is None:
-            return self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
-        args = () if isinstance(inputs, dict) else (inputs,)
-        kwargs = inputs if isinstance(inputs, dict) else None
-        return functional_call(self.model, dict(params), args, kwargs, strict=False)
+            out = self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
+        else:
+            args = () if isinstance(inputs, dict) else (inputs,)
+            kwargs = inputs if isinstance(inputs, dict) else None
+            out = functional_call(self.model, dict(params), args, kwargs, strict=False)
+        return output_tensor(out)
 
     def targets(self, batch: Batch, outputs: Tensor) -> Tensor:
         """Targets shaped and typed for the loss (defaults for next-token prediction)."""
@@ -120,6 +139,15 @@ class Objective:
             raise DataError("the data has no targets", hint="store them under 'targets'")
         if isinstance(self.loss, CrossEntropy):
             if targets.is_floating_point():
+                fractional = targets != targets.round()
+                if bool(fractional.any()):  # class indices: never truncate 6.5 to 6
+                    value = float(targets[fractional].flatten()[0])
+                    raise DataError(
+                        f"the targets hold non-integer values (e.g. {value:g}) but the "
+                        f"{self.loss.name} loss takes class indices",
+                        hint="store integer class labels, or pass --loss mse for "
+                        "regression targets",
+                    )
                 targets = targets.long()
             return targets
         targets = targets.to(outputs.dtype)
@@ -158,11 +186,6 @@ class Objective:
                 f"{shape}): {str(e).splitlines()[0]}",
                 hint="check that the data belongs to this model",
             ) from None
-        if not isinstance(out, Tensor):
-            raise DataError(
-                f"the model returned {type(out).__name__}, not a tensor",
-                hint="wrap the model so that forward returns the logits/outputs tensor",
-            )
         if not torch.isfinite(out).all():
             raise DataError(
                 f"{data.path}: the model's outputs contain NaN/Inf on the first examples",

@@ -1,8 +1,9 @@
 """Pruning mechanics: which weights may go, masks with exact counts, evaluation, checkpoints.
 
-Masks here are *removal* masks (True = pruned); checkpoints store the complement under the
-reserved ``gmcurv_mask.`` prefix (1 = kept, as in ``torch.nn.utils.prune``), so the fraction
-of zeros of a stored mask is the layer's sparsity.
+Masks here are *removal* masks (True = pruned); checkpoints store the complement (1 = kept,
+as in ``torch.nn.utils.prune``) in a sidecar ``<name>.masks.safetensors`` (`gmcurv.masks`),
+so the fraction of zeros of a stored mask is the layer's sparsity and the checkpoint itself
+stays a plain state dict.
 
 Counting: pruning a fraction ``f`` removes exactly ``round(f * n_prunable)`` weights
 (Python's ``round``). With ``scope='layer'`` every prunable tensor loses ``floor(f n_l)`` or
@@ -26,10 +27,12 @@ from torch import Tensor
 from gmcurv import distributed
 from gmcurv.capture import plan_capture
 from gmcurv.checkpoint import (
+    MASK_PREFIX,
     META_ARCH,
     LoadedModel,
     gmcurv_metadata,
     load_tensors,
+    masks_path,
     save_checkpoint,
 )
 from gmcurv.data import DataSample
@@ -232,6 +235,11 @@ def default_output_path(model_path: Path, fraction: float) -> Path:
     return path.with_name(f"{path.stem}.pruned-{pct}.safetensors")
 
 
+def pruned_outputs(output: Path) -> tuple[Path, Path]:
+    """The files ``--prune`` writes: the checkpoint and its masks sidecar."""
+    return Path(output), masks_path(output)
+
+
 def save_pruned(
     loaded: LoadedModel,
     weights: Mapping[str, Tensor],
@@ -241,19 +249,20 @@ def save_pruned(
     inputs: list[Path | None] | None = None,
 ) -> Path:
     """Write a pruned checkpoint: the input's keys and dtypes, the model's values (pruned
-    where given) in the model's own layout, keep-masks under ``gmcurv_mask.`` and gmcurv
-    metadata (the input's plus the family spec and pruning info).
+    where given) in the model's own layout and gmcurv metadata (the input's plus the family
+    spec and pruning info); keep-masks go to the sidecar `pruned_outputs` names.
 
-    The input file is only read; `output` may not be any of `inputs`.
+    The input file is only read; neither output may be any of `inputs`.
     """
-    ensure_not_input(output, [loaded.path, *(inputs or [])])
+    for path in pruned_outputs(output):
+        ensure_not_input(path, [loaded.path, *(inputs or [])])
     original = load_tensors(loaded.path)
     by_id = {id(p): name for name, p in loaded.model.named_parameters()}
     state_vars = loaded.model.state_dict(keep_vars=True)
     state: dict[str, Tensor] = {}
     file_key: dict[str, str] = {}
     for key, value in original.items():
-        if key.startswith("gmcurv_mask."):
+        if key.startswith(MASK_PREFIX):  # legacy masks inside the input: not carried over
             continue
         var = state_vars.get(key)
         if var is None:  # an entry the model ignores: copied as is

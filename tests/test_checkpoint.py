@@ -8,7 +8,7 @@ from helpers import write_mlp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gmcurv.checkpoint import load_model, read_header, save_checkpoint
+from gmcurv.checkpoint import load_model, masks_path, read_header, save_checkpoint
 from gmcurv.errors import ArchitectureError, CheckpointError
 
 
@@ -52,7 +52,7 @@ def test_unchainable_shapes_error(tmp_path):
     p = tmp_path / "m.safetensors"
     save_file({"a.weight": torch.randn(4, 3), "b.weight": torch.randn(2, 5)}, str(p))
     with pytest.raises(ArchitectureError, match="do not chain"):
-        load_model(p, arch="mlp")
+        load_model(p, arch="mlp:relu")
 
 
 def test_truncated_and_corrupt_files(tmp_path):
@@ -151,7 +151,7 @@ def test_bad_arch_specs(tmp_path, spec, message):
 def test_nan_weights_rejected(tmp_path):
     p = tmp_path / "nan.safetensors"
     save_file(
-        {"fc.weight": torch.tensor([[float("nan")]])}, str(p), metadata={"gmcurv.arch": "mlp"}
+        {"fc.weight": torch.tensor([[float("nan")]])}, str(p), metadata={"gmcurv.arch": "mlp:relu"}
     )
     with pytest.raises(CheckpointError, match="NaN"):
         load_model(p)
@@ -165,5 +165,6 @@ def test_save_is_atomic_and_masks_are_separate(tmp_path):
     save_checkpoint(out, lm.model.state_dict(), lm.metadata, masks)
     again = load_model(out)
     assert set(again.masks) == {"net.0.weight"}
-    assert "gmcurv_mask.net.0.weight" in load_file(str(out))
-    assert not list(tmp_path.glob("*.tmp"))
+    assert set(load_file(str(out))) == set(lm.model.state_dict())  # a plain state dict
+    assert set(load_file(str(masks_path(out)))) == {"net.0.weight"}
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))

@@ -228,7 +228,7 @@ def test_cache_keeps_batches_and_residuals(tmp_path):
 def test_train_mode_dropout_is_reported_not_converged(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)).double()
-    with pytest.warns(UserWarning, match="train mode"):
+    with pytest.warns(UserWarning, match="--mode train with Dropout"):
         obj = Objective.build(model, "cross_entropy", mode="train")
     _, _, data = problem("mlp", tmp_path)
     op = CurvatureOperator(obj, data, batch_size=5)

@@ -12,7 +12,7 @@ from helpers import write_data, write_mlp
 from rich.console import Console
 from safetensors.torch import load_file
 
-from gmcurv.checkpoint import MASK_PREFIX, load_model
+from gmcurv.checkpoint import MASK_PREFIX, load_model, masks_path
 from gmcurv.cli import saliency as saliency_cmd
 from gmcurv.cli.app import app
 from gmcurv.fileio import sha256_file
@@ -82,8 +82,9 @@ def test_prune_writes_exact_reloadable_checkpoint(runner, problem, tmp_path, fra
     expected = round(float(fraction) * N_PRUNABLE)
     assert pr["n_removed"] == expected and pr["n_prunable"] == N_PRUNABLE
     assert pr["checkpoint"]["path"] == str(out) and pr["checkpoint"]["sha256"] == sha256_file(out)
-    raw = load_file(str(out))  # plain safetensors
-    masks = {k[len(MASK_PREFIX) :]: v for k, v in raw.items() if k.startswith(MASK_PREFIX)}
+    raw = load_file(str(out))  # plain safetensors, only the model's entries
+    masks = load_file(str(masks_path(out)))  # keep-masks in the sidecar
+    assert not [k for k in raw if k.startswith(MASK_PREFIX)]
     assert set(masks) == {"net.0.weight", "net.2.weight", "net.4.weight"}
     assert sum(int((~m).sum()) for m in masks.values()) == expected
     for k, m in masks.items():

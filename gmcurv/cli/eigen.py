@@ -235,8 +235,7 @@ def check_k(k: int, objective) -> None:
     n = sum(p.numel() for p in objective.params.values())
     if k > n:
         raise ConfigError(
-            f"--k {k}: the curvature matrix has only {n:,} eigenvalues "
-            f"({n:,} parameters selected)",
+            f"--k {k}: the curvature matrix has only {n:,} eigenvalues ({n:,} parameters selected)",
             hint=f"ask for at most --k {n} (usually a handful: --k 5)",
         )
 

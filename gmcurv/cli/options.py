@@ -160,8 +160,12 @@ ArchOpt = Annotated[
     typer.Option(
         "--arch",
         envvar=_env("ARCH"),
-        help="mlp[:activation], path/to/model.py:factory or "
-        "package.module:factory (overrides metadata/config.json).",
+        metavar="<mlp:ACT|file.py:factory|module:factory>",
+        help="mlp:relu|tanh|gelu|... (an MLP built from the weights; the activation is "
+        "required unless the checkpoint's metadata names it), or path/to/model.py:factory / "
+        "package.module:factory: a no-argument function returning an nn.Module whose forward "
+        "returns a tensor, a tuple (first element used), a dict or a Hugging Face ModelOutput "
+        "(its 'logits'). Overrides metadata/config.json.",
         show_default=False,
     ),
 ]

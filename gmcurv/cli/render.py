@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from gmcurv.results import Report
 
@@ -47,9 +48,30 @@ def header(report: Report, console: Console, title: str) -> None:
     console.print(" · ".join(parts), soft_wrap=True)
 
 
+# the options and derived choices that change the numbers, shown with their source
+CHOICES = ("arch", "loss", "label_shift", "fisher", "mode", "dtype")
+
+
+def choices(config: dict[str, Any]) -> str:
+    """``loss cross_entropy (built-in default: ...) · mode eval (default) · ...``."""
+    sources = config.get("sources", {})
+    parts = []
+    for key in CHOICES:
+        if key not in config or config[key] is None:
+            continue
+        value = config[key]
+        value = ("on" if value else "off") if isinstance(value, bool) else value
+        name = key.replace("_", " ")
+        parts.append(f"{name} {value} ({sources.get(key, 'default')})")
+    return " · ".join(parts)
+
+
 def footer(report: Report, console: Console) -> None:
     total = sum(report.timings.values())
     stages = ", ".join(f"{k} {v:.2f}s" for k, v in report.timings.items())
+    made = choices(report.config)
+    if made:
+        console.print(Text(made, style="dim"), soft_wrap=True)  # Text: no markup in values
     console.print(
         f"[dim]{report.device}, {report.dtype}, seed {report.seed} · {total:.2f}s ({stages})[/dim]",
         soft_wrap=True,

@@ -19,7 +19,7 @@ from gmcurv.data import load_data
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import ensure_not_input, sha256_file
 from gmcurv.memory import parse_bytes
-from gmcurv.pruning import check_fraction, default_output_path, save_pruned
+from gmcurv.pruning import check_fraction, default_output_path, pruned_outputs, save_pruned
 from gmcurv.results import Report, to_jsonable
 from gmcurv.saliency import (
     CONVENTION,
@@ -141,7 +141,8 @@ CheckpointOutputOpt = Annotated[
         "--output",
         "-o",
         help="With --prune: the pruned checkpoint (.safetensors; default "
-        "<model>.pruned-<percent>.safetensors). A .json name writes the report instead.",
+        "<model>.pruned-<percent>.safetensors), a plain state dict; its pruning masks go "
+        "beside it to <name>.masks.safetensors. A .json name writes the report instead.",
         show_default=False,
     ),
 ]
@@ -422,9 +423,12 @@ def saliency(
     target = None
     if prune is not None:  # refuse bad output paths before any compute
         target = Path(checkpoint or default_output_path(session.loaded.path, prune))
-        ensure_not_input(target, session.inputs)
-        if report_file is not None and report_file.resolve() == target.resolve():
-            raise ConfigError(f"the report and the checkpoint would both be written to {target}")
+        for path in pruned_outputs(target):  # the checkpoint and its masks sidecar
+            ensure_not_input(path, session.inputs)
+            if report_file is not None and report_file.resolve() == path.resolve():
+                raise ConfigError(
+                    f"the report and the pruned checkpoint would both be written to {path}"
+                )
     if report_file is not None:
         ensure_not_input(report_file, session.inputs)
     if method is o.Method.learned:  # the GradMetaNet head answers (gmcurv.cli.learned)

@@ -64,7 +64,13 @@ def check_rules(texts: list[str] | None) -> None:
 
 def sidecar_inputs(loaded: LoadedModel) -> list[Path]:
     """Files read beside the weights (config.json, ...): inputs that outputs may not replace."""
-    near = [loaded.path.parent / "config.json", *getattr(loaded, "sidecars", [])]
+    from gmcurv.masks import masks_path
+
+    near = [
+        loaded.path.parent / "config.json",
+        masks_path(loaded.path),  # pruning masks
+        *getattr(loaded, "sidecars", []),
+    ]
     return [Path(p) for p in near if Path(p).is_file()]
 
 
@@ -212,6 +218,8 @@ class Session:
             if comm.active:
                 s.note(f"rank {comm.rank}/{comm.world}: examples {s.data.span}")
 
+        if getattr(mode, "value", mode) == "train":
+            torch.manual_seed(seed or 0)  # train-mode Dropout masks repeat with --seed
         with s.stage("load"):
             distributed.agreed(load, comm)
         s.check_outputs(ctx)  # before any compute or write
@@ -219,6 +227,7 @@ class Session:
             with s.stage("validate"):
                 distributed.agreed(validate, comm)
             s.warn_dense_fallback(ctx)
+        s.record_choices()
         return s
 
     def check_outputs(self, ctx: typer.Context, extra: dict[str, Path | None] | None = None):
@@ -271,6 +280,31 @@ class Session:
                 self.note(text)
         if code:
             self.config["code"] = code
+
+    def record_choices(self) -> None:
+        """Record in ``config`` the choices made for the user, with why: the architecture
+        and loss (from --arch/--loss, checkpoint metadata, config.json, a family default or
+        the built-in default) and whether labels are shifted (next-token prediction)."""
+        lm, sources = self.loaded, self.config.setdefault("sources", {})
+        if lm is None:
+            return
+        for key, value, why in (
+            ("arch", lm.arch, lm.arch_source),
+            ("loss", lm.loss, lm.loss_source),
+        ):
+            if sources.get(key, "default") == "default":
+                self.config[key], sources[key] = value, why
+        if self.objective is not None:
+            loss = self.objective.loss
+            shift = getattr(loss, "shift", None)
+            self.config["label_shift"] = shift
+            sources["label_shift"] = (
+                f"the {loss.name} loss: logits[:, :-1] against targets[:, 1:]"
+                if shift
+                else f"the {loss.name} loss: targets aligned with the outputs"
+                if shift is not None
+                else f"the {loss.name} loss decides"
+            )
 
     def warn_dense_fallback(self, ctx: typer.Context) -> None:
         """Warn (into the report too) which modules get dense per-example gradients and

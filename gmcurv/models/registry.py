@@ -34,7 +34,14 @@ class HFFamily:
 
 
 def _mlp(option: str | None, config: dict[str, Any] | None, shapes: Shapes, source: str):
-    activation = option or (config or {}).get("activation", "relu")
+    """An MLP fitted to `shapes`; the activation must be named (weights do not tell it)."""
+    activation = option or (config or {}).get("activation")
+    if activation is None:
+        raise ArchitectureError(
+            f"{source}: --arch mlp needs the activation: the weights do not tell it, and the "
+            "loss and every curvature depend on it (the checkpoint's metadata names none)",
+            hint=f"pass --arch mlp:<activation>, one of {'|'.join(ACTIVATIONS)}",
+        )
     if activation not in ACTIVATIONS:
         raise ArchitectureError(
             f"unknown MLP activation {activation!r}",
