@@ -469,7 +469,7 @@ def _data_cases() -> list[Case]:
                 "float_labels.csv",
             ):
                 continue
-            pending = "float labels: issue 12 (models)" if name == "float_labels_mid.csv" else ""
+            pending = ""
             cases.append(
                 Case(f"data-{name}-{cmd}", (cmd, M, d + name, "-q"), 2, frag, pending=pending)
             )
