@@ -5,6 +5,9 @@ value is exact on the sample), ``n_samples`` (examples, probes or iterations it 
 ``method`` and ``converged``. Optional fields say more: ``data_stderr`` is the standard
 error of a sample quantity as an estimate of the population one (spread over examples),
 ``n_matvecs`` counts Hessian/GGN-vector products, ``residual`` is an eigenpair's residual.
+A learned estimate (the GradMetaNet head) has no standard error (``stderr`` null) but a
+calibrated ``interval`` ``[lo, hi]`` whose nominal coverage is ``interval_level`` (e.g. 0.8:
+the 10-90 % quantiles of the head's held-out errors); such a value is not exact.
 
 A `Report` wraps results with provenance (config, seed, device, dtype, model and data
 identity, timings). `report_schema()` is the JSON Schema every report validates against;
@@ -36,10 +39,12 @@ class Estimate:
     data_stderr: float | None = None
     n_matvecs: int | None = None
     residual: float | None = None
+    interval: tuple[float, float] | None = None
+    interval_level: float | None = None
 
     @property
     def exact(self) -> bool:
-        return self.stderr is None
+        return self.stderr is None and self.interval is None
 
     @classmethod
     def exact_value(cls, value: float, n_samples: int, method: str, **kw: Any) -> Estimate:
@@ -123,6 +128,13 @@ def report_schema() -> dict[str, Any]:
             "data_stderr": {**number, "minimum": 0},
             "n_matvecs": {"type": ["integer", "null"], "minimum": 0},
             "residual": number,
+            "interval": {
+                "type": ["array", "null"],
+                "items": number,
+                "minItems": 2,
+                "maxItems": 2,
+            },
+            "interval_level": {**number, "minimum": 0, "maximum": 1},
         },
         "additionalProperties": False,
     }

@@ -386,23 +386,10 @@ def saliency_analysis(
         sweep[crit] = points
     if update_curve:
         assert curv.inverse is not None
-        points = []
-        current, prev = curv.inverse, None
-        for f in usable:
-            m = select_masks(sal_all["obs"], target_counts(sizes, f, scope), removed)
-            nested = prev is not None and all(bool((prev[k] <= m[k]).all()) for k in m)
-            current = (current if nested else curv.inverse).without(m)
-            delta, inc = current.remove(weights)
-            new = apply_masks(
-                {k: (w.double() + delta[k]).to(w.dtype) if k in delta else w
-                 for k, w in weights.items()},
-                m,
-            )  # fmt: skip
-            res = evaluate(objective, ev, batch_size, new)
-            pred = Estimate.exact_value(inc, data.n, "quadratic model ½δwᵀ(F+εI)δw")
-            points.append(SweepPoint(f, count_removed(m), res.loss, res.accuracy, pred))
-            prev = m
-        sweep["obs+update"] = points
+        sweep["obs+update"] = obs_update_sweep(
+            objective, ev, weights, sal_all["obs"], curv.inverse, sizes, usable, scope,
+            removed, batch_size, data.n,
+        )  # fmt: skip
     return SaliencyAnalysis(
         criteria=list(criteria),
         fisher=fisher,
@@ -421,6 +408,42 @@ def saliency_analysis(
         layers={k: LayerSaliency(sizes[k], layers[k]) for k in names},
         sweep=sweep,
     )
+
+
+def obs_update_sweep(
+    objective: Objective,
+    ev: DataSample,
+    weights: Mapping[str, Tensor],
+    saliency: Mapping[str, Tensor],
+    inverse: DampedFisher,
+    sizes: Mapping[str, int],
+    levels: Sequence[float],
+    scope: str,
+    removed: Mapping[str, Tensor],
+    batch_size: int,
+    n: int,
+) -> list[SweepPoint]:
+    """Loss/accuracy after removing the least salient weights by `saliency` at each level
+    and applying the exact one-shot OBS update of the rest (`DampedFisher.remove`), with
+    the quadratic model's predicted increase. The ranking may come from anywhere (exact
+    OBS, or the learned head); the update is always exact."""
+    points = []
+    current, prev = inverse, None
+    for f in levels:
+        m = select_masks(saliency, target_counts(sizes, f, scope), removed)
+        nested = prev is not None and all(bool((prev[k] <= m[k]).all()) for k in m)
+        current = (current if nested else inverse).without(m)
+        delta, inc = current.remove(weights)
+        new = apply_masks(
+            {k: (w.double() + delta[k]).to(w.dtype) if k in delta else w
+             for k, w in weights.items()},
+            m,
+        )  # fmt: skip
+        res = evaluate(objective, ev, batch_size, new)
+        pred = Estimate.exact_value(inc, n, "quadratic model ½δwᵀ(F+εI)δw")
+        points.append(SweepPoint(f, count_removed(m), res.loss, res.accuracy, pred))
+        prev = m
+    return points
 
 
 def _prunable(
@@ -505,11 +528,17 @@ def prune_model(
     probes: int = 32,
     budget_bytes: int | None = None,
     progress: ProgressFn | None = None,
+    ranker: Callable[[Mapping[str, Tensor], int, Mapping[str, Tensor]], dict[str, Tensor]]
+    | None = None,
+    ranker_name: str | None = None,
 ) -> PruneResult:
     """Remove exactly ``round(fraction * n_prunable)`` weights (see the module doc).
 
     `update` defaults to True for OBS; `rounds` only matters with the update. The
     objective's parameters are restored afterwards; the new ones are in the result.
+    `ranker(weights, round, removed)`: saliencies of the prunable weights to rank by instead of
+    `criterion`'s exact ones (e.g. the learned head's, at the objective's current weights);
+    the OBS update stays exact. `ranker_name` is then the reported criterion.
     """
     fraction = check_fraction(fraction)
     update = (criterion == "obs") if update is None else update
@@ -530,7 +559,7 @@ def prune_model(
         )
     ev = eval_data or data
     before = evaluate(objective, ev, batch_size)
-    needs = _needs([criterion], update)
+    needs = _needs([] if ranker is not None else [criterion], update)
     final = target_counts(sizes, fraction, scope)
     current = dict(original)
     eps_used: list[float] = []
@@ -558,7 +587,10 @@ def prune_model(
             if curv.eps is not None and curv.dg is not None:
                 eps_used.append(curv.eps)
                 columns = curv.dg.columns
-            sal, _ = saliencies(criterion, current, names, curv)
+            if ranker is not None:
+                sal = {k: v for k, v in ranker(current, r, removed).items() if k in sizes}
+            else:
+                sal, _ = saliencies(criterion, current, names, curv)
             new_removed = select_masks(sal, round_target(final, removed, r, rounds), removed)
             if update:
                 assert curv.dg is not None and curv.eps is not None
@@ -588,7 +620,7 @@ def prune_model(
     }
     what = "½δwᵀ(F+εI)δw" + (f", summed over {rounds} rounds" if rounds > 1 else "")
     return PruneResult(
-        criterion=criterion,
+        criterion=ranker_name or criterion if ranker is not None else criterion,
         fraction=fraction,
         scope=scope,
         update=update,

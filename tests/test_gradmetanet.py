@@ -412,7 +412,9 @@ def test_predict_curvature_on_an_mlp(tmp_path):
     lc = predict_curvature(obj, data, b=128, seed=0)
     assert lc.b == 128 and lc.n == 300 and len(lc.index) == 128
     assert lc.fisher_trace.n_samples == 128 and "learned" in lc.fisher_trace.method
-    assert lc.fisher_trace.stderr > 0 and lc.hessian_top.value > 0
+    ft = lc.fisher_trace
+    assert ft.stderr is None and (ft.interval is not None or ft.method.endswith("uncalibrated"))
+    assert lc.hessian_top.value > 0
     assert set(lc.fisher_diag) == set(obj.params)
     for k, v in lc.fisher_diag.items():
         assert v.shape == obj.params[k].shape and bool((v > 0).all())

@@ -71,6 +71,11 @@ def test_head_zoo_train_eval_info_on_a_tiny_zoo(runner, tmp_path):
     fd = ev["results"]["all"]["fisher_diag.nmae"]
     assert fd["n_draws"] == 12 and fd["head"] > 0 and fd["plug"] > 0
     assert load_head(head).meta["metrics"]["all"]["fisher_diag.nmae"]["n_draws"] == 12
+    iv = ev["results"]["intervals"]  # fitted on val, coverage measured on the other splits
+    assert iv["source"].startswith("zoo split 'val'") and iv["level"] == 0.8
+    cov = iv["coverage"]["all"]["hessian_trace"]
+    assert cov["n"] == 12 and 0.0 <= cov["coverage"] <= 1.0
+    assert load_head(head).calibration is not None
     info = _json(_ok(runner.invoke(app, ["head", "info", "--head", str(head), "--json"])))
     assert info["results"]["metadata"]["supported"]["activations"] == ["tanh"]
     human = _ok(runner.invoke(app, ["head", "info", "--head", str(head)]))

@@ -301,5 +301,8 @@ def test_method_learned_and_both(runner, problem):
     assert set(learned["learned"]["criteria"]) == {"obd", "obs"} and "sweep" not in learned
     both = _json(runner.invoke(app, [*base, "--method", "both"]))["results"]
     assert "sweep" in both and both["learned"]["comparison"]
-    for args in (["--method", "learned", "--prune", "0.5"], ["--method", "hutchpp"]):
+    for args in (
+        ["--method", "learned", "--prune", "0.5", "--criterion", "obd"],
+        ["--method", "hutchpp"],
+    ):
         assert runner.invoke(app, [*base, *args]).exit_code == 2

@@ -3,6 +3,7 @@ GradMetaNet head (the learned curvature estimator behind ``--method learned``)."
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -336,12 +337,46 @@ def _render_eval(report: Report, console: Console) -> None:
         console.print(table)
     for target, base in baselines.items():
         console.print(f"[dim]{target}: baseline = {base}[/dim]")
+    iv = res.get("intervals")
+    if iv:
+        _render_intervals(iv, console)
     console.print(
         f"[dim]{res['n_models']} held-out models; errors against the exact large-sample "
         "values, mean (and median) over draws; NMAE = Σ|pred - true| / Σ|true|; "
         "|ln r| = |ln(pred / true)|; rel. = |pred - true| / true; wins = share of draws "
         f"where the head is closer · head {res['head']}[/dim]"
     )
+
+
+def _render_intervals(iv: dict[str, Any], console: Console) -> None:
+    """Coverage of the calibrated intervals on each held-out split, per size bin."""
+    edges = iv["edges"]
+    bounds = [0, *edges, None]
+    bins = [
+        f"P<{int(hi):,}"
+        if lo == 0
+        else (f"P>={int(lo):,}" if hi is None else f"{int(lo):,}-{int(hi):,}")
+        for lo, hi in itertools.pairwise(bounds)
+    ]
+    table = new_table(
+        f"{100 * iv['level']:.0f} % intervals fitted on {iv['source']}: coverage on "
+        "held-out models",
+        "target",
+        "split",
+        "coverage",
+        *bins,
+        "draws",
+    )
+    for split, per_target in iv["coverage"].items():
+        for target, c in per_target.items():
+            table.add_row(
+                target,
+                split,
+                fmt(c["coverage"], 3),
+                *[fmt(x, 3) for x in c["by_bin"]],
+                str(c["n"]),
+            )
+    console.print(table)
 
 
 @head_app.command("eval")
@@ -356,12 +391,20 @@ def evaluate(
         bool,
         typer.Option("--record", help="Store the metrics in the head file's metadata."),
     ] = False,
+    calibration_split: Annotated[
+        str,
+        typer.Option(
+            "--calibration-split",
+            help="Zoo split the intervals are fitted on (coverage is measured on --splits).",
+        ),
+    ] = "val",
     threads: ThreadsOpt = None,
     json: o.JsonOpt = False,
     output: o.OutputOpt = None,
     quiet: o.QuietOpt = False,
 ) -> None:
-    """Evaluate a head on held-out zoo models against the plug-in estimators.
+    """Evaluate a head on held-out zoo models against the plug-in estimators; fit its
+    calibrated intervals on --calibration-split and measure their coverage.
 
     Example: [bold]gmcurv head eval --json -o heldout.json[/bold]
     """
@@ -372,6 +415,11 @@ def evaluate(
     _threads(threads)
     chosen = tuple(s.strip() for s in splits.split(",") if s.strip())
     bad = [s for s in chosen if s not in SPLITS]
+    if calibration_split not in SPLITS or calibration_split in chosen:
+        raise ConfigError(
+            f"--calibration-split {calibration_split!r}: must be a zoo split not in --splits",
+            hint="use val (the default) and held-out --splits",
+        )
     if bad or not chosen:
         raise ConfigError(
             f"--splits: unknown split {bad[0] if bad else ''!r}",
@@ -381,17 +429,32 @@ def evaluate(
     cache = _cache(cache_dir)
     plan = read_plan(cache)
     loaded = load_head(head)
-    total = sum(len(g["steps"]) for g in plan["groups"] if g["split"] in chosen)
+    used = (*chosen, calibration_split)
+    total = sum(len(g["steps"]) for g in plan["groups"] if g["split"] in used)
     with session.stage("eval"), session.progress("evaluating (models)", total) as adv:
-        ev = evaluate_head(loaded, cache, chosen, adv)
+        ev = evaluate_head(loaded, cache, chosen, adv, calibration_split)
+    intervals = None if ev["intervals"] is None else ev["intervals"].to_dict()
+    if intervals is None:
+        session.note(f"no built models in split {calibration_split!r}: no intervals fitted")
     if record:
         meta = dict(loaded.meta)
-        meta["metrics"] = {
-            "heldout": ev["splits"],
-            "all": ev["all"],
-            "calibration": ev["calibration"],
-            "n_models": ev["n_models"],
-        }
+        metrics = dict(meta.get("metrics", {}))
+        kept = int(metrics.get("n_models") or 0)
+        if ev["n_models"] and ev["n_models"] >= kept:  # never by a smaller evaluation
+            metrics.update(
+                heldout=ev["splits"],
+                all=ev["all"],
+                calibration=ev["calibration"],
+                n_models=ev["n_models"],
+            )
+        else:
+            session.note(
+                f"{ev['n_models']} held-out models < the {kept} the head's accuracy was "
+                "recorded on: that accuracy is kept (intervals are recorded)"
+            )
+        if intervals is not None:
+            metrics.update(intervals=intervals, ranges=ev["ranges"] or {})
+        meta["metrics"] = metrics
         save_head(loaded.path, loaded.model, meta)
         session.note(f"metrics recorded in {loaded.path}")
     results = {
@@ -399,6 +462,8 @@ def evaluate(
         "splits": ev["splits"],
         "all": ev["all"],
         "calibration": ev["calibration"],
+        "intervals": intervals,
+        "ranges": ev["ranges"],
         "n_models": ev["n_models"],
     }
     session.finish(session.report(results), _render_eval, output)
@@ -420,6 +485,9 @@ def _render_info(report: Report, console: Console) -> None:
     )
     for cmd in meta.get("training", {}).get("commands", []):
         console.print(f"  [cyan]{cmd}[/cyan]")
+    measured = res.get("measured")
+    if measured:
+        console.print(Markdown(measured))
 
 
 @head_app.command("info")
@@ -438,10 +506,13 @@ def info(
     meta = read_head_metadata(path)
     shipped = path.resolve() == HEAD_FILE.resolve()
     card = CARD_FILE.read_text() if shipped and CARD_FILE.exists() else None
+    from gmcurv.gradmetanet.card import measured_section
+
     results = {
         "path": str(path),
         "metadata": meta,
         "card": card,
+        "measured": measured_section(meta),
         "file_bytes": path.stat().st_size,
     }
     session.finish(session.report(results), _render_info, output)

@@ -24,12 +24,16 @@ def fmt(x: float | None, digits: int = 4) -> str:
 
 
 def fmt_estimate(e: dict[str, Any] | None, digits: int = 4) -> str:
-    """``value ± stderr`` (stderr omitted when exact)."""
+    """``value ± stderr`` (stderr omitted when exact); ``value [lo, hi]`` for a learned
+    estimate with a calibrated interval."""
     if e is None:
         return "—"
     text = fmt(e.get("value"), digits)
     if e.get("stderr") is not None:
         text += f" ± {fmt(e['stderr'], 2)}"
+    if e.get("interval") is not None:
+        lo, hi = e["interval"]
+        text += f" [{fmt(lo, 3)}, {fmt(hi, 3)}]"
     if e.get("converged") is False:
         text += " [yellow](not converged)[/yellow]"
     return text

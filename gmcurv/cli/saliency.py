@@ -387,10 +387,12 @@ def saliency(
         )
     if prune is not None:
         check_fraction(prune)
-        if method is o.Method.learned:
+        if method is o.Method.learned and criterion is not Criterion.obs:
             raise ConfigError(
-                "--prune uses the exact saliencies, not the learned ones",
-                hint="drop --method learned (or use --method both to see them side by side)",
+                f"--prune --method learned ranks by the head's OBS saliency, not "
+                f"--criterion {criterion.value}",
+                hint="use --criterion obs (the default) with --method learned, or drop "
+                "--method learned",
             )
     level_list = _parse_levels(levels)
     checkpoint, report_file = _outputs(output, report_path, prune)
@@ -431,14 +433,23 @@ def saliency(
                 )
     if report_file is not None:
         ensure_not_input(report_file, session.inputs)
+    budget = parse_bytes(max_memory) if max_memory else None
     if method is o.Method.learned:  # the GradMetaNet head answers (gmcurv.cli.learned)
         from gmcurv.cli import learned as lh
 
         results = lh.learned_saliency_results(session, level_list, ev, batch_size, seed)
-        doc = session.report(results)
-        session.finish(doc, lh.render_learned("gmcurv saliency"), report_file, fail_if, strict)
+        shown = lh.render_learned("gmcurv saliency", _prune_part)
+        if prune is not None:
+            assert target is not None
+            with session.stage("prune"), session.progress("pruning (learned ranking)", None):
+                pruned = lh.learned_prune(
+                    session, prune, rounds, update, damping, structure.value, scope.value,
+                    ev, batch_size, seed, budget,
+                )  # fmt: skip
+            path, digest = _write_pruned(session, pruned, target)
+            results["prune"] = prune_results(pruned, path, digest)
+        session.finish(session.report(results), shown, report_file, fail_if, strict)
         return
-    budget = parse_bytes(max_memory) if max_memory else None
     common = {
         "fisher": fisher.value,
         "mc_samples": mc_samples,
@@ -497,31 +508,7 @@ def saliency(
                 progress=advance,
                 **common,
             )
-        with session.stage("write"):
-            path, digest = target, ""
-            if session.comm.main:  # under torchrun, rank 0 writes
-                path = save_pruned(
-                    session.loaded,
-                    pruned.weights,
-                    pruned.masks,
-                    target,
-                    {
-                        "source_sha256": session.loaded.sha256,
-                        "criterion": pruned.criterion,
-                        "fraction": pruned.fraction,
-                        "scope": pruned.scope,
-                        "update": pruned.update,
-                        "rounds": pruned.rounds,
-                        "structure": pruned.structure,
-                        "fisher": pruned.fisher,
-                        "damping": pruned.damping,
-                        "eps": [float(f"{e:.4g}") for e in pruned.eps],
-                        "n_removed": pruned.n_removed,
-                        "n_prunable": pruned.n_prunable,
-                    },
-                    inputs=session.inputs,
-                )
-                digest = sha256_file(path)
+        path, digest = _write_pruned(session, pruned, target)
         if not results:
             eps0 = pruned.eps[0] if pruned.eps else None
             results = _common(pruned.fisher, pruned.columns, session.data.n, damping, eps0)
@@ -535,6 +522,42 @@ def saliency(
         session.note(f"plot written to {plot}")
     doc = session.report(results)
     session.finish(doc, shown, report_file, fail_if, strict)
+
+
+def _write_pruned(session: Session, pruned: PruneResult, target: Path) -> tuple[Path, str]:
+    """Write the pruned checkpoint (rank 0 under torchrun); its path and sha256."""
+    assert session.loaded is not None
+    with session.stage("write"):
+        path, digest = target, ""
+        if session.comm.main:  # under torchrun, rank 0 writes
+            path = save_pruned(
+                session.loaded,
+                pruned.weights,
+                pruned.masks,
+                target,
+                {
+                    "source_sha256": session.loaded.sha256,
+                    "criterion": pruned.criterion,
+                    "fraction": pruned.fraction,
+                    "scope": pruned.scope,
+                    "update": pruned.update,
+                    "rounds": pruned.rounds,
+                    "structure": pruned.structure,
+                    "fisher": pruned.fisher,
+                    "damping": pruned.damping,
+                    "eps": [float(f"{e:.4g}") for e in pruned.eps],
+                    "n_removed": pruned.n_removed,
+                    "n_prunable": pruned.n_prunable,
+                },
+                inputs=session.inputs,
+            )
+            digest = sha256_file(path)
+    return path, digest
+
+
+def _prune_part(res: dict, console: Console) -> None:
+    if "prune" in res:
+        _render_prune(res["prune"], console)
 
 
 def register(app: typer.Typer) -> None:

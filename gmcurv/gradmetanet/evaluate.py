@@ -18,7 +18,10 @@ overestimates, so it favours estimators that err low); both are reported, mean a
 
 ``change`` is ``head / plug - 1`` of the mean errors (negative: the head is better).
 ``calibration`` is the root-mean-square log-ratio ``log(pred / true)`` of the head per
-target — what `predict_curvature` reports as a relative standard error.
+target (kept for reference). ``intervals`` is what `predict_curvature` reports: the
+calibrated 80 % intervals (`gmcurv.gradmetanet.calibration`) fitted on one split
+(``val``: new seeds of the training combinations) with their coverage measured on the
+held-out splits.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any
 
 import torch
 
+from gmcurv.gradmetanet import calibration as cal
 from gmcurv.gradmetanet.model import PARAM_TARGETS, SCALAR_TARGETS, HeadOutput, log_prediction
 from gmcurv.gradmetanet.pretrained import LoadedHead
 from gmcurv.gradmetanet.train import Item, loss_parts, make_item
@@ -69,6 +73,8 @@ class DrawErrors:
     head: dict[str, list[float]]
     plug: dict[str, list[float]]
     logratio: dict[str, list[float]] = field(default_factory=dict)
+    n_params: int = 0
+    mean_loss: float = math.nan
 
 
 def _zero_like(out: HeadOutput) -> HeadOutput:
@@ -138,6 +144,8 @@ def evaluate_models(
                 h,
                 p,
                 ratios,
+                sum(int(v.numel()) for v in zm.state.values()),
+                sum(float(d.gs.losses.mean()) for d in zm.draws) / max(len(zm.draws), 1),
             )
         )
         if progress:
@@ -190,20 +198,66 @@ def calibration(rows: Sequence[DrawErrors]) -> dict[str, float]:
     return out
 
 
+def interval_samples(rows: Sequence[DrawErrors]) -> list[cal.Sample]:
+    """Every draw's log-ratio of every scalar the head predicts, with the model's size."""
+    return [
+        cal.Sample(name, r.n_params, x)
+        for r in rows
+        for name in SCALAR_TARGETS
+        for x in r.logratio.get(name, [])
+        if math.isfinite(x)
+    ]
+
+
+def operating_ranges(rows: Sequence[DrawErrors]) -> dict[str, list[float]]:
+    """Mean loss of the set (``loss``) seen on `rows`: the range the card calls in-range."""
+    losses = [r.mean_loss for r in rows if math.isfinite(r.mean_loss)]
+    return {"loss": [min(losses), max(losses)]} if losses else {}
+
+
+def fit_intervals(
+    cal_rows: Sequence[DrawErrors], test_rows: Sequence[DrawErrors], source: str
+) -> cal.Calibration:
+    """Intervals fitted on `cal_rows`, with coverage measured on each split of `test_rows`
+    and on all of them (``all``)."""
+    sizes = sorted({(r.name, r.n_params) for r in cal_rows})
+    fitted = cal.fit(interval_samples(cal_rows), source=source, sizes=[p for _, p in sizes])
+    cover: dict[str, Any] = {"all": cal.coverage(fitted, interval_samples(test_rows))}
+    for split in sorted({r.split for r in test_rows}):
+        part = [r for r in test_rows if r.split == split]
+        cover[split] = cal.coverage(fitted, interval_samples(part))
+    return cal.Calibration(
+        fitted.level, fitted.edges, fitted.quantiles, fitted.counts, fitted.pooled, source, cover
+    )
+
+
 def evaluate_head(
     head: LoadedHead,
     cache_dir: Path,
     splits: Sequence[str] = ("test-dataset", "test-arch"),
     progress: Callable[[int], None] | None = None,
+    calibration_split: str | None = "val",
 ) -> dict[str, Any]:
-    """Evaluate on the zoo's held-out splits: per split and overall summaries, per-model rows."""
+    """Evaluate on the zoo's held-out splits: per split and overall summaries, per-model rows;
+    with `calibration_split`, the calibrated intervals fitted there and their coverage on
+    `splits` (``intervals``, None when that split has no models)."""
     models = list(iter_zoo(cache_dir, tuple(splits)))
     rows = evaluate_models(head, models, progress)
     by_split = {s: summarise([r for r in rows if r.split == s]) for s in splits}
+    intervals = ranges = None
+    if calibration_split is not None:
+        cal_rows = evaluate_models(head, list(iter_zoo(cache_dir, (calibration_split,))), progress)
+        if cal_rows:
+            n_models = len(cal_rows)
+            source = f"zoo split {calibration_split!r} ({n_models} models)"
+            intervals = fit_intervals(cal_rows, rows, source)
+            ranges = operating_ranges(cal_rows)
     return {
         "splits": by_split,
         "all": summarise(rows),
         "calibration": calibration(rows),
+        "intervals": intervals,
+        "ranges": ranges,
         "rows": rows,
         "n_models": len(rows),
     }

@@ -5,9 +5,16 @@ decomposed empirical-Fisher gradients, encodes them (`features.encode`) and runs
 It returns the head's predictions — Fisher trace and diagonal, OBS curvature, Hessian trace
 and top Hessian eigenvalue — and the plug-in estimates on the same ``b`` gradients.
 
-Every predicted number is an `Estimate` with ``n_samples = b`` and ``method`` naming the head;
-its ``stderr`` is the head's held-out root-mean-square log-error for that target (from the
-head's metadata) times the value: a calibration from the model card, not a sampling error.
+Every predicted scalar is an `Estimate` with ``n_samples = b`` and ``method`` naming the
+head; it has no ``stderr`` but a calibrated ``interval`` (``interval_level`` 0.8): the 10-90 %
+quantiles of the head's held-out log errors for that quantity and the model's size bin
+(`gmcurv.gradmetanet.calibration`, recorded in the head by ``gmcurv head eval --record``),
+with its measured coverage on unseen datasets and architectures in the model card. A head
+without a recorded calibration gives no interval and ``converged = False``.
+
+Beside the head, `LearnedCurvature` carries the exact engine on the same ``b`` examples
+(`baselines.same_set_baselines`: plug-in Fisher, GGN, exact Hessian trace) and the inputs
+outside the head's training range (`pretrained.RangeFlag`).
 """
 
 from __future__ import annotations
@@ -23,9 +30,10 @@ from torch import Tensor
 from gmcurv.capture import Capturer
 from gmcurv.data import Batch, DataSample
 from gmcurv.errors import GmcurvWarning
+from gmcurv.gradmetanet.baselines import SameSetBaselines, same_set_baselines
 from gmcurv.gradmetanet.features import PlugIn, check_supported, encode, gradient_set, plug_in
 from gmcurv.gradmetanet.model import decode
-from gmcurv.gradmetanet.pretrained import LoadedHead, load_head
+from gmcurv.gradmetanet.pretrained import LoadedHead, RangeFlag, load_head
 from gmcurv.objective import Objective
 from gmcurv.results import Estimate
 
@@ -50,6 +58,11 @@ class LearnedCurvature:
     index: Tensor
     seconds: float
     per_layer_trace: dict[str, float]
+    same_set: SameSetBaselines | None = None
+    out_of_range: tuple[RangeFlag, ...] = ()
+    n_params: int = 0
+    head_path: str = ""
+    coverage: tuple[float, float] | None = None  # measured range of the interval's coverage
 
 
 def sample_batch(data: DataSample, b: int, seed: int, device, dtype) -> tuple[Batch, Tensor]:
@@ -82,10 +95,22 @@ def sample_batch(data: DataSample, b: int, seed: int, device, dtype) -> tuple[Ba
     return Batch(inputs, targets, 0), index
 
 
-def _stderr(head: LoadedHead, target: str, value: float) -> float:
-    cal = head.meta.get("metrics", {}).get("calibration", {}).get(target)
-    rel = float(cal) if cal is not None else 1.0  # uncalibrated: ±100 %
-    return abs(value) * rel
+def learned_estimate(
+    head: LoadedHead, target: str, value: float, n_params: int, b: int, method: str
+) -> Estimate:
+    """The head's value of `target` with its calibrated interval (see module doc)."""
+    cal = head.calibration
+    interval = None if cal is None else cal.interval(target, value, n_params)
+    ok = math.isfinite(value) and interval is not None
+    return Estimate(
+        value,
+        None,
+        b,
+        method if cal is not None else f"{method}, uncalibrated",
+        ok,
+        interval=interval,
+        interval_level=None if interval is None or cal is None else cal.level,
+    )
 
 
 def predict_curvature(
@@ -94,13 +119,14 @@ def predict_curvature(
     b: int = DEFAULT_SET_SIZE,
     seed: int = 0,
     head: LoadedHead | None = None,
+    baselines: bool = True,
 ) -> LearnedCurvature:
-    """Run the head on ``b`` random examples of `data` (see module doc)."""
+    """Run the head on ``b`` random examples of `data` (see module doc); with `baselines`
+    also the exact engine on the same examples."""
     chain = check_supported(objective, "empirical")
     head = head or load_head()
     widths = [int(objective.params[w].shape[0]) for w in chain.weights[:-1]]
-    for note in head.check(chain, widths):
-        warnings.warn(note, GmcurvWarning, stacklevel=2)
+    head.check(chain, widths)  # refuses what the head does not support
     t0 = time.perf_counter()
     batch, index = sample_batch(data, b, seed, objective.device, objective.dtype)
     dg = Capturer(objective, "empirical", 1, seed)(batch)
@@ -110,6 +136,17 @@ def predict_curvature(
     with torch.no_grad():
         pred = decode(inp, head.model(inp))
     seconds = time.perf_counter() - t0
+    flags = tuple(head.out_of_range(chain, widths, float(gs.losses.mean())))
+    if flags:
+        warnings.warn(
+            "outside the GradMetaNet head's training range: "
+            + "; ".join(f.text() for f in flags)
+            + " — its card's errors and intervals may not hold; compare with --method both",
+            GmcurvWarning,
+            stacklevel=2,
+        )
+    same = same_set_baselines(objective, batch, chain, pl, seed) if baselines else None
+    n_params = sum(int(objective.params[k].numel()) for k in objective.params)
     fisher_diag, obs, plug_diag, plug_obs, per_layer = {}, {}, {}, {}, {}
     for l, path in enumerate(chain.paths):
         w, bn = chain.weights[l], chain.biases[l]
@@ -126,8 +163,7 @@ def predict_curvature(
     method = f"learned (GradMetaNet head v{head.version}, b={n_used})"
 
     def est(i: int, target: str) -> Estimate:
-        v = float(pred.scalars[i])
-        return Estimate(v, _stderr(head, target, v), n_used, method, math.isfinite(v))
+        return learned_estimate(head, target, float(pred.scalars[i]), n_params, n_used, method)
 
     return LearnedCurvature(
         b=n_used,
@@ -144,7 +180,28 @@ def predict_curvature(
         index=index,
         seconds=seconds,
         per_layer_trace=per_layer,
+        same_set=same,
+        out_of_range=flags,
+        n_params=n_params,
+        head_path=str(head.path),
+        coverage=measured_coverage(head),
     )
+
+
+def measured_coverage(head: LoadedHead) -> tuple[float, float] | None:
+    """Lowest and highest coverage of the head's intervals measured on held-out splits
+    (per split and target, pooled entries ``all`` excluded), or None."""
+    cal = head.calibration
+    if cal is None:
+        return None
+    values = [
+        c["coverage"]
+        for split, per in cal.coverage.items()
+        if not split.endswith("all")
+        for c in per.values()
+        if c.get("n") and math.isfinite(c["coverage"])
+    ]
+    return (min(values), max(values)) if values else None
 
 
 def relative_error(learned: float, exact: float) -> float:
@@ -159,8 +216,11 @@ class LearnedSaliency:
     """OBD / OBS saliencies from the head's predicted curvature, and what pruning costs.
 
     ``obd_q = ½ F̂_qq w_q²`` and ``obs_q = ½ r̂_q w_q²`` (``r̂`` the predicted OBS curvature
-    ``1/[(F + eps I)^-1]_qq``), on the prunable weights; `sweep` evaluates masking the least
-    salient weights (global scope, no weight update) at each level.
+    ``1/[(F + eps I)^-1]_qq``), on the prunable weights; `sweep` evaluates, at each level,
+    masking the least salient weights (global scope): ``obd``, ``obs`` by the head's
+    saliencies (no update); with `compare`, also ``obs+update`` (the head's OBS ranking +
+    the exact one-shot OBS update on DATA) beside ``exact obs+update`` (exact OBS
+    saliencies + the same update) and ``magnitude`` — the pruning comparison.
     """
 
     curvature: LearnedCurvature
@@ -168,6 +228,27 @@ class LearnedSaliency:
     layers: dict[str, dict[str, dict[str, Estimate]]]  # param -> criterion -> statistics
     sweep: dict[str, list[dict]]  # criterion -> [{fraction, n_removed, loss, accuracy}]
     baseline: dict
+
+
+def head_obs_saliency(
+    objective: Objective, data: DataSample, b: int, seed: int, head: LoadedHead | None
+) -> dict[str, Tensor]:
+    """``½ r̂_q w_q²`` of every parameter at the objective's current weights (the ranking
+    ``saliency --prune --method learned`` uses)."""
+    lc = predict_curvature(objective, data, b, seed, head, baselines=False)
+    return {
+        k: 0.5 * lc.obs_curv[k] * objective.params[k].detach().double().pow(2) for k in lc.obs_curv
+    }
+
+
+def _point(p) -> dict:
+    return {
+        "fraction": p.fraction,
+        "n_removed": p.n_removed,
+        "loss": p.loss,
+        "accuracy": p.accuracy,
+        "predicted_increase": p.predicted_increase,
+    }
 
 
 def learned_saliency(
@@ -180,10 +261,11 @@ def learned_saliency(
     levels: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
     eval_data: DataSample | None = None,
     batch_size: int = 256,
+    compare: bool = True,
 ) -> LearnedSaliency:
-    """Saliencies from `predict_curvature` and a masking sweep on `eval_data` (or `data`)."""
+    """Saliencies from `predict_curvature` and a pruning sweep on `eval_data` (or `data`)."""
     from gmcurv.pruning import apply_masks, evaluate, prunable_params, select_masks
-    from gmcurv.saliency import layer_statistics
+    from gmcurv.saliency import curvature_at, layer_statistics, obs_update_sweep, saliencies
 
     lc = predict_curvature(objective, data, b, seed, head)
     names = prunable_params(objective)
@@ -208,6 +290,28 @@ def learned_saliency(
                 {"fraction": f, "n_removed": count, "loss": ev.loss, "accuracy": ev.accuracy}
             )
         sweep[c] = points
+    if compare:
+        curv = curvature_at(objective, data, {"inverse"}, batch_size=batch_size, seed=seed)
+        assert curv.inverse is not None
+        sizes = {k: w[k].numel() for k in names}
+        exact_obs, _ = saliencies("obs", weights, names, curv)
+        for label, ranking in (("obs+update", sal["obs"]), ("exact obs+update", exact_obs)):
+            pts = obs_update_sweep(
+                objective, target, weights, ranking, curv.inverse, sizes, sorted(levels),
+                "global", {}, batch_size, data.n,
+            )  # fmt: skip
+            sweep[label] = [_point(p) for p in pts]
+        mag = {k: w[k].abs() for k in names}
+        points = []
+        for f in levels:
+            count = round(f * total)
+            ev = evaluate(
+                objective, target, batch_size, apply_masks(weights, select_masks(mag, count))
+            )
+            points.append(
+                {"fraction": f, "n_removed": count, "loss": ev.loss, "accuracy": ev.accuracy}
+            )
+        sweep["magnitude"] = points
     return LearnedSaliency(
         lc, sal, layers, sweep, {"loss": base.loss, "accuracy": base.accuracy, "n": target.n}
     )

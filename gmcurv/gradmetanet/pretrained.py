@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gmcurv.errors import CheckpointError, UnsupportedError
+from gmcurv.gradmetanet.calibration import Calibration
 from gmcurv.gradmetanet.features import MLPChain
 from gmcurv.gradmetanet.model import PARAM_TARGETS, SCALAR_TARGETS, GradMetaNet, HeadConfig
 from gmcurv.samples import SAMPLE_ROOT
@@ -47,7 +48,7 @@ class LoadedHead:
 
     def check(self, chain: MLPChain, widths: list[int] | None = None) -> list[str]:
         """Refuse MLPs outside what the head was trained on (with the --method exact hint);
-        return warnings for supported-but-unseen sizes (hidden widths beyond the zoo's)."""
+        return warnings for supported-but-unseen sizes (see `out_of_range` for all flags)."""
         sup = self.supported
         acts = sup.get("activations")
         hint = "use --method exact (or auto); the head's card lists what it supports"
@@ -64,15 +65,55 @@ class LoadedHead:
                 f"this one has {chain.depth}",
                 hint=hint,
             )
+        return [f.text() for f in self.out_of_range(chain, widths)]
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The calibrated intervals recorded by ``gmcurv head eval --record`` (or None)."""
+        d = self.meta.get("metrics", {}).get("intervals")
+        return Calibration.from_dict(d) if d else None
+
+    def out_of_range(
+        self, chain: MLPChain, widths: list[int] | None = None, mean_loss: float | None = None
+    ) -> list[RangeFlag]:
+        """Inputs outside what the head was trained on (it still answers; its card's errors
+        may not hold): hidden widths, depth, activation, and the mean loss of the set
+        against the range seen on the calibration models."""
+        sup = self.supported
+        flags = []
         trained = sup.get("trained_widths") or []
-        notes = []
-        if widths and trained and max(widths) > max(trained):
-            notes.append(
-                f"hidden width {max(widths)} is beyond the widths the GradMetaNet head was "
-                f"trained on (up to {max(trained)}); the head is width-agnostic but its error "
-                "may be larger than on its model card — compare with --method both"
-            )
-        return notes
+        if widths and trained:
+            lo, hi = min(trained), max(trained)
+            bad = sorted({w for w in widths if not lo <= w <= hi})
+            if bad:
+                flags.append(RangeFlag("width", ",".join(map(str, bad)), f"{lo}-{hi}"))
+        depths = sup.get("trained_depths")
+        if not depths and "min_layers" in sup and "max_layers" in sup:
+            depths = [sup["min_layers"], sup["max_layers"] - 1]  # max_layers: one beyond
+        if depths and not min(depths) <= chain.depth <= max(depths):
+            flags.append(RangeFlag("depth", str(chain.depth), f"{min(depths)}-{max(depths)}"))
+        acts = sup.get("activations")
+        if acts and chain.activation not in acts:
+            flags.append(RangeFlag("activation", chain.activation, ",".join(acts)))
+        loss_range = self.meta.get("metrics", {}).get("ranges", {}).get("loss")
+        if loss_range and mean_loss is not None:
+            lo_l, hi_l = loss_range
+            if not lo_l <= mean_loss <= hi_l:
+                flags.append(RangeFlag("loss", f"{mean_loss:.3g}", f"{lo_l:.3g}-{hi_l:.3g}"))
+        return flags
+
+
+@dataclass(frozen=True)
+class RangeFlag:
+    """One input of the model outside the head's training range."""
+
+    what: str  # width | depth | activation | loss
+    value: str
+    seen: str
+
+    def text(self) -> str:
+        label = {"width": "hidden width", "depth": "linear layers", "loss": "mean loss"}
+        return f"{label.get(self.what, self.what)} {self.value} (head trained on {self.seen})"
 
 
 def head_metadata(

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.func import grad, vmap
 
 from gmcurv.capture import DecomposedGradients, capture_all
-from gmcurv.data import DataSample
+from gmcurv.data import Batch, DataSample
 from gmcurv.fisher import fisher_diagonal, fisher_trace
 from gmcurv.gradmetanet.features import MLPChain, check_supported
 from gmcurv.hessian import CurvatureOperator
@@ -73,57 +73,67 @@ def mlp_hessian_diagonal(
     objective: Objective, data: DataSample, chain: MLPChain, batch_size: int = 1024
 ) -> dict[str, Tensor]:
     """Exact ``diag ∇²L`` of the mean loss over `data` (see module doc), float64."""
+    out: dict[str, Tensor] = {}
+    n_total = 0
+    for batch in data.batches(batch_size, objective.device, torch.float64):
+        for k, v in batch_hessian_diagonal_sum(objective, batch, chain).items():
+            out[k] = out.get(k, 0.0) + v
+        n_total += len(batch)
+    return {k: v / n_total for k, v in out.items()}
+
+
+def batch_hessian_diagonal_sum(
+    objective: Objective, batch: Batch, chain: MLPChain
+) -> dict[str, Tensor]:
+    """``Σ_n diag ∇²L_n`` over the examples of one batch (float64; see module doc)."""
     model = objective.model
     linears = [model.get_submodule(p) for p in chain.paths]
     d1, d2 = _derivatives(chain.activation)
     act = ACTIVATIONS[chain.activation]()
     out: dict[str, Tensor] = {}
-    n_total = 0
-    for batch in data.batches(batch_size, objective.device, torch.float64):
-        x = batch.inputs
-        assert isinstance(x, Tensor)
-        if x.shape[-1] != linears[0].in_features:
-            x = x.reshape(x.shape[0], -1)
-        with torch.no_grad():
-            xs, zs = [], []
-            for l, lin in enumerate(linears):
-                xs.append(x)
-                z = torch.nn.functional.linear(
-                    x, lin.weight.double(), None if lin.bias is None else lin.bias.double()
-                )
-                zs.append(z)
-                x = act(z) if l < len(linears) - 1 else z
-        f = zs[-1].detach().requires_grad_(True)
-        targets = objective.targets(batch, f)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(objective.loss.per_example(f, targets).sum(), f)
-        n, c = f.shape
-        eye = torch.eye(c, dtype=torch.float64)
-        H = torch.stack(
-            [
-                objective.loss.output_hessian_vp(f.detach(), targets, eye[k].expand(n, c))
-                for k in range(c)
-            ],
-            -1,
-        )  # [n, c, c]
-        for l in range(len(linears) - 1, -1, -1):
-            hd = H.diagonal(dim1=1, dim2=2)  # [n, O_l]
-            w_name, b_name = chain.weights[l], chain.biases[l]
-            part = torch.einsum("no,ni->oi", hd, xs[l].pow(2))
-            out[w_name] = out.get(w_name, 0.0) + part
-            if b_name is not None:
-                out[b_name] = out.get(b_name, 0.0) + hd.sum(0)
-            if l == 0:
-                break
-            W = linears[l].weight.detach().double()  # [O_l, I_l]
-            gx = g @ W  # gradient w.r.t. x_l = σ(z_{l-1})
-            z = zs[l - 1]
-            s1, s2 = d1(z), d2(z)
-            B = torch.einsum("oi,nop,pj->nij", W, H, W)
-            H = s1[:, :, None] * B * s1[:, None, :] + torch.diag_embed(s2 * gx)
-            g = s1 * gx
-        n_total += n
-    return {k: v / n_total for k, v in out.items()}
+    x = batch.inputs
+    assert isinstance(x, Tensor)
+    x = x.double()
+    if x.shape[-1] != linears[0].in_features:
+        x = x.reshape(x.shape[0], -1)
+    with torch.no_grad():
+        xs, zs = [], []
+        for l, lin in enumerate(linears):
+            xs.append(x)
+            z = torch.nn.functional.linear(
+                x, lin.weight.double(), None if lin.bias is None else lin.bias.double()
+            )
+            zs.append(z)
+            x = act(z) if l < len(linears) - 1 else z
+    f = zs[-1].detach().requires_grad_(True)
+    targets = objective.targets(batch, f)
+    with torch.enable_grad():
+        (g,) = torch.autograd.grad(objective.loss.per_example(f, targets).sum(), f)
+    n, c = f.shape
+    eye = torch.eye(c, dtype=torch.float64)
+    H = torch.stack(
+        [
+            objective.loss.output_hessian_vp(f.detach(), targets, eye[k].expand(n, c))
+            for k in range(c)
+        ],
+        -1,
+    )  # [n, c, c]
+    for l in range(len(linears) - 1, -1, -1):
+        hd = H.diagonal(dim1=1, dim2=2)  # [n, O_l]
+        w_name, b_name = chain.weights[l], chain.biases[l]
+        out[w_name] = torch.einsum("no,ni->oi", hd, xs[l].pow(2))
+        if b_name is not None:
+            out[b_name] = hd.sum(0)
+        if l == 0:
+            break
+        W = linears[l].weight.detach().double()  # [O_l, I_l]
+        gx = g @ W  # gradient w.r.t. x_l = σ(z_{l-1})
+        z = zs[l - 1]
+        s1, s2 = d1(z), d2(z)
+        B = torch.einsum("oi,nop,pj->nij", W, H, W)
+        H = s1[:, :, None] * B * s1[:, None, :] + torch.diag_embed(s2 * gx)
+        g = s1 * gx
+    return out
 
 
 def top_hessian_eigenvalue(
