@@ -110,8 +110,15 @@ def _fresh_head(calibration: dict[str, float] | None = None):
 
     shipped = load_head()
     meta = dict(shipped.meta)
-    if calibration is not None:
-        meta["metrics"] = {**meta.get("metrics", {}), "calibration": calibration}
+    if calibration is not None:  # symmetric log-error quantiles ±c, one size bin
+        intervals = {
+            "level": 0.8,
+            "edges": [],
+            "quantiles": {t: [[-c, c]] for t, c in calibration.items()},
+            "counts": {t: [100] for t in calibration},
+            "pooled": {t: [-c, c] for t, c in calibration.items()},
+        }
+        meta["metrics"] = {**meta.get("metrics", {}), "intervals": intervals}
     return replace(shipped, model=GradMetaNet(SMALL).double(), meta=meta)
 
 
@@ -144,7 +151,8 @@ def test_head_fisher_and_hessian_traces_are_not_swapped(tmp_path):
 
 
 def test_head_uncertainty_follows_its_calibration(tmp_path):
-    """The head's ± comes from its held-out calibration: a worse calibration, a wider ±."""
+    """The head's uncertainty comes from its held-out calibration: a worse calibration, a
+    wider interval (value · e^(±c) for log-error quantiles ±c)."""
     from gmcurv.gradmetanet.predict import predict_curvature
 
     obj, data = _head_problem(tmp_path)
@@ -157,5 +165,7 @@ def test_head_uncertainty_follows_its_calibration(tmp_path):
         ea, eb = getattr(a, t), getattr(b, t)
         assert ea.value == eb.value
         assert 0 < _spread(ea) < _spread(eb), t
-        if getattr(ea, "interval", None) is None:  # a relative ±: calibration x |value|
-            assert ea.stderr == pytest.approx(0.1 * abs(ea.value), rel=1e-12)
+        if getattr(ea, "interval", None) is not None:  # value · e^(±c)
+            lo, hi = ea.interval
+            assert lo == pytest.approx(ea.value * math.exp(-0.1), rel=1e-12)
+            assert hi == pytest.approx(ea.value * math.exp(0.1), rel=1e-12)
