@@ -6,18 +6,26 @@ Fisher (`gmcurv.losses`), so that with sum-over-examples semantics ``delta[n]`` 
 example ``n`` alone. Supported modules:
 
 ==============  ==============================================================
-``linear``      ``nn.Linear``: leading dimensions become tokens, bias folded into ``a``
+``linear``      ``nn.Linear``: leading dimensions become tokens, bias folded into ``a``;
+                an input flattened to ``[N*T, I]`` (OPT's fc1/fc2) is mapped back to
+                ``[N, T, I]`` (rows example-major, verified by the self-check)
+``conv1d``      Hugging Face ``Conv1D`` (GPT-2; weight ``[I, O]``, ``y = x W + b``): as
+                ``linear``, with the weight gradient transposed
 ``conv2d``      ``nn.Conv2d`` (groups = 1): unfolded patches, positions become tokens
 ``embedding``   ``nn.Embedding``: one-hot inputs kept as indices
 ``norm``        LayerNorm / GroupNorm / BatchNorm / RMSNorm affine parameters:
-                ``g = Σ_positions delta ⊙ x̂`` (and ``Σ delta`` for the bias), exact and cheap
+                ``g = Σ_positions delta ⊙ x̂`` (and ``Σ delta`` for the bias), exact and cheap;
+                Hugging Face RMSNorms (``LlamaRMSNorm`` etc., ``y = w ⊙ x / rms(x)``) too
 ``tied``        a parameter reached through several of the above (sum of sources)
 ``dense``       anything else: per-example gradients from ``torch.func`` (``vmap`` of ``vjp``)
 ==============  ==============================================================
 
 On the first batch the summed factors are checked against autograd's gradient; a block
 that disagrees (a weight also used outside its module's forward) falls back to ``dense``
-with a warning, so every parameter is always covered, correctly.
+with a warning, so every parameter is always covered, correctly. A module whose inputs
+cannot be mapped to examples (a leading dimension that is not a multiple of ``N``) falls
+back to ``dense`` the same way, on any batch. Subclasses that override ``forward`` (e.g.
+OPT's positional embedding, called with the attention mask) are ``dense``.
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ _NORMS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
 ) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
+_NORM_FORWARDS = {c.forward for c in _NORMS}
+
 ProgressFn = Callable[[int], None]
 
 
@@ -69,20 +79,64 @@ class BlockPlan:
     modules: tuple[str, ...]  # module paths whose forward calls produce the gradient
 
 
+def _own_forward(module: nn.Module, base: type[nn.Module]) -> bool:
+    """Does `module` compute `base`'s forward (not a subclass that overrides it)?"""
+    return type(module).forward is base.forward
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (``y = x W + b``, weight ``[I, O]``), without importing it."""
+    w = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and type(module).__module__.startswith("transformers.")
+        and isinstance(w, Tensor)
+        and w.ndim == 2
+        and w.shape[1] == getattr(module, "nf", None)
+    )
+
+
+def is_hf_rms_norm(module: nn.Module) -> bool:
+    """A Hugging Face RMSNorm (``LlamaRMSNorm``, ``Qwen2RMSNorm``, ...): ``w ⊙ x / rms(x)``.
+
+    Recognised by name and shape; a variant computing something else (e.g. ``(1 + w)``)
+    fails the first-batch self-check and falls back to dense, with a warning.
+    """
+    w = getattr(module, "weight", None)
+    return (
+        type(module).__name__.endswith("RMSNorm")
+        and type(module).__module__.startswith("transformers.")
+        and isinstance(w, Tensor)
+        and w.ndim == 1
+        and getattr(module, "bias", None) is None
+        and isinstance(_rms_eps(module), float)
+    )
+
+
+def _rms_eps(module: nn.Module) -> float | None:
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
+    return float(eps) if isinstance(eps, (int, float)) else None
+
+
 def module_kind(module: nn.Module) -> str:
     """How a module's own parameters are captured (see module doc)."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) and _own_forward(module, nn.Linear):
         return "linear"
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
+    if is_hf_conv1d(module):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d) and module.groups == 1 and _own_forward(module, nn.Conv2d):
         return "conv2d"
     if (
         isinstance(module, nn.Embedding)
+        and _own_forward(module, nn.Embedding)
         and module.max_norm is None
         and not module.scale_grad_by_freq
         and not module.sparse
     ):
         return "embedding"
-    if isinstance(module, _NORMS):
+    if isinstance(module, _NORMS) and type(module).forward in _NORM_FORWARDS:
+        return "norm"
+    if is_hf_rms_norm(module):
         return "norm"
     return "dense"
 
@@ -195,10 +249,14 @@ class DecomposedGradients:
 # ------------------------------------------------------------------------------- recording
 @dataclass
 class _Call:
-    inputs: Tensor
+    inputs: Tensor  # [n, ...]: rows of a flattened [n*k, ...] input are viewed as [n, k, ...]
     output: Tensor
     broadcast: bool = False
     deltas: dict[int, Tensor] = field(default_factory=dict)
+    shape: tuple[int, ...] = ()  # the output (and its deltas) seen per example
+
+    def __post_init__(self) -> None:
+        self.shape = self.shape or tuple(self.output.shape)
 
 
 def _delta_hook(recorder: weakref.ref, call: weakref.ref) -> Callable[[Tensor], None]:
@@ -207,9 +265,22 @@ def _delta_hook(recorder: weakref.ref, call: weakref.ref) -> Callable[[Tensor], 
     def hook(g: Tensor) -> None:
         rec, c = recorder(), call()
         if rec is not None and c is not None:
-            c.deltas[rec.column] = g.detach()
+            c.deltas[rec.column] = g.detach().reshape(c.shape)
 
     return hook
+
+
+_ROW_WISE = ("linear", "conv1d")  # kinds whose rows may be flattened examples x tokens
+
+
+def _row_wise(module: nn.Module) -> bool:
+    """Does the module act on each row (leading index) of its input independently?"""
+    kind = module_kind(module)
+    if kind in _ROW_WISE:
+        return True
+    return kind == "norm" and not isinstance(
+        module, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    )
 
 
 class _Recorder:
@@ -226,6 +297,7 @@ class _Recorder:
         self.n = n
         self.column = 0
         self.active = True
+        self.unmapped: dict[str, int] = {}  # module -> leading dim that is not examples
         self._handles = [model.get_submodule(p).register_forward_hook(self._hook(p)) for p in paths]
 
     def _hook(self, path: str):
@@ -235,7 +307,22 @@ class _Recorder:
             if not isinstance(output, Tensor) or not output.requires_grad or output.ndim == 0:
                 return None
             x = args[0]
-            broadcast = output.shape[0] != self.n
+            rows = output.shape[0]
+            if rows != self.n and _row_wise(module) and x.shape[0] == rows:
+                if rows % self.n or output.shape[0] == 1:
+                    self.unmapped[path] = rows  # no example structure: dense fallback
+                    return None
+                # flattened [n*k, ...] rows, example-major (checked by the self-check)
+                k = rows // self.n
+                call = _Call(
+                    x.detach().reshape(self.n, k, *x.shape[1:]),
+                    output,
+                    shape=(self.n, k, *output.shape[1:]),
+                )
+                self.calls[path].append(call)
+                output.register_hook(_delta_hook(weakref.ref(self), weakref.ref(call)))
+                return None
+            broadcast = rows != self.n
             if broadcast:
                 if output.shape[0] == 1 and x.shape[0] == 1:
                     output = output.expand(self.n, *output.shape[1:])
@@ -286,7 +373,7 @@ def _stack_deltas(call: _Call, columns: int) -> Tensor:
     for c in range(columns):
         d = call.deltas.get(c)
         if d is None:
-            zero = zero if zero is not None else torch.zeros_like(call.output.detach())
+            zero = zero if zero is not None else call.output.new_zeros(call.shape)
             d = zero
         out.append(d)
     return out[0].unsqueeze(0) if columns == 1 else torch.stack(out)
@@ -304,6 +391,11 @@ def _linear_source(module: nn.Linear, calls: list[_Call], names: dict, n: int, c
         d_parts.append(d.reshape(columns, n, -1, d.shape[-1]).transpose(0, 1))
         a_parts.append(_tokens(call.inputs, n))
     return _with_bias(_cat(d_parts, 2), _cat(a_parts, 1), module, names)
+
+
+def _conv1d_source(module: nn.Module, calls: list[_Call], names: dict, n: int, columns: int):
+    """Hugging Face ``Conv1D``: a linear map stored ``[I, O]`` (factors marked transposed)."""
+    return replace(_linear_source(module, calls, names, n, columns), transposed=True)
 
 
 def _conv2d_source(module: nn.Conv2d, calls: list[_Call], names: dict, n: int, columns: int):
@@ -378,6 +470,11 @@ def _normalized(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         k = len(module.normalized_shape)
         xh = F.rms_norm(x, module.normalized_shape, eps=module.eps)
         return xh, tuple(range(1, x.ndim - k))
+    if is_hf_rms_norm(module):  # the library's own x̂ (its dtype casts included): w = 1
+        ones = {"weight": torch.ones_like(module.weight)}
+        with torch.no_grad():
+            xh = torch.func.functional_call(module, ones, (x,))
+        return xh, tuple(range(1, x.ndim - 1))
     if isinstance(module, nn.GroupNorm):
         xh = F.group_norm(x, module.num_groups, eps=module.eps)
         return xh, tuple(range(2, x.ndim))
@@ -416,6 +513,7 @@ def _norm_source(
 
 _BUILDERS = {
     "linear": _linear_source,
+    "conv1d": _conv1d_source,
     "conv2d": _conv2d_source,
     "embedding": _embedding_source,
     "norm": _norm_source,
@@ -504,6 +602,9 @@ class Capturer:
                     )
         finally:
             recorder.remove()
+        if recorder.unmapped:
+            self._unmapped_to_dense(recorder.unmapped, n)
+            return self._capture(batch)
         blocks = [Block(plan.name, plan.kind, self._build(plan, recorder, n, C)) for plan in hooked]
         dense = [p for p in self.plans if p.kind == "dense"]
         if dense:
@@ -513,6 +614,22 @@ class Capturer:
         broadcast = {p.name for p in hooked if set(p.modules) & recorder.broadcast_modules()}
         dg = DecomposedGradients(tuple(blocks), self.fisher, losses.detach())
         return dg, out.detach(), cols, broadcast
+
+    def _unmapped_to_dense(self, unmapped: dict[str, int], n: int) -> None:
+        """Move blocks whose module inputs have no example structure to dense (with a note)."""
+        bad = [p.name for p in self.plans if set(p.modules) & set(unmapped)]
+        self.fallbacks += bad
+        self.plans = [
+            replace(p, kind="dense", modules=()) if p.name in bad else p for p in self.plans
+        ]
+        shown = ", ".join(f"{m} ({r} rows)" for m, r in sorted(unmapped.items())[:4])
+        warnings.warn(
+            f"modules {shown} get inputs whose leading dimension is not a multiple of the "
+            f"{n} examples of the batch, so rows cannot be mapped to examples; their "
+            "per-example gradients are computed densely instead",
+            GmcurvWarning,
+            stacklevel=4,
+        )
 
     def _build(self, plan: BlockPlan, recorder: _Recorder, n: int, columns: int):
         model = self.objective.model

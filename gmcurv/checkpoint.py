@@ -8,9 +8,13 @@ Where the architecture comes from, first match wins:
    ``path/to/file.py:factory`` or ``package.module:factory`` returning an ``nn.Module``;
 2. gmcurv metadata in the safetensors header (``gmcurv.arch``, ``gmcurv.arch_config``,
    ``gmcurv.loss``), written by gmcurv itself (sample models, pruned checkpoints);
-3. a Hugging Face ``config.json`` beside the weights, for supported ``model_type`` values
-   (the model may name itself by a family spec, ``arch_spec``, e.g. ``gpt2:n_head=12``,
-   which is what checkpoints gmcurv writes from it record).
+3. a Hugging Face ``config.json`` beside the weights, built by `transformers`
+   (`gmcurv.models.hf`; the model names itself by a family spec, ``arch_spec``, e.g.
+   ``hf:GPT2LMHeadModel``, and carries the config, ``arch_config``, which checkpoints
+   gmcurv writes from it record).
+
+Weights are one ``.safetensors`` file or a sharded Hugging Face checkpoint
+(``model.safetensors.index.json`` naming the shard of every tensor, all in one directory).
 
 Weights load with ``safetensors.torch.load_model`` semantics: tied parameters need only one
 of their names in the file; any other missing key, any unexpected key and any shape
@@ -23,6 +27,7 @@ to ignore (``ignored_checkpoint_keys``) and entries other tools store transposed
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -50,12 +55,15 @@ from gmcurv.masks import (
     remove_stale_masks,
     write_masks,
 )
+from gmcurv.models.hf import hf_state_keys, is_hf_model
 from gmcurv.models.registry import build_family, build_from_hf_config, family_loss
 
 META_ARCH = "gmcurv.arch"
 META_ARCH_CONFIG = "gmcurv.arch_config"
 META_LOSS = "gmcurv.loss"
 META_VERSION = "gmcurv.version"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_LOSS_SOURCE = "built-in default (no --loss, checkpoint metadata or config.json names one)"
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
 
 _DTYPE_BYTES = {
@@ -91,6 +99,7 @@ class LoadedModel:
     loss: str
     metadata: dict[str, str]
     masks: dict[str, Tensor] = field(default_factory=dict)
+    key_map: dict[str, str] = field(default_factory=dict)  # file name -> model state name
     loss_source: str = "--loss"  # where `loss` came from (see `loss_source`)
 
     @property
@@ -112,6 +121,8 @@ def resolve_weights_path(model_path: str | Path) -> Path:
         preferred = path / "model.safetensors"
         if preferred.is_file():
             return preferred
+        if (path / INDEX_NAME).is_file():
+            return path / INDEX_NAME
         found = sorted(p for p in path.glob("*.safetensors") if not is_masks_file(p))
         if len(found) == 1:
             return found[0]
@@ -187,8 +198,85 @@ def read_header(path: str | Path) -> Header:
     return Header(path, shapes, dtypes, {str(k): str(v) for k, v in metadata.items()})
 
 
+def is_index(path: str | Path) -> bool:
+    """Is `path` a sharded checkpoint's ``*.safetensors.index.json``?"""
+    return str(path).endswith(".index.json")
+
+
+def _index_shards(path: Path) -> dict[str, Path]:
+    """``{tensor name: shard path}`` of a sharded checkpoint's index, validated."""
+    fix = "re-export the checkpoint with save_pretrained"
+    try:
+        index = json.loads(path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError("empty weight_map")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid safetensors index ({e})", fix) from None
+    shards = {}
+    for name, shard in weight_map.items():
+        if (
+            not isinstance(shard, str)
+            or Path(shard).name != shard
+            or not shard.endswith(".safetensors")
+        ):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} maps to {shard!r}, not a .safetensors file in the "
+                "same directory",
+                fix,
+            )
+        shards[str(name)] = path.parent / shard
+    missing = sorted({p.name for p in shards.values() if not p.is_file()})
+    if missing:
+        raise CheckpointError(
+            f"{path}: shard(s) {', '.join(missing[:4])} listed in the index are missing",
+            hint="copy every model-*.safetensors shard next to the index",
+        )
+    return shards
+
+
+def read_weights_header(path: str | Path) -> Header:
+    """`read_header` of a file, or of every shard of an index merged into one `Header`."""
+    path = Path(path)
+    if not is_index(path):
+        return read_header(path)
+    shards = _index_shards(path)
+    headers = {p: read_header(p) for p in sorted(set(shards.values()))}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, str] = {}
+    for name, shard in shards.items():
+        h = headers[shard]
+        if name not in h.shapes:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is not in its shard {shard.name}",
+                hint="re-export the checkpoint with save_pretrained",
+            )
+        shapes[name], dtypes[name] = h.shapes[name], h.dtypes[name]
+    metadata: dict[str, str] = {}
+    for h in headers.values():
+        metadata.update(h.metadata)
+    return Header(path, shapes, dtypes, metadata)
+
+
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 of the weights: of the file, or of the index followed by its shards' digests."""
+    path = Path(path)
+    if not is_index(path):
+        return sha256_file(path)
+    digest = hashlib.sha256(path.read_bytes())
+    for shard in sorted(set(_index_shards(path).values())):
+        digest.update(sha256_file(shard).encode())
+    return digest.hexdigest()
+
+
 def load_tensors(path: str | Path) -> dict[str, Tensor]:
-    """All tensors of a validated safetensors file (on CPU)."""
+    """All tensors of a validated safetensors file, or of a sharded index (on CPU)."""
+    if is_index(path):
+        header = read_weights_header(path)
+        tensors: dict[str, Tensor] = {}
+        for shard in sorted(set(_index_shards(Path(path)).values())):
+            tensors.update(load_tensors(shard))
+        return {k: tensors[k] for k in header.shapes}
     read_header(path)
     try:
         return load_file(str(path))
@@ -304,11 +392,16 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
     if arch:
         if _is_family_spec(arch):
             arch = _with_metadata_option(arch, meta)
+            if arch.partition(":")[0] == "hf" and meta_config is None:
+                meta_config = _load_hf_config(header.path)
             model = build_family(arch, shapes, source, meta_config)
-            return model, arch, "--arch", meta.get(META_LOSS) or family_loss(arch)
+            loss = meta.get(META_LOSS) or family_loss(arch) or getattr(model, "arch_loss", None)
+            return model, arch, "--arch", loss
         return build_from_factory(arch), arch, "--arch", None
     if META_ARCH in meta:
         spec = meta[META_ARCH]
+        if spec.partition(":")[0] == "hf" and meta_config is None:
+            meta_config = _load_hf_config(header.path)
         return (
             build_family(spec, shapes, source, meta_config),
             spec,
@@ -410,11 +503,16 @@ def load_model(
 ) -> LoadedModel:
     """Resolve, build and load a model from MODEL (file or directory)."""
     weights = resolve_weights_path(model_path)
-    header = read_header(weights)
+    header = read_weights_header(weights)
     model, arch_name, arch_source, loss_hint = build_model(header, arch)
     tensors = load_tensors(weights)
     masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
     state = {k: v for k, v in tensors.items() if not k.startswith(MASK_PREFIX)}
+    key_map = {k: k for k in state}
+    if is_hf_model(model):  # the library's names: bare-model prefix, legacy buffers
+        key_map = hf_state_keys(model, state)
+        state = {key_map[k]: state[k] for k in key_map}
+        masks = {key_map.get(k, k): m for k, m in masks.items()}
     state = drop_ignored_keys(model, state)
     state = from_foreign_layout(model, state, header.metadata)
     for k, v in state.items():
@@ -425,9 +523,10 @@ def load_model(
             )
     load_state(model, state, str(weights))
     model.to(device=device, dtype=dtype)
-    sha = sha256_file(weights)
+    sha = weights_sha256(weights)
     if not masks:  # current layout: a sidecar file beside the checkpoint
         masks = read_masks(weights, sha, header.metadata, header.weight_shapes)
+        masks = {key_map.get(k, k): m for k, m in masks.items()}
     return LoadedModel(
         model=model,
         path=weights,
@@ -437,6 +536,7 @@ def load_model(
         loss=loss or loss_hint or "cross_entropy",
         metadata=header.metadata,
         masks=masks,
+        key_map=key_map,
         loss_source=loss_source(loss, loss_hint, arch_name, arch_source, header.metadata),
     )
 
@@ -449,11 +549,11 @@ def loss_source(
     if given:
         return "--loss"
     if hint is None:
-        return "built-in default (no --loss, checkpoint metadata or config.json names one)"
+        return DEFAULT_LOSS_SOURCE
     if META_LOSS in metadata and hint == metadata[META_LOSS]:
         return f"checkpoint metadata ({META_LOSS})"
     if arch_source == "config.json":
-        return f"config.json (model_type {arch})"
+        return f"config.json ({arch}: the library's loss for this head)"
     return f"default of the architecture family {arch.partition(':')[0]!r}"
 
 

@@ -3,8 +3,8 @@
 DATA is a file or a directory of shards, read in natural name order (deterministic):
 
 - ``.safetensors`` / ``.npz`` holding ``inputs`` and ``targets`` (aliases ``x``/``y`` and
-  ``input_ids``/``labels``); any further keys (e.g. ``attention_mask``) make the inputs a
-  dict passed to the model as keyword arguments, Hugging Face style;
+  ``input_ids``/``pixel_values``/``labels``); any further keys (e.g. ``attention_mask``)
+  make the inputs a dict passed to the model as keyword arguments, Hugging Face style;
 - ``.npy`` pairs in a directory (``inputs.npy`` + ``targets.npy`` or ``x.npy`` + ``y.npy``);
 - ``.csv``: numeric columns, the last one the target, an optional header row.
 
@@ -28,7 +28,7 @@ from torch import Tensor
 from gmcurv.errors import DataError
 from gmcurv.models.mlp import natural_key
 
-INPUT_KEYS = ("inputs", "x", "input_ids")
+INPUT_KEYS = ("inputs", "x", "input_ids", "pixel_values")
 TARGET_KEYS = ("targets", "y", "labels")
 DATA_SUFFIXES = (".safetensors", ".npz", ".csv")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".bin", ".joblib")

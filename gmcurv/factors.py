@@ -149,13 +149,15 @@ class LinearFactors(GradientSource):
     ``x: [N,T,I_w]`` are the layer's inputs (kept as captured, never copied); the bias acts
     as a trailing input column of ones, handled analytically. `a` materialises ``[x, 1]``
     for callers that want the folded layout. ``names`` holds the weight (``[O, ...]``,
-    flattened row-major to ``[O, I_w]``) and/or the bias (``[O]``), in that order.
+    flattened row-major to ``[O, I_w]``; ``[I_w, O]`` when `transposed`) and/or the bias
+    (``[O]``), in that order.
     """
 
     delta: Tensor
     x: Tensor
     has_weight: bool
     has_bias: bool
+    transposed: bool = False  # weight stored [I_w, O] (Hugging Face Conv1D, y = x W + b)
 
     @property
     def a(self) -> Tensor:
@@ -194,6 +196,8 @@ class LinearFactors(GradientSource):
         w, b = self._names()
         out = {}
         if w is not None and weight is not None:
+            if self.transposed:
+                weight = weight.transpose(-1, -2)
             out[w] = weight.reshape(*weight.shape[:-2], *self.shapes[0])
         if b is not None and bias is not None:
             out[b] = bias
@@ -281,7 +285,8 @@ class LinearFactors(GradientSource):
         w, b = self._names()
         out = self.delta.new_zeros(self.n, self.columns)
         if w is not None:
-            W = vector[w].reshape(self.delta.shape[-1], -1).to(self.delta.dtype)
+            W = vector[w].to(self.delta.dtype)
+            W = W.transpose(0, 1) if self.transposed else W.reshape(self.delta.shape[-1], -1)
             out = out + torch.einsum("ncto,oi,nti->nc", self.delta, W, self.x)
         if b is not None:
             out = out + torch.einsum("ncto,o->nc", self.delta, vector[b].to(self.delta.dtype))

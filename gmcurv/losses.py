@@ -6,7 +6,10 @@ The objective is always the mean over examples, ``L(θ) = (1/N) Σ_n L_n(θ)``, 
 - ``cross_entropy``: logits ``[N, *tok, C]``, integer targets ``[N, *tok]`` (``-100`` ignored);
   ``L_n`` = mean over the example's valid tokens of the cross-entropy.
 - ``next_token``: cross-entropy of ``logits[:, :-1]`` against ``targets[:, 1:]`` (Hugging Face
-  causal-LM convention: targets default to the input ids and are shifted here).
+  causal-LM convention: targets default to the input ids, ``-100`` where an
+  ``attention_mask`` marks padding, and are shifted here). ``L_n`` is the mean over example
+  ``n``'s valid tokens: the library's ``outputs.loss`` (a mean over all valid tokens of the
+  batch) when every example has as many valid tokens, examples weighted equally otherwise.
 - ``mse``: outputs and targets of the same shape; ``L_n`` = mean over the example's elements of
   ``(f - y)^2``.
 - ``path/to/file.py:fn`` or ``package.module:fn``: a user loss ``fn(outputs, targets) -> [N]``
@@ -174,10 +177,17 @@ class CrossEntropy(Loss):
                 )
 
     def default_targets(self, inputs: object) -> Tensor | None:
+        """Next-token targets: the input ids, ``-100`` where an ``attention_mask`` is 0
+        (padding predicts nothing, as Hugging Face's language-modelling collator sets it)."""
         if not self.shift:
             return None
         ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
-        return ids if isinstance(ids, Tensor) and not ids.is_floating_point() else None
+        if not isinstance(ids, Tensor) or ids.is_floating_point():
+            return None
+        mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+        if isinstance(mask, Tensor) and mask.shape == ids.shape:
+            return ids.masked_fill(mask == 0, IGNORE_INDEX)
+        return ids
 
     def output_hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         logits, tgt = self._align(outputs, targets)

@@ -154,7 +154,7 @@ def estimate_capture(objective, example, fisher: str = "empirical", mc_samples: 
             return
         x, kind = args[0], module_kind(module)
         factor_elems[0] += output.numel()  # delta: C x the module's outputs
-        if kind == "linear":
+        if kind in ("linear", "conv1d"):
             factor_elems[1] += x.numel()
         elif kind == "conv2d":
             k = math.prod(module.kernel_size) * module.in_channels

@@ -12,12 +12,13 @@ depend on example ``n`` alone. Two kinds of module change their answer with the 
   BatchNorm is therefore refused, as is a BatchNorm without running statistics
   (``track_running_stats=False``), which normalises with batch statistics in both modes.
 - **Dropout** (any ``nn.Dropout*`` with ``p > 0``). In eval mode it is the identity. In
-  train mode every forward pass draws fresh random masks ``M`` (from torch's global
-  generator, which the CLI seeds with ``--seed``), so what is estimated is the curvature
-  averaged over masks, ``E_M[F_M]`` / ``tr E_M[H_M]``: Fisher and trace estimates are
-  unbiased for it (one mask draw per example and pass, the mask noise is part of the
-  stderr), while eigenvalue iterations see a different matrix at every product and are
-  reported as not converged.
+  train mode the masks are random; gmcurv draws them from ``--seed`` at every forward pass
+  (`Objective.outputs` resets the generator), so every pass over a batch — the captured
+  gradients, each Hessian-vector product, each loss evaluation — sees the *same* masks:
+  the answer is the curvature of one thinned network ``f_M``, deterministic and
+  reproducible, and iterative methods converge. It is one draw: it changes with ``--seed``
+  and, since row ``i`` of every batch gets the same mask, with ``--batch-size``; average
+  over seeds for ``E_M``.
 
 Eval mode is the default; a warning names the modules whenever train mode would give a
 different answer.
@@ -90,10 +91,10 @@ def apply_mode(model: nn.Module, mode: str) -> None:
     dropout = dropout_modules(model)
     if mode == "train" and dropout:
         warnings.warn(
-            f"--mode train with Dropout ({_names(dropout)}): every forward pass draws new "
-            "random masks (seeded by --seed), so the results estimate the curvature averaged "
-            "over masks; traces and Fisher estimates include the mask noise, eigenvalue "
-            "iterations are reported as not converged",
+            f"--mode train with Dropout ({_names(dropout)}): the masks are drawn from --seed "
+            "and reused by every pass over a batch, so the results are the curvature of one "
+            "thinned network: they change with --seed and --batch-size (average over seeds "
+            "for the expectation over masks)",
             GmcurvWarning,
             stacklevel=3,
         )

@@ -88,6 +88,7 @@ class Objective:
     loss: Loss
     params: dict[str, nn.Parameter]
     mode: str = "eval"
+    seed: int = 0  # train mode: every forward pass draws its random masks from this seed
 
     @classmethod
     def build(
@@ -96,13 +97,14 @@ class Objective:
         loss: Loss | str,
         layers: str | None = None,
         mode: str = "eval",
+        seed: int = 0,
     ) -> Objective:
         loss = get_loss(loss) if isinstance(loss, str) else loss
         apply_mode(model, mode)
         params = select_params(model, layers)
         if not params:
             raise ConfigError("the model has no trainable parameters")
-        return cls(model, loss, params, mode)
+        return cls(model, loss, params, mode, seed)
 
     # -------------------------------------------------------------------------- evaluation
     @property
@@ -119,7 +121,18 @@ class Objective:
 
     def outputs(self, inputs: Inputs, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Model outputs (unwrapped by `output_tensor`); with `params`, those tensors replace
-        the model's (functional call)."""
+        the model's (functional call). In train mode the random generator is reset to
+        `seed` for the call (and restored after), so Dropout draws the same masks on every
+        pass over a batch (`gmcurv.modes`)."""
+        if self.mode == "train":
+            cuda = self.device.type == "cuda"
+            devices = [self.device.index or 0] if cuda else []  # CPU state is always forked
+            with torch.random.fork_rng(devices):
+                torch.manual_seed(self.seed)
+                return self._outputs(inputs, params)
+        return self._outputs(inputs, params)
+
+    def _outputs(self, inputs: Inputs, params: Mapping[str, Tensor] | None) -> Tensor:
         if params is None:
             out = self.model(**inputs) if isinstance(inputs, dict) else self.model(inputs)
         else:
@@ -195,6 +208,22 @@ class Objective:
                 raise DataError(f"{shard.path}: {e.message}", e.hint) from None
             self.loss.check(torch.Size((n, *per_example)), tgt, str(shard.path))
         return per_example
+
+
+def labels_are_input_ids(data: DataSample) -> bool:
+    """Whether the first file's targets equal its integer inputs (``input_ids``): the Hugging
+    Face causal-LM convention ``labels = input_ids``, where the shift happens in the loss."""
+    for _, inputs, targets in data.shard_arrays():
+        ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+        return (
+            targets is not None
+            and ids is not None
+            and not ids.is_floating_point()
+            and ids.shape == targets.shape
+            and ids.ndim >= 2
+            and bool(torch.equal(ids, targets))
+        )
+    return False
 
 
 def trainable_modules(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Module]:

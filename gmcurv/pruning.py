@@ -263,7 +263,7 @@ def save_pruned(
     for key, value in original.items():
         if key.startswith(MASK_PREFIX):  # legacy masks inside the input: not carried over
             continue
-        var = state_vars.get(key)
+        var = state_vars.get(getattr(loaded, "key_map", {}).get(key, key))
         if var is None:  # an entry the model ignores: copied as is
             state[key] = value
             continue
@@ -277,7 +277,10 @@ def save_pruned(
     meta = dict(loaded.metadata)
     family = loaded.arch.partition(":")[0] in FAMILIES
     if family and (META_ARCH not in meta or loaded.arch_source == "--arch"):
-        meta.update(gmcurv_metadata(loaded.arch, loaded.loss))  # reloads without --arch
+        # reloads without --arch (a transformers model: with its config)
+        meta.update(
+            gmcurv_metadata(loaded.arch, loaded.loss, getattr(loaded.model, "arch_config", None))
+        )
     meta.setdefault("gmcurv.loss", loaded.loss)
     meta[META_PRUNING] = json.dumps(dict(info), sort_keys=True)
     return save_checkpoint(output, state, meta, keep)

@@ -62,6 +62,12 @@ def _linear_columns(src: LinearFactors, name: str, start: int, stop: int) -> Ten
     d = src.delta  # [N, C, T, O]
     if not is_weight:  # bias: Σ_t delta
         return d[..., start:stop].sum(2)
+    if src.transposed:  # [I, O] layout (Hugging Face Conv1D)
+        width = src.shapes[0][1]  # O
+        i0, i1 = start // width, -(-stop // width)
+        g = torch.einsum("nti,ncto->ncio", src.x[..., i0:i1], d)
+        g = g.reshape(*g.shape[:2], -1)
+        return g[..., start - i0 * width : stop - i0 * width]
     width = math.prod(src.shapes[0][1:])  # I_w
     o0, o1 = start // width, -(-stop // width)
     x = src.x[..., :width]  # [N, T, I_w]

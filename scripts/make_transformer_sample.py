@@ -1,18 +1,17 @@
 """Train the bundled character-level GPT-2 sample (tiny_gpt) and write it into the package.
 
-    python scripts/make_transformer_sample.py
+    python scripts/make_transformer_sample.py      # needs transformers (pip install "gmcurv[hf]")
 
 Text: ``gmcurv/sample_models/tiny_gpt/corpus.txt`` — public-domain works written into the
 repo (Carroll, Lincoln, Shakespeare). Characters are the tokens (ids in sorted order, see
-``vocab.json``). One 512-character block in ten is held out. Model: gmcurv's own GPT-2
-implementation (`gmcurv.models.gpt2`), saved in Hugging Face layout — ``config.json`` +
-``model.safetensors`` (Conv1D weights ``[in, out]``, ``lm_head`` tied to ``wte``, no gmcurv
-metadata) — so loading it exercises the ``config.json`` path and ``transformers`` can load
-it too. Deterministic: fixed seeds, one thread.
+``vocab.json``). One 512-character block in ten is held out. Model: `transformers`'
+``GPT2LMHeadModel``, trained here and saved by ``save_pretrained`` (``config.json`` +
+``model.safetensors``, ``lm_head`` tied to ``wte``), exactly what a user's own checkpoint
+looks like. Deterministic: fixed seeds, one thread.
 
-Writes ``model.safetensors``, ``config.json``, ``vocab.json``, ``data/tokens.safetensors``
-(training windows, ``input_ids`` only: next-token targets are the inputs shifted),
-``test/tokens.safetensors`` and ``MODEL_CARD.md``.
+Writes ``model.safetensors``, ``config.json``, ``generation_config.json``, ``vocab.json``,
+``data/tokens.safetensors`` (training windows, ``input_ids`` only: next-token targets are the
+inputs shifted), ``test/tokens.safetensors`` and ``MODEL_CARD.md``.
 """
 
 from __future__ import annotations
@@ -20,25 +19,26 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import transformers
 from safetensors.torch import save_file
 
-from gmcurv.checkpoint import save_checkpoint
-from gmcurv.models.gpt2 import GPT2Config, GPT2LMHeadModel, to_hf_state_dict
-
 OUT = Path(__file__).resolve().parents[1] / "gmcurv" / "sample_models" / "tiny_gpt"
-CONFIG = GPT2Config(
-    vocab_size=0,  # set from the text
-    n_positions=64,
-    n_embd=64,
-    n_layer=2,
-    n_head=4,
-    activation_function="gelu_new",
-)
+CONFIG = {
+    "n_positions": 64,
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "activation_function": "gelu_new",
+    "resid_pdrop": 0.0,  # a fixed function: gmcurv analyses the model in eval mode anyway
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "bos_token_id": None,
+    "eos_token_id": None,
+}
 SEQ = 64
 TRAIN_WINDOWS = 128  # sequences in data/ (what `gmcurv ... tiny_gpt/ tiny_gpt/data` reads)
 STEPS = 800
@@ -64,16 +64,16 @@ def windows(ids: torch.Tensor, count: int | None = None) -> torch.Tensor:
 def next_token_loss(model, ids: torch.Tensor) -> tuple[float, float]:
     """Mean next-token cross-entropy (nats) and accuracy over all predicted positions."""
     with torch.no_grad():
-        logits = model(ids)[:, :-1]
+        logits = model(ids).logits[:, :-1]
         target = ids[:, 1:]
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
         acc = (logits.argmax(-1) == target).double().mean()
     return float(loss), float(acc)
 
 
-def train(ids: torch.Tensor, cfg: GPT2Config) -> GPT2LMHeadModel:
+def train(ids: torch.Tensor, cfg) -> transformers.GPT2LMHeadModel:
     torch.manual_seed(SEED)
-    model = GPT2LMHeadModel(cfg)
+    model = transformers.GPT2LMHeadModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(SEED)
     for step in range(STEPS):
@@ -82,7 +82,7 @@ def train(ids: torch.Tensor, cfg: GPT2Config) -> GPT2LMHeadModel:
             group["lr"] = lr
         starts = torch.randint(0, len(ids) - SEQ, (BATCH,), generator=g)
         batch = torch.stack([ids[s : s + SEQ] for s in starts])
-        logits = model(batch)[:, :-1]
+        logits = model(batch).logits[:, :-1]
         loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), batch[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
@@ -96,7 +96,7 @@ def sample_text(model, chars: list[str], prompt: str, length: int = 50) -> str:
     ids = encode(prompt, chars)[None]
     with torch.no_grad():
         for _ in range(length):
-            nxt = model(ids[:, -SEQ:])[0, -1].argmax()
+            nxt = model(ids[:, -SEQ:]).logits[0, -1].argmax()
             ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
     return "".join(chars[i] for i in ids[0])
 
@@ -108,7 +108,7 @@ def main() -> None:
     blocks = [text[i : i + BLOCK] for i in range(0, len(text), BLOCK)]
     train_ids = encode("".join(b for i, b in enumerate(blocks) if i % 10 != 5), chars)
     test_ids = encode("".join(b for i, b in enumerate(blocks) if i % 10 == 5), chars)
-    cfg = replace(CONFIG, vocab_size=len(chars))
+    cfg = transformers.GPT2Config(vocab_size=len(chars), **CONFIG)
     model = train(train_ids, cfg)
 
     data, test = windows(train_ids, TRAIN_WINDOWS), windows(test_ids)
@@ -118,14 +118,7 @@ def main() -> None:
             shutil.rmtree(OUT / folder)
         (OUT / folder).mkdir(parents=True)
         save_file({"input_ids": ids.contiguous()}, str(OUT / folder / "tokens.safetensors"))
-    save_checkpoint(OUT / "model.safetensors", to_hf_state_dict(model), {"format": "pt"})
-    hf = {
-        **cfg.to_dict(),
-        "architectures": ["GPT2LMHeadModel"],
-        "bos_token_id": None,
-        "eos_token_id": None,
-    }
-    (OUT / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    model.save_pretrained(str(OUT))  # config.json, generation_config.json, model.safetensors
     (OUT / "vocab.json").write_text(json.dumps(chars, ensure_ascii=False) + "\n")
     n_params = sum(p.numel() for p in model.parameters())
     prompt = "Alice was "
@@ -133,15 +126,15 @@ def main() -> None:
 
 A character-level GPT-2-family language model, small enough to analyse in seconds.
 
-- Architecture: GPT-2 (pre-LayerNorm causal decoder, `F.scaled_dot_product_attention`),
-  {cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, MLP {cfg.inner},
+- Architecture: `transformers`' `GPT2LMHeadModel` (pre-LayerNorm causal decoder),
+  {cfg.n_layer} layers, {cfg.n_head} heads, n_embd {cfg.n_embd}, MLP {4 * cfg.n_embd},
   context {cfg.n_positions}, vocabulary {cfg.vocab_size} characters, `gelu_new`,
-  `lm_head` tied to `wte`; {n_params:,} parameters.
-- Files: `config.json` + `model.safetensors` in Hugging Face layout (`transformer.` keys,
-  Conv1D weights stored `[in, out]`, no gmcurv metadata): gmcurv builds the model from
-  `config.json` (`model_type` gpt2) with the next-token loss; `transformers`'
-  `GPT2LMHeadModel.from_pretrained` loads the same directory. `vocab.json`: the characters,
-  token id = position.
+  `lm_head` tied to `wte`; {n_params:,} parameters; transformers {transformers.__version__}.
+- Files: written by `save_pretrained` (`config.json`, `generation_config.json`,
+  `model.safetensors`): gmcurv builds `GPT2LMHeadModel` from `config.json` with
+  `transformers` (`pip install "gmcurv[hf]"`) and the library's causal-LM loss
+  (`next_token`); `GPT2LMHeadModel.from_pretrained` loads the same directory.
+  `vocab.json`: the characters, token id = position.
 - Text: `corpus.txt` ({len(text):,} characters), public-domain works written into the repo
   from memory (small differences from printed editions are possible): Lewis Carroll,
   *Alice's Adventures in Wonderland*, chapter I (1865); Abraham Lincoln, the Gettysburg

@@ -80,6 +80,8 @@ def random_factors(
             B = torch.randn(m.out_channels, r, 1, 1, generator=g, dtype=torch.float64)
         else:
             out_f, in_f = m.weight.shape
+            if type(m).__name__ == "Conv1D":  # Hugging Face: stored [in, out]
+                in_f, out_f = m.weight.shape
             A = torch.randn(r, in_f, generator=g, dtype=torch.float64) / in_f**0.5
             B = torch.randn(out_f, r, generator=g, dtype=torch.float64)
         out[name] = ((B * scale).to(dtype), A.to(dtype))

@@ -188,8 +188,12 @@ class TiedPair(nn.Module):
 
 
 def tiny_gpt2(vocab=9, t=6, d=8, layers=2, heads=2):
-    """gmcurv's GPT-2 at toy size (next-token loss)."""
-    from gmcurv.models.gpt2 import GPT2Config, GPT2LMHeadModel
+    """`transformers`' GPT-2 at toy size (next-token loss; eager attention, no dropout)."""
+    import transformers
 
-    cfg = GPT2Config(vocab_size=vocab, n_positions=t, n_embd=d, n_layer=layers, n_head=heads)
-    return GPT2LMHeadModel(cfg)
+    cfg = transformers.GPT2Config(
+        vocab_size=vocab, n_positions=t, n_embd=d, n_layer=layers, n_head=heads,
+        bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        use_cache=False,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation="eager")

@@ -2,7 +2,7 @@
 
 A user model with a custom parameterised module runs through ``gmcurv trace`` with a
 warning naming the dense-fallback module and its memory; broken factories exit 2 with a
-message and no traceback; the ``gpt2`` family builds from shapes and options.
+message and no traceback; ``--arch hf:<Class>`` builds a transformers model.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 from gmcurv.checkpoint import build_model, load_model, read_header
 from gmcurv.cli.app import app
 from gmcurv.errors import ArchitectureError
-from gmcurv.models.gpt2 import GPT2Config, GPT2LMHeadModel, to_hf_state_dict
 from gmcurv.results import report_schema
 
 USER_MODEL = """
@@ -163,73 +162,58 @@ def test_factory_that_does_not_fit_the_checkpoint(runner, user_model, tmp_path):
     assert "does not fit the architecture" in result.stderr and "missing keys" in result.stderr
 
 
-# ---------------------------------------------------------------------------- gpt2 family
-def _gpt2_file(tmp_path, n_head=2, prefixed=True):
+# ------------------------------------------------------------- a transformers GPT-2 (hf)
+def _gpt2_dir(tmp_path):
+    """A GPT-2 saved by save_pretrained (Conv1D weights [in, out], lm_head tied)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2, bos_token_id=0,
+        eos_token_id=0,
+    )  # fmt: skip
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=n_head)
-    model = GPT2LMHeadModel(cfg)
-    state = to_hf_state_dict(model)  # as transformers writes it
-    if not prefixed:
-        state = {k.removeprefix("transformer."): v for k, v in state.items()}
-    path = tmp_path / "gpt.safetensors"
-    save_file(state, str(path))
-    return path, model
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(str(tmp_path / "gpt"))
+    return tmp_path / "gpt", model
 
 
-def test_gpt2_family_from_shapes_and_options(tmp_path):
-    path, ref = _gpt2_file(tmp_path)
-    header = read_header(path)
+def test_hf_arch_spec_names_the_class(runner, tmp_path):
+    path, ref = _gpt2_dir(tmp_path)
+    header = read_header(path / "model.safetensors")
     ids = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0))
-    _, arch, source, loss = build_model(header, "gpt2:n_head=2")
-    assert (arch, source, loss) == ("gpt2:n_head=2", "--arch", "next_token")
-    loaded = load_model(path, arch="gpt2:n_head=2")
-    assert loaded.loss == "next_token"
-    torch.testing.assert_close(loaded.model(ids), ref(ids))
-    # without n_head: 64-dimensional heads (GPT-2's convention) cannot fit n_embd=8
-    with pytest.raises(ArchitectureError, match="n_head"):
-        build_model(header, "gpt2")
-    with pytest.raises(ArchitectureError, match="cannot read"):
-        build_model(header, "gpt2:heads=2")
-    with pytest.raises(ArchitectureError, match="not divisible"):
-        build_model(header, "gpt2:n_head=3")
-
-
-def test_gpt2_family_reads_config_json_beside_the_weights(tmp_path):
-    path, ref = _gpt2_file(tmp_path, prefixed=False)
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_head": 2}))
-    ids = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(1))
-    loaded = load_model(path, arch="gpt2")  # --arch wins, fields from config.json
-    assert loaded.arch_source == "--arch"
-    torch.testing.assert_close(loaded.model(ids), ref(ids))
-
-
-def test_gpt2_cli_with_arch(runner, tmp_path):
-    path, _ = _gpt2_file(tmp_path)
-    ids = torch.randint(0, 11, (6, 8), generator=torch.Generator().manual_seed(2))
+    _, arch, source, loss = build_model(header, "hf:GPT2LMHeadModel")
+    assert (arch, source, loss) == ("hf:GPT2LMHeadModel", "--arch", "next_token")
+    loaded = load_model(path, arch="hf:GPT2LMHeadModel")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, ref(ids).logits)
+    with pytest.raises(ArchitectureError, match="has no model class 'GPT2Nope'"):
+        build_model(header, "hf:GPT2Nope")
     save_file({"input_ids": ids}, str(tmp_path / "tokens.safetensors"))
     args = ["trace", str(path), str(tmp_path / "tokens.safetensors"), "--json", "--k", "2"]
-    ok = runner.invoke(app, [*args, "--arch", "gpt2:n_head=2"])
+    ok = runner.invoke(app, args)
     assert ok.exit_code == 0, ok.output
     doc = json.loads(ok.stdout)
-    assert doc["model"]["loss"] == "next_token"
-    assert doc["results"]["fisher"]["per_layer"]["transformer.wte"]["kind"] == "tied"
-    bad = runner.invoke(app, [*args, "--arch", "gpt2:n_head=3"])
-    assert bad.exit_code == 2 and "not divisible" in bad.stderr
-    assert "Traceback" not in bad.output
+    assert doc["model"]["loss"] == "next_token" and doc["model"]["arch"] == "hf:GPT2LMHeadModel"
+    per_layer = doc["results"]["fisher"]["per_layer"]
+    assert per_layer["transformer.wte"]["kind"] == "tied"
+    assert per_layer["transformer.h.0.attn.c_attn"]["kind"] == "conv1d"
 
 
 GPT2_FACTORY = """
-from gmcurv.models.gpt2 import GPT2Config, GPT2LMHeadModel
+import transformers
 
 
 def build():
-    cfg = GPT2Config(vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2)
-    return GPT2LMHeadModel(cfg)
+    cfg = transformers.GPT2Config(
+        vocab_size=11, n_positions=8, n_embd=8, n_layer=2, n_head=2, bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(cfg)
 """
 
 
-def test_file_factory_returning_a_gpt2(runner, tmp_path):
-    path, _ = _gpt2_file(tmp_path)
+def test_file_factory_returning_a_hf_gpt2(runner, tmp_path):
+    """A factory's transformers model: ModelOutput unwrapped, the library's key names."""
+    path, _ = _gpt2_dir(tmp_path)
     (tmp_path / "factory.py").write_text(GPT2_FACTORY)
     ids = torch.randint(0, 11, (4, 8), generator=torch.Generator().manual_seed(3))
     save_file({"input_ids": ids}, str(tmp_path / "tokens.safetensors"))

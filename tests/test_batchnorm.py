@@ -140,7 +140,7 @@ def test_eval_warning_names_the_modules_and_only_when_train_differs(recwarn):
 
 def test_train_mode_dropout_warns_what_it_means():
     model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.3), nn.Linear(5, 2))
-    with pytest.warns(GmcurvWarning, match="averaged over masks"):
+    with pytest.warns(GmcurvWarning, match="drawn from --seed"):
         apply_mode(model, "train")
     assert model.training
 
@@ -194,3 +194,39 @@ def test_cli_train_mode_with_batchnorm_exits_2(runner, bn_mlp):
     assert res.exit_code == 2, res.output
     assert "per-example gradients" in res.stderr and "Traceback" not in res.output
     assert "--mode eval" in res.stderr
+
+
+DROPOUT_MLP = """
+from torch import nn
+
+
+def build():
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3))
+"""
+
+
+def test_cli_train_mode_dropout_is_seeded_and_captured(runner, tmp_path):
+    """Train-mode Dropout: same --seed, same numbers (Fisher capture included: it used to
+    stop with 'capturing gradients changed the model's outputs'); another seed, others."""
+    src = tmp_path / "dropout_mlp.py"
+    src.write_text(DROPOUT_MLP)
+    namespace: dict = {}
+    exec(compile(DROPOUT_MLP, str(src), "exec"), namespace)
+    torch.manual_seed(0)
+    state = namespace["build"]().state_dict()
+    ckpt = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(ckpt))
+    data = write_data(tmp_path / "d.safetensors", n=20)
+    args = ["trace", str(ckpt), str(data), "--arch", f"{src}:build", "--mode", "train"]
+    args += ["--curvature", "all", "--json"]
+
+    def run(seed):
+        res = runner.invoke(app, [*args, "--seed", str(seed)])
+        assert res.exit_code == 0, res.output
+        doc = json.loads(res.stdout)
+        assert any("--mode train with Dropout ('2')" in w for w in doc["warnings"])
+        r = doc["results"]
+        return [r["loss"]["value"]] + [r[k]["trace"]["value"] for k in ("fisher", "ggn")]
+
+    first = run(0)
+    assert run(0) == first and run(1) != first

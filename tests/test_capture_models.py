@@ -118,7 +118,7 @@ def test_plans_use_decomposed_forms(case):
         "embed": {"big": "embedding", "small": "embedding", "norm": "norm", "head": "linear"},
         "tied": {"emb": "tied", "a": "tied", "gn": "norm"},
         "gpt2": {"transformer.wte": "tied", "transformer.wpe": "embedding",
-                 "transformer.h.0.attn.c_attn": "linear", "transformer.h.1.ln_2": "norm"},
+                 "transformer.h.0.attn.c_attn": "conv1d", "transformer.h.1.ln_2": "norm"},
     }[name]  # fmt: skip
     for block, kind in expected.items():
         assert kinds[block] == kind, (block, kinds)
@@ -287,7 +287,7 @@ def test_repeated_capture_frees_each_batch():
     obj, batch = _problem("gpt2")
     cap = Capturer(obj)
     first = cap(batch)
-    linear = next(b for b in first.blocks if b.kind == "linear")
+    linear = next(b for b in first.blocks if b.kind in ("linear", "conv1d"))
     probe = weakref.ref(linear.source.delta)  # a captured delta tensor
     del linear
     del first

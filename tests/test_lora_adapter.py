@@ -142,22 +142,22 @@ def test_fan_in_fan_out_transposes_onto_conv1d_storage(tmp_path):
     d = update_direction(attach(ad, base), torch.float64)
     B, A = factors["0"]
     torch.testing.assert_close(d["0.weight"], (B @ A).T, rtol=0, atol=1e-14)
-    # gmcurv's GPT-2 keeps Conv1D weights in Linear layout: no transpose there
+    # transformers' GPT-2 Conv1D ([in, out]): transposed, as peft applies it
     gpt = tiny_gpt2().double()
     mod = "transformer.h.0.attn.c_attn"
     factors = random_factors(gpt, [mod], 2, dtype=torch.float64)
-    ad = read_adapter(write_peft_adapter(tmp_path / "g", factors, 2, 2, fan_in_fan_out=True))
-    d = update_direction(attach(ad, gpt), torch.float64)
-    B, A = factors[mod]
-    torch.testing.assert_close(d[f"{mod}.weight"], B @ A, rtol=0, atol=1e-14)
+    for fan_in_fan_out in (True, False):  # peft forces True on Conv1D
+        path = tmp_path / f"g{fan_in_fan_out}"
+        ad = read_adapter(write_peft_adapter(path, factors, 2, 2, fan_in_fan_out=fan_in_fan_out))
+        d = update_direction(attach(ad, gpt), torch.float64)
+        B, A = factors[mod]
+        torch.testing.assert_close(d[f"{mod}.weight"], (B @ A).T, rtol=0, atol=1e-14)
 
 
 def test_prefix_tolerant_mapping(tmp_path):
     """An adapter saved from GPT2LMHeadModel (transformer.h...) fits a bare GPT-2 body."""
-    from gmcurv.models.gpt2 import GPT2BareLMHeadModel
-
     gpt = tiny_gpt2().double()
-    bare = GPT2BareLMHeadModel(gpt.config).double()
+    bare = gpt.transformer  # GPT2Model: keys without the prefix
     factors = random_factors(gpt, ["transformer.h.1.mlp.c_fc"], 2, dtype=torch.float64)
     ad = read_adapter(write_peft_adapter(tmp_path / "a", factors, 2, 2))
     (u,) = attach(ad, bare)

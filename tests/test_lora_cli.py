@@ -146,7 +146,7 @@ def test_tiny_gpt_sample_conv1d_style_layers(runner, tmp_path):
     args = ["lora", str(ad), str(GPT), str(GPT / "data"), "-n", "6", "-b", "3", "--json"]
     doc = _json(runner.invoke(app, args))
     res = doc["results"]["adapters"]["gpt_lora"]
-    assert doc["model"]["arch"].startswith("gpt2")
+    assert doc["model"]["arch"] == "hf:GPT2LMHeadModel"
     assert {f["param"] for f in res["layers"].values()} == {f"{m}.weight" for m in modules}
     c = res["curvature"]
     assert c["fisher_qf"]["value"] > 0 and len(c["points"]) == 4

@@ -159,7 +159,7 @@ def test_measured_change_equals_an_independently_merged_model(case):
                 B2, A2 = layer.matrices()
                 target = next(u for u in case["ups"] if u.module == module)
                 delta = layer.scale * (B2 @ A2)
-                if layer.kind == "embedding":
+                if layer.kind == "embedding" or target.kind == "matrix":  # Conv1D [in, out]
                     delta = delta.T
                 params[target.param].add_(point.scale * delta.reshape(params[target.param].shape))
         obj = Objective.build(merged, case["loss"])

@@ -16,6 +16,7 @@ from torch.func import functional_call
 
 from gmcurv.checkpoint import load_model
 from gmcurv.lora import attach, read_adapter, update_direction
+from gmcurv.objective import output_tensor
 from gmcurv.samples import sample_model
 
 peft = pytest.importorskip("peft")
@@ -37,7 +38,7 @@ def _merged_forward(base, adapter, x):
     dtheta = update_direction(ups, torch.float64)
     merged = {k: params[k] + v.to(params[k].dtype) for k, v in dtheta.items()}
     with torch.no_grad():
-        return functional_call(base, merged, (x,)), ups
+        return output_tensor(functional_call(base, merged, (x,))), ups
 
 
 def test_peft_adapter_on_the_digits_mlp(tmp_path):
@@ -84,7 +85,7 @@ def hf_gpt2(tmp_path):
 
 
 def test_peft_adapter_on_hf_gpt2_conv1d_layers(tmp_path, hf_gpt2):
-    """fan_in_fan_out adapters for HF's Conv1D land on gmcurv's Linear-layout GPT-2."""
+    """fan_in_fan_out adapters for HF's Conv1D land on its [in, out] weights."""
     model, base_dir = hf_gpt2
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True,
@@ -99,7 +100,7 @@ def test_peft_adapter_on_hf_gpt2_conv1d_layers(tmp_path, hf_gpt2):
     base = load_model(base_dir).model
     ids = torch.randint(0, 13, (3, 7), generator=torch.Generator().manual_seed(2))
     ours, ups = _merged_forward(base, ad, ids)
-    assert all(u.kind == "linear" and u.param == f"{u.module}.weight" for u in ups)
+    assert all(u.kind == "matrix" and u.param == f"{u.module}.weight" for u in ups)
     with torch.no_grad():
         theirs = wrapped(input_ids=ids).logits
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)

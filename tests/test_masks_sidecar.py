@@ -54,6 +54,7 @@ def test_pruned_checkpoint_loads_strictly_in_plain_pytorch(runner, problem, tmp_
     removed = sum(int((~m).sum()) for m in keep.values())
     total = sum(m.numel() for m in keep.values())
     sparsity = info["results"]["masks"]
+    assert info["results"]["masks_file"] == "pruned.masks.safetensors"
     assert sum(sparsity[k] * keep[k].numel() for k in keep) == pytest.approx(removed)
     assert removed == round(0.5 * total)
     # a directory holding only the pruned file and its sidecar resolves to the checkpoint
@@ -82,6 +83,7 @@ def test_legacy_masks_inside_the_checkpoint_still_load(runner, problem, tmp_path
     assert set(lm.masks) == {"net.0.weight"} and torch.equal(lm.masks["net.0.weight"], keep)
     info = json.loads(runner.invoke(app, ["info", str(legacy), "--json"]).stdout)
     assert info["results"]["masks"] == {"net.0.weight": pytest.approx(0.5)}
+    assert info["results"]["masks_file"] == "legacy.safetensors (gmcurv_mask.* tensors)"
 
 
 def test_foreign_or_missing_sidecar_is_not_applied(problem, tmp_path):

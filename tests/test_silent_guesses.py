@@ -156,3 +156,56 @@ def test_config_records_each_choice_with_its_source(runner, tanh_mlp, tmp_path):
     footer = " ".join(res.stdout.split())
     assert "loss mse (checkpoint metadata (gmcurv.loss))" in footer
     assert "mode eval (default)" in footer and "dtype float32 (default)" in footer
+
+
+TINY_LM = """
+import torch
+from torch import nn
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 11)
+
+    def forward(self, input_ids):
+        h = self.emb(input_ids)
+        h = h.cumsum(1) / torch.arange(1, h.shape[1] + 1, dtype=h.dtype)[:, None]
+        return self.head(torch.tanh(self.mix(h)))
+
+
+def build():
+    return TinyLM()
+"""
+
+
+def test_hf_style_labels_need_a_named_loss(runner, tmp_path):
+    """``labels = input_ids`` with a factory and no loss named: unshifted cross-entropy
+    scored each token against itself (5.564 vs HF's 5.548 in the issue); now exit 2, and
+    ``--loss next_token`` gives the shifted loss transformers computes."""
+    src = tmp_path / "lm.py"
+    src.write_text(TINY_LM)
+    namespace: dict = {}
+    exec(compile(TINY_LM, str(src), "exec"), namespace)
+    torch.manual_seed(0)
+    model = namespace["build"]().double()
+    ckpt = tmp_path / "lm.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    ids = torch.randint(0, 11, (8, 6), generator=torch.Generator().manual_seed(3))
+    data = tmp_path / "tokens.safetensors"
+    save_file({"input_ids": ids, "labels": ids.clone()}, str(data))
+    arch = ["--arch", f"{src}:build", "--dtype", "float64"]
+    res, _ = _trace(runner, ckpt, data, *arch)
+    assert res.exit_code == 2, res.output
+    assert "labels equal the input ids" in res.stderr and "--loss next_token" in res.stderr
+    res, doc = _trace(runner, ckpt, data, *arch, "--loss", "next_token")
+    assert res.exit_code == 0, res.output
+    with torch.no_grad():
+        out = model(ids)
+    shifted = nn.functional.cross_entropy(out[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    assert doc["results"]["loss"]["value"] == pytest.approx(float(shifted), rel=1e-12)
+    assert doc["config"]["label_shift"] is True and doc["config"]["sources"]["loss"] == (
+        "command line"
+    )

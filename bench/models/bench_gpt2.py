@@ -3,7 +3,8 @@
     python bench/models/bench_gpt2.py                 # N = 4 and 8 sequences of 128 tokens
     python bench/models/bench_gpt2.py --n 4 --quick   # one size, one timed repeat
 
-Model: `gmcurv.models.gpt2.GPT2LMHeadModel` with Hugging Face's ``gpt2`` sizes (n_embd 768,
+Model: `transformers`' ``GPT2LMHeadModel`` (eager attention, as gmcurv builds it) with
+``gpt2`` sizes (n_embd 768,
 12 layers, 12 heads, vocabulary 50,257, 1,024 positions; ``lm_head`` tied to ``wte``, a
 38.6M-parameter block), GPT-2 initialisation with seed 0, float32, 2 threads. Data:
 uniformly random token ids, ``[N, 128]``, next-token loss (all tokens count).
@@ -76,10 +77,11 @@ def peak_bytes() -> int:
 
 
 def build(n: int):
-    from gmcurv.models.gpt2 import GPT2Config, GPT2LMHeadModel
+    import transformers
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config()).eval()
+    cfg = transformers.GPT2Config(use_cache=False)
+    model = transformers.GPT2LMHeadModel._from_config(cfg, attn_implementation="eager").eval()
     ids = torch.randint(0, 50257, (n, SEQ), generator=torch.Generator().manual_seed(0))
     return model, ids
 
@@ -112,7 +114,7 @@ def make_method(name: str, model, ids):
 
         def run():
             model.zero_grad(set_to_none=True)
-            mean_loss(model(ids), ids).backward()
+            mean_loss(model(ids).logits, ids).backward()
             return {}
 
         return run

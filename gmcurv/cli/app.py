@@ -12,6 +12,7 @@ import importlib
 import os
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from gmcurv import __version__, distributed
@@ -55,13 +56,13 @@ class GmcurvGroup(TyperGroup):
                 # one write per line: under torchrun the ranks share stderr
                 who = f"[dim]rank {comm.rank}:[/dim] " if comm.active else ""
                 stderr.print(
-                    f"{who}[bold red]error:[/bold red] {e.message}",
+                    f"{who}[bold red]error:[/bold red] {escape(e.message)}",
                     markup=True,
                     highlight=False,
                     soft_wrap=True,
                 )
                 if e.hint:
-                    stderr.print(f"[dim]hint:[/dim] {e.hint}", soft_wrap=True)
+                    stderr.print(f"[dim]hint:[/dim] {escape(e.hint)}", soft_wrap=True)
                 raise typer.Exit(e.exit_code) from None
             except _PASS_THROUGH:
                 raise

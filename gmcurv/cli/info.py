@@ -11,6 +11,7 @@ from gmcurv.checkpoint import describe_layers, mask_sparsity
 from gmcurv.cli import options as o
 from gmcurv.cli.render import footer, header, new_table
 from gmcurv.cli.session import Session
+from gmcurv.masks import MASK_PREFIX, META_MASKS, masks_path
 from gmcurv.results import Report
 
 
@@ -29,7 +30,7 @@ def render(report: Report, console: Console) -> None:
     console.print(table)
     if res["masks"]:
         masks = ", ".join(f"{k} {100 * v:.1f}%" for k, v in res["masks"].items())
-        console.print(f"pruning masks (sparsity): {masks}")
+        console.print(f"pruning masks (sparsity, from {res['masks_file']}): {masks}")
     if res["metadata"]:
         meta = new_table("metadata", "key", "value")
         for k, v in res["metadata"].items():
@@ -77,6 +78,11 @@ def info(
         "file_bytes": lm.path.stat().st_size,
         "layers": describe_layers(lm.model),
         "masks": mask_sparsity(lm.masks),
+        "masks_file": None
+        if not lm.masks
+        else masks_path(lm.path).name
+        if META_MASKS in lm.metadata
+        else f"{lm.path.name} ({MASK_PREFIX}* tensors)",
         "metadata": meta,
     }
     session.finish(session.report(results), render, output)

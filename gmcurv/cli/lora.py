@@ -414,7 +414,7 @@ def _curvature(
 
     def validate() -> None:
         assert session.data is not None
-        full = Objective.build(loaded.model, loaded.loss, None, mode)
+        full = Objective.build(loaded.model, loaded.loss, None, mode, seed)
         session.objective = along_objective(full, updates)
         session.objective.check_data(session.data)
 

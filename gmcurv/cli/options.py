@@ -159,9 +159,11 @@ ArchOpt = Annotated[
     typer.Option(
         "--arch",
         envvar=_env("ARCH"),
-        metavar="<mlp:ACT|file.py:factory|module:factory>",
+        metavar="<mlp:ACT|hf:Class|file.py:factory|module:factory>",
         help="mlp:relu|tanh|gelu|... (an MLP built from the weights; the activation is "
-        "required unless the checkpoint's metadata names it), or path/to/model.py:factory / "
+        "required unless the checkpoint's metadata names it), hf:Class (a transformers class, "
+        "e.g. hf:LlamaForCausalLM, built from the config.json beside the weights), or "
+        "path/to/model.py:factory / "
         "package.module:factory: a no-argument function returning an nn.Module whose forward "
         "returns a tensor, a tuple (first element used), a dict or a Hugging Face ModelOutput "
         "(its 'logits'). Overrides metadata/config.json.",

@@ -29,12 +29,12 @@ from rich.progress import (
 )
 
 from gmcurv import distributed
-from gmcurv.checkpoint import LoadedModel, load_model
+from gmcurv.checkpoint import DEFAULT_LOSS_SOURCE, LoadedModel, load_model
 from gmcurv.data import DataSample, load_data
 from gmcurv.errors import ConfigError, ConvergenceError, GmcurvWarning
 from gmcurv.fileio import atomic_write_text, ensure_not_input
 from gmcurv.memory import estimate_capture, human
-from gmcurv.objective import Objective
+from gmcurv.objective import Objective, labels_are_input_ids
 from gmcurv.results import DataInfo, ModelInfo, Report, iter_estimates
 from gmcurv.rules import evaluate, parse_rules
 from gmcurv.samples import sample_data, sample_model
@@ -179,14 +179,21 @@ class Session:
         def validate() -> None:
             assert s.loaded is not None and s.data is not None
             s.objective = Objective.build(
-                s.loaded.model, s.loaded.loss, layers, getattr(mode, "value", mode)
+                s.loaded.model, s.loaded.loss, layers, getattr(mode, "value", mode), seed or 0
             )
             s.objective.check_data(s.data)  # this rank's share of the files
+            if s.loaded.loss_source == DEFAULT_LOSS_SOURCE and labels_are_input_ids(s.data):
+                raise ConfigError(
+                    f"{data}: the labels equal the input ids (the Hugging Face causal-LM "
+                    "convention) but nothing names the loss, and the default cross_entropy "
+                    "would score every token against itself",
+                    hint="pass --loss next_token (labels shifted by one inside the loss, as "
+                    "transformers does), or --loss cross_entropy if the outputs are already "
+                    "aligned with the labels",
+                )
             if comm.active:
                 s.note(f"rank {comm.rank}/{comm.world}: examples {s.data.span}")
 
-        if getattr(mode, "value", mode) == "train":
-            torch.manual_seed(seed or 0)  # train-mode Dropout masks repeat with --seed
         with s.stage("load"):
             distributed.agreed(load, comm)
         if need_data:

@@ -88,7 +88,7 @@ def along_objective(objective: Objective, updates: Mapping[str, Sequence[LayerUp
             hint="curvature is taken over trainable parameters; check the model",
         )
     chosen = {k: p for k, p in objective.params.items() if k in names}
-    return Objective(objective.model, objective.loss, chosen, objective.mode)
+    return Objective(objective.model, objective.loss, chosen, objective.mode, objective.seed)
 
 
 # ------------------------------------------------------------------------------ J dθ on factors
@@ -114,6 +114,8 @@ def update_jvp(
             ups = by_param[mine[0]]
             left = torch.cat([u.left for u in ups], 1).to(src.delta)  # [O, r]
             right = torch.cat([u.right for u in ups], 0).to(src.x)  # [r, I]
+            if src.transposed:  # ΔW stored [I, O] (Conv1D): (L R)^T = R^T L^T
+                left, right = right.T.to(src.delta), left.T.to(src.x)
             dl = torch.einsum("ncto,or->nctr", src.delta, left)
             ra = torch.einsum("nti,ri->ntr", src.x, right)
             part = torch.einsum("nctr,ntr->nc", dl, ra)

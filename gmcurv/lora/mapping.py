@@ -5,10 +5,10 @@ module whose path ends with the adapter's, or vice versa — adapters saved from
 ``GPT2LMHeadModel`` fit ``GPT2Model``-style checkpoints and back). The update of its weight
 is kept low-rank, in the layout of ``weight.reshape(rows, -1)``:
 
-    nn.Linear (and gmcurv's GPT-2 Conv1D, stored [out, in])   ΔW = (s B) A
+    nn.Linear [out, in]                                       ΔW = (s B) A
     nn.Conv2d [out, in, kh, kw]                               ΔW = (s B2) A2, reshaped
     nn.Embedding [V, E]                                        ΔW = (s Aᵀ) Bᵀ
-    other 2-d weights stored [in, out] with fan_in_fan_out    ΔW = (s Aᵀ) Bᵀ
+    HF Conv1D, other 2-d weights [in, out] with fan_in_fan_out ΔW = (s Aᵀ) Bᵀ
 
 so ``dθ`` is ``left @ right`` on each adapted parameter and zero elsewhere. Several updates
 on one parameter (tied weights) add up.
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from gmcurv.capture import is_hf_conv1d
 from gmcurv.errors import GmcurvWarning
 from gmcurv.lora.adapter import Adapter, AdapterError, LoraLayer
 
@@ -110,7 +111,7 @@ def layer_update(
         if shape != (m, k):
             raise _shape_error(where, layer, target, weight)
         return LayerUpdate(layer.module, target, param, "linear", s * B2, A2, shape)
-    if len(shape) == 2 and fan_in_fan_out and shape == (k, m):
+    if len(shape) == 2 and (fan_in_fan_out or is_hf_conv1d(module)) and shape == (k, m):
         return LayerUpdate(layer.module, target, param, "matrix", s * A2.T, B2.T, shape)
     if len(shape) == 2 and shape == (m, k):
         return LayerUpdate(layer.module, target, param, "matrix", s * B2, A2, shape)

@@ -3,10 +3,12 @@
 - `FAMILIES` maps a family name (the part of ``--arch`` / ``gmcurv.arch`` metadata before the
   colon) to a builder ``(option, config, shapes, source) -> nn.Module``.
 - `HF_MODEL_TYPES` maps a Hugging Face ``config.json`` ``model_type`` to a builder
-  ``(config, shapes, source) -> nn.Module`` and the loss that family trains with.
+  ``(config, shapes, source) -> nn.Module`` and the loss that family trains with; any
+  other ``model_type`` is built by `transformers` itself (`gmcurv.models.hf`).
 - `FAMILY_LOSSES`: a family's default loss when neither ``--loss`` nor metadata names one.
 
-Built in: ``mlp`` (family), ``gpt2`` (family and ``model_type``; `gmcurv.models.gpt2`).
+Built in: ``mlp`` and ``hf[:Class]`` (a `transformers` model from its config:
+``config.json`` beside the weights, or the config gmcurv stored in a checkpoint it wrote).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from typing import Any
 from torch import nn
 
 from gmcurv.errors import ArchitectureError
-from gmcurv.models.gpt2 import build_gpt2, gpt2_family
 from gmcurv.models.mlp import ACTIVATIONS, build_mlp
 
 Shapes = Mapping[str, tuple[int, ...]]
@@ -27,7 +28,7 @@ FamilyBuilder = Callable[[str | None, dict[str, Any] | None, Shapes, str], nn.Mo
 
 @dataclass(frozen=True)
 class HFFamily:
-    """A Hugging Face model type gmcurv can build without `transformers`."""
+    """A Hugging Face model type built by a registered builder instead of `transformers`."""
 
     build: Callable[[dict[str, Any], Shapes, str], nn.Module]
     loss: str
@@ -50,10 +51,21 @@ def _mlp(option: str | None, config: dict[str, Any] | None, shapes: Shapes, sour
     return build_mlp(shapes, activation, source)
 
 
-FAMILIES: dict[str, FamilyBuilder] = {"mlp": _mlp, "gpt2": gpt2_family}
-HF_MODEL_TYPES: dict[str, HFFamily] = {"gpt2": HFFamily(build_gpt2, "next_token")}
+def _hf(option: str | None, config: dict[str, Any] | None, shapes: Shapes, source: str):
+    from gmcurv.models.hf import build_hf, is_hf_config
+
+    if not is_hf_config(config):
+        raise ArchitectureError(
+            f"{source}: --arch hf needs the model's config.json beside the weights",
+            hint="point MODEL at the directory save_pretrained wrote",
+        )
+    return build_hf(config, shapes, source, option)[0]
+
+
+FAMILIES: dict[str, FamilyBuilder] = {"mlp": _mlp, "hf": _hf}
+HF_MODEL_TYPES: dict[str, HFFamily] = {}
 # the loss a family trains with, when neither --loss nor checkpoint metadata names one
-FAMILY_LOSSES: dict[str, str] = {"gpt2": "next_token"}
+FAMILY_LOSSES: dict[str, str] = {}
 
 
 def register_family(name: str, builder: FamilyBuilder, loss: str | None = None) -> None:
@@ -90,14 +102,20 @@ def build_family(
 def build_from_hf_config(
     config: dict[str, Any], shapes: Shapes, source: str
 ) -> tuple[nn.Module, str]:
-    """Build a model from a Hugging Face ``config.json``; returns (model, loss name)."""
+    """Build a model from a Hugging Face ``config.json``; returns (model, loss name).
+
+    A registered ``model_type`` uses its builder; any other is built by `transformers`.
+    """
     model_type = config.get("model_type")
-    if model_type not in HF_MODEL_TYPES:
-        known = ", ".join(HF_MODEL_TYPES) or "none yet"
+    if model_type in HF_MODEL_TYPES:
+        family = HF_MODEL_TYPES[model_type]
+        return family.build(config, shapes, source), family.loss
+    if not isinstance(model_type, str):
         raise ArchitectureError(
-            f"{source}: config.json has model_type {model_type!r}, which gmcurv cannot build "
-            f"(supported: {known})",
-            hint="pass --arch path/to/model.py:factory to build the model yourself",
+            f"{source}: config.json names no model_type",
+            hint="use the config.json save_pretrained wrote, or --arch path/to/model.py:factory",
         )
-    family = HF_MODEL_TYPES[model_type]
-    return family.build(config, shapes, source), family.loss
+    from gmcurv.models.hf import build_hf
+
+    model, _, loss = build_hf(config, shapes, source)
+    return model, loss
