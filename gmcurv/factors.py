@@ -230,7 +230,9 @@ class LinearFactors(GradientSource):
         return torch.einsum("ncts,nts->nc", dd, aa)
 
     def gram(self) -> Tensor:
-        if not self._token_route():
+        # per pair of examples: token pairs cost T^2 (O+I), materialised gradients O I
+        t, o, i = self.tokens, self.delta.shape[-1], self.x.shape[-1] + 1
+        if t > 1 and t * t * (o + i) >= o * i:
             return super().gram()
         d = self.delta.double()
         x = self.x.double()

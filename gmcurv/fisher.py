@@ -115,6 +115,7 @@ class FisherEigen:
 
 
 DENSE_GRAM_LIMIT = 2048  # above N*C = this, Lanczos on the implicit K = J J^T
+EIGH_LIMIT = 256  # up to N*C = this (or k >= N*C / 4) a full eigh of K is cheapest
 
 
 def fisher_eigen(
@@ -125,18 +126,45 @@ def fisher_eigen(
     tol: float = 1e-10,
     dense_limit: int = DENSE_GRAM_LIMIT,
     seed: int = 0,
+    eigh_limit: int = EIGH_LIMIT,
+    progress=None,
 ) -> FisherEigen:
     """The `k` largest eigenvalues of ``F`` (restricted to `blocks`) and optionally vectors.
 
-    Up to `dense_limit` rows of ``J`` the kernel is formed and diagonalised exactly;
-    beyond, Lanczos runs on ``u -> J (J^T u)`` (never forming ``K``).
+    Up to `dense_limit` rows of ``J`` the kernel ``K`` is formed; a full ``eigh`` runs
+    when ``K`` is small (at most `eigh_limit` rows, or ``k`` a quarter of them), otherwise
+    Lanczos on the formed ``K`` (products cost ``(N C)^2``, far below forming it), with a
+    full ``eigh`` as fallback should Lanczos not meet `tol` (eigenvalue error bounds
+    relative to ``μ_max``). Beyond `dense_limit`, Lanczos on ``u -> J (J^T u)`` (never
+    forming ``K``). `progress(i)` is called per Lanczos product.
     """
     from gmcurv.lanczos import lanczos
 
     sub = DecomposedGradients(_blocks(dg, blocks), dg.fisher, dg.losses)
     size = dg.n * dg.columns
-    if size <= dense_limit:
-        K = gram_kernel(sub)
+    K = gram_kernel(sub) if size <= dense_limit else None
+    res = None
+    if K is not None and size > eigh_limit and 4 * k < size:
+
+        def counted(u: Tensor) -> Tensor:
+            if progress:
+                progress(1)
+            return K @ u
+
+        res = lanczos(
+            counted,
+            size,
+            k,
+            tol=tol,
+            seed=seed,
+            vectors=vectors,
+            device=K.device,
+            max_iters=min(size, max(4 * k + 40, 80)),
+            criterion="residual" if vectors else "gap",  # vectors need small residuals
+        )
+        if not bool(res.converged.all()):
+            res = None  # rare: fall back to the exact full eigendecomposition
+    if K is not None and res is None:
         mu, U = torch.linalg.eigh(K)
         mu, U = mu.flip(0), U.flip(1)
         tol_rank = mu[0].abs() * size * torch.finfo(torch.float64).eps if size else 0.0
@@ -147,13 +175,18 @@ def fisher_eigen(
         converged = torch.ones(take, dtype=torch.bool)
         method, n_mv = "gram", 0
     else:
-        dtype = dg.losses.dtype
+        if res is None:
+            dtype = dg.losses.dtype
 
-        def kmv(u: Tensor) -> Tensor:
-            uu = u.to(dtype).reshape(dg.n, dg.columns)
-            return jvp(sub, vjp(sub, uu)).reshape(-1).double()
+            def kmv(u: Tensor) -> Tensor:
+                if progress:
+                    progress(1)
+                uu = u.to(dtype).reshape(dg.n, dg.columns)
+                return jvp(sub, vjp(sub, uu)).reshape(-1).double()
 
-        res = lanczos(kmv, size, k, tol=tol, seed=seed, vectors=vectors, device=dg.losses.device)
+            res = lanczos(
+                kmv, size, k, tol=tol, seed=seed, vectors=vectors, device=dg.losses.device
+            )
         mu, U = res.values, (res.vectors.T if res.vectors is not None else None)
         residuals, converged, rank = res.residuals, res.converged, None
         method, n_mv = "gram-lanczos", res.n_matvecs
@@ -292,10 +325,15 @@ def fisher_summary(
     per_layer: bool = True,
     budget_bytes: int | None = None,
     progress=None,
+    per_layer_eigen: bool = False,
+    eigen_progress=None,
+    phase=None,
 ) -> FisherSummary:
     """Everything ``gmcurv trace --curvature fisher`` reports, streamed over the data.
 
-    Factors are kept (memory O(N (I+O)) per layer) only when eigenvalues are requested.
+    Factors are kept (memory O(N (I+O)) per layer) only when eigenvalues are requested
+    (``k > 0``); each block's own top-k eigenvalues only with `per_layer_eigen` (one more
+    eigenproblem per block). `eigen_progress(i)`: per Lanczos product of the Gram route.
     """
     from gmcurv.capture import Capturer, capture_stream
     from gmcurv.distributed import current, gather_decomposed
@@ -332,15 +370,23 @@ def fisher_summary(
     rank = None
     layer_eigs: dict[str, list[Estimate]] = {}
     if k > 0:
+        if phase:
+            n_rows = acc.n * columns
+            phase(
+                "Fisher: Gram eigenvalues (Lanczos products)",
+                None if n_rows <= EIGH_LIMIT else max(4 * k + 40, 80),
+            )
         full = gather_decomposed(DecomposedGradients.cat(kept))
         del kept
-        res = fisher_eigen(full, k, seed=seed)
+        res = fisher_eigen(full, k, seed=seed, progress=eigen_progress)
         rank = res.rank
         eigenvalues = _eigen_estimates(res, full.n, fisher)
-        if per_layer:
+        if per_layer and per_layer_eigen:
             for b in full.blocks:
                 layer_eigs[b.name] = _eigen_estimates(
-                    fisher_eigen(full, k, blocks=[b.name], seed=seed), full.n, fisher
+                    fisher_eigen(full, k, blocks=[b.name], seed=seed, progress=eigen_progress),
+                    full.n,
+                    fisher,
                 )
     layers = (
         {

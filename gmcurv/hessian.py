@@ -282,7 +282,7 @@ class CurvatureOperator:
 
     # -- cached gradient graphs: H v = ∇<g, v> by one backward through g's graph ----------
     def _graph_wanted(self) -> bool:
-        if self.kind != "hessian" or self.objective.mode != "eval" or self.cache_graph is False:
+        if self.kind == "ggn" or self.objective.mode != "eval" or self.cache_graph is False:
             return False
         return self._batches is not None or self._prints is None  # cached data, or first pass
 
@@ -293,7 +293,8 @@ class CurvatureOperator:
             self.cache_graph = False
 
     def _graph(self, index: int, batch: Batch) -> tuple[list[Tensor], tuple[Tensor, ...]] | None:
-        """``(leaves, g)`` with ``g = ∇(Σ_n L_n)`` built with ``create_graph`` (kept while
+        """``(leaves, g)`` with ``g = ∇(Σ_n L_n)`` (Hessian) or ``g = ∇<f, r>`` (residual,
+        ``r`` fixed) built with ``create_graph`` (kept while
         all batches' graphs fit in `graph_bytes`, counted through saved tensors)."""
         if index in self._graphs:
             return self._graphs[index]
@@ -304,14 +305,19 @@ class CurvatureOperator:
             return t
 
         names = self.space.names
+        r = self._residual(index, batch) if self.kind == "residual" else None
         leaves = [self.objective.params[k].detach().requires_grad_(True) for k in names]
         with (
             twice_differentiable_attention(),
             torch.enable_grad(),
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
         ):
-            total = self.objective.per_example_loss(batch, dict(zip(names, leaves, strict=True)))
-            g = torch.autograd.grad(total.sum(), leaves, create_graph=True)
+            params = dict(zip(names, leaves, strict=True))
+            if self.kind == "residual":  # (H - G) v = ∇<∇<f, r>, v> with r held fixed
+                total = (self.objective.outputs(batch.inputs, params) * r).sum()
+            else:
+                total = self.objective.per_example_loss(batch, params).sum()
+            g = torch.autograd.grad(total, leaves, create_graph=True)
         self._graph_held += held[0]
         if self._graph_held > self.graph_bytes:
             self._drop_graphs()
@@ -324,12 +330,24 @@ class CurvatureOperator:
         if graph is None:
             return None
         leaves, g = graph
-        outs = [vec[k] for k in self.space.names]
+        names = self.space.names
+        live = [i for i, t in enumerate(g) if t.requires_grad]  # constant parts: no curvature
+        if not live:
+            return {k: vec[k].new_zeros(vec[k].shape) for k in names}
+        outs = [vec[names[i]] for i in live]
         with torch.enable_grad():
             hv = torch.autograd.grad(
-                g, leaves, grad_outputs=outs, retain_graph=True, is_grads_batched=batched
+                [g[i] for i in live],
+                leaves,
+                grad_outputs=outs,
+                retain_graph=True,
+                is_grads_batched=batched,
+                allow_unused=True,
             )
-        return {k: t.detach() for k, t in zip(self.space.names, hv, strict=True)}
+        return {
+            k: vec[k].new_zeros(vec[k].shape) if t is None else t.detach()
+            for k, t in zip(names, hv, strict=True)
+        }
 
     def _call(self, index: int, batch: Batch, vec: dict[str, Tensor], forward: bool):
         if self.kind == "hessian":
@@ -338,6 +356,8 @@ class CurvatureOperator:
             return batch_hvp(self.objective, batch, vec, forward)
         if self.kind == "ggn":
             return batch_ggnvp(self.objective, batch, vec, forward)
+        if index >= 0 and (out := self._graph_product(index, batch, vec, False)) is not None:
+            return out
         r = self._residual(index, batch)
         return batch_residual_vp(self.objective, batch, vec, forward, r)
 
@@ -463,6 +483,7 @@ def resolve_method(method: str, n_params: int, n: int) -> str:
 
 # ------------------------------------------------------------------- exact GGN trace
 EXACT_GGN_MAX_COLUMNS = 256  # C-class factors per example beyond which auto goes stochastic
+DEFAULT_TRACE_RTOL = 0.01  # stochastic traces stop at 1 % relative standard error
 
 
 def _ggn_scale(objective: Objective, batch: Batch) -> Tensor | None:
@@ -544,6 +565,7 @@ class CurvatureSummary:
     n_params: int
     n_matvecs: int
     notes: list[str] = field(default_factory=list)
+    stopped: str | None = None  # stochastic trace: 'tol' or 'probes' (the cap); else None
 
 
 def capture_blocks(objective: Objective) -> dict[str, tuple[tuple[str, ...], str]]:
@@ -640,17 +662,28 @@ def curvature_summary(
     budget_bytes: int | None = None,
     progress: Callable[[int], None] | None = None,
     restarts: int = 0,
+    rtol: float | None = DEFAULT_TRACE_RTOL,
+    phase: Callable[[str, int | None], None] | None = None,
+    cache: dict | None = None,
 ) -> CurvatureSummary:
     """Everything ``gmcurv trace --curvature hessian|ggn`` reports.
 
     Methods: ``exact`` (dense matrix from ``P`` products), ``hutchinson`` / ``hutchpp``
-    (`probes` probes / products per estimate, block-restricted per layer), ``auto``: exact
-    when tiny, else the GGN trace exactly from C-class factors (`exact_ggn_trace`) and, for
-    the Hessian, ``tr H = tr G + tr(H - G)`` with Hutch++ on the residual ``H - G`` only
-    (falls back to Hutch++ on the matrix itself when the factors would be too many).
-    Top-k eigenvalues by Lanczos (tolerance `tol` on residuals relative to ``|λ_max|``).
+    (at most `probes` products, stopping once the total's standard error is at most
+    `rtol` of the reported trace; every layer's trace from the same products,
+    `gmcurv.stochastic.shared_block_traces`), ``auto``: exact when tiny, else the GGN
+    trace exactly from C-class factors (`exact_ggn_trace`) and, for the Hessian,
+    ``tr H = tr G + tr(H - G)`` with Hutch++ on the residual ``H - G`` only — or no
+    products at all when the network is piecewise linear in each layer
+    (`gmcurv.piecewise`: the within-layer blocks of ``H - G`` vanish); falls back to
+    Hutch++ on the matrix itself when the factors would be too many.
+    Top-k eigenvalues by Lanczos (tolerance `tol` on eigenvalue error bounds relative to
+    ``|λ_max|``); ``k = 0`` skips them. `phase(label, total)` announces each phase.
+    `cache`: a dict shared by calls on the same objective and data (``--curvature all``),
+    so that the GGN's factors are captured once for the GGN and the Hessian.
     """
-    from gmcurv.stochastic import block_traces, combine, trace
+    from gmcurv.piecewise import piecewise_linear_reason
+    from gmcurv.stochastic import shared_block_traces
 
     if kind not in ("hessian", "ggn"):
         raise ConfigError(f"unknown curvature {kind!r}", hint="use hessian or ggn")
@@ -662,9 +695,12 @@ def curvature_summary(
             f"--method {resolved} does not estimate traces",
             hint="use auto, exact, hutchinson or hutchpp",
         )
+    announce = phase or (lambda label, total: None)
     op = CurvatureOperator(objective, data, batch_size, kind, progress=progress)
     notes: list[str] = []
+    stopped: str | None = None
     if resolved == "exact":
+        announce("dense matrix: products", P)
         A = dense_matrix(op, budget_bytes)
         tr, eigs, layers = _dense_summary(op, A, blocks, k, per_layer)
         return CurvatureSummary(kind, "exact(dense)", tr, eigs, layers, P, op.n_matvecs, notes)
@@ -672,13 +708,23 @@ def curvature_summary(
     exact_ggn = method == "auto" and exact_ggn_columns(objective, data) <= EXACT_GGN_MAX_COLUMNS
     ggn_part: dict[str, tuple[float, float]] = {}
     if exact_ggn:
-        acc = exact_ggn_trace(objective, data, batch_size, budget_bytes)
+        key = ("exact_ggn_trace", batch_size)
+        if cache is not None and key in cache:
+            acc = cache[key]
+        else:
+            announce("GGN from factors: examples", n)
+            acc = exact_ggn_trace(objective, data, batch_size, budget_bytes, progress=progress)
+            if cache is not None:
+                cache[key] = acc
         ggn_part = {b: acc.trace(b) for b in blocks}
         notes.append("GGN trace exact from the C-class square-root factors (no products)")
+    pl_reason = piecewise_linear_reason(objective.model, objective.mode)
     space, dtype, device = objective.space, objective.dtype, objective.device
     parts: dict[str, Estimate] = {}
-    if kind == "ggn" and exact_ggn:
-        label = "exact(factors)"
+    if exact_ggn and (kind == "ggn" or pl_reason is not None):
+        label = "exact(factors)" if kind == "ggn" else "exact-ggn+zero(H-G)"
+        if kind == "hessian":
+            notes.append(f"H - G: {pl_reason}")
         for b, (value, se) in ggn_part.items():
             parts[b] = Estimate.exact_value(value, n, label, data_stderr=se, n_matvecs=0)
         value, se = acc.trace(None)
@@ -688,32 +734,41 @@ def curvature_summary(
         target.progress = progress
         prefix = "exact-ggn+" if exact_ggn else ""
         suffix = "(H-G)" if exact_ggn else ""
-        if per_layer:
-            est = block_traces(
-                target.matvec,
-                space,
-                {b: p for b, (p, _) in blocks.items()},
-                probes,
-                resolved,
-                seed=seed,
-                dtype=dtype,
-                device=device,
-                small_exact=method == "auto",
+        base = sum(v for v, _ in ggn_part.values())
+        announce(f"{'H - G' if exact_ggn else 'trace'}: products", probes)
+        res = shared_block_traces(
+            target.matvec,
+            space,
+            {b: p for b, (p, _) in blocks.items()} if per_layer else {},
+            probes,
+            resolved,
+            seed=seed,
+            dtype=dtype,
+            device=device,
+            rtol=rtol,
+            offset=base,
+        )
+        stopped = res.stopped
+        for b, e in res.blocks.items():
+            parts[b] = _shifted(e, ggn_part.get(b, (0.0, 0.0))[0], prefix, suffix, n)
+        total = _shifted(res.total, base, prefix, suffix, n)
+        if stopped == "tol":
+            notes.append(
+                f"stochastic trace stopped at {res.total.n_matvecs} products: relative "
+                f"standard error <= {rtol:g} (--tol)"
             )
-            for b, e in est.items():
-                base = ggn_part.get(b, (0.0, 0.0))[0]
-                parts[b] = _shifted(e, base, prefix, suffix, n)
-            whole = combine(list(est.values()), None)
-            base = sum(v for v, _ in ggn_part.values())
-            total = _shifted(whole, base, prefix, suffix + "[per-layer sum]", n)
         else:
-            whole = trace(target.matvec, P, probes, resolved, seed=seed, dtype=dtype, device=device)
-            base = sum(v for v, _ in ggn_part.values())
-            total = _shifted(whole, base, prefix, suffix, n)
+            notes.append(
+                f"stochastic trace stopped at the cap of {probes} products (--probes) before "
+                + (f"a relative standard error of {rtol:g}" if rtol else "any tolerance")
+            )
+        if per_layer:
+            notes.append("per-layer traces share the total's products (v_b^T (A v)_b)")
         if exact_ggn:
             op.n_matvecs += target.n_matvecs
     eigs: list[Estimate] = []
     if k > 0:
+        announce("Lanczos: products", max_iters or max(4 * k + 20, 60))
         eigs, _, random = lanczos_estimates(op, k, tol, max_iters, seed, False, restarts)
         if random:
             notes.append("products are random (train mode with Dropout): nothing converged")
@@ -722,7 +777,9 @@ def curvature_summary(
         for b, (p, kd) in blocks.items()
         if b in parts
     }
-    return CurvatureSummary(kind, total.method, total, eigs, layers, P, op.n_matvecs, notes)
+    return CurvatureSummary(
+        kind, total.method, total, eigs, layers, P, op.n_matvecs, notes, stopped
+    )
 
 
 def _shifted(e, base: float, prefix: str, suffix: str, n: int) -> Estimate:

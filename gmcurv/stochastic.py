@@ -229,6 +229,114 @@ def block_traces(
     return out
 
 
+# ------------------------------------------------------------------- shared products
+MIN_ADAPTIVE_PROBES = 10  # residual probes before a standard error is trusted for stopping
+
+
+@dataclass(frozen=True)
+class SharedTraces:
+    """`shared_block_traces`' result: the total, every block, and why it stopped."""
+
+    total: TraceEstimate
+    blocks: dict[str, TraceEstimate]
+    stopped: str  # 'tol' (relative standard error reached) or 'probes' (the cap)
+
+
+def shared_block_traces(
+    matvec: Matvec,
+    space: ParamSpace,
+    blocks: Mapping[str, Sequence[str]],
+    probes: int,
+    method: str = "hutchpp",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    rtol: float | None = None,
+    offset: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+) -> SharedTraces:
+    """``tr A`` and every block's ``tr A_bb`` from the same products over the full space.
+
+    Hutchinson: with ``y = A z``, block ``b``'s sample is ``z_b^T y_b`` (unbiased for
+    ``tr A_bb``) and the total's is ``z^T y = Σ_b z_b^T y_b``. Hutch++: with the sketch
+    ``Q`` (orthonormal, from ``k = probes/3`` products) and ``Π = I - QQ^T``,
+    ``tr A_bb = Σ_j (q_j)_b^T (A q_j)_b + E[(Π g)_b^T (A Π g)_b]`` for Rademacher ``g``
+    (since ``tr(P_b A) = tr(Q^T P_b A Q) + tr(Π P_b A Π)``), and the blocks sum to the
+    usual Hutch++ estimate. Each block's standard error is that of its own samples over
+    probes; the total's is that of the summed samples (blocks are correlated).
+
+    Stops when the total's standard error is at most ``rtol |offset + estimate|``
+    (`offset`: an exactly known part of the reported value) after
+    `MIN_ADAPTIVE_PROBES` probes, or at the cap of `probes` products.
+    """
+    if method not in ("hutchinson", "hutchpp"):
+        raise ConfigError(f"unknown trace method {method!r}", hint="use hutchinson or hutchpp")
+    if probes < 2:
+        raise ConfigError("stochastic traces need at least 2 probes for a standard error")
+    offsets = space.offsets()
+    slices = {b: [offsets[k] for k in names] for b, names in blocks.items()}
+    n = space.size
+    gen = _generator(seed, device)
+    used = 0
+
+    def product(v: Tensor) -> Tensor:
+        nonlocal used
+        used += 1
+        out = matvec(v).to(torch.float64)
+        if progress:
+            progress(1)
+        return out
+
+    def per_block(u: Tensor, y: Tensor) -> dict[str, float]:
+        prod = u.double() * y
+        return {b: float(sum(prod[sl].sum() for sl in sls)) for b, sls in slices.items()}
+
+    top = dict.fromkeys(blocks, 0.0)
+    top_total = 0.0
+    Q = None
+    k = min(probes // 3, n) if method == "hutchpp" else 0
+    if k >= 1 and probes - 2 * k >= 2:
+        S = rademacher(n, gen, dtype, device, count=k)
+        AS = torch.stack([product(s_) for s_ in S])
+        Q = torch.linalg.qr(AS.T).Q.T.to(dtype)  # [k, n] orthonormal rows
+        for q in Q:
+            y = product(q)
+            for b, v in per_block(q, y).items():
+                top[b] += v
+            top_total += float(q.double() @ y)
+    else:
+        k = 0
+    label = "hutchpp" if Q is not None else "hutchinson"
+    rows: list[list[float]] = []  # per probe: [total, block values...]
+    names = list(blocks)
+    stopped = "probes"
+    while used < probes:
+        g = rademacher(n, gen, dtype, device)
+        if Q is not None:
+            g = g - Q.T @ (Q @ g)
+            g = g - Q.T @ (Q @ g)  # twice: orthogonal to working precision
+        y = product(g)
+        parts = per_block(g, y)
+        rows.append([float(g.double() @ y), *(parts[b] for b in names)])
+        m = len(rows)
+        if rtol is not None and m >= min(MIN_ADAPTIVE_PROBES, probes) and m >= 2:
+            mean, se = _mean_se(torch.tensor([r[0] for r in rows], dtype=torch.float64))
+            if se <= rtol * abs(offset + top_total + mean):
+                stopped = "tol"
+                break
+    samples = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(names) + 1)
+    m = len(rows)
+
+    def est(col: int, base: float) -> TraceEstimate:
+        mean, se = _mean_se(samples[:, col])
+        return TraceEstimate(base + mean, se, m, used, label)
+
+    total = est(0, top_total)
+    per = {b: est(i + 1, top[b]) for i, b in enumerate(names)}
+    return SharedTraces(total, per, stopped)
+
+
 # ---------------------------------------------------------------------------- diagonal
 @dataclass(frozen=True)
 class DiagonalEstimate:

@@ -259,3 +259,17 @@ def test_iteration_flags(runner, problem):
     narrow = _json(_run(runner, *spec, "--sigma", "0.01", "--json"))["results"]["hessian"]
     wide = _json(_run(runner, *spec, "--sigma", "0.1", "--json"))["results"]["hessian"]
     assert wide["sigma"] == pytest.approx(10 * narrow["sigma"])
+
+
+def test_trace_k0_skips_eigenvalues_and_per_layer_eigen_is_opt_in(runner, problem):
+    model, data = problem
+    none = _json(_run(runner, "trace", model, data, "--curvature", "all", "--k", "0", "--json"))
+    res = none["results"]
+    assert res["fisher"]["eigenvalues"] == [] and res["hessian"]["eigenvalues"] == []
+    assert "startup" in none["timings"]  # torch's lazy imports, paid before the compute
+    plain = _json(_run(runner, "trace", model, data, "--k", "2", "--json"))["results"]["fisher"]
+    assert len(plain["eigenvalues"]) == 2
+    assert all(not layer["eigenvalues"] for layer in plain["per_layer"].values())
+    more = _json(_run(runner, "trace", model, data, "--k", "2", "--per-layer-eigen", "--json"))
+    layers = more["results"]["fisher"]["per_layer"].values()
+    assert all(len(layer["eigenvalues"]) == 2 for layer in layers)

@@ -213,7 +213,7 @@ def test_rich_table_snapshot():
 
 
 @pytest.mark.parametrize(
-    "args", [["trace", "--k", "0"], ["trace", "--bogus"], ["trace", "--fisher", "nope"]]
+    "args", [["eigen", "--k", "0"], ["trace", "--bogus"], ["trace", "--fisher", "nope"]]
 )
 def test_usage_errors_exit_2(runner, args):
     result = runner.invoke(app, args)

@@ -140,3 +140,20 @@ def test_exact_fisher_closed_forms_with_many_columns(name):
     diag = obj.space.flatten(fisher_diagonal(dg))
     torch.testing.assert_close(diag, torch.diagonal(F), rtol=1e-10, atol=1e-14)
     torch.testing.assert_close(gram_kernel(dg), rows @ rows.T, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv"])
+def test_partial_eigensolver_on_formed_gram_matches_full_eigh(name):
+    """Above eigh_limit rows the formed kernel goes to Lanczos (gap-rule bounds 1e-10)."""
+    obj, batch = _problem(name)
+    dg = capture(obj, batch, fisher="exact")
+    dense = fisher_eigen(dg, 3)
+    ticks = []
+    part = fisher_eigen(dg, 3, eigh_limit=4, vectors=True, progress=ticks.append)
+    assert dense.method == "gram" and part.method == "gram-lanczos"
+    assert bool(part.converged.all()) and len(ticks) == part.n_matvecs > 0
+    torch.testing.assert_close(part.values, dense.values, rtol=1e-9, atol=1e-13)
+    F, _ = _dense_fisher(obj, batch, "exact")
+    for lam, vec in zip(part.values, part.vectors, strict=True):
+        v = obj.space.flatten(vec)
+        torch.testing.assert_close(F @ v, lam * v, rtol=1e-7, atol=1e-10)

@@ -87,6 +87,8 @@ MODELS = {
     "nojvp": lambda: seeded(NoJvpMLP),
     "embedzoo": lambda: seeded(EmbedZoo),
     "mse": lambda: seeded(mlp, sizes=(5, 6, 2)),
+    "relu": lambda: seeded(mlp, act=nn.ReLU),
+    "leaky": lambda: seeded(mlp, sizes=(5, 6, 6, 3), act=nn.LeakyReLU),
 }
 
 
@@ -326,3 +328,73 @@ def test_top_eigen_lanczos_vectors_and_fisher_route(tmp_path):
     vals = torch.tensor([e.value for e in fisher.values], dtype=torch.float64)
     torch.testing.assert_close(vals, ref.values)
     assert fisher.method == "gram" and set(fisher.vectors[0]) == set(obj.params)
+
+
+def _block_index(obj, name):
+    offsets = obj.space.offsets()
+    params = [f"{name}.{p}" for p, _ in obj.model.get_submodule(name).named_parameters()]
+    return torch.cat([torch.arange(offsets[p].start, offsets[p].stop) for p in params])
+
+
+@pytest.mark.parametrize("name", ["relu", "leaky"])
+def test_piecewise_linear_networks_have_zero_within_layer_h_minus_g(name, tmp_path, monkeypatch):
+    """Dense oracle: the within-layer blocks of H - G vanish (not the cross blocks), so
+    per-layer tr H = tr G and tr H = tr G; the summary reports that with no products."""
+    from gmcurv.piecewise import piecewise_linear_reason
+
+    obj, batch, data = problem(name, tmp_path, n=12)
+    H, G = dense_hessian(obj, batch), dense_ggn_autograd(obj, batch)
+    R = H - G
+    blocks = [n for n, m in obj.model.named_children() if isinstance(m, nn.Linear)]
+    for b in blocks:
+        idx = _block_index(obj, b)
+        assert float(R[idx][:, idx].abs().max()) <= 1e-12
+    assert float(R.abs().max()) > 1e-3  # the cross-layer blocks do not vanish
+    assert float(torch.trace(H)) == pytest.approx(float(torch.trace(G)), rel=1e-12)
+    assert piecewise_linear_reason(obj.model, obj.mode) is not None
+    monkeypatch.setattr(hs, "DENSE_MAX_PARAMS", 0)  # force the large-model route
+    s = curvature_summary(obj, data, "hessian", k=0, batch_size=5)
+    assert s.method == "exact-ggn+zero(H-G)" and s.n_matvecs == 0 and s.trace.stderr is None
+    assert s.trace.value == pytest.approx(float(torch.trace(H)), rel=1e-10)
+    for b in blocks:
+        idx = _block_index(obj, b)
+        want = float(torch.diagonal(H)[idx].sum())
+        assert s.per_layer[b].trace.value == pytest.approx(want, rel=1e-10, abs=1e-12)
+    assert any("piecewise linear" in note for note in s.notes)
+
+
+def test_piecewise_linear_detection_is_conservative():
+    from gmcurv.piecewise import piecewise_linear_reason
+
+    assert piecewise_linear_reason(mlp(act=nn.Tanh)) is None
+    assert piecewise_linear_reason(seeded(TinyAttention)) is None
+    shared = nn.Linear(4, 4)
+    assert piecewise_linear_reason(nn.Sequential(shared, nn.ReLU(), shared)) is None
+    bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    assert piecewise_linear_reason(bn, "eval") is not None
+    assert piecewise_linear_reason(bn, "train") is None
+
+
+def test_summary_adaptive_stop_and_shared_per_layer_products(tmp_path, monkeypatch):
+    """tanh: H - G is estimated; per-layer traces use the total's products (no more)."""
+    monkeypatch.setattr(hs, "DENSE_MAX_PARAMS", 0)
+    obj, _, data = problem("mlp", tmp_path)
+    flat = curvature_summary(obj, data, "hessian", probes=30, k=0, per_layer=False, rtol=0.0)
+    layered = curvature_summary(obj, data, "hessian", probes=30, k=0, rtol=0.0)
+    assert flat.n_matvecs == layered.n_matvecs == 30 and layered.stopped == "probes"
+    assert layered.trace.value == pytest.approx(flat.trace.value, rel=1e-12)
+    loose = curvature_summary(obj, data, "hessian", probes=300, k=0, rtol=0.5)
+    assert loose.stopped == "tol" and loose.n_matvecs < 300
+    assert loose.trace.stderr <= 0.5 * abs(loose.trace.value)
+
+
+def test_ggn_factors_captured_once_for_ggn_and_hessian(tmp_path, monkeypatch):
+    monkeypatch.setattr(hs, "DENSE_MAX_PARAMS", 0)
+    obj, _, data = problem("relu", tmp_path)
+    calls = []
+    real = hs.exact_ggn_trace
+    monkeypatch.setattr(hs, "exact_ggn_trace", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    cache: dict = {}
+    g = curvature_summary(obj, data, "ggn", k=0, cache=cache)
+    h = curvature_summary(obj, data, "hessian", k=0, cache=cache)
+    assert len(calls) == 1 and g.trace.value == pytest.approx(h.trace.value, rel=1e-12)

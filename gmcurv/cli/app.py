@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
+import sys
 
 import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from gmcurv import __version__, distributed
+from gmcurv import __version__
 from gmcurv.cli.options import default_map
 from gmcurv.cli.session import stderr, warnings_to_stderr
 from gmcurv.errors import GmcurvError
@@ -36,7 +38,33 @@ _PASS_THROUGH = tuple(
 
 
 class GmcurvGroup(TyperGroup):
-    """Turns engine errors into messages and exit codes; routes warnings to stderr."""
+    """Turns engine errors into messages and exit codes; routes warnings to stderr.
+
+    Commands load on first use (`_load_command`): listing them for ``--help`` uses
+    `COMMAND_HELP` and imports none of them, so neither torch nor matplotlib.
+    """
+
+    _listing = False
+
+    def list_commands(self, ctx):
+        return [name for name in COMMANDS if name in self.commands or _available(name)]
+
+    def get_command(self, ctx, name):
+        if name not in self.commands and name in COMMANDS:
+            if self._listing:
+                return _stub(name)
+            command = _load_command(name)
+            if command is None:
+                return None
+            self.commands[name] = command
+        return super().get_command(ctx, name)
+
+    def format_help(self, ctx, formatter):
+        self._listing = True
+        try:
+            return super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
 
     def make_context(self, info_name, args, parent=None, **extra):
         # config-file defaults are read per invocation, from the working directory
@@ -50,11 +78,12 @@ class GmcurvGroup(TyperGroup):
             except GmcurvError as e:
                 if os.environ.get("GMCURV_DEBUG"):
                     raise
-                comm = distributed.current()
-                if comm.active and not comm.main and isinstance(e, distributed.DistributedError):
+                dist = sys.modules.get("gmcurv.distributed")  # not loaded: no process group
+                comm = dist.current() if dist is not None else None
+                if comm and comm.active and not comm.main and isinstance(e, dist.DistributedError):
                     raise typer.Exit(e.exit_code) from None  # rank 0 reports it
                 # one write per line: under torchrun the ranks share stderr
-                who = f"[dim]rank {comm.rank}:[/dim] " if comm.active else ""
+                who = f"[dim]rank {comm.rank}:[/dim] " if comm and comm.active else ""
                 stderr.print(
                     f"{who}[bold red]error:[/bold red] {escape(e.message)}",
                     markup=True,
@@ -97,10 +126,50 @@ def _leave_process_group():
     try:
         yield
     finally:
-        distributed.shutdown()
+        if "gmcurv.distributed" in sys.modules:  # nothing to leave if torch never loaded
+            sys.modules["gmcurv.distributed"].shutdown()
 
 
 COMMANDS = ["info", "trace", "eigen", "spectrum", "saliency", "landscape", "lora", "head", "check"]
+# one line per command for ``gmcurv --help`` (the first line of its docstring; a test keeps
+# them in sync), so that listing the commands imports none of them
+COMMAND_HELP = {
+    "info": "Architecture, layers (and how each is captured), parameter counts and metadata.",
+    "trace": "Curvature traces, total and per layer, with the top eigenvalues.",
+    "eigen": "Top-k eigenvalues with residuals and a converged flag.",
+    "spectrum": "Eigenvalue spectral density (stochastic Lanczos quadrature, Gaussian broadening).",
+    "saliency": "Pruning saliency (magnitude, OBD, OBS) per tensor and what pruning would cost.",
+    "landscape": "Loss on a 1-D / 2-D grid around the weights: L(θ0 + α d1 + β d2).",
+    "lora": "LoRA adapters: features of ΔW = s·B·A that do not depend on the factorisation.",
+    "head": "Build the model zoo, train, evaluate and describe the GradMetaNet head.",
+    "check": "Exit 1 if any RULE holds for REPORT.",
+}
+
+
+def _available(name: str) -> bool:
+    return importlib.util.find_spec(f"gmcurv.cli.{name}") is not None
+
+
+def _stub(name: str):
+    """A placeholder carrying only the short help (for the command list)."""
+    from typer.core import TyperCommand
+
+    return TyperCommand(name, help=COMMAND_HELP.get(name, ""))
+
+
+def _load_command(name: str):
+    """Import ``gmcurv.cli.<name>`` and build its click command (None if absent)."""
+    try:
+        module = importlib.import_module(f"gmcurv.cli.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"gmcurv.cli.{name}":
+            raise
+        return None
+    sub = typer.Typer(rich_markup_mode="rich")
+    module.register(sub)
+    group = typer.main.get_group(sub)
+    return group.commands.get(name)
+
 
 app = typer.Typer(
     cls=GmcurvGroup,
@@ -130,25 +199,6 @@ def _root(
 
     With MODEL and DATA left out, commands run on the bundled sample model.
     """
-
-
-def _register() -> None:
-    from gmcurv.cli import check, info, trace
-
-    for module in (info, trace, check):
-        module.register(app)
-    # optional commands added by later modules register themselves here
-    for name in ("eigen", "spectrum", "saliency", "landscape", "lora", "head"):
-        try:
-            module = __import__(f"gmcurv.cli.{name}", fromlist=["register"])
-        except ModuleNotFoundError as e:
-            if e.name != f"gmcurv.cli.{name}":
-                raise
-            continue
-        module.register(app)
-
-
-_register()
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -17,7 +17,6 @@ from gmcurv.cli.session import Session
 from gmcurv.cli.trace import MaxItersOpt, RestartsOpt
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import atomic_write, ensure_not_input
-from gmcurv.hessian import EigenSummary, top_eigen
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
 
@@ -41,6 +40,9 @@ SaveVectorsOpt = Annotated[
         show_default=False,
     ),
 ]
+if TYPE_CHECKING:
+    from gmcurv.hessian import EigenSummary
+
 METHODS = (o.Method.auto, o.Method.exact, o.Method.lanczos, o.Method.gram)
 
 
@@ -184,6 +186,8 @@ def eigen(
         else method.value
     )
     with session.stage(kind), session.progress(f"{kind}: eigenvalues", None) as advance:
+        from gmcurv.hessian import top_eigen
+
         s = top_eigen(
             session.objective,
             session.data,

@@ -7,10 +7,8 @@ import itertools
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
-from rich.markdown import Markdown
 
 from gmcurv.cli import options as o
 from gmcurv.cli.render import fmt, new_table
@@ -67,6 +65,8 @@ def _cache(cache_dir: Path | None) -> Path:
 
 
 def _threads(n: int | None) -> None:
+    import torch
+
     if n is not None:
         torch.set_num_threads(n)
 
@@ -191,6 +191,8 @@ def train(
 
     Example: [bold]gmcurv head train --save my_head.safetensors --epochs 10[/bold]
     """
+    import torch
+
     from gmcurv.gradmetanet.model import HeadConfig
     from gmcurv.gradmetanet.pretrained import head_metadata, save_head
     from gmcurv.gradmetanet.train import TrainConfig, load_items, train_head
@@ -471,6 +473,8 @@ def evaluate(
 
 # ----------------------------------------------------------------------------------- info
 def _render_info(report: Report, console: Console) -> None:
+    from rich.markdown import Markdown
+
     res = report.to_dict()["results"]
     if res.get("card"):
         console.print(Markdown(res["card"]))

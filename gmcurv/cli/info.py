@@ -7,11 +7,9 @@ import json as jsonlib
 import typer
 from rich.console import Console
 
-from gmcurv.checkpoint import describe_layers, mask_sparsity
 from gmcurv.cli import options as o
 from gmcurv.cli.render import footer, header, new_table
 from gmcurv.cli.session import Session
-from gmcurv.masks import MASK_PREFIX, META_MASKS, masks_path
 from gmcurv.results import Report
 
 
@@ -49,6 +47,9 @@ def info(
     quiet: o.QuietOpt = False,
 ) -> None:
     """Architecture, layers (and how each is captured), parameter counts and metadata."""
+    from gmcurv.checkpoint import describe_layers, mask_sparsity
+    from gmcurv.masks import MASK_PREFIX, META_MASKS, masks_path
+
     session = Session.open(
         ctx,
         model,

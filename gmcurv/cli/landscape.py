@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import numpy as np
-import torch
 import typer
 from rich.console import Console
 
@@ -17,20 +15,13 @@ from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import atomic_write, ensure_not_input
-from gmcurv.landscape import (
-    FIT_POINTS,
-    Landscape,
-    checkpoint_directions,
-    direction_norm,
-    eigen_directions,
-    grid_axis,
-    landscape,
-    load_endpoints,
-    parse_range,
-    random_directions,
-)
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Estimate, Report, to_jsonable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from gmcurv.landscape import Landscape
 
 
 class Directions(str, Enum):
@@ -95,6 +86,8 @@ KIND_NAMES = {"random": "random", "eigen": "eigen", "checkpoint": "checkpoint"}
 
 # ---------------------------------------------------------------------------- report block
 def _argext(values: np.ndarray, fn) -> tuple[int, ...]:
+    import numpy as np
+
     return tuple(int(i) for i in np.unravel_index(int(fn(values)), values.shape))
 
 
@@ -114,6 +107,10 @@ def build_block(
     endpoints: list[str] | None,
 ) -> dict[str, Any]:
     """The ``landscape`` results block (plain values, see the command's help)."""
+    import numpy as np
+
+    from gmcurv.landscape import FIT_POINTS
+
     names = [f"d{k + 1}" for k in range(len(norms))]
     n = res.n
     loss = res.loss.numpy()
@@ -187,6 +184,8 @@ def build_block(
 
 def save_grid(path: Path, block: dict[str, Any]) -> None:
     """The raw grid as .npz (plain arrays, no pickles), written atomically."""
+    import numpy as np
+
     g = block["grid"]
     arrays: dict[str, np.ndarray] = {
         "alphas": np.asarray(g["alphas"], dtype=np.float64),
@@ -308,6 +307,20 @@ def landscape_command(
     [bold]gmcurv landscape --range=-0.5:0.5 --steps 21 --save-grid grid.npz --json[/bold] ·
     [bold]gmcurv landscape --fail-if "landscape.sharpness.d1 > 50"[/bold]
     """
+    import torch
+
+    from gmcurv.landscape import (
+        FIT_POINTS,
+        checkpoint_directions,
+        direction_norm,
+        eigen_directions,
+        grid_axis,
+        landscape,
+        load_endpoints,
+        parse_range,
+        random_directions,
+    )
+
     to = list(to or [])
     if len(to) > 2:
         raise ConfigError(

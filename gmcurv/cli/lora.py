@@ -6,12 +6,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from gmcurv import distributed
 from gmcurv.cli import options as o
 from gmcurv.cli.plots import check_plot_path
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
@@ -22,27 +21,17 @@ from gmcurv.cli.session import (
     resolve_dtype,
     resolved_config,
 )
-from gmcurv.data import load_data
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import ensure_not_input
-from gmcurv.lora import (
-    SCALES,
-    Adapter,
-    AdapterFeatures,
-    LayerUpdate,
-    adapter_features,
-    attach,
-    canonical_adapter,
-    curvature_along,
-    looks_like_adapter,
-    read_adapter,
-    write_adapter,
-)
-from gmcurv.lora.curvature import along_objective
 from gmcurv.memory import parse_bytes
-from gmcurv.objective import Objective
 from gmcurv.results import Report, to_jsonable
 from gmcurv.rules import parse_rules
+
+if TYPE_CHECKING:
+    from gmcurv.lora import AdapterFeatures, LayerUpdate
+
+# = gmcurv.lora.SCALES (not imported: it would load torch at start-up; a test keeps it equal)
+SCALES = (0.25, 0.5, 1.0, 2.0)
 
 PATHS_HELP = (
     "Adapters come first: each is a directory holding "
@@ -81,6 +70,8 @@ ExportOpt = Annotated[
 # ----------------------------------------------------------------------------------- inputs
 def split_paths(paths: list[Path]) -> tuple[list[Path], Path | None, Path | None]:
     """``(adapters, MODEL, DATA)`` from the positional paths (see `PATHS_HELP`)."""
+    from gmcurv.lora import looks_like_adapter
+
     adapters: list[Path] = []
     rest: list[Path] = []
     for p in paths:
@@ -318,6 +309,15 @@ def lora(
     [bold]gmcurv lora adapter/ --export canonical.safetensors[/bold] ·
     [bold]gmcurv lora ad/ m.safetensors d/ --fail-if "adapters.ad.curvature.hessian_qf > 10"[/bold]
     """
+    from gmcurv.lora import (
+        Adapter,
+        adapter_features,
+        attach,
+        canonical_adapter,
+        read_adapter,
+        write_adapter,
+    )
+
     adapter_paths, model, data = split_paths(paths)
     scale_list = parse_scales(scales)
     if plot is not None:
@@ -405,6 +405,12 @@ def _curvature(
     max_memory: str | None,
 ) -> dict[str, Any]:
     """Load DATA, build the objective over the adapted parameters, run `curvature_along`."""
+    from gmcurv import distributed
+    from gmcurv.data import load_data
+    from gmcurv.lora import curvature_along
+    from gmcurv.lora.curvature import along_objective
+    from gmcurv.objective import Objective
+
     assert session.loaded is not None
     comm = session.comm
     loaded = session.loaded

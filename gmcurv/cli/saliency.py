@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,22 +14,19 @@ from gmcurv.cli import options as o
 from gmcurv.cli.plots import check_plot_path
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
-from gmcurv.data import load_data
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import ensure_not_input, sha256_file
 from gmcurv.memory import parse_bytes
-from gmcurv.pruning import check_fraction, default_output_path, pruned_outputs, save_pruned
 from gmcurv.results import Report, to_jsonable
-from gmcurv.saliency import (
-    CONVENTION,
-    DEFAULT_ROUNDS,
-    LEVELS,
-    PruneResult,
-    SaliencyAnalysis,
-    prune_model,
-    saliency_analysis,
-)
-from gmcurv.woodbury import DEFAULT_DAMPING
+
+if TYPE_CHECKING:
+    from gmcurv.saliency import PruneResult, SaliencyAnalysis
+
+# = gmcurv.saliency.DEFAULT_ROUNDS / LEVELS and gmcurv.woodbury.DEFAULT_DAMPING, not imported
+# (that would load torch at start-up for --help); a test keeps them equal
+DEFAULT_ROUNDS = 8
+LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)
+DEFAULT_DAMPING = 1e-2
 
 
 class Criterion(str, Enum):
@@ -137,6 +134,8 @@ ReportOpt = Annotated[
 
 # --------------------------------------------------------------------------------- results
 def _common(fisher: str, columns: int, n: int, damping: float, eps: float | None) -> dict:
+    from gmcurv.saliency import CONVENTION
+
     return {
         "convention": CONVENTION,
         "fisher": {"type": fisher, "columns": columns, "n_examples": n},
@@ -278,6 +277,8 @@ def _render_prune(p: dict, console: Console) -> None:
 
 # ---------------------------------------------------------------------------------- command
 def _parse_levels(text: str) -> list[float]:
+    from gmcurv.pruning import check_fraction
+
     try:
         levels = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -359,6 +360,10 @@ def saliency(
     [bold]gmcurv saliency --prune 0.5[/bold] ·
     [bold]gmcurv saliency m.safetensors d/ --prune 0.7 --eval-data test/ -o m70.safetensors[/bold]
     """
+    from gmcurv.data import load_data
+    from gmcurv.pruning import check_fraction, default_output_path, pruned_outputs
+    from gmcurv.saliency import prune_model, saliency_analysis
+
     if method not in (o.Method.auto, o.Method.exact, o.Method.learned, o.Method.both):
         raise ConfigError(
             f"--method {method.value} does not apply to saliency",
@@ -504,6 +509,8 @@ def saliency(
 
 def _write_pruned(session: Session, pruned: PruneResult, target: Path) -> tuple[Path, str]:
     """Write the pruned checkpoint (rank 0 under torchrun); its path and sha256."""
+    from gmcurv.pruning import save_pruned
+
     assert session.loaded is not None
     with session.stage("write"):
         path, digest = target, ""

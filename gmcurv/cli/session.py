@@ -14,9 +14,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -26,18 +25,23 @@ from rich.progress import (
     SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 
-from gmcurv import distributed
-from gmcurv.checkpoint import DEFAULT_LOSS_SOURCE, LoadedModel, load_model
-from gmcurv.data import DataSample, load_data
 from gmcurv.errors import ConfigError, ConvergenceError, GmcurvWarning
 from gmcurv.fileio import atomic_write_text, ensure_not_input
-from gmcurv.memory import estimate_capture, human
-from gmcurv.objective import Objective, labels_are_input_ids
+from gmcurv.memory import human
 from gmcurv.results import DataInfo, ModelInfo, Report, iter_estimates
 from gmcurv.rules import evaluate, parse_rules
 from gmcurv.samples import sample_data, sample_model
+
+if TYPE_CHECKING:  # torch and the engine load on first use: --help stays instant
+    import torch
+
+    from gmcurv import distributed
+    from gmcurv.checkpoint import LoadedModel
+    from gmcurv.data import DataSample
+    from gmcurv.objective import Objective
 
 stdout = Console(highlight=False, soft_wrap=False)
 stderr = Console(stderr=True, highlight=False)
@@ -48,6 +52,8 @@ collected_warnings: list[str] = []
 
 def resolve_device(spec: str) -> torch.device:
     """``auto`` -> cuda if available, else mps, else cpu; others are checked."""
+    import torch
+
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -74,7 +80,16 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
+    import torch
+
     return {"float32": torch.float32, "float64": torch.float64}[name]
+
+
+def warm_up_autograd() -> None:
+    """Pay torch's lazy imports of the first backward (``torch.autograd.grad`` with
+    ``grad_outputs`` imports sympy through ``torch.fx``) once, as start-up, so that
+    compute timings measure compute."""
+    import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
 
 _SOURCE_NAMES = {
@@ -102,14 +117,29 @@ def resolved_config(ctx: typer.Context) -> dict[str, Any]:
 
 
 @dataclass
+class Advance:
+    """What `Session.progress` yields: ``advance(k)`` moves the bar by `k`;
+    ``advance.phase(label, total)`` starts the next phase on the same bar."""
+
+    bar: Progress
+    task: Any
+
+    def __call__(self, k: int = 1) -> None:
+        self.bar.advance(self.task, k)
+
+    def phase(self, label: str, total: int | None) -> None:
+        self.bar.reset(self.task, total=total, description=label)
+
+
+@dataclass
 class Session:
     """One command run: inputs, objective, timings and output."""
 
     command: str
     config: dict[str, Any]
     seed: int | None = None
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
+    device: torch.device = None  # type: ignore[assignment]  # cpu (set in __post_init__)
+    dtype: torch.dtype = None  # type: ignore[assignment]  # float32
     quiet: bool = False
     json_mode: bool = False
     loaded: LoadedModel | None = None
@@ -117,7 +147,17 @@ class Session:
     objective: Objective | None = None
     timings: dict[str, float] = field(default_factory=dict)
     inputs: list[Path] = field(default_factory=list)
-    comm: distributed.Comm = field(default_factory=distributed.current)
+    cache: dict[Any, Any] = field(default_factory=dict)  # shared between phases of a command
+    comm: distributed.Comm = None  # type: ignore[assignment]  # the current process group
+
+    def __post_init__(self) -> None:
+        import torch
+
+        from gmcurv import distributed
+
+        self.device = torch.device("cpu") if self.device is None else self.device
+        self.dtype = torch.float32 if self.dtype is None else self.dtype
+        self.comm = distributed.current() if self.comm is None else self.comm
 
     # ------------------------------------------------------------------------- loading
     @classmethod
@@ -140,6 +180,11 @@ class Session:
         need_data: bool = True,
     ) -> Session:
         """Load MODEL (and DATA) — the bundled sample when left out — and build the objective."""
+        from gmcurv import distributed
+        from gmcurv.checkpoint import DEFAULT_LOSS_SOURCE, load_model
+        from gmcurv.data import load_data
+        from gmcurv.objective import Objective, labels_are_input_ids
+
         collected_warnings.clear()
         for text in ctx.params.get("fail_if") or []:
             parse_rules(text)  # a typo in a rule fails before any compute
@@ -194,6 +239,9 @@ class Session:
             if comm.active:
                 s.note(f"rank {comm.rank}/{comm.world}: examples {s.data.span}")
 
+        if need_data:
+            with s.stage("startup"):
+                warm_up_autograd()
         with s.stage("load"):
             distributed.agreed(load, comm)
         if need_data:
@@ -235,6 +283,8 @@ class Session:
             return
         if not self.comm.main:
             return  # one warning per job, from rank 0
+        from gmcurv.memory import estimate_capture
+
         fisher = getattr(ctx.params["fisher"], "value", ctx.params["fisher"])
         mc = ctx.params.get("mc_samples") or 1
         example = self.data.first(1, self.objective.device, self.objective.dtype)
@@ -277,13 +327,14 @@ class Session:
             BarColumn(),
             MofNCompleteColumn(),
             TimeElapsedColumn(),
+            TimeRemainingColumn(),
             console=stderr,
             transient=True,
             disable=disabled,
         )
         with bar:
             task = bar.add_task(label, total=total)
-            yield lambda k=1: bar.advance(task, k)
+            yield Advance(bar, task)
 
     # --------------------------------------------------------------------------- output
     def report(self, results: dict[str, Any]) -> Report:
@@ -346,6 +397,8 @@ class Session:
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """`warnings.showwarning` replacement: one line on stderr, copied into the report."""
+    from gmcurv import distributed
+
     text = str(message)
     collected_warnings.append(text)
     if distributed.current().main:  # under torchrun, rank 0 speaks for all

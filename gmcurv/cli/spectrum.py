@@ -12,7 +12,6 @@ from gmcurv.cli import options as o
 from gmcurv.cli.plots import check_plot_path
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
-from gmcurv.density import spectrum_summary
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import ensure_not_input
 from gmcurv.memory import parse_bytes
@@ -123,6 +122,8 @@ def spectrum(
     assert session.objective is not None and session.data is not None
     kind = curvature.value
     with session.stage(kind), session.progress(f"{kind}: Lanczos quadrature", None) as advance:
+        from gmcurv.density import spectrum_summary
+
         s = spectrum_summary(
             session.objective,
             session.data,

@@ -13,11 +13,11 @@ from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import ensure_not_input
-from gmcurv.fisher import fisher_summary
-from gmcurv.hessian import curvature_summary
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
 
+LANCZOS_TOL = 1e-3  # default eigenvalue error bound relative to |λ_max|
+DEFAULT_TRACE_RTOL = 0.01  # = gmcurv.hessian.DEFAULT_TRACE_RTOL (not imported: start-up)
 TRACE_METHODS = (o.Method.auto, o.Method.exact, o.Method.hutchinson, o.Method.hutchpp)
 MaxItersOpt = Annotated[
     int | None,
@@ -27,6 +27,30 @@ MaxItersOpt = Annotated[
         min=1,
         help="Lanczos iteration cap (default: max(4k + 20, 60)).",
         show_default=False,
+    ),
+]
+TraceKOpt = Annotated[
+    int,
+    typer.Option("--k", "-k", envvar="GMCURV_K", min=0, help="How many top eigenvalues (0: none)."),
+]
+TraceTolOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--tol",
+        envvar="GMCURV_TOL",
+        min=0.0,
+        help="Relative tolerance: stochastic traces stop at this standard error / |trace| "
+        "(default 0.01, capped by --probes); Lanczos at this eigenvalue error / |λ_max| "
+        "(default 0.001).",
+        show_default=False,
+    ),
+]
+PerLayerEigenOpt = Annotated[
+    bool,
+    typer.Option(
+        "--per-layer-eigen/--no-per-layer-eigen",
+        envvar="GMCURV_PER_LAYER_EIGEN",
+        help="Also each layer's own top eigenvalues (one eigenproblem per layer).",
     ),
 ]
 RestartsOpt = Annotated[
@@ -50,8 +74,11 @@ def fisher_results(
     batch_size: int,
     seed: int,
     max_memory: str | None,
+    per_layer_eigen: bool = False,
 ) -> dict[str, Any]:
     """Run the Fisher closed forms with a progress bar; results as a JSON-able dict."""
+    from gmcurv.fisher import fisher_summary
+
     assert session.objective is not None and session.data is not None
     with (
         session.stage("fisher"),
@@ -68,6 +95,9 @@ def fisher_results(
             per_layer=per_layer,
             budget_bytes=parse_bytes(max_memory) if max_memory else None,
             progress=advance,
+            per_layer_eigen=per_layer_eigen,
+            eigen_progress=advance,
+            phase=advance.phase,
         )
     return {
         "loss": s.loss,
@@ -95,11 +125,14 @@ def curvature_results(
     max_iters: int | None,
     restarts: int,
     max_memory: str | None,
+    rtol: float | None = None,
 ) -> dict[str, Any]:
     """Hessian or GGN trace (total, per layer) and top eigenvalues, as a JSON-able dict."""
+    from gmcurv.hessian import curvature_summary
+
     assert session.objective is not None and session.data is not None
     label = "Hessian" if kind == "hessian" else "GGN"
-    with session.stage(kind), session.progress(f"{label}: products", None) as advance:
+    with session.stage(kind), session.progress(f"{label}: products", probes) as advance:
         s = curvature_summary(
             session.objective,
             session.data,
@@ -115,6 +148,9 @@ def curvature_results(
             budget_bytes=parse_bytes(max_memory) if max_memory else None,
             progress=advance,
             restarts=restarts,
+            rtol=rtol,
+            phase=lambda text, total: advance.phase(f"{label}: {text}", total),
+            cache=session.cache,
         )
     for note in s.notes:
         session.note(f"{label}: {note}")
@@ -125,6 +161,8 @@ def curvature_results(
         "trace": s.trace,
         "eigenvalues": s.eigenvalues,
         "per_layer": s.per_layer,
+        "stopped": s.stopped,
+        "tolerances": {"trace_rel_stderr": rtol, "lanczos": tol},
         "notes": s.notes,
     }
 
@@ -176,28 +214,16 @@ def render(report: Report, console: Console) -> None:
             continue
         label = _label(name, block)
         t = block["trace"]
-        table = new_table(
-            f"{label}: trace {fmt_estimate(t)}",
-            "layer",
-            "kind",
-            "params",
-            "trace",
-            "share",
-            "λ_max",
-        )
+        with_eig = any(i.get("eigenvalues") for i in block.get("per_layer", {}).values())
+        columns = ["layer", "kind", "params", "trace", "share"] + (["λ_max"] if with_eig else [])
+        table = new_table(f"{label}: trace {fmt_estimate(t)}", *columns)
         total = t["value"] or 0.0
         for layer, info in block.get("per_layer", {}).items():
             lt = info["trace"]
             eig = info.get("eigenvalues") or []
             share = f"{100 * lt['value'] / total:.1f}%" if total else "—"
-            table.add_row(
-                layer,
-                info["kind"],
-                f"{info['n_params']:,}",
-                fmt_estimate(lt),
-                share,
-                fmt(eig[0]["value"]) if eig else "—",
-            )
+            row = [layer, info["kind"], f"{info['n_params']:,}", fmt_estimate(lt), share]
+            table.add_row(*row, *([fmt(eig[0]["value"]) if eig else "—"] if with_eig else []))
         if block.get("per_layer"):
             console.print(table)
         else:
@@ -230,11 +256,12 @@ def trace(
     samples: o.SamplesOpt = None,
     batch_size: o.BatchSizeOpt = 256,
     probes: o.ProbesOpt = 100,
-    k: o.KOpt = 5,
-    tol: o.TolOpt = 1e-3,
+    k: TraceKOpt = 5,
+    tol: TraceTolOpt = None,
     max_iters: MaxItersOpt = None,
     restarts: RestartsOpt = 0,
     per_layer: o.PerLayerOpt = True,
+    per_layer_eigen: PerLayerEigenOpt = False,
     layers: o.LayersOpt = None,
     mc_samples: o.McSamplesOpt = 1,
     device: o.DeviceOpt = "auto",
@@ -254,9 +281,11 @@ def trace(
     """Curvature traces, total and per layer, with the top eigenvalues.
 
     Fisher: exact closed forms on decomposed gradients. GGN / Hessian (--method): exact
-    dense matrix for tiny models; otherwise Hutch++ / Hutchinson with --probes per layer
-    (block-restricted probes) — auto takes the GGN trace exactly from C-class factors and
-    estimates only the Hessian's difference from it; top-k eigenvalues by Lanczos.
+    dense matrix for tiny models; otherwise Hutch++ / Hutchinson up to --probes products,
+    stopping at --tol relative standard error, every layer from the same products — auto
+    takes the GGN trace exactly from C-class factors and estimates only the Hessian's
+    difference from it (none for ReLU networks, where it vanishes within layers); top-k
+    eigenvalues by Lanczos (--k 0: none).
 
     Examples: [bold]gmcurv trace[/bold] (bundled sample) ·
     [bold]gmcurv trace model.safetensors data/ --curvature all --plot traces.png[/bold] ·
@@ -310,14 +339,16 @@ def trace(
     results: dict[str, Any] = {}
     if "fisher" in kinds:
         results = fisher_results(
-            session, fisher.value, mc_samples, k, per_layer, batch_size, seed, max_memory
-        )
+            session, fisher.value, mc_samples, k, per_layer, batch_size, seed, max_memory,
+            per_layer_eigen,
+        )  # fmt: skip
     hm = method.value if method not in (o.Method.gram, o.Method.both) else "auto"
     for kind in ("ggn", "hessian"):
         if kind in kinds:
             results[kind] = curvature_results(
-                session, kind, hm, probes, k, per_layer, batch_size, seed, tol, max_iters,
-                restarts, max_memory,
+                session, kind, hm, probes, k, per_layer, batch_size, seed,
+                LANCZOS_TOL if tol is None else tol, max_iters, restarts, max_memory,
+                DEFAULT_TRACE_RTOL if tol is None else tol,
             )  # fmt: skip
     if method is o.Method.both:
         results["learned"] = lh.compare_trace(session, results, seed)

@@ -114,7 +114,14 @@ def _config_object(tf, config: Mapping[str, Any], source: str):
             hint="upgrade transformers, or write an --arch path/to/model.py:factory",
         )
     fields = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
-    cfg = CONFIG_MAPPING[model_type].from_dict(fields)
+    try:
+        cfg = CONFIG_MAPPING[model_type].from_dict(fields)
+    except Exception as e:  # the library validates field values
+        raise ArchitectureError(
+            f"{source}: transformers rejects config.json: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}",
+            hint="fix the field it names (or re-save the model with save_pretrained)",
+        ) from None
     cfg.use_cache = False
     return cfg
 
@@ -183,6 +190,22 @@ def build_hf(
 ) -> tuple[nn.Module, str, str]:
     """Build a Hugging Face model from its config: (model, class name, loss name)."""
     tf = transformers_module()
+    with _quiet(tf):  # the engine never prints: the library's config notes are not errors
+        return _build(tf, config, shapes, source, cls_name)
+
+
+@contextlib.contextmanager
+def _quiet(tf):
+    logging = tf.utils.logging
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+
+
+def _build(tf, config, shapes: Shapes, source: str, cls_name: str | None):
     cfg = _config_object(tf, config, source)
     name = cls_name or _class_for(tf, cfg, config, shapes, source)
     cls = _model_class(tf, name, source)

@@ -6,16 +6,24 @@ The format follows the file extension (.png, .svg, .pdf); files are written atom
 from __future__ import annotations
 
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
+from typing import TYPE_CHECKING
 
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import atomic_write
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _pyplot():
+    """matplotlib on the headless backend, imported on the first plot (not at start-up)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 FORMATS = {".png": "png", ".svg": "svg", ".pdf": "pdf"}
 
@@ -37,7 +45,7 @@ def save_figure(fig: Figure, path: Path, dpi: int = 150) -> Path:
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
     return path
 
 
@@ -45,4 +53,4 @@ def new_figure(*args, **kwargs):
     """``plt.subplots`` with gmcurv's defaults."""
     kwargs.setdefault("figsize", (7, 4.5))
     kwargs.setdefault("layout", "constrained")
-    return plt.subplots(*args, **kwargs)
+    return _pyplot().subplots(*args, **kwargs)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from gmcurv.cli.plots import new_figure, save_figure
+from gmcurv.cli.plots import _pyplot, new_figure, save_figure
 
 
 def _fmt(x: float | None) -> str:
@@ -92,7 +92,7 @@ def plot_landscape(block: dict[str, Any], path: Path, surface: bool = False) -> 
         marks.append((1.0 if i == 0 else 0.0, 1.0 if i == 1 else 0.0,
                       Path(d["checkpoint"]).name, "tab:red", "s"))  # fmt: skip
     if surface:
-        import matplotlib.pyplot as plt
+        plt = _pyplot()  # headless backend
 
         fig = plt.figure(figsize=(7, 5.5), layout="constrained")
         ax = fig.add_subplot(projection="3d")

@@ -1,0 +1,86 @@
+"""The peers' equivalent of a ``gmcurv`` command, as a script run in its own process.
+
+``python bench/cli/peers.py TASK WORKLOAD`` builds the workload (`bench/workloads.py`, the
+same weights and data the gmcurv checkpoint holds), pays torch's lazy imports of the first
+backward as start-up (as gmcurv does), times the computation once (cold, like a command
+line run) and prints ``{"compute": seconds, "value": ..., "peer": ...}`` as JSON.
+
+Tasks: ``fisher`` (empirical Fisher trace: BackPACK BatchL2Grad on MLPs, torch.func
+per-example gradients elsewhere), ``ggn`` (exact GGN trace: BackPACK DiagGGNExact),
+``hessian100`` (Hutchinson Hessian trace with 100 probes: PyHessian, ``tol=0``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.fx.experimental.symbolic_shapes
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from workloads import build
+
+
+def fisher(w) -> tuple[str, float]:
+    if w.name == "W3":  # Embedding / LayerNorm / attention: BackPACK cannot, torch.func can
+        from torch.func import functional_call, grad, vmap
+
+        params = {k: p.detach() for k, p in w.model.named_parameters()}
+
+        def loss(p, x, y):
+            out = functional_call(w.model, p, (x.unsqueeze(0),))
+            return nn.functional.cross_entropy(out, y.unsqueeze(0))
+
+        g = vmap(grad(loss), in_dims=(None, 0, 0))(params, w.x, w.y)
+        return "torch.func", sum(float(v.pow(2).sum()) for v in g.values()) / w.n
+    from backpack import backpack, extend
+    from backpack.extensions import BatchL2Grad
+
+    model = extend(w.model)
+    lossfn = extend(nn.CrossEntropyLoss(reduction="sum"))
+    with backpack(BatchL2Grad()):
+        lossfn(model(w.x), w.y).backward()
+    return "BackPACK BatchL2Grad", sum(float(p.batch_l2.sum()) for p in model.parameters()) / w.n
+
+
+def ggn(w) -> tuple[str, float]:
+    from backpack import backpack, extend
+    from backpack.extensions import DiagGGNExact
+
+    model = extend(w.model)
+    lossfn = extend(nn.CrossEntropyLoss())
+    loss = lossfn(model(w.x), w.y)
+    with backpack(DiagGGNExact()):
+        loss.backward()
+    return "BackPACK DiagGGNExact", float(sum(p.diag_ggn_exact.sum() for p in model.parameters()))
+
+
+def hessian100(w) -> tuple[str, float]:
+    from pyhessian import hessian
+
+    torch.manual_seed(0)
+    h = hessian(w.model, nn.CrossEntropyLoss(), data=(w.x, w.y), cuda=False)
+    return "PyHessian trace (100 probes)", float(sum(h.trace(maxIter=100, tol=0.0)) / 100)
+
+
+TASKS = {"fisher": fisher, "ggn": ggn, "hessian100": hessian100}
+
+
+def main() -> None:
+    task, workload = sys.argv[1], sys.argv[2]
+    w = build(workload)
+    t0 = time.perf_counter()
+    try:
+        peer, value = TASKS[task](w)
+    except Exception as e:  # a peer that cannot handle the model
+        print(json.dumps({"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}))
+        return
+    print(json.dumps({"compute": time.perf_counter() - t0, "value": value, "peer": peer}))
+
+
+if __name__ == "__main__":
+    main()
