@@ -61,16 +61,11 @@ def test_per_layer_hessian_lambda_max_is_the_layers_own_block(tmp_path):
     assert distinct >= 1  # the test can tell a layer's block from the whole matrix
 
 
-@pytest.mark.xfail(
-    reason="fails since main's shared-product traces / per-layer changes (merged 14:30); "
-    "under investigation — reported to the coordinator",
-    strict=False,
-)
 def test_per_layer_fisher_lambda_max_is_the_layers_own_block(tmp_path):
     """Per-layer Fisher λ_max from the Gram route equals the dense block oracle
     (F = s · Σ_n g_n g_nᵀ, with the convention's scale s read off the total trace)."""
     obj, batch, data = problem("mlp", tmp_path, n=12)
-    s = fisher_summary(obj, data, k=3, per_layer=True, batch_size=5)
+    s = fisher_summary(obj, data, k=3, per_layer=True, per_layer_eigen=True, batch_size=5)
     G = per_example_grads(obj, batch)
     F = G.T @ G
     scale = s.trace.value / float(torch.trace(F))
