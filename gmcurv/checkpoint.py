@@ -30,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import itertools
 import json
+import math
 import re
 import struct
 import sys
@@ -44,7 +46,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from gmcurv import __version__
-from gmcurv.errors import ArchitectureError, CheckpointError
+from gmcurv.errors import ArchitectureError, CheckpointError, GmcurvError
 from gmcurv.fileio import atomic_write, sha256_file
 from gmcurv.masks import (
     MASK_PREFIX,
@@ -55,6 +57,7 @@ from gmcurv.masks import (
     remove_stale_masks,
     write_masks,
 )
+from gmcurv.metadata import validate_metadata
 from gmcurv.models.hf import hf_state_keys, is_hf_model
 from gmcurv.models.registry import build_family, build_from_hf_config, family_loss
 
@@ -171,10 +174,10 @@ def read_header(path: str | Path) -> Header:
             raise ValueError("header is not a JSON object")
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"{path}: corrupt safetensors header (invalid JSON)", fix) from None
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = validate_metadata(path, header.pop("__metadata__", None))
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
-    end = 0
+    spans: list[tuple[int, int, str]] = []
     for name, info in header.items():
         try:
             shape = tuple(int(s) for s in info["shape"])
@@ -182,20 +185,34 @@ def read_header(path: str | Path) -> Header:
             start, stop = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt entry for tensor {name!r}", fix) from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if dtype in _DTYPE_BYTES and stop - start != numel * _DTYPE_BYTES[dtype]:
-            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent byte size", fix)
+        if dtype not in _DTYPE_BYTES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has unknown dtype {dtype!r}",
+                f"safetensors dtypes are {', '.join(_DTYPE_BYTES)}; {fix}",
+            )
+        if any(s < 0 for s in shape) or not 0 <= start <= stop:
+            raise CheckpointError(f"{path}: tensor {name!r} has a negative shape or offset", fix)
+        numel = math.prod(shape)
+        if stop - start != numel * _DTYPE_BYTES[dtype]:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has inconsistent byte size (shape {list(shape)} "
+                f"{dtype} needs {numel * _DTYPE_BYTES[dtype]} bytes, offsets span {stop - start})",
+                fix,
+            )
         shapes[name], dtypes[name] = shape, dtype
-        end = max(end, stop)
+        spans.append((start, stop, name))
+    spans.sort()
+    for (_, stop_a, a), (start_b, _, b) in itertools.pairwise(spans):
+        if start_b < stop_a:
+            raise CheckpointError(f"{path}: tensors {a!r} and {b!r} overlap in the file", fix)
+    end = max((stop for _, stop, _ in spans), default=0)
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path}: file is truncated: the header declares {8 + n + end} bytes, "
             f"the file has {size}",
             fix,
         )
-    return Header(path, shapes, dtypes, {str(k): str(v) for k, v in metadata.items()})
+    return Header(path, shapes, dtypes, metadata)
 
 
 def is_index(path: str | Path) -> bool:
@@ -410,7 +427,7 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
         )
     config = _load_hf_config(header.path)
     if config is not None:
-        model, loss = build_from_hf_config(config, shapes, source)
+        model, loss = _build_from_config(config, header.path.parent / "config.json", shapes, source)
         # a family spec that rebuilds the model without config.json (e.g. gpt2:n_head=12)
         name = getattr(model, "arch_spec", None) or str(config.get("model_type"))
         return model, name, "config.json", loss
@@ -419,6 +436,23 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
         hint="pass --arch mlp:<activation> (relu|tanh|gelu|...) for a plain MLP, "
         "or --arch path/to/model.py:factory",
     )
+
+
+def _build_from_config(config: dict[str, Any], path: Path, shapes, source: str):
+    """`build_from_hf_config`, with any failure reported as bad input naming config.json."""
+    try:
+        return build_from_hf_config(config, shapes, source)
+    except ArchitectureError as e:
+        if str(path) in e.message or source in e.message:
+            raise
+        raise ArchitectureError(f"{path}: {e.message}", hint=e.hint) from None
+    except GmcurvError:
+        raise
+    except Exception as e:
+        raise ArchitectureError(
+            f"{path}: cannot build the model from config.json: {type(e).__name__}: {e}",
+            hint="check the values in config.json (types, and e.g. that n_head divides n_embd)",
+        ) from None
 
 
 def _tied_groups(model: nn.Module) -> list[list[str]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -116,9 +117,15 @@ def _read_npz(path: Path) -> dict[str, Tensor]:
                 f"{path}: contains pickled objects, which are refused",
                 hint="save plain numeric arrays with np.savez(inputs=..., targets=...)",
             ) from None
-        raise DataError(f"{path}: cannot read .npz file: {e}") from None
-    except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read .npz file (corrupt or truncated): {e}") from None
+        raise DataError(
+            f"{path}: cannot read .npz file: {e}",
+            hint="re-create it with np.savez(path, inputs=x, targets=y)",
+        ) from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(
+            f"{path}: cannot read .npz file (corrupt or truncated): {e}",
+            hint="re-create it with np.savez(path, inputs=x, targets=y)",
+        ) from None
 
 
 def _read_npy(path: Path) -> Tensor:
@@ -130,9 +137,14 @@ def _read_npy(path: Path) -> Tensor:
                 f"{path}: contains pickled objects, which are refused",
                 hint="save a plain numeric array with np.save",
             ) from None
-        raise DataError(f"{path}: cannot read .npy file: {e}") from None
+        raise DataError(
+            f"{path}: cannot read .npy file: {e}", hint="re-create it with np.save"
+        ) from None
     except (OSError, EOFError) as e:
-        raise DataError(f"{path}: cannot read .npy file (corrupt or truncated): {e}") from None
+        raise DataError(
+            f"{path}: cannot read .npy file (corrupt or truncated): {e}",
+            hint="re-create it with np.save",
+        ) from None
 
 
 def _read_safetensors(path: Path) -> dict[str, Tensor]:
@@ -151,7 +163,9 @@ def _read_csv(path: Path) -> dict[str, Tensor]:
         with open(path, newline="") as f:
             rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read CSV file: {e}") from None
+        raise DataError(
+            f"{path}: cannot read CSV file: {e}", hint="save the data as UTF-8 text with commas"
+        ) from None
     if rows:
         try:
             [float(c) for c in rows[0]]
@@ -161,13 +175,22 @@ def _read_csv(path: Path) -> dict[str, Tensor]:
         raise DataError(f"{path}: CSV file has no data rows", hint="add rows: features..., target")
     width = len(rows[0])
     if width < 2:
-        raise DataError(f"{path}: CSV needs at least two columns (features..., target)")
+        raise DataError(
+            f"{path}: CSV needs at least two columns (features..., target)",
+            hint="write plain numbers: one row per example, features..., then the target",
+        )
     try:
         values = np.array([[float(c) for c in r] for r in rows if len(r) == width])
     except ValueError as e:
-        raise DataError(f"{path}: CSV holds a non-numeric value ({e})") from None
+        raise DataError(
+            f"{path}: CSV holds a non-numeric value ({e})",
+            hint="write plain numbers: one row per example, features..., then the target",
+        ) from None
     if len(values) != len(rows):
-        raise DataError(f"{path}: CSV rows have different numbers of columns")
+        raise DataError(
+            f"{path}: CSV rows have different numbers of columns",
+            hint="write plain numbers: one row per example, features..., then the target",
+        )
     x, y = values[:, :-1], values[:, -1]
     yt = torch.from_numpy(y.astype(np.int64)) if np.all(y == np.round(y)) else torch.from_numpy(y)
     # float64 as parsed: batches take the compute dtype, so --dtype float64 loses nothing

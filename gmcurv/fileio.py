@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import signal
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from gmcurv.errors import ConfigError
@@ -35,6 +37,52 @@ def ensure_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLi
     return out
 
 
+def check_writable(output: str | os.PathLike, option: str | None = None) -> Path:
+    """Refuse, before any compute, an output whose directory is missing, is a file or is
+    read-only, or that names an existing directory."""
+    target = Path(output).expanduser()
+    parent = target.parent if str(target.parent) else Path(".")
+    what = f"{option} {output}" if option else str(output)
+    hint = f"choose another path for {option}" if option else "choose another output path"
+    if target.is_dir():
+        raise ConfigError(f"cannot write {what}: it is a directory", hint=hint)
+    if not parent.exists():
+        raise ConfigError(
+            f"cannot write {what}: directory {parent} does not exist",
+            hint="create the directory first, or " + hint,
+        )
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {what}: {parent} is not a directory", hint=hint)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {what}: {parent} is read-only", hint=hint)
+    return target
+
+
+# temporaries being written right now: a signal handler removes them before exiting
+LIVE_TEMPORARIES: set[str] = set()
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM for a few system calls (so a temporary is never unregistered)."""
+    blockable = hasattr(signal, "pthread_sigmask")
+    if blockable:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        if blockable:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def remove_live_temporaries() -> None:
+    """Delete every temporary `atomic_write` has not renamed yet (signal path)."""
+    for name in list(LIVE_TEMPORARIES):
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        LIVE_TEMPORARIES.discard(name)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place.
 
@@ -42,12 +90,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     """
     target = Path(path).expanduser()
     parent = target.parent if str(target.parent) else Path(".")
-    if not parent.exists():
-        raise ConfigError(
-            f"cannot write {target}: directory {parent} does not exist",
-            hint="create the directory first or choose another output path",
-        )
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    check_writable(target)
+    with _signals_deferred():  # created and registered as one step
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot write {target}: {e.strerror}", hint="choose another output path"
+            ) from None
+        LIVE_TEMPORARIES.add(tmp_name)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -57,9 +108,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        with _signals_deferred():  # renamed and unregistered as one step
+            os.replace(tmp, target)
+            LIVE_TEMPORARIES.discard(tmp_name)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        LIVE_TEMPORARIES.discard(tmp_name)
         raise
     return target
 

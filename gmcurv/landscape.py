@@ -79,6 +79,12 @@ def parse_range(text: str) -> tuple[float, float]:
             f"--range {text!r}: expected LOW:HIGH with two numbers",
             hint="e.g. --range -1:1 (or --range=-1:1)",
         )
+    if not (math.isfinite(hi - lo) and max(abs(lo), abs(hi)) <= 1e6):
+        raise ConfigError(
+            f"--range {text!r}: coordinates are multiples of the direction norms; "
+            "beyond ±1e6 the perturbation swamps the weights",
+            hint="e.g. --range -1:1 (or --range -10:10 for a wide view)",
+        )
     if not lo < hi:
         raise ConfigError(
             f"--range {text!r}: the low end {lo:g} must be below the high end {hi:g}",

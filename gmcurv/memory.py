@@ -51,10 +51,21 @@ def available_bytes() -> int:
 
 def parse_bytes(text: str) -> int:
     """``'4GB'``, ``'512MiB'``, ``'1e9'`` -> bytes."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?|\.\d+)\s*([a-zA-Z]*)\s*", str(text))
+    fix = "write a positive size, e.g. --max-memory 4GB or 512MiB"
     if not m or m[2].lower() not in _UNITS:
-        raise ConfigError(f"cannot read memory size {text!r}", hint="write e.g. 4GB or 512MiB")
-    return int(float(m[1]) * _UNITS[m[2].lower()])
+        raise ConfigError(f"--max-memory {text!r}: cannot read a memory size", hint=fix)
+    value = float(m[1]) * _UNITS[m[2].lower()]
+    if not (math.isfinite(value) and 1 <= value < 2**63):
+        raise ConfigError(f"--max-memory {text!r}: not a usable memory size", hint=fix)
+    return int(value)
+
+
+def check_memory_option(value: str | None) -> str | None:
+    """Parse-time check of ``--max-memory`` (typer callback): the engine never sees a bad size."""
+    if value is not None:
+        parse_bytes(value)
+    return value
 
 
 def default_budget() -> int:

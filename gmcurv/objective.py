@@ -164,6 +164,12 @@ class Objective:
                 targets = targets.long()
             return targets
         targets = targets.to(outputs.dtype)
+        if targets.numel() != outputs.numel():
+            raise DataError(
+                f"targets have shape {tuple(targets.shape)}, but the model's outputs have shape "
+                f"{tuple(outputs.shape)}: the loss {self.loss.name} needs one target per output",
+                hint="class labels want --loss cross_entropy",
+            )
         return targets.reshape(outputs.shape) if targets.shape != outputs.shape else targets
 
     def per_example_loss(self, batch: Batch, params: Mapping[str, Tensor] | None = None) -> Tensor:

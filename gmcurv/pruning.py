@@ -38,6 +38,7 @@ from gmcurv.checkpoint import (
 from gmcurv.data import DataSample
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import ensure_not_input
+from gmcurv.metadata import copyable
 from gmcurv.models.registry import FAMILIES
 from gmcurv.objective import Objective
 from gmcurv.results import Estimate
@@ -282,5 +283,6 @@ def save_pruned(
             gmcurv_metadata(loaded.arch, loaded.loss, getattr(loaded.model, "arch_config", None))
         )
     meta.setdefault("gmcurv.loss", loaded.loss)
+    meta = copyable(meta)  # descriptive keys only: a --loss file.py:fn is never written down
     meta[META_PRUNING] = json.dumps(dict(info), sort_keys=True)
     return save_checkpoint(output, state, meta, keep)

@@ -70,7 +70,10 @@ def parse_rules(text: str) -> list[Rule]:
         try:
             threshold = float(m["num"])
         except ValueError:
-            raise ConfigError(f"rule {part.strip()!r}: {m['num']!r} is not a number") from None
+            raise ConfigError(
+                f"rule {part.strip()!r}: {m['num']!r} is not a number",
+                hint='write PATH OP NUMBER, e.g. "fisher.trace > 100"',
+            ) from None
         rules.append(Rule(m["path"].strip(), m["op"], threshold))
     return rules
 
@@ -84,7 +87,10 @@ def _tokens(path: str) -> list[str | int]:
     while pos < len(path):
         m = _TOKEN.match(path, pos)
         if not m or m.end() == pos:
-            raise ConfigError(f"cannot parse path {path!r}")
+            raise ConfigError(
+                f"cannot parse path {path!r}",
+                hint='write dotted keys and [index], e.g. "fisher.eigenvalues[0]"',
+            )
         quoted = m[1] if m[1] is not None else m[2]
         if quoted is not None:
             out.append(quoted)
@@ -121,14 +127,15 @@ def _walk(node: Any, tokens: list[str | int]) -> Any:
 def lookup(report: Mapping[str, Any], path: str) -> float:
     """The number at `path` in a report dict (see module doc)."""
     tokens = _tokens(path)
-    for root in (report.get("results", {}), report):
+    results = report.get("results", {})
+    for root in (results if isinstance(results, Mapping) else {}, report):
         try:
             node = _walk(root, tokens)
             break
         except KeyError:
             continue
     else:
-        available = sorted(report.get("results", {}))
+        available = sorted(results) if isinstance(results, Mapping) else []
         raise ConfigError(
             f"rule path {path!r} is not in the report",
             hint=f"top-level results: {', '.join(available) or 'none'}; "
@@ -137,7 +144,11 @@ def lookup(report: Mapping[str, Any], path: str) -> float:
     if is_estimate(node):
         node = node["value"]
     if isinstance(node, bool) or (not isinstance(node, int | float) and node is not None):
-        raise ConfigError(f"rule path {path!r} points at {type(node).__name__}, not a number")
+        raise ConfigError(
+            f"rule path {path!r} points at {type(node).__name__}, not a number",
+            hint="point the rule at a number or an estimate (its value is used), "
+            'e.g. "fisher.trace > 100"',
+        )
     return math.nan if node is None else float(node)
 
 

@@ -172,7 +172,10 @@ def default_eps(dg: DecomposedGradients, damping: float = DEFAULT_DAMPING) -> fl
     OBS rankings and weight updates unchanged.
     """
     if not damping > 0 or not math.isfinite(damping):
-        raise ConfigError(f"--damping must be a positive number, got {damping}")
+        raise ConfigError(
+            f"--damping must be a positive finite number, got {damping}",
+            hint="e.g. --damping 0.01 (relative to the mean Fisher eigenvalue)",
+        )
     mean = fisher_trace(dg) / max(1, dg.n_params)
     if not mean > 0:
         raise UnsupportedError(

@@ -128,9 +128,8 @@ def test_diagonal_unbiased_and_calibrated():
     assert float((z.abs() < 2).double().mean()) > 0.9
     D = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
     d = diagonal(lambda v: D @ v, 5, 3)
-    torch.testing.assert_close(d.value, torch.diagonal(D)) and torch.testing.assert_close(
-        d.stderr, torch.zeros(5, dtype=torch.float64)
-    )
+    torch.testing.assert_close(d.value, torch.diagonal(D))
+    torch.testing.assert_close(d.stderr, torch.zeros(5, dtype=torch.float64))
 
 
 def test_hessian_diagonal_on_operator(tmp_path):

@@ -68,7 +68,11 @@ class GmcurvGroup(TyperGroup):
 
     def make_context(self, info_name, args, parent=None, **extra):
         # config-file defaults are read per invocation, from the working directory
-        extra.setdefault("default_map", default_map(COMMANDS))
+        try:
+            extra.setdefault("default_map", default_map(COMMANDS))
+        except GmcurvError as e:
+            _print_error(e.message, e.hint)
+            raise typer.Exit(e.exit_code) from None
         return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx: typer.Context):
@@ -93,6 +97,9 @@ class GmcurvGroup(TyperGroup):
                 if e.hint:
                     stderr.print(f"[dim]hint:[/dim] {escape(e.hint)}", soft_wrap=True)
                 raise typer.Exit(e.exit_code) from None
+            except _click.exceptions.UsageError as e:
+                _print_error(e.format_message(), usage_hint(e))
+                raise typer.Exit(2) from None
             except _PASS_THROUGH:
                 raise
             except KeyboardInterrupt:
@@ -119,6 +126,53 @@ class GmcurvGroup(TyperGroup):
                     "[dim]hint:[/dim] rerun with GMCURV_DEBUG=1 for the traceback and report it"
                 )
                 raise typer.Exit(INTERNAL_ERROR) from None
+
+
+def _print_error(message: str, hint: str | None) -> None:
+    stderr.print(
+        f"[bold red]error:[/bold red] {message}", markup=True, highlight=False, soft_wrap=True
+    )
+    if hint:
+        stderr.print(f"[dim]hint:[/dim] {hint}", soft_wrap=True, highlight=False)
+
+
+def _call(f, *args):
+    try:
+        return f(*args) if callable(f) else f
+    except Exception:
+        return None
+
+
+def usage_hint(e: Exception) -> str:
+    """A fix for a command-line usage error: the accepted values of the option at fault,
+    where a bad default came from (environment, config file), and where the help is."""
+    ctx = getattr(e, "ctx", None)
+    where = f"gmcurv {ctx.info_name} --help" if ctx is not None and ctx.parent else "gmcurv --help"
+    param = getattr(e, "param", None)
+    if param is None:
+        return f"see {where} for the commands and options"
+    accepted = ""
+    kind = _call(getattr(param, "bare_type", None)) or str(getattr(param, "type", ""))
+    shown = str(_call(getattr(param, "display_type", None), ctx) or "")
+    lo, hi = getattr(param, "min", None), getattr(param, "max", None)
+    what = "an integer" if "int" in str(kind).lower() else "a number"
+    if "|" in shown:
+        accepted = "one of " + shown.strip("<>").replace("|", ", ")
+    elif lo is not None or hi is not None:
+        bounds = [f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else ""]
+        accepted = f"{what} {' and '.join(b for b in bounds if b)}"
+    elif str(kind).lower() in ("int", "float"):
+        accepted = what
+    name = (getattr(param, "opts", None) or [param.name])[0]
+    origin = ""
+    envvar = getattr(param, "envvar", None)
+    if isinstance(envvar, str) and os.environ.get(envvar):
+        origin = f" (currently from the environment variable {envvar})"
+    elif ctx is not None and ctx.default_map and param.name in ctx.default_map:
+        from gmcurv.cli.options import read_config_file
+
+        origin = f" (currently from {read_config_file()[1]})"
+    return f"give {name} {accepted or 'a valid value'}{origin}; see {where}"
 
 
 @contextlib.contextmanager
@@ -206,5 +260,8 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (SIGINT -> exit 130, SIGTERM -> 143; see `signals`)."""
+    from gmcurv.cli import signals
+
+    signals.install()
     app()

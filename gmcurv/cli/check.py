@@ -33,14 +33,14 @@ def check(
         doc = json.loads(report.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{report}: no such file", hint="pass a report written by -o") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise ConfigError(
             f"{report}: not a JSON report ({e})",
             hint="write one with gmcurv <command> ... -o report.json",
         ) from None
-    if not isinstance(doc, dict) or "results" not in doc:
+    if not isinstance(doc, dict) or not isinstance(doc.get("results"), dict):
         raise ConfigError(
-            f"{report}: not a gmcurv report (no 'results')",
+            f"{report}: not a gmcurv report (no 'results' object)",
             hint="write one with gmcurv <command> ... -o report.json",
         )
     if doc.get("schema_version") != SCHEMA_VERSION:

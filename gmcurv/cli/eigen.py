@@ -173,6 +173,7 @@ def eigen(
     if plot is not None:
         ensure_not_input(plot, session.inputs)
     assert session.objective is not None and session.data is not None
+    check_k(k, session.objective)
     kind = curvature.value
     if method is o.Method.learned:
         results = lh.learned_eigen(session, kind, k, seed)
@@ -231,6 +232,16 @@ def eigen(
         session.note(f"plot written to {plot}")
     shown = lh.render_with_comparison(render) if method is o.Method.both else render
     session.finish(session.report(results), shown, output, fail_if, strict)
+
+
+def check_k(k: int, objective) -> None:
+    """Refuse at once a --k the operator cannot give: more eigenvalues than parameters."""
+    n = sum(p.numel() for p in objective.params.values())
+    if k > n:
+        raise ConfigError(
+            f"--k {k}: the curvature matrix has only {n:,} eigenvalues ({n:,} parameters selected)",
+            hint=f"ask for at most --k {n} (usually a handful: --k 5)",
+        )
 
 
 def register(app: typer.Typer) -> None:

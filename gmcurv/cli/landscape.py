@@ -15,7 +15,7 @@ from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
 from gmcurv.fileio import atomic_write, ensure_not_input
-from gmcurv.memory import parse_bytes
+from gmcurv.memory import parse_bytes, preflight
 from gmcurv.results import Estimate, Report, to_jsonable
 
 if TYPE_CHECKING:
@@ -48,11 +48,24 @@ ToOpt = Annotated[
     ),
 ]
 OneDOpt = Annotated[bool, typer.Option("--1d", help="A 1-D slice (line plot) along one direction.")]
+MAX_STEPS = 10_001  # per axis; the grid's memory is checked against --max-memory too
+
+
+def _checked_range(value: str | None) -> str | None:
+    """Parse-time check of --range (LOW:HIGH, finite, a usable width)."""
+    from gmcurv.landscape import parse_range
+
+    if value is not None:
+        parse_range(value)
+    return value
+
+
 RangeOpt = Annotated[
     str | None,
     typer.Option(
         "--range",
         envvar="GMCURV_RANGE",
+        callback=lambda v: _checked_range(v),
         help="Grid coordinates LOW:HIGH along each direction (default -1:1; 0:1 with --to, "
         "so 1 is the other checkpoint).",
         show_default=False,
@@ -60,7 +73,13 @@ RangeOpt = Annotated[
 ]
 StepsOpt = Annotated[
     int,
-    typer.Option("--steps", envvar="GMCURV_STEPS", help="Grid points per axis (at least 3)."),
+    typer.Option(
+        "--steps",
+        envvar="GMCURV_STEPS",
+        min=3,
+        max=MAX_STEPS,
+        help="Grid points per axis (at least 3).",
+    ),
 ]
 IncludeBiasOpt = Annotated[
     bool,
@@ -344,6 +363,12 @@ def landscape_command(
             f"--steps {steps}: a landscape needs at least 3 points per axis",
             hint="e.g. --steps 41 (odd counts put a grid point on the centre)",
         )
+    preflight(  # coordinates, losses, accuracies and counts per grid point (float64)
+        (steps**dims) * 8 * (dims + 4),
+        parse_bytes(max_memory) if max_memory else None,
+        f"--steps {steps}: a {'x'.join([str(steps)] * dims)} grid",
+        "lower --steps (e.g. 41)",
+    )
     if surface and (plot is None or dims == 1):
         raise ConfigError(
             "--surface draws the 2-D landscape as a 3-D surface into --plot",
@@ -361,6 +386,7 @@ def landscape_command(
         mode=mode, layers=layers, seed=seed, quiet=quiet, json_mode=json,
     )  # fmt: skip
     session.inputs.extend(to)
+    session.check_outputs(ctx)
     for out in (plot, save_grid_to, output):
         if out is not None:
             ensure_not_input(out, session.inputs)

@@ -16,6 +16,7 @@ from gmcurv.cli.plots import check_plot_path
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import (
     Session,
+    check_rules,
     collected_warnings,
     resolve_device,
     resolve_dtype,
@@ -25,7 +26,6 @@ from gmcurv.errors import ConfigError
 from gmcurv.fileio import ensure_not_input
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
-from gmcurv.rules import parse_rules
 
 if TYPE_CHECKING:
     from gmcurv.lora import AdapterFeatures, LayerUpdate
@@ -133,8 +133,7 @@ def _unique_names(paths: list[Path]) -> list[str]:
 def _bare_session(ctx: typer.Context, seed: int, device: str, dtype: Any, quiet: bool, json: bool):
     """A session without a model (adapters alone)."""
     collected_warnings.clear()
-    for text in ctx.params.get("fail_if") or []:
-        parse_rules(text)
+    check_rules(ctx.params.get("fail_if"))
     return Session(
         command=ctx.info_name or "lora",
         config=resolved_config(ctx),
@@ -342,6 +341,7 @@ def lora(
             need_data=False,
         )
     session.inputs.extend(adapter_paths)
+    session.check_outputs(ctx)
     for target in targets.values():
         ensure_not_input(target, session.inputs + ([data] if data else []))
     with session.stage("read"):

@@ -8,6 +8,7 @@ default. The config file is ``gmcurv.toml`` or the ``[tool.gmcurv]`` table of
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from enum import Enum
@@ -224,10 +225,29 @@ StrictOpt = Annotated[
         "--strict", envvar=_env("STRICT"), help="Exit 3 if an iterative estimate did not converge."
     ),
 ]
+
+
+def _finite(value: float | None) -> float | None:
+    """Parse-time check: a finite number (NaN and infinity are refused)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+def _max_memory(value: str | None) -> str | None:
+    from gmcurv.memory import check_memory_option
+
+    return check_memory_option(value)
+
+
 TolOpt = Annotated[
     float,
     typer.Option(
-        "--tol", envvar=_env("TOL"), min=0.0, help="Relative tolerance of iterative methods."
+        "--tol",
+        envvar=_env("TOL"),
+        min=0.0,
+        callback=_finite,
+        help="Relative tolerance of iterative methods.",
     ),
 ]
 MaxItersOpt = Annotated[
@@ -241,6 +261,7 @@ MaxMemoryOpt = Annotated[
     typer.Option(
         "--max-memory",
         envvar=_env("MAX_MEMORY"),
+        callback=_max_memory,
         help="Memory budget, e.g. '4GB' (default: half of available RAM).",
         show_default=False,
     ),

@@ -3,6 +3,7 @@ pruned checkpoint."""
 
 from __future__ import annotations
 
+import math
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -55,10 +56,25 @@ class Structure(str, Enum):
     global_ = "global"
 
 
+def _checked_fraction(value: float | None) -> float | None:
+    """Parse-time check of --prune: a fraction in [0, 1)."""
+    from gmcurv.pruning import check_fraction
+
+    return None if value is None else check_fraction(value)
+
+
+def _checked_damping(value: float) -> float:
+    """Parse-time check of --damping: positive and finite."""
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value} is not a positive finite number (e.g. 0.01)")
+    return value
+
+
 PruneOpt = Annotated[
     float | None,
     typer.Option(
         "--prune",
+        callback=lambda v: _checked_fraction(v),
         help="Remove this fraction of the prunable weights (0 <= F < 1) and write a pruned "
         "checkpoint.",
         show_default=False,
@@ -99,6 +115,7 @@ DampingOpt = Annotated[
     float,
     typer.Option(
         "--damping",
+        callback=lambda v: _checked_damping(v),
         help="OBS damping relative to the mean Fisher eigenvalue: eps = damping * tr(F) / P.",
     ),
 ]
@@ -332,7 +349,6 @@ def _render_increase(p: dict, console: Console) -> None:
 
 # ---------------------------------------------------------------------------------- command
 def _parse_levels(text: str) -> list[float]:
-    from gmcurv.pruning import check_fraction
 
     try:
         levels = [float(x) for x in text.split(",") if x.strip()]
@@ -344,7 +360,11 @@ def _parse_levels(text: str) -> list[float]:
     if not levels:
         raise ConfigError("--levels is empty", hint="write e.g. --levels 0.1,0.5,0.9")
     for f in levels:
-        check_fraction(f)
+        if not (math.isfinite(f) and 0 <= f < 1):
+            raise ConfigError(
+                f"--levels {text!r}: {f:g} is not a sparsity in [0, 1)",
+                hint="write fractions of the prunable weights, e.g. --levels 0.1,0.5,0.9",
+            )
     return levels
 
 
@@ -461,6 +481,7 @@ def saliency(
             ev = load_data(eval_data)
             session.objective.check_data(ev)
             session.inputs.append(eval_data)
+            session.check_outputs(ctx)
     target = None
     if prune is not None:  # refuse bad output paths before any compute
         target = Path(checkpoint or default_output_path(session.loaded.path, prune))

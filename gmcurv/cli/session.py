@@ -29,7 +29,7 @@ from rich.progress import (
 )
 
 from gmcurv.errors import ConfigError, ConvergenceError, GmcurvWarning
-from gmcurv.fileio import atomic_write_text, ensure_not_input
+from gmcurv.fileio import atomic_write_text, check_writable, ensure_not_input
 from gmcurv.memory import human
 from gmcurv.results import DataInfo, ModelInfo, Report, iter_estimates
 from gmcurv.rules import evaluate, parse_rules
@@ -45,6 +45,42 @@ if TYPE_CHECKING:  # torch and the engine load on first use: --help stays instan
 
 stdout = Console(highlight=False, soft_wrap=False)
 stderr = Console(stderr=True, highlight=False)
+
+# output options (parameter name -> option) checked by `Session.check_outputs`
+OUTPUT_OPTIONS = {
+    "output": "-o/--output",
+    "plot": "--plot",
+    "report_path": "--report",
+    "save_grid_to": "--save-grid",
+    "save_vectors_to": "--save-vectors",
+    "export": "--export",
+}
+
+
+def check_rules(texts: list[str] | None) -> None:
+    """Parse every ``--fail-if`` rule now; an error names the option and the rule."""
+    for text in texts or []:
+        try:
+            parse_rules(text)
+        except ConfigError as e:
+            raise ConfigError(f"--fail-if {text!r}: {e.message}", hint=e.hint) from None
+
+
+def sidecar_inputs(loaded: LoadedModel) -> list[Path]:
+    """Files read beside the weights (config.json, ...): inputs that outputs may not replace."""
+    from gmcurv.masks import masks_path
+
+    near = [
+        loaded.path.parent / "config.json",
+        masks_path(loaded.path),  # pruning masks
+        *getattr(loaded, "sidecars", []),
+    ]
+    if loaded.path.name.endswith(".index.json"):  # a sharded checkpoint: every shard
+        from gmcurv.checkpoint import _index_shards
+
+        near += list(set(_index_shards(loaded.path).values()))
+    return [Path(p) for p in near if Path(p).is_file()]
+
 
 # Warnings raised during a command: printed at once on stderr and copied into the report.
 collected_warnings: list[str] = []
@@ -186,8 +222,7 @@ class Session:
         from gmcurv.objective import Objective, labels_are_input_ids
 
         collected_warnings.clear()
-        for text in ctx.params.get("fail_if") or []:
-            parse_rules(text)  # a typo in a rule fails before any compute
+        check_rules(ctx.params.get("fail_if"))  # a typo in a rule fails before any compute
         resolved = resolve_device(device)
         comm = distributed.init_from_env(resolved)  # no-op outside torchrun
         if comm.active and resolved.type == "cuda":
@@ -213,10 +248,12 @@ class Session:
                 hint=f"gmcurv {s.command} MODEL DATA (or leave both out for the sample)",
             )
         loss_name = getattr(loss, "value", loss)
+        s.record_user_code(ctx, arch=arch, loss=loss_name)
 
         def load() -> None:
             s.loaded = load_model(model, arch=arch, loss=loss_name, dtype=s.dtype, device=s.device)
             s.inputs.append(Path(model))
+            s.inputs.extend(sidecar_inputs(s.loaded))
             if need_data:
                 s.data = load_data(data, samples).shard(comm.rank, comm.world)
                 s.inputs.append(Path(data))
@@ -244,12 +281,64 @@ class Session:
                 warm_up_autograd()
         with s.stage("load"):
             distributed.agreed(load, comm)
+        s.check_outputs(ctx)  # before any compute or write
         if need_data:
             with s.stage("validate"):
                 distributed.agreed(validate, comm)
             s.warn_dense_fallback(ctx)
         s.record_choices()
         return s
+
+    def check_outputs(self, ctx: typer.Context, extra: dict[str, Path | None] | None = None):
+        """Every output path of the command (``-o``, ``--plot``, ``--report``,
+        ``--save-grid``, ``--save-vectors``, ``--export``, plus `extra`) is refused before
+        any compute when it is an input (or inside one), when two outputs coincide, or when
+        its directory is missing or not writable."""
+        outputs = {
+            option: Path(value)
+            for name, option in OUTPUT_OPTIONS.items()
+            if isinstance(value := ctx.params.get(name), (str, Path))
+        }
+        outputs.update({k: Path(v) for k, v in (extra or {}).items() if v is not None})
+        seen: dict[Path, str] = {}
+        for option, path in outputs.items():
+            if option == "--export" and (path.is_dir() or not path.suffix):
+                ensure_not_input(path, self.inputs)  # a directory of adapters
+                continue
+            ensure_not_input(path, self.inputs)
+            check_writable(path, option)
+            key = path.expanduser().resolve()
+            if key in seen:
+                raise ConfigError(
+                    f"{seen[key]} and {option} both name {path}",
+                    hint="give each output its own file name",
+                )
+            seen[key] = option
+
+    def record_user_code(self, ctx: typer.Context, **specs: str | None) -> None:
+        """Say which user code ``--arch``/``--loss`` import and who named it (the command
+        line, an environment variable or the working directory's config file): on stderr
+        (even with --quiet when a config file named it) and under ``config.code``."""
+        from gmcurv.checkpoint import _is_family_spec
+
+        code = []
+        for option, spec in specs.items():
+            if not spec or ":" not in spec or _is_family_spec(spec):
+                continue
+            source = self.config.get("sources", {}).get(option, "command line")
+            named_in = source
+            if source == "config file":
+                from gmcurv.cli.options import read_config_file
+
+                named_in = str(read_config_file()[1])
+            code.append({"option": f"--{option}", "spec": spec, "named_in": named_in})
+            text = f"--{option} imports user code {spec} (named in {named_in})"
+            if source == "config file":
+                stderr.print(f"[yellow]note:[/yellow] {text}", soft_wrap=True)
+            else:
+                self.note(text)
+        if code:
+            self.config["code"] = code
 
     def record_choices(self) -> None:
         """Record in ``config`` the choices made for the user, with why: the architecture
