@@ -20,14 +20,10 @@ def _block_index(obj, params) -> torch.Tensor:
     return torch.cat([torch.arange(offsets[p].start, offsets[p].stop) for p in params])
 
 
-@pytest.mark.xfail(
-    reason="fails since main's shared-product traces / per-layer changes (merged 14:30); "
-    "under investigation — reported to the coordinator",
-    strict=False,
-)
 def test_per_layer_stochastic_total_is_the_sum_of_every_layer(tmp_path):
-    """Hutchinson per layer: the total is Σ layers (values add, stderrs in quadrature),
-    and it agrees with the dense tr H."""
+    """Hutchinson per layer from shared probes: the total is Σ layers exactly (the blocks
+    share probes, so their stderrs are correlated and do not add in quadrature), and the
+    total and every layer agree with the dense tr H and its diagonal blocks."""
     obj, batch, data = problem("mlp", tmp_path, n=12)
     s = curvature_summary(
         obj, data, "hessian", method="hutchinson", probes=40, k=0, per_layer=True, seed=1
@@ -36,7 +32,7 @@ def test_per_layer_stochastic_total_is_the_sum_of_every_layer(tmp_path):
     assert set(s.per_layer) == set(blocks) and len(blocks) >= 2
     layers = [s.per_layer[b].trace for b in blocks]
     assert s.trace.value == pytest.approx(sum(e.value for e in layers), rel=1e-12)
-    assert s.trace.stderr == pytest.approx(math.sqrt(sum(e.stderr**2 for e in layers)), rel=1e-9)
+    assert s.trace.stderr > 0 and all(e.stderr > 0 for e in layers)
     H = dense_hessian(obj, batch)
     assert abs(s.trace.value - float(torch.trace(H))) <= 5 * s.trace.stderr
     for b, (params, _) in blocks.items():
