@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -752,6 +752,9 @@ def curvature_summary(
         for b, e in res.blocks.items():
             parts[b] = _shifted(e, ggn_part.get(b, (0.0, 0.0))[0], prefix, suffix, n)
         total = _shifted(res.total, base, prefix, suffix, n)
+        if rtol and stopped != "tol" and not total.exact:
+            # the cap came first: the trace misses the requested precision (--strict: exit 3)
+            total = replace(total, converged=False)
         if stopped == "tol":
             notes.append(
                 f"stochastic trace stopped at {res.total.n_matvecs} products: relative "

@@ -371,6 +371,9 @@ def _checkpoint_cases() -> list[Case]:
         if name == "pickle":
             path += ".pt"
         cases.append(Case(f"ckpt-{name}-info", ("info", path), code, frag))
+        if name == "two":  # `trace` reads a directory of checkpoints as a series (exit 0)
+            cases.append(Case("ckpt-two-trace", ("trace", path, D, "-q"), 0, ""))
+            continue
         cases.append(Case(f"ckpt-{name}-trace", ("trace", path, D, "-q"), code, frag))
     for cmd in ("eigen", "spectrum", "saliency", "landscape"):
         for name in ("loss_file", "meta_list", "declared_1e12", "overlap"):
