@@ -33,7 +33,7 @@ def test_tiny_lm_is_causal():
 def test_one_group_resumes_and_has_exact_targets(tmp_path, monkeypatch):
     monkeypatch.setattr(tzoo, "N_TRUTH", 12)
     monkeypatch.setattr(tzoo, "SET_SIZE", 4)
-    monkeypatch.setattr(tzoo, "MAX_HVPS", 30)
+    monkeypatch.setattr(tzoo, "HUTCHPP_HVPS", 30)
     monkeypatch.setattr(tzoo, "T", 6)
     spec = tzoo.LMGroupSpec("g", "count", 1, 8, 2, 5, 1e-3, (0, 3), "train", 1)
     monkeypatch.setattr(tzoo, "tzoo_plan", lambda seed=0: [spec])
@@ -51,3 +51,77 @@ def test_one_group_resumes_and_has_exact_targets(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     tzoo.build_tzoo(tmp_path)  # resumes: nothing left to do
     assert path.stat().st_mtime_ns == mtime
+
+
+def test_zoo_targets_match_a_dense_double_backward_hessian(tmp_path, monkeypatch):
+    """The zoo's Hutch++ trace (budget >= 3P: exact) and Lanczos λ_max against ``eigh`` of
+    the dense Hessian of the mean next-token loss by double backward (float64)."""
+    from safetensors.torch import save_file
+    from torch.func import functional_call
+
+    from gmcurv.data import load_data
+    from gmcurv.gradmetanet.targets import top_hessian_eigenvalue
+    from gmcurv.gradmetanet.tlm import init_lm
+    from gmcurv.hessian import CurvatureOperator
+    from gmcurv.objective import Objective
+
+    m = TinyLM(5, 4, 1, 2, 5).double()
+    init_lm(m, torch.Generator().manual_seed(0))
+    with torch.no_grad():  # away from init: a Hessian with a clear top eigenvalue
+        for p in m.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    ids, _ = make_task("count", 6, 5, seed=2)
+    ids = ids % 5
+    save_file({"inputs": ids}, str(tmp_path / "d.safetensors"))
+    obj = Objective.build(m, "next_token")
+    names = list(obj.params)
+    shapes = [obj.params[k].shape for k in names]
+    flat = torch.cat([obj.params[k].detach().reshape(-1) for k in names])
+
+    def loss(v):
+        parts = dict(zip(names, torch.split(v, [s.numel() for s in shapes]), strict=True))
+        ps = {k: t.reshape(s) for (k, t), s in zip(parts.items(), shapes, strict=True)}
+        lg = functional_call(m, ps, (ids,))
+        ce = torch.nn.functional.cross_entropy(lg[:, :-1].reshape(-1, 5), ids[:, 1:].reshape(-1))
+        return ce  # mean over tokens of every sequence = mean over sequences of their means
+
+    x = flat.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss(x), x, create_graph=True)
+    H = torch.stack([torch.autograd.grad(g[i], x, retain_graph=True)[0] for i in range(len(x))])
+    torch.testing.assert_close(H, H.T, rtol=0, atol=1e-10)  # (jacfwd(jacrev) is not, here)
+    op = CurvatureOperator(obj, load_data(tmp_path / "d.safetensors"), 4, kind="hessian")
+    assert op.size == flat.numel()
+    monkeypatch.setattr(tzoo, "HUTCHPP_HVPS", 3 * op.size)
+    tr = tzoo.hessian_trace_to(op)
+    assert tr["value"] == pytest.approx(float(H.trace()), rel=1e-8, abs=1e-10)
+    top = top_hessian_eigenvalue(obj, load_data(tmp_path / "d.safetensors"), 4, tol=1e-8)
+    assert float(top.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
+
+
+def test_plan_covers_every_split_early():
+    plan = tzoo.tzoo_plan()
+    first = {s.split for s in plan[:7]}
+    assert first == set(tzoo.SPLITS)
+    assert {s.family for s in plan} == {"tiny", "gpt2", "llama"}
+    assert all(s.task == tzoo.HELD_OUT_TASK for s in plan if s.split == "test-task")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_transformers_groups_go_through_save_pretrained(tmp_path, monkeypatch, family):
+    for k, v in {
+        "N_TRUTH": 6,
+        "SET_SIZE": 3,
+        "HUTCHPP_HVPS": 8,
+        "T": 6,
+        "LANCZOS_ITERS": 4,
+    }.items():
+        monkeypatch.setattr(tzoo, k, v)
+    spec = tzoo.LMGroupSpec("h", "markov", 1, 8, 2, 5, 1e-3, (0, 2), "test-hf", 1, family)
+    path = tzoo.build_group(spec, tmp_path)
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["snapshots"])
+        keys = list(f.keys())
+    assert len(meta) == 2 and meta[1]["fisher_trace"] > 0
+    layer = "c_attn" if family == "gpt2" else "q_proj"
+    assert any(k.startswith("s1.d0.delta.") and layer in k for k in keys)
+    assert (tmp_path / "cost.jsonl").read_text().count('"gid": "h"') == 1

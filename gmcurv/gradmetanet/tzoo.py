@@ -1,29 +1,41 @@
 """Head v2's model zoo: small causal-LM transformers with exact targets (resumable).
 
-Each *group* trains one `TinyLM` (1-4 blocks, width 32-128, 1-4 heads) on one task of
-`gmcurv.gradmetanet.tlm` with Adam and snapshots it after several numbers of steps. Per
-snapshot, on ``n_truth`` sequences (the "full data" of that model), with the engine:
+Each *group* trains one causal LM on one task of `gmcurv.gradmetanet.tlm` with Adam and
+snapshots it after several numbers of steps: a `TinyLM` (1-3 blocks, width 32-64, 1-4
+heads), or (split ``test-hf``) a ``transformers`` GPT2LMHeadModel / LlamaForCausalLM built
+from a tiny config, trained with its own ``outputs.loss``, written by ``save_pretrained``
+and read back by `gmcurv.checkpoint.load_model`. Per snapshot, on `N_TRUTH` sequences (the
+"full data" of that model), with the engine:
 
 - Fisher diagonal and trace (empirical, next-token loss summed per sequence), closed forms;
 - OBS curvature ``1/[(F + eps I)^-1]_qq`` (Woodbury, block-diagonal F, `default_eps`);
-- Hessian trace by Hutch++ on Hessian-vector products, budgets doubled until the standard
-  error is <= 1 % of |value| (or `MAX_HVPS`; reached or not is recorded);
-- top Hessian eigenvalue by Lanczos (tol 1e-4), residual and convergence recorded;
+- Hessian trace by Hutch++ with a fixed budget of `HUTCHPP_HVPS` Hessian-vector products
+  (its standard error is recorded, and whether it is <= 1 % of |value|: near init the
+  trace is close to zero and no budget reaches 1 %);
+- top Hessian eigenvalue by Lanczos (tol `LANCZOS_TOL`), residual and convergence recorded;
 
 plus `draws` random sets of ``b`` sequences kept as per-token factors ``(a, delta)`` of every
 Linear layer (the head's input). The seconds of each target are recorded: the zoo's cost.
 
 On disk (``cache_dir``, never in git): ``plan.json``, ``groups/<gid>.safetensors`` (weights,
 targets, draws; JSON metadata in the header). A group whose file exists is skipped, so an
-interrupted build resumes; `max_groups` bounds one run.
+interrupted build resumes; `max_groups` bounds one run. Each finished group appends its
+cost (wall and CPU seconds, load average, seconds per target) to ``cost.jsonl``.
+
+Version 2 (this session) is sized to finish in about an hour of one core on a loaded
+2-core machine (the 35-group v1 plan with Hutch++ to 1 % took > 4 CPU-minutes per model).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import random
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +45,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from gmcurv.capture import capture_all
+from gmcurv.checkpoint import load_model
 from gmcurv.data import load_data
 from gmcurv.errors import ConfigError
 from gmcurv.factors import LinearFactors
@@ -45,16 +58,19 @@ from gmcurv.objective import Objective
 from gmcurv.stochastic import hutchpp
 from gmcurv.woodbury import DampedFisher, default_eps
 
-TZOO_VERSION = 1
+TZOO_VERSION = 2
 T = 32
-N_TRUTH = 256
+N_TRUTH = 64
 SET_SIZE = 16
-MAX_HVPS = 480
+HUTCHPP_HVPS = 90
+LANCZOS_TOL = 1e-3
+LANCZOS_ITERS = 30
 HELD_OUT_TASK = "chars"
-ARCHS = ((1, 32, 1), (1, 64, 2), (2, 32, 2), (2, 64, 4), (3, 48, 2), (4, 32, 4), (2, 128, 4))
-HELD_OUT_ARCHS = ((3, 96, 3), (1, 128, 1))
-SNAPSHOTS = (0, 50, 200, 600)
-SPLITS = ("train", "val", "test-task", "test-arch")
+ARCHS = ((1, 32, 1), (1, 48, 2), (2, 32, 2), (2, 48, 4))
+HELD_OUT_ARCHS = ((3, 32, 2), (1, 64, 4))  # unseen depth; unseen width
+HF_ARCHS = (("gpt2", 2, 32, 2), ("llama", 2, 32, 2))
+SNAPSHOTS = (0, 100, 400)
+SPLITS = ("train", "val", "test-task", "test-arch", "test-hf")
 
 ProgressFn = Callable[[int, int], None]
 
@@ -71,6 +87,7 @@ class LMGroupSpec:
     steps: tuple[int, ...]
     split: str
     draws: int
+    family: str = "tiny"  # "tiny" (TinyLM), "gpt2" or "llama" (transformers)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,49 +98,92 @@ class LMGroupSpec:
 
 
 def tzoo_plan(seed: int = 0) -> list[LMGroupSpec]:
-    """Every training task x training architecture (``train``; a second seed of one in four
-    is ``val``), the held-out task ``chars`` on every architecture (``test-task``) and the
-    held-out architectures on the training tasks (``test-arch``). Training groups come first,
-    interleaved with the held-out ones so that a bounded build covers every split."""
+    """Every training task x training architecture (``train``), two second seeds (``val``),
+    the held-out task ``chars`` on two architectures (``test-task``), the held-out
+    architectures (``test-arch``) and transformers' own GPT-2 / Llama on a training task and
+    on ``chars`` (``test-hf``). Splits are interleaved so that a bounded build covers all."""
     rng = random.Random(seed)
     train_tasks = [t for t in TASKS if t != HELD_OUT_TASK]
-    out: list[LMGroupSpec] = []
-
-    def add(task, arch, split, draws):
-        layers, width, heads = arch
+    groups: dict[str, list[tuple]] = {s: [] for s in SPLITS}
+    for arch in ARCHS:
+        for task in train_tasks:
+            groups["train"].append((task, "tiny", arch, 8))
+    groups["val"] = [("markov", "tiny", ARCHS[1], 4), ("count", "tiny", ARCHS[2], 4)]
+    groups["test-task"] = [
+        (HELD_OUT_TASK, "tiny", ARCHS[0], 4),
+        (HELD_OUT_TASK, "tiny", ARCHS[3], 4),
+    ]
+    groups["test-arch"] = [
+        ("copy", "tiny", HELD_OUT_ARCHS[0], 4),
+        ("markov", "tiny", HELD_OUT_ARCHS[1], 4),
+        ("count", "tiny", HELD_OUT_ARCHS[1], 4),
+    ]
+    for fam, *arch in HF_ARCHS:
+        for task in ("markov", HELD_OUT_TASK):
+            groups["test-hf"].append((task, fam, tuple(arch), 4))
+    order: list[tuple[str, tuple]] = []
+    while any(groups.values()):  # round robin: 3 train groups, then one of each other split
+        for split in SPLITS:
+            for _ in range(3 if split == "train" else 1):
+                if groups[split]:
+                    order.append((split, groups[split].pop(0)))
+    out = []
+    for i, (split, (task, fam, (layers, width, heads), draws)) in enumerate(order):
         out.append(
             LMGroupSpec(
-                f"{split}-{task}-L{layers}d{width}h{heads}-{len(out):04d}",
+                f"{split}-{task}-{fam}-L{layers}d{width}h{heads}-{i:04d}",
                 task, layers, width, heads, rng.randrange(2**31),
-                10 ** rng.uniform(-3.2, -2.3), SNAPSHOTS, split, draws,
+                10 ** rng.uniform(-3.2, -2.3), SNAPSHOTS, split, draws, fam,
             )
         )  # fmt: skip
-
-    for i, arch in enumerate(ARCHS):
-        for task in train_tasks:
-            add(task, arch, "train", 3)
-        if i % 2 == 0:
-            add(train_tasks[i % len(train_tasks)], arch, "val", 3)
-        add(HELD_OUT_TASK, arch, "test-task", 4)
-    for j, arch in enumerate(HELD_OUT_ARCHS):
-        for task in train_tasks[j::2]:
-            add(task, arch, "test-arch", 4)
     return out
 
 
+def hf_model(spec: LMGroupSpec, vocab: int) -> torch.nn.Module:
+    """A ``transformers`` causal LM of the spec's size (random init by its own code)."""
+    import transformers as tf
+
+    torch.manual_seed(spec.seed)
+    d, L, h = spec.width, spec.layers, spec.heads
+    if spec.family == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=vocab, n_positions=T, n_embd=d, n_layer=L, n_head=h,
+            bos_token_id=0, eos_token_id=0,
+        )  # fmt: skip
+        model = tf.GPT2LMHeadModel(cfg)
+    elif spec.family == "llama":
+        cfg = tf.LlamaConfig(
+            vocab_size=vocab, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=L,
+            num_attention_heads=h, num_key_value_heads=h, max_position_embeddings=T,
+        )  # fmt: skip
+        model = tf.LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(f"unknown family {spec.family!r}")
+    model.config._attn_implementation = "eager"
+    return model
+
+
 def train_snapshots(spec: LMGroupSpec, ids: Tensor, vocab: int) -> list[dict[str, Tensor]]:
+    """Adam on batches of 32 sequences; the state dict after each of ``spec.steps``."""
     gen = torch.Generator().manual_seed(spec.seed)
-    model = TinyLM(vocab, spec.width, spec.layers, spec.heads, T)
-    init_lm(model, gen)
+    if spec.family == "tiny":
+        model = TinyLM(vocab, spec.width, spec.layers, spec.heads, T)
+        init_lm(model, gen)
+    else:
+        model = hf_model(spec, vocab)
+    model.train(False)  # no dropout: the targets are of the deterministic model
     opt = torch.optim.Adam(model.parameters(), lr=spec.lr)
     out, step = [], 0
     for target in sorted(spec.steps):
         while step < target:
             idx = torch.randint(0, len(ids), (32,), generator=gen)
-            logits = model(ids[idx])
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, vocab), ids[idx][:, 1:].reshape(-1)
-            )
+            if spec.family == "tiny":
+                logits = model(ids[idx])
+                loss = torch.nn.functional.cross_entropy(
+                    logits[:, :-1].reshape(-1, vocab), ids[idx][:, 1:].reshape(-1)
+                )
+            else:
+                loss = model(input_ids=ids[idx], labels=ids[idx]).loss
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -133,33 +193,49 @@ def train_snapshots(spec: LMGroupSpec, ids: Tensor, vocab: int) -> list[dict[str
 
 
 def hessian_trace_to(op: CurvatureOperator, rtol: float = 0.01, seed: int = 0) -> dict:
-    """Hutch++ with doubling budgets until ``stderr <= rtol |value|`` or `MAX_HVPS`."""
-    budget = 30
-    while True:
-        est = hutchpp(op.matvec, op.size, budget, seed=seed)
-        ok = est.stderr is not None and est.stderr <= rtol * abs(est.value)
-        if ok or budget >= MAX_HVPS:
-            return {"value": est.value, "stderr": est.stderr, "hvps": budget, "reached": ok}
-        budget = min(2 * budget, MAX_HVPS)
+    """Hutch++ with `HUTCHPP_HVPS` products; ``reached``: ``stderr <= rtol |value|``."""
+    est = hutchpp(op.matvec, op.size, HUTCHPP_HVPS, seed=seed)
+    ok = est.stderr is not None and est.stderr <= rtol * abs(est.value)
+    return {"value": est.value, "stderr": est.stderr, "hvps": HUTCHPP_HVPS, "reached": ok}
+
+
+def _snapshot_objective(spec: LMGroupSpec, state, vocab: int, tmp: Path, k: int):
+    """(float64 Objective, float32 state dict to store) of one snapshot."""
+    if spec.family == "tiny":
+        model = TinyLM(vocab, spec.width, spec.layers, spec.heads, T).double()
+        model.load_state_dict({n: v.double() for n, v in state.items()})
+        return Objective.build(model, "next_token"), state
+    out = tmp / f"hf{k}"
+    model = hf_model(spec, vocab)
+    model.load_state_dict(state)
+    with contextlib.redirect_stderr(io.StringIO()):
+        model.save_pretrained(str(out))
+    with warnings.catch_warnings():  # "eval mode: Dropout is off" is what the zoo wants
+        warnings.simplefilter("ignore")
+        lm = load_model(out, dtype=torch.float64)
+        obj = Objective.build(lm.model, lm.loss)
+    sd = {n: v.detach().float() for n, v in lm.model.state_dict().items()}
+    return obj, sd
 
 
 def build_group(spec: LMGroupSpec, cache_dir: Path) -> Path:
     """Train, compute targets and draws for every snapshot; write ``groups/<gid>``."""
     torch.set_num_threads(1)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     ids, vocab = make_task(spec.task, N_TRUTH + 512, T, seed=1000 + TASKS.index(spec.task))
     truth_ids = ids[:N_TRUTH]
     states = train_snapshots(spec, ids[N_TRUTH:], vocab)
+    train_cpu = time.process_time() - cpu0
     tensors: dict[str, Tensor] = {}
     meta = []
     gen = torch.Generator().manual_seed(spec.seed + 1)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "truth.safetensors"
-        save_file({"inputs": truth_ids.contiguous()}, str(path))
+        key = "inputs" if spec.family == "tiny" else "input_ids"
+        save_file({key: truth_ids.contiguous()}, str(path))
         data = load_data(path)
         for k, (step, state) in enumerate(zip(sorted(spec.steps), states, strict=True)):
-            model = TinyLM(vocab, spec.width, spec.layers, spec.heads, T).double()
-            model.load_state_dict({n: v.double() for n, v in state.items()})
-            obj = Objective.build(model, "next_token")
+            obj, sd = _snapshot_objective(spec, state, vocab, Path(tmp), k)
             sec: dict[str, float] = {}
             t0 = time.perf_counter()
             dg = capture_all(obj, data, 64)
@@ -174,10 +250,13 @@ def build_group(spec: LMGroupSpec, cache_dir: Path) -> Path:
             tr = hessian_trace_to(op, seed=spec.seed)
             sec["hessian_trace"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            top = top_hessian_eigenvalue(obj, data, 64, tol=1e-4, seed=spec.seed)
+            top = top_hessian_eigenvalue(
+                obj, data, 64, tol=LANCZOS_TOL, max_iters=LANCZOS_ITERS, seed=spec.seed
+            )
             sec["hessian_top"] = time.perf_counter() - t0
-            for name, v in state.items():
-                tensors[f"s{k}.w.{name}"] = v.float().contiguous()
+            for name, v in sd.items():
+                if v.is_floating_point():
+                    tensors[f"s{k}.w.{name}"] = v.float().contiguous()
             for name, v in diag.items():
                 tensors[f"s{k}.t.fisher_diag.{name}"] = v.double().contiguous()
                 tensors[f"s{k}.t.obs_curv.{name}"] = (1.0 / inv[name]).double().contiguous()
@@ -206,7 +285,7 @@ def build_group(spec: LMGroupSpec, cache_dir: Path) -> Path:
                     "hessian_top_matvecs": top.n_matvecs,
                     "eps": eps,
                     "seconds": sec,
-                    "n_params": sum(int(v.numel()) for v in state.values()),
+                    "n_params": obj.space.size,
                 }
             )
     out = cache_dir / "groups" / f"{spec.gid}.safetensors"
@@ -215,6 +294,18 @@ def build_group(spec: LMGroupSpec, cache_dir: Path) -> Path:
     header = {"spec": json.dumps(spec.to_dict()), "snapshots": json.dumps(meta)}
     save_file(tensors, str(tmp_out), metadata={**header, "tzoo": str(TZOO_VERSION)})
     tmp_out.replace(out)
+    cost = {
+        "gid": spec.gid,
+        "wall_s": time.perf_counter() - wall0,
+        "cpu_s": time.process_time() - cpu0,
+        "train_cpu_s": train_cpu,
+        "loadavg": os.getloadavg()[0],
+        "n_params": meta[0]["n_params"],
+        "seconds": [m["seconds"] for m in meta],
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    with open(cache_dir / "cost.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(cost) + "\n")
     return out
 
 
