@@ -1,0 +1,200 @@
+"""Head v2: an equivariant network over a transformer's per-token decomposed gradients.
+
+Input (`HeadV2Input.from_tset`): per layer side ``s`` the token-pooled moments
+``m_s [b, J_s, 5]`` (`tfeatures.moments`), its neuron kind, layer role and head ids; per
+layer its share of the plug-in trace; global summaries (`tfeatures.global_features`).
+
+1. **embed** per (sequence ``n``, neuron ``j``): ``h = gelu(W_e [m, kind, role, side, scale])``
+   (kind/role/side one-hots and the side's log-scale are the same for all its neurons);
+2. **interaction** (twice): ``h <- h + gelu(A h + B mean_n h + C mean_{j∈side} h
+   + D mean_{j'∈head(j)} h + E res(h))`` where ``mean_{head}`` pools the dimensions of one
+   attention head (= the side mean off headdim sides) and ``res(h)[j]`` is, on residual
+   sides, the mean over *all* residual sides of the model of neuron ``j``'s features (the
+   residual permutation is one for the whole model), on other sides the side mean;
+3. **per neuron** ``z = mean_n h`` ([J, C]: the equivariant per-neuron output);
+4. **per layer** ``φ([mean_j z, rms_j z] of both sides, log share, role, depth)``, pooled
+   over all layers and over each role (means) ``⊕`` globals → ``ρ`` → two scalars
+   ``(r_tr, r_top)`` (``ρ``'s last layer starts at zero: a fresh head is the plug-in):
+
+       tr H ≈ tr F_S · (1 + r_tr)        (signed: tr H < 0 on some untrained transformers)
+       λ_max(H) ≈ λ_max(F_S) · exp(r_top)
+
+Every operation is a per-entry map or a mean over sequences, over a side's neurons, over
+one head's neurons or over the residual neurons shared by sides, so the output commutes with
+permutations of sequences, residual dimensions, MLP hidden neurons of a block, attention
+heads of a block (q, k, v and the output projection's head blocks together) and dimensions
+inside a head; the scalars are invariant. Means (not sums) make one set of weights serve
+every width, depth, head count and set size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from gmcurv.gradmetanet.tfeatures import (
+    KINDS,
+    N_GLOBALS,
+    N_MOMENTS,
+    ROLES,
+    TSet,
+    global_features,
+    moments,
+    side_scale,
+)
+
+EMBED_IN = N_MOMENTS + len(KINDS) + len(ROLES) + 2
+
+
+@dataclass
+class SideInput:
+    m: Tensor  # [b, J, N_MOMENTS]
+    consts: Tensor  # [EMBED_IN - N_MOMENTS] kind, role, output-side flag, relative scale
+    kind: str
+    heads: Tensor | None  # [J] head ids (headdim) or None
+
+
+@dataclass
+class HeadV2Input:
+    sides: list[SideInput]  # two per layer: input side, output side
+    layer_feats: Tensor  # [L, 1 + len(ROLES) + 1] log share, role one-hot, depth
+    roles: Tensor  # [L] role index
+    globals: Tensor  # [N_GLOBALS]
+    plug_trace: float
+    plug_top: float
+
+    @classmethod
+    def from_tset(cls, s: TSet) -> HeadV2Input:
+        scales = [side_scale(v) for layer in s.layers for v in (layer.x.values, layer.d.values)]
+        mean_scale = sum(scales) / len(scales)
+        sides, feats, roles = [], [], []
+        tr = s.plug_trace
+        for k, layer in enumerate(s.layers):
+            r = ROLES.index(layer.role)
+            for out, side in enumerate((layer.x, layer.d)):
+                c = torch.zeros(EMBED_IN - N_MOMENTS, dtype=torch.float64)
+                c[KINDS.index(side.kind)] = 1.0
+                c[len(KINDS) + r] = 1.0
+                c[len(KINDS) + len(ROLES)] = float(out)
+                c[-1] = scales[2 * k + out] - mean_scale
+                sides.append(SideInput(moments(side.values), c, side.kind, side.heads))
+            share = float(layer.sq_norms.mean()) / max(tr, 1e-300)
+            onehot = [float(i == r) for i in range(len(ROLES))]
+            depth = (layer.block + 1) / s.n_blocks if layer.block >= 0 else 1.0
+            feats.append([math.log(share + 1e-12), *onehot, depth])
+            roles.append(r)
+        return cls(
+            sides,
+            torch.tensor(feats, dtype=torch.float64),
+            torch.tensor(roles),
+            global_features(s),
+            tr,
+            s.plug_top,
+        )
+
+
+@dataclass(frozen=True)
+class HeadV2Config:
+    channels: int = 16
+    layer_hidden: int = 32
+    blocks: int = 2
+    hidden: int = 64
+
+    def to_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+def _mlp(i: int, h: int, o: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(i, h), nn.GELU(), nn.Linear(h, o))
+
+
+class Interaction(nn.Module):
+    """One equivariant interaction block over all sides (module doc, step 2)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.lin = nn.ModuleList(nn.Linear(c, c, bias=(i == 0)) for i in range(5))
+
+    def forward(self, hs: list[Tensor], sides: list[SideInput]) -> list[Tensor]:
+        res = [h.mean(0) for h, s in zip(hs, sides, strict=True) if s.kind == "res"]
+        res_mean = torch.stack(res).mean(0) if res else None  # [d, C]
+        out = []
+        for h, s in zip(hs, sides, strict=True):
+            side_mean = h.mean((0, 1), keepdim=True)
+            if s.heads is not None:
+                nh = int(s.heads.max()) + 1
+                oh = nn.functional.one_hot(s.heads, nh).to(h.dtype)
+                oh = oh / oh.sum(0).clamp_min(1.0)
+                head_mean = torch.einsum("njc,jg,kg->nkc", h, oh, (oh > 0).to(h.dtype))
+                head_mean = head_mean.mean(0, keepdim=True)
+            else:
+                head_mean = side_mean
+            xl = res_mean[None] if (s.kind == "res" and res_mean is not None) else side_mean
+            a, b, c, d, e = self.lin
+            upd = a(h) + b(h.mean(0, keepdim=True)) + c(side_mean) + d(head_mean) + e(xl)
+            out.append(h + nn.functional.gelu(upd))
+        return out
+
+
+@dataclass
+class HeadV2Output:
+    r_trace: Tensor  # scalar
+    r_top: Tensor  # scalar
+    neurons: list[Tensor]  # per side [J, C]
+
+    def trace(self, inp: HeadV2Input) -> Tensor:
+        return inp.plug_trace * (1.0 + self.r_trace)
+
+    def top(self, inp: HeadV2Input) -> Tensor:
+        return inp.plug_top * torch.exp(self.r_top)
+
+
+class HeadV2(nn.Module):
+    """Head v2 (module doc)."""
+
+    def __init__(self, config: HeadV2Config | None = None, seed: int = 0):
+        super().__init__()
+        self.config = cfg = config or HeadV2Config()
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        c, lh = cfg.channels, cfg.layer_hidden
+        self.embed = nn.Linear(EMBED_IN, c)
+        self.blocks = nn.ModuleList(Interaction(c) for _ in range(cfg.blocks))
+        self.phi = _mlp(4 * c + 1 + len(ROLES) + 1, lh, lh)
+        self.rho = _mlp((1 + len(ROLES)) * lh + N_GLOBALS, cfg.hidden, 2)
+        nn.init.zeros_(self.rho[-1].weight)
+        nn.init.zeros_(self.rho[-1].bias)
+        torch.random.set_rng_state(gen_state)
+        self.register_buffer("g_mean", torch.zeros(N_GLOBALS))
+        self.register_buffer("g_std", torch.ones(N_GLOBALS))
+
+    def forward(self, inp: HeadV2Input) -> HeadV2Output:
+        dt = self.embed.weight.dtype
+        hs = []
+        for s in inp.sides:
+            b, J, _ = s.m.shape
+            x = torch.cat([s.m.to(dt), s.consts.to(dt).expand(b, J, -1)], -1)
+            hs.append(nn.functional.gelu(self.embed(x)))
+        for blk in self.blocks:
+            hs = blk(hs, inp.sides)
+        z = [h.mean(0) for h in hs]  # [J, C] per side
+        pooled = [torch.cat([q.mean(0), q.pow(2).mean(0).sqrt()]) for q in z]
+        L = len(pooled) // 2
+        per_layer = torch.stack(
+            [torch.cat([pooled[2 * k], pooled[2 * k + 1]]) for k in range(L)]
+        )  # [L, 4C]
+        u = self.phi(torch.cat([per_layer, inp.layer_feats.to(dt)], -1))  # [L, lh]
+        agg = [u.mean(0)]
+        for r in range(len(ROLES)):
+            sel = inp.roles == r
+            agg.append(u[sel].mean(0) if bool(sel.any()) else torch.zeros_like(u[0]))
+        g = (inp.globals.to(dt) - self.g_mean.to(dt)) / self.g_std.to(dt)
+        out = self.rho(torch.cat([*agg, g]))
+        return HeadV2Output(out[0], out[1], z)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,179 @@
+"""Training data and training loop of head v2 on the transformer zoo (`tzoo`).
+
+An *item* is one draw of ``b`` sequences of one snapshot of one zoo group: the model is
+rebuilt from the stored weights (transformers groups through ``save_pretrained`` /
+`load_model`, as the zoo did), the set's gradients are captured again (`tfeatures.extract`:
+the full per-sequence Gram, which the stored Linear factors alone do not give) and turned
+into a `HeadV2Input`; its targets are the zoo's large-sample values.
+
+Loss (per item, averaged): for the trace, a Huber loss on
+``(pred - tr H) / (|tr H| + 0.1 tr F_S)`` (relative, bounded where ``tr H`` is near zero);
+for ``λ_max`` the squared log ratio. Inputs are cached per item under ``<zoo>/inputs``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from gmcurv.data import Batch
+from gmcurv.gradmetanet import tzoo
+from gmcurv.gradmetanet.tfeatures import extract
+from gmcurv.gradmetanet.tlayers import HeadV2, HeadV2Config, HeadV2Input
+from gmcurv.gradmetanet.tlm import TASKS, make_task
+from gmcurv.objective import Objective
+
+
+@dataclass
+class Item:
+    gid: str
+    split: str
+    family: str
+    task: str
+    step: int
+    draw: int
+    n_params: int
+    inp: HeadV2Input
+    trace: float  # large-sample tr H (Hutch++)
+    trace_se: float
+    top: float  # large-sample λ_max(H) (Lanczos)
+
+
+def group_files(cache_dir: Path) -> list[Path]:
+    return sorted((Path(cache_dir) / "groups").glob("*.safetensors"))
+
+
+def read_group(path: Path) -> tuple[tzoo.LMGroupSpec, list[dict], dict[str, torch.Tensor]]:
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    return tzoo.LMGroupSpec.from_dict(json.loads(md["spec"])), json.loads(md["snapshots"]), tensors
+
+
+def truth_ids(spec: tzoo.LMGroupSpec) -> torch.Tensor:
+    """The zoo's `N_TRUTH` sequences of the group's task (regenerated from its seed)."""
+    ids, _ = make_task(
+        spec.task, tzoo.N_TRUTH + 512, tzoo.T, seed=1000 + TASKS.index(spec.task)
+    )
+    return ids[: tzoo.N_TRUTH]
+
+
+def snapshot_objective(
+    spec: tzoo.LMGroupSpec, tensors: dict[str, torch.Tensor], k: int, vocab: int, tmp: Path
+) -> Objective:
+    """The float64 objective of snapshot `k` (as the zoo built it)."""
+    prefix = f"s{k}.w."
+    state = {n[len(prefix) :]: v for n, v in tensors.items() if n.startswith(prefix)}
+    if spec.family != "tiny":
+        model = tzoo.hf_model(spec, vocab)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected or any("lm_head" not in m for m in missing):
+            raise ValueError(f"{spec.gid}: stored weights do not fit ({missing}, {unexpected})")
+        state = {n: v for n, v in model.state_dict().items()}
+    obj, _ = tzoo._snapshot_objective(spec, state, vocab, tmp, k)
+    return obj
+
+
+def snapshot_batches(spec, tensors, k: int, draws: int) -> list[Batch]:
+    ids = truth_ids(spec)
+    out = []
+    for r in range(draws):
+        idx = tensors[f"s{k}.d{r}.index"]
+        sub = ids[idx]
+        out.append(Batch(sub if spec.family == "tiny" else sub, None, 0))
+    return out
+
+
+def load_items(cache_dir: Path, splits: tuple[str, ...] | None = None) -> list[Item]:
+    """Every draw of every finished group (inputs cached under ``<cache_dir>/inputs``)."""
+    cache = Path(cache_dir) / "inputs"
+    cache.mkdir(parents=True, exist_ok=True)
+    items: list[Item] = []
+    for path in group_files(cache_dir):
+        spec, meta, tensors = read_group(path)
+        if splits is not None and spec.split not in splits:
+            continue
+        cfile = cache / f"{spec.gid}.pt"
+        if cfile.exists():
+            items += torch.load(cfile, weights_only=False)
+            continue
+        group_items = []
+        with tempfile.TemporaryDirectory() as tmp:
+            for k, m in enumerate(meta):
+                obj = snapshot_objective(spec, tensors, k, m["vocab"], Path(tmp))
+                for r, batch in enumerate(snapshot_batches(spec, tensors, k, spec.draws)):
+                    inp = HeadV2Input.from_tset(extract(obj, batch))
+                    tr = m["hessian_trace"]
+                    group_items.append(
+                        Item(
+                            spec.gid, spec.split, spec.family, spec.task, m["step"], r,
+                            m["n_params"], inp, tr["value"], tr["stderr"] or 0.0,
+                            m["hessian_top"],
+                        )
+                    )  # fmt: skip
+        torch.save(group_items, cfile)
+        items += group_items
+    return items
+
+
+@dataclass(frozen=True)
+class TrainV2Config:
+    epochs: int = 60
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    huber: float = 0.5
+
+
+def item_loss(model: HeadV2, it: Item, huber: float) -> torch.Tensor:
+    out = model(it.inp)
+    pred_tr = out.trace(it.inp)
+    scale = abs(it.trace) + 0.1 * it.inp.plug_trace
+    l_tr = torch.nn.functional.huber_loss(
+        (pred_tr - it.trace) / scale, torch.zeros((), dtype=pred_tr.dtype), delta=huber
+    )
+    l_top = (math.log(it.inp.plug_top) + out.r_top - math.log(it.top)) ** 2
+    return l_tr + l_top
+
+
+def train_v2(
+    items: list[Item], config: TrainV2Config | None = None, head: HeadV2Config | None = None
+) -> HeadV2:
+    """Adam over items (one at a time), cosine learning rate; globals standardised."""
+    cfg = config or TrainV2Config()
+    model = HeadV2(head, seed=cfg.seed)
+    G = torch.stack([it.inp.globals for it in items]).float()
+    model.g_mean.copy_(G.mean(0))
+    model.g_std.copy_(G.std(0).clamp_min(1e-3))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * len(items)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
+    )
+    rng = random.Random(cfg.seed)
+    usable = [it for it in items if it.top > 0 and it.inp.plug_top > 0]
+    for _ in range(cfg.epochs):
+        order = usable[:]
+        rng.shuffle(order)
+        for it in order:
+            loss = item_loss(model, it, cfg.huber)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: HeadV2, inp: HeadV2Input) -> tuple[float, float]:
+    """``(tr H, λ_max(H))`` predicted by the head."""
+    out = model(inp)
+    return float(out.trace(inp)), float(out.top(inp))
