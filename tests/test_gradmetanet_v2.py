@@ -38,11 +38,13 @@ def _head():
     return h
 
 
-def _run(model, ids):
-    inp = HeadV2Input.from_tset(extract(Objective.build(model, "next_token"), Batch(ids, None, 0)))
+def _run(model, ids, fisher="empirical"):
+    obj = Objective.build(model, "next_token")
+    inp = HeadV2Input.from_tset(extract(obj, Batch(ids, None, 0), fisher))
     with torch.no_grad():
-        out = _head()(inp)
-    return inp, out
+        head = _head()
+        out = head(inp)
+    return inp, out, head.neurons_by_side(out, inp)
 
 
 def _perms(kind: str, gen: torch.Generator) -> dict:
@@ -121,12 +123,16 @@ def test_head_v2_is_equivariant(kind):
     model = _model()
     ids, _ = make_task("count", B, T, seed=0)
     ids = ids % V
-    inp, out = _run(model, ids)
+    inp, out, z1 = _run(model, ids)
     p = _perms(kind, torch.Generator().manual_seed(7))
     pm = _permuted(model, p)
     with torch.no_grad():  # the permuted model is the same function
         torch.testing.assert_close(pm(ids), model(ids), rtol=0, atol=1e-12)
-    inp2, out2 = _run(pm, ids[p["seq"]])
+    inp2, out2, z2s = _run(pm, ids[p["seq"]])
+    if kind != "sequences":  # MC labels are drawn per (seed, position): same for the same function
+        _, out_mc, _ = _run(model, ids, "mc")
+        _, out2_mc, _ = _run(pm, ids, "mc")
+        torch.testing.assert_close(out2_mc.r_top, out_mc.r_top, rtol=1e-8, atol=1e-10)
     for a, b in ((out.r_trace, out2.r_trace), (out.r_top, out2.r_top)):
         assert float(a) != 0.0
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-10)
@@ -136,7 +142,7 @@ def test_head_v2_is_equivariant(kind):
     moved = 0
     for k, name in enumerate(names):
         for side in (0, 1):
-            z, z2 = out.neurons[2 * k + side], out2.neurons[2 * k + side]
+            z, z2 = z1[2 * k + side], z2s[2 * k + side]
             perm = _side_perm(name, side, p)
             torch.testing.assert_close(z2, z[perm], rtol=1e-8, atol=1e-10)
             moved += int(not torch.equal(perm, torch.arange(len(perm))))
@@ -173,7 +179,7 @@ def test_extractor_reads_transformers_checkpoints(family, tmp_path):
     obj = _hf(family, tmp_path)
     ids, _ = make_task("count", B, T, seed=1)
     ids = ids % V
-    s = extract(obj, Batch(ids, None, 0))
+    s = extract(obj, Batch(ids, None, 0), "empirical")
     assert {layer.role for layer in s.layers} == set(ROLES)
     per_block = 4 if family == "gpt2" else 7  # c_attn c_proj c_fc c_proj | q k v o gate up down
     assert len(s.layers) == L * per_block + 1 and s.d_model == D and s.n_blocks == L
@@ -186,7 +192,10 @@ def test_extractor_reads_transformers_checkpoints(family, tmp_path):
     with torch.no_grad():
         out = _head()(inp)
         perm = torch.randperm(B, generator=torch.Generator().manual_seed(2))
-        out2 = _head()(HeadV2Input.from_tset(extract(obj, Batch(ids[perm], None, 0))))
+        s2 = extract(obj, Batch(ids[perm], None, 0), "empirical")
+        out2 = _head()(HeadV2Input.from_tset(s2))
+        mc = HeadV2Input.from_tset(extract(obj, Batch(ids, None, 0)))  # the head's default
+        assert torch.isfinite(_head()(mc).r_trace) and mc.plug_trace > 0
     assert torch.isfinite(out.trace(inp)) and torch.isfinite(out.top(inp))
     torch.testing.assert_close(out2.r_top, out.r_top, rtol=1e-8, atol=1e-10)
     if family == "llama":  # grouped-query attention: k/v have one head, q has two

@@ -113,6 +113,7 @@ class TSet:
     n_params: int
     d_model: int
     n_blocks: int
+    tokens: float = 1.0  # predicted tokens per sequence (the loss is their mean)
 
     @property
     def b(self) -> int:
@@ -120,13 +121,17 @@ class TSet:
 
     @property
     def plug_trace(self) -> float:
-        """``tr F_S = (1/b) Σ_n ||g_n||²`` (empirical Fisher of the set, all parameters)."""
-        return float(self.gram.diagonal().sum()) / self.b
+        """``T_eff tr F_S = (T_eff/b) Σ_n ||g_n||²`` over all parameters.
+
+        The per-sequence loss is a mean over ``T_eff`` tokens, so with Monte Carlo labels
+        ``E[g_n g_n^T] = G_n / T_eff`` (cross-token terms vanish): ``T_eff F_S`` is the
+        plug-in estimate of the GGN from these gradients."""
+        return self.tokens * float(self.gram.diagonal().sum()) / self.b
 
     @property
     def plug_top(self) -> float:
-        """``λ_max(F_S)``: the top eigenvalue of the Gram matrix over ``b``."""
-        return float(torch.linalg.eigvalsh(self.gram)[-1]) / self.b
+        """``T_eff λ_max(F_S)`` (top eigenvalue of the Gram matrix over ``b``)."""
+        return self.tokens * float(torch.linalg.eigvalsh(self.gram)[-1]) / self.b
 
 
 def head_config(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -202,10 +207,28 @@ def tset_from_gradients(dg: DecomposedGradients, model: torch.nn.Module) -> TSet
     return TSet(layers, dg.losses.detach().double(), other, gram, n_params, d_model, n_blocks)
 
 
-def extract(objective: Objective, batch: Batch) -> TSet:
-    """Capture the set's decomposed gradients (one backward) and group them."""
-    dg = Capturer(objective, "empirical", 1, 0, check=False)(batch)
-    return tset_from_gradients(dg, objective.model)
+def extract(objective: Objective, batch: Batch, fisher: str = "mc", seed: int = 0) -> TSet:
+    """Capture the set's decomposed gradients (one backward) and group them.
+
+    Head v2 reads Monte Carlo gradients (`fisher="mc"`: one next token drawn from the
+    model's own prediction at every position, seeded), whose second moment is the
+    MC-Fisher (an unbiased estimate of the GGN); ``"empirical"`` uses the data's labels."""
+    dg = Capturer(objective, fisher, 1, seed, check=False)(batch)
+    s = tset_from_gradients(dg, objective.model)
+    s.tokens = predicted_tokens(batch)
+    return s
+
+
+def predicted_tokens(batch: Batch) -> float:
+    """Mean number of next-token predictions per sequence (``T - 1``, or from the mask)."""
+    inp = batch.inputs
+    if isinstance(inp, dict):
+        mask = inp.get("attention_mask")
+        ids = inp["input_ids"]
+        if mask is not None:
+            return float((mask.sum(1).double() - 1).clamp_min(1).mean())
+        return float(ids.shape[1] - 1)
+    return float(inp.shape[1] - 1)
 
 
 # ------------------------------------------------------------------------------- features

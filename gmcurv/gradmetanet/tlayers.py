@@ -49,45 +49,77 @@ from gmcurv.gradmetanet.tfeatures import (
 EMBED_IN = N_MOMENTS + len(KINDS) + len(ROLES) + 2
 
 
-@dataclass
-class SideInput:
-    m: Tensor  # [b, J, N_MOMENTS]
-    consts: Tensor  # [EMBED_IN - N_MOMENTS] kind, role, output-side flag, relative scale
-    kind: str
-    heads: Tensor | None  # [J] head ids (headdim) or None
+def _segment_mean(h: Tensor, ids: Tensor, n: int) -> Tensor:
+    """Mean of ``h [..., J, C]`` over the neurons of each segment ``ids [J]``, broadcast back."""
+    shape = (*h.shape[:-2], n, h.shape[-1])
+    tot = torch.zeros(shape, dtype=h.dtype).index_add_(-2, ids, h)
+    cnt = torch.zeros(n, dtype=h.dtype).index_add_(0, ids, torch.ones_like(ids, dtype=h.dtype))
+    return (tot / cnt.clamp_min(1.0)[:, None])[..., ids, :]
 
 
 @dataclass
 class HeadV2Input:
-    sides: list[SideInput]  # two per layer: input side, output side
+    """All sides of all layers packed along one neuron axis ``J`` (module doc)."""
+
+    m: Tensor  # [b, J, N_MOMENTS] token-pooled moments
+    consts: Tensor  # [J, EMBED_IN - N_MOMENTS] kind, role, output-side flag, relative scale
+    side: Tensor  # [J] side id (layer k: sides 2k = inputs, 2k+1 = outputs)
+    head: Tensor  # [J] attention-head id (headdim neurons); the side's own id elsewhere
+    res: Tensor  # [J] residual-neuron id (res neurons) or a per-side id elsewhere
+    n_head_ids: int
+    n_res_ids: int
     layer_feats: Tensor  # [L, 1 + len(ROLES) + 1] log share, role one-hot, depth
     roles: Tensor  # [L] role index
     globals: Tensor  # [N_GLOBALS]
     plug_trace: float
     plug_top: float
 
+    @property
+    def n_sides(self) -> int:
+        return 2 * len(self.roles)
+
     @classmethod
     def from_tset(cls, s: TSet) -> HeadV2Input:
         scales = [side_scale(v) for layer in s.layers for v in (layer.x.values, layer.d.values)]
         mean_scale = sum(scales) / len(scales)
-        sides, feats, roles = [], [], []
+        ms, consts, side, head, res = [], [], [], [], []
+        feats, roles = [], []
         tr = s.plug_trace
+        n_sides = 2 * len(s.layers)
+        next_head = n_sides  # ids 0..S-1: "own side"; then attention heads
+        d = s.d_model
         for k, layer in enumerate(s.layers):
             r = ROLES.index(layer.role)
-            for out, side in enumerate((layer.x, layer.d)):
+            for out, sd in enumerate((layer.x, layer.d)):
+                sid = 2 * k + out
+                J = sd.values.shape[-1]
                 c = torch.zeros(EMBED_IN - N_MOMENTS, dtype=torch.float64)
-                c[KINDS.index(side.kind)] = 1.0
+                c[KINDS.index(sd.kind)] = 1.0
                 c[len(KINDS) + r] = 1.0
                 c[len(KINDS) + len(ROLES)] = float(out)
-                c[-1] = scales[2 * k + out] - mean_scale
-                sides.append(SideInput(moments(side.values), c, side.kind, side.heads))
+                c[-1] = scales[sid] - mean_scale
+                ms.append(moments(sd.values))
+                consts.append(c.expand(J, -1))
+                side.append(torch.full((J,), sid))
+                if sd.heads is not None:
+                    head.append(next_head + sd.heads)
+                    next_head += int(sd.heads.max()) + 1
+                else:
+                    head.append(torch.full((J,), sid))
+                res.append(torch.arange(J) if sd.kind == "res" else torch.full((J,), d + sid))
             share = float(layer.sq_norms.mean()) / max(tr, 1e-300)
             onehot = [float(i == r) for i in range(len(ROLES))]
             depth = (layer.block + 1) / s.n_blocks if layer.block >= 0 else 1.0
             feats.append([math.log(share + 1e-12), *onehot, depth])
             roles.append(r)
         return cls(
-            sides,
+            torch.cat(ms, 1),
+            torch.cat(consts),
+            torch.cat(side),
+            torch.cat(head),
+            torch.cat(res),
+            next_head,
+            d + n_sides,
             torch.tensor(feats, dtype=torch.float64),
             torch.tensor(roles),
             global_features(s),
@@ -118,32 +150,21 @@ class Interaction(nn.Module):
         super().__init__()
         self.lin = nn.ModuleList(nn.Linear(c, c, bias=(i == 0)) for i in range(5))
 
-    def forward(self, hs: list[Tensor], sides: list[SideInput]) -> list[Tensor]:
-        res = [h.mean(0) for h, s in zip(hs, sides, strict=True) if s.kind == "res"]
-        res_mean = torch.stack(res).mean(0) if res else None  # [d, C]
-        out = []
-        for h, s in zip(hs, sides, strict=True):
-            side_mean = h.mean((0, 1), keepdim=True)
-            if s.heads is not None:
-                nh = int(s.heads.max()) + 1
-                oh = nn.functional.one_hot(s.heads, nh).to(h.dtype)
-                oh = oh / oh.sum(0).clamp_min(1.0)
-                head_mean = torch.einsum("njc,jg,kg->nkc", h, oh, (oh > 0).to(h.dtype))
-                head_mean = head_mean.mean(0, keepdim=True)
-            else:
-                head_mean = side_mean
-            xl = res_mean[None] if (s.kind == "res" and res_mean is not None) else side_mean
-            a, b, c, d, e = self.lin
-            upd = a(h) + b(h.mean(0, keepdim=True)) + c(side_mean) + d(head_mean) + e(xl)
-            out.append(h + nn.functional.gelu(upd))
-        return out
+    def forward(self, h: Tensor, inp: HeadV2Input) -> Tensor:
+        pooled_n = h.mean(0)  # [J, C]
+        side_mean = _segment_mean(pooled_n, inp.side, inp.n_sides)
+        head_mean = _segment_mean(h, inp.head, inp.n_head_ids)
+        xl = _segment_mean(pooled_n, inp.res, inp.n_res_ids)
+        a, b, c, d, e = self.lin
+        upd = a(h) + b(pooled_n) + c(side_mean) + d(head_mean) + e(xl)
+        return h + nn.functional.gelu(upd)
 
 
 @dataclass
 class HeadV2Output:
     r_trace: Tensor  # scalar
     r_top: Tensor  # scalar
-    neurons: list[Tensor]  # per side [J, C]
+    neurons: Tensor  # [J, C] per neuron (all sides packed; `HeadV2.neurons_by_side`)
 
     def trace(self, inp: HeadV2Input) -> Tensor:
         return inp.plug_trace * (1.0 + self.r_trace)
@@ -173,19 +194,18 @@ class HeadV2(nn.Module):
 
     def forward(self, inp: HeadV2Input) -> HeadV2Output:
         dt = self.embed.weight.dtype
-        hs = []
-        for s in inp.sides:
-            b, J, _ = s.m.shape
-            x = torch.cat([s.m.to(dt), s.consts.to(dt).expand(b, J, -1)], -1)
-            hs.append(nn.functional.gelu(self.embed(x)))
+        b, J, _ = inp.m.shape
+        x = torch.cat([inp.m.to(dt), inp.consts.to(dt).expand(b, J, -1)], -1)
+        h = nn.functional.gelu(self.embed(x))
         for blk in self.blocks:
-            hs = blk(hs, inp.sides)
-        z = [h.mean(0) for h in hs]  # [J, C] per side
-        pooled = [torch.cat([q.mean(0), q.pow(2).mean(0).sqrt()]) for q in z]
-        L = len(pooled) // 2
-        per_layer = torch.stack(
-            [torch.cat([pooled[2 * k], pooled[2 * k + 1]]) for k in range(L)]
-        )  # [L, 4C]
+            h = blk(h, inp)
+        z = h.mean(0)  # [J, C]: per-neuron equivariant output
+        S = inp.n_sides
+        cnt = torch.zeros(S, dtype=dt).index_add_(0, inp.side, torch.ones(J, dtype=dt))
+        m1 = torch.zeros(S, z.shape[1], dtype=dt).index_add_(0, inp.side, z) / cnt[:, None]
+        m2 = torch.zeros(S, z.shape[1], dtype=dt).index_add_(0, inp.side, z * z) / cnt[:, None]
+        per_side = torch.cat([m1, m2.clamp_min(0).add(1e-12).sqrt()], -1)  # [S, 2C]
+        per_layer = per_side.reshape(S // 2, -1)  # [L, 4C]: input side, output side
         u = self.phi(torch.cat([per_layer, inp.layer_feats.to(dt)], -1))  # [L, lh]
         agg = [u.mean(0)]
         for r in range(len(ROLES)):
@@ -194,6 +214,10 @@ class HeadV2(nn.Module):
         g = (inp.globals.to(dt) - self.g_mean.to(dt)) / self.g_std.to(dt)
         out = self.rho(torch.cat([*agg, g]))
         return HeadV2Output(out[0], out[1], z)
+
+    def neurons_by_side(self, out: HeadV2Output, inp: HeadV2Input) -> list[Tensor]:
+        """The per-neuron outputs ``[J_s, C]`` of each side, in side order."""
+        return [out.neurons[inp.side == s] for s in range(inp.n_sides)]
 
 
 def count_parameters(model: nn.Module) -> int:

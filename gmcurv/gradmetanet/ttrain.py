@@ -57,12 +57,10 @@ def read_group(path: Path) -> tuple[tzoo.LMGroupSpec, list[dict], dict[str, torc
     return tzoo.LMGroupSpec.from_dict(json.loads(md["spec"])), json.loads(md["snapshots"]), tensors
 
 
-def truth_ids(spec: tzoo.LMGroupSpec) -> torch.Tensor:
-    """The zoo's `N_TRUTH` sequences of the group's task (regenerated from its seed)."""
-    ids, _ = make_task(
-        spec.task, tzoo.N_TRUTH + 512, tzoo.T, seed=1000 + TASKS.index(spec.task)
-    )
-    return ids[: tzoo.N_TRUTH]
+def truth_ids(spec: tzoo.LMGroupSpec, n: int) -> torch.Tensor:
+    """The zoo's `n` truth sequences of the group's task (regenerated as the zoo drew them)."""
+    ids, _ = make_task(spec.task, n + 512, tzoo.T, seed=1000 + TASKS.index(spec.task))
+    return ids[:n]
 
 
 def snapshot_objective(
@@ -81,8 +79,8 @@ def snapshot_objective(
     return obj
 
 
-def snapshot_batches(spec, tensors, k: int, draws: int) -> list[Batch]:
-    ids = truth_ids(spec)
+def snapshot_batches(spec, tensors, k: int, draws: int, n: int) -> list[Batch]:
+    ids = truth_ids(spec, n)
     out = []
     for r in range(draws):
         idx = tensors[f"s{k}.d{r}.index"]
@@ -101,6 +99,7 @@ def load_items(cache_dir: Path, splits: tuple[str, ...] | None = None) -> list[I
         if splits is not None and spec.split not in splits:
             continue
         cfile = cache / f"{spec.gid}.pt"
+        torch.set_num_threads(1)
         if cfile.exists():
             items += torch.load(cfile, weights_only=False)
             continue
@@ -108,7 +107,7 @@ def load_items(cache_dir: Path, splits: tuple[str, ...] | None = None) -> list[I
         with tempfile.TemporaryDirectory() as tmp:
             for k, m in enumerate(meta):
                 obj = snapshot_objective(spec, tensors, k, m["vocab"], Path(tmp))
-                for r, batch in enumerate(snapshot_batches(spec, tensors, k, spec.draws)):
+                for r, batch in enumerate(snapshot_batches(spec, tensors, k, spec.draws, m["n"])):
                     inp = HeadV2Input.from_tset(extract(obj, batch))
                     tr = m["hessian_trace"]
                     group_items.append(
@@ -148,6 +147,7 @@ def train_v2(
 ) -> HeadV2:
     """Adam over items (one at a time), cosine learning rate; globals standardised."""
     cfg = config or TrainV2Config()
+    torch.set_num_threads(1)  # tiny ops: threads only contend on a shared machine
     model = HeadV2(head, seed=cfg.seed)
     G = torch.stack([it.inp.globals for it in items]).float()
     model.g_mean.copy_(G.mean(0))

@@ -1,0 +1,253 @@
+"""Head v2 on held-out transformers against equal-cost baselines (issue 14, items 2-3).
+
+    PYTHONPATH=. python bench/gradmetanet/bench_head_v2.py --zoo /work/cache/head/tzoo \
+        --out bench/gradmetanet/head_v2.json [--epochs 30] [--weights PATH]
+
+1. items of every finished zoo group (`gmcurv.gradmetanet.ttrain.load_items`);
+2. calibration residuals out of fold: the ``train`` groups split in two halves by group, a head
+   trained on each half predicts the other; 80 % intervals = their 10/90 % quantiles
+   (trace: of ``(tr H - pred) / (|pred| + 0.1 plug)``; λ_max: of ``log(λ / pred)``);
+3. the head trained on all ``train`` groups predicts every ``val`` / ``test-*`` item; on the
+   same set, timed in the same process, the equal-cost baselines (`tbaselines.equal_cost`)
+   and one plain backward of the set's mean loss (the time unit of the issue's target);
+4. per split and family: mean / median relative error of ``tr H``, mean / median
+   ``|log|`` error of ``λ_max`` (a non-positive estimate is clipped to ``1e-3 λ``), win
+   rates, interval coverage, the head's time over one backward; JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from gmcurv.data import load_data
+from gmcurv.gradmetanet.tbaselines import equal_cost
+from gmcurv.gradmetanet.tfeatures import extract
+from gmcurv.gradmetanet.tlayers import HeadV2Config, HeadV2Input
+from gmcurv.gradmetanet.ttrain import (
+    TrainV2Config,
+    group_files,
+    load_items,
+    predict,
+    read_group,
+    snapshot_batches,
+    snapshot_objective,
+    train_v2,
+)
+
+METHODS = ("head", "plugin", "mc_equal_time", "hutch_lanczos_equal_time")
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def tr_scale(pred: float, plug: float) -> float:
+    return abs(pred) + 0.1 * plug
+
+
+def calibrate(model_pairs) -> dict:
+    """10/90 % quantiles of out-of-fold residuals (see module doc)."""
+    r_tr, r_top = [], []
+    for model, items in model_pairs:
+        for it in items:
+            tr, top = predict(model, it.inp)
+            r_tr.append((it.trace - tr) / tr_scale(tr, it.inp.plug_trace))
+            r_top.append(math.log(it.top / top))
+    return {
+        "trace": [quantile(r_tr, 0.1), quantile(r_tr, 0.9)],
+        "top": [quantile(r_top, 0.1), quantile(r_top, 0.9)],
+        "n": len(r_tr),
+    }
+
+
+def rel(p: float, t: float) -> float:
+    return abs(p - t) / abs(t)
+
+
+def logerr(p: float, t: float) -> float:
+    return abs(math.log(max(p, 1e-3 * t) / t))
+
+
+def summarize(rows: list[dict]) -> dict:
+    out: dict = {"n": len(rows), "models": len({(r["gid"], r["step"]) for r in rows})}
+    for q, err in (("trace", rel), ("top", logerr)):
+        errs = {m: [err(r[q][m], r[q]["truth"]) for r in rows] for m in METHODS}
+        out[q] = {
+            m: {
+                "mean": statistics.fmean(e),
+                "median": statistics.median(e),
+            }
+            for m, e in errs.items()
+        }
+        for m in METHODS[1:]:
+            wins = [h < b for h, b in zip(errs["head"], errs[m], strict=True)]
+            out[q][m]["head_win_rate"] = sum(wins) / len(wins)
+            out[q][m]["head_gain_mean"] = 1 - out[q]["head"]["mean"] / out[q][m]["mean"]
+        inside = [r[q]["lo"] <= r[q]["truth"] <= r[q]["hi"] for r in rows]
+        out[q]["coverage_80"] = sum(inside) / len(inside)
+        if q == "trace":
+            logs = [
+                abs(math.log(r[q]["head"] / r[q]["truth"]))
+                for r in rows
+                if r[q]["head"] > 0 and r[q]["truth"] > 0
+            ]
+            out[q]["head"]["mean_abs_log_where_positive"] = statistics.fmean(logs) if logs else None
+            out[q]["truth_negative"] = sum(r[q]["truth"] <= 0 for r in rows)
+    ratios = [r["seconds"]["head"] / r["seconds"]["backward"] for r in rows]
+    out["head_over_backward"] = {"median": statistics.median(ratios), "max": max(ratios)}
+    out["hvps_equal_time"] = statistics.median([r["hvps"] for r in rows])
+    out["mc_samples_equal_time"] = statistics.median([r["mc_samples"] for r in rows])
+    out["truth_trace_rel_stderr_median"] = statistics.median(
+        [r["trace"]["truth_se"] / abs(r["trace"]["truth"]) for r in rows]
+    )
+    return out
+
+
+def backward_seconds(obj, batch) -> float:
+    t0 = time.perf_counter()
+    loss = obj.per_example_loss(batch).mean()
+    loss.backward()
+    for p in obj.params.values():
+        p.grad = None
+    return time.perf_counter() - t0
+
+
+def evaluate(model, cal: dict, zoo: Path, splits: tuple[str, ...]) -> list[dict]:
+    """One row per held-out item: truth, head, baselines, interval, seconds."""
+    torch.set_num_threads(1)
+    rows = []
+    for path in group_files(zoo):
+        spec, meta, tensors = read_group(path)
+        if spec.split not in splits:
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            for k, m in enumerate(meta):
+                obj = snapshot_objective(spec, tensors, k, m["vocab"], Path(tmp))
+                batches = snapshot_batches(spec, tensors, k, spec.draws, m["n"])
+                for r, batch in enumerate(batches):
+                    t0 = time.perf_counter()
+                    inp = HeadV2Input.from_tset(extract(obj, batch))
+                    tr, top = predict(model, inp)
+                    t_head = time.perf_counter() - t0
+                    t_bwd = backward_seconds(obj, batch)
+                    key = "inputs" if spec.family == "tiny" else "input_ids"
+                    f = Path(tmp) / f"set{k}_{r}.safetensors"
+                    save_file({key: batch.inputs.contiguous()}, str(f))
+                    ec = equal_cost(obj, batch, load_data(f), t_head, seed=7 + r)
+                    s_tr = tr_scale(tr, inp.plug_trace)
+                    rows.append(
+                        {
+                            "gid": spec.gid, "split": spec.split, "family": spec.family,
+                            "task": spec.task, "step": m["step"], "draw": r,
+                            "n_params": m["n_params"],
+                            "trace": {
+                                "truth": m["hessian_trace"]["value"],
+                                "truth_se": m["hessian_trace"]["stderr"] or 0.0,
+                                "head": tr, "plugin": inp.plug_trace,
+                                "mc_equal_time": ec.mc_trace,
+                                "hutch_lanczos_equal_time": ec.hutch_trace,
+                                "lo": tr + cal["trace"][0] * s_tr,
+                                "hi": tr + cal["trace"][1] * s_tr,
+                            },
+                            "top": {
+                                "truth": m["hessian_top"], "head": top,
+                                "plugin": inp.plug_top, "mc_equal_time": ec.mc_top,
+                                "hutch_lanczos_equal_time": ec.lanczos_top,
+                                "lo": top * math.exp(cal["top"][0]),
+                                "hi": top * math.exp(cal["top"][1]),
+                            },
+                            "seconds": {
+                                "head": t_head, "backward": t_bwd,
+                                "capture": ec.t_capture, "hvp": ec.t_hvp,
+                            },
+                            "hvps": ec.hvps, "mc_samples": ec.mc_samples,
+                        }
+                    )  # fmt: skip
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zoo", default="/work/cache/head/tzoo")
+    ap.add_argument("--out", default="bench/gradmetanet/head_v2.json")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--weights", default=None, help="save the trained head here")
+    ap.add_argument("--splits", default="val,test-task,test-arch,test-hf")
+    args = ap.parse_args(argv)
+    zoo = Path(args.zoo)
+    t_start = time.perf_counter()
+    items = load_items(zoo)
+    train = [it for it in items if it.split == "train"]
+    gids = sorted({it.gid for it in train})
+    halves = [set(gids[0::2]), set(gids[1::2])]
+    cfg = TrainV2Config(epochs=args.epochs)
+    head_cfg = HeadV2Config(channels=12, blocks=1)
+    pairs = []
+    for h in range(2):
+        fit = [it for it in train if it.gid in halves[h]]
+        held = [it for it in train if it.gid in halves[1 - h]]
+        pairs.append((train_v2(fit, cfg, head_cfg), held))
+    cal = calibrate(pairs)
+    t_train0 = time.perf_counter()
+    model = train_v2(train, cfg, head_cfg)
+    t_train = time.perf_counter() - t_train0
+    splits = tuple(args.splits.split(","))
+    rows = evaluate(model, cal, zoo, splits)
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["split"], []).append(r)
+        if r["split"] == "test-hf":
+            groups.setdefault(f"test-hf:{r['family']}", []).append(r)
+        if r["split"].startswith("test"):
+            groups.setdefault("all-test", []).append(r)
+    costs = [json.loads(line) for line in (zoo / "cost.jsonl").read_text().splitlines()]
+    result = {
+        "what": "head v2 vs equal-cost baselines on held-out transformers (issue 14)",
+        "loadavg": os.getloadavg(),
+        "zoo": {
+            "groups": len(group_files(zoo)),
+            "train_groups": len(gids),
+            "train_items": len(train),
+            "models": sum(1 for _ in group_files(zoo)) * 3,
+            "cpu_seconds": sum(c["cpu_s"] for c in costs),
+            "wall_seconds": sum(c["wall_s"] for c in costs),
+        },
+        "head_config": head_cfg.to_dict(),
+        "train_config": cfg.__dict__,
+        "train_seconds": t_train,
+        "calibration": cal,
+        "summary": {k: summarize(v) for k, v in sorted(groups.items())},
+        "rows": rows,
+        "seconds_total": time.perf_counter() - t_start,
+    }
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.weights:
+        from safetensors.torch import save_file as save
+
+        sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+        meta = {"config": head_cfg.to_dict(), "calibration": cal}
+        save(sd, args.weights, metadata={"gmcurv_head_v2": json.dumps(meta)})
+    for k, v in result["summary"].items():
+        print(k, json.dumps({q: v[q] for q in ("n", "models")}), file=sys.stderr)
+        for q in ("trace", "top"):
+            line = {m: round(v[q][m]["mean"], 3) for m in METHODS}
+            print(f"  {q} mean err {line} cov {v[q]['coverage_80']:.2f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
