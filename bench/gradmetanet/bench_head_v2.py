@@ -45,7 +45,7 @@ from gmcurv.gradmetanet.ttrain import (
     train_v2,
 )
 
-METHODS = ("head", "plugin", "mc_equal_time", "hutch_lanczos_equal_time")
+METHODS = ("head", "plugin", "mc_equal_time", "hutch_lanczos_equal_time", "plugin_seq")
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -158,6 +158,7 @@ def evaluate(model, cal: dict, zoo: Path, splits: tuple[str, ...]) -> list[dict]
                                 "truth": m["hessian_trace"]["value"],
                                 "truth_se": m["hessian_trace"]["stderr"] or 0.0,
                                 "head": tr, "plugin": inp.plug_trace,
+                                "plugin_seq": inp.seq_trace,
                                 "mc_equal_time": ec.mc_trace,
                                 "hutch_lanczos_equal_time": ec.hutch_trace,
                                 "lo": tr + cal["trace"][0] * s_tr,
@@ -165,7 +166,8 @@ def evaluate(model, cal: dict, zoo: Path, splits: tuple[str, ...]) -> list[dict]
                             },
                             "top": {
                                 "truth": m["hessian_top"], "head": top,
-                                "plugin": inp.plug_top, "mc_equal_time": ec.mc_top,
+                                "plugin": inp.plug_top, "plugin_seq": inp.seq_top,
+                                "mc_equal_time": ec.mc_top,
                                 "hutch_lanczos_equal_time": ec.lanczos_top,
                                 "lo": top * math.exp(cal["top"][0]),
                                 "hi": top * math.exp(cal["top"][1]),

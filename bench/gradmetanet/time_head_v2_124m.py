@@ -1,6 +1,7 @@
 """Head v2's time at GPT-2 small (124M, random init, 8 x 128 tokens) over one backward.
 
-    PYTHONPATH=. python bench/gradmetanet/time_head_v2_124m.py --out bench/gradmetanet/head_v2_124m.json
+    PYTHONPATH=. python bench/gradmetanet/time_head_v2_124m.py \
+        --out bench/gradmetanet/head_v2_124m.json
 
 Interleaved in one process, float32, one thread (the machine is shared): ``reps`` times
 (a) one plain forward + backward of the mean next-token loss (the unit of the issue's

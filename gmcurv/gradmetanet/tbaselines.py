@@ -2,10 +2,10 @@
 
 Given the head's wall time ``t_head`` on the set (capture + features + network):
 
-- **plug-in** (same gradients as the head): ``T_eff tr F_S`` and ``T_eff λ_max(F_S)`` of the
-  Monte Carlo gradients the head read (`tfeatures.TSet.plug_trace`), free;
-- **MC-GGN at equal time**: ``m = max(1, ⌊t_head / t_capture⌋)`` Monte Carlo label draws per
-  token (fresh seeds), ``T_eff tr F_MC`` and ``T_eff λ_max(F_MC)``;
+- **plug-in** (same gradients as the head): ``tr Ĝ`` and ``λ_max(Ĝ)`` of the token-level
+  GGN estimate from the Monte Carlo gradients the head read (`tfeatures.TSet.plug_trace`);
+- **MC-GGN at equal time**: the same estimator from ``m = max(1, ⌊t_head / t_capture⌋)``
+  fresh Monte Carlo label draws per token;
 - **Hutchinson / Lanczos at equal time**: ``k = max(1, ⌊t_head / t_hvp⌋)`` Hessian-vector
   products on the set: Hutchinson's mean of ``v^T H v`` (Rademacher ``v``) and the top Ritz
   value of ``k`` Lanczos steps (``k = 1``: a Rayleigh quotient).
@@ -23,8 +23,7 @@ import torch
 
 from gmcurv.capture import Capturer
 from gmcurv.data import Batch, DataSample
-from gmcurv.fisher import fisher_trace, gram_kernel
-from gmcurv.gradmetanet.tfeatures import predicted_tokens
+from gmcurv.gradmetanet.tfeatures import predicted_tokens, tset_from_gradients
 from gmcurv.hessian import CurvatureOperator
 from gmcurv.lanczos import lanczos_tridiagonal
 from gmcurv.objective import Objective
@@ -44,11 +43,12 @@ class EqualCost:
 
 
 def mc_ggn(objective: Objective, batch: Batch, samples: int, seed: int) -> tuple[float, float]:
-    """``(T_eff tr F_MC, T_eff λ_max(F_MC))`` with `samples` label draws per token."""
+    """``(tr Ĝ, λ_max(Ĝ))``, the head's plug-in estimator (`TSet.plug_trace`), from
+    `samples` label draws per token."""
     dg = Capturer(objective, "mc", samples, seed, check=False)(batch)
-    t = predicted_tokens(batch)
-    K = gram_kernel(dg)
-    return t * fisher_trace(dg), t * float(torch.linalg.eigvalsh(K)[-1]) / dg.n
+    s = tset_from_gradients(dg, objective.model)
+    s.tokens = predicted_tokens(batch)
+    return s.plug_trace, s.plug_top
 
 
 def equal_cost(
@@ -69,7 +69,9 @@ def equal_cost(
     mc_tr, mc_top = mc_ggn(objective, batch, m, seed)
     zs = [rademacher(op.size, gen) for _ in range(k)]
     hutch = sum(float(z @ op.matvec(z)) for z in zs) / k
-    alpha, beta = lanczos_tridiagonal(op.matvec, torch.randn(op.size, generator=gen, dtype=torch.float64), k)
+    alpha, beta = lanczos_tridiagonal(
+        op.matvec, torch.randn(op.size, generator=gen, dtype=torch.float64), k
+    )
     T = torch.diag(alpha) if len(beta) == 0 else (
         torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
     )  # fmt: skip

@@ -13,8 +13,9 @@ layer its share of the plug-in trace; global summaries (`tfeatures.global_featur
    residual permutation is one for the whole model), on other sides the side mean;
 3. **per neuron** ``z = mean_n h`` ([J, C]: the equivariant per-neuron output);
 4. **per layer** ``φ([mean_j z, rms_j z] of both sides, log share, role, depth)``, pooled
-   over all layers and over each role (means) ``⊕`` globals → ``ρ`` → two scalars
-   ``(r_tr, r_top)`` (``ρ``'s last layer starts at zero: a fresh head is the plug-in):
+   over all layers and over each role (means) ``⊕`` globals (standardised on the training
+   set, clipped to ±3) → ``ρ`` → two scalars ``(r_tr, r_top)``, bounded by
+   ``3 tanh(·/3)`` (``ρ``'s last layer starts at zero: a fresh head is the plug-in):
 
        tr H ≈ tr F_S · (1 + r_tr)        (signed: tr H < 0 on some untrained transformers)
        λ_max(H) ≈ λ_max(F_S) · exp(r_top)
@@ -47,6 +48,7 @@ from gmcurv.gradmetanet.tfeatures import (
 )
 
 EMBED_IN = N_MOMENTS + len(KINDS) + len(ROLES) + 2
+R_MAX = 3.0  # outputs are bounded: |r| <= 3 (a trace within [-2, 4] x plug-in, λ within e^±3)
 
 
 def _segment_mean(h: Tensor, ids: Tensor, n: int) -> Tensor:
@@ -73,6 +75,8 @@ class HeadV2Input:
     globals: Tensor  # [N_GLOBALS]
     plug_trace: float
     plug_top: float
+    seq_trace: float = 0.0  # the per-sequence (unbiased) plug-in, for comparison
+    seq_top: float = 0.0
 
     @property
     def n_sides(self) -> int:
@@ -125,6 +129,8 @@ class HeadV2Input:
             global_features(s),
             tr,
             s.plug_top,
+            s.seq_trace,
+            s.seq_top,
         )
 
 
@@ -211,9 +217,11 @@ class HeadV2(nn.Module):
         for r in range(len(ROLES)):
             sel = inp.roles == r
             agg.append(u[sel].mean(0) if bool(sel.any()) else torch.zeros_like(u[0]))
-        g = (inp.globals.to(dt) - self.g_mean.to(dt)) / self.g_std.to(dt)
+        g = ((inp.globals.to(dt) - self.g_mean.to(dt)) / self.g_std.to(dt)).clamp(-3.0, 3.0)
         out = self.rho(torch.cat([*agg, g]))
-        return HeadV2Output(out[0], out[1], z)
+        return HeadV2Output(
+            R_MAX * torch.tanh(out[0] / R_MAX), R_MAX * torch.tanh(out[1] / R_MAX), z
+        )
 
     def neurons_by_side(self, out: HeadV2Output, inp: HeadV2Input) -> list[Tensor]:
         """The per-neuron outputs ``[J_s, C]`` of each side, in side order."""

@@ -74,7 +74,7 @@ def snapshot_objective(
         missing, unexpected = model.load_state_dict(state, strict=False)
         if unexpected or any("lm_head" not in m for m in missing):
             raise ValueError(f"{spec.gid}: stored weights do not fit ({missing}, {unexpected})")
-        state = {n: v for n, v in model.state_dict().items()}
+        state = dict(model.state_dict().items())
     obj, _ = tzoo._snapshot_objective(spec, state, vocab, tmp, k)
     return obj
 
@@ -85,7 +85,7 @@ def snapshot_batches(spec, tensors, k: int, draws: int, n: int) -> list[Batch]:
     for r in range(draws):
         idx = tensors[f"s{k}.d{r}.index"]
         sub = ids[idx]
-        out.append(Batch(sub if spec.family == "tiny" else sub, None, 0))
+        out.append(Batch(sub, None, 0))
     return out
 
 
@@ -126,7 +126,7 @@ def load_items(cache_dir: Path, splits: tuple[str, ...] | None = None) -> list[I
 class TrainV2Config:
     epochs: int = 60
     lr: float = 3e-3
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-2
     seed: int = 0
     huber: float = 0.5
 
@@ -151,7 +151,7 @@ def train_v2(
     model = HeadV2(head, seed=cfg.seed)
     G = torch.stack([it.inp.globals for it in items]).float()
     model.g_mean.copy_(G.mean(0))
-    model.g_std.copy_(G.std(0).clamp_min(1e-3))
+    model.g_std.copy_(G.std(0).clamp_min(0.25))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     total = cfg.epochs * len(items)
     sched = torch.optim.lr_scheduler.LambdaLR(
