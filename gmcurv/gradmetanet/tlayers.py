@@ -17,8 +17,11 @@ layer its share of the plug-in trace; global summaries (`tfeatures.global_featur
    set, clipped to ±3) → ``ρ`` → two scalars ``(r_tr, r_top)``, bounded by
    ``3 tanh(·/3)`` (``ρ``'s last layer starts at zero: a fresh head is the plug-in):
 
-       tr H ≈ tr F_S · (1 + r_tr)        (signed: tr H < 0 on some untrained transformers)
-       λ_max(H) ≈ λ_max(F_S) · exp(r_top)
+       tr H ≈ tr Ĝ · (1 + r_tr)             (signed: tr H < 0 on some untrained transformers)
+       λ_max(H) ≈ T_eff λ_max(F_S) · exp(r_top)
+
+   with ``tr Ĝ`` the token-level GGN plug-in and ``T_eff λ_max(F_S)`` the per-sequence one
+   (`tfeatures.TSet`; the per-sequence top eigenvalue was the better λ plug-in on the zoo).
 
 Every operation is a per-entry map or a mean over sequences, over a side's neurons, over
 one head's neurons or over the residual neurons shared by sides, so the output commutes with
@@ -176,7 +179,7 @@ class HeadV2Output:
         return inp.plug_trace * (1.0 + self.r_trace)
 
     def top(self, inp: HeadV2Input) -> Tensor:
-        return inp.plug_top * torch.exp(self.r_top)
+        return inp.seq_top * torch.exp(self.r_top)
 
 
 class HeadV2(nn.Module):

@@ -138,7 +138,7 @@ def item_loss(model: HeadV2, it: Item, huber: float) -> torch.Tensor:
     l_tr = torch.nn.functional.huber_loss(
         (pred_tr - it.trace) / scale, torch.zeros((), dtype=pred_tr.dtype), delta=huber
     )
-    l_top = (math.log(it.inp.plug_top) + out.r_top - math.log(it.top)) ** 2
+    l_top = (math.log(it.inp.seq_top) + out.r_top - math.log(it.top)) ** 2
     return l_tr + l_top
 
 
@@ -158,7 +158,7 @@ def train_v2(
         opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total))
     )
     rng = random.Random(cfg.seed)
-    usable = [it for it in items if it.top > 0 and it.inp.plug_top > 0]
+    usable = [it for it in items if it.top > 0 and it.inp.seq_top > 0]
     for _ in range(cfg.epochs):
         order = usable[:]
         rng.shuffle(order)
