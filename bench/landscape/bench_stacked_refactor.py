@@ -2,7 +2,11 @@
 fast path without swapped ``forward``s). Runs the CLI from two source trees, interleaved,
 and compares the 'grid' stage timing and the numbers.
 
-    python bench/landscape/bench_stacked_refactor.py OLD_TREE NEW_TREE [--steps 21 --reps 3]
+    python bench/landscape/bench_stacked_refactor.py OLD_TREE NEW_PYTHON [--steps 21 --reps 3]
+
+OLD_TREE is a source tree run with ``PYTHONPATH=OLD_TREE``; NEW_PYTHON the interpreter of an
+environment where the new gmcurv is installed. Both read the same bundled samples
+(``sample_models/`` of this repository).
 """
 
 from __future__ import annotations
@@ -16,12 +20,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+SAMPLES = Path(__file__).resolve().parents[2] / "sample_models"
+
 
 def run(tree: str, sample: str, steps: int, out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": tree}
-    model = Path(tree) / "gmcurv" / "sample_models" / sample
-    cmd = [sys.executable, "-m", "gmcurv", "landscape", str(model / "model.safetensors"),
-           str(model / "data"), "--steps", str(steps), "--json", "-o", str(out), "--quiet"]  # fmt: skip
+    """``gmcurv landscape`` from `tree` (a source tree, or a python executable)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    python = tree if Path(tree).is_file() else sys.executable
+    if python == sys.executable:
+        env["PYTHONPATH"] = tree
+    model = SAMPLES / sample
+    cmd = [python, "-m", "gmcurv", "landscape", str(model / "model.safetensors"),
+           str(model / "data"), "--steps", str(steps), "--json", "-o", str(out),
+           "--quiet"]  # fmt: skip
     subprocess.run(cmd, env=env, check=True, capture_output=True, cwd=tempfile.gettempdir())
     return json.loads(out.read_text())
 
