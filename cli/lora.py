@@ -308,14 +308,7 @@ def lora(
     [bold]gmcurv lora adapter/ --export canonical.safetensors[/bold] ·
     [bold]gmcurv lora ad/ m.safetensors d/ --fail-if "adapters.ad.curvature.hessian_qf > 10"[/bold]
     """
-    from gmcurv.lora import (
-        Adapter,
-        adapter_features,
-        attach,
-        canonical_adapter,
-        read_adapter,
-        write_adapter,
-    )
+    from gmcurv.lora import Adapter, adapter_features, attach, read_adapter
 
     adapter_paths, model, data = split_paths(paths)
     scale_list = parse_scales(scales)
@@ -327,19 +320,9 @@ def lora(
         session = _bare_session(ctx, seed, device, dtype, quiet, json)
     else:
         session = Session.open(
-            ctx,
-            model,
-            None,
-            arch=arch,
-            loss=loss,
-            device=device,
-            dtype=dtype,
-            mode=mode,
-            seed=seed,
-            quiet=quiet,
-            json_mode=json,
-            need_data=False,
-        )
+            ctx, model, None, arch=arch, loss=loss, device=device, dtype=dtype, mode=mode,
+            seed=seed, quiet=quiet, json_mode=json, need_data=False,
+        )  # fmt: skip
     session.inputs.extend(adapter_paths)
     session.check_outputs(ctx)
     for target in targets.values():
@@ -371,7 +354,23 @@ def lora(
         )
         for name in names
     }
-    if targets and session.comm.main:
+    if session.comm.main:
+        _write_extras(session, results, adapters, targets, export, plot)
+    session.finish(session.report(results), render, output, fail_if, strict)
+
+
+def _write_extras(
+    session: Session,
+    results: dict[str, Any],
+    adapters: list[Any],
+    targets: dict[str, Path],
+    export: Path | None,
+    plot: Path | None,
+) -> None:
+    """--export (canonical adapters) and --plot (main rank only), recorded in `results`."""
+    from gmcurv.lora import canonical_adapter, write_adapter
+
+    if targets:
         with session.stage("export"):
             if len(targets) > 1 and export is not None and export.parent.is_dir():
                 export.mkdir(exist_ok=True)  # one sub-directory per adapter
@@ -380,14 +379,13 @@ def lora(
                 n: write_adapter(canonical_adapter(by_name[n]), t) for n, t in targets.items()
             }
         results["export"] = {n: str(p) for n, p in written.items()}
-    if plot is not None and session.comm.main:
+    if plot is not None:
         from gmcurv.cli.plots.lora import plot_lora
 
         with session.stage("plot"):
             ensure_not_input(plot, session.inputs)
             plot_lora(to_jsonable(results), plot)
         session.note(f"plot written to {plot}")
-    session.finish(session.report(results), render, output, fail_if, strict)
 
 
 def _curvature(
