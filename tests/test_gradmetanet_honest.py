@@ -238,7 +238,7 @@ def test_saliency_prune_method_learned(runner, problem, tmp_path):
     out = tmp_path / "p.safetensors"
     args = ["saliency", str(model), str(data), "--method", "learned", "--prune", "0.5"]
     r = runner.invoke(
-        app, [*args, "-o", str(out), "--rounds", "2", "--report", str(tmp_path / "r.json")]
+        app, [*args, "--save-pruned", str(out), "--rounds", "2", "-o", str(tmp_path / "r.json")]
     )
     assert r.exit_code == 0, r.output
     assert out.exists() and "Pruned" in r.stdout and "learned obs" in r.stdout
