@@ -20,6 +20,7 @@ OUTPUT_OPTIONS = {
     "output": "-o/--output",
     "plot": "--plot",
     "report_path": "--report",
+    "save_pruned": "--save-pruned",
     "save_grid_to": "--save-grid",
     "save_vectors_to": "--save-vectors",
     "export": "--export",
