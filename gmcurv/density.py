@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from gmcurv.errors import ConfigError
+from gmcurv.estimate import Estimate
 from gmcurv.lanczos import lanczos_tridiagonal
-from gmcurv.results import Estimate
 from gmcurv.stochastic import rademacher
 
 Matvec = Callable[[Tensor], Tensor]

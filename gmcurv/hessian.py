@@ -15,7 +15,6 @@ torch 2.13) have neither a forward-mode rule nor a differentiable backward.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -23,24 +22,17 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from gmcurv.data import Batch, DataSample
+from gmcurv.attention import twice_differentiable_attention
+from gmcurv.batch import Batch
+from gmcurv.data import DataSample
 from gmcurv.errors import ConfigError, DataError
+from gmcurv.estimate import Estimate
 from gmcurv.fisher import LayerCurvature
 from gmcurv.lanczos import lanczos
 from gmcurv.objective import Objective
 from gmcurv.params import ParamSpace
-from gmcurv.results import Estimate
 
 CURVATURES = ("hessian", "ggn", "residual")
-
-
-def twice_differentiable_attention() -> contextlib.AbstractContextManager:
-    """Route ``scaled_dot_product_attention`` to the math kernel (second-order safe)."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - torch < 2.3
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 def _detached(objective: Objective) -> dict[str, Tensor]:
@@ -532,8 +524,8 @@ def exact_ggn_trace(
     capture was already verified.
     """
     from gmcurv.capture import Capturer
+    from gmcurv.capture.budget import preflight_capture
     from gmcurv.fisher import FisherAccumulator
-    from gmcurv.memory import preflight_capture
 
     cap = Capturer(objective, "exact", check=check)
     preflight_capture(objective, data, batch_size, "exact", 1, budget_bytes, False)

@@ -42,15 +42,16 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from gmcurv.data import Batch, DataSample, batch_size_of
+from gmcurv.batch import Batch, batch_size_of
+from gmcurv.data import DataSample
 from gmcurv.errors import CheckpointError, ConfigError, GmcurvError
+from gmcurv.estimate import Estimate
 from gmcurv.losses import CrossEntropy
 from gmcurv.memory import default_budget
 from gmcurv.objective import Objective
-from gmcurv.results import Estimate
 
 if TYPE_CHECKING:
-    from gmcurv.checkpoint import LoadedModel
+    from gmcurv.io.checkpoint import LoadedModel
 
 ProgressFn = Callable[[float], None]
 Direction = dict[str, Tensor]
@@ -797,7 +798,7 @@ def load_endpoints(
 ) -> list[dict[str, Tensor]]:
     """The selected parameters of each ``--to`` checkpoint, checked against the centre model
     (same architecture, same parameter names and shapes)."""
-    from gmcurv.checkpoint import load_model
+    from gmcurv.io.checkpoint import load_model
 
     out = []
     for path in paths:

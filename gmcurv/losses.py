@@ -407,20 +407,11 @@ LOSSES: dict[str, Loss] = {
 
 
 def get_loss(name: str) -> Loss:
-    """A built-in loss by name, or a user's ``path/to/file.py:fn`` / ``package.module:fn``."""
+    """A built-in loss by name (a user's ``path/to/file.py:fn`` is imported by
+    `gmcurv.io.factories.load_loss`)."""
     if name in LOSSES:
         return LOSSES[name]
-    if ":" not in name:
-        raise UnsupportedError(
-            f"unknown loss {name!r}",
-            hint=f"use one of: {', '.join(LOSSES)}, or path/to/file.py:fn returning [N] losses",
-        )
-    from gmcurv.checkpoint import _import_factory
-
-    fn = _import_factory(
-        name,
-        option="--loss",
-        returns="per-example losses",
-        usage="use path/to/file.py:fn or package.module:fn, fn(outputs, targets) -> [N]",
+    raise UnsupportedError(
+        f"unknown loss {name!r}",
+        hint=f"use one of: {', '.join(LOSSES)}, or path/to/file.py:fn returning [N] losses",
     )
-    return CallableLoss(name=name, fn=fn)

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gmcurv import hessian as hs
-from gmcurv.data import Batch, load_data
+from gmcurv.batch import Batch
 from gmcurv.errors import DataError
 from gmcurv.fisher import fisher_eigen
 from gmcurv.hessian import (
@@ -24,6 +24,7 @@ from gmcurv.hessian import (
     exact_ggn_trace,
     top_eigen,
 )
+from gmcurv.io.data import load_data
 from gmcurv.objective import Objective
 
 

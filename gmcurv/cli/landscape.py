@@ -14,9 +14,10 @@ from gmcurv.cli.plots import check_plot_path
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import atomic_write, ensure_not_input
+from gmcurv.estimate import Estimate
+from gmcurv.io.fileio import atomic_write, ensure_not_input
 from gmcurv.memory import parse_bytes, preflight
-from gmcurv.results import Estimate, Report, to_jsonable
+from gmcurv.results import Report, to_jsonable
 
 if TYPE_CHECKING:
     import numpy as np

@@ -28,8 +28,9 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from gmcurv.batch import Batch
 from gmcurv.capture import DecomposedGradients, capture_all
-from gmcurv.data import Batch, DataSample
+from gmcurv.data import DataSample
 from gmcurv.fisher import fisher_diagonal, fisher_trace
 from gmcurv.gradmetanet.features import MLPChain, check_supported
 from gmcurv.hessian import CurvatureOperator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_models"
+SAMPLE_ROOT = Path(__file__).resolve().parents[1] / "sample_models"
 DEFAULT_SAMPLE = "digits_mlp"
 
 
