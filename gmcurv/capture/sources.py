@@ -9,12 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmcurv.capture.plan import is_hf_rms_norm
-from gmcurv.capture.recording import Call
+from gmcurv.capture.dense import zero_source
+from gmcurv.capture.plan import BlockPlan, is_hf_rms_norm, module_kind
+from gmcurv.capture.recording import Call, Recorder
 from gmcurv.factors import (
     DenseGradients,
     EmbeddingFactors,
+    GradientSource,
     LinearFactors,
+    SumOfSources,
 )
 
 
@@ -170,3 +173,33 @@ BUILDERS = {
     "embedding": _embedding_source,
     "norm": _norm_source,
 }
+
+
+def block_source(
+    plan: BlockPlan,
+    recorder: Recorder,
+    model: nn.Module,
+    params: dict[str, Tensor],
+    n: int,
+    columns: int,
+) -> GradientSource:
+    """The gradient source of a hooked block: one builder per module it spans (summed when
+    a parameter is reached through several); a module never called contributes zeros."""
+    sources = []
+    for path in plan.modules:
+        module = model.get_submodule(path)
+        local = {
+            k: name
+            for k, p in module.named_parameters(recurse=False)
+            for name in plan.params
+            if params[name] is p
+        }
+        calls = recorder.calls[path]
+        if not calls:
+            sources.append(zero_source(params, module, local, n, columns))
+            continue
+        sources.append(BUILDERS[module_kind(module)](module, calls, local, n, columns))
+    if len(sources) == 1:
+        return sources[0]
+    shapes = tuple(tuple(params[k].shape) for k in plan.params)
+    return SumOfSources(plan.params, shapes, tuple(sources))
