@@ -176,7 +176,7 @@ def _hessian_diagonal(
             "(gmcurv.stochastic), which this build does not have",
             hint="use --criterion obd or obs",
         ) from None
-    from gmcurv.hessian import CurvatureOperator
+    from gmcurv.operator import CurvatureOperator
 
     op = CurvatureOperator(objective, data, batch_size, kind="hessian")
     res = hessian_diagonal(op, probes, seed)

@@ -92,7 +92,12 @@ LAYERS = (
         "pruning, LoRA features and curvature, the GradMetaNet head's features and "
         "predictions",
         (
+            "gmcurv.products",
+            "gmcurv.batchpass",
+            "gmcurv.graphcache",
+            "gmcurv.operator",
             "gmcurv.fisher",
+            "gmcurv.ggn",
             "gmcurv.hessian",
             "gmcurv.lanczos",
             "gmcurv.stochastic",

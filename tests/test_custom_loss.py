@@ -15,12 +15,12 @@ from gmcurv.batch import Batch
 from gmcurv.capture import capture_all
 from gmcurv.errors import ArchitectureError, ConfigError, UnsupportedError
 from gmcurv.fisher import fisher_diagonal, fisher_trace
-from gmcurv.hessian import batch_ggnvp, batch_hvp
 from gmcurv.io.checkpoint import load_model
 from gmcurv.io.data import load_data
 from gmcurv.io.factories import load_loss
 from gmcurv.losses import CallableLoss
 from gmcurv.objective import Objective
+from gmcurv.products import batch_ggnvp, batch_hvp
 
 LOSS_FILE = '''
 import torch

@@ -20,9 +20,9 @@ from gmcurv.batch import Batch
 from gmcurv.capture import Capturer
 from gmcurv.cli.app import app
 from gmcurv.errors import ArchitectureError
-from gmcurv.hessian import batch_hvp
 from gmcurv.io.checkpoint import load_model
 from gmcurv.objective import Objective
+from gmcurv.products import batch_hvp
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::gmcurv.errors.GmcurvWarning")

@@ -17,12 +17,13 @@ from safetensors.torch import save_file
 
 from gmcurv.batch import Batch
 from gmcurv.cli.app import app
-from gmcurv.hessian import CurvatureOperator, batch_ggnvp, batch_hvp
 from gmcurv.io.checkpoint import load_model
 from gmcurv.io.data import load_data
 from gmcurv.io.samples import sample_data, sample_model
 from gmcurv.io.tensors import read_header
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
+from gmcurv.products import batch_ggnvp, batch_hvp
 from gmcurv.results import report_schema
 
 transformers = pytest.importorskip("transformers")

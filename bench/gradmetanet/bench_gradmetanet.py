@@ -51,10 +51,10 @@ from gmcurv.gradmetanet.model import decode  # noqa: E402
 from gmcurv.gradmetanet.predict import predict_curvature  # noqa: E402
 from gmcurv.gradmetanet.pretrained import load_head  # noqa: E402
 from gmcurv.gradmetanet.zoo import default_cache_dir, iter_zoo, zoo_model  # noqa: E402
-from gmcurv.hessian import CurvatureOperator  # noqa: E402
 from gmcurv.io.data import load_data  # noqa: E402
 from gmcurv.lanczos import lanczos  # noqa: E402
 from gmcurv.objective import Objective  # noqa: E402
+from gmcurv.operator import CurvatureOperator  # noqa: E402
 from gmcurv.pruning import apply_masks, evaluate, select_masks  # noqa: E402
 from gmcurv.stochastic import hutchinson  # noqa: E402
 

@@ -212,8 +212,8 @@ def make_method(name: str, model, ids):
 
         from safetensors.torch import save_file
 
-        from gmcurv.hessian import CurvatureOperator
         from gmcurv.io.data import load_data
+        from gmcurv.operator import CurvatureOperator
 
         obj = Objective.build(model, "next_token")
         tmp = Path(tempfile.mkdtemp()) / "tokens.safetensors"

@@ -33,10 +33,10 @@ from gmcurv.capture import DecomposedGradients, capture_all
 from gmcurv.data import DataSample
 from gmcurv.fisher import fisher_diagonal, fisher_trace
 from gmcurv.gradmetanet.features import MLPChain, check_supported
-from gmcurv.hessian import CurvatureOperator
 from gmcurv.lanczos import LanczosResult, lanczos
 from gmcurv.models.mlp import ACTIVATIONS
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
 from gmcurv.woodbury import DampedFisher, default_eps
 
 

@@ -34,9 +34,9 @@ from gmcurv.data import DataSample
 from gmcurv.errors import ConfigError
 from gmcurv.estimate import Estimate
 from gmcurv.factors import LinearFactors
-from gmcurv.hessian import CurvatureOperator
 from gmcurv.lora.mapping import LayerUpdate, update_direction
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
 
 SCALES = (0.25, 0.5, 1.0, 2.0)
 
