@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from gmcurv.attention import twice_differentiable_attention
+from gmcurv.batch import Batch
+from gmcurv.objective import Objective
+
 DEFAULT_GRAPH_BYTES = 2**30  # at least this much for per-batch gradient graphs (Hessian, eval)
 
 Graph = tuple[list[Tensor], tuple[Tensor, ...]]  # (leaves, g = ∇ total w.r.t. the leaves)
@@ -73,6 +77,20 @@ class GraphCache:
             return None
         self.graphs[index] = graph
         return graph
+
+
+def gradient_graph(objective: Objective, batch: Batch, names: list[str], r: Tensor | None) -> Graph:
+    """``(leaves, g)`` with ``g = ∇(Σ_n L_n)`` (Hessian, `r` None) or ``g = ∇<f, r>``
+    (residual ``H - G``, ``r`` held fixed), built with ``create_graph``."""
+    leaves = [objective.params[k].detach().requires_grad_(True) for k in names]
+    with twice_differentiable_attention(), torch.enable_grad():
+        params = dict(zip(names, leaves, strict=True))
+        if r is not None:  # (H - G) v = ∇<∇<f, r>, v> with r held fixed
+            total = (objective.outputs(batch.inputs, params) * r).sum()
+        else:
+            total = objective.per_example_loss(batch, params).sum()
+        g = torch.autograd.grad(total, leaves, create_graph=True)
+    return leaves, g
 
 
 def graph_product(

@@ -16,13 +16,12 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from gmcurv.attention import twice_differentiable_attention
 from gmcurv.batch import Batch
 from gmcurv.batchpass import DEFAULT_CACHE_BYTES, FixedBatches
 from gmcurv.data import DataSample
 from gmcurv.distributed import current
 from gmcurv.errors import ConfigError
-from gmcurv.graphcache import Graph, GraphCache, default_graph_bytes, graph_product
+from gmcurv.graphcache import GraphCache, default_graph_bytes, gradient_graph, graph_product
 from gmcurv.objective import Objective
 from gmcurv.params import ParamSpace
 from gmcurv.products import batch_ggnvp, batch_hvp, batch_residual_vp, output_residuals
@@ -106,27 +105,15 @@ class CurvatureOperator:
             return False
         return self.source.reusable
 
-    def _build_graph(self, batch: Batch, r: Tensor | None) -> Graph:
-        """``(leaves, g)`` with ``g = ∇(Σ_n L_n)`` (Hessian) or ``g = ∇<f, r>`` (residual,
-        ``r`` fixed), built with ``create_graph``."""
-        names = self.space.names
-        leaves = [self.objective.params[k].detach().requires_grad_(True) for k in names]
-        with twice_differentiable_attention(), torch.enable_grad():
-            params = dict(zip(names, leaves, strict=True))
-            if self.kind == "residual":  # (H - G) v = ∇<∇<f, r>, v> with r held fixed
-                total = (self.objective.outputs(batch.inputs, params) * r).sum()
-            else:
-                total = self.objective.per_example_loss(batch, params).sum()
-            g = torch.autograd.grad(total, leaves, create_graph=True)
-        return leaves, g
-
     def _graph_product(self, index: int, batch: Batch, vec: dict[str, Tensor], batched: bool):
         if not self._graph_wanted():
             return None
         graph = self.graphs.get(index)
         if graph is None:
             r = self._residual(index, batch) if self.kind == "residual" else None
-            graph = self.graphs.build(index, lambda: self._build_graph(batch, r))
+            graph = self.graphs.build(
+                index, lambda: gradient_graph(self.objective, batch, self.space.names, r)
+            )
         return None if graph is None else graph_product(graph, self.space.names, vec, batched)
 
     # -- products --------------------------------------------------------------------------
