@@ -76,7 +76,7 @@ LAYERS = (
         "everything that touches files: checkpoints, safetensors headers, masks sidecars, "
         "metadata, data shards, architecture resolution and --arch/--loss factories, atomic "
         "writes, exports, pruned checkpoints, adapter files, the bundled samples",
-        ("gmcurv.io",),
+        ("gmcurv.io", "gmcurv.sample_models"),
         ("base", "model"),
     ),
     Layer(
@@ -159,10 +159,12 @@ KNOWN_VIOLATIONS = {
 
 
 def source_files() -> dict[str, Path]:
-    """``{module name: file}`` for the package; a top-level ``cli/`` is ``gmcurv.cli``."""
+    """``{module name: file}`` for the package; the top-level ``cli/`` and ``sample_models/``
+    install as ``gmcurv.cli`` and ``gmcurv.sample_models`` (pyproject.toml's package-dir)."""
     roots = [(ROOT / "gmcurv", "gmcurv")]
-    if (ROOT / "cli" / "__init__.py").is_file():
-        roots.append((ROOT / "cli", "gmcurv.cli"))
+    for top in ("cli", "sample_models"):
+        if (ROOT / top / "__init__.py").is_file():
+            roots.append((ROOT / top, f"gmcurv.{top}"))
     files = {}
     for base, prefix in roots:
         for path in sorted(base.rglob("*.py")):
