@@ -329,6 +329,7 @@ def landscape_command(
     """
     import torch
 
+    from gmcurv.io.endpoints import load_endpoints
     from gmcurv.landscape import (
         FIT_POINTS,
         checkpoint_directions,
@@ -336,7 +337,6 @@ def landscape_command(
         eigen_directions,
         grid_axis,
         landscape,
-        load_endpoints,
         parse_range,
         random_directions,
     )
