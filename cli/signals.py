@@ -21,6 +21,9 @@ _WORDS = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "terminated (SI
 def _handler(signum: int, frame: object) -> None:
     fileio = sys.modules.get("gmcurv.io.fileio")  # imported only if a write may be running
     if fileio is not None:
+        if fileio.signals_deferred():  # mid-step of an atomic write: handled when it ends
+            fileio.PENDING_SIGNALS.append(signum)
+            return
         fileio.remove_live_temporaries()
     with contextlib.suppress(OSError):
         os.write(2, f"gmcurv: {_WORDS.get(signum, f'signal {signum}')}\n".encode())
