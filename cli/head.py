@@ -192,8 +192,9 @@ def train(
 
     Example: [bold]gmcurv head train --save my_head.safetensors --epochs 10[/bold]
     """
+    from gmcurv.gradmetanet.head import head_metadata
     from gmcurv.gradmetanet.model import HeadConfig
-    from gmcurv.gradmetanet.pretrained import head_metadata, save_head
+    from gmcurv.gradmetanet.pretrained import save_head
     from gmcurv.gradmetanet.provenance import n_models, supported_models, training_record
     from gmcurv.gradmetanet.train import TrainConfig, load_items, train_head
     from gmcurv.gradmetanet.zoo import read_plan

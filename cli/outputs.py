@@ -11,7 +11,7 @@ from rich.console import Console
 
 from gmcurv.cli.consoles import note, stderr, stdout
 from gmcurv.errors import ConfigError, ConvergenceError
-from gmcurv.fileio import atomic_write_text, check_writable, ensure_not_input
+from gmcurv.io.fileio import atomic_write_text, check_writable, ensure_not_input
 from gmcurv.results import Report, iter_estimates
 from gmcurv.rules import evaluate, parse_rules
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from gmcurv.cli.consoles import note, stderr
 
 if TYPE_CHECKING:
-    from gmcurv.checkpoint import LoadedModel
+    from gmcurv.io.checkpoint import LoadedModel
     from gmcurv.objective import Objective
 
 
@@ -17,11 +17,11 @@ def record_user_code(config: dict[str, Any], quiet: bool, **specs: str | None) -
     """Say which user code ``--arch``/``--loss`` import and who named it (the command
     line, an environment variable or the working directory's config file): on stderr
     (even with --quiet when a config file named it) and under ``config.code``."""
-    from gmcurv.checkpoint import _is_family_spec
+    from gmcurv.io.factories import is_family_spec
 
     code = []
     for option, spec in specs.items():
-        if not spec or ":" not in spec or _is_family_spec(spec):
+        if not spec or ":" not in spec or is_family_spec(spec):
             continue
         source = config.get("sources", {}).get(option, "command line")
         named_in = source

@@ -25,7 +25,7 @@ from gmcurv.cli.render import (
 )
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import ensure_not_input, sha256_file
+from gmcurv.io.fileio import ensure_not_input, sha256_file
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
 
@@ -535,7 +535,7 @@ def _eval_data(ctx: typer.Context, session: Session, eval_data: Path | None) -> 
     """--eval-data, loaded and checked against the model (an input outputs may not replace)."""
     if eval_data is None:
         return None
-    from gmcurv.data import load_data
+    from gmcurv.io.data import load_data
 
     assert session.objective is not None
     with session.stage("load"):
@@ -551,7 +551,7 @@ def _pruned_target(
 ) -> Path | None:
     """Where --prune writes the checkpoint (--save-pruned, or the default name beside the
     model), refused before any compute if it is an input or the report."""
-    from gmcurv.pruning import default_output_path, pruned_outputs
+    from gmcurv.io.pruned import default_output_path, pruned_outputs
 
     target = None
     if prune is not None:
@@ -578,8 +578,8 @@ def _check_save_scores(
     plot: Path | None,
 ) -> None:
     """--save-scores: the exact saliencies only, to a path that replaces no input or output."""
-    from gmcurv.export import check_export_paths
-    from gmcurv.pruning import pruned_outputs
+    from gmcurv.io.export import check_export_paths
+    from gmcurv.io.pruned import pruned_outputs
 
     if method is o.Method.learned:
         raise ConfigError(
@@ -649,7 +649,7 @@ def _prune(
 
 def _write_pruned(session: Session, pruned: PruneResult, target: Path) -> tuple[Path, str]:
     """Write the pruned checkpoint (rank 0 under torchrun); its path and sha256."""
-    from gmcurv.pruning import save_pruned
+    from gmcurv.io.pruned import save_pruned
 
     assert session.loaded is not None
     with session.stage("write"):

@@ -24,17 +24,17 @@ from gmcurv.cli.outputs import OUTPUT_OPTIONS, check_output_paths, publish
 from gmcurv.cli.progress import Advance, progress_bar
 from gmcurv.cli.provenance import record_choices, record_user_code
 from gmcurv.errors import ConfigError, GmcurvWarning
+from gmcurv.io.samples import sample_data, sample_model
 from gmcurv.memory import human
 from gmcurv.results import DataInfo, ModelInfo, Report
 from gmcurv.rules import parse_rules
-from gmcurv.samples import sample_data, sample_model
 
 if TYPE_CHECKING:  # torch and the engine load on first use: --help stays instant
     import torch
 
     from gmcurv import distributed
-    from gmcurv.checkpoint import LoadedModel
     from gmcurv.data import DataSample
+    from gmcurv.io.checkpoint import LoadedModel
     from gmcurv.objective import Objective
 
 __all__ = ["OUTPUT_OPTIONS", "Advance", "Session", "stderr", "stdout"]
@@ -51,7 +51,7 @@ def check_rules(texts: list[str] | None) -> None:
 
 def sidecar_inputs(loaded: LoadedModel) -> list[Path]:
     """Files read beside the weights (config.json, ...): inputs that outputs may not replace."""
-    from gmcurv.masks import masks_path
+    from gmcurv.io.masks import masks_path
 
     near = [
         loaded.path.parent / "config.json",
@@ -59,9 +59,9 @@ def sidecar_inputs(loaded: LoadedModel) -> list[Path]:
         *getattr(loaded, "sidecars", []),
     ]
     if loaded.path.name.endswith(".index.json"):  # a sharded checkpoint: every shard
-        from gmcurv.checkpoint import _index_shards
+        from gmcurv.io.tensors import index_shards
 
-        near += list(set(_index_shards(loaded.path).values()))
+        near += list(set(index_shards(loaded.path).values()))
     return [Path(p) for p in near if Path(p).is_file()]
 
 
@@ -321,8 +321,8 @@ def _load(
     s: Session, model: Path, data: Path | None, arch: str | None, loss: Any, samples: int | None
 ) -> None:
     """Load the checkpoint (and this rank's share of DATA); record them as inputs."""
-    from gmcurv.checkpoint import load_model
-    from gmcurv.data import load_data
+    from gmcurv.io.checkpoint import load_model
+    from gmcurv.io.data import load_data
 
     s.loaded = load_model(model, arch=arch, loss=loss, dtype=s.dtype, device=s.device)
     s.inputs.append(Path(model))
@@ -334,12 +334,13 @@ def _load(
 
 def _validate(s: Session, data: Path | None, layers: str | None, mode: Any, seed) -> None:
     """Build the objective and check this rank's share of DATA against it."""
-    from gmcurv.checkpoint import DEFAULT_LOSS_SOURCE
+    from gmcurv.io.checkpoint import DEFAULT_LOSS_SOURCE
+    from gmcurv.io.factories import load_loss
     from gmcurv.objective import Objective, refuse_unnamed_label_shift
 
     assert s.loaded is not None and s.data is not None
     s.objective = Objective.build(
-        s.loaded.model, s.loaded.loss, layers, getattr(mode, "value", mode), seed or 0
+        s.loaded.model, load_loss(s.loaded.loss), layers, getattr(mode, "value", mode), seed or 0
     )
     s.objective.check_data(s.data)  # this rank's share of the files
     named = s.loaded.loss_source != DEFAULT_LOSS_SOURCE
@@ -353,7 +354,7 @@ def warn_dense_fallback(ctx: typer.Context, objective: Objective, data: DataSamp
     memory that takes — for commands that capture gradients (a ``--fisher`` option)."""
     if "fisher" not in ctx.params:
         return
-    from gmcurv.memory import estimate_capture
+    from gmcurv.capture.budget import estimate_capture
 
     fisher = getattr(ctx.params["fisher"], "value", ctx.params["fisher"])
     mc = ctx.params.get("mc_samples") or 1

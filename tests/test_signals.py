@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gmcurv.cli import signals
-from gmcurv.fileio import LIVE_TEMPORARIES, atomic_write
+from gmcurv.io.fileio import LIVE_TEMPORARIES, atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 linux = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")

@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from gmcurv.estimate import Estimate
 from gmcurv.landscape.directions import is_filter_param
 from gmcurv.landscape.fit import FIT_POINTS, QuadraticFit
 from gmcurv.landscape.slices import Landscape
-from gmcurv.results import Estimate
 
 
 def grid_bytes(steps: int, dims: int) -> int:
