@@ -59,11 +59,11 @@ def test_zoo_targets_match_a_dense_double_backward_hessian(tmp_path, monkeypatch
     from safetensors.torch import save_file
     from torch.func import functional_call
 
-    from gmcurv.data import load_data
     from gmcurv.gradmetanet.targets import top_hessian_eigenvalue
     from gmcurv.gradmetanet.tlm import init_lm
-    from gmcurv.hessian import CurvatureOperator
+    from gmcurv.io.data import load_data
     from gmcurv.objective import Objective
+    from gmcurv.operator import CurvatureOperator
 
     m = TinyLM(5, 4, 1, 2, 5).double()
     init_lm(m, torch.Generator().manual_seed(0))

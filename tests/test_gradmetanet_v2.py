@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from gmcurv.data import Batch
+from gmcurv.batch import Batch
 from gmcurv.gradmetanet.tfeatures import ROLES, extract, layer_role
 from gmcurv.gradmetanet.tlayers import HeadV2, HeadV2Input
 from gmcurv.gradmetanet.tlm import TinyLM, init_lm, make_task
@@ -155,7 +155,7 @@ def test_head_v2_is_equivariant(kind):
 def _hf(family: str, tmp_path):
     import transformers as tf
 
-    from gmcurv.checkpoint import load_model
+    from gmcurv.io.checkpoint import load_model
 
     torch.manual_seed(0)
     if family == "gpt2":
@@ -268,9 +268,9 @@ def test_token_level_plug_in_is_the_ggn_with_exact_columns(tmp_path, layers, rel
     from safetensors.torch import save_file
 
     from gmcurv.capture import Capturer
-    from gmcurv.data import load_data
     from gmcurv.gradmetanet.tfeatures import predicted_tokens, tset_from_gradients
-    from gmcurv.hessian import CurvatureOperator
+    from gmcurv.io.data import load_data
+    from gmcurv.operator import CurvatureOperator
     from gmcurv.stochastic import exact_trace
 
     model = _model()

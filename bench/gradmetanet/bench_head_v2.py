@@ -30,7 +30,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from gmcurv.data import load_data
 from gmcurv.gradmetanet.tbaselines import equal_cost
 from gmcurv.gradmetanet.tfeatures import extract
 from gmcurv.gradmetanet.tlayers import HeadV2Config, HeadV2Input
@@ -44,6 +43,7 @@ from gmcurv.gradmetanet.ttrain import (
     snapshot_objective,
     train_v2,
 )
+from gmcurv.io.data import load_data
 
 METHODS = ("head", "plugin", "mc_equal_time", "hutch_lanczos_equal_time", "plugin_seq")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from gmcurv.data import Batch
+from gmcurv.batch import Batch
 from gmcurv.gradmetanet.tfeatures import extract
 from gmcurv.gradmetanet.tlayers import HeadV2, HeadV2Config, HeadV2Input
 from gmcurv.objective import Objective

@@ -21,12 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer
-from gmcurv.data import Batch, DataSample
+from gmcurv.data import DataSample
 from gmcurv.gradmetanet.tfeatures import predicted_tokens, tset_from_gradients
-from gmcurv.hessian import CurvatureOperator
 from gmcurv.lanczos import lanczos_tridiagonal
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
 from gmcurv.stochastic import rademacher
 
 

@@ -39,8 +39,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer, DecomposedGradients
-from gmcurv.data import Batch
 from gmcurv.errors import ConfigError
 from gmcurv.factors import LinearFactors, SumOfSources
 from gmcurv.objective import Objective

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from gmcurv.data import Batch
+from gmcurv.batch import Batch
 from gmcurv.gradmetanet import tzoo
 from gmcurv.gradmetanet.tfeatures import extract
 from gmcurv.gradmetanet.tlayers import HeadV2, HeadV2Config, HeadV2Input

@@ -4,7 +4,7 @@ Each *group* trains one causal LM on one task of `gmcurv.gradmetanet.tlm` with A
 snapshots it after several numbers of steps: a `TinyLM` (1-3 blocks, width 32-64, 1-4
 heads), or (split ``test-hf``) a ``transformers`` GPT2LMHeadModel / LlamaForCausalLM built
 from a tiny config, trained with its own ``outputs.loss``, written by ``save_pretrained``
-and read back by `gmcurv.checkpoint.load_model`. Per snapshot, on `N_TRUTH` sequences (the
+and read back by `gmcurv.io.checkpoint.load_model`. Per snapshot, on `N_TRUTH` sequences (the
 "full data" of that model), with the engine:
 
 - Fisher diagonal and trace (empirical, next-token loss summed per sequence), closed forms;
@@ -48,16 +48,16 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from gmcurv.capture import capture_all
-from gmcurv.checkpoint import load_model
-from gmcurv.data import load_data
 from gmcurv.errors import ConfigError
 from gmcurv.factors import LinearFactors
-from gmcurv.fileio import atomic_write_text
 from gmcurv.fisher import fisher_diagonal, fisher_trace
 from gmcurv.gradmetanet.targets import top_hessian_eigenvalue
 from gmcurv.gradmetanet.tlm import TASKS, TinyLM, init_lm, make_task
-from gmcurv.hessian import CurvatureOperator
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
+from gmcurv.io.fileio import atomic_write_text
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
 from gmcurv.stochastic import hutchpp
 from gmcurv.woodbury import DampedFisher, default_eps
 
