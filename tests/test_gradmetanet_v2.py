@@ -287,3 +287,13 @@ def test_token_level_plug_in_is_the_ggn_with_exact_columns(tmp_path, layers, rel
     want = exact_trace(op.matvec, op.size).value
     assert float(s.other_sq.abs().sum()) == 0.0
     assert s.plug_trace == pytest.approx(want, rel=rel)
+
+
+def test_learned_refuses_transformers_saying_why():
+    from gmcurv.errors import UnsupportedError
+    from gmcurv.gradmetanet.features import check_supported
+
+    obj = Objective.build(_model(), "next_token")
+    with pytest.raises(UnsupportedError, match="head v2") as e:
+        check_supported(obj)
+    assert "--method exact" in e.value.hint

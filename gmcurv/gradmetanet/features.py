@@ -69,6 +69,23 @@ def _activation_name(module: nn.Module) -> str | None:
     return _ACT_NAMES.get(type(module))
 
 
+TRANSFORMER_REFUSAL = (
+    "the GradMetaNet head does not run on transformers: head v2 (GPT-2 / Llama) was "
+    "evaluated on held-out causal LMs and does not beat the equal-cost baselines "
+    "(Hutchinson/Lanczos and the MC-GGN on the same sequences) on the Hessian trace and "
+    "λ_max across held-out models; its numbers are in the head's model card (`gmcurv head "
+    "info`) and bench/gradmetanet/head_v2.json"
+)
+
+
+def _is_transformer(model: nn.Module) -> bool:
+    """Whether `model` has attention projections (TinyLM, GPT-2, Llama names)."""
+    from gmcurv.gradmetanet.tfeatures import layer_role
+
+    roles = {layer_role(name) for name, _ in model.named_modules()}
+    return "attn_in" in roles
+
+
 def mlp_chain(model: nn.Module) -> MLPChain:
     """The linear chain of a gmcurv `MLP` or of an ``nn.Sequential`` of Linear/activation.
 
@@ -97,6 +114,8 @@ def mlp_chain(model: nn.Module) -> MLPChain:
         linears = [m for _, m in linears_named]
         act = names.pop() if names else "identity"
     else:
+        if _is_transformer(model):
+            raise UnsupportedError(TRANSFORMER_REFUSAL, hint="use --method exact (or auto)")
         raise refuse
     return MLPChain(
         paths,
