@@ -1,10 +1,16 @@
-"""The bundled sample models and their data (shipped inside the package)."""
+"""The bundled sample models and their data.
+
+They live in ``sample_models/`` at the top of the repository and install as package data of
+``gmcurv.sample_models``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-SAMPLE_ROOT = Path(__file__).resolve().parent / "sample_models"
+from gmcurv import sample_models
+
+SAMPLE_ROOT = Path(sample_models.__file__).resolve().parent
 DEFAULT_SAMPLE = "digits_mlp"
 
 

@@ -2,7 +2,7 @@
 
     python scripts/make_lora_adapters.py OUT_DIR        # then, e.g.:
     gmcurv lora OUT_DIR/mirror-r1 OUT_DIR/mirror-r4 OUT_DIR/mirror-r16 \\
-        gmcurv/sample_models/digits_mlp/model.safetensors gmcurv/sample_models/digits_mlp/data
+        sample_models/digits_mlp/model.safetensors sample_models/digits_mlp/data
 
 The task the adapters learn is the sample's training digits mirrored left-right (a
 distribution shift the base model handles badly). Each adapter adapts net.0, net.2 and

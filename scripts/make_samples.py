@@ -21,7 +21,7 @@ from torch import nn
 
 from gmcurv.checkpoint import gmcurv_metadata, save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1] / "gmcurv" / "sample_models"
+ROOT = Path(__file__).resolve().parents[1] / "sample_models"
 
 
 def digits_split(seed: int = 0):

@@ -6,7 +6,7 @@ read; `{root}` in a case's arguments is replaced by that directory. Run this mod
 script for the summary the issue asks for (clean exit / traceback / wrong exit / input
 modified / partial output)::
 
-    PYTHONPATH=. python tests/corpus/cases.py
+    python tests/corpus/cases.py    # with gmcurv installed: pip install -e .
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def build_inputs(root: Path) -> None:
         save_file(state, str(bad / "two" / f"{name}.safetensors"), metadata=_meta())
 
     # ---- config.json beside weights (Hugging Face layout)
-    sample = Path(__file__).resolve().parents[2] / "gmcurv/sample_models/tiny_gpt"
+    sample = Path(__file__).resolve().parents[2] / "sample_models/tiny_gpt"
     base = json.loads((sample / "config.json").read_text())
     cfgs = {
         "cfg_n_head_0": {**base, "n_head": 0},
@@ -800,7 +800,7 @@ def sha256_tree(root: Path) -> dict[str, str]:
 
 
 def expand(case: Case, root: Path) -> list[str]:
-    sample = Path(__file__).resolve().parents[2] / "gmcurv/sample_models"
+    sample = Path(__file__).resolve().parents[2] / "sample_models"
     return [a.replace("{root}", str(root)).replace("{sample}", str(sample)) for a in case.args]
 
 
