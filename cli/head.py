@@ -478,6 +478,7 @@ def _render_info(report: Report, console: Console) -> None:
     res = report.to_dict()["results"]
     if res.get("card"):
         console.print(Markdown(res["card"]))
+        console.print(f"[dim]head: {res['path']}\ncard: {res['card_file']}[/dim]", soft_wrap=True)
         return
     meta = res["metadata"]
     console.print(f"[bold]GradMetaNet head[/bold] {res['path']} (version {meta.get('version')})")
@@ -516,6 +517,7 @@ def info(
         "path": str(path),
         "metadata": meta,
         "card": card,
+        "card_file": str(CARD_FILE) if card is not None else None,  # the installed card
         "measured": measured_section(meta),
         "file_bytes": path.stat().st_size,
     }

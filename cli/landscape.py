@@ -328,6 +328,7 @@ def landscape_command(
     """
     import torch
 
+    from gmcurv.endpoints import load_endpoints
     from gmcurv.landscape import (
         FIT_POINTS,
         checkpoint_directions,
@@ -335,7 +336,6 @@ def landscape_command(
         eigen_directions,
         grid_axis,
         landscape,
-        load_endpoints,
         parse_range,
         random_directions,
     )

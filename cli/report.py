@@ -179,7 +179,7 @@ def collect(
         if command != "info":
             argv += ["--plot", str(png)]
         shown = _shown_command(argv, tmp, {png.name: f"{key}.png"})
-        argv += ["--report" if command == "saliency" else "-o", str(json_path), "-q"]
+        argv += ["-o", str(json_path), "-q"]
         sec = Section(key, title, argv, notes=[shown])
         code, err = _run(argv)
         if code != 0 or not json_path.exists():

@@ -141,20 +141,19 @@ ProbesOpt = Annotated[
     int,
     typer.Option("--probes", min=1, help="Hutchinson probes for the obd-hessian diagonal."),
 ]
-CheckpointOutputOpt = Annotated[
+SavePrunedOpt = Annotated[
     Path | None,
     typer.Option(
-        "--output",
-        "-o",
-        help="With --prune: the pruned checkpoint (.safetensors; default "
+        "--save-pruned",
+        help="With --prune: where to write the pruned checkpoint (.safetensors; default "
         "<model>.pruned-<percent>.safetensors), a plain state dict; its pruning masks go "
-        "beside it to <name>.masks.safetensors. A .json name writes the report instead.",
+        "beside it to <name>.masks.safetensors.",
         show_default=False,
     ),
 ]
-ReportOpt = Annotated[
+ReportOpt = Annotated[  # the old name of -o/--output here (before -o meant the report)
     Path | None,
-    typer.Option("--report", help="Write the JSON report to this file.", show_default=False),
+    typer.Option("--report", hidden=True, help="Deprecated: use -o/--output.", show_default=False),
 ]
 
 
@@ -368,28 +367,36 @@ def _parse_levels(text: str) -> list[float]:
     return levels
 
 
-def _outputs(output: Path | None, report: Path | None, prune: float | None):
-    """(checkpoint path or None, report path or None) from -o / --report."""
-    checkpoint = None
-    if output is not None:
-        suffix = output.suffix.lower()
-        if suffix == ".json":
-            if report is not None:
-                raise ConfigError("give the JSON report once: -o x.json or --report x.json")
-            report = output
-        elif suffix == ".safetensors":
-            if prune is None:
-                raise ConfigError(
-                    f"-o {output}: a checkpoint is only written with --prune",
-                    hint="add --prune FRACTION, or write the report with --report x.json",
-                )
-            checkpoint = output
-        else:
+def _outputs(
+    output: Path | None, report: Path | None, save_pruned: Path | None, prune: float | None
+) -> Path | None:
+    """Check -o (the JSON report, as in every command), its deprecated alias --report and
+    --save-pruned (the pruned checkpoint); the report path or None."""
+    if output is not None and output.suffix.lower() == ".safetensors":
+        raise ConfigError(
+            f"-o {output}: -o/--output is the JSON report; the pruned checkpoint has its own "
+            "option, --save-pruned",
+            hint=f"use --prune FRACTION --save-pruned {output} (and -o report.json for the report)",
+        )
+    if report is not None:
+        if output is not None:
             raise ConfigError(
-                f"-o {output}: unknown output type {output.suffix!r}",
-                hint="use a .safetensors name for the pruned checkpoint or .json for the report",
+                f"--report {report} and -o {output}: --report is the old name of -o/--output",
+                hint="give the JSON report once, with -o",
             )
-    return checkpoint, report
+        output = report
+    if save_pruned is not None:
+        if prune is None:
+            raise ConfigError(
+                f"--save-pruned {save_pruned}: a pruned checkpoint is only written with --prune",
+                hint="add --prune FRACTION",
+            )
+        if save_pruned.suffix.lower() != ".safetensors":
+            raise ConfigError(
+                f"--save-pruned {save_pruned}: the pruned checkpoint is a .safetensors file",
+                hint="give a name ending in .safetensors, e.g. model.pruned.safetensors",
+            )
+    return output
 
 
 def saliency(
@@ -421,7 +428,8 @@ def saliency(
     loss: o.LossOpt = None,
     max_memory: o.MaxMemoryOpt = None,
     json: o.JsonOpt = False,
-    output: CheckpointOutputOpt = None,
+    output: o.OutputOpt = None,
+    save_pruned: SavePrunedOpt = None,
     report_path: ReportOpt = None,
     plot: o.PlotOpt = None,
     save_scores: SaveScoresOpt = None,
@@ -434,7 +442,7 @@ def saliency(
 
     Examples: [bold]gmcurv saliency[/bold] (bundled sample) ·
     [bold]gmcurv saliency --prune 0.5[/bold] ·
-    [bold]gmcurv saliency m.safetensors d/ --prune 0.7 --eval-data test/ -o m70.safetensors[/bold]
+    [bold]gmcurv saliency m.safetensors d/ --prune 0.7 --save-pruned m70.safetensors[/bold]
     """
     from gmcurv.data import load_data
     from gmcurv.pruning import check_fraction, default_output_path, pruned_outputs
@@ -455,7 +463,7 @@ def saliency(
                 "--method learned",
             )
     level_list = _parse_levels(levels)
-    checkpoint, report_file = _outputs(output, report_path, prune)
+    report_file = _outputs(output, report_path, save_pruned, prune)
     if plot is not None:
         check_plot_path(plot)
     session = Session.open(
@@ -473,6 +481,8 @@ def saliency(
         quiet=quiet,
         json_mode=json,
     )
+    if report_path is not None:
+        session.note("--report is deprecated: -o/--output writes the JSON report, as everywhere")
     assert session.objective is not None and session.data is not None
     assert session.loaded is not None
     ev = None
@@ -484,7 +494,7 @@ def saliency(
             session.check_outputs(ctx)
     target = None
     if prune is not None:  # refuse bad output paths before any compute
-        target = Path(checkpoint or default_output_path(session.loaded.path, prune))
+        target = Path(save_pruned or default_output_path(session.loaded.path, prune))
         for path in pruned_outputs(target):  # the checkpoint and its masks sidecar
             ensure_not_input(path, session.inputs)
             if report_file is not None and report_file.resolve() == path.resolve():

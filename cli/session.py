@@ -51,6 +51,7 @@ OUTPUT_OPTIONS = {
     "output": "-o/--output",
     "plot": "--plot",
     "report_path": "--report",
+    "save_pruned": "--save-pruned",
     "save_grid_to": "--save-grid",
     "save_vectors_to": "--save-vectors",
     "export": "--export",
@@ -290,7 +291,7 @@ class Session:
         return s
 
     def check_outputs(self, ctx: typer.Context, extra: dict[str, Path | None] | None = None):
-        """Every output path of the command (``-o``, ``--plot``, ``--report``,
+        """Every output path of the command (``-o``, ``--plot``, ``--save-pruned``,
         ``--save-grid``, ``--save-vectors``, ``--export``, plus `extra`) is refused before
         any compute when it is an input (or inside one), when two outputs coincide, or when
         its directory is missing or not writable."""

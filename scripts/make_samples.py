@@ -108,7 +108,8 @@ def make_digits_mlp():
 - `data/`: the first 1,024 training images in 4 safetensors shards (`inputs` [n, 64] float32,
   `targets` [n] int64) — the sample `gmcurv trace` uses by default.
 - `test/`: the 540 held-out images.
-- Reproduce (in the gmcurv repository): `python scripts/make_samples.py` (needs scikit-learn).
+- Reproduce, in the gmcurv source repository: `python scripts/make_samples.py` (needs
+  scikit-learn).
 """
     (out / "MODEL_CARD.md").write_text(card)
     print(json.dumps({"digits_mlp": {"train": train, "test": test}}))

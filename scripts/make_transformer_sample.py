@@ -152,7 +152,7 @@ A character-level GPT-2-family language model, small enough to analyse in second
 - Greedy continuation of "{prompt}": `{sample_text(model, chars, prompt)!r}`
 - Try: `gmcurv info tiny_gpt/`, `gmcurv trace tiny_gpt/ tiny_gpt/data` (directory paths
   under `sample_models/`).
-- Reproduce (in the gmcurv repository): `python scripts/make_transformer_sample.py`.
+- Reproduce, in the gmcurv source repository: `python scripts/make_transformer_sample.py`.
 """
     (OUT / "MODEL_CARD.md").write_text(card)
     print(json.dumps({"tiny_gpt": metrics, "n_params": n_params}))

@@ -144,7 +144,7 @@ def run_command(runner, hf_dirs, family: str, command: str, tmp_path):
     if command != "info":
         args += [str(data_path), "--samples", "4"]
     if command == "saliency":
-        args += ["--output", str(tmp_path / "pruned.safetensors")]
+        args += ["--save-pruned", str(tmp_path / "pruned.safetensors")]
     if command in ("spectrum", "landscape"):
         args += ["--plot", str(tmp_path / "plot.png")]
     return runner.invoke(app, [*args, "--json"])

@@ -177,7 +177,7 @@ def test_saliency_prune_round_trip(runner, tmp_path):
     model_dir, data = sample_model("tiny_gpt").parent, sample_data("tiny_gpt")
     out = tmp_path / "pruned.safetensors"
     args = ["saliency", str(model_dir), str(data), "--samples", "32", "--prune", "0.3"]
-    result = runner.invoke(app, [*args, "--rounds", "2", "-o", str(out), "--json"])
+    result = runner.invoke(app, [*args, "--rounds", "2", "--save-pruned", str(out), "--json"])
     assert result.exit_code == 0, result.output
     pruned = load_model(out)
     assert pruned.arch == "hf:GPT2LMHeadModel" and pruned.arch_source == "metadata"

@@ -29,7 +29,17 @@ def problem(tmp_path):
 
 
 def _prune(runner, model, data, out, *extra):
-    args = ["saliency", str(model), str(data), "--prune", "0.5", "-o", str(out), "--json", "-q"]
+    args = [
+        "saliency",
+        str(model),
+        str(data),
+        "--prune",
+        "0.5",
+        "--save-pruned",
+        str(out),
+        "--json",
+        "-q",
+    ]
     return runner.invoke(app, [*args, *extra])
 
 

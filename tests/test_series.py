@@ -192,7 +192,7 @@ def test_mask_sidecars_are_not_checkpoints(runner, ckpts, tmp_path):
     folder, data = ckpts
     out = tmp_path / "pruned.safetensors"
     r = _run(runner, "saliency", folder / "step_20.safetensors", data, "--prune", "0.5",
-             "-o", folder / "step_40.safetensors", "-q")  # fmt: skip
+             "--save-pruned", folder / "step_40.safetensors", "-q")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert (folder / "step_40.masks.safetensors").exists() and not out.exists()
     s = resolve_series([folder])

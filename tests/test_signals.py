@@ -135,7 +135,7 @@ def test_sigterm_the_moment_a_temporary_appears(tmp_path):
             "magnitude",
             "-n",
             "64",
-            "-o",
+            "--save-pruned",
             "out.safetensors",
             "-q",
         ],

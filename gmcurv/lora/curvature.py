@@ -120,9 +120,9 @@ def update_jvp(
             ra = torch.einsum("nti,ri->ntr", src.x, right)
             part = torch.einsum("nctr,ntr->nc", dl, ra)
         else:
-            dtheta = update_direction([u for p in mine for u in by_param[p]], src._dtype())
+            dtheta = update_direction([u for p in mine for u in by_param[p]], src.dtype)
             vector = {
-                p: dtheta[p] if p in dtheta else torch.zeros(s, dtype=src._dtype())
+                p: dtheta[p] if p in dtheta else torch.zeros(s, dtype=src.dtype)
                 for p, s in zip(block.params, block.shapes, strict=True)
             }
             vector = {k: v.to(dg.losses.device) for k, v in vector.items()}

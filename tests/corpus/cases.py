@@ -650,8 +650,9 @@ def _output_cases() -> list[Case]:
         ("landscape", "--save-grid", "{root}/a_file/g.npz", "not a directory"),
         ("landscape", "--save-grid", out + "g.txt", "--save-grid"),
         ("saliency", "--report", M, "overwrite"),
-        ("saliency", "--report", "{root}/a_file/r.json", "not a directory"),
-        ("saliency", "-o", out + "r.txt", "-o"),
+        ("saliency", "-o", "{root}/a_file/r.json", "not a directory"),
+        ("saliency", "-o", out + "r.safetensors", "--save-pruned"),  # -o is the report
+        ("saliency", "--save-pruned", out + "p.safetensors", "--prune"),  # needs --prune
     ]:
         model = "{root}/cfg_mlp/model.safetensors" if "cfg_mlp" in target else M
         args = (cmd, model) if cmd == "info" else (cmd, model, D, "-q")
@@ -683,7 +684,7 @@ def _output_cases() -> list[Case]:
                 "-q",
                 "--prune",
                 "0.5",
-                "-o",
+                "--save-pruned",
                 out + "p.safetensors",
                 "--plot",
                 "{root}/D/x.png",
@@ -694,19 +695,28 @@ def _output_cases() -> list[Case]:
         ),
         Case(
             "out-prune-onto-model",
-            ("saliency", M, D, "-q", "--prune", "0.5", "-o", M),
+            ("saliency", M, D, "-q", "--prune", "0.5", "--save-pruned", M),
             2,
             "overwrite",
         ),
         Case(
             "out-prune-onto-data",
-            ("saliency", M, D, "-q", "--prune", "0.5", "-o", "{root}/D/a.safetensors"),
+            ("saliency", M, D, "-q", "--prune", "0.5", "--save-pruned", "{root}/D/a.safetensors"),
             2,
             "overwrite",
         ),
         Case(
             "out-prune-parent-file",
-            ("saliency", M, D, "-q", "--prune", "0.5", "-o", "{root}/a_file/p.safetensors"),
+            (
+                "saliency",
+                M,
+                D,
+                "-q",
+                "--prune",
+                "0.5",
+                "--save-pruned",
+                "{root}/a_file/p.safetensors",
+            ),
             2,
             "not a directory",
         ),
@@ -719,9 +729,9 @@ def _output_cases() -> list[Case]:
                 "-q",
                 "--prune",
                 "0.5",
-                "-o",
+                "--save-pruned",
                 out + "s.safetensors",
-                "--report",
+                "--report",  # the deprecated name of -o
                 out + "s.safetensors",
             ),
             2,
