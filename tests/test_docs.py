@@ -110,6 +110,8 @@ def test_cli_reference_names_every_command_and_option():
     for path, command in ref.commands():
         assert f"`gmcurv {' '.join(path)}" in text, path
         for param in command.params:
+            if getattr(param, "hidden", False):  # deprecated aliases
+                continue
             for opt in [*param.opts, *param.secondary_opts]:
                 if opt.startswith("-"):
                     assert opt in text, (path, opt)
