@@ -3,6 +3,7 @@ reference matches the app, and text the tool shows cites only files an install h
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import re
 from pathlib import Path
@@ -147,3 +148,38 @@ def test_design_page_names_every_layer_of_the_map():
     design = (ROOT / "docs" / "design.md").read_text(encoding="utf-8")
     for layer in module.LAYERS:
         assert f"| {layer.name} |" in design, f"docs/design.md: no row for layer {layer.name}"
+
+
+# header-metadata keys and file names that look like module names
+NOT_MODULES = {
+    "N", "arch", "arch_config", "dtype", "fisher", "kind", "loss", "masks", "masks_for",
+    "mc_samples", "method", "probes", "pruning", "seed", "source_sha256", "step", "toml",
+    "version",
+}  # fmt: skip
+DOTTED = re.compile(r"`(gmcurv(?:\.\w+)+)`")
+
+
+def _resolves(name: str) -> bool:
+    """Is `name` a module, or an attribute reached from the longest importable prefix?"""
+    parts = name.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        for part in parts[cut:]:
+            obj = getattr(obj, part, None)
+        return obj is not None
+    return False
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_module_names_in_the_pages_exist(page: Path):
+    """`gmcurv.x.y` in a code span names a module (or a name in one): it must exist."""
+    missing = []
+    for name in sorted(set(DOTTED.findall(page.read_text(encoding="utf-8")))):
+        if name.split(".")[1] in NOT_MODULES:
+            continue
+        if not _resolves(name):
+            missing.append(name)
+    assert not missing, f"{page.relative_to(ROOT)} names missing modules: {missing}"
