@@ -187,3 +187,18 @@ def test_module_names_in_the_pages_exist(page: Path):
         if not _resolves(name):
             missing.append(name)
     assert not missing, f"{page.relative_to(ROOT)} names missing modules: {missing}"
+
+
+FROM_IMPORT = re.compile(r"^\s*from (gmcurv[\w.]*) import ([\w, ]+)$", re.M)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_python_examples_import_existing_names(page: Path):
+    """`from gmcurv.x import y` in an example: the module and the names exist."""
+    missing = [
+        f"{module}.{name.strip()}"
+        for module, names in FROM_IMPORT.findall(page.read_text(encoding="utf-8"))
+        for name in names.split(",")
+        if not _resolves(f"{module}.{name.strip()}")
+    ]
+    assert not missing, f"{page.relative_to(ROOT)}: examples import missing names {missing}"
