@@ -40,7 +40,7 @@ _PASS_THROUGH = tuple(
 class GmcurvGroup(TyperGroup):
     """Turns engine errors into messages and exit codes; routes warnings to stderr.
 
-    Commands load on first use (`_load_command`): listing them for ``--help`` uses
+    Commands load on first use (`load_command`): listing them for ``--help`` uses
     `COMMAND_HELP` and imports none of them, so neither torch nor matplotlib.
     """
 
@@ -53,7 +53,7 @@ class GmcurvGroup(TyperGroup):
         if name not in self.commands and name in COMMANDS:
             if self._listing:
                 return _stub(name)
-            command = _load_command(name)
+            command = load_command(name)
             if command is None:
                 return None
             self.commands[name] = command
@@ -215,7 +215,7 @@ def _stub(name: str):
     return TyperCommand(name, help=COMMAND_HELP.get(name, ""))
 
 
-def _load_command(name: str):
+def load_command(name: str):
     """Import ``gmcurv.cli.<name>`` and build its click command (None if absent)."""
     try:
         module = importlib.import_module(f"gmcurv.cli.{name}")

@@ -16,7 +16,7 @@ from gmcurv.cli.render import fmt, footer, header, new_table
 from gmcurv.cli.session import Session
 from gmcurv.cli.trace import MaxItersOpt, RestartsOpt
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import atomic_write, ensure_not_input
+from gmcurv.io.fileio import atomic_write, ensure_not_input
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
 

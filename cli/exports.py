@@ -1,6 +1,6 @@
 """``--save-diagonal`` (trace) and ``--save-scores`` (saliency): options and glue.
 
-The engine computes (`gmcurv.diagonal`) and writes (`gmcurv.export`); this module checks
+The engine computes (`gmcurv.diagonal`) and writes (`gmcurv.io.export`); this module checks
 the paths before any compute and records what was written in the report.
 """
 
@@ -34,7 +34,7 @@ SaveScoresOpt = Annotated[
 
 def check_save_diagonal(path: Path, kinds: list[str], inputs: list[Any]) -> list[Path]:
     """Refuse a bad --save-diagonal request before compute; the files it will write."""
-    from gmcurv.export import check_export_paths
+    from gmcurv.io.export import check_export_paths
 
     if len(kinds) != 1:
         raise ConfigError(
@@ -58,7 +58,7 @@ def write_diagonal(
 ) -> dict[str, Any]:
     """Compute the diagonal (engine), write it on rank 0, and say what was written."""
     from gmcurv.diagonal import curvature_diagonal
-    from gmcurv.export import save_diagonal
+    from gmcurv.io.export import save_diagonal
 
     assert session.objective is not None and session.data is not None
     total = session.data.n if kind == "fisher" else None
@@ -96,7 +96,7 @@ def write_scores(
     session: Any, path: Path, analysis: Any, criterion: str, fisher: str
 ) -> dict[str, Any]:
     """Write the per-weight saliencies of `criterion` from a `SaliencyAnalysis`."""
-    from gmcurv.export import save_scores
+    from gmcurv.io.export import save_scores
     from gmcurv.saliency import CONVENTION
 
     if criterion not in analysis.scores:

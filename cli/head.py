@@ -193,8 +193,9 @@ def train(
     """
     import torch
 
+    from gmcurv.gradmetanet.head import head_metadata
     from gmcurv.gradmetanet.model import HeadConfig
-    from gmcurv.gradmetanet.pretrained import head_metadata, save_head
+    from gmcurv.gradmetanet.pretrained import save_head
     from gmcurv.gradmetanet.train import TrainConfig, load_items, train_head
     from gmcurv.gradmetanet.zoo import (
         ACTIVATIONS,

@@ -47,8 +47,10 @@ def info(
     quiet: o.QuietOpt = False,
 ) -> None:
     """Architecture, layers (and how each is captured), parameter counts and metadata."""
-    from gmcurv.checkpoint import describe_layers, mask_sparsity
-    from gmcurv.masks import MASK_PREFIX, META_MASKS, masks_path
+    from gmcurv.capture import describe_layers
+    from gmcurv.io.masks import META_MASKS, masks_path
+    from gmcurv.io.tensors import MASK_PREFIX
+    from gmcurv.pruning import mask_sparsity
 
     session = Session.open(
         ctx,

@@ -14,9 +14,10 @@ from gmcurv.cli.plots import check_plot_path
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import atomic_write, ensure_not_input
+from gmcurv.estimate import Estimate
+from gmcurv.io.fileio import atomic_write, ensure_not_input
 from gmcurv.memory import parse_bytes, preflight
-from gmcurv.results import Estimate, Report, to_jsonable
+from gmcurv.results import Report, to_jsonable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -328,7 +329,7 @@ def landscape_command(
     """
     import torch
 
-    from gmcurv.endpoints import load_endpoints
+    from gmcurv.io.endpoints import load_endpoints
     from gmcurv.landscape import (
         FIT_POINTS,
         checkpoint_directions,

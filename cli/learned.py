@@ -14,7 +14,8 @@ from gmcurv.cli import options as o
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
-from gmcurv.results import Estimate, Report
+from gmcurv.estimate import Estimate
+from gmcurv.results import Report
 
 LEARNED = (o.Method.learned, o.Method.both)
 NOTE = (

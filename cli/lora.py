@@ -23,12 +23,13 @@ from gmcurv.cli.session import (
     resolved_config,
 )
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import ensure_not_input
+from gmcurv.io.fileio import ensure_not_input
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
 
 if TYPE_CHECKING:
-    from gmcurv.lora import AdapterFeatures, LayerUpdate
+    from gmcurv.lora.features import AdapterFeatures
+    from gmcurv.lora.mapping import LayerUpdate
 
 # = gmcurv.lora.SCALES (not imported: it would load torch at start-up; a test keeps it equal)
 SCALES = (0.25, 0.5, 1.0, 2.0)
@@ -70,7 +71,7 @@ ExportOpt = Annotated[
 # ----------------------------------------------------------------------------------- inputs
 def split_paths(paths: list[Path]) -> tuple[list[Path], Path | None, Path | None]:
     """``(adapters, MODEL, DATA)`` from the positional paths (see `PATHS_HELP`)."""
-    from gmcurv.lora import looks_like_adapter
+    from gmcurv.io.adapter import looks_like_adapter
 
     adapters: list[Path] = []
     rest: list[Path] = []
@@ -308,14 +309,10 @@ def lora(
     [bold]gmcurv lora adapter/ --export canonical.safetensors[/bold] ·
     [bold]gmcurv lora ad/ m.safetensors d/ --fail-if "adapters.ad.curvature.hessian_qf > 10"[/bold]
     """
-    from gmcurv.lora import (
-        Adapter,
-        adapter_features,
-        attach,
-        canonical_adapter,
-        read_adapter,
-        write_adapter,
-    )
+    from gmcurv.io.adapter import read_adapter, write_adapter
+    from gmcurv.lora.adapter import Adapter
+    from gmcurv.lora.features import adapter_features, canonical_adapter
+    from gmcurv.lora.mapping import attach
 
     adapter_paths, model, data = split_paths(paths)
     scale_list = parse_scales(scales)
@@ -406,9 +403,9 @@ def _curvature(
 ) -> dict[str, Any]:
     """Load DATA, build the objective over the adapted parameters, run `curvature_along`."""
     from gmcurv import distributed
-    from gmcurv.data import load_data
-    from gmcurv.lora import curvature_along
-    from gmcurv.lora.curvature import along_objective
+    from gmcurv.io.data import load_data
+    from gmcurv.io.factories import load_loss
+    from gmcurv.lora.curvature import along_objective, curvature_along
     from gmcurv.objective import Objective
 
     assert session.loaded is not None
@@ -420,7 +417,7 @@ def _curvature(
 
     def validate() -> None:
         assert session.data is not None
-        full = Objective.build(loaded.model, loaded.loss, None, mode, seed)
+        full = Objective.build(loaded.model, load_loss(loaded.loss), None, mode, seed)
         session.objective = along_objective(full, updates)
         session.objective.check_data(session.data)
 

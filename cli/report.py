@@ -67,9 +67,9 @@ def _parse_sections(text: str) -> list[str]:
 
 def _accepted(command: str) -> set[str]:
     """Parameter names a gmcurv command accepts."""
-    from gmcurv.cli.app import _load_command
+    from gmcurv.cli.app import load_command
 
-    return {p.name for p in _load_command(command).params}  # type: ignore[union-attr]
+    return {p.name for p in load_command(command).params}  # type: ignore[union-attr]
 
 
 def _flags(command: str, shared: dict[str, Any]) -> list[str]:
@@ -319,7 +319,7 @@ def report(
 
     from gmcurv import __version__
     from gmcurv.cli.session import stderr
-    from gmcurv.fileio import atomic_write_text, ensure_not_input
+    from gmcurv.io.fileio import atomic_write_text, ensure_not_input
 
     wanted = _parse_sections(sections)
     if output.suffix.lower() not in (".html", ".htm"):

@@ -25,7 +25,7 @@ from gmcurv.cli.render import (
 )
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import ensure_not_input, sha256_file
+from gmcurv.io.fileio import ensure_not_input, sha256_file
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
 
@@ -444,8 +444,9 @@ def saliency(
     [bold]gmcurv saliency --prune 0.5[/bold] ·
     [bold]gmcurv saliency m.safetensors d/ --prune 0.7 --save-pruned m70.safetensors[/bold]
     """
-    from gmcurv.data import load_data
-    from gmcurv.pruning import check_fraction, default_output_path, pruned_outputs
+    from gmcurv.io.data import load_data
+    from gmcurv.io.pruned import default_output_path, pruned_outputs
+    from gmcurv.pruning import check_fraction
     from gmcurv.saliency import prune_model, saliency_analysis
 
     if method not in (o.Method.auto, o.Method.exact, o.Method.learned, o.Method.both):
@@ -504,7 +505,7 @@ def saliency(
     if report_file is not None:
         ensure_not_input(report_file, session.inputs)
     if save_scores is not None:
-        from gmcurv.export import check_export_paths
+        from gmcurv.io.export import check_export_paths
 
         if method is o.Method.learned:
             raise ConfigError(
@@ -614,7 +615,7 @@ def saliency(
 
 def _write_pruned(session: Session, pruned: PruneResult, target: Path) -> tuple[Path, str]:
     """Write the pruned checkpoint (rank 0 under torchrun); its path and sha256."""
-    from gmcurv.pruning import save_pruned
+    from gmcurv.io.pruned import save_pruned
 
     assert session.loaded is not None
     with session.stage("write"):

@@ -37,7 +37,7 @@ def split_args(paths: list[Path] | None) -> tuple[list[Path], Path | None]:
         return [], None
     if len(paths) == 1:
         return paths, None
-    from gmcurv.series import check_data_arg
+    from gmcurv.io.series import check_data_arg
 
     check_data_arg(paths[-1])
     return paths[:-1], paths[-1]
@@ -65,7 +65,8 @@ def run_series(
     """Run `compute(session)` on every checkpoint, the data loaded once (by the session
     opened on the first one); the ``series`` results block."""
     from gmcurv import distributed
-    from gmcurv.checkpoint import load_model
+    from gmcurv.io.checkpoint import load_model
+    from gmcurv.io.factories import load_loss
     from gmcurv.objective import Objective
 
     rows = []
@@ -83,7 +84,7 @@ def run_series(
                 )
                 session.objective = Objective.build(
                     session.loaded.model,
-                    session.loaded.loss,
+                    load_loss(session.loaded.loss),
                     layers,
                     getattr(mode, "value", mode),
                     session.seed or 0,

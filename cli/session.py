@@ -29,18 +29,18 @@ from rich.progress import (
 )
 
 from gmcurv.errors import ConfigError, ConvergenceError, GmcurvWarning
-from gmcurv.fileio import atomic_write_text, check_writable, ensure_not_input
+from gmcurv.io.fileio import atomic_write_text, check_writable, ensure_not_input
+from gmcurv.io.samples import sample_data, sample_model
 from gmcurv.memory import human
 from gmcurv.results import DataInfo, ModelInfo, Report, iter_estimates
 from gmcurv.rules import evaluate, parse_rules
-from gmcurv.samples import sample_data, sample_model
 
 if TYPE_CHECKING:  # torch and the engine load on first use: --help stays instant
     import torch
 
     from gmcurv import distributed
-    from gmcurv.checkpoint import LoadedModel
     from gmcurv.data import DataSample
+    from gmcurv.io.checkpoint import LoadedModel
     from gmcurv.objective import Objective
 
 stdout = Console(highlight=False, soft_wrap=False)
@@ -69,7 +69,7 @@ def check_rules(texts: list[str] | None) -> None:
 
 def sidecar_inputs(loaded: LoadedModel) -> list[Path]:
     """Files read beside the weights (config.json, ...): inputs that outputs may not replace."""
-    from gmcurv.masks import masks_path
+    from gmcurv.io.masks import masks_path
 
     near = [
         loaded.path.parent / "config.json",
@@ -77,9 +77,9 @@ def sidecar_inputs(loaded: LoadedModel) -> list[Path]:
         *getattr(loaded, "sidecars", []),
     ]
     if loaded.path.name.endswith(".index.json"):  # a sharded checkpoint: every shard
-        from gmcurv.checkpoint import _index_shards
+        from gmcurv.io.tensors import index_shards
 
-        near += list(set(_index_shards(loaded.path).values()))
+        near += list(set(index_shards(loaded.path).values()))
     return [Path(p) for p in near if Path(p).is_file()]
 
 
@@ -218,8 +218,9 @@ class Session:
     ) -> Session:
         """Load MODEL (and DATA) — the bundled sample when left out — and build the objective."""
         from gmcurv import distributed
-        from gmcurv.checkpoint import DEFAULT_LOSS_SOURCE, load_model
-        from gmcurv.data import load_data
+        from gmcurv.io.checkpoint import DEFAULT_LOSS_SOURCE, load_model
+        from gmcurv.io.data import load_data
+        from gmcurv.io.factories import load_loss
         from gmcurv.objective import Objective, labels_are_input_ids
 
         collected_warnings.clear()
@@ -262,7 +263,11 @@ class Session:
         def validate() -> None:
             assert s.loaded is not None and s.data is not None
             s.objective = Objective.build(
-                s.loaded.model, s.loaded.loss, layers, getattr(mode, "value", mode), seed or 0
+                s.loaded.model,
+                load_loss(s.loaded.loss),
+                layers,
+                getattr(mode, "value", mode),
+                seed or 0,
             )
             s.objective.check_data(s.data)  # this rank's share of the files
             if s.loaded.loss_source == DEFAULT_LOSS_SOURCE and labels_are_input_ids(s.data):
@@ -320,11 +325,11 @@ class Session:
         """Say which user code ``--arch``/``--loss`` import and who named it (the command
         line, an environment variable or the working directory's config file): on stderr
         (even with --quiet when a config file named it) and under ``config.code``."""
-        from gmcurv.checkpoint import _is_family_spec
+        from gmcurv.io.factories import is_family_spec
 
         code = []
         for option, spec in specs.items():
-            if not spec or ":" not in spec or _is_family_spec(spec):
+            if not spec or ":" not in spec or is_family_spec(spec):
                 continue
             source = self.config.get("sources", {}).get(option, "command line")
             named_in = source
@@ -373,7 +378,7 @@ class Session:
             return
         if not self.comm.main:
             return  # one warning per job, from rank 0
-        from gmcurv.memory import estimate_capture
+        from gmcurv.capture.budget import estimate_capture
 
         fisher = getattr(ctx.params["fisher"], "value", ctx.params["fisher"])
         mc = ctx.params.get("mc_samples") or 1

@@ -3,7 +3,7 @@
 `install` runs first thing in the console entry point — before the heavy imports (torch,
 typer), so a signal during start-up is handled too. On SIGINT the process exits 130, on
 SIGTERM 143 (128 + signal number, the shell convention), after deleting the temporaries of
-atomic writes still in flight (`gmcurv.fileio.LIVE_TEMPORARIES`); a target file is either
+atomic writes still in flight (`gmcurv.io.fileio.LIVE_TEMPORARIES`); a target file is either
 complete (renamed into place) or untouched. Only the standard library is imported here.
 """
 
@@ -19,8 +19,11 @@ _WORDS = {signal.SIGINT: "interrupted (SIGINT)", signal.SIGTERM: "terminated (SI
 
 
 def _handler(signum: int, frame: object) -> None:
-    fileio = sys.modules.get("gmcurv.fileio")  # imported only if a write may be running
+    fileio = sys.modules.get("gmcurv.io.fileio")  # imported only if a write may be running
     if fileio is not None:
+        if fileio.signals_deferred():  # mid-step of an atomic write: handled when it ends
+            fileio.PENDING_SIGNALS.append(signum)
+            return
         fileio.remove_live_temporaries()
     with contextlib.suppress(OSError):
         os.write(2, f"gmcurv: {_WORDS.get(signum, f'signal {signum}')}\n".encode())

@@ -13,7 +13,7 @@ from gmcurv.cli.plots import check_plot_path
 from gmcurv.cli.render import fmt, fmt_estimate, footer, header, new_table
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import ensure_not_input
+from gmcurv.io.fileio import ensure_not_input
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
 

@@ -31,7 +31,7 @@ from gmcurv.cli.series import (
 )
 from gmcurv.cli.session import Session
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import ensure_not_input
+from gmcurv.io.fileio import ensure_not_input
 from gmcurv.memory import parse_bytes
 from gmcurv.results import Report, to_jsonable
 
@@ -339,7 +339,7 @@ def trace(
         raise ConfigError("--probes must be at least 2 for a standard error", hint="--probes 100")
     if plot is not None:
         check_plot_path(plot)
-    from gmcurv.series import resolve_series
+    from gmcurv.io.series import resolve_series
 
     models, data = split_args(paths)
     series = resolve_series(models) if models else None

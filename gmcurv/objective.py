@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gmcurv.data import Batch, DataSample, Inputs, batch_size_of
+from gmcurv.batch import Batch, Inputs, batch_size_of
+from gmcurv.data import DataSample
 from gmcurv.errors import ArchitectureError, ConfigError, DataError
 from gmcurv.losses import CallableLoss, CrossEntropy, Loss, get_loss
 from gmcurv.modes import apply_mode

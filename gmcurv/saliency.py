@@ -39,10 +39,12 @@ from torch import Tensor
 
 from gmcurv import distributed
 from gmcurv.capture import DecomposedGradients, capture_all, plan_capture
+from gmcurv.capture.budget import preflight_capture
 from gmcurv.data import DataSample
 from gmcurv.errors import ConfigError, UnsupportedError
+from gmcurv.estimate import Estimate
 from gmcurv.fisher import fisher_diagonal
-from gmcurv.memory import preflight, preflight_capture
+from gmcurv.memory import preflight
 from gmcurv.objective import Objective
 from gmcurv.pruning import (
     Evaluation,
@@ -55,7 +57,6 @@ from gmcurv.pruning import (
     select_masks,
     target_counts,
 )
-from gmcurv.results import Estimate
 from gmcurv.woodbury import DEFAULT_DAMPING, DampedFisher, default_eps
 
 CRITERIA = ("magnitude", "obd", "obs", "obd-hessian")
@@ -206,7 +207,7 @@ def _hessian_diagonal(
             "(gmcurv.stochastic), which this build does not have",
             hint="use --criterion obd or obs",
         ) from None
-    from gmcurv.hessian import CurvatureOperator
+    from gmcurv.operator import CurvatureOperator
 
     op = CurvatureOperator(objective, data, batch_size, kind="hessian")
     res = hessian_diagonal(op, probes, seed)

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from gmcurv.checkpoint import load_model
-from gmcurv.data import load_data
-from gmcurv.lora import make_adapter, write_adapter
-from gmcurv.samples import sample_data, sample_model
+from gmcurv.io.adapter import write_adapter
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
+from gmcurv.io.samples import sample_data, sample_model
+from gmcurv.lora.adapter import make_adapter
 
 MODULES = ("net.0", "net.2", "net.4")
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from gmcurv.checkpoint import gmcurv_metadata, save_checkpoint
+from gmcurv.io.checkpoint import gmcurv_metadata, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1] / "sample_models"
 

@@ -19,8 +19,9 @@ from oracles import output_jacobians, per_example_grads
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer, capture, plan_capture
-from gmcurv.data import Batch
+from gmcurv.capture.budget import estimate_capture
 from gmcurv.fisher import (
     FisherAccumulator,
     fisher_diagonal,
@@ -32,7 +33,6 @@ from gmcurv.fisher import (
     jvp,
     vjp,
 )
-from gmcurv.memory import estimate_capture
 from gmcurv.objective import Objective
 
 N = 6

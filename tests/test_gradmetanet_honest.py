@@ -13,12 +13,13 @@ import torch
 
 from gmcurv.cli.app import app
 from gmcurv.cli.render import fmt_estimate
+from gmcurv.estimate import Estimate
 from gmcurv.gradmetanet import calibration as cal
 from gmcurv.gradmetanet.baselines import same_set_baselines
 from gmcurv.gradmetanet.features import check_supported, plug_in
 from gmcurv.gradmetanet.pretrained import HEAD_FILE, load_head, read_head_metadata, save_head
 from gmcurv.objective import Objective
-from gmcurv.results import Estimate, estimate_schema, to_jsonable
+from gmcurv.results import estimate_schema, to_jsonable
 from tests.helpers import write_data, write_mlp
 from tests.oracles import dense_ggn, dense_hessian
 from tests.test_gradmetanet import _batch, _data_file, _mlp
@@ -290,7 +291,7 @@ def test_card_and_head_info_cite_no_unshipped_files(runner):
     import re
 
     from gmcurv.gradmetanet.pretrained import CARD_FILE, HEAD_FILE
-    from gmcurv.samples import SAMPLE_ROOT
+    from gmcurv.io.samples import SAMPLE_ROOT
 
     repo_path = re.compile(r"(?<![\w./~-])(bench|tests|docs|gmcurv)/")  # a relative path
     cards = sorted(SAMPLE_ROOT.rglob("*.md"))

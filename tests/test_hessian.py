@@ -11,20 +11,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gmcurv import hessian as hs
-from gmcurv.data import Batch, load_data
+from gmcurv.batch import Batch
 from gmcurv.errors import DataError
 from gmcurv.fisher import fisher_eigen
-from gmcurv.hessian import (
-    CurvatureOperator,
-    batch_ggnvp,
-    batch_hvp,
-    batch_residual_vp,
-    curvature_summary,
-    dense_matrix,
-    exact_ggn_trace,
-    top_eigen,
-)
+from gmcurv.hessian import curvature_summary, dense_matrix, exact_ggn_trace, top_eigen
+from gmcurv.io.data import load_data
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
+from gmcurv.products import batch_ggnvp, batch_hvp, batch_residual_vp
 
 
 class SDPAttention(nn.Module):
@@ -149,9 +143,9 @@ def test_operator_streams_batches_and_falls_back(name, graph, tmp_path):
     torch.testing.assert_close(op(v.float()).double(), (H @ v), rtol=1e-5, atol=1e-5)
     assert op.n_matvecs == 2
     if graph is False:  # forward-over-reverse, switched off for good after a failure
-        assert op.forward_mode is (name != "nojvp") and not op._graphs
+        assert op.forward_mode is (name != "nojvp") and not op.graphs.graphs
     else:  # cached gradient graphs: one backward per product
-        assert len(op._graphs) == 3 and op._graph_held > 0
+        assert len(op.graphs.graphs) == 3 and op.graphs.held > 0
     torch.testing.assert_close(dense_matrix(op), H, rtol=0, atol=1e-10)
 
 
@@ -160,7 +154,7 @@ def test_graph_cache_respects_its_budget(tmp_path):
     op = CurvatureOperator(obj, data, batch_size=4, graph_bytes=1)
     v = _rand(obj)
     torch.testing.assert_close(op.matvec(v), dense_hessian(obj, batch) @ v, rtol=0, atol=1e-10)
-    assert not op._graphs and op.cache_graph is False
+    assert not op.graphs.graphs and op.graphs.enabled is False
 
 
 def test_plain_autograd_finite_differences_and_hvp_agree(tmp_path):
@@ -223,7 +217,7 @@ def test_cache_keeps_batches_and_residuals(tmp_path):
     op = CurvatureOperator(obj, data, batch_size=4, kind="residual")
     v = _rand(obj)
     a = op.matvec(v)
-    assert op._batches is not None and len(op._batches) == 3 and len(op._residuals) == 3
+    assert op.source.cached is not None and len(op.source.cached) == 3 and len(op.residuals) == 3
     torch.testing.assert_close(op.matvec(v), a, rtol=0, atol=0)
 
 

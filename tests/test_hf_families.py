@@ -16,13 +16,13 @@ import pytest
 import torch
 from hf_models import CAUSAL, FAMILIES, build, data, hf_loss, save
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer
-from gmcurv.checkpoint import load_model
 from gmcurv.cli.app import app
-from gmcurv.data import Batch
 from gmcurv.errors import ArchitectureError
-from gmcurv.hessian import batch_hvp
+from gmcurv.io.checkpoint import load_model
 from gmcurv.objective import Objective
+from gmcurv.products import batch_hvp
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::gmcurv.errors.GmcurvWarning")

@@ -15,13 +15,16 @@ import torch
 from oracles import dense_ggn, dense_hessian
 from safetensors.torch import save_file
 
-from gmcurv.checkpoint import load_model, read_header
+from gmcurv.batch import Batch
 from gmcurv.cli.app import app
-from gmcurv.data import Batch, load_data
-from gmcurv.hessian import CurvatureOperator, batch_ggnvp, batch_hvp
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
+from gmcurv.io.samples import sample_data, sample_model
+from gmcurv.io.tensors import read_header
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
+from gmcurv.products import batch_ggnvp, batch_hvp
 from gmcurv.results import report_schema
-from gmcurv.samples import sample_data, sample_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,10 +10,10 @@ from models import Tied, TinyConv, seeded
 from safetensors.torch import save_file
 from torch import nn
 
-from gmcurv.checkpoint import load_model
-from gmcurv.data import load_data
-from gmcurv.endpoints import load_endpoints
 from gmcurv.errors import CheckpointError, ConfigError
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
+from gmcurv.io.endpoints import load_endpoints
 from gmcurv.landscape import (
     FIT_POINTS,
     checkpoint_directions,

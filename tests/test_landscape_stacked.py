@@ -7,8 +7,8 @@ import torch
 from helpers import write_data, write_mlp
 from torch import nn
 
-from gmcurv.checkpoint import load_model
-from gmcurv.data import load_data
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
 from gmcurv.landscape import evaluate_points, random_directions, stackable_linears
 from gmcurv.landscape.stacked import LinearRoutes
 from gmcurv.objective import Objective

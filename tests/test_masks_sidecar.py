@@ -15,10 +15,11 @@ from helpers import write_data, write_mlp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gmcurv.checkpoint import MASK_PREFIX, load_model, resolve_weights_path, save_checkpoint
 from gmcurv.cli.app import app
 from gmcurv.errors import GmcurvWarning
-from gmcurv.masks import META_MASKS, masks_path
+from gmcurv.io.checkpoint import load_model, resolve_weights_path, save_checkpoint
+from gmcurv.io.masks import META_MASKS, masks_path
+from gmcurv.io.tensors import MASK_PREFIX
 
 
 @pytest.fixture

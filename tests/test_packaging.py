@@ -145,7 +145,7 @@ def test_installed_wheel_runs_trace_and_head_info_outside_the_repository(install
     }
     env.pop("GMCURV_HEAD", None)
     probe = (
-        "import json, gmcurv, gmcurv.cli.app, gmcurv.samples as s;"
+        "import json, gmcurv, gmcurv.cli.app, gmcurv.io.samples as s;"
         "print(json.dumps([gmcurv.__file__, gmcurv.cli.app.__file__, str(s.SAMPLE_ROOT)]))"
     )
     r = _run([sys.executable, "-c", probe], away, env)

@@ -10,9 +10,9 @@ from helpers import write_data, write_mlp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gmcurv.checkpoint import gmcurv_metadata
 from gmcurv.cli.app import app
-from gmcurv.metadata import copyable, looks_like_code
+from gmcurv.io.checkpoint import gmcurv_metadata
+from gmcurv.io.metadata import copyable, looks_like_code
 
 LOSS = """
 import pathlib

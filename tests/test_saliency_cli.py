@@ -12,10 +12,12 @@ from helpers import write_data, write_mlp
 from rich.console import Console
 from safetensors.torch import load_file
 
-from gmcurv.checkpoint import MASK_PREFIX, load_model, masks_path
 from gmcurv.cli import saliency as saliency_cmd
 from gmcurv.cli.app import app
-from gmcurv.fileio import sha256_file
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.fileio import sha256_file
+from gmcurv.io.masks import masks_path
+from gmcurv.io.tensors import MASK_PREFIX
 from gmcurv.results import Report, report_schema
 
 

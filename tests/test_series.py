@@ -12,11 +12,11 @@ import pytest
 from helpers import write_data, write_mlp
 from rich.console import Console
 
-from gmcurv.checkpoint import gmcurv_metadata, save_checkpoint
 from gmcurv.cli.app import app
 from gmcurv.errors import ConfigError
+from gmcurv.io.checkpoint import gmcurv_metadata, save_checkpoint
+from gmcurv.io.series import resolve_series
 from gmcurv.results import DataInfo, Report, report_schema
-from gmcurv.series import resolve_series
 
 F64 = ["--dtype", "float64", "--device", "cpu", "-k", "1"]
 
@@ -103,7 +103,7 @@ def test_checkpoint_in_the_data_position_is_refused(runner, ckpts):
 
 def test_series_run_matches_single_runs_and_loads_data_once(runner, ckpts, tmp_path,
                                                              monkeypatch):  # fmt: skip
-    import gmcurv.data as data_mod
+    import gmcurv.io.data as data_mod
 
     folder, data = ckpts
     calls = []

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import atomic_write
+from gmcurv.io.fileio import atomic_write
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 
-def _pyplot():
+def pyplot():
     """matplotlib on the headless backend, imported on the first plot (not at start-up)."""
     import matplotlib
 
@@ -45,7 +45,7 @@ def save_figure(fig: Figure, path: Path, dpi: int = 150) -> Path:
     try:
         atomic_write(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
     return path
 
 
@@ -53,7 +53,7 @@ def new_figure(*args, **kwargs):
     """``plt.subplots`` with gmcurv's defaults."""
     kwargs.setdefault("figsize", (7, 4.5))
     kwargs.setdefault("layout", "constrained")
-    return _pyplot().subplots(*args, **kwargs)
+    return pyplot().subplots(*args, **kwargs)
 
 
 def readable_log_axis(ax, which: str = "y") -> None:

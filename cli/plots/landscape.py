@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
-from gmcurv.cli.plots import _pyplot, new_figure, save_figure
+from gmcurv.cli.plots import new_figure, pyplot, save_figure
 
 # the checkpoints of --to A --to B: distinct colours and shapes (the centre is a black dot)
 CHECKPOINT_STYLES = (("tab:red", "s"), ("tab:orange", "D"))
@@ -98,7 +98,7 @@ def plot_landscape(block: dict[str, Any], path: Path, surface: bool = False) -> 
         marks.append((1.0 if i == 0 else 0.0, 1.0 if i == 1 else 0.0,
                       Path(d["checkpoint"]).name, color, marker))  # fmt: skip
     if surface:
-        plt = _pyplot()  # headless backend
+        plt = pyplot()  # headless backend
 
         fig = plt.figure(figsize=(7.5, 6), layout="constrained")
         ax = fig.add_subplot(projection="3d")

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from gmcurv.data import DataSample
 from gmcurv.errors import CheckpointError, ConfigError
+from gmcurv.estimate import Estimate
 from gmcurv.objective import Objective
-from gmcurv.results import Estimate
 
 ProgressFn = Callable[[float], None]
 Direction = dict[str, Tensor]

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gmcurv.data import Batch, DataSample
+from gmcurv.batch import Batch
+from gmcurv.data import DataSample
 from gmcurv.landscape.chunks import ChunkOutputs
 from gmcurv.landscape.stacked import FastLinears, affine_terms
 from gmcurv.landscape.totals import PointTotals

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gmcurv.data import DataSample, batch_size_of
+from gmcurv.batch import batch_size_of
+from gmcurv.data import DataSample
 from gmcurv.landscape.fit import FIT_POINTS, QuadraticFit, fit_stencils, quadratic_fit
 from gmcurv.landscape.points import ProgressFn, evaluate_points
 from gmcurv.objective import Objective

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from gmcurv.data import Batch
+from gmcurv.batch import Batch
 from gmcurv.distributed import current
 from gmcurv.losses import CrossEntropy
 from gmcurv.objective import Objective

@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from gmcurv.errors import CheckpointError, GmcurvWarning
-from gmcurv.fileio import atomic_write
+from gmcurv.io.fileio import atomic_write
+from gmcurv.io.tensors import load_tensors
 
-MASK_PREFIX = "gmcurv_mask."  # legacy: masks stored inside the checkpoint
 MASKS_SUFFIX = ".masks.safetensors"
 META_MASKS = "gmcurv.masks"  # in the checkpoint: the sidecar's file name
 META_MASKS_FOR = "gmcurv.masks_for"  # in the sidecar: SHA-256 of its checkpoint
@@ -77,8 +77,6 @@ def read_masks(
     A sidecar recorded for another file is ignored with a warning, as is a missing sidecar
     the checkpoint names; one whose keys or shapes do not fit the checkpoint is an error.
     """
-    from gmcurv.checkpoint import load_tensors
-
     side = masks_path(checkpoint)
     if not side.is_file():
         if META_MASKS in metadata:

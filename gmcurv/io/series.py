@@ -30,10 +30,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from gmcurv.checkpoint import INDEX_NAME, META_ARCH, read_header
-from gmcurv.data import INPUT_KEYS
 from gmcurv.errors import ConfigError
-from gmcurv.masks import is_masks_file
+from gmcurv.io.data import INPUT_KEYS
+from gmcurv.io.masks import is_masks_file
+from gmcurv.io.metadata import META_ARCH
+from gmcurv.io.tensors import INDEX_NAME, read_header
 from gmcurv.models.mlp import natural_key
 
 STEP_KEYS = ("gmcurv.step", "step", "global_step")

@@ -60,19 +60,38 @@ def check_writable(output: str | os.PathLike, option: str | None = None) -> Path
 
 # temporaries being written right now: a signal handler removes them before exiting
 LIVE_TEMPORARIES: set[str] = set()
+# signals a handler postponed (`signals_deferred()` was true); re-raised when the step ends
+PENDING_SIGNALS: list[int] = []
+_deferring = 0
+
+
+def signals_deferred() -> bool:
+    """Whether a temporary is being created+registered or renamed+unregistered right now: a
+    signal handler then appends its signal to `PENDING_SIGNALS` and returns."""
+    return _deferring > 0
 
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM for a few system calls (so a temporary is never unregistered)."""
+    """Hold SIGINT/SIGTERM for a few system calls (so a temporary is never unregistered).
+
+    Blocking them in this thread is not enough: another thread (torch's pool) may take the
+    signal, and Python then runs the handler here at the next bytecode. So a handler that
+    sees `signals_deferred()` records the signal instead, and it is raised again on exit.
+    """
+    global _deferring
     blockable = hasattr(signal, "pthread_sigmask")
     if blockable:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    _deferring += 1
     try:
         yield
     finally:
+        _deferring -= 1
         if blockable:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if not _deferring and PENDING_SIGNALS:
+            signal.raise_signal(PENDING_SIGNALS.pop(0))
 
 
 def remove_live_temporaries() -> None:

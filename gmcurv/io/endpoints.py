@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from gmcurv.checkpoint import LoadedModel, load_model
 from gmcurv.errors import CheckpointError, GmcurvError
+from gmcurv.io.checkpoint import LoadedModel, load_model
 
 
 def load_endpoints(

@@ -24,17 +24,30 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from gmcurv import __version__
-from gmcurv.diagonal import CurvatureDiagonal
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import atomic_write, ensure_not_input
+from gmcurv.io.fileio import atomic_write, ensure_not_input
 
 SUFFIX = ".safetensors"
+
+
+class Diagonal(Protocol):
+    """What `save_diagonal` reads of a curvature diagonal (`gmcurv.diagonal.CurvatureDiagonal`)."""
+
+    kind: str
+    value: Mapping[str, Tensor]
+    stderr: Mapping[str, Tensor] | None
+    n_examples: int
+    method: str
+    fisher: str | None
+    mc_samples: int | None
+    probes: int | None
+    seed: int
 
 
 def stderr_path(path: str | Path) -> Path:
@@ -86,7 +99,7 @@ def save_tensors(
 
 def save_diagonal(
     path: str | Path,
-    diag: CurvatureDiagonal,
+    diag: Diagonal,
     dtype: torch.dtype,
     source_sha256: str | None = None,
 ) -> list[Path]:
