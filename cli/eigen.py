@@ -132,15 +132,77 @@ def eigen(
     [bold]gmcurv eigen m.safetensors d/ --curvature ggn --save-vectors vecs.safetensors[/bold]
     """
     learned = method in (o.Method.learned, o.Method.both)  # the GradMetaNet head (cli.learned)
-    if learned:
+    _check_method(method, curvature, learned)
+    if plot is not None:
+        check_plot_path(plot)
+    if save_vectors_to is not None and save_vectors_to.suffix != ".safetensors":
+        raise ConfigError(
+            f"--save-vectors {save_vectors_to}: expected a .safetensors file name",
+            hint="e.g. --save-vectors vecs.safetensors",
+        )
+    session = Session.open(
+        ctx, model, data, arch=arch, loss=loss, samples=samples, device=device, dtype=dtype,
+        mode=mode, layers=layers, seed=seed, quiet=quiet, json_mode=json,
+    )  # fmt: skip
+    for out in (save_vectors_to, plot):
+        if out is not None:
+            ensure_not_input(out, session.inputs)
+    assert session.objective is not None and session.data is not None
+    check_k(k, session.objective)
+    kind = curvature.value
+    if method is o.Method.learned:
         from gmcurv.cli import learned as lh
 
-        if curvature is not EigenCurvature.hessian:
-            raise ConfigError(
-                f"--method {method.value}: the head predicts the top Hessian eigenvalue, "
-                f"not the {curvature.value}'s",
-                hint="use --curvature hessian, or --method auto",
-            )
+        results = lh.learned_eigen(session, kind, k, seed)
+        session.finish(
+            session.report(results), lh.render_learned("gmcurv eigen"), output, fail_if, strict
+        )
+        return
+    em = (
+        "auto"
+        if method in (o.Method.auto, o.Method.gram, o.Method.both) or kind == "fisher"
+        else method.value
+    )
+    with session.stage(kind), session.progress(f"{kind}: eigenvalues", None) as advance:
+        from gmcurv.hessian import top_eigen
+
+        s = top_eigen(
+            session.objective, session.data, kind, k, method=em, tol=tol, max_iters=max_iters,
+            seed=seed, vectors=save_vectors_to is not None, batch_size=batch_size,
+            fisher=fisher.value, budget_bytes=parse_bytes(max_memory) if max_memory else None,
+            progress=advance, restarts=restarts,
+        )  # fmt: skip
+    for note in s.notes:
+        session.note(note)
+    block = _block(s, kind, fisher.value)
+    if save_vectors_to is not None and session.comm.main:
+        with session.stage("save"):
+            save_vectors(save_vectors_to, s, session.loaded.sha256 if session.loaded else None)
+        block["vectors"] = str(save_vectors_to)
+    results = {kind: block}
+    shown = render
+    if method is o.Method.both:
+        from gmcurv.cli import learned as lh
+
+        results["learned"] = lh.compare_eigen(session, results, kind, seed)
+        shown = lh.render_with_comparison(render)
+    if plot is not None and session.comm.main:
+        from gmcurv.cli.plots.spectrum import plot_eigenvalues
+
+        with session.stage("plot"):
+            plot_eigenvalues(to_jsonable(results), plot)
+        session.note(f"plot written to {plot}")
+    session.finish(session.report(results), shown, output, fail_if, strict)
+
+
+def _check_method(method: o.Method, curvature: EigenCurvature, learned: bool) -> None:
+    """--method against --curvature (the head predicts the Hessian's top eigenvalue only)."""
+    if learned and curvature is not EigenCurvature.hessian:
+        raise ConfigError(
+            f"--method {method.value}: the head predicts the top Hessian eigenvalue, "
+            f"not the {curvature.value}'s",
+            hint="use --curvature hessian, or --method auto",
+        )
     if method not in METHODS and not learned:
         raise ConfigError(
             f"--method {method.value} does not compute eigenvalues",
@@ -157,56 +219,10 @@ def eigen(
             hint="the Fisher uses the exact Gram route (--method auto or gram); "
             "Hessian/GGN use auto, exact or lanczos",
         )
-    if plot is not None:
-        check_plot_path(plot)
-    if save_vectors_to is not None and save_vectors_to.suffix != ".safetensors":
-        raise ConfigError(
-            f"--save-vectors {save_vectors_to}: expected a .safetensors file name",
-            hint="e.g. --save-vectors vecs.safetensors",
-        )
-    session = Session.open(
-        ctx, model, data, arch=arch, loss=loss, samples=samples, device=device, dtype=dtype,
-        mode=mode, layers=layers, seed=seed, quiet=quiet, json_mode=json,
-    )  # fmt: skip
-    if save_vectors_to is not None:
-        ensure_not_input(save_vectors_to, session.inputs)
-    if plot is not None:
-        ensure_not_input(plot, session.inputs)
-    assert session.objective is not None and session.data is not None
-    check_k(k, session.objective)
-    kind = curvature.value
-    if method is o.Method.learned:
-        results = lh.learned_eigen(session, kind, k, seed)
-        session.finish(
-            session.report(results), lh.render_learned("gmcurv eigen"), output, fail_if, strict
-        )
-        return
-    em = (
-        "auto"
-        if method in (o.Method.auto, o.Method.gram, o.Method.both) or kind == "fisher"
-        else method.value
-    )
-    with session.stage(kind), session.progress(f"{kind}: eigenvalues", None) as advance:
-        from gmcurv.hessian import top_eigen
 
-        s = top_eigen(
-            session.objective,
-            session.data,
-            kind,
-            k,
-            method=em,
-            tol=tol,
-            max_iters=max_iters,
-            seed=seed,
-            vectors=save_vectors_to is not None,
-            batch_size=batch_size,
-            fisher=fisher.value,
-            budget_bytes=parse_bytes(max_memory) if max_memory else None,
-            progress=advance,
-            restarts=restarts,
-        )
-    for note in s.notes:
-        session.note(note)
+
+def _block(s: Any, kind: str, fisher: str) -> dict[str, Any]:
+    """The results block of one curvature's top eigenvalues (`gmcurv.hessian.top_eigen`)."""
     block: dict[str, Any] = {
         "method": s.method,
         "n_params": s.n_params,
@@ -216,27 +232,13 @@ def eigen(
         "notes": s.notes,
     }
     if kind == "fisher":
-        block["type"] = fisher.value
-    if save_vectors_to is not None and session.comm.main:
-        with session.stage("save"):
-            save_vectors(save_vectors_to, s, session.loaded.sha256 if session.loaded else None)
-        block["vectors"] = str(save_vectors_to)
-    results = {kind: block}
-    if method is o.Method.both:
-        results["learned"] = lh.compare_eigen(session, results, kind, seed)
-    if plot is not None and session.comm.main:
-        from gmcurv.cli.plots.spectrum import plot_eigenvalues
-
-        with session.stage("plot"):
-            plot_eigenvalues(to_jsonable(results), plot)
-        session.note(f"plot written to {plot}")
-    shown = lh.render_with_comparison(render) if method is o.Method.both else render
-    session.finish(session.report(results), shown, output, fail_if, strict)
+        block["type"] = fisher
+    return block
 
 
 def check_k(k: int, objective) -> None:
     """Refuse at once a --k the operator cannot give: more eigenvalues than parameters."""
-    n = sum(p.numel() for p in objective.params.values())
+    n = objective.space.size
     if k > n:
         raise ConfigError(
             f"--k {k}: the curvature matrix has only {n:,} eigenvalues ({n:,} parameters selected)",

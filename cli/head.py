@@ -4,6 +4,7 @@ GradMetaNet head (the learned curvature estimator behind ``--method learned``)."
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -191,19 +192,12 @@ def train(
 
     Example: [bold]gmcurv head train --save my_head.safetensors --epochs 10[/bold]
     """
-    import torch
-
     from gmcurv.gradmetanet.head import head_metadata
     from gmcurv.gradmetanet.model import HeadConfig
     from gmcurv.gradmetanet.pretrained import save_head
+    from gmcurv.gradmetanet.provenance import n_models, supported_models, training_record
     from gmcurv.gradmetanet.train import TrainConfig, load_items, train_head
-    from gmcurv.gradmetanet.zoo import (
-        ACTIVATIONS,
-        HELD_OUT_ARCHS,
-        HELD_OUT_DATASET,
-        ZOO_VERSION,
-        read_plan,
-    )
+    from gmcurv.gradmetanet.zoo import read_plan
 
     _threads(threads)
     if save.suffix != ".safetensors":
@@ -214,85 +208,54 @@ def train(
     session = _session(ctx, "train", seed, quiet, json)
     cache = _cache(cache_dir)
     plan = read_plan(cache)
-    n_train = sum(len(g["steps"]) for g in plan["groups"] if g["split"] == "train")
-    n_val = sum(len(g["steps"]) for g in plan["groups"] if g["split"] == "val")
-    with session.stage("load"), session.progress("loading the zoo", n_train + n_val) as adv:
+    total = n_models(plan, "train") + n_models(plan, "val")
+    with session.stage("load"), session.progress("loading the zoo", total) as adv:
         train_items = load_items(cache, ["train"], adv)
         val_items = load_items(cache, ["val"], adv)
     cfg = TrainConfig(epochs=epochs, lr=lr, seed=seed)
     head_cfg = HeadConfig()
     ckpt = checkpoint or cache / "head_checkpoint.safetensors"
     with session.stage("train"), session.progress("training the head (steps)", None) as adv:
-
-        def prog(event: dict[str, Any]) -> None:
-            if event["event"] == "step":
-                adv(1)
-            elif not session.quiet:
-                stderr.print(
-                    f"[dim]epoch {event['epoch']}: val Fisher-diag NMAE head "
-                    f"{fmt(event.get('head.fisher_diag.nmae'))} vs plug-in "
-                    f"{fmt(event.get('plug.fisher_diag.nmae'))}[/dim]"
-                )
-
-        res = train_head(train_items, val_items, head_cfg, cfg, ckpt, prog, max_steps)
-    depths = [len(g["widths"]) + 1 for g in plan["groups"] if g["split"] == "train"]
-    widths = [w for g in plan["groups"] if g["split"] == "train" for w in g["widths"]]
-    zoo_cmd = _command_line(["head", "zoo", "--size", plan["size"], "--seed", str(plan["seed"])])
-    train_cmd = _command_line(
-        [
-            "head",
-            "train",
-            "--epochs",
-            str(epochs),
-            "--lr",
-            f"{lr:g}",
-            "--seed",
-            str(seed),
-            "--save",
-            str(save),
-        ]
-        + (["--max-steps", str(max_steps)] if max_steps else [])
-    )
-    training = {
-        "zoo": {
-            "version": ZOO_VERSION,
-            "size": plan["size"],
-            "seed": plan["seed"],
-            "train_models": len(train_items),
-            "val_models": len(val_items),
-            "held_out_dataset": HELD_OUT_DATASET,
-            "held_out_archs": ["x".join(map(str, a)) for a in HELD_OUT_ARCHS],
-            "datasets": sorted({g["dataset"] for g in plan["groups"] if g["split"] == "train"}),
-        },
-        "config": cfg.to_dict(),
-        "commands": [zoo_cmd, train_cmd],
-        "seconds": res.seconds,
-        "steps": res.steps,
-        "best_epoch": res.best_epoch,
-        "val": res.val_metrics,
-        "torch": torch.__version__,
-    }
-    supported = {
-        "model": "MLP (Linear layers, one elementwise activation, vector inputs)",
-        "loss": "cross_entropy",
-        "fisher": "empirical",
-        "activations": sorted({g["activation"] for g in plan["groups"] if g["split"] == "train"})
-        or list(ACTIVATIONS),
-        "min_layers": min(depths) if depths else 1,
-        "max_layers": (max(depths) + 1) if depths else 5,
-        "trained_widths": sorted(set(widths)),
-        "set_size": 128,
-    }
-    save_head(save, res.model, head_metadata(head_cfg, training, supported))
+        res = train_head(
+            train_items, val_items, head_cfg, cfg, ckpt, _train_progress(session, adv), max_steps
+        )
+    commands = [
+        _command_line(["head", "zoo", "--size", plan["size"], "--seed", str(plan["seed"])]),
+        _command_line(
+            ["head", "train", "--epochs", str(epochs), "--lr", f"{lr:g}", "--seed", str(seed),
+             "--save", str(save)] + (["--max-steps", str(max_steps)] if max_steps else [])
+        ),
+    ]  # fmt: skip
+    training = training_record(
+        plan, train_models=len(train_items), val_models=len(val_items), config=cfg.to_dict(),
+        commands=commands, result=res,
+    )  # fmt: skip
+    save_head(save, res.model, head_metadata(head_cfg, training, supported_models(plan)))
     results = {
         "saved": str(save),
         "best_epoch": res.best_epoch,
         "steps": res.steps,
         "seconds": res.seconds,
         "history": res.history,
-        "commands": training["commands"],
+        "commands": commands,
     }
     session.finish(session.report(results), _render_train, output)
+
+
+def _train_progress(session: Session, adv: Callable[[int], None]) -> Callable[[dict], None]:
+    """Training events: a step moves the bar; an epoch prints its validation NMAE."""
+
+    def prog(event: dict[str, Any]) -> None:
+        if event["event"] == "step":
+            adv(1)
+        elif not session.quiet:
+            stderr.print(
+                f"[dim]epoch {event['epoch']}: val Fisher-diag NMAE head "
+                f"{fmt(event.get('head.fisher_diag.nmae'))} vs plug-in "
+                f"{fmt(event.get('plug.fisher_diag.nmae'))}[/dim]"
+            )
+
+    return prog
 
 
 # ----------------------------------------------------------------------------------- eval

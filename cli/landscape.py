@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -21,8 +22,6 @@ from gmcurv.results import Report, to_jsonable
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from gmcurv.landscape import Landscape
 
 
 class Directions(str, Enum):
@@ -104,104 +103,7 @@ SaveGridOpt = Annotated[
 KIND_NAMES = {"random": "random", "eigen": "eigen", "checkpoint": "checkpoint"}
 
 
-# ---------------------------------------------------------------------------- report block
-def _argext(values: np.ndarray, fn) -> tuple[int, ...]:
-    import numpy as np
-
-    return tuple(int(i) for i in np.unravel_index(int(fn(values)), values.shape))
-
-
-def build_block(
-    res: Landscape,
-    *,
-    kind: str,
-    normalisation: str,
-    include_bias: bool,
-    seed: int,
-    lo: float,
-    hi: float,
-    steps: int,
-    norms: list[float],
-    eigenvalues: list[Estimate] | None,
-    eigen_method: str | None,
-    endpoints: list[str] | None,
-) -> dict[str, Any]:
-    """The ``landscape`` results block (plain values, see the command's help)."""
-    import numpy as np
-
-    from gmcurv.landscape import FIT_POINTS
-
-    names = [f"d{k + 1}" for k in range(len(norms))]
-    n = res.n
-    loss = res.loss.numpy()
-    grid: dict[str, Any] = {
-        "alphas": res.alphas.tolist(),
-        "betas": None if res.betas is None else res.betas.tolist(),
-        "loss": loss.tolist(),
-        "accuracy": None if res.accuracy is None else res.accuracy.tolist(),
-        "layout": "loss[i][j] = L(θ0 + alphas[i] d1 + betas[j] d2)",
-    }
-    axes = [res.alphas.tolist()] + ([] if res.betas is None else [res.betas.tolist()])
-
-    def at(idx: tuple[int, ...]) -> dict[str, Any]:
-        point = {"loss": float(loss[idx])}
-        for name, ax, i in zip(("alpha", "beta"), axes, idx, strict=False):
-            point[name] = ax[i]
-        return point
-
-    h = (hi - lo) / (steps - 1)
-    sharpness, directions = {}, {}
-    for k, (name, fit) in enumerate(zip(names, res.fits, strict=True)):
-        method = f"quadratic-fit({len(FIT_POINTS)} points, t in ±{fit.halfwidth:.4g})"
-        sharpness[name] = Estimate(fit.curvature, fit.stderr, n, method, True)
-        info: dict[str, Any] = {
-            "kind": kind,
-            "normalisation": normalisation,
-            "norm": norms[k],
-            "curvature_per_unit_norm": fit.curvature / norms[k] ** 2 if norms[k] > 0 else None,
-            "slope": fit.c1,
-            "eigenvalue": None,
-            "checkpoint": None,
-        }
-        if eigenvalues is not None:
-            lam = eigenvalues[k]
-            info["eigenvalue"] = lam
-            info["eigen_method"] = eigen_method
-            info["relative_difference"] = (
-                (fit.curvature - lam.value) / abs(lam.value) if lam.value != 0 else None
-            )
-        if endpoints is not None:
-            info["checkpoint"] = endpoints[k]
-            assert res.extra_loss is not None
-            info["checkpoint_loss"] = float(res.extra_loss[k])
-        directions[name] = info
-    return {
-        "dimensions": len(names),
-        "directions_kind": kind,
-        "normalisation": normalisation,
-        "include_bias": include_bias,
-        "seed": seed,
-        "range": [lo, hi],
-        "steps": steps,
-        "spacing": h,
-        "directions": directions,
-        "center": {
-            "loss": Estimate.exact_value(res.center_loss, n, "exact"),
-            "accuracy": None
-            if res.center_accuracy is None
-            else Estimate.exact_value(res.center_accuracy, n, "exact"),
-        },
-        "sharpness": sharpness,
-        "min": at(_argext(loss, np.argmin)),
-        "max": at(_argext(loss, np.argmax)),
-        "grid": grid,
-        "n_points": res.n_points,
-        "chunk": res.chunk,
-        "vmapped": res.vmapped,
-        "evaluation": res.mode,
-    }
-
-
+# ------------------------------------------------------------------------------- grid file
 def save_grid(path: Path, block: dict[str, Any]) -> None:
     """The raw grid as .npz (plain arrays, no pickles), written atomically."""
     import numpy as np
@@ -329,19 +231,55 @@ def landscape_command(
     """
     import torch
 
-    from gmcurv.io.endpoints import load_endpoints
-    from gmcurv.landscape import (
-        FIT_POINTS,
-        checkpoint_directions,
-        direction_norm,
-        eigen_directions,
-        grid_axis,
-        landscape,
-        parse_range,
-        random_directions,
-    )
+    from gmcurv.landscape import direction_norm, grid_axis, landscape, parse_range
+    from gmcurv.landscape.summary import fixed_parameters, landscape_block, n_points
 
     to = list(to or [])
+    dims = _dimensions(to, directions, one_d)
+    lo, hi = parse_range(range_ if range_ is not None else ("0:1" if to else "-1:1"))
+    _check_grid_and_outputs(steps, dims, max_memory, surface, plot, save_grid_to)
+    session = Session.open(
+        ctx, model, data, arch=arch, loss=loss, samples=samples, device=device, dtype=dtype,
+        mode=mode, layers=layers, seed=seed, quiet=quiet, json_mode=json,
+    )  # fmt: skip
+    session.inputs.extend(to)
+    session.check_outputs(ctx)
+    for out in (plot, save_grid_to, output):
+        if out is not None:
+            ensure_not_input(out, session.inputs)
+    objective, sample = session.objective, session.data
+    assert objective is not None and sample is not None
+    budget = parse_bytes(max_memory) if max_memory else None
+    with session.stage("directions"):
+        chosen = _directions(session, to, directions, dims, arch, batch_size, seed, tol, budget,
+                             include_bias)  # fmt: skip
+    skipped = fixed_parameters(objective.params) if chosen.kind == "random" else []
+    if skipped and not include_bias:
+        session.note(
+            f"{len(skipped)} bias / 1-D parameter(s) stay fixed (add --include-bias to move them)"
+        )
+    alphas = grid_axis(lo, hi, steps)
+    extra = torch.eye(dims, dtype=torch.float64) if to else None
+    total = n_points(steps, dims, dims if to else 0)
+    with session.stage("grid"), session.progress("landscape: grid points", total) as advance:
+        res = landscape(
+            objective, sample, chosen.dirs, alphas, alphas.clone() if dims == 2 else None,
+            batch_size=batch_size, budget_bytes=budget, progress=advance, extra=extra,
+        )  # fmt: skip
+    block = landscape_block(
+        res, kind=chosen.kind, normalisation=chosen.normalisation,
+        include_bias=include_bias if chosen.kind == "random" else False, seed=seed, lo=lo,
+        hi=hi, steps=steps, norms=[direction_norm(d) for d in chosen.dirs],
+        eigenvalues=chosen.eigenvalues, eigen_method=chosen.eigen_method,
+        endpoints=[str(p) for p in to] if to else None,
+    )  # fmt: skip
+    if session.comm.main:
+        _write_extras(session, block, save_grid_to, plot, surface)
+    session.finish(session.report({"landscape": block}), render, output, fail_if, strict)
+
+
+def _dimensions(to: list[Path], directions: Directions, one_d: bool) -> int:
+    """1 or 2 (a line or a plane), refusing contradictory --to / --directions / --1d."""
     if len(to) > 2:
         raise ConfigError(
             f"--to given {len(to)} times: at most two other checkpoints span a plane",
@@ -357,15 +295,27 @@ def landscape_command(
             "--1d with two --to checkpoints: three checkpoints span a plane",
             hint="use one --to for a 1-D interpolation, or drop --1d",
         )
-    dims = 1 if (one_d or len(to) == 1) else 2
-    lo, hi = parse_range(range_ if range_ is not None else ("0:1" if to else "-1:1"))
+    return 1 if (one_d or len(to) == 1) else 2
+
+
+def _check_grid_and_outputs(
+    steps: int,
+    dims: int,
+    max_memory: str | None,
+    surface: bool,
+    plot: Path | None,
+    save_grid_to: Path | None,
+) -> None:
+    """--steps, the grid's memory, --surface, --plot and --save-grid, before any loading."""
+    from gmcurv.landscape.summary import grid_bytes
+
     if steps < 3:
         raise ConfigError(
             f"--steps {steps}: a landscape needs at least 3 points per axis",
             hint="e.g. --steps 41 (odd counts put a grid point on the centre)",
         )
-    preflight(  # coordinates, losses, accuracies and counts per grid point (float64)
-        (steps**dims) * 8 * (dims + 4),
+    preflight(
+        grid_bytes(steps, dims),
         parse_bytes(max_memory) if max_memory else None,
         f"--steps {steps}: a {'x'.join([str(steps)] * dims)} grid",
         "lower --steps (e.g. 41)",
@@ -382,83 +332,75 @@ def landscape_command(
             f"--save-grid {save_grid_to}: expected a .npz file name",
             hint="e.g. --save-grid grid.npz",
         )
-    session = Session.open(
-        ctx, model, data, arch=arch, loss=loss, samples=samples, device=device, dtype=dtype,
-        mode=mode, layers=layers, seed=seed, quiet=quiet, json_mode=json,
-    )  # fmt: skip
-    session.inputs.extend(to)
-    session.check_outputs(ctx)
-    for out in (plot, save_grid_to, output):
-        if out is not None:
-            ensure_not_input(out, session.inputs)
+
+
+@dataclass
+class _Chosen:
+    """The directions and how they were chosen."""
+
+    dirs: list[Any]
+    kind: str
+    normalisation: str
+    eigenvalues: list[Estimate] | None = None
+    eigen_method: str | None = None
+
+
+def _directions(
+    session: Session,
+    to: list[Path],
+    directions: Directions,
+    dims: int,
+    arch: str | None,
+    batch_size: int,
+    seed: int,
+    tol: float,
+    budget: int | None,
+    include_bias: bool,
+) -> _Chosen:
+    """Other checkpoints (--to, loaded by `gmcurv.endpoints`), the top Hessian eigenvectors
+    or filter-normalised random directions."""
+    from gmcurv.io.endpoints import load_endpoints
+    from gmcurv.landscape import checkpoint_directions, eigen_directions, random_directions
+
     objective, sample, loaded = session.objective, session.data, session.loaded
     assert objective is not None and sample is not None and loaded is not None
-    budget = parse_bytes(max_memory) if max_memory else None
-
-    eigenvalues, eigen_method = None, None
-    with session.stage("directions"):
-        if to:
-            kind, normalisation = "checkpoint", "none"
-            ends = load_endpoints(
-                to, loaded, objective.params, arch=arch, dtype=session.dtype, device=session.device
-            )
-            dirs = checkpoint_directions(objective.params, ends, [str(p) for p in to])
-        elif directions is Directions.eigen:
-            kind, normalisation = "eigen", "eigen"
-            with session.progress("hessian: top eigenvectors", None) as advance:
-                dirs, eigenvalues, eigen_method, notes = eigen_directions(
-                    objective, sample, dims, batch_size=batch_size, seed=seed, tol=tol,
-                    budget_bytes=budget, progress=advance,
-                )  # fmt: skip
-            for note in notes:
-                session.note(note)
-        else:
-            kind, normalisation = "random", "filter"
-            dirs = random_directions(objective.params, dims, seed, include_bias)
-    if kind == "random" and include_bias is False:
-        skipped = [n for n, p in objective.params.items() if p.ndim < 2]
-        if skipped:
-            session.note(
-                f"{len(skipped)} bias / 1-D parameter(s) stay fixed (add --include-bias to move "
-                "them)"
-            )
-    alphas = grid_axis(lo, hi, steps)
-    betas = alphas.clone() if dims == 2 else None
-    extra = torch.eye(dims, dtype=torch.float64) if to else None
-    n_points = steps**dims + 1 + dims * len(FIT_POINTS) + (dims if to else 0)
-    with session.stage("grid"), session.progress("landscape: grid points", n_points) as advance:
-        res = landscape(
-            objective, sample, dirs, alphas, betas, batch_size=batch_size, budget_bytes=budget,
-            progress=advance, extra=extra,
-        )  # fmt: skip
-    block = build_block(
-        res,
-        kind=kind,
-        normalisation=normalisation,
-        include_bias=include_bias if kind == "random" else False,
-        seed=seed,
-        lo=lo,
-        hi=hi,
-        steps=steps,
-        norms=[direction_norm(d) for d in dirs],
-        eigenvalues=eigenvalues,
-        eigen_method=eigen_method,
-        endpoints=[str(p) for p in to] if to else None,
+    if to:
+        ends = load_endpoints(
+            to, loaded, objective.params, arch=arch, dtype=session.dtype, device=session.device
+        )
+        dirs = checkpoint_directions(objective.params, ends, [str(p) for p in to])
+        return _Chosen(dirs, "checkpoint", "none")
+    if directions is Directions.eigen:
+        with session.progress("hessian: top eigenvectors", None) as advance:
+            dirs, values, method, notes = eigen_directions(
+                objective, sample, dims, batch_size=batch_size, seed=seed, tol=tol,
+                budget_bytes=budget, progress=advance,
+            )  # fmt: skip
+        for text in notes:
+            session.note(text)
+        return _Chosen(dirs, "eigen", "eigen", values, method)
+    return _Chosen(
+        random_directions(objective.params, dims, seed, include_bias), "random", "filter"
     )
-    if session.comm.main:
-        if save_grid_to is not None:
-            with session.stage("save"):
-                save_grid(save_grid_to, block)
-            block["grid_file"] = str(save_grid_to)
-            session.note(f"grid written to {save_grid_to}")
-        if plot is not None:
-            from gmcurv.cli.plots.landscape import plot_landscape
 
-            with session.stage("plot"):
-                plot_landscape(to_jsonable(block), plot, surface=surface)
-            block["plot"] = str(plot)
-            session.note(f"plot written to {plot}")
-    session.finish(session.report({"landscape": block}), render, output, fail_if, strict)
+
+def _write_extras(
+    session: Session, block: dict[str, Any], save_grid_to: Path | None, plot: Path | None,
+    surface: bool,
+) -> None:  # fmt: skip
+    """--save-grid and --plot (main rank only); their paths go into the block."""
+    if save_grid_to is not None:
+        with session.stage("save"):
+            save_grid(save_grid_to, block)
+        block["grid_file"] = str(save_grid_to)
+        session.note(f"grid written to {save_grid_to}")
+    if plot is not None:
+        from gmcurv.cli.plots.landscape import plot_landscape
+
+        with session.stage("plot"):
+            plot_landscape(to_jsonable(block), plot, surface=surface)
+        block["plot"] = str(plot)
+        session.note(f"plot written to {plot}")
 
 
 def register(app: typer.Typer) -> None:

@@ -309,9 +309,9 @@ def lora(
     [bold]gmcurv lora adapter/ --export canonical.safetensors[/bold] ·
     [bold]gmcurv lora ad/ m.safetensors d/ --fail-if "adapters.ad.curvature.hessian_qf > 10"[/bold]
     """
-    from gmcurv.io.adapter import read_adapter, write_adapter
+    from gmcurv.io.adapter import read_adapter
     from gmcurv.lora.adapter import Adapter
-    from gmcurv.lora.features import adapter_features, canonical_adapter
+    from gmcurv.lora.features import adapter_features
     from gmcurv.lora.mapping import attach
 
     adapter_paths, model, data = split_paths(paths)
@@ -324,19 +324,9 @@ def lora(
         session = _bare_session(ctx, seed, device, dtype, quiet, json)
     else:
         session = Session.open(
-            ctx,
-            model,
-            None,
-            arch=arch,
-            loss=loss,
-            device=device,
-            dtype=dtype,
-            mode=mode,
-            seed=seed,
-            quiet=quiet,
-            json_mode=json,
-            need_data=False,
-        )
+            ctx, model, None, arch=arch, loss=loss, device=device, dtype=dtype, mode=mode,
+            seed=seed, quiet=quiet, json_mode=json, need_data=False,
+        )  # fmt: skip
     session.inputs.extend(adapter_paths)
     session.check_outputs(ctx)
     for target in targets.values():
@@ -368,7 +358,24 @@ def lora(
         )
         for name in names
     }
-    if targets and session.comm.main:
+    if session.comm.main:
+        _write_extras(session, results, adapters, targets, export, plot)
+    session.finish(session.report(results), render, output, fail_if, strict)
+
+
+def _write_extras(
+    session: Session,
+    results: dict[str, Any],
+    adapters: list[Any],
+    targets: dict[str, Path],
+    export: Path | None,
+    plot: Path | None,
+) -> None:
+    """--export (canonical adapters) and --plot (main rank only), recorded in `results`."""
+    from gmcurv.io.adapter import write_adapter
+    from gmcurv.lora.features import canonical_adapter
+
+    if targets:
         with session.stage("export"):
             if len(targets) > 1 and export is not None and export.parent.is_dir():
                 export.mkdir(exist_ok=True)  # one sub-directory per adapter
@@ -377,14 +384,13 @@ def lora(
                 n: write_adapter(canonical_adapter(by_name[n]), t) for n, t in targets.items()
             }
         results["export"] = {n: str(p) for n, p in written.items()}
-    if plot is not None and session.comm.main:
+    if plot is not None:
         from gmcurv.cli.plots.lora import plot_lora
 
         with session.stage("plot"):
             ensure_not_input(plot, session.inputs)
             plot_lora(to_jsonable(results), plot)
         session.note(f"plot written to {plot}")
-    session.finish(session.report(results), render, output, fail_if, strict)
 
 
 def _curvature(

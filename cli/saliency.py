@@ -444,10 +444,76 @@ def saliency(
     [bold]gmcurv saliency --prune 0.5[/bold] ·
     [bold]gmcurv saliency m.safetensors d/ --prune 0.7 --save-pruned m70.safetensors[/bold]
     """
-    from gmcurv.io.data import load_data
-    from gmcurv.io.pruned import default_output_path, pruned_outputs
+    _check_method(method, prune, criterion)
+    level_list = _parse_levels(levels)
+    report_file = _outputs(output, report_path, save_pruned, prune)
+    if plot is not None:
+        check_plot_path(plot)
+    session = Session.open(
+        ctx, model, data, arch=arch, loss=loss, samples=samples, device=device, dtype=dtype,
+        mode=mode, layers=layers, seed=seed, quiet=quiet, json_mode=json,
+    )  # fmt: skip
+    if report_path is not None:
+        session.note("--report is deprecated: -o/--output writes the JSON report, as everywhere")
+    assert session.objective is not None and session.data is not None
+    assert session.loaded is not None
+    ev = _eval_data(ctx, session, eval_data)
+    target = _pruned_target(session, prune, save_pruned, report_file)
+    if save_scores is not None:
+        _check_save_scores(session, save_scores, method, criterion, target, report_file, plot)
+    budget = parse_bytes(max_memory) if max_memory else None
+    if method is o.Method.learned:  # the GradMetaNet head answers (gmcurv.cli.learned)
+        from gmcurv.cli import learned as lh
+
+        results = lh.learned_saliency_results(session, level_list, ev, batch_size, seed)
+        if prune is not None:
+            assert target is not None
+            with session.stage("prune"), session.progress("pruning (learned ranking)", None):
+                pruned = lh.learned_prune(
+                    session, prune, rounds, update, damping, structure.value, scope.value,
+                    ev, batch_size, seed, budget,
+                )  # fmt: skip
+            results["prune"] = prune_results(pruned, *_write_pruned(session, pruned, target))
+        shown = lh.render_learned("gmcurv saliency", _prune_part)
+        session.finish(session.report(results), shown, report_file, fail_if, strict)
+        return
+    common = {
+        "fisher": fisher.value, "mc_samples": mc_samples, "damping": damping,
+        "structure": structure.value, "include_bias": include_bias,
+        "masks": session.loaded.masks, "batch_size": batch_size, "seed": seed,
+        "probes": probes, "budget_bytes": budget, "eval_data": ev,
+    }  # fmt: skip
+    results: dict[str, Any] = {}
+    shown = render
+    if prune is None or plot is not None or method is o.Method.both or save_scores is not None:
+        results = _analysis(session, criterion, level_list, scope, common, save_scores, fisher)
+        if method is o.Method.both:
+            from gmcurv.cli import learned as lh
+
+            learned = lh.learned_saliency_results(session, level_list, ev, batch_size, seed)
+            learned["learned"]["comparison"] = lh.compare_saliency(learned, results)
+            results.update(learned)
+            shown = lh.render_with_comparison(render)
+    if prune is not None:
+        assert target is not None
+        pruned = _prune(session, prune, criterion, scope, update, rounds, common)
+        if not results:
+            eps0 = pruned.eps[0] if pruned.eps else None
+            results = _common(pruned.fisher, pruned.columns, session.data.n, damping, eps0)
+        results["prune"] = prune_results(pruned, *_write_pruned(session, pruned, target))
+    if plot is not None and session.comm.main:
+        from gmcurv.cli.plots.saliency import plot_saliency
+
+        with session.stage("plot"):
+            ensure_not_input(plot, session.inputs)
+            plot_saliency(to_jsonable(results), plot)
+        session.note(f"plot written to {plot}")
+    session.finish(session.report(results), shown, report_file, fail_if, strict)
+
+
+def _check_method(method: o.Method, prune: float | None, criterion: Criterion) -> None:
+    """--method (auto, exact, learned or both) and --prune with the learned ranking."""
     from gmcurv.pruning import check_fraction
-    from gmcurv.saliency import prune_model, saliency_analysis
 
     if method not in (o.Method.auto, o.Method.exact, o.Method.learned, o.Method.both):
         raise ConfigError(
@@ -463,38 +529,33 @@ def saliency(
                 hint="use --criterion obs (the default) with --method learned, or drop "
                 "--method learned",
             )
-    level_list = _parse_levels(levels)
-    report_file = _outputs(output, report_path, save_pruned, prune)
-    if plot is not None:
-        check_plot_path(plot)
-    session = Session.open(
-        ctx,
-        model,
-        data,
-        arch=arch,
-        loss=loss,
-        samples=samples,
-        device=device,
-        dtype=dtype,
-        mode=mode,
-        layers=layers,
-        seed=seed,
-        quiet=quiet,
-        json_mode=json,
-    )
-    if report_path is not None:
-        session.note("--report is deprecated: -o/--output writes the JSON report, as everywhere")
-    assert session.objective is not None and session.data is not None
-    assert session.loaded is not None
-    ev = None
-    if eval_data is not None:
-        with session.stage("load"):
-            ev = load_data(eval_data)
-            session.objective.check_data(ev)
-            session.inputs.append(eval_data)
-            session.check_outputs(ctx)
+
+
+def _eval_data(ctx: typer.Context, session: Session, eval_data: Path | None) -> Any:
+    """--eval-data, loaded and checked against the model (an input outputs may not replace)."""
+    if eval_data is None:
+        return None
+    from gmcurv.io.data import load_data
+
+    assert session.objective is not None
+    with session.stage("load"):
+        ev = load_data(eval_data)
+        session.objective.check_data(ev)
+        session.inputs.append(eval_data)
+        session.check_outputs(ctx)
+    return ev
+
+
+def _pruned_target(
+    session: Session, prune: float | None, save_pruned: Path | None, report_file: Path | None
+) -> Path | None:
+    """Where --prune writes the checkpoint (--save-pruned, or the default name beside the
+    model), refused before any compute if it is an input or the report."""
+    from gmcurv.io.pruned import default_output_path, pruned_outputs
+
     target = None
-    if prune is not None:  # refuse bad output paths before any compute
+    if prune is not None:
+        assert session.loaded is not None
         target = Path(save_pruned or default_output_path(session.loaded.path, prune))
         for path in pruned_outputs(target):  # the checkpoint and its masks sidecar
             ensure_not_input(path, session.inputs)
@@ -504,113 +565,86 @@ def saliency(
                 )
     if report_file is not None:
         ensure_not_input(report_file, session.inputs)
-    if save_scores is not None:
-        from gmcurv.io.export import check_export_paths
+    return target
 
-        if method is o.Method.learned:
-            raise ConfigError(
-                "--save-scores writes the exact saliencies, not the learned ones",
-                hint="drop --method learned (or use --method both)",
-            )
-        check_export_paths(
-            save_scores,
-            "--save-scores",
-            [*session.inputs, *(pruned_outputs(target) if target else []), report_file, plot],
-            stderr=criterion is Criterion.obd_hessian,
+
+def _check_save_scores(
+    session: Session,
+    save_scores: Path,
+    method: o.Method,
+    criterion: Criterion,
+    target: Path | None,
+    report_file: Path | None,
+    plot: Path | None,
+) -> None:
+    """--save-scores: the exact saliencies only, to a path that replaces no input or output."""
+    from gmcurv.io.export import check_export_paths
+    from gmcurv.io.pruned import pruned_outputs
+
+    if method is o.Method.learned:
+        raise ConfigError(
+            "--save-scores writes the exact saliencies, not the learned ones",
+            hint="drop --method learned (or use --method both)",
         )
-    budget = parse_bytes(max_memory) if max_memory else None
-    if method is o.Method.learned:  # the GradMetaNet head answers (gmcurv.cli.learned)
-        from gmcurv.cli import learned as lh
+    check_export_paths(
+        save_scores,
+        "--save-scores",
+        [*session.inputs, *(pruned_outputs(target) if target else []), report_file, plot],
+        stderr=criterion is Criterion.obd_hessian,
+    )
 
-        results = lh.learned_saliency_results(session, level_list, ev, batch_size, seed)
-        shown = lh.render_learned("gmcurv saliency", _prune_part)
-        if prune is not None:
-            assert target is not None
-            with session.stage("prune"), session.progress("pruning (learned ranking)", None):
-                pruned = lh.learned_prune(
-                    session, prune, rounds, update, damping, structure.value, scope.value,
-                    ev, batch_size, seed, budget,
-                )  # fmt: skip
-            path, digest = _write_pruned(session, pruned, target)
-            results["prune"] = prune_results(pruned, path, digest)
-        session.finish(session.report(results), shown, report_file, fail_if, strict)
-        return
-    common = {
-        "fisher": fisher.value,
-        "mc_samples": mc_samples,
-        "damping": damping,
-        "structure": structure.value,
-        "include_bias": include_bias,
-        "masks": session.loaded.masks,
-        "batch_size": batch_size,
-        "seed": seed,
-        "probes": probes,
-        "budget_bytes": budget,
-        "eval_data": ev,
-    }
-    results: dict[str, Any] = {}
-    shown = render
-    if prune is None or plot is not None or method is o.Method.both or save_scores is not None:
-        crits = ["magnitude", "obd", "obs"]
-        if criterion is Criterion.obd_hessian:
-            crits.append("obd-hessian")
-        with (
-            session.stage("saliency"),
-            session.progress("saliency: capturing gradients", session.data.n) as advance,
-        ):
-            analysis = saliency_analysis(
-                session.objective,
-                session.data,
-                criteria=crits,
-                levels=level_list,
-                scope=scope.value,
-                progress=advance,
-                **common,
-            )
-        results = analysis_results(analysis)
-        if save_scores is not None:
-            results["scores"] = write_scores(
-                session, save_scores, analysis, criterion.value, fisher.value
-            )
-        if method is o.Method.both:
-            from gmcurv.cli import learned as lh
 
-            learned = lh.learned_saliency_results(session, level_list, ev, batch_size, seed)
-            learned["learned"]["comparison"] = lh.compare_saliency(learned, results)
-            results.update(learned)
-            shown = lh.render_with_comparison(render)
-    if prune is not None:
-        assert target is not None
-        n_rounds = rounds if (update if update is not None else criterion is Criterion.obs) else 1
-        with (
-            session.stage("prune"),
-            session.progress("pruning", session.data.n * n_rounds) as advance,
-        ):
-            pruned = prune_model(
-                session.objective,
-                session.data,
-                prune,
-                criterion=criterion.value,
-                scope=scope.value,
-                update=update,
-                rounds=rounds,
-                progress=advance,
-                **common,
-            )
-        path, digest = _write_pruned(session, pruned, target)
-        if not results:
-            eps0 = pruned.eps[0] if pruned.eps else None
-            results = _common(pruned.fisher, pruned.columns, session.data.n, damping, eps0)
-        results["prune"] = prune_results(pruned, path, digest)
-    if plot is not None and session.comm.main:
-        from gmcurv.cli.plots.saliency import plot_saliency
+def _analysis(
+    session: Session,
+    criterion: Criterion,
+    levels: list[float],
+    scope: Scope,
+    common: dict[str, Any],
+    save_scores: Path | None,
+    fisher: o.FisherType,
+) -> dict[str, Any]:
+    """The saliency statistics and pruning curves of every criterion (and --save-scores)."""
+    from gmcurv.saliency import saliency_analysis
 
-        with session.stage("plot"):
-            ensure_not_input(plot, session.inputs)
-            plot_saliency(to_jsonable(results), plot)
-        session.note(f"plot written to {plot}")
-    doc = session.report(results)
-    session.finish(doc, shown, report_file, fail_if, strict)
+    assert session.objective is not None and session.data is not None
+    crits = ["magnitude", "obd", "obs"]
+    if criterion is Criterion.obd_hessian:
+        crits.append("obd-hessian")
+    with (
+        session.stage("saliency"),
+        session.progress("saliency: capturing gradients", session.data.n) as advance,
+    ):
+        analysis = saliency_analysis(
+            session.objective, session.data, criteria=crits, levels=levels, scope=scope.value,
+            progress=advance, **common,
+        )  # fmt: skip
+    results = analysis_results(analysis)
+    if save_scores is not None:
+        results["scores"] = write_scores(
+            session, save_scores, analysis, criterion.value, fisher.value
+        )
+    return results
+
+
+def _prune(
+    session: Session,
+    fraction: float,
+    criterion: Criterion,
+    scope: Scope,
+    update: bool | None,
+    rounds: int,
+    common: dict[str, Any],
+) -> PruneResult:
+    """`gmcurv.saliency.prune_model` with a progress bar over its capture passes."""
+    from gmcurv.saliency import effective_rounds, prune_model
+
+    assert session.objective is not None and session.data is not None
+    n_rounds = effective_rounds(criterion.value, update, rounds)
+    with session.stage("prune"), session.progress("pruning", session.data.n * n_rounds) as adv:
+        return prune_model(
+            session.objective, session.data, fraction, criterion=criterion.value,
+            scope=scope.value, update=update, rounds=rounds, progress=adv, **common,
+        )  # fmt: skip
 
 
 def _write_pruned(session: Session, pruned: PruneResult, target: Path) -> tuple[Path, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -317,26 +318,7 @@ def trace(
     """
     kinds = list(NAMES) if curvature is o.Curvature.all else [curvature.value]
     learned = method in (o.Method.learned, o.Method.both)  # the GradMetaNet head (cli.learned)
-    if learned:
-        from gmcurv.cli import learned as lh
-
-        lh.check_kinds(kinds, fisher.value)
-    if (
-        kinds == ["fisher"]
-        and not learned
-        and method not in (o.Method.auto, o.Method.exact, o.Method.gram)
-    ):
-        raise ConfigError(
-            f"--method {method.value} does not apply to the Fisher",
-            hint="the Fisher uses exact closed forms on decomposed gradients (--method auto)",
-        )
-    if kinds != ["fisher"] and not learned and method not in TRACE_METHODS:
-        raise ConfigError(
-            f"--method {method.value} does not estimate GGN/Hessian traces",
-            hint="use auto, exact, hutchinson or hutchpp",
-        )
-    if method in (o.Method.hutchinson, o.Method.hutchpp) and probes < 2:
-        raise ConfigError("--probes must be at least 2 for a standard error", hint="--probes 100")
+    _check_method(kinds, method, fisher, probes, learned)
     if plot is not None:
         check_plot_path(plot)
     from gmcurv.io.series import resolve_series
@@ -347,7 +329,6 @@ def trace(
     if many:
         refuse_in_series(f"--method {method.value}", learned)
         refuse_in_series("--save-diagonal", save_diagonal is not None)
-    model = series.checkpoints[0].path if series else None
     for out in (output, plot):  # refuse bad output paths before any compute
         if out is not None:
             ensure_not_input(out, [*models, data])
@@ -355,21 +336,13 @@ def trace(
         check_save_diagonal(save_diagonal, kinds, [*models, data, output, plot])
     set_config_args(ctx, models, data)
     session = Session.open(
-        ctx,
-        model,
-        data,
-        arch=arch,
-        loss=loss,
-        samples=samples,
-        device=device,
-        dtype=dtype,
-        mode=mode,
-        layers=layers,
-        seed=seed,
-        quiet=quiet,
-        json_mode=json,
-    )
+        ctx, series.checkpoints[0].path if series else None, data, arch=arch, loss=loss,
+        samples=samples, device=device, dtype=dtype, mode=mode, layers=layers, seed=seed,
+        quiet=quiet, json_mode=json,
+    )  # fmt: skip
     if method is o.Method.learned:
+        from gmcurv.cli import learned as lh
+
         results = lh.learned_trace(session, kinds, seed)
         session.finish(
             session.report(results), lh.render_learned("gmcurv trace"), output, fail_if, strict
@@ -398,22 +371,11 @@ def trace(
         assert series is not None
         results = {
             "series": run_series(
-                session,
-                series,
-                with_loss(compute, batch_size),
-                arch=arch,
-                loss=loss,
-                layers=layers,
-                mode=mode,
+                session, series, with_loss(compute, batch_size), arch=arch, loss=loss,
+                layers=layers, mode=mode,
             )
-        }
-        if plot is not None and session.comm.main:
-            from gmcurv.cli.plots.series import plot_series
-
-            with session.stage("plot"):
-                ensure_not_input(plot, session.inputs)
-                plot_series(to_jsonable(results["series"]), plot)
-            session.note(f"plot written to {plot}")
+        }  # fmt: skip
+        _plot(session, plot, "series", results["series"])
         session.finish(session.report(results), render_series, output, fail_if, strict)
         return
     results = compute(session)
@@ -423,17 +385,54 @@ def trace(
             probes=probes, seed=seed, batch_size=batch_size,
             budget_bytes=parse_bytes(max_memory) if max_memory else None,
         )  # fmt: skip
+    shown = render
     if method is o.Method.both:
-        results["learned"] = lh.compare_trace(session, results, seed)
-    if plot is not None and session.comm.main:
-        from gmcurv.cli.plots.spectrum import plot_traces
+        from gmcurv.cli import learned as lh
 
-        with session.stage("plot"):
-            ensure_not_input(plot, session.inputs)
-            plot_traces(to_jsonable(results), plot)
-        session.note(f"plot written to {plot}")
-    shown = lh.render_with_comparison(render) if method is o.Method.both else render
+        results["learned"] = lh.compare_trace(session, results, seed)
+        shown = lh.render_with_comparison(render)
+    _plot(session, plot, "traces", results)
     session.finish(session.report(results), shown, output, fail_if, strict)
+
+
+def _check_method(
+    kinds: list[str], method: o.Method, fisher: o.FisherType, probes: int, learned: bool
+) -> None:
+    """--method against the curvatures asked for, and --probes for a standard error."""
+    if learned:
+        from gmcurv.cli import learned as lh
+
+        lh.check_kinds(kinds, fisher.value)
+    if (
+        kinds == ["fisher"]
+        and not learned
+        and method not in (o.Method.auto, o.Method.exact, o.Method.gram)
+    ):
+        raise ConfigError(
+            f"--method {method.value} does not apply to the Fisher",
+            hint="the Fisher uses exact closed forms on decomposed gradients (--method auto)",
+        )
+    if kinds != ["fisher"] and not learned and method not in TRACE_METHODS:
+        raise ConfigError(
+            f"--method {method.value} does not estimate GGN/Hessian traces",
+            hint="use auto, exact, hutchinson or hutchpp",
+        )
+    if method in (o.Method.hutchinson, o.Method.hutchpp) and probes < 2:
+        raise ConfigError("--probes must be at least 2 for a standard error", hint="--probes 100")
+
+
+def _plot(session: Session, plot: Path | None, kind: str, results: Any) -> None:
+    """--plot (main rank only): the traces of one checkpoint, or a series over checkpoints."""
+    if plot is None or not session.comm.main:
+        return
+    if kind == "series":
+        from gmcurv.cli.plots.series import plot_series as draw
+    else:
+        from gmcurv.cli.plots.spectrum import plot_traces as draw
+    with session.stage("plot"):
+        ensure_not_input(plot, session.inputs)
+        draw(to_jsonable(results), plot)
+    session.note(f"plot written to {plot}")
 
 
 def register(app: typer.Typer) -> None:

@@ -246,6 +246,22 @@ def labels_are_input_ids(data: DataSample) -> bool:
     return False
 
 
+def refuse_unnamed_label_shift(data: DataSample, loss_named: bool, label: str) -> None:
+    """Refuse data whose labels equal its input ids (the Hugging Face causal-LM convention)
+    when nothing named the loss: the default cross_entropy would score every token against
+    itself. `label` names the data in the message."""
+    if loss_named or not labels_are_input_ids(data):
+        return
+    raise ConfigError(
+        f"{label}: the labels equal the input ids (the Hugging Face causal-LM "
+        "convention) but nothing names the loss, and the default cross_entropy "
+        "would score every token against itself",
+        hint="pass --loss next_token (labels shifted by one inside the loss, as "
+        "transformers does), or --loss cross_entropy if the outputs are already "
+        "aligned with the labels",
+    )
+
+
 def trainable_modules(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Module]:
     """Modules owning at least one selected parameter directly, by module path."""
     owned = {id(p) for p in params.values()}

@@ -607,10 +607,10 @@ def prune_model(
     the OBS update stays exact. `ranker_name` is then the reported criterion.
     """
     fraction = check_fraction(fraction)
-    update = (criterion == "obs") if update is None else update
     if rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {rounds}")
-    rounds = rounds if update else 1
+    update = (criterion == "obs") if update is None else update
+    rounds = effective_rounds(criterion, update, rounds)
     names = _prunable(objective, include_bias, masks)
     removed = {k: v for k, v in _removed_from_masks(masks, objective).items() if k in names}
     original = {k: p.detach().clone() for k, p in objective.params.items()}
@@ -662,6 +662,11 @@ def prune_model(
         weights={k: v.detach() for k, v in current.items()},
         masks=removed,
     )
+
+
+def effective_rounds(criterion: str, update: bool | None, rounds: int) -> int:
+    """Rounds `prune_model` runs: `rounds` with the OBS update (the default for OBS), else 1."""
+    return rounds if ((criterion == "obs") if update is None else update) else 1
 
 
 def _check_below_target(

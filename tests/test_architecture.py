@@ -129,6 +129,7 @@ LAYERS = (
         (
             "gmcurv.gradmetanet.pretrained",
             "gmcurv.gradmetanet.zoo",
+            "gmcurv.gradmetanet.provenance",
             "gmcurv.gradmetanet.tzoo",
             "gmcurv.gradmetanet.tlm",
             "gmcurv.gradmetanet.train",
