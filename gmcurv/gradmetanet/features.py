@@ -74,7 +74,7 @@ TRANSFORMER_REFUSAL = (
     "evaluated on held-out causal LMs and does not beat the equal-cost baselines "
     "(Hutchinson/Lanczos and the MC-GGN on the same sequences) on the Hessian trace and "
     "λ_max across held-out models; its numbers are in the head's model card (`gmcurv head "
-    "info`) and bench/gradmetanet/head_v2.json"
+    "info`; in the repository: bench/gradmetanet/head_v2.json)"
 )
 
 
