@@ -1,7 +1,7 @@
 """Write head v2's measured section into the model card (numbers from the JSON only).
 
-    python bench/gradmetanet/record_head_v2.py [--result bench/gradmetanet/head_v2.json]
-        [--timing bench/gradmetanet/head_v2_124m.json]
+python bench/gradmetanet/record_head_v2.py [--result bench/gradmetanet/head_v2.json]
+    [--timing bench/gradmetanet/head_v2_124m.json]
 """
 
 from __future__ import annotations

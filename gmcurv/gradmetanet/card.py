@@ -209,9 +209,11 @@ def v2_verdict(s: dict[str, Any], q: str) -> dict[str, Any]:
     gains = {b: v[b]["head_gain_mean"] for b in V2_BASELINES}
     rates = {b: v[b]["head_win_rate"] for b in V2_BASELINES}
     wins = all(g > 0 for g in gains.values()) and all(r > 0.5 for r in rates.values())
+    medians = all(v["head"]["median"] < v[b]["median"] for b in V2_BASELINES)
     return {
         "wins": wins,
-        "target": min(gains.values()) >= GAIN_TARGET,
+        # the mean alone can hide a loss on most sets: the target also needs the head to win
+        "target": min(gains.values()) >= GAIN_TARGET and wins and medians,
         "min_gain": min(gains.values()),
         "beaten_by": [b for b in V2_BASELINES if gains[b] <= 0 or rates[b] <= 0.5],
     }
@@ -227,10 +229,15 @@ def v2_targets(res: dict[str, Any], timing: dict[str, Any] | None) -> list[tuple
                         "not measured"))  # fmt: skip
             continue
         v = v2_verdict(s, q)
-        gains = ", ".join(f"{b} {100 * s[q][b]['head_gain_mean']:+.0f} %" for b in V2_BASELINES)
+        gains = ", ".join(
+            f"{b} {100 * s[q][b]['head_gain_mean']:+.0f} % (wins {_pct(s[q][b]['head_win_rate'])}"
+            f", median {_f(s[q]['head']['median'])} vs {_f(s[q][b]['median'])})"
+            for b in V2_BASELINES
+        )
         out.append(
-            (f"{V2_LABELS[q]}: >= 25 % lower mean error than every equal-cost baseline",
-             v["target"], f"gain of the head over {gains} ({s['n']} sets, {s['models']} models)")
+            (f"{V2_LABELS[q]}: >= 25 % lower mean error than every equal-cost baseline "
+             "(and winning: lower median, win rate > 50 %)", v["target"],
+             f"mean-error gain of the head over {gains}; {s['n']} sets of {s['models']} models")
         )  # fmt: skip
     if s is not None:
         for q in ("trace", "top"):
@@ -242,12 +249,18 @@ def v2_targets(res: dict[str, Any], timing: dict[str, Any] | None) -> list[tuple
             )  # fmt: skip
     if timing:
         r = timing["head_over_backward_median"]
+        note = f"; {timing['note']}" if timing.get("note") else ""
         out.append(
             ("124M GPT-2 (random init, 8 x 128 tokens): head < 1.5x one backward", r < TIME_TARGET,
              f"{r:.2f}x (head {_f(timing['rows'][0]['head_total'], 1)} s, forward+backward "
              f"{_f(timing['rows'][0]['backward'], 1)} s, float32, 1 thread, load "
-             f"{_f(timing['loadavg'][0], 1)})")
+             f"{_f(timing['loadavg'][0], 1)}{note})")
         )  # fmt: skip
+    out.append(
+        ("MLPs: Fisher-diagonal gain over the plug-in >= 25 % on held-out models from unseen "
+         "tasks", False, "14.9 % on the spiral task (first session's measurement; not "
+         "re-measured, no v1 change in this session)")
+    )  # fmt: skip
     return out
 
 
@@ -286,8 +299,24 @@ def v2_section(res: dict[str, Any], timing: dict[str, Any] | None = None) -> str
                 f"| {V2_LABELS[q]} | {label} | {s['n']} | {' | '.join(cells)} | {rates} | "
                 f"{_pct(v['coverage_80'])} | {verdict} |"
             )
-    lines += ["", "Issue 14's targets for transformers:", "", "| target | met | measured |",
-              "|---|---|---|"]  # fmt: skip
+    t = res["summary"].get("all-test", {}).get("head_over_backward", {})
+    lines += [
+        "",
+        f"The head's time on these models (capture of the set, features, network) is "
+        f"{_f(t.get('median'), 1)}x one forward + backward of the same set (median; max "
+        f"{_f(t.get('max'), 1)}x). Where to use what: **head v2 is not shipped** — for a "
+        "transformer's Hessian trace use `gmcurv trace --curvature hessian` (Hutch++), for its "
+        "λ_max `gmcurv eigen --curvature hessian` (Lanczos). It beats the equal-cost baselines "
+        'only on λ_max pooled over the held-out models (table: "yes"), by less than the '
+        "25 % the issue asks for against the per-sequence plug-in, and not on unseen "
+        "architectures; its trace is worse than every baseline on most sets (its lower mean "
+        "comes from sets whose true trace is near zero).",
+        "",
+        "Issue 14's targets:",
+        "",
+        "| target | met | measured |",
+        "|---|---|---|",
+    ]
     for name, met, numbers in v2_targets(res, timing):
         lines.append(f"| {name} | {'met' if met else 'missed'} | {numbers} |")
     lines.append("")

@@ -70,11 +70,12 @@ def _activation_name(module: nn.Module) -> str | None:
 
 
 TRANSFORMER_REFUSAL = (
-    "the GradMetaNet head does not run on transformers: head v2 (GPT-2 / Llama) was "
-    "evaluated on held-out causal LMs and does not beat the equal-cost baselines "
-    "(Hutchinson/Lanczos and the MC-GGN on the same sequences) on the Hessian trace and "
-    "λ_max across held-out models; its numbers are in the head's model card (`gmcurv head "
-    "info`; in the repository: bench/gradmetanet/head_v2.json)"
+    "the GradMetaNet head does not run on transformers: head v2 (GPT-2 / Llama) is not "
+    "shipped — on held-out causal LMs its Hessian trace loses to the equal-cost baselines "
+    "on most sets, its λ_max beats the per-sequence plug-in by only 10 % and loses on "
+    "unseen architectures, its 80 % intervals do not hold, and it costs more than the exact "
+    "engine's products (numbers: `gmcurv head info`; in the repository: "
+    "bench/gradmetanet/head_v2.json)"
 )
 
 
