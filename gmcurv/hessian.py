@@ -630,8 +630,12 @@ def lanczos_estimates(
         criterion="gap",
     )
     random = op.is_random(seed)
-    n_mv = op.n_matvecs - before
-    ests = [
+    return lanczos_to_estimates(res, op.n_matvecs - before, random), res, random
+
+
+def lanczos_to_estimates(res, n_mv: int, random: bool = False) -> list[Estimate]:
+    """A `gmcurv.lanczos.LanczosResult` as `Estimate`s (never converged when random)."""
+    return [
         Estimate(
             float(v),
             None,
@@ -643,7 +647,6 @@ def lanczos_estimates(
         )
         for v, r, c in zip(res.values, res.residuals, res.converged, strict=True)
     ]
-    return ests, res, random
 
 
 def curvature_summary(
@@ -699,6 +702,7 @@ def curvature_summary(
     op = CurvatureOperator(objective, data, batch_size, kind, progress=progress)
     notes: list[str] = []
     stopped: str | None = None
+    eigs: list[Estimate] | None = None  # from the trace's Lanczos basis, when shared
     if resolved == "exact":
         announce("dense matrix: products", P)
         A = dense_matrix(op, budget_bytes)
@@ -735,19 +739,36 @@ def curvature_summary(
         prefix = "exact-ggn+" if exact_ggn else ""
         suffix = "(H-G)" if exact_ggn else ""
         base = sum(v for v, _ in ggn_part.values())
-        announce(f"{'H - G' if exact_ggn else 'trace'}: products", probes)
-        res = shared_block_traces(
-            target.matvec,
-            space,
-            {b: p for b, (p, _) in blocks.items()} if per_layer else {},
-            probes,
-            resolved,
-            seed=seed,
-            dtype=dtype,
-            device=device,
-            rtol=rtol,
-            offset=base,
-        )
+        wanted = {b: p for b, (p, _) in blocks.items()} if per_layer else {}
+        if method == "auto" and not exact_ggn and k > 0 and not op.is_random(seed):
+            # the eigenvalues' Lanczos basis deflates the trace: its products serve both
+            from gmcurv.lanczos_trace import lanczos_block_traces
+
+            announce("Lanczos, then trace: products", probes)
+            lz, res = lanczos_block_traces(
+                op.matvec, space, wanted, k, probes, tol=tol, max_iters=max_iters,
+                restarts=restarts, seed=seed, device=device, rtol=rtol, offset=base,
+            )  # fmt: skip
+            eigs = lanczos_to_estimates(lz, lz.n_matvecs)
+            notes.append(
+                f"the trace reuses the {lz.basis.shape[0]} Lanczos products of the top-{k} "
+                "eigenvalues as its deflation basis (exact on that subspace), then Hutchinson "
+                "probes on the complement"
+            )
+        else:
+            announce(f"{'H - G' if exact_ggn else 'trace'}: products", probes)
+            res = shared_block_traces(
+                target.matvec,
+                space,
+                wanted,
+                probes,
+                resolved,
+                seed=seed,
+                dtype=dtype,
+                device=device,
+                rtol=rtol,
+                offset=base,
+            )
         stopped = res.stopped
         for b, e in res.blocks.items():
             parts[b] = _shifted(e, ggn_part.get(b, (0.0, 0.0))[0], prefix, suffix, n)
@@ -769,8 +790,7 @@ def curvature_summary(
             notes.append("per-layer traces share the total's products (v_b^T (A v)_b)")
         if exact_ggn:
             op.n_matvecs += target.n_matvecs
-    eigs: list[Estimate] = []
-    if k > 0:
+    if k > 0 and eigs is None:
         announce("Lanczos: products", max_iters or max(4 * k + 20, 60))
         eigs, _, random = lanczos_estimates(op, k, tol, max_iters, seed, False, restarts)
         if random:
@@ -781,7 +801,7 @@ def curvature_summary(
         if b in parts
     }
     return CurvatureSummary(
-        kind, total.method, total, eigs, layers, P, op.n_matvecs, notes, stopped
+        kind, total.method, total, eigs or [], layers, P, op.n_matvecs, notes, stopped
     )
 
 

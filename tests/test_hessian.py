@@ -398,3 +398,32 @@ def test_ggn_factors_captured_once_for_ggn_and_hessian(tmp_path, monkeypatch):
     g = curvature_summary(obj, data, "ggn", k=0, cache=cache)
     h = curvature_summary(obj, data, "hessian", k=0, cache=cache)
     assert len(calls) == 1 and g.trace.value == pytest.approx(h.trace.value, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_summary_trace_shares_the_lanczos_products(kind, tmp_path, monkeypatch):
+    """auto with k > 0 (no exact GGN): the top-k Lanczos basis deflates the trace, so the
+    trace costs only its residual probes beyond the eigenvalues' products; eigenvalues are
+    the dense oracle's, traces (total and per layer) within their standard errors."""
+    monkeypatch.setattr(hs, "DENSE_MAX_PARAMS", 0)
+    monkeypatch.setattr(hs, "EXACT_GGN_MAX_COLUMNS", 0)
+    obj, batch, data = problem("attention", tmp_path)
+    ref = dense_hessian(obj, batch) if kind == "hessian" else dense_ggn_autograd(obj, batch)
+    s = curvature_summary(obj, data, kind, probes=40, k=3, tol=1e-10, rtol=0.0, batch_size=4)
+    w = torch.linalg.eigvalsh(ref).flip(0)[:3]
+    got = torch.tensor([e.value for e in s.eigenvalues], dtype=torch.float64)
+    torch.testing.assert_close(got, w, atol=1e-8, rtol=0)
+    lanczos_products = s.eigenvalues[0].n_matvecs
+    assert s.method == "hutchpp(lanczos)" and s.n_matvecs == s.trace.n_matvecs == 40
+    assert s.trace.n_samples == 40 - lanczos_products >= 2
+    assert abs(s.trace.value - float(torch.trace(ref))) <= 4 * s.trace.stderr
+    offsets = obj.space.offsets()
+    blocks = hs.capture_blocks(obj)
+    for name, layer in s.per_layer.items():
+        exact = sum(float(torch.diagonal(ref)[offsets[p]].sum()) for p in blocks[name][0])
+        assert abs(layer.trace.value - exact) <= 4 * layer.trace.stderr + 1e-10
+    assert len(s.per_layer) == len(blocks) > 2
+    flat = curvature_summary(obj, data, kind, probes=40, k=3, tol=1e-10, rtol=0.0, per_layer=False)
+    assert flat.n_matvecs == s.n_matvecs and flat.trace.value == pytest.approx(s.trace.value)
+    plain = curvature_summary(obj, data, kind, method="hutchpp", probes=40, k=3, tol=1e-10)
+    assert plain.method == "hutchpp" and plain.n_matvecs > 40  # its own Lanczos on top
