@@ -63,6 +63,21 @@ def slice_inputs(inputs: Inputs, sl: slice) -> Inputs:
     return inputs[sl]
 
 
+def concat_batches(batches: list[Batch]) -> Batch:
+    """Consecutive batches as one (rows in order; starts at the first batch's start)."""
+
+    def cat(parts: list) -> Tensor:
+        return torch.cat(parts)
+
+    first = batches[0].inputs
+    if isinstance(first, dict):
+        inputs: Inputs = {k: cat([b.inputs[k] for b in batches]) for k in first}  # type: ignore[index]
+    else:
+        inputs = cat([b.inputs for b in batches])
+    targets = None if batches[0].targets is None else cat([b.targets for b in batches])
+    return Batch(inputs, targets, batches[0].start)
+
+
 def move_inputs(inputs: Inputs, device: torch.device | str, float_dtype: torch.dtype) -> Inputs:
     """Move to device; floating tensors take the compute dtype, integer ones stay integer."""
 

@@ -208,6 +208,7 @@ class CurvatureOperator:
         default_factory=dict, repr=False
     )
     _graph_held: int = field(default=0, repr=False)
+    merge: bool = True  # one whole-sample graph when the budget allows (`whole_sample_batch`)
 
     def __post_init__(self) -> None:
         if self.kind not in CURVATURES:
@@ -373,10 +374,17 @@ class CurvatureOperator:
                 self.forward_mode = False
         return self._call(index, batch, vec, False)
 
+    def _product_batches(self):
+        """`batches`, merged into one once the sample's gradient graph is known to fit
+        `graph_bytes` (`whole_sample_batch`: one backward per product, as PyHessian does)."""
+        if self.merge and len(self._graphs) > 1:
+            whole_sample_batch(self)
+        return self.batches()
+
     def matvec_dict(self, vector: dict[str, Tensor]) -> dict[str, Tensor]:
         """``C v`` in parameter layout."""
         out: dict[str, Tensor] | None = None
-        for i, batch in enumerate(self.batches()):
+        for i, batch in enumerate(self._product_batches()):
             part = self._batch_product(batch, vector, i)
             out = part if out is None else {k: out[k] + part[k] for k in out}
         assert out is not None
@@ -398,7 +406,7 @@ class CurvatureOperator:
         batch run vectorised with ``torch.func.vmap`` when the model allows, else in a loop."""
         vecs = self.space.unflatten(V.to(self.objective.dtype))
         out: dict[str, Tensor] | None = None
-        for i, batch in enumerate(self.batches()):
+        for i, batch in enumerate(self._product_batches()):
             part = self._batch_matmat(batch, vecs, i, V.shape[0])
             out = part if out is None else {k: out[k] + part[k] for k in out}
         assert out is not None
@@ -444,6 +452,28 @@ class CurvatureOperator:
         v = torch.randn(self.size, generator=gen, dtype=torch.float64, device=self.objective.device)
         a, b = self.matvec(v), self.matvec(v)
         return not torch.allclose(a, b, rtol=1e-6, atol=1e-12)
+
+
+def whole_sample_batch(op: CurvatureOperator) -> bool:
+    """After a first pass that kept every batch's data and gradient graph within the
+    budget, make the sample one batch: its graph holds the same saved tensors (their
+    measured sum fits), and a product becomes one backward over the whole sample instead
+    of one per batch (fewer, larger kernels; values equal up to summation order). The
+    per-batch graphs and residuals are dropped and rebuilt once for the merged batch.
+    Decided once; False when the first pass did not keep everything."""
+    op.merge = False
+    n_batches = len(op._prints or [])
+    if op._batches is None or len(op._graphs) != n_batches or not op._graph_wanted():
+        return False
+    from gmcurv.data import concat_batches
+
+    merged = concat_batches(op._batches)
+    op._graphs.clear()
+    op._graph_held = 0
+    op._residuals.clear()
+    op._batches = [merged]
+    op._prints = [fingerprint(merged)]
+    return True
 
 
 # ------------------------------------------------------------------------------ dense

@@ -146,13 +146,30 @@ def test_operator_streams_batches_and_falls_back(name, graph, tmp_path):
     op = CurvatureOperator(obj, data, batch_size=4, kind="hessian", cache_graph=graph)
     v = _rand(obj, 3)
     torch.testing.assert_close(op.matvec(v), H @ v, rtol=0, atol=1e-10)
+    if graph is not False:  # cached gradient graphs, one per batch on the first pass
+        assert len(op._graphs) == 3 and op._graph_held > 0
     torch.testing.assert_close(op(v.float()).double(), (H @ v), rtol=1e-5, atol=1e-5)
     assert op.n_matvecs == 2
     if graph is False:  # forward-over-reverse, switched off for good after a failure
         assert op.forward_mode is (name != "nojvp") and not op._graphs
-    else:  # cached gradient graphs: one backward per product
-        assert len(op._graphs) == 3 and op._graph_held > 0
+    else:  # then one graph over the whole sample: one backward per product
+        assert len(op._graphs) == 1 and len(op._batches) == 1 and op._graph_held > 0
     torch.testing.assert_close(dense_matrix(op), H, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "residual"])
+def test_whole_sample_graph_against_double_backward(kind, tmp_path):
+    """After the first pass the batches merge into one graph (PyHessian's layout): products
+    agree with plain double backward over the whole sample; without the merge too."""
+    obj, batch, data = problem("attention", tmp_path, n=11)
+    H = dense_hessian(obj, batch)
+    ref = H if kind == "hessian" else H - dense_ggn_autograd(obj, batch)
+    for merge in (True, False):
+        op = CurvatureOperator(obj, data, batch_size=4, kind=kind, merge=merge)
+        for seed in range(3):
+            v = _rand(obj, seed)
+            torch.testing.assert_close(op.matvec(v), ref @ v, rtol=0, atol=1e-10)
+        assert len(op._graphs) == (1 if merge else 3) and len(op._batches) == (1 if merge else 3)
 
 
 def test_graph_cache_respects_its_budget(tmp_path):
@@ -220,7 +237,7 @@ def test_data_order_change_is_an_error(tmp_path):
 
 def test_cache_keeps_batches_and_residuals(tmp_path):
     obj, _, data = problem("mlp", tmp_path, n=9)
-    op = CurvatureOperator(obj, data, batch_size=4, kind="residual")
+    op = CurvatureOperator(obj, data, batch_size=4, kind="residual", merge=False)
     v = _rand(obj)
     a = op.matvec(v)
     assert op._batches is not None and len(op._batches) == 3 and len(op._residuals) == 3
