@@ -633,6 +633,29 @@ def _dense_summary(op, A: Tensor, blocks, k: int, per_layer: bool) -> tuple[Esti
     return trace, eig_estimates(A) if k > 0 else [], layers
 
 
+def lanczos_preflight(n: int, k: int, max_iters: int | None, budget: int | None) -> None:
+    """Stop early when the Lanczos basis (float64, ``max_iters + 1`` vectors of `n`) would
+    exceed the memory budget (GPT-2 124M: 61 vectors are 60 GB)."""
+    from gmcurv.memory import preflight
+
+    steps = min(n, max_iters or max(4 * k + 20, 60)) + 1
+    preflight(
+        8.0 * steps * n,
+        budget,
+        f"the Lanczos basis for the top-{k} eigenvalues ({steps} vectors of {n:,} parameters)",
+        "use --k 0 (no eigenvalues), a smaller --max-iters, or restrict --layers",
+    )
+
+
+def sketch_fits(n: int, probes: int, budget: int | None) -> bool:
+    """Whether Hutch++'s sketch (``probes/3`` vectors of `n`, with their products and
+    orthonormal basis, float64) fits the memory budget."""
+    from gmcurv.memory import default_budget
+
+    limit = default_budget() if budget is None else budget
+    return 3 * 8.0 * (probes // 3) * n <= limit
+
+
 def lanczos_estimates(
     op: CurvatureOperator,
     k: int,
@@ -641,10 +664,12 @@ def lanczos_estimates(
     seed: int,
     vectors: bool,
     restarts: int = 0,
+    budget_bytes: int | None = None,
 ):
     """Top-k by Lanczos on `op` as `Estimate`s, converged when the eigenvalue error bound
     is within ``tol |λ_max|`` (`gmcurv.lanczos`, gap rule) — never when products are random.
     `restarts` > 0 deflates converged pairs and restarts to recover repeated eigenvalues."""
+    lanczos_preflight(op.size, k, max_iters, budget_bytes)
     before = op.n_matvecs
     res = lanczos(
         op.matvec,
@@ -770,7 +795,14 @@ def curvature_summary(
         suffix = "(H-G)" if exact_ggn else ""
         base = sum(v for v, _ in ggn_part.values())
         wanted = {b: p for b, (p, _) in blocks.items()} if per_layer else {}
+        if method == "auto" and resolved == "hutchpp" and not sketch_fits(P, probes, budget_bytes):
+            resolved = "hutchinson"  # unbiased either way; Hutch++ only lowers the variance
+            notes.append(
+                f"Hutchinson, not Hutch++: a sketch of {probes // 3} vectors of {P:,} "
+                "parameters does not fit the memory budget"
+            )
         if method == "auto" and not exact_ggn and k > 0 and not op.is_random(seed):
+            lanczos_preflight(P, k, max_iters, budget_bytes)
             # the eigenvalues' Lanczos basis deflates the trace: its products serve both
             from gmcurv.lanczos_trace import lanczos_block_traces
 
@@ -822,7 +854,9 @@ def curvature_summary(
             op.n_matvecs += target.n_matvecs
     if k > 0 and eigs is None:
         announce("Lanczos: products", max_iters or max(4 * k + 20, 60))
-        eigs, _, random = lanczos_estimates(op, k, tol, max_iters, seed, False, restarts)
+        eigs, _, random = lanczos_estimates(
+            op, k, tol, max_iters, seed, False, restarts, budget_bytes
+        )
         if random:
             notes.append("products are random (train mode with Dropout): nothing converged")
     layers = {
@@ -909,7 +943,9 @@ def top_eigen(
         ]
         vecs = [_layout(op, V[:, j]) for j in range(len(w))] if vectors else None
         return EigenSummary(kind, "exact(dense)", values, vecs, P, op.n_matvecs)
-    values, res, random = lanczos_estimates(op, k, tol, max_iters, seed, vectors, restarts)
+    values, res, random = lanczos_estimates(
+        op, k, tol, max_iters, seed, vectors, restarts, budget_bytes
+    )
     notes = ["products are random (train mode with Dropout): nothing converged"] if random else []
     vecs = None
     if vectors and res.vectors is not None:

@@ -444,3 +444,23 @@ def test_summary_trace_shares_the_lanczos_products(kind, tmp_path, monkeypatch):
     assert flat.n_matvecs == s.n_matvecs and flat.trace.value == pytest.approx(s.trace.value)
     plain = curvature_summary(obj, data, kind, method="hutchpp", probes=40, k=3, tol=1e-10)
     assert plain.method == "hutchpp" and plain.n_matvecs > 40  # its own Lanczos on top
+
+
+def test_memory_budget_guards_lanczos_and_sketch(tmp_path, monkeypatch):
+    """A Lanczos basis over the budget stops early with a clear error; a Hutch++ sketch
+    over it falls back to plain Hutchinson (unbiased), said in the notes."""
+    from gmcurv.errors import MemoryBudgetError
+
+    monkeypatch.setattr(hs, "DENSE_MAX_PARAMS", 0)
+    monkeypatch.setattr(hs, "EXACT_GGN_MAX_COLUMNS", 0)
+    obj, batch, data = problem("attention", tmp_path)
+    P = obj.space.size
+    with pytest.raises(MemoryBudgetError, match="Lanczos basis"):
+        curvature_summary(obj, data, "hessian", k=2, budget_bytes=8 * P * 10)
+    with pytest.raises(MemoryBudgetError, match="--k 0"):
+        top_eigen(obj, data, "hessian", 2, method="lanczos", budget_bytes=8 * P * 10)
+    s = curvature_summary(obj, data, "hessian", probes=30, k=0, rtol=0.0, budget_bytes=8 * P)
+    assert s.method == "hutchinson" and s.n_matvecs == 30
+    assert any("does not fit the memory budget" in note for note in s.notes)
+    H = dense_hessian(obj, batch)
+    assert abs(s.trace.value - float(torch.trace(H))) <= 4 * s.trace.stderr
