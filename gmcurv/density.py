@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from gmcurv.errors import ConfigError
+from gmcurv.estimate import Estimate
 from gmcurv.lanczos import lanczos_tridiagonal
-from gmcurv.results import Estimate
 from gmcurv.stochastic import rademacher
 
 Matvec = Callable[[Tensor], Tensor]
@@ -162,7 +162,8 @@ def spectrum_summary(
 ) -> Spectrum:
     """What ``gmcurv spectrum`` reports, for the Hessian or the GGN: SLQ (``slq``/``lanczos``)
     or the exact spectrum of the dense matrix (``exact``; ``auto`` picks it when tiny)."""
-    from gmcurv.hessian import CurvatureOperator, dense_matrix, resolve_method
+    from gmcurv.hessian import dense_matrix, resolve_method
+    from gmcurv.operator import CurvatureOperator
 
     if kind not in ("hessian", "ggn"):
         raise ConfigError(

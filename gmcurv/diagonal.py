@@ -86,7 +86,7 @@ def stochastic_diagonal(
     progress: Callable[[int], None] | None = None,
 ) -> CurvatureDiagonal:
     """``diag A`` of the GGN or Hessian from `probes` Rademacher probes, with standard errors."""
-    from gmcurv.hessian import CurvatureOperator
+    from gmcurv.operator import CurvatureOperator
     from gmcurv.stochastic import diagonal
 
     if kind not in ("ggn", "hessian"):

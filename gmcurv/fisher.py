@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from gmcurv.capture import DecomposedGradients
-from gmcurv.results import Estimate
+from gmcurv.estimate import Estimate
+from gmcurv.memory import DENSE_GRAM_LIMIT
 
 
 def _blocks(dg: DecomposedGradients, names: Iterable[str] | None):
@@ -114,7 +115,6 @@ class FisherEigen:
     n_matvecs: int = 0
 
 
-DENSE_GRAM_LIMIT = 2048  # above N*C = this, Lanczos on the implicit K = J J^T
 EIGH_LIMIT = 256  # up to N*C = this (or k >= N*C / 4) a full eigh of K is cheapest
 
 

@@ -1,10 +1,8 @@
-"""Memory preflight: estimate big allocations before making them, fail with a clear fix.
+"""Memory budget: estimate big allocations before making them, fail with a clear fix.
 
-The budget is ``--max-memory`` (default: half the memory available now). Before capturing
-per-example gradients, `preflight_capture` runs one example forward (no backward) to size
-the activations autograd keeps, the Fisher's output columns, the decomposed factors and any
-dense per-example gradients, and stops with the option that fixes an overrun
-(``--batch-size``, ``--samples``, ``--layers``, ``--fisher``).
+The budget is ``--max-memory`` (default: half the memory available now); `preflight` stops
+an allocation that would exceed it with the option that fixes the overrun. Capture's own
+estimate (one example forward, no backward) is `gmcurv.capture_budget`.
 """
 
 from __future__ import annotations
@@ -12,9 +10,10 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
 
 from gmcurv.errors import ConfigError, MemoryBudgetError
+
+DENSE_GRAM_LIMIT = 2048  # above N*C = this, Lanczos on the implicit K = J J^T (no dense K)
 
 _UNITS = {
     "": 1,
@@ -89,198 +88,3 @@ def preflight(need: float, budget: int | None, what: str, fix: str) -> None:
             f"{what} needs about {human(need)}, over the memory budget of {human(limit)}",
             hint=f"{fix}; or raise --max-memory",
         )
-
-
-# ------------------------------------------------------------------------- capture preflight
-@dataclass(frozen=True)
-class CaptureEstimate:
-    """Bytes one example costs when its gradients are captured (`estimate_capture`).
-
-    - ``activations``: tensors autograd saves for the backward pass (parameters excluded);
-    - ``cotangents``: the Fisher's output columns ``G`` (``C`` x the outputs);
-    - ``factors``: decomposed factors (``delta``: ``C`` x the module's outputs, inputs once);
-    - ``dense``: dense per-example gradients, ``C`` x the parameters of `dense_modules`;
-    - ``check`` (per capture, not per example): the first batch's self-check against
-      autograd — three full gradients plus float64 copies of the largest block.
-    """
-
-    columns: int
-    activations: int
-    cotangents: int
-    factors: int
-    dense: int
-    dense_modules: tuple[str, ...] = ()
-    dense_params: int = 0
-    check: int = 0
-    outputs: int = 0  # the model's outputs (the loss makes a few temporaries of this size)
-
-    def batch_bytes(self, batch_size: int, first: bool = True) -> int:
-        """Peak while one batch is captured: the saved graph and as much again for the
-        backward pass (the dense fallback re-runs it per column), the loss's temporaries,
-        columns and factors; `first`: the first batch also runs the self-check."""
-        graph = 2 * self.activations * (1 + (self.columns if self.dense else 0))
-        loss = 4 * self.outputs + self.cotangents
-        per_batch = batch_size * (graph + loss + self.factors + self.dense)
-        return per_batch + (self.check if first else 0)
-
-    def kept_bytes(self, n: int) -> int:
-        """Factors of `n` examples held at once, plus the largest Gram kernel formed on them."""
-        from gmcurv.fisher import DENSE_GRAM_LIMIT
-
-        rows = min(n * self.columns, DENSE_GRAM_LIMIT)
-        return n * (self.factors + self.dense) + 3 * rows * rows * 8
-
-    def describe(self) -> str:
-        parts = [
-            ("activations", self.activations),
-            ("output columns", self.cotangents),
-            ("factors", self.factors),
-            ("dense gradients", self.dense),
-        ]
-        text = ", ".join(f"{name} {human(b)}" for name, b in parts if b)
-        return text + (f"; self-check {human(self.check)} once" if self.check else "")
-
-
-def estimate_capture(objective, example, fisher: str = "empirical", mc_samples: int = 1):
-    """`CaptureEstimate` from one hooked forward pass of a one-example `Batch` (no backward).
-
-    Shapes of every captured module's inputs and outputs give the factor sizes; a
-    saved-tensors hook measures what autograd keeps; nothing of size ``C`` is allocated,
-    so even an exact Fisher with millions of columns is estimated safely.
-    """
-    import torch
-
-    from gmcurv.capture import _only_selected_require_grad, module_kind, plan_capture
-
-    obj = objective
-    itemsize = torch.empty((), dtype=obj.dtype).element_size()
-    plans = plan_capture(obj.model, obj.params)
-    hooked = {m for p in plans if p.kind != "dense" for m in p.modules}
-    factor_elems = [0, 0]  # [per column, once]
-    norm_params = 0
-    handles = []
-
-    def record(module, args, output) -> None:
-        if not args or not isinstance(output, torch.Tensor):
-            return
-        x, kind = args[0], module_kind(module)
-        factor_elems[0] += output.numel()  # delta: C x the module's outputs
-        if kind in ("linear", "conv1d"):
-            factor_elems[1] += x.numel()
-        elif kind == "conv2d":
-            k = math.prod(module.kernel_size) * module.in_channels
-            factor_elems[1] += output.numel() // module.out_channels * k
-        elif kind == "embedding":
-            factor_elems[1] += x.numel() * 8 // itemsize  # int64 indices
-
-    for path in hooked:
-        module = obj.model.get_submodule(path)
-        if module_kind(module) == "norm":
-            norm_params += sum(p.numel() for p in module.parameters(recurse=False))
-        handles.append(module.register_forward_hook(record))
-    params = {p.untyped_storage().data_ptr() for p in obj.model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    try:
-        with (
-            _only_selected_require_grad(obj.model, obj.params),
-            torch.enable_grad(),
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        ):
-            out = obj.outputs(example.inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    columns = obj.loss.n_columns(out.shape, fisher, mc_samples)
-    dense = [p for p in plans if p.kind == "dense"]
-    dense_params = sum(obj.params[k].numel() for p in dense for k in p.params)
-    n_params = sum(p.numel() for p in obj.params.values())
-    largest = max(sum(obj.params[k].numel() for k in p.params) for p in plans)
-    return CaptureEstimate(
-        columns=columns,
-        activations=sum(saved.values()),
-        cotangents=columns * out.numel() * itemsize,
-        factors=(columns * (factor_elems[0] + norm_params) + factor_elems[1]) * itemsize,
-        dense=columns * dense_params * itemsize,
-        dense_modules=tuple(p.name for p in dense),
-        dense_params=dense_params,
-        check=3 * n_params * itemsize + 4 * largest * 8,
-        outputs=out.numel() * itemsize,
-    )
-
-
-def check_capture(
-    estimate: CaptureEstimate,
-    n: int,
-    batch_size: int,
-    budget: int | None,
-    keep: bool = False,
-    fisher: str = "empirical",
-    n_kept: int | None = None,
-) -> None:
-    """Raise `MemoryBudgetError` naming the option that fixes it, if capture would not fit.
-
-    `keep`: all examples' factors are held at once (Gram kernels, exact eigenvalues) —
-    `n_kept` of them (default `n`; under torchrun, every rank's examples).
-    """
-    n_kept = n if n_kept is None else n_kept
-    limit = default_budget() if budget is None else budget
-    one = estimate.batch_bytes(1)
-    columns_fix = ""
-    if fisher == "exact" and estimate.columns > 1:
-        columns_fix = (
-            f"; or use --fisher mc or empirical (the exact Fisher has {estimate.columns:,} "
-            "columns per example)"
-        )
-    if one > limit:
-        dense = estimate.dense_modules
-        exclude = f" (e.g. leave out {', '.join(dense[:4])}, captured densely)" if dense else ""
-        preflight(
-            one,
-            limit,
-            f"capturing per-example gradients of a single example ({estimate.describe()})",
-            f"use --layers to analyse fewer parameters{exclude}{columns_fix}",
-        )
-    b = min(batch_size, n)
-    if estimate.batch_bytes(b) > limit:
-        per_example = max(estimate.batch_bytes(1, first=False), 1)
-        fit = max(1, int((limit - estimate.check) // per_example))
-        preflight(
-            estimate.batch_bytes(b),
-            limit,
-            f"capturing a batch of {b} examples (per example: {estimate.describe()})",
-            f"lower --batch-size to {fit} or less{columns_fix}",
-        )
-    if keep and estimate.kept_bytes(n_kept) > limit:
-        per = estimate.factors + estimate.dense
-        fit = max(1, int((limit - estimate.kept_bytes(0)) // max(per, 1)))
-        preflight(
-            estimate.kept_bytes(n_kept),
-            limit,
-            f"keeping the decomposed gradients of all {n_kept} examples for eigenvalues "
-            f"({human(per)} per example)",
-            f"use --samples {fit} or less, or --layers to analyse fewer parameters{columns_fix}",
-        )
-
-
-def preflight_capture(
-    objective,
-    data,
-    batch_size: int,
-    fisher: str = "empirical",
-    mc_samples: int = 1,
-    budget: int | None = None,
-    keep: bool = False,
-) -> CaptureEstimate:
-    """Estimate the memory of capturing `data` and stop early if it exceeds the budget."""
-    example = data.first(1, objective.device, objective.dtype)
-    estimate = estimate_capture(objective, example, fisher, mc_samples)
-    n_kept = getattr(data, "n_total", data.n)
-    check_capture(estimate, data.n, batch_size, budget, keep, fisher, n_kept)
-    return estimate

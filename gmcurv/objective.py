@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gmcurv.data import Batch, DataSample, Inputs, batch_size_of
+from gmcurv.batch import Batch, Inputs, batch_size_of
+from gmcurv.data import DataSample
 from gmcurv.errors import ArchitectureError, ConfigError, DataError
 from gmcurv.losses import CallableLoss, CrossEntropy, Loss, get_loss
 from gmcurv.modes import apply_mode
@@ -146,31 +147,7 @@ class Objective:
         targets = (
             batch.targets if batch.targets is not None else self.loss.default_targets(batch.inputs)
         )
-        if isinstance(self.loss, CallableLoss):
-            return targets  # as stored (or None): the user's function owns their meaning
-        if targets is None:
-            raise DataError("the data has no targets", hint="store them under 'targets'")
-        if isinstance(self.loss, CrossEntropy):
-            if targets.is_floating_point():
-                fractional = targets != targets.round()
-                if bool(fractional.any()):  # class indices: never truncate 6.5 to 6
-                    value = float(targets[fractional].flatten()[0])
-                    raise DataError(
-                        f"the targets hold non-integer values (e.g. {value:g}) but the "
-                        f"{self.loss.name} loss takes class indices",
-                        hint="store integer class labels, or pass --loss mse for "
-                        "regression targets",
-                    )
-                targets = targets.long()
-            return targets
-        targets = targets.to(outputs.dtype)
-        if targets.numel() != outputs.numel():
-            raise DataError(
-                f"targets have shape {tuple(targets.shape)}, but the model's outputs have shape "
-                f"{tuple(outputs.shape)}: the loss {self.loss.name} needs one target per output",
-                hint="class labels want --loss cross_entropy",
-            )
-        return targets.reshape(outputs.shape) if targets.shape != outputs.shape else targets
+        return shape_targets(self.loss, targets, outputs)
 
     def per_example_loss(self, batch: Batch, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """``L_n`` for each example of the batch, shape ``[n]``."""
@@ -183,37 +160,74 @@ class Objective:
 
         Returns the output shape of one example.
         """
-        data.validate()
-        probe = data.first(2, self.device, self.dtype)
+        return validate_data(self, data)
+
+
+def shape_targets(loss: Loss, targets: Tensor | None, outputs: Tensor) -> Tensor:
+    """Targets as `loss` takes them: class indices (int64, never truncating 6.5 to 6) for
+    cross-entropy, else the outputs' dtype and shape (one target per output); a callable
+    loss gets them as stored."""
+    if isinstance(loss, CallableLoss):
+        return targets  # as stored (or None): the user's function owns their meaning
+    if targets is None:
+        raise DataError("the data has no targets", hint="store them under 'targets'")
+    if isinstance(loss, CrossEntropy):
+        if targets.is_floating_point():
+            fractional = targets != targets.round()
+            if bool(fractional.any()):  # class indices: never truncate 6.5 to 6
+                value = float(targets[fractional].flatten()[0])
+                raise DataError(
+                    f"the targets hold non-integer values (e.g. {value:g}) but the "
+                    f"{loss.name} loss takes class indices",
+                    hint="store integer class labels, or pass --loss mse for regression targets",
+                )
+            targets = targets.long()
+        return targets
+    targets = targets.to(outputs.dtype)
+    if targets.numel() != outputs.numel():
+        raise DataError(
+            f"targets have shape {tuple(targets.shape)}, but the model's outputs have shape "
+            f"{tuple(outputs.shape)}: the loss {loss.name} needs one target per output",
+            hint="class labels want --loss cross_entropy",
+        )
+    return targets.reshape(outputs.shape) if targets.shape != outputs.shape else targets
+
+
+def validate_data(objective: Objective, data: DataSample) -> torch.Size:
+    """Validate DATA against the model before any compute: the model takes the inputs with
+    finite outputs, and every file's targets fit the loss. Returns one example's output shape.
+    """
+    data.validate()
+    probe = data.first(2, objective.device, objective.dtype)
+    try:
+        with torch.no_grad():
+            out = objective.outputs(probe.inputs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        shape = (
+            {k: tuple(v.shape[1:]) for k, v in probe.inputs.items()}
+            if isinstance(probe.inputs, dict)
+            else tuple(probe.inputs.shape[1:])
+        )
+        raise DataError(
+            f"{data.path}: the model cannot take these inputs (one example has shape "
+            f"{shape}): {str(e).splitlines()[0]}",
+            hint="check that the data belongs to this model",
+        ) from None
+    if not torch.isfinite(out).all():
+        raise DataError(
+            f"{data.path}: the model's outputs contain NaN/Inf on the first examples",
+            hint="check the checkpoint and the input scaling",
+        )
+    per_example = out.shape[1:]
+    for shard, inputs, targets in data.shard_arrays():
+        n = batch_size_of(inputs)
+        batch = Batch(inputs, targets, 0)
         try:
-            with torch.no_grad():
-                out = self.outputs(probe.inputs)
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            shape = (
-                {k: tuple(v.shape[1:]) for k, v in probe.inputs.items()}
-                if isinstance(probe.inputs, dict)
-                else tuple(probe.inputs.shape[1:])
-            )
-            raise DataError(
-                f"{data.path}: the model cannot take these inputs (one example has shape "
-                f"{shape}): {str(e).splitlines()[0]}",
-                hint="check that the data belongs to this model",
-            ) from None
-        if not torch.isfinite(out).all():
-            raise DataError(
-                f"{data.path}: the model's outputs contain NaN/Inf on the first examples",
-                hint="check the checkpoint and the input scaling",
-            )
-        per_example = out.shape[1:]
-        for shard, inputs, targets in data.shard_arrays():
-            n = batch_size_of(inputs)
-            batch = Batch(inputs, targets, 0)
-            try:
-                tgt = self.targets(batch, out.new_empty((n, *per_example)))
-            except DataError as e:
-                raise DataError(f"{shard.path}: {e.message}", e.hint) from None
-            self.loss.check(torch.Size((n, *per_example)), tgt, str(shard.path))
-        return per_example
+            tgt = objective.targets(batch, out.new_empty((n, *per_example)))
+        except DataError as e:
+            raise DataError(f"{shard.path}: {e.message}", e.hint) from None
+        objective.loss.check(torch.Size((n, *per_example)), tgt, str(shard.path))
+    return per_example
 
 
 def labels_are_input_ids(data: DataSample) -> bool:
@@ -230,6 +244,22 @@ def labels_are_input_ids(data: DataSample) -> bool:
             and bool(torch.equal(ids, targets))
         )
     return False
+
+
+def refuse_unnamed_label_shift(data: DataSample, loss_named: bool, label: str) -> None:
+    """Refuse data whose labels equal its input ids (the Hugging Face causal-LM convention)
+    when nothing named the loss: the default cross_entropy would score every token against
+    itself. `label` names the data in the message."""
+    if loss_named or not labels_are_input_ids(data):
+        return
+    raise ConfigError(
+        f"{label}: the labels equal the input ids (the Hugging Face causal-LM "
+        "convention) but nothing names the loss, and the default cross_entropy "
+        "would score every token against itself",
+        hint="pass --loss next_token (labels shifted by one inside the loss, as "
+        "transformers does), or --loss cross_entropy if the outputs are already "
+        "aligned with the labels",
+    )
 
 
 def trainable_modules(model: nn.Module, params: Mapping[str, Tensor]) -> dict[str, nn.Module]:

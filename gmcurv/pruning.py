@@ -1,9 +1,8 @@
-"""Pruning mechanics: which weights may go, masks with exact counts, evaluation, checkpoints.
+"""Pruning mechanics: which weights may go, masks with exact counts, evaluation.
 
-Masks here are *removal* masks (True = pruned); checkpoints store the complement (1 = kept,
-as in ``torch.nn.utils.prune``) in a sidecar ``<name>.masks.safetensors`` (`gmcurv.masks`),
-so the fraction of zeros of a stored mask is the layer's sparsity and the checkpoint itself
-stays a plain state dict.
+Masks here are *removal* masks (True = pruned); pruned checkpoints (`gmcurv.io.pruned`)
+store the complement (1 = kept, as in ``torch.nn.utils.prune``) in a sidecar, so the
+fraction of zeros of a stored mask is the layer's sparsity.
 
 Counting: pruning a fraction ``f`` removes exactly ``round(f * n_prunable)`` weights
 (Python's ``round``). With ``scope='layer'`` every prunable tensor loses ``floor(f n_l)`` or
@@ -14,38 +13,21 @@ deterministic.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from gmcurv import distributed
 from gmcurv.capture import plan_capture
-from gmcurv.checkpoint import (
-    MASK_PREFIX,
-    META_ARCH,
-    LoadedModel,
-    gmcurv_metadata,
-    load_tensors,
-    masks_path,
-    save_checkpoint,
-)
 from gmcurv.data import DataSample
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import ensure_not_input
-from gmcurv.metadata import copyable
-from gmcurv.models.registry import FAMILIES
+from gmcurv.estimate import Estimate
 from gmcurv.objective import Objective
-from gmcurv.results import Estimate
-from gmcurv.samples import SAMPLE_ROOT
 
 SCOPES = ("global", "layer")
-META_PRUNING = "gmcurv.pruning"
 
 
 # ------------------------------------------------------------------------------ what may go
@@ -221,68 +203,6 @@ def evaluate(
     return Evaluation(Estimate.exact_value(mean, n, "mean loss", data_stderr=se), acc)
 
 
-# ------------------------------------------------------------------------------ checkpoints
-def default_output_path(model_path: Path, fraction: float) -> Path:
-    """``<stem>.pruned-<percent>.safetensors`` beside the input.
-
-    A bundled sample (inside the installed package) is never written into: its pruned copy
-    goes to the working directory as ``<sample>.pruned-<percent>.safetensors``.
-    """
-    pct = f"{100 * fraction:.4g}"
-    path = Path(model_path)
-    if SAMPLE_ROOT in path.resolve().parents:
-        return Path.cwd() / f"{path.parent.name}.pruned-{pct}.safetensors"
-    return path.with_name(f"{path.stem}.pruned-{pct}.safetensors")
-
-
-def pruned_outputs(output: Path) -> tuple[Path, Path]:
-    """The files ``--prune`` writes: the checkpoint and its masks sidecar."""
-    return Path(output), masks_path(output)
-
-
-def save_pruned(
-    loaded: LoadedModel,
-    weights: Mapping[str, Tensor],
-    masks: Mapping[str, Tensor],
-    output: Path,
-    info: Mapping[str, Any],
-    inputs: list[Path | None] | None = None,
-) -> Path:
-    """Write a pruned checkpoint: the input's keys and dtypes, the model's values (pruned
-    where given) in the model's own layout and gmcurv metadata (the input's plus the family
-    spec and pruning info); keep-masks go to the sidecar `pruned_outputs` names.
-
-    The input file is only read; neither output may be any of `inputs`.
-    """
-    for path in pruned_outputs(output):
-        ensure_not_input(path, [loaded.path, *(inputs or [])])
-    original = load_tensors(loaded.path)
-    by_id = {id(p): name for name, p in loaded.model.named_parameters()}
-    state_vars = loaded.model.state_dict(keep_vars=True)
-    state: dict[str, Tensor] = {}
-    file_key: dict[str, str] = {}
-    for key, value in original.items():
-        if key.startswith(MASK_PREFIX):  # legacy masks inside the input: not carried over
-            continue
-        var = state_vars.get(getattr(loaded, "key_map", {}).get(key, key))
-        if var is None:  # an entry the model ignores: copied as is
-            state[key] = value
-            continue
-        name = by_id.get(id(var))
-        # the model's layout (gmcurv metadata marks it), in the file's dtype
-        new = weights[name] if name is not None and name in weights else var
-        state[key] = new.detach().to("cpu", value.dtype).contiguous()
-        if name is not None:
-            file_key.setdefault(name, key)
-    keep = {file_key.get(k, k): (~m).cpu() for k, m in masks.items()}
-    meta = dict(loaded.metadata)
-    family = loaded.arch.partition(":")[0] in FAMILIES
-    if family and (META_ARCH not in meta or loaded.arch_source == "--arch"):
-        # reloads without --arch (a transformers model: with its config)
-        meta.update(
-            gmcurv_metadata(loaded.arch, loaded.loss, getattr(loaded.model, "arch_config", None))
-        )
-    meta.setdefault("gmcurv.loss", loaded.loss)
-    meta = copyable(meta)  # descriptive keys only: a --loss file.py:fn is never written down
-    meta[META_PRUNING] = json.dumps(dict(info), sort_keys=True)
-    return save_checkpoint(output, state, meta, keep)
+def mask_sparsity(masks: Mapping[str, Tensor]) -> dict[str, float]:
+    """Fraction of zeros in each (keep-)mask: the layer's sparsity."""
+    return {k: 1.0 - float(m.float().mean()) for k, m in masks.items()}

@@ -1,9 +1,9 @@
 """Result records and the JSON report schema: the one source of truth for output.
 
-Every number gmcurv reports is an `Estimate`: ``value`` with ``stderr`` (null when the
-value is exact on the sample), ``n_samples`` (examples, probes or iterations it rests on),
-``method`` and ``converged``. Optional fields say more: ``data_stderr`` is the standard
-error of a sample quantity as an estimate of the population one (spread over examples),
+Every number gmcurv reports is an `Estimate` (`gmcurv.estimate`): ``value`` with ``stderr``
+(null when the value is exact on the sample), ``n_samples`` (examples, probes or iterations
+it rests on), ``method`` and ``converged``. Optional fields say more: ``data_stderr`` is the
+standard error of a sample quantity as an estimate of the population one (over examples),
 ``n_matvecs`` counts Hessian/GGN-vector products, ``residual`` is an eigenpair's residual.
 A learned estimate (the GradMetaNet head) has no standard error (``stderr`` null) but a
 calibrated ``interval`` ``[lo, hi]`` whose nominal coverage is ``interval_level`` (e.g. 0.8:
@@ -25,30 +25,6 @@ from typing import Any
 from gmcurv import __version__
 
 SCHEMA_VERSION = "1.0"
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """One reported number and how far to trust it."""
-
-    value: float
-    stderr: float | None
-    n_samples: int
-    method: str
-    converged: bool = True
-    data_stderr: float | None = None
-    n_matvecs: int | None = None
-    residual: float | None = None
-    interval: tuple[float, float] | None = None
-    interval_level: float | None = None
-
-    @property
-    def exact(self) -> bool:
-        return self.stderr is None and self.interval is None
-
-    @classmethod
-    def exact_value(cls, value: float, n_samples: int, method: str, **kw: Any) -> Estimate:
-        return cls(float(value), None, int(n_samples), method, True, **kw)
 
 
 @dataclass(frozen=True)

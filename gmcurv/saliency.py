@@ -39,10 +39,12 @@ from torch import Tensor
 
 from gmcurv import distributed
 from gmcurv.capture import DecomposedGradients, capture_all, plan_capture
+from gmcurv.capture.budget import preflight_capture
 from gmcurv.data import DataSample
 from gmcurv.errors import ConfigError, UnsupportedError
+from gmcurv.estimate import Estimate
 from gmcurv.fisher import fisher_diagonal
-from gmcurv.memory import preflight, preflight_capture
+from gmcurv.memory import preflight
 from gmcurv.objective import Objective
 from gmcurv.pruning import (
     Evaluation,
@@ -55,7 +57,6 @@ from gmcurv.pruning import (
     select_masks,
     target_counts,
 )
-from gmcurv.results import Estimate
 from gmcurv.woodbury import DEFAULT_DAMPING, DampedFisher, default_eps
 
 CRITERIA = ("magnitude", "obd", "obs", "obd-hessian")
@@ -163,6 +164,37 @@ def curvature_at(
     return curv
 
 
+@dataclass(frozen=True)
+class CurvatureSettings:
+    """How `curvature_at` captures and damps, shared by the analysis and every pruning round."""
+
+    fisher: str = "empirical"
+    mc_samples: int = 1
+    damping: float = DEFAULT_DAMPING
+    structure: str = "block"
+    batch_size: int = 256
+    seed: int = 0
+    probes: int = 32
+    budget_bytes: int | None = None
+    progress: ProgressFn | None = None
+
+    def at(
+        self,
+        objective: Objective,
+        data: DataSample,
+        needs: set[str],
+        removed: Mapping[str, Tensor] | None,
+        round_: int = 1,
+    ) -> Curvature:
+        """`curvature_at` the objective's current weights (seed advanced per round)."""
+        return curvature_at(
+            objective, data, needs, fisher=self.fisher, mc_samples=self.mc_samples,
+            damping=self.damping, structure=self.structure, removed=removed,
+            batch_size=self.batch_size, seed=self.seed + round_ - 1, probes=self.probes,
+            budget_bytes=self.budget_bytes, progress=self.progress,
+        )  # fmt: skip
+
+
 def _hessian_diagonal(
     objective: Objective, data: DataSample, batch_size: int, probes: int, seed: int
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -175,7 +207,7 @@ def _hessian_diagonal(
             "(gmcurv.stochastic), which this build does not have",
             hint="use --criterion obd or obs",
         ) from None
-    from gmcurv.hessian import CurvatureOperator
+    from gmcurv.operator import CurvatureOperator
 
     op = CurvatureOperator(objective, data, batch_size, kind="hessian")
     res = hessian_diagonal(op, probes, seed)
@@ -348,53 +380,25 @@ def saliency_analysis(
     removed = _removed_from_masks(masks, objective)
     weights = {k: p.detach().clone() for k, p in objective.params.items()}
     update_curve = update_curve and "obs" in criteria
-    curv = curvature_at(
-        objective,
-        data,
-        _needs(criteria, False),
-        fisher=fisher,
-        mc_samples=mc_samples,
-        damping=damping,
-        structure=structure,
-        removed=removed,
-        batch_size=batch_size,
-        seed=seed,
-        probes=probes,
-        budget_bytes=budget_bytes,
-        progress=progress,
+    settings = CurvatureSettings(
+        fisher, mc_samples, damping, structure, batch_size, seed, probes, budget_bytes, progress
     )
+    curv = settings.at(objective, data, _needs(criteria, False), removed)
     ev = eval_data or data
     baseline = evaluate(objective, ev, batch_size)
     sizes = {k: weights[k].numel() for k in names}
-    already = count_removed({k: v for k, v in removed.items() if k in sizes})
-    sal_all: dict[str, dict[str, Tensor]] = {}
-    se_all: dict[str, dict[str, Tensor]] = {}
-    layers: dict[str, dict[str, dict[str, Estimate]]] = {k: {} for k in names}
-    for crit in criteria:
-        sal, se = saliencies(crit, weights, names, curv)
-        sal_all[crit] = sal
-        if se is not None:
-            se_all[crit] = se
-        method = criterion_method(crit, curv, fisher)
-        for k in names:
-            keep = ~removed[k] if k in removed else torch.ones_like(sal[k], dtype=torch.bool)
-            if bool(keep.any()):
-                layers[k][crit] = layer_statistics(
-                    sal[k][keep], method, None if se is None else se[k][keep]
-                )
-    sweep: dict[str, list[SweepPoint]] = {}
+    scores, stderrs, layers = _criteria_statistics(criteria, weights, names, removed, curv, fisher)
     usable = [f for f in levels if _fits(sizes, f, scope, removed)]
-    for crit in criteria:
-        points = []
-        for f in usable:
-            m = select_masks(sal_all[crit], target_counts(sizes, f, scope), removed)
-            res = evaluate(objective, ev, batch_size, apply_masks(weights, m))
-            points.append(SweepPoint(f, count_removed(m), res.loss, res.accuracy))
-        sweep[crit] = points
+    sweep = {
+        crit: _masking_sweep(
+            objective, ev, weights, scores[crit], sizes, usable, scope, removed, batch_size
+        )
+        for crit in criteria
+    }
     if update_curve:
         assert curv.inverse is not None
         sweep["obs+update"] = obs_update_sweep(
-            objective, ev, weights, sal_all["obs"], curv.inverse, sizes, usable, scope,
+            objective, ev, weights, scores["obs"], curv.inverse, sizes, usable, scope,
             removed, batch_size, data.n,
         )  # fmt: skip
     return SaliencyAnalysis(
@@ -410,13 +414,61 @@ def saliency_analysis(
         n_eval=ev.n,
         n_params=objective.space.size,
         n_prunable=sum(sizes.values()),
-        n_already_pruned=already,
+        n_already_pruned=count_removed({k: v for k, v in removed.items() if k in sizes}),
         baseline=baseline,
         layers={k: LayerSaliency(sizes[k], layers[k]) for k in names},
         sweep=sweep,
-        scores=sal_all,
-        score_stderr=se_all,
+        scores=scores,
+        score_stderr=stderrs,
     )
+
+
+def _criteria_statistics(
+    criteria: Sequence[str],
+    weights: Mapping[str, Tensor],
+    names: Sequence[str],
+    removed: Mapping[str, Tensor],
+    curv: Curvature,
+    fisher: str,
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, dict[str, Tensor]], dict[str, dict]]:
+    """Per criterion: the per-weight saliencies, their stderrs (stochastic criteria) and the
+    per-tensor statistics over the weights not already removed."""
+    scores: dict[str, dict[str, Tensor]] = {}
+    stderrs: dict[str, dict[str, Tensor]] = {}
+    layers: dict[str, dict[str, dict[str, Estimate]]] = {k: {} for k in names}
+    for crit in criteria:
+        sal, se = saliencies(crit, weights, names, curv)
+        scores[crit] = sal
+        if se is not None:
+            stderrs[crit] = se
+        method = criterion_method(crit, curv, fisher)
+        for k in names:
+            keep = ~removed[k] if k in removed else torch.ones_like(sal[k], dtype=torch.bool)
+            if bool(keep.any()):
+                layers[k][crit] = layer_statistics(
+                    sal[k][keep], method, None if se is None else se[k][keep]
+                )
+    return scores, stderrs, layers
+
+
+def _masking_sweep(
+    objective: Objective,
+    ev: DataSample,
+    weights: Mapping[str, Tensor],
+    saliency: Mapping[str, Tensor],
+    sizes: Mapping[str, int],
+    levels: Sequence[float],
+    scope: str,
+    removed: Mapping[str, Tensor],
+    batch_size: int,
+) -> list[SweepPoint]:
+    """Loss/accuracy after masking the least salient weights at each level (no update)."""
+    points = []
+    for f in levels:
+        m = select_masks(saliency, target_counts(sizes, f, scope), removed)
+        res = evaluate(objective, ev, batch_size, apply_masks(weights, m))
+        points.append(SweepPoint(f, count_removed(m), res.loss, res.accuracy))
+    return points
 
 
 def obs_update_sweep(
@@ -485,6 +537,11 @@ class LayerSparsity:
     n_removed: int
     sparsity: float
 
+    @classmethod
+    def of(cls, n_params: int, removed: Tensor) -> LayerSparsity:
+        k = int(removed.sum())
+        return cls(n_params, k, k / n_params)
+
 
 @dataclass(frozen=True)
 class PruneResult:
@@ -550,83 +607,39 @@ def prune_model(
     the OBS update stays exact. `ranker_name` is then the reported criterion.
     """
     fraction = check_fraction(fraction)
-    update = (criterion == "obs") if update is None else update
     if rounds < 1:
         raise ConfigError(f"--rounds must be at least 1, got {rounds}")
-    rounds = rounds if update else 1
+    update = (criterion == "obs") if update is None else update
+    rounds = effective_rounds(criterion, update, rounds)
     names = _prunable(objective, include_bias, masks)
     removed = {k: v for k, v in _removed_from_masks(masks, objective).items() if k in names}
     original = {k: p.detach().clone() for k, p in objective.params.items()}
     sizes = {k: original[k].numel() for k in names}
     already = count_removed(removed)
-    if not _fits(sizes, fraction, scope, removed):
-        target = target_counts(sizes, fraction, scope)
-        raise ConfigError(
-            f"the checkpoint already has {already:,} of {sum(sizes.values()):,} prunable weights "
-            f"pruned, more than --prune {fraction:g} asks for ({target})",
-            hint="ask for a larger fraction than the current sparsity",
-        )
+    _check_below_target(sizes, fraction, scope, removed)
     ev = eval_data or data
     before = evaluate(objective, ev, batch_size)
+    settings = CurvatureSettings(
+        fisher, mc_samples, damping, structure, batch_size, seed, probes, budget_bytes, progress
+    )
     needs = _needs([] if ranker is not None else [criterion], update)
     final = target_counts(sizes, fraction, scope)
     current = dict(original)
-    eps_used: list[float] = []
-    columns = 0
-    predicted = 0.0
-    have_prediction = False
+    log = _RoundLog()
     try:
         for r in range(1, rounds + 1):
             _set_weights(objective, current)
-            curv = curvature_at(
-                objective,
-                data,
-                needs,
-                fisher=fisher,
-                mc_samples=mc_samples,
-                damping=damping,
-                structure=structure,
-                removed=removed,
-                batch_size=batch_size,
-                seed=seed + r - 1,
-                probes=probes,
-                budget_bytes=budget_bytes,
-                progress=progress,
-            )
-            if curv.eps is not None and curv.dg is not None:
-                eps_used.append(curv.eps)
-                columns = curv.dg.columns
+            curv = settings.at(objective, data, needs, removed, r)
             if ranker is not None:
                 sal = {k: v for k, v in ranker(current, r, removed).items() if k in sizes}
             else:
                 sal, _ = saliencies(criterion, current, names, curv)
-            new_removed = select_masks(sal, round_target(final, removed, r, rounds), removed)
-            if update:
-                assert curv.dg is not None and curv.eps is not None
-                op = (
-                    curv.inverse.without(new_removed)
-                    if curv.inverse is not None
-                    else DampedFisher(curv.dg, curv.eps, structure, new_removed)
-                )
-                delta, inc = op.remove(current)
-                current = {
-                    k: (w.double() + delta[k]).to(w.dtype) if k in delta else w
-                    for k, w in current.items()
-                }
-                predicted += inc
-                have_prediction = True
-            elif curv.dg is not None and curv.eps is not None:
-                predicted += _masking_increase(curv, current, new_removed, structure)
-                have_prediction = True
-            removed = new_removed
+            removed = select_masks(sal, round_target(final, removed, r, rounds), removed)
+            current, inc = _compensate(curv, current, removed, update, structure)
+            log.add(curv, inc)
             current = apply_masks(current, removed)
     finally:
         _set_weights(objective, original)
-    after = evaluate(objective, ev, batch_size, current)
-    layers = {
-        k: LayerSparsity(sizes[k], int(removed[k].sum()), int(removed[k].sum()) / sizes[k])
-        for k in names
-    }
     what = "½δwᵀ(F+εI)δw" + (f", summed over {rounds} rounds" if rounds > 1 else "")
     return PruneResult(
         criterion=ranker_name or criterion if ranker is not None else criterion,
@@ -636,21 +649,81 @@ def prune_model(
         rounds=rounds,
         structure=structure,
         fisher=fisher,
-        columns=columns,
+        columns=log.columns,
         damping=damping,
-        eps=eps_used,
+        eps=log.eps,
         n_prunable=sum(sizes.values()),
         n_removed=count_removed(removed),
         n_already_pruned=already,
-        layers=layers,
-        predicted_increase=Estimate.exact_value(predicted, data.n, f"quadratic model {what}")
-        if have_prediction
-        else None,
+        layers={k: LayerSparsity.of(sizes[k], removed[k]) for k in names},
+        predicted_increase=log.estimate(data.n, f"quadratic model {what}"),
         before=before,
-        after=after,
+        after=evaluate(objective, ev, batch_size, current),
         weights={k: v.detach() for k, v in current.items()},
         masks=removed,
     )
+
+
+def effective_rounds(criterion: str, update: bool | None, rounds: int) -> int:
+    """Rounds `prune_model` runs: `rounds` with the OBS update (the default for OBS), else 1."""
+    return rounds if ((criterion == "obs") if update is None else update) else 1
+
+
+def _check_below_target(
+    sizes: Mapping[str, int], fraction: float, scope: str, removed: Mapping[str, Tensor]
+) -> None:
+    if not _fits(sizes, fraction, scope, removed):
+        target = target_counts(sizes, fraction, scope)
+        raise ConfigError(
+            f"the checkpoint already has {count_removed(removed):,} of {sum(sizes.values()):,} "
+            f"prunable weights pruned, more than --prune {fraction:g} asks for ({target})",
+            hint="ask for a larger fraction than the current sparsity",
+        )
+
+
+@dataclass
+class _RoundLog:
+    """The eps and Fisher columns of each round, and the summed predicted loss increase."""
+
+    eps: list[float] = field(default_factory=list)
+    columns: int = 0
+    predicted: float | None = None
+
+    def add(self, curv: Curvature, increase: float | None) -> None:
+        if curv.eps is not None and curv.dg is not None:
+            self.eps.append(curv.eps)
+            self.columns = curv.dg.columns
+        if increase is not None:
+            self.predicted = (self.predicted or 0.0) + increase
+
+    def estimate(self, n: int, method: str) -> Estimate | None:
+        return None if self.predicted is None else Estimate.exact_value(self.predicted, n, method)
+
+
+def _compensate(
+    curv: Curvature,
+    weights: dict[str, Tensor],
+    removed: Mapping[str, Tensor],
+    update: bool,
+    structure: str,
+) -> tuple[dict[str, Tensor], float | None]:
+    """The weights after removing `removed` — with the exact OBS update of the others when
+    `update` — and the predicted loss increase (None without a Fisher)."""
+    if update:
+        assert curv.dg is not None and curv.eps is not None
+        op = (
+            curv.inverse.without(removed)
+            if curv.inverse is not None
+            else DampedFisher(curv.dg, curv.eps, structure, removed)
+        )
+        delta, inc = op.remove(weights)
+        new = {
+            k: (w.double() + delta[k]).to(w.dtype) if k in delta else w for k, w in weights.items()
+        }
+        return new, inc
+    if curv.dg is not None and curv.eps is not None:
+        return weights, _masking_increase(curv, weights, removed, structure)
+    return weights, None
 
 
 def _masking_increase(
@@ -664,7 +737,7 @@ def _masking_increase(
     for b in dg.blocks:
         vec = {}
         for k in b.params:
-            w = weights[k].detach().to(b.source._dtype())
+            w = weights[k].detach().to(b.source.dtype)
             vec[k] = w * removed[k] if k in removed else torch.zeros_like(w)
             sq += float(vec[k].double().pow(2).sum())
         part = b.source.jvp(vec).double()

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from gmcurv.errors import ConfigError
+from gmcurv.estimate import Estimate
 from gmcurv.params import ParamSpace
-from gmcurv.results import Estimate
 
 Matvec = Callable[[Tensor], Tensor]
 TRACE_METHODS = ("hutchinson", "hutchpp", "exact")

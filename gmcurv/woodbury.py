@@ -132,7 +132,7 @@ def column_chunks(
         flat_keep = None if mask is None else mask.reshape(-1)
         for start in range(0, size, step):
             stop = min(start + step, size)
-            idx = torch.arange(start, stop, device=src._device())
+            idx = torch.arange(start, stop, device=src.device)
             if flat_keep is not None:
                 sel = flat_keep[start:stop]
                 if not bool(sel.any()):
@@ -154,7 +154,7 @@ def remaining_kernel(block: Block, removed: Mapping[str, Tensor] | None = None) 
     if n_removed == 0:
         return block.source.gram()
     rows = block.source.n * block.source.columns
-    K = torch.zeros(rows, rows, dtype=torch.float64, device=block.source._device())
+    K = torch.zeros(rows, rows, dtype=torch.float64, device=block.source.device)
     if 2 * n_removed > block.dim:  # sum over the remaining columns
         keep = {k: ~mine[k] if k in mine else None for k in block.params}
         for _, _, g in column_chunks(block, keep):
@@ -186,15 +186,6 @@ def default_eps(dg: DecomposedGradients, damping: float = DEFAULT_DAMPING) -> fl
 
 
 # ----------------------------------------------------------------------- the damped inverse
-@dataclass
-class _Group:
-    """Blocks sharing one kernel: ``A = K_R + N eps I`` and its Cholesky factor."""
-
-    blocks: tuple[Block, ...]
-    A: Tensor
-    chol: Tensor
-
-
 def _cholesky(A: Tensor) -> Tensor:
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) != 0:
@@ -213,6 +204,72 @@ def _union(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> dict[str, Tensor
     return out
 
 
+@dataclass
+class KernelGroup:
+    """Blocks sharing one kernel: ``A = K_R + N eps I`` and its Cholesky factor ``L``."""
+
+    blocks: tuple[Block, ...]
+    A: Tensor
+    chol: Tensor
+
+    @classmethod
+    def build(
+        cls, blocks: tuple[Block, ...], removed: Mapping[str, Tensor], shift: float
+    ) -> KernelGroup:
+        """``A = Σ_blocks K_R + shift I`` (``shift = N eps``), symmetrised, and its factor."""
+        A = remaining_kernel(blocks[0], removed)
+        for b in blocks[1:]:
+            A += remaining_kernel(b, removed)
+        A = 0.5 * (A + A.T)  # exact symmetry for the Cholesky factorisation
+        A.diagonal().add_(shift)
+        return cls(blocks, A, _cholesky(A))
+
+    def downdated(self, new: Mapping[str, Tensor]) -> KernelGroup:
+        """``A - J_new J_newᵀ`` for newly removed weights `new` (self if none are here)."""
+        mine = [
+            {k: v for k, v in new.items() if k in b.params and bool(v.any())} for b in self.blocks
+        ]
+        if not any(mine):
+            return self
+        A = self.A.clone()
+        for b, cols_of in zip(self.blocks, mine, strict=True):
+            for _, _, cols in column_chunks(b, cols_of) if cols_of else ():
+                A.addmm_(cols, cols.T, alpha=-1.0)
+        return KernelGroup(self.blocks, A, _cholesky(A))
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``A^-1 rhs``."""
+        return torch.cholesky_solve(rhs, self.chol)
+
+    def vjp(self, v: Tensor) -> dict[str, Tensor]:
+        """``Jᵀ v`` over the group's blocks, float64."""
+        out: dict[str, Tensor] = {}
+        for b in self.blocks:
+            for k, t in b.source.vjp(v.to(b.source.dtype)).items():
+                out[k] = t.double()
+        return out
+
+    def inverse_diagonal(
+        self, block: Block, removed: Mapping[str, Tensor], eps: float, n: int
+    ) -> dict[str, Tensor]:
+        """``[H_RR^-1]_qq = (1/eps)(1 - ||L^-1 j_q||²)`` for `block`'s parameters, clamped
+        to ``[1/(F_qq + eps), 1/eps]`` (removed weights: ``1/eps``)."""
+        inv = 1.0 / eps
+        out = {
+            name: torch.full(shape, inv, dtype=torch.float64, device=self.A.device)
+            for name, shape in zip(block.params, block.shapes, strict=True)
+        }
+        keep = {k: ~removed[k] for k in block.params if k in removed}
+        for name, idx, cols in column_chunks(
+            block, {k: keep.get(k) for k in block.params} if keep else None
+        ):
+            z = torch.linalg.solve_triangular(self.chol, cols, upper=False)
+            fqq = cols.pow(2).sum(0) / n
+            val = inv * (1.0 - z.pow(2).sum(0))
+            out[name].view(-1)[idx] = torch.maximum(val, 1.0 / (fqq + eps)).clamp_max(inv)
+        return out
+
+
 class DampedFisher:
     """``H = F + eps I`` restricted to the coordinates not in `removed`, via Woodbury.
 
@@ -226,7 +283,7 @@ class DampedFisher:
         eps: float,
         structure: str = "block",
         removed: Mapping[str, Tensor] | None = None,
-        _groups: list[_Group] | None = None,
+        groups: list[KernelGroup] | None = None,
     ):
         if structure not in STRUCTURES:
             raise ConfigError(f"unknown Fisher structure {structure!r}", hint=f"use {STRUCTURES}")
@@ -234,18 +291,10 @@ class DampedFisher:
             raise ConfigError(f"the damping eps must be positive, got {eps}")
         self.dg, self.eps, self.structure = dg, float(eps), structure
         self.removed = {k: v.bool() for k, v in (removed or {}).items()}
-        if _groups is not None:
-            self.groups = _groups
-            return
         parts = [(b,) for b in dg.blocks] if structure == "block" else [tuple(dg.blocks)]
-        self.groups = []
-        for blocks in parts:
-            A = remaining_kernel(blocks[0], self.removed)
-            for b in blocks[1:]:
-                A += remaining_kernel(b, self.removed)
-            A = 0.5 * (A + A.T)  # exact symmetry for the Cholesky factorisation
-            A.diagonal().add_(dg.n * self.eps)
-            self.groups.append(_Group(blocks, A, _cholesky(A)))
+        self.groups = groups or [
+            KernelGroup.build(blocks, self.removed, dg.n * self.eps) for blocks in parts
+        ]
 
     def without(self, more: Mapping[str, Tensor]) -> DampedFisher:
         """The same operator with the weights in `more` also removed (kernel downdated).
@@ -256,22 +305,8 @@ class DampedFisher:
             k: v.bool() & ~self.removed[k] if k in self.removed else v.bool()
             for k, v in more.items()
         }
-        groups = []
-        for g in self.groups:
-            mine = [
-                {k: v for k, v in new.items() if k in b.params and bool(v.any())} for b in g.blocks
-            ]
-            if not any(mine):
-                groups.append(g)
-                continue
-            A = g.A.clone()
-            for b, cols_of in zip(g.blocks, mine, strict=True):
-                for _, _, cols in column_chunks(b, cols_of) if cols_of else ():
-                    A.addmm_(cols, cols.T, alpha=-1.0)
-            groups.append(_Group(g.blocks, A, _cholesky(A)))
-        return DampedFisher(
-            self.dg, self.eps, self.structure, _union(self.removed, new), _groups=groups
-        )
+        groups = [g.downdated(new) for g in self.groups]
+        return DampedFisher(self.dg, self.eps, self.structure, _union(self.removed, new), groups)
 
     @property
     def n(self) -> int:
@@ -281,36 +316,20 @@ class DampedFisher:
     def device(self) -> torch.device:
         return self.dg.losses.device
 
-    def _solve(self, g: _Group, rhs: Tensor) -> Tensor:
-        """``(K_R + N eps I)^-1 rhs``."""
-        return torch.cholesky_solve(rhs, g.chol)
-
     def inverse_diagonal(self) -> dict[str, Tensor]:
         """``[H_RR^-1]_qq`` per parameter (float64; entries of removed weights are ``1/eps``)."""
         out: dict[str, Tensor] = {}
-        inv = 1.0 / self.eps
         for g in self.groups:
             for b in g.blocks:
-                for name, shape in zip(b.params, b.shapes, strict=True):
-                    out[name] = torch.full(shape, inv, dtype=torch.float64, device=self.device)
-                keep = {k: ~self.removed[k] for k in b.params if k in self.removed}
-                keep = {k: keep.get(k) for k in b.params} if keep else None
-                for name, idx, cols in column_chunks(b, keep):
-                    z = torch.linalg.solve_triangular(g.chol, cols, upper=False)
-                    quad = z.pow(2).sum(0)
-                    fqq = cols.pow(2).sum(0) / self.n
-                    val = inv * (1.0 - quad)
-                    val = torch.maximum(val, 1.0 / (fqq + self.eps)).clamp_max(inv)
-                    out[name].view(-1)[idx] = val
+                out.update(g.inverse_diagonal(b, self.removed, self.eps, self.n))
         return out
 
     def inverse_column(self, name: str, index: int) -> dict[str, Tensor]:
-        """``H_RR^-1 e_q`` for flat index `index` of `name` (parameter layout, float64)."""
+        """``H_RR^-1 e_q = (1/eps)(e_q - Jᵀ A^-1 j_q)`` for flat index `index` of `name`
+        (parameter layout, float64)."""
         g, block = self._group_of(name)
         j = param_columns(block.source, name, index, index + 1).reshape(-1, 1).double()
-        v = self._solve(g, j).reshape(self.n, -1)
-        out = self._vjp(g, v)
-        out = {k: -t for k, t in out.items()}
+        out = {k: -t for k, t in g.vjp(g.solve(j).reshape(self.n, -1)).items()}
         out[name].view(-1)[index] += 1.0
         return {k: self._mask(k, t) / self.eps for k, t in out.items()}
 
@@ -318,26 +337,16 @@ class DampedFisher:
         """Exact OBS update for removing every weight in `removed` at once.
 
         Returns ``δw`` (``-w`` on removed entries, the optimal compensation elsewhere) for the
-        parameters of all groups, and the predicted loss increase ``½ δw^T H δw``.
+        parameters of all groups, and the predicted loss increase ``½ δwᵀ H δw =
+        (eps/2)(||w_Q||² + uᵀ A^-1 u)`` with ``u = J_Q w_Q``.
         """
         delta: dict[str, Tensor] = {}
         increase = 0.0
         for g in self.groups:
-            u = torch.zeros(self.n * self.dg.columns, 1, dtype=torch.float64, device=self.device)
-            wq_sq = 0.0
-            for b in g.blocks:
-                wq = {}
-                for name in b.params:
-                    m = self.removed.get(name)
-                    w = weights[name].detach().double()
-                    wq[name] = w * m if m is not None else torch.zeros_like(w)
-                    wq_sq += float(wq[name].pow(2).sum())
-                if wq_sq > 0:
-                    dt = b.source._dtype()
-                    u += b.source.jvp({k: t.to(dt) for k, t in wq.items()}).double().reshape(-1, 1)
-            v = self._solve(g, u)
+            u, wq_sq = self._removed_projection(g, weights)
+            v = g.solve(u)
             increase += 0.5 * self.eps * (wq_sq + float(u.T @ v))
-            for k, t in self._vjp(g, v.reshape(self.n, -1)).items():
+            for k, t in g.vjp(v.reshape(self.n, -1)).items():
                 t = self._mask(k, t)
                 m = self.removed.get(k)
                 if m is not None:
@@ -346,20 +355,30 @@ class DampedFisher:
         return delta, increase
 
     # ------------------------------------------------------------------------ internals
-    def _group_of(self, name: str) -> tuple[_Group, Block]:
+    def _removed_projection(
+        self, g: KernelGroup, weights: Mapping[str, Tensor]
+    ) -> tuple[Tensor, float]:
+        """``u = J_Q w_Q`` ``[N C, 1]`` over the group's blocks, and ``||w_Q||²``."""
+        u = torch.zeros(self.n * self.dg.columns, 1, dtype=torch.float64, device=self.device)
+        wq_sq = 0.0
+        for b in g.blocks:
+            wq = {}
+            for name in b.params:
+                m = self.removed.get(name)
+                w = weights[name].detach().double()
+                wq[name] = w * m if m is not None else torch.zeros_like(w)
+                wq_sq += float(wq[name].pow(2).sum())
+            if wq_sq > 0:
+                dt = b.source.dtype
+                u += b.source.jvp({k: t.to(dt) for k, t in wq.items()}).double().reshape(-1, 1)
+        return u, wq_sq
+
+    def _group_of(self, name: str) -> tuple[KernelGroup, Block]:
         for g in self.groups:
             for b in g.blocks:
                 if name in b.params:
                     return g, b
         raise KeyError(name)
-
-    def _vjp(self, g: _Group, v: Tensor) -> dict[str, Tensor]:
-        """``J^T v`` over the group's blocks, float64."""
-        out: dict[str, Tensor] = {}
-        for b in g.blocks:
-            for k, t in b.source.vjp(v.to(b.source._dtype())).items():
-                out[k] = t.double()
-        return out
 
     def _mask(self, name: str, t: Tensor) -> Tensor:
         """Zero the removed coordinates (they are not free variables)."""

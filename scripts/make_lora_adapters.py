@@ -2,7 +2,7 @@
 
     python scripts/make_lora_adapters.py OUT_DIR        # then, e.g.:
     gmcurv lora OUT_DIR/mirror-r1 OUT_DIR/mirror-r4 OUT_DIR/mirror-r16 \\
-        gmcurv/sample_models/digits_mlp/model.safetensors gmcurv/sample_models/digits_mlp/data
+        sample_models/digits_mlp/model.safetensors sample_models/digits_mlp/data
 
 The task the adapters learn is the sample's training digits mirrored left-right (a
 distribution shift the base model handles badly). Each adapter adapts net.0, net.2 and
@@ -22,10 +22,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from gmcurv.checkpoint import load_model
-from gmcurv.data import load_data
-from gmcurv.lora import make_adapter, write_adapter
-from gmcurv.samples import sample_data, sample_model
+from gmcurv.io.adapter import write_adapter
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
+from gmcurv.io.samples import sample_data, sample_model
+from gmcurv.lora.adapter import make_adapter
 
 MODULES = ("net.0", "net.2", "net.4")
 

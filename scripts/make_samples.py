@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from gmcurv.checkpoint import gmcurv_metadata, save_checkpoint
+from gmcurv.io.checkpoint import gmcurv_metadata, save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1] / "gmcurv" / "sample_models"
+ROOT = Path(__file__).resolve().parents[1] / "sample_models"
 
 
 def digits_split(seed: int = 0):
@@ -108,7 +108,8 @@ def make_digits_mlp():
 - `data/`: the first 1,024 training images in 4 safetensors shards (`inputs` [n, 64] float32,
   `targets` [n] int64) — the sample `gmcurv trace` uses by default.
 - `test/`: the 540 held-out images.
-- Reproduce: `python scripts/make_samples.py` (needs scikit-learn).
+- Reproduce, in the gmcurv source repository: `python scripts/make_samples.py` (needs
+  scikit-learn).
 """
     (out / "MODEL_CARD.md").write_text(card)
     print(json.dumps({"digits_mlp": {"train": train, "test": test}}))

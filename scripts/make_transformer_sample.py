@@ -2,7 +2,7 @@
 
     python scripts/make_transformer_sample.py      # needs transformers (pip install "gmcurv[hf]")
 
-Text: ``gmcurv/sample_models/tiny_gpt/corpus.txt`` — public-domain works written into the
+Text: ``sample_models/tiny_gpt/corpus.txt`` — public-domain works written into the
 repo (Carroll, Lincoln, Shakespeare). Characters are the tokens (ids in sorted order, see
 ``vocab.json``). One 512-character block in ten is held out. Model: `transformers`'
 ``GPT2LMHeadModel``, trained here and saved by ``save_pretrained`` (``config.json`` +
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import save_file
 
-OUT = Path(__file__).resolve().parents[1] / "gmcurv" / "sample_models" / "tiny_gpt"
+OUT = Path(__file__).resolve().parents[1] / "sample_models" / "tiny_gpt"
 CONFIG = {
     "n_positions": 64,
     "n_embd": 64,
@@ -151,8 +151,8 @@ A character-level GPT-2-family language model, small enough to analyse in second
   {metrics["test"][0]:.4f} / {metrics["test"][1]:.4f}.
 - Greedy continuation of "{prompt}": `{sample_text(model, chars, prompt)!r}`
 - Try: `gmcurv info tiny_gpt/`, `gmcurv trace tiny_gpt/ tiny_gpt/data` (directory paths
-  under `gmcurv/sample_models/`).
-- Reproduce: `python scripts/make_transformer_sample.py`.
+  under `sample_models/`).
+- Reproduce, in the gmcurv source repository: `python scripts/make_transformer_sample.py`.
 """
     (OUT / "MODEL_CARD.md").write_text(card)
     print(json.dumps({"tiny_gpt": metrics, "n_params": n_params}))

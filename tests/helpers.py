@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from gmcurv.checkpoint import gmcurv_metadata, save_checkpoint
+from gmcurv.io.checkpoint import gmcurv_metadata, save_checkpoint
 
 
 def write_mlp(

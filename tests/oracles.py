@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
-from gmcurv.data import Batch
+from gmcurv.batch import Batch
 from gmcurv.objective import Objective
 from gmcurv.params import ParamSpace
 

@@ -15,9 +15,11 @@ import torch
 from helpers import write_data
 from safetensors.torch import save_file
 
-from gmcurv.checkpoint import build_model, load_model, read_header
 from gmcurv.cli.app import app
 from gmcurv.errors import ArchitectureError
+from gmcurv.io.architecture import build_model
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.tensors import read_header
 from gmcurv.results import report_schema
 
 USER_MODEL = """

@@ -15,9 +15,9 @@ from oracles import per_example_grads
 from safetensors.torch import save_file
 from torch import nn
 
+from gmcurv.batch import Batch
 from gmcurv.capture import capture, plan_capture
 from gmcurv.cli.app import app
-from gmcurv.data import Batch
 from gmcurv.errors import ConfigError, GmcurvWarning
 from gmcurv.modes import apply_mode
 from gmcurv.objective import Objective

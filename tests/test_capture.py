@@ -8,8 +8,8 @@ from models import Tied, TinyAttention, TinyConv, TokenMLP, WithCustom, mlp, see
 from oracles import output_jacobians, per_example_grads
 from torch import nn
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer, DecomposedGradients, capture, plan_capture
-from gmcurv.data import Batch
 from gmcurv.objective import Objective
 
 N = 7

@@ -19,8 +19,9 @@ from oracles import output_jacobians, per_example_grads
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer, capture, plan_capture
-from gmcurv.data import Batch
+from gmcurv.capture.budget import estimate_capture
 from gmcurv.fisher import (
     FisherAccumulator,
     fisher_diagonal,
@@ -32,7 +33,6 @@ from gmcurv.fisher import (
     jvp,
     vjp,
 )
-from gmcurv.memory import estimate_capture
 from gmcurv.objective import Objective
 
 N = 6
@@ -156,10 +156,10 @@ def test_trace_and_diagonal(case):
 
 def test_diagonal_streamed_one_example_at_a_time(case, monkeypatch):
     """Sequence diagonals stream over example chunks; chunk boundaries change nothing."""
-    import gmcurv.factors
+    import gmcurv.factors.linear_kernels
 
     _, obj, _, dg, J = case
-    monkeypatch.setattr(gmcurv.factors, "CACHE_ELEMENTS", 1)
+    monkeypatch.setattr(gmcurv.factors.linear_kernels, "CACHE_ELEMENTS", 1)
     diag = obj.space.flatten(fisher_diagonal(dg))
     torch.testing.assert_close(diag, torch.diagonal(J.T @ J / N), rtol=1e-10, atol=1e-15)
 

@@ -12,8 +12,8 @@ import torch
 from oracles import per_example_grads
 from torch import nn
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer
-from gmcurv.data import Batch
 from gmcurv.errors import GmcurvWarning
 from gmcurv.objective import Objective
 

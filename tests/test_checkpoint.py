@@ -8,8 +8,10 @@ from helpers import write_mlp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gmcurv.checkpoint import load_model, masks_path, read_header, save_checkpoint
 from gmcurv.errors import ArchitectureError, CheckpointError
+from gmcurv.io.checkpoint import load_model, save_checkpoint
+from gmcurv.io.masks import masks_path
+from gmcurv.io.tensors import read_header
 
 
 def test_metadata_roundtrip(tmp_path):

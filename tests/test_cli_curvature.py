@@ -13,7 +13,7 @@ from helpers import write_data, write_mlp
 from safetensors import safe_open
 
 from gmcurv.cli.app import app
-from gmcurv.fileio import sha256_file
+from gmcurv.io.fileio import sha256_file
 from gmcurv.results import report_schema
 
 F64 = ["--dtype", "float64", "--device", "cpu"]

@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 
 from gmcurv.cli import trace as trace_cmd
 from gmcurv.cli.app import app
-from gmcurv.results import Estimate, Report, report_schema
+from gmcurv.estimate import Estimate
+from gmcurv.results import Report, report_schema
 
 
 def _json(result) -> dict:

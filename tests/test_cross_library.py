@@ -12,10 +12,11 @@ from helpers import write_mlp
 from safetensors.torch import save_file
 from torch import nn
 
-from gmcurv.checkpoint import load_model
-from gmcurv.data import load_data
-from gmcurv.hessian import CurvatureOperator, exact_ggn_trace
+from gmcurv.hessian import exact_ggn_trace
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
 
 
 @pytest.fixture

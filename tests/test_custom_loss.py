@@ -11,14 +11,16 @@ from helpers import write_data, write_mlp
 from oracles import dense_ggn_autograd, dense_hessian, per_example_grads
 from typer.testing import CliRunner
 
+from gmcurv.batch import Batch
 from gmcurv.capture import capture_all
-from gmcurv.checkpoint import load_model
-from gmcurv.data import Batch, load_data
 from gmcurv.errors import ArchitectureError, ConfigError, UnsupportedError
 from gmcurv.fisher import fisher_diagonal, fisher_trace
-from gmcurv.hessian import batch_ggnvp, batch_hvp
-from gmcurv.losses import CallableLoss, get_loss
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
+from gmcurv.io.factories import load_loss
+from gmcurv.losses import CallableLoss
 from gmcurv.objective import Objective
+from gmcurv.products import batch_ggnvp, batch_hvp
 
 LOSS_FILE = '''
 import torch
@@ -52,7 +54,7 @@ def _problem(tmp_path, loss, classes=3, regression=False):
     else:
         y = torch.randint(0, classes, (9,), generator=g)
     lm = load_model(model, loss=str(loss), dtype=torch.float64)
-    return Objective.build(lm.model, lm.loss), Batch(x, y, 0)
+    return Objective.build(lm.model, load_loss(lm.loss)), Batch(x, y, 0)
 
 
 def test_callable_equal_to_builtin_cross_entropy(tmp_path, loss_file):
@@ -101,11 +103,11 @@ def load_data_from(batch: Batch, tmp_path):
 
 def test_bad_callables_are_clear_errors(tmp_path, loss_file):
     with pytest.raises(UnsupportedError, match="unknown loss"):
-        get_loss("hinge")
+        load_loss("hinge")
     with pytest.raises(ArchitectureError, match=r"--loss .*not found"):
-        get_loss(f"{tmp_path}/nope.py:fn")
+        load_loss(f"{tmp_path}/nope.py:fn")
     with pytest.raises(ArchitectureError, match="no callable 'missing'"):
-        get_loss(f"{loss_file}:missing")
+        load_loss(f"{loss_file}:missing")
     obj, batch = _problem(tmp_path, f"{loss_file}:mean_only")
     with pytest.raises(ConfigError, match=r"expected one loss per example"):
         obj.per_example_loss(batch)

@@ -10,8 +10,8 @@ import torch
 from helpers import write_data
 from safetensors.torch import save_file
 
-from gmcurv.data import load_data
 from gmcurv.errors import DataError
+from gmcurv.io.data import load_data
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "npz", "csv", "npy"])

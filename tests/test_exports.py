@@ -14,9 +14,9 @@ from oracles import dense_ggn, dense_hessian, per_example_grads
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from gmcurv.checkpoint import load_model
 from gmcurv.cli.app import app
-from gmcurv.data import load_data
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
 from gmcurv.objective import Objective
 from gmcurv.params import ParamSpace
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer
-from gmcurv.data import Batch, load_data
 from gmcurv.errors import UnsupportedError
 from gmcurv.gradmetanet.features import (
     check_supported,
@@ -23,6 +23,7 @@ from gmcurv.gradmetanet.features import (
 from gmcurv.gradmetanet.model import GradMetaNet, HeadConfig, decode
 from gmcurv.gradmetanet.targets import compute_targets, mlp_hessian_diagonal
 from gmcurv.gradmetanet.zoo import build_mlp
+from gmcurv.io.data import load_data
 from gmcurv.objective import Objective
 from gmcurv.woodbury import default_eps
 from tests.models import TinyConv, mlp, seeded
@@ -322,7 +323,8 @@ def test_training_two_steps_is_seeded_and_resumable(tiny_zoo, tmp_path):
 
 def test_saved_head_round_trip_and_evaluation(tiny_zoo, tmp_path):
     from gmcurv.gradmetanet.evaluate import evaluate_head
-    from gmcurv.gradmetanet.pretrained import head_metadata, load_head, save_head
+    from gmcurv.gradmetanet.head import head_metadata
+    from gmcurv.gradmetanet.pretrained import load_head, save_head
 
     net = _random_head().float()
     meta = head_metadata(SMALL, {"commands": []}, {"activations": ["tanh"], "max_layers": 3})
@@ -406,10 +408,12 @@ def test_shipped_head_loads_and_matches_stored_outputs():
 
 def test_predict_curvature_on_an_mlp(tmp_path):
     from gmcurv.gradmetanet.predict import predict_curvature
+    from gmcurv.gradmetanet.pretrained import load_head
 
+    head = load_head()
     data = _data_file(tmp_path, n=300, d=5)
     obj = Objective.build(_mlp(seed=23), "cross_entropy")
-    lc = predict_curvature(obj, data, b=128, seed=0)
+    lc = predict_curvature(obj, data, b=128, seed=0, head=head)
     assert lc.b == 128 and lc.n == 300 and len(lc.index) == 128
     assert lc.fisher_trace.n_samples == 128 and "learned" in lc.fisher_trace.method
     ft = lc.fisher_trace
@@ -418,9 +422,9 @@ def test_predict_curvature_on_an_mlp(tmp_path):
     assert set(lc.fisher_diag) == set(obj.params)
     for k, v in lc.fisher_diag.items():
         assert v.shape == obj.params[k].shape and bool((v > 0).all())
-    again = predict_curvature(obj, data, b=128, seed=0)
+    again = predict_curvature(obj, data, b=128, seed=0, head=head)
     assert again.fisher_trace.value == lc.fisher_trace.value  # seeded
-    other = predict_curvature(obj, data, b=128, seed=1)
+    other = predict_curvature(obj, data, b=128, seed=1, head=head)
     assert not torch.equal(other.index, lc.index)
     with pytest.raises(UnsupportedError, match="method exact"):
-        predict_curvature(Objective.build(seeded(TinyConv), "cross_entropy"), data)
+        predict_curvature(Objective.build(seeded(TinyConv), "cross_entropy"), data, head=head)

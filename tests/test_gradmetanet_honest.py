@@ -6,18 +6,20 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from gmcurv.cli.app import app
 from gmcurv.cli.render import fmt_estimate
+from gmcurv.estimate import Estimate
 from gmcurv.gradmetanet import calibration as cal
 from gmcurv.gradmetanet.baselines import same_set_baselines
 from gmcurv.gradmetanet.features import check_supported, plug_in
 from gmcurv.gradmetanet.pretrained import HEAD_FILE, load_head, read_head_metadata, save_head
 from gmcurv.objective import Objective
-from gmcurv.results import Estimate, estimate_schema, to_jsonable
+from gmcurv.results import estimate_schema, to_jsonable
 from tests.helpers import write_data, write_mlp
 from tests.oracles import dense_ggn, dense_hessian
 from tests.test_gradmetanet import _batch, _data_file, _mlp
@@ -238,7 +240,7 @@ def test_saliency_prune_method_learned(runner, problem, tmp_path):
     out = tmp_path / "p.safetensors"
     args = ["saliency", str(model), str(data), "--method", "learned", "--prune", "0.5"]
     r = runner.invoke(
-        app, [*args, "-o", str(out), "--rounds", "2", "--report", str(tmp_path / "r.json")]
+        app, [*args, "--save-pruned", str(out), "--rounds", "2", "-o", str(tmp_path / "r.json")]
     )
     assert r.exit_code == 0, r.output
     assert out.exists() and "Pruned" in r.stdout and "learned obs" in r.stdout
@@ -283,11 +285,30 @@ def test_card_verdicts_and_generated_section():
 
 
 def test_card_and_head_info_cite_no_unshipped_files(runner):
+    """The cards ship with the package (sample_models/): they cite no repository-only file
+    (bench/, tests/, docs/, scripts/ or a gmcurv/ path) except under an explicit "in the
+    gmcurv source repository"; `head info` names the installed head and card, which exist."""
     import re
 
-    from gmcurv.gradmetanet.pretrained import CARD_FILE
+    from gmcurv.gradmetanet.pretrained import CARD_FILE, HEAD_FILE
+    from gmcurv.io.samples import SAMPLE_ROOT
 
-    card = CARD_FILE.read_text()
-    assert not re.search(r"\b(bench|tests|docs)/", card)
+    repo_path = re.compile(r"(?<![\w./~-])(bench|tests|docs|gmcurv)/")  # a relative path
+    cards = sorted(SAMPLE_ROOT.rglob("*.md"))
+    assert CARD_FILE in cards and len(cards) >= 3
+    for card in cards:
+        for line in card.read_text().splitlines():
+            assert not repo_path.search(line), (card, line)
+            if re.search(r"\bscripts/", line):
+                assert "source repository" in line, (card, line)
+    r = runner.invoke(app, ["head", "info", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)["results"]
+    assert Path(res["card_file"]) == CARD_FILE and Path(res["path"]) == HEAD_FILE
+    assert CARD_FILE.is_file() and HEAD_FILE.is_file() and res["card"] == CARD_FILE.read_text()
     r = runner.invoke(app, ["head", "info"])
-    assert r.exit_code == 0 and not re.search(r"\b(bench|tests)/", r.stdout)
+    assert (
+        r.exit_code == 0 and f"card: {CARD_FILE}" in r.stdout and f"head: {HEAD_FILE}" in r.stdout
+    )
+    text = r.stdout.replace(str(CARD_FILE), "").replace(str(HEAD_FILE), "")
+    assert not repo_path.search(text)

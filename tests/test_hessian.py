@@ -11,20 +11,14 @@ from safetensors.torch import save_file
 from torch import nn
 
 from gmcurv import hessian as hs
-from gmcurv.data import Batch, load_data
+from gmcurv.batch import Batch
 from gmcurv.errors import DataError
 from gmcurv.fisher import fisher_eigen
-from gmcurv.hessian import (
-    CurvatureOperator,
-    batch_ggnvp,
-    batch_hvp,
-    batch_residual_vp,
-    curvature_summary,
-    dense_matrix,
-    exact_ggn_trace,
-    top_eigen,
-)
+from gmcurv.hessian import curvature_summary, dense_matrix, exact_ggn_trace, top_eigen
+from gmcurv.io.data import load_data
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
+from gmcurv.products import batch_ggnvp, batch_hvp, batch_residual_vp
 
 
 class SDPAttention(nn.Module):
@@ -147,29 +141,14 @@ def test_operator_streams_batches_and_falls_back(name, graph, tmp_path):
     v = _rand(obj, 3)
     torch.testing.assert_close(op.matvec(v), H @ v, rtol=0, atol=1e-10)
     if graph is not False:  # cached gradient graphs, one per batch on the first pass
-        assert len(op._graphs) == 3 and op._graph_held > 0
+        assert len(op.graphs.graphs) == 3 and op.graphs.held > 0
     torch.testing.assert_close(op(v.float()).double(), (H @ v), rtol=1e-5, atol=1e-5)
     assert op.n_matvecs == 2
     if graph is False:  # forward-over-reverse, switched off for good after a failure
-        assert op.forward_mode is (name != "nojvp") and not op._graphs
+        assert op.forward_mode is (name != "nojvp") and not op.graphs.graphs
     else:  # then one graph over the whole sample: one backward per product
-        assert len(op._graphs) == 1 and len(op._batches) == 1 and op._graph_held > 0
+        assert len(op.graphs.graphs) == 1 and len(op.source.cached) == 1 and op.graphs.held > 0
     torch.testing.assert_close(dense_matrix(op), H, rtol=0, atol=1e-10)
-
-
-@pytest.mark.parametrize("kind", ["hessian", "residual"])
-def test_whole_sample_graph_against_double_backward(kind, tmp_path):
-    """After the first pass the batches merge into one graph (PyHessian's layout): products
-    agree with plain double backward over the whole sample; without the merge too."""
-    obj, batch, data = problem("attention", tmp_path, n=11)
-    H = dense_hessian(obj, batch)
-    ref = H if kind == "hessian" else H - dense_ggn_autograd(obj, batch)
-    for merge in (True, False):
-        op = CurvatureOperator(obj, data, batch_size=4, kind=kind, merge=merge)
-        for seed in range(3):
-            v = _rand(obj, seed)
-            torch.testing.assert_close(op.matvec(v), ref @ v, rtol=0, atol=1e-10)
-        assert len(op._graphs) == (1 if merge else 3) and len(op._batches) == (1 if merge else 3)
 
 
 def test_graph_cache_respects_its_budget(tmp_path):
@@ -177,7 +156,7 @@ def test_graph_cache_respects_its_budget(tmp_path):
     op = CurvatureOperator(obj, data, batch_size=4, graph_bytes=1)
     v = _rand(obj)
     torch.testing.assert_close(op.matvec(v), dense_hessian(obj, batch) @ v, rtol=0, atol=1e-10)
-    assert not op._graphs and op.cache_graph is False
+    assert not op.graphs.graphs and op.graphs.enabled is False
 
 
 def test_plain_autograd_finite_differences_and_hvp_agree(tmp_path):
@@ -240,7 +219,7 @@ def test_cache_keeps_batches_and_residuals(tmp_path):
     op = CurvatureOperator(obj, data, batch_size=4, kind="residual", merge=False)
     v = _rand(obj)
     a = op.matvec(v)
-    assert op._batches is not None and len(op._batches) == 3 and len(op._residuals) == 3
+    assert op.source.cached is not None and len(op.source.cached) == 3 and len(op.residuals) == 3
     torch.testing.assert_close(op.matvec(v), a, rtol=0, atol=0)
 
 
@@ -415,6 +394,21 @@ def test_ggn_factors_captured_once_for_ggn_and_hessian(tmp_path, monkeypatch):
     g = curvature_summary(obj, data, "ggn", k=0, cache=cache)
     h = curvature_summary(obj, data, "hessian", k=0, cache=cache)
     assert len(calls) == 1 and g.trace.value == pytest.approx(h.trace.value, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "residual"])
+def test_whole_sample_graph_against_double_backward(kind, tmp_path):
+    """After the first pass the batches merge into one graph (PyHessian's layout): products
+    agree with plain double backward over the whole sample; without the merge too."""
+    obj, batch, data = problem("attention", tmp_path, n=11)
+    H = dense_hessian(obj, batch)
+    ref = H if kind == "hessian" else H - dense_ggn_autograd(obj, batch)
+    for merge in (True, False):
+        op = CurvatureOperator(obj, data, batch_size=4, kind=kind, merge=merge)
+        for seed in range(3):
+            v = _rand(obj, seed)
+            torch.testing.assert_close(op.matvec(v), ref @ v, rtol=0, atol=1e-10)
+        assert len(op.graphs.graphs) == len(op.source.cached) == (1 if merge else 3)
 
 
 @pytest.mark.parametrize("kind", ["hessian", "ggn"])

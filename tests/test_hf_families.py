@@ -16,13 +16,13 @@ import pytest
 import torch
 from hf_models import CAUSAL, FAMILIES, build, data, hf_loss, save
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer
-from gmcurv.checkpoint import load_model
 from gmcurv.cli.app import app
-from gmcurv.data import Batch
 from gmcurv.errors import ArchitectureError
-from gmcurv.hessian import batch_hvp
+from gmcurv.io.checkpoint import load_model
 from gmcurv.objective import Objective
+from gmcurv.products import batch_hvp
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.filterwarnings("ignore::gmcurv.errors.GmcurvWarning")
@@ -144,7 +144,7 @@ def run_command(runner, hf_dirs, family: str, command: str, tmp_path):
     if command != "info":
         args += [str(data_path), "--samples", "4"]
     if command == "saliency":
-        args += ["--output", str(tmp_path / "pruned.safetensors")]
+        args += ["--save-pruned", str(tmp_path / "pruned.safetensors")]
     if command in ("spectrum", "landscape"):
         args += ["--plot", str(tmp_path / "plot.png")]
     return runner.invoke(app, [*args, "--json"])

@@ -15,13 +15,16 @@ import torch
 from oracles import dense_ggn, dense_hessian
 from safetensors.torch import save_file
 
-from gmcurv.checkpoint import load_model, read_header
+from gmcurv.batch import Batch
 from gmcurv.cli.app import app
-from gmcurv.data import Batch, load_data
-from gmcurv.hessian import CurvatureOperator, batch_ggnvp, batch_hvp
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
+from gmcurv.io.samples import sample_data, sample_model
+from gmcurv.io.tensors import read_header
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
+from gmcurv.products import batch_ggnvp, batch_hvp
 from gmcurv.results import report_schema
-from gmcurv.samples import sample_data, sample_model
 
 transformers = pytest.importorskip("transformers")
 
@@ -177,7 +180,7 @@ def test_saliency_prune_round_trip(runner, tmp_path):
     model_dir, data = sample_model("tiny_gpt").parent, sample_data("tiny_gpt")
     out = tmp_path / "pruned.safetensors"
     args = ["saliency", str(model_dir), str(data), "--samples", "32", "--prune", "0.3"]
-    result = runner.invoke(app, [*args, "--rounds", "2", "-o", str(out), "--json"])
+    result = runner.invoke(app, [*args, "--rounds", "2", "--save-pruned", str(out), "--json"])
     assert result.exit_code == 0, result.output
     pruned = load_model(out)
     assert pruned.arch == "hf:GPT2LMHeadModel" and pruned.arch_source == "metadata"

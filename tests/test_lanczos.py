@@ -6,8 +6,8 @@ import pytest
 import torch
 from oracles import dense_hessian
 
-from gmcurv.hessian import CurvatureOperator
 from gmcurv.lanczos import dense_topk, error_bounds, lanczos, lanczos_tridiagonal
+from gmcurv.operator import CurvatureOperator
 
 
 def _with_spectrum(w: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -10,9 +10,10 @@ from models import Tied, TinyConv, seeded
 from safetensors.torch import save_file
 from torch import nn
 
-from gmcurv.checkpoint import load_model
-from gmcurv.data import load_data
 from gmcurv.errors import CheckpointError, ConfigError
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
+from gmcurv.io.endpoints import load_endpoints
 from gmcurv.landscape import (
     FIT_POINTS,
     checkpoint_directions,
@@ -23,7 +24,6 @@ from gmcurv.landscape import (
     grid_axis,
     input_linears,
     landscape,
-    load_endpoints,
     mean_loss,
     parse_range,
     quadratic_fit,
@@ -319,13 +319,11 @@ def test_ranges_and_axes():
 
 
 def test_per_point_losses_fast_path_matches_the_loss_module():
-    from gmcurv.landscape import _point_losses
+    from gmcurv.landscape.totals import point_losses
 
     g = torch.Generator().manual_seed(0)
     outs = torch.randn(3, 5, 4, generator=g, dtype=F64) * 5
     objective = Objective.build(nn.Linear(2, 4).double(), "cross_entropy")
     for targets in (torch.tensor([0, 3, 1, 1, 2]), torch.tensor([0, -100, 1, 1, 2])):
         want = torch.stack([objective.loss.per_example(o, targets).sum() for o in outs])
-        torch.testing.assert_close(
-            _point_losses(objective, outs, targets), want, rtol=1e-13, atol=0
-        )
+        torch.testing.assert_close(point_losses(objective, outs, targets), want, rtol=1e-13, atol=0)

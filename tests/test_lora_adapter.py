@@ -16,17 +16,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gmcurv.errors import GmcurvError, GmcurvWarning, UnsupportedError
-from gmcurv.lora import (
-    AdapterError,
-    attach,
-    canonical_adapter,
-    looks_like_adapter,
-    make_adapter,
-    read_adapter,
-    update_direction,
-    write_adapter,
-)
-from gmcurv.lora.features import adapter_features
+from gmcurv.io.adapter import looks_like_adapter, read_adapter, write_adapter
+from gmcurv.lora.adapter import AdapterError, make_adapter
+from gmcurv.lora.features import adapter_features, canonical_adapter
+from gmcurv.lora.mapping import attach, update_direction
 
 
 @pytest.fixture

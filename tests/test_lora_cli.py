@@ -10,12 +10,12 @@ import pytest
 import torch
 from lora_fixtures import random_factors, write_peft_adapter
 
-from gmcurv.checkpoint import load_model
 from gmcurv.cli.app import app
-from gmcurv.fileio import sha256_file
-from gmcurv.lora import read_adapter
+from gmcurv.io.adapter import read_adapter
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.fileio import sha256_file
+from gmcurv.io.samples import sample_data, sample_model
 from gmcurv.results import report_schema
-from gmcurv.samples import sample_data, sample_model
 
 MODEL, DATA = sample_model(), sample_data()
 GPT = sample_model("tiny_gpt").parent

@@ -23,12 +23,14 @@ from oracles import dense_ggn, dense_hessian, per_example_grads
 from safetensors.torch import save_file
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer
-from gmcurv.data import Batch, load_data
 from gmcurv.errors import ConfigError, GmcurvWarning
 from gmcurv.fisher import jvp
-from gmcurv.lora import attach, curvature_along, read_adapter, update_direction, update_jvp
-from gmcurv.lora.curvature import along_objective
+from gmcurv.io.adapter import read_adapter
+from gmcurv.io.data import load_data
+from gmcurv.lora.curvature import along_objective, curvature_along, update_jvp
+from gmcurv.lora.mapping import attach, update_direction
 from gmcurv.objective import Objective
 
 N = 10

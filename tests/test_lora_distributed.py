@@ -11,7 +11,7 @@ import pytest
 from helpers import write_data, write_mlp
 from lora_fixtures import random_factors, write_peft_adapter
 
-from gmcurv.checkpoint import load_model
+from gmcurv.io.checkpoint import load_model
 from gmcurv.results import iter_estimates
 
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from gmcurv.checkpoint import load_model
-from gmcurv.lora import attach, read_adapter, update_direction
+from gmcurv.io.adapter import read_adapter
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.samples import sample_model
+from gmcurv.lora.mapping import attach, update_direction
 from gmcurv.objective import output_tensor
-from gmcurv.samples import sample_model
 
 peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore::gmcurv.errors.GmcurvWarning")

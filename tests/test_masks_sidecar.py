@@ -15,10 +15,11 @@ from helpers import write_data, write_mlp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from gmcurv.checkpoint import MASK_PREFIX, load_model, resolve_weights_path, save_checkpoint
 from gmcurv.cli.app import app
 from gmcurv.errors import GmcurvWarning
-from gmcurv.masks import META_MASKS, masks_path
+from gmcurv.io.checkpoint import load_model, resolve_weights_path, save_checkpoint
+from gmcurv.io.masks import META_MASKS, masks_path
+from gmcurv.io.tensors import MASK_PREFIX
 
 
 @pytest.fixture
@@ -29,7 +30,17 @@ def problem(tmp_path):
 
 
 def _prune(runner, model, data, out, *extra):
-    args = ["saliency", str(model), str(data), "--prune", "0.5", "-o", str(out), "--json", "-q"]
+    args = [
+        "saliency",
+        str(model),
+        str(data),
+        "--prune",
+        "0.5",
+        "--save-pruned",
+        str(out),
+        "--json",
+        "-q",
+    ]
     return runner.invoke(app, [*args, *extra])
 
 

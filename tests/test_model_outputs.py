@@ -14,8 +14,8 @@ from helpers import write_data
 from safetensors.torch import save_file
 from torch import nn
 
+from gmcurv.batch import Batch
 from gmcurv.cli.app import app
-from gmcurv.data import Batch
 from gmcurv.errors import ArchitectureError
 from gmcurv.objective import Objective, output_tensor
 

@@ -10,25 +10,25 @@ from helpers import write_data, write_mlp
 from models import Tied, TinyAttention, TokenMLP, seeded
 from safetensors.torch import load_file, save_file
 
-from gmcurv.checkpoint import MASK_PREFIX, load_model, masks_path
-from gmcurv.data import load_data
 from gmcurv.errors import ConfigError
-from gmcurv.fileio import sha256_file
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
+from gmcurv.io.fileio import sha256_file
+from gmcurv.io.masks import masks_path
+from gmcurv.io.pruned import META_PRUNING, default_output_path, save_pruned
+from gmcurv.io.samples import sample_model
+from gmcurv.io.tensors import MASK_PREFIX
 from gmcurv.objective import Objective
 from gmcurv.pruning import (
-    META_PRUNING,
     apply_masks,
     check_fraction,
-    default_output_path,
     evaluate,
     layer_quotas,
     prunable_params,
     round_target,
-    save_pruned,
     select_masks,
     target_counts,
 )
-from gmcurv.samples import sample_model
 
 
 def test_prunable_params_exclude_bias_and_norm():

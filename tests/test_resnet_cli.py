@@ -93,7 +93,9 @@ def test_resnet_eigen(runner, resnet):
 
 def test_resnet_saliency_prune_loads_strictly_in_plain_pytorch(runner, resnet):
     out = resnet["root"] / "resnet.pruned.safetensors"
-    doc = _run(runner, "saliency", resnet["ckpt"], resnet["data"], "--prune", "0.3", "-o", out)
+    doc = _run(
+        runner, "saliency", resnet["ckpt"], resnet["data"], "--prune", "0.3", "--save-pruned", out
+    )
     prune = doc["results"]["prune"]
     assert prune["n_removed"] == round(0.3 * prune["n_prunable"])
     model = resnet_tiny()

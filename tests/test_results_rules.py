@@ -10,7 +10,8 @@ import jsonschema
 import pytest
 
 from gmcurv.errors import ConfigError
-from gmcurv.results import Estimate, Report, iter_estimates, report_schema
+from gmcurv.estimate import Estimate
+from gmcurv.results import Report, iter_estimates, report_schema
 from gmcurv.rules import evaluate, lookup, parse_rules
 
 SCHEMA_FILE = Path(__file__).parents[1] / "gmcurv" / "schema" / "report.schema.json"

@@ -10,9 +10,9 @@ from helpers import write_data, write_mlp
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from gmcurv.checkpoint import gmcurv_metadata
 from gmcurv.cli.app import app
-from gmcurv.metadata import copyable, looks_like_code
+from gmcurv.io.checkpoint import gmcurv_metadata
+from gmcurv.io.metadata import copyable, looks_like_code
 
 LOSS = """
 import pathlib
@@ -53,7 +53,7 @@ def test_prune_never_writes_a_code_path(runner, problem):
     out = root / "pruned.safetensors"
     args = ["saliency", str(model), str(data), "--loss", f"{root}/user_loss.py:ce", "-q"]
     result = runner.invoke(
-        app, [*args, "--prune", "0.5", "--criterion", "magnitude", "-o", str(out)]
+        app, [*args, "--prune", "0.5", "--criterion", "magnitude", "--save-pruned", str(out)]
     )
     assert result.exit_code == 0, result.output
     with safe_open(str(out), "pt") as f:
@@ -105,8 +105,8 @@ def test_outputs_checked_before_compute(runner, problem):
     (root / "config.json").write_text("{}")
     for args in (
         ["trace", str(model), str(data), "-o", str(root / "r.json"), "--plot", str(data)],
-        ["saliency", str(model), str(data), "--prune", "0.5", "-o", str(root / "p.safetensors"),
-         "--plot", str(root / "config.json")],
+        ["saliency", str(model), str(data), "--prune", "0.5",
+         "--save-pruned", str(root / "p.safetensors"), "--plot", str(root / "config.json")],
         ["info", str(model), "-o", str(root / "config.json")],
     ):  # fmt: skip
         before = {p.name for p in root.iterdir()}

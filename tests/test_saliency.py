@@ -12,9 +12,10 @@ from test_capture import _problem
 from torch import nn
 
 from gmcurv.capture import capture
-from gmcurv.checkpoint import load_model
-from gmcurv.data import load_data
 from gmcurv.errors import ConfigError
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.data import load_data
+from gmcurv.io.samples import sample_data, sample_model
 from gmcurv.objective import Objective
 from gmcurv.pruning import evaluate
 from gmcurv.saliency import (
@@ -25,7 +26,6 @@ from gmcurv.saliency import (
     saliencies,
     saliency_analysis,
 )
-from gmcurv.samples import sample_data, sample_model
 from gmcurv.woodbury import DampedFisher, default_eps
 
 

@@ -12,10 +12,12 @@ from helpers import write_data, write_mlp
 from rich.console import Console
 from safetensors.torch import load_file
 
-from gmcurv.checkpoint import MASK_PREFIX, load_model, masks_path
 from gmcurv.cli import saliency as saliency_cmd
 from gmcurv.cli.app import app
-from gmcurv.fileio import sha256_file
+from gmcurv.io.checkpoint import load_model
+from gmcurv.io.fileio import sha256_file
+from gmcurv.io.masks import masks_path
+from gmcurv.io.tensors import MASK_PREFIX
 from gmcurv.results import Report, report_schema
 
 
@@ -75,7 +77,16 @@ def test_prune_writes_exact_reloadable_checkpoint(runner, problem, tmp_path, fra
     model, data = problem
     digest = sha256_file(model)
     out = tmp_path / "pruned.safetensors"
-    args = ["saliency", str(model), str(data), "--prune", fraction, "-o", str(out), "--json"]
+    args = [
+        "saliency",
+        str(model),
+        str(data),
+        "--prune",
+        fraction,
+        "--save-pruned",
+        str(out),
+        "--json",
+    ]
     doc = _json(runner.invoke(app, [*args, *extra]))
     assert sha256_file(model) == digest  # the input is never touched
     pr = doc["results"]["prune"]
@@ -121,7 +132,7 @@ def test_prune_reports_before_and_after(runner, problem, tmp_path):
             str(data),
             "--prune",
             "0.6",
-            "-o",
+            "--save-pruned",
             str(out),
             "--eval-data",
             str(data),
@@ -142,8 +153,10 @@ def test_bad_fractions_exit_2(runner, problem, bad, tmp_path):
 @pytest.mark.parametrize(
     "args",
     [
-        ["-o", "x.txt"],
-        ["-o", "x.safetensors"],  # a checkpoint needs --prune
+        ["-o", "x.safetensors"],  # -o is the report: the message points at --save-pruned
+        ["--save-pruned", "x.safetensors"],  # a checkpoint needs --prune
+        ["--prune", "0.5", "--save-pruned", "x.pt"],  # the pruned checkpoint is .safetensors
+        ["-o", "x.json", "--report", "y.json"],  # the report once (--report: old name of -o)
         ["--levels", "0.5,abc"],
         ["--levels", "1.2"],
         ["--damping", "0"],
@@ -161,9 +174,37 @@ def test_bad_options_exit_2(runner, problem, args):
 def test_output_may_not_overwrite_input(runner, problem):
     model, data = problem
     digest = sha256_file(model)
-    r = runner.invoke(app, ["saliency", str(model), str(data), "--prune", "0.5", "-o", str(model)])
+    args = ["saliency", str(model), str(data), "--prune", "0.5", "--save-pruned", str(model)]
+    r = runner.invoke(app, args)
     assert r.exit_code == 2 and "overwrite" in r.output
     assert sha256_file(model) == digest
+
+
+def test_o_is_the_report_and_save_pruned_the_checkpoint(runner, problem, tmp_path):
+    """-o/--output is the JSON report, as in every command; the pruned checkpoint has its own
+    option --save-pruned (default <model>.pruned-<percent>.safetensors beside the model)."""
+    model, data = problem
+    wrong = tmp_path / "p.safetensors"
+    r = runner.invoke(app, ["saliency", str(model), str(data), "--prune", "0.5", "-o", str(wrong)])
+    assert r.exit_code == 2 and f"--save-pruned {wrong}" in r.output and not wrong.exists()
+    assert "Traceback" not in r.output
+    rep = tmp_path / "r.json"
+    args = ["saliency", str(model), str(data), "--levels", "0.5", "--prune", "0.5", "--rounds", "1"]
+    r = runner.invoke(app, [*args, "-q", "-o", str(rep)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(rep.read_text())
+    jsonschema.validate(doc, report_schema())
+    default = tmp_path / "model.pruned-50.safetensors"
+    assert doc["results"]["prune"]["checkpoint"]["path"] == str(default) and default.exists()
+
+
+def test_report_is_a_hidden_deprecated_alias_of_o(runner, problem, tmp_path):
+    model, data = problem
+    old = tmp_path / "old.json"
+    r = runner.invoke(app, ["saliency", str(model), str(data), "--levels", "0.5", "--report", old])
+    assert r.exit_code == 0, r.output
+    assert "--report is deprecated" in r.stderr and json.loads(old.read_text())["results"]
+    assert "--report" not in runner.invoke(app, ["saliency", "--help"]).stdout
 
 
 def test_plot_and_report_file(runner, problem, tmp_path):
@@ -195,11 +236,25 @@ def test_fail_if_gates_on_pruned_accuracy(runner, problem, tmp_path):
     model, data = problem
     base = ["saliency", str(model), str(data), "--prune", "0.5", "-q"]
     ok = runner.invoke(
-        app, [*base, "-o", str(tmp_path / "a.safetensors"), "--fail-if", "prune.after.accuracy < 0"]
+        app,
+        [
+            *base,
+            "--save-pruned",
+            str(tmp_path / "a.safetensors"),
+            "--fail-if",
+            "prune.after.accuracy < 0",
+        ],
     )
     assert ok.exit_code == 0, ok.output
     bad = runner.invoke(
-        app, [*base, "-o", str(tmp_path / "b.safetensors"), "--fail-if", "prune.after.loss > 0"]
+        app,
+        [
+            *base,
+            "--save-pruned",
+            str(tmp_path / "b.safetensors"),
+            "--fail-if",
+            "prune.after.loss > 0",
+        ],
     )
     assert bad.exit_code == 1
 
@@ -252,7 +307,7 @@ def test_two_ranks_prune_like_one_process(tmp_path):
         args = [str(model), str(data), "--json", "--dtype", "float64", "--batch-size", "5"]
         out = tmp_path / f"p{procs}.safetensors"
         res = subprocess.run(
-            [*cmd, *args, "--prune", "0.6", "--rounds", "2", "-o", str(out)],
+            [*cmd, *args, "--prune", "0.6", "--rounds", "2", "--save-pruned", str(out)],
             capture_output=True,
             text=True,
             timeout=240,
@@ -282,7 +337,16 @@ def test_obd_hessian_criterion(runner, problem, tmp_path):
     doc = _json(
         runner.invoke(
             app,
-            [*args, "--prune", "0.5", "-o", str(out), "--json", "--plot", str(tmp_path / "h.png")],
+            [
+                *args,
+                "--prune",
+                "0.5",
+                "--save-pruned",
+                str(out),
+                "--json",
+                "--plot",
+                str(tmp_path / "h.png"),
+            ],
         )
     )
     res = doc["results"]

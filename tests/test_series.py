@@ -12,11 +12,11 @@ import pytest
 from helpers import write_data, write_mlp
 from rich.console import Console
 
-from gmcurv.checkpoint import gmcurv_metadata, save_checkpoint
 from gmcurv.cli.app import app
 from gmcurv.errors import ConfigError
+from gmcurv.io.checkpoint import gmcurv_metadata, save_checkpoint
+from gmcurv.io.series import resolve_series
 from gmcurv.results import DataInfo, Report, report_schema
-from gmcurv.series import resolve_series
 
 F64 = ["--dtype", "float64", "--device", "cpu", "-k", "1"]
 
@@ -103,7 +103,7 @@ def test_checkpoint_in_the_data_position_is_refused(runner, ckpts):
 
 def test_series_run_matches_single_runs_and_loads_data_once(runner, ckpts, tmp_path,
                                                              monkeypatch):  # fmt: skip
-    import gmcurv.data as data_mod
+    import gmcurv.io.data as data_mod
 
     folder, data = ckpts
     calls = []
@@ -192,7 +192,7 @@ def test_mask_sidecars_are_not_checkpoints(runner, ckpts, tmp_path):
     folder, data = ckpts
     out = tmp_path / "pruned.safetensors"
     r = _run(runner, "saliency", folder / "step_20.safetensors", data, "--prune", "0.5",
-             "-o", folder / "step_40.safetensors", "-q")  # fmt: skip
+             "--save-pruned", folder / "step_40.safetensors", "-q")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert (folder / "step_40.masks.safetensors").exists() and not out.exists()
     s = resolve_series([folder])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from gmcurv.cli import signals
-from gmcurv.fileio import LIVE_TEMPORARIES, atomic_write
+from gmcurv.io.fileio import LIVE_TEMPORARIES, atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 linux = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
@@ -44,6 +44,38 @@ def test_handler_removes_the_live_temporary(tmp_path, monkeypatch, capfd):
     assert list(tmp_path.iterdir()) == [] and not LIVE_TEMPORARIES
     err = capfd.readouterr().err
     assert err.strip() == "gmcurv: terminated (SIGTERM)"
+
+
+def test_a_signal_between_mkstemp_and_registration_waits_for_the_step(tmp_path, monkeypatch):
+    """Another thread (torch's pool) may take the signal while this one holds it blocked;
+    Python then runs the handler here, possibly right after mkstemp. It postpones itself
+    until the temporary is registered, so the temporary is still removed."""
+    import tempfile
+
+    codes = []
+
+    def fake_exit(code):
+        codes.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_signal(*args, **kwargs):
+        created = real_mkstemp(*args, **kwargs)
+        os.close(created[0])
+        signals._handler(signal.SIGTERM, None)  # where Python may run it
+        assert codes == [], "the handler must wait for the registration"
+        return os.open(created[1], os.O_RDWR), created[1]
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_signal)
+    previous = signal.signal(signal.SIGTERM, signals._handler)
+    try:
+        with pytest.raises(SystemExit):
+            atomic_write(tmp_path / "out.json", lambda tmp: tmp.write_text("x"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert codes == [143] and list(tmp_path.iterdir()) == [] and not LIVE_TEMPORARIES
 
 
 def _spawn(args: list[str], cwd: Path, stderr_file: Path) -> subprocess.Popen:
@@ -135,7 +167,7 @@ def test_sigterm_the_moment_a_temporary_appears(tmp_path):
             "magnitude",
             "-n",
             "64",
-            "-o",
+            "--save-pruned",
             "out.safetensors",
             "-q",
         ],

@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from gmcurv.checkpoint import gmcurv_metadata, load_model
 from gmcurv.cli.app import app
 from gmcurv.errors import ArchitectureError
+from gmcurv.io.checkpoint import gmcurv_metadata, load_model
 
 N, D, C = 32, 6, 3
 

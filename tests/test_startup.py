@@ -60,11 +60,11 @@ def test_static_command_help_matches_docstrings():
     """`gmcurv --help` lists commands from COMMAND_HELP (no imports): keep it in sync."""
     import typer
 
-    from gmcurv.cli.app import _load_command
+    from gmcurv.cli.app import load_command
 
     assert set(COMMAND_HELP) == set(COMMANDS)
     for name in COMMANDS:
-        command = _load_command(name)
+        command = load_command(name)
         text = (command.help or "").strip().splitlines()[0].rstrip(";")
         assert COMMAND_HELP[name].startswith(text.rstrip(".")), (name, text)
     assert isinstance(typer.Typer(), typer.Typer)
@@ -75,7 +75,7 @@ def test_constants_copied_into_the_cli_match_the_engine():
     from gmcurv.cli import lora as cli_lora
     from gmcurv.cli import saliency as cli_saliency
     from gmcurv.cli import trace as cli_trace
-    from gmcurv.lora import SCALES
+    from gmcurv.lora.curvature import SCALES
 
     assert cli_trace.DEFAULT_TRACE_RTOL == hessian.DEFAULT_TRACE_RTOL
     assert cli_saliency.DEFAULT_ROUNDS == saliency.DEFAULT_ROUNDS

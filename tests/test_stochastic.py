@@ -9,7 +9,7 @@ import torch
 from oracles import dense_hessian
 
 from gmcurv.errors import ConfigError
-from gmcurv.hessian import CurvatureOperator
+from gmcurv.operator import CurvatureOperator
 from gmcurv.params import ParamSpace
 from gmcurv.stochastic import (
     MIN_ADAPTIVE_PROBES,

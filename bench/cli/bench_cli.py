@@ -172,7 +172,7 @@ def cases(paths: dict[str, tuple[Path, Path, list[str]]]) -> list[dict]:
 
 
 def _tiny_gpt() -> list[str]:
-    root = ROOT / "gmcurv" / "sample_models" / "tiny_gpt"
+    root = ROOT / "sample_models" / "tiny_gpt"
     return [str(root), str(root / "data")]
 
 

@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from workloads import WORKLOADS, build  # noqa: E402
 
-from gmcurv.checkpoint import gmcurv_metadata, save_checkpoint  # noqa: E402
+from gmcurv.io.checkpoint import gmcurv_metadata, save_checkpoint  # noqa: E402
 
 ARCH = {"W3": f"{HERE.parent / 'workloads.py'}:tiny_transformer"}
 

@@ -67,8 +67,8 @@ def make_method(name: str, w):
         return run
 
     if name in ("gmcurv_capture", "gmcurv_fisher"):
+        from gmcurv.batch import Batch
         from gmcurv.capture import Capturer
-        from gmcurv.data import Batch
         from gmcurv.objective import Objective
 
         obj = Objective.build(model, "cross_entropy")
@@ -186,8 +186,8 @@ def measure_one(workload: str, method: str, repeats: int) -> dict:
         if out[1] is not None:
             result["fisher_diag_sum"] = float(sum(float(d.sum()) for d in out[1]))
     if method == "gmcurv_capture":
+        from gmcurv.batch import Batch
         from gmcurv.capture import Capturer
-        from gmcurv.data import Batch
         from gmcurv.objective import Objective
 
         dg = Capturer(Objective.build(w.model, "cross_entropy"))(Batch(w.x, w.y, 0))

@@ -49,16 +49,17 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from gmcurv.batch import Batch  # noqa: E402
 from gmcurv.capture import Capturer  # noqa: E402
-from gmcurv.data import Batch, load_data  # noqa: E402
 from gmcurv.fisher import fisher_diagonal, fisher_eigen, fisher_trace  # noqa: E402
 from gmcurv.gradmetanet.features import check_supported, encode, gradient_set, plug_in  # noqa: E402
 from gmcurv.gradmetanet.model import decode  # noqa: E402
 from gmcurv.gradmetanet.pretrained import load_head  # noqa: E402
 from gmcurv.gradmetanet.zoo import default_cache_dir, iter_zoo, zoo_model  # noqa: E402
-from gmcurv.hessian import CurvatureOperator  # noqa: E402
+from gmcurv.io.data import load_data  # noqa: E402
 from gmcurv.lanczos import lanczos  # noqa: E402
 from gmcurv.objective import Objective  # noqa: E402
+from gmcurv.operator import CurvatureOperator  # noqa: E402
 from gmcurv.stochastic import hutchinson  # noqa: E402
 
 SPLITS = ("test-arch", "test-dataset")

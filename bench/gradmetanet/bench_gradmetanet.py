@@ -42,8 +42,8 @@ from safetensors.torch import save_file
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
+from gmcurv.batch import Batch  # noqa: E402
 from gmcurv.capture import Capturer, capture_all  # noqa: E402
-from gmcurv.data import Batch, load_data  # noqa: E402
 from gmcurv.fisher import fisher_diagonal  # noqa: E402
 from gmcurv.gradmetanet.evaluate import evaluate_models, summarise  # noqa: E402
 from gmcurv.gradmetanet.features import check_supported, encode, gradient_set, plug_in  # noqa: E402
@@ -51,9 +51,10 @@ from gmcurv.gradmetanet.model import decode  # noqa: E402
 from gmcurv.gradmetanet.predict import predict_curvature  # noqa: E402
 from gmcurv.gradmetanet.pretrained import load_head  # noqa: E402
 from gmcurv.gradmetanet.zoo import default_cache_dir, iter_zoo, zoo_model  # noqa: E402
-from gmcurv.hessian import CurvatureOperator  # noqa: E402
+from gmcurv.io.data import load_data  # noqa: E402
 from gmcurv.lanczos import lanczos  # noqa: E402
 from gmcurv.objective import Objective  # noqa: E402
+from gmcurv.operator import CurvatureOperator  # noqa: E402
 from gmcurv.pruning import apply_masks, evaluate, select_masks  # noqa: E402
 from gmcurv.stochastic import hutchinson  # noqa: E402
 
@@ -185,9 +186,9 @@ def model_extras(head, zm, cache: Path, tmp: Path, seed: int) -> dict:
 def sample_model_check(head, seeds: int = 5) -> dict:
     """The bundled digits MLP (64-128-64-10): head vs plug-in vs the truth on its 1,024
     training examples, over several random sets of 128."""
-    from gmcurv.checkpoint import load_model
     from gmcurv.gradmetanet.targets import compute_targets
-    from gmcurv.samples import sample_data, sample_model
+    from gmcurv.io.checkpoint import load_model
+    from gmcurv.io.samples import sample_data, sample_model
 
     lm = load_model(sample_model(), dtype=torch.float64)
     data = load_data(sample_data())

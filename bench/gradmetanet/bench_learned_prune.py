@@ -27,9 +27,10 @@ sys.path.insert(0, str(HERE.parents[1]))
 
 from safetensors import safe_open  # noqa: E402
 
-from gmcurv.data import load_data  # noqa: E402
 from gmcurv.gradmetanet.predict import learned_saliency  # noqa: E402
+from gmcurv.gradmetanet.pretrained import load_head  # noqa: E402
 from gmcurv.gradmetanet.zoo import default_cache_dir, iter_zoo, zoo_model  # noqa: E402
+from gmcurv.io.data import load_data  # noqa: E402
 from gmcurv.objective import Objective  # noqa: E402
 
 LEVELS = (0.5, 0.7, 0.9)
@@ -50,6 +51,7 @@ def main() -> None:
         models = [zm for zm in iter_zoo(cache, (split,)) if zm.step >= 400]
         step = max(1, len(models) // args.limit) if args.limit else 1
         chosen += models[::step][: args.limit]
+    head = load_head()
     for zm in chosen:
         ds = zm.spec.dataset
         train = load_data(cache / "data" / f"{ds}.safetensors")
@@ -57,7 +59,7 @@ def main() -> None:
         with safe_open(str(cache / "data" / f"{ds}.safetensors"), "pt") as f:
             x, y = f.get_tensor("inputs"), f.get_tensor("targets")
         obj = Objective.build(zoo_model(zm, x.shape[1], int(y.max()) + 1), "cross_entropy")
-        ls = learned_saliency(obj, train, levels=LEVELS, eval_data=test, batch_size=2048)
+        ls = learned_saliency(obj, train, head=head, levels=LEVELS, eval_data=test, batch_size=2048)
         rows.append(
             {
                 "name": zm.name,

@@ -41,11 +41,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from workloads import WORKLOADS, build  # noqa: E402
 
-from gmcurv.data import load_data  # noqa: E402
 from gmcurv.density import slq  # noqa: E402
-from gmcurv.hessian import CurvatureOperator, curvature_summary, exact_ggn_trace, top_eigen  # noqa: E402
+from gmcurv.hessian import curvature_summary, exact_ggn_trace, top_eigen  # noqa: E402
+from gmcurv.io.data import load_data  # noqa: E402
 from gmcurv.lanczos import lanczos  # noqa: E402
 from gmcurv.objective import Objective  # noqa: E402
+from gmcurv.operator import CurvatureOperator  # noqa: E402
 from gmcurv.stochastic import hutchinson, trace  # noqa: E402
 
 

@@ -54,9 +54,9 @@ def load_avg() -> list[float]:
 def workload(name: str, workdir: Path):
     """(model, x, y, data path) in float32, eval mode."""
     if name == "sample":
-        from gmcurv.checkpoint import load_model
-        from gmcurv.data import load_data
-        from gmcurv.samples import sample_data, sample_model
+        from gmcurv.io.checkpoint import load_model
+        from gmcurv.io.data import load_data
+        from gmcurv.io.samples import sample_data, sample_model
 
         model = load_model(sample_model()).model.eval()
         data = load_data(sample_data())
@@ -84,7 +84,7 @@ def run(name: str, repeats: int, workdir: Path) -> dict:
     import loss_landscapes
     import loss_landscapes.metrics
 
-    from gmcurv.data import load_data
+    from gmcurv.io.data import load_data
     from gmcurv.landscape import grid_axis, landscape, random_directions
     from gmcurv.objective import Objective
 

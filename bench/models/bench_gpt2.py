@@ -106,7 +106,7 @@ def unit_vector(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def make_method(name: str, model, ids):
     """A zero-argument callable doing one unit of work, returning a dict of outputs."""
-    from gmcurv.data import Batch
+    from gmcurv.batch import Batch
     from gmcurv.objective import Objective
 
     n = len(ids)
@@ -120,8 +120,8 @@ def make_method(name: str, model, ids):
         return run
     if name in ("gmcurv_trace", "gmcurv_trace_nocheck"):
         from gmcurv.capture import Capturer
+        from gmcurv.capture.budget import estimate_capture
         from gmcurv.fisher import FisherAccumulator
-        from gmcurv.memory import estimate_capture
 
         obj = Objective.build(model, "next_token")
         batch = Batch(ids, None, 0)
@@ -151,8 +151,8 @@ def make_method(name: str, model, ids):
 
         from safetensors.torch import save_file
 
-        from gmcurv.data import load_data
         from gmcurv.fisher import fisher_summary
+        from gmcurv.io.data import load_data
 
         obj = Objective.build(model, "next_token")
         tmp = Path(tempfile.mkdtemp()) / "tokens.safetensors"
@@ -212,8 +212,8 @@ def make_method(name: str, model, ids):
 
         from safetensors.torch import save_file
 
-        from gmcurv.data import load_data
-        from gmcurv.hessian import CurvatureOperator
+        from gmcurv.io.data import load_data
+        from gmcurv.operator import CurvatureOperator
 
         obj = Objective.build(model, "next_token")
         tmp = Path(tempfile.mkdtemp()) / "tokens.safetensors"

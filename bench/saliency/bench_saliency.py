@@ -53,9 +53,9 @@ def reset_peak() -> None:
 # -------------------------------------------------------------------------------- quality
 def train_wide(workdir: Path) -> Path:
     """A wider/deeper digits MLP (full-batch Adam), saved with gmcurv metadata."""
-    from gmcurv.checkpoint import gmcurv_metadata, save_checkpoint
-    from gmcurv.data import load_data
-    from gmcurv.samples import sample_data
+    from gmcurv.io.checkpoint import gmcurv_metadata, save_checkpoint
+    from gmcurv.io.data import load_data
+    from gmcurv.io.samples import sample_data
 
     torch.manual_seed(0)
     data = load_data(sample_data())
@@ -84,11 +84,11 @@ def point(ev) -> dict:
 
 
 def quality_one(name: str, path: Path, n_fisher: int, rounds: int) -> dict:
-    from gmcurv.checkpoint import load_model
-    from gmcurv.data import load_data
+    from gmcurv.io.checkpoint import load_model
+    from gmcurv.io.data import load_data
+    from gmcurv.io.samples import sample_data
     from gmcurv.objective import Objective
     from gmcurv.saliency import prune_model, saliency_analysis
-    from gmcurv.samples import sample_data
 
     loaded = load_model(path)
     obj = Objective.build(loaded.model, loaded.loss)
@@ -142,7 +142,7 @@ def quality_one(name: str, path: Path, n_fisher: int, rounds: int) -> dict:
 
 
 def quality(rounds: int) -> list[dict]:
-    from gmcurv.samples import sample_model
+    from gmcurv.io.samples import sample_model
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:

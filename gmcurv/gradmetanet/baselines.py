@@ -17,8 +17,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer
-from gmcurv.data import Batch
 from gmcurv.fisher import fisher_eigen, fisher_trace
 from gmcurv.gradmetanet.features import MLPChain, PlugIn
 from gmcurv.gradmetanet.targets import batch_hessian_diagonal_sum

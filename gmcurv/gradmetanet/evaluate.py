@@ -35,8 +35,8 @@ from typing import Any
 import torch
 
 from gmcurv.gradmetanet import calibration as cal
+from gmcurv.gradmetanet.head import LoadedHead
 from gmcurv.gradmetanet.model import PARAM_TARGETS, SCALAR_TARGETS, HeadOutput, log_prediction
-from gmcurv.gradmetanet.pretrained import LoadedHead
 from gmcurv.gradmetanet.train import Item, loss_parts, make_item
 from gmcurv.gradmetanet.zoo import ZooModel, iter_zoo
 

@@ -14,7 +14,7 @@ without a recorded calibration gives no interval and ``converged = False``.
 
 Beside the head, `LearnedCurvature` carries the exact engine on the same ``b`` examples
 (`baselines.same_set_baselines`: plug-in Fisher, GGN, exact Hessian trace) and the inputs
-outside the head's training range (`pretrained.RangeFlag`).
+outside the head's training range (`head.RangeFlag`).
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from gmcurv.batch import Batch
 from gmcurv.capture import Capturer
-from gmcurv.data import Batch, DataSample
+from gmcurv.data import DataSample
 from gmcurv.errors import GmcurvWarning
+from gmcurv.estimate import Estimate
 from gmcurv.gradmetanet.baselines import SameSetBaselines, same_set_baselines
 from gmcurv.gradmetanet.features import PlugIn, check_supported, encode, gradient_set, plug_in
+from gmcurv.gradmetanet.head import LoadedHead, RangeFlag
 from gmcurv.gradmetanet.model import decode
-from gmcurv.gradmetanet.pretrained import LoadedHead, RangeFlag, load_head
 from gmcurv.objective import Objective
-from gmcurv.results import Estimate
 
 DEFAULT_SET_SIZE = 128
 
@@ -118,13 +119,13 @@ def predict_curvature(
     data: DataSample,
     b: int = DEFAULT_SET_SIZE,
     seed: int = 0,
-    head: LoadedHead | None = None,
+    *,
+    head: LoadedHead,
     baselines: bool = True,
 ) -> LearnedCurvature:
     """Run the head on ``b`` random examples of `data` (see module doc); with `baselines`
     also the exact engine on the same examples."""
     chain = check_supported(objective, "empirical")
-    head = head or load_head()
     widths = [int(objective.params[w].shape[0]) for w in chain.weights[:-1]]
     head.check(chain, widths)  # refuses what the head does not support
     t0 = time.perf_counter()
@@ -231,11 +232,11 @@ class LearnedSaliency:
 
 
 def head_obs_saliency(
-    objective: Objective, data: DataSample, b: int, seed: int, head: LoadedHead | None
+    objective: Objective, data: DataSample, b: int, seed: int, head: LoadedHead
 ) -> dict[str, Tensor]:
     """``½ r̂_q w_q²`` of every parameter at the objective's current weights (the ranking
     ``saliency --prune --method learned`` uses)."""
-    lc = predict_curvature(objective, data, b, seed, head, baselines=False)
+    lc = predict_curvature(objective, data, b, seed, head=head, baselines=False)
     return {
         k: 0.5 * lc.obs_curv[k] * objective.params[k].detach().double().pow(2) for k in lc.obs_curv
     }
@@ -257,7 +258,7 @@ def learned_saliency(
     *,
     b: int = DEFAULT_SET_SIZE,
     seed: int = 0,
-    head: LoadedHead | None = None,
+    head: LoadedHead,
     levels: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9),
     eval_data: DataSample | None = None,
     batch_size: int = 256,
@@ -267,7 +268,7 @@ def learned_saliency(
     from gmcurv.pruning import apply_masks, evaluate, prunable_params, select_masks
     from gmcurv.saliency import curvature_at, layer_statistics, obs_update_sweep, saliencies
 
-    lc = predict_curvature(objective, data, b, seed, head)
+    lc = predict_curvature(objective, data, b, seed, head=head)
     names = prunable_params(objective)
     w = {k: objective.params[k].detach().double() for k in names}
     sal = {

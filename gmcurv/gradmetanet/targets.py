@@ -28,14 +28,15 @@ import torch
 from torch import Tensor
 from torch.func import grad, vmap
 
+from gmcurv.batch import Batch
 from gmcurv.capture import DecomposedGradients, capture_all
-from gmcurv.data import Batch, DataSample
+from gmcurv.data import DataSample
 from gmcurv.fisher import fisher_diagonal, fisher_trace
 from gmcurv.gradmetanet.features import MLPChain, check_supported
-from gmcurv.hessian import CurvatureOperator
 from gmcurv.lanczos import LanczosResult, lanczos
 from gmcurv.models.mlp import ACTIVATIONS
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
 from gmcurv.woodbury import DampedFisher, default_eps
 
 

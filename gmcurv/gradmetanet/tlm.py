@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from gmcurv.samples import SAMPLE_ROOT
+from gmcurv.io.samples import SAMPLE_ROOT
 
 TASKS = ("markov", "copy", "count", "chars")
 

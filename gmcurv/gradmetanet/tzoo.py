@@ -33,15 +33,15 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from gmcurv.capture import capture_all
-from gmcurv.data import load_data
 from gmcurv.errors import ConfigError
 from gmcurv.factors import LinearFactors
-from gmcurv.fileio import atomic_write_text
 from gmcurv.fisher import fisher_diagonal, fisher_trace
 from gmcurv.gradmetanet.targets import top_hessian_eigenvalue
 from gmcurv.gradmetanet.tlm import TASKS, TinyLM, init_lm, make_task
-from gmcurv.hessian import CurvatureOperator
+from gmcurv.io.data import load_data
+from gmcurv.io.fileio import atomic_write_text
 from gmcurv.objective import Objective
+from gmcurv.operator import CurvatureOperator
 from gmcurv.stochastic import hutchpp
 from gmcurv.woodbury import DampedFisher, default_eps
 

@@ -33,11 +33,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from gmcurv.data import load_data
 from gmcurv.errors import ConfigError, DataError, UnsupportedError
-from gmcurv.fileio import atomic_write_text
 from gmcurv.gradmetanet.features import GradientSet, PlugIn, gradient_set, mlp_chain, plug_in
 from gmcurv.gradmetanet.targets import compute_targets
+from gmcurv.io.data import load_data
+from gmcurv.io.fileio import atomic_write_text
 from gmcurv.models.mlp import MLP, LinearSpec
 from gmcurv.objective import Objective
 

@@ -32,11 +32,11 @@ from gmcurv import distributed
 from gmcurv.capture import Capturer, DecomposedGradients
 from gmcurv.data import DataSample
 from gmcurv.errors import ConfigError
+from gmcurv.estimate import Estimate
 from gmcurv.factors import LinearFactors
-from gmcurv.hessian import CurvatureOperator
 from gmcurv.lora.mapping import LayerUpdate, update_direction
 from gmcurv.objective import Objective
-from gmcurv.results import Estimate
+from gmcurv.operator import CurvatureOperator
 
 SCALES = (0.25, 0.5, 1.0, 2.0)
 
@@ -120,9 +120,9 @@ def update_jvp(
             ra = torch.einsum("nti,ri->ntr", src.x, right)
             part = torch.einsum("nctr,ntr->nc", dl, ra)
         else:
-            dtheta = update_direction([u for p in mine for u in by_param[p]], src._dtype())
+            dtheta = update_direction([u for p in mine for u in by_param[p]], src.dtype)
             vector = {
-                p: dtheta[p] if p in dtheta else torch.zeros(s, dtype=src._dtype())
+                p: dtheta[p] if p in dtheta else torch.zeros(s, dtype=src.dtype)
                 for p, s in zip(block.params, block.shapes, strict=True)
             }
             vector = {k: v.to(dg.losses.device) for k, v in vector.items()}
@@ -165,7 +165,7 @@ def curvature_along(
     `objective` may hold any parameters; it is restricted to the adapted ones. One capture
     pass serves every adapter; then one Hessian-vector product per adapter.
     """
-    from gmcurv.memory import preflight_capture
+    from gmcurv.capture.budget import preflight_capture
 
     if not updates:
         return {}

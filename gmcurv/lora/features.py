@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from gmcurv.errors import GmcurvWarning
+from gmcurv.estimate import Estimate
 from gmcurv.lora.adapter import Adapter, LoraLayer
-from gmcurv.results import Estimate
 
 METHOD = "QR + r x r SVD"
 

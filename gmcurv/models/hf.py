@@ -10,7 +10,7 @@ sharded ``model.safetensors.index.json``) is built as the library builds it:
   used; ``--arch hf:<Class>`` names it explicitly;
 - the model is built from the config with random init (``attn_implementation='eager'``:
   plain tensor ops, so double backward, forward mode and ``vmap`` all apply;
-  ``use_cache=False``), and the weights are then loaded by `gmcurv.checkpoint` — safetensors
+  ``use_cache=False``), and the weights are then loaded by `gmcurv.io.checkpoint` — safetensors
   only, strict about missing/unexpected keys and shapes; weights the model ties
   (``lm_head`` to the input embedding) need one of their names in the file, as in
   `transformers`; checkpoints saved from the bare model (keys without the

@@ -6,7 +6,7 @@ read; `{root}` in a case's arguments is replaced by that directory. Run this mod
 script for the summary the issue asks for (clean exit / traceback / wrong exit / input
 modified / partial output)::
 
-    PYTHONPATH=. python tests/corpus/cases.py
+    python tests/corpus/cases.py    # with gmcurv installed: pip install -e .
 """
 
 from __future__ import annotations
@@ -191,7 +191,7 @@ def build_inputs(root: Path) -> None:
         save_file(state, str(bad / "two" / f"{name}.safetensors"), metadata=_meta())
 
     # ---- config.json beside weights (Hugging Face layout)
-    sample = Path(__file__).resolve().parents[2] / "gmcurv/sample_models/tiny_gpt"
+    sample = Path(__file__).resolve().parents[2] / "sample_models/tiny_gpt"
     base = json.loads((sample / "config.json").read_text())
     cfgs = {
         "cfg_n_head_0": {**base, "n_head": 0},
@@ -650,8 +650,9 @@ def _output_cases() -> list[Case]:
         ("landscape", "--save-grid", "{root}/a_file/g.npz", "not a directory"),
         ("landscape", "--save-grid", out + "g.txt", "--save-grid"),
         ("saliency", "--report", M, "overwrite"),
-        ("saliency", "--report", "{root}/a_file/r.json", "not a directory"),
-        ("saliency", "-o", out + "r.txt", "-o"),
+        ("saliency", "-o", "{root}/a_file/r.json", "not a directory"),
+        ("saliency", "-o", out + "r.safetensors", "--save-pruned"),  # -o is the report
+        ("saliency", "--save-pruned", out + "p.safetensors", "--prune"),  # needs --prune
     ]:
         model = "{root}/cfg_mlp/model.safetensors" if "cfg_mlp" in target else M
         args = (cmd, model) if cmd == "info" else (cmd, model, D, "-q")
@@ -683,7 +684,7 @@ def _output_cases() -> list[Case]:
                 "-q",
                 "--prune",
                 "0.5",
-                "-o",
+                "--save-pruned",
                 out + "p.safetensors",
                 "--plot",
                 "{root}/D/x.png",
@@ -694,19 +695,28 @@ def _output_cases() -> list[Case]:
         ),
         Case(
             "out-prune-onto-model",
-            ("saliency", M, D, "-q", "--prune", "0.5", "-o", M),
+            ("saliency", M, D, "-q", "--prune", "0.5", "--save-pruned", M),
             2,
             "overwrite",
         ),
         Case(
             "out-prune-onto-data",
-            ("saliency", M, D, "-q", "--prune", "0.5", "-o", "{root}/D/a.safetensors"),
+            ("saliency", M, D, "-q", "--prune", "0.5", "--save-pruned", "{root}/D/a.safetensors"),
             2,
             "overwrite",
         ),
         Case(
             "out-prune-parent-file",
-            ("saliency", M, D, "-q", "--prune", "0.5", "-o", "{root}/a_file/p.safetensors"),
+            (
+                "saliency",
+                M,
+                D,
+                "-q",
+                "--prune",
+                "0.5",
+                "--save-pruned",
+                "{root}/a_file/p.safetensors",
+            ),
             2,
             "not a directory",
         ),
@@ -719,9 +729,9 @@ def _output_cases() -> list[Case]:
                 "-q",
                 "--prune",
                 "0.5",
-                "-o",
+                "--save-pruned",
                 out + "s.safetensors",
-                "--report",
+                "--report",  # the deprecated name of -o
                 out + "s.safetensors",
             ),
             2,
@@ -800,7 +810,7 @@ def sha256_tree(root: Path) -> dict[str, str]:
 
 
 def expand(case: Case, root: Path) -> list[str]:
-    sample = Path(__file__).resolve().parents[2] / "gmcurv/sample_models"
+    sample = Path(__file__).resolve().parents[2] / "sample_models"
     return [a.replace("{root}", str(root)).replace("{sample}", str(sample)) for a in case.args]
 
 

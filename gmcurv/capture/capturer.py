@@ -1,0 +1,152 @@
+"""`Capturer`: decomposed per-example gradients of one batch."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from gmcurv.batch import Batch, batch_size_of, slice_inputs
+from gmcurv.capture.dense import dense_blocks
+from gmcurv.capture.gradients import Block, DecomposedGradients
+from gmcurv.capture.plan import plan_capture
+from gmcurv.capture.recording import Recorder, only_selected_require_grad
+from gmcurv.capture.selfcheck import self_check
+from gmcurv.capture.sources import block_source
+from gmcurv.errors import ConfigError, GmcurvWarning
+from gmcurv.losses import FISHER_TYPES
+from gmcurv.objective import Objective
+from gmcurv.rng import example_noise
+
+CHECK_EXAMPLES = 8  # the one-off self-check runs on the first batch's first examples
+
+
+def _head(batch: Batch, m: int) -> Batch:
+    """The first `m` examples of a batch (same start index: Monte Carlo noise agrees)."""
+    targets = None if batch.targets is None else batch.targets[:m]
+    return Batch(slice_inputs(batch.inputs, slice(0, m)), targets, batch.start)
+
+
+class Capturer:
+    """Captures `DecomposedGradients` batch by batch for one objective and Fisher type.
+
+    The self-check (`check`) runs once, on the first `CHECK_EXAMPLES` examples of the
+    first batch: a hooked capture of that slice against a plain forward and backward.
+    """
+
+    def __init__(
+        self,
+        objective: Objective,
+        fisher: str = "empirical",
+        mc_samples: int = 1,
+        seed: int = 0,
+        check: bool = True,
+    ):
+        if fisher not in FISHER_TYPES:
+            raise ConfigError(f"unknown --fisher {fisher!r}", hint=f"use one of {FISHER_TYPES}")
+        if mc_samples < 1:
+            raise ConfigError(f"--mc-samples must be at least 1, got {mc_samples}")
+        self.objective = objective
+        self.fisher = fisher
+        self.mc_samples = mc_samples
+        self.seed = seed
+        self.plans = plan_capture(objective.model, objective.params)
+        self._check_pending = check
+        self.fallbacks: list[str] = []  # blocks moved to dense by the self-check
+
+    @property
+    def dense_modules(self) -> list[str]:
+        """Module paths whose parameters need dense per-example gradients."""
+        return [p.name for p in self.plans if p.kind == "dense"]
+
+    def __call__(self, batch: Batch) -> DecomposedGradients:
+        if self._check_pending:
+            self._check_pending = False
+            small = len(batch) <= CHECK_EXAMPLES
+            part = batch if small else _head(batch, CHECK_EXAMPLES)
+            dg, out, cols, broadcast = self._capture(part)
+            bad = self_check(self.objective, part, dg, out, cols, broadcast)
+            if bad:
+                self._to_dense(bad)
+            if small and not bad:
+                return dg
+        return self._capture(batch)[0]
+
+    def _to_dense(self, names: list[str]) -> None:
+        """Capture the blocks `names` densely from now on."""
+        self.fallbacks += names
+        self.plans = [
+            replace(p, kind="dense", modules=()) if p.name in names else p for p in self.plans
+        ]
+
+    def _noise(self, batch: Batch, out: Tensor) -> Tensor | None:
+        """Monte Carlo draws for this batch, a function of (seed, example index) only."""
+        if self.fisher != "mc":
+            return None
+        shape, kind = self.objective.loss.noise_spec(out.shape, self.mc_samples)
+        return example_noise(
+            self.seed, batch.start, out.shape[0], shape, kind, out.dtype, out.device
+        )
+
+    def _record(self, batch: Batch, recorder: Recorder) -> tuple[Tensor, Tensor, Tensor]:
+        """One hooked forward and one backward per Fisher column ``c`` (cotangent
+        ``G[c]``): (outputs, per-example losses, columns ``G``)."""
+        obj = self.objective
+        with only_selected_require_grad(obj.model, obj.params), torch.enable_grad():
+            out = obj.outputs(batch.inputs)
+            targets = obj.targets(batch, out)
+            losses = obj.loss.per_example(out.detach(), targets)
+            cols = obj.loss.output_columns(
+                out, targets, self.fisher, self.mc_samples, self._noise(batch, out)
+            )
+            recorder.active = False
+            outputs = recorder.outputs()
+            C = cols.shape[0]
+            for c in range(C if outputs else 0):
+                recorder.column = c
+                torch.autograd.grad(
+                    out, outputs, grad_outputs=cols[c], retain_graph=c < C - 1, allow_unused=True
+                )
+        return out, losses, cols
+
+    def _capture(self, batch: Batch):
+        """Decomposed gradients of `batch`: (gradients, outputs, columns, modules the
+        recorder expanded over the batch)."""
+        n = batch_size_of(batch.inputs)
+        hooked = [p for p in self.plans if p.kind != "dense"]
+        recorder = Recorder(self.objective.model, [m for p in hooked for m in p.modules], n)
+        try:
+            out, losses, cols = self._record(batch, recorder)
+        finally:
+            recorder.remove()
+        if recorder.unmapped:
+            self._unmapped_to_dense(recorder.unmapped, n)
+            return self._capture(batch)
+        C = cols.shape[0]
+        obj = self.objective
+        blocks = [
+            Block(p.name, p.kind, block_source(p, recorder, obj.model, obj.params, n, C))
+            for p in hooked
+        ]
+        dense = [p for p in self.plans if p.kind == "dense"]
+        if dense:
+            blocks += dense_blocks(obj, dense, batch, cols)
+        order = {p.name: i for i, p in enumerate(self.plans)}
+        blocks.sort(key=lambda b: order[b.name])
+        broadcast = {p.name for p in hooked if set(p.modules) & recorder.broadcast_modules()}
+        dg = DecomposedGradients(tuple(blocks), self.fisher, losses.detach())
+        return dg, out.detach(), cols, broadcast
+
+    def _unmapped_to_dense(self, unmapped: dict[str, int], n: int) -> None:
+        """Move blocks whose module inputs have no example structure to dense (with a note)."""
+        self._to_dense([p.name for p in self.plans if set(p.modules) & set(unmapped)])
+        shown = ", ".join(f"{m} ({r} rows)" for m, r in sorted(unmapped.items())[:4])
+        warnings.warn(
+            f"modules {shown} get inputs whose leading dimension is not a multiple of the "
+            f"{n} examples of the batch, so rows cannot be mapped to examples; their "
+            "per-example gradients are computed densely instead",
+            GmcurvWarning,
+            stacklevel=4,
+        )

@@ -1,0 +1,147 @@
+"""Safe file output: atomic writes, hashing, and the rule that outputs never overwrite inputs."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from gmcurv.errors import ConfigError
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> Path:
+    """Refuse an output path that is (or lies inside / contains) one of the inputs."""
+    out = Path(output).expanduser().resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        src = Path(item).expanduser().resolve()
+        if out == src or (src.is_dir() and src in out.parents):
+            raise ConfigError(
+                f"refusing to write {output}: it would overwrite the input {item}",
+                hint="choose another output path with -o/--output",
+            )
+    return out
+
+
+def check_writable(output: str | os.PathLike, option: str | None = None) -> Path:
+    """Refuse, before any compute, an output whose directory is missing, is a file or is
+    read-only, or that names an existing directory."""
+    target = Path(output).expanduser()
+    parent = target.parent if str(target.parent) else Path(".")
+    what = f"{option} {output}" if option else str(output)
+    hint = f"choose another path for {option}" if option else "choose another output path"
+    if target.is_dir():
+        raise ConfigError(f"cannot write {what}: it is a directory", hint=hint)
+    if not parent.exists():
+        raise ConfigError(
+            f"cannot write {what}: directory {parent} does not exist",
+            hint="create the directory first, or " + hint,
+        )
+    if not parent.is_dir():
+        raise ConfigError(f"cannot write {what}: {parent} is not a directory", hint=hint)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write {what}: {parent} is read-only", hint=hint)
+    return target
+
+
+# temporaries being written right now: a signal handler removes them before exiting
+LIVE_TEMPORARIES: set[str] = set()
+# signals a handler postponed (`signals_deferred()` was true); re-raised when the step ends
+PENDING_SIGNALS: list[int] = []
+_deferring = 0
+
+
+def signals_deferred() -> bool:
+    """Whether a temporary is being created+registered or renamed+unregistered right now: a
+    signal handler then appends its signal to `PENDING_SIGNALS` and returns."""
+    return _deferring > 0
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM for a few system calls (so a temporary is never unregistered).
+
+    Blocking them in this thread is not enough: another thread (torch's pool) may take the
+    signal, and Python then runs the handler here at the next bytecode. So a handler that
+    sees `signals_deferred()` records the signal instead, and it is raised again on exit.
+    """
+    global _deferring
+    blockable = hasattr(signal, "pthread_sigmask")
+    if blockable:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if blockable:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if not _deferring and PENDING_SIGNALS:
+            signal.raise_signal(PENDING_SIGNALS.pop(0))
+
+
+def remove_live_temporaries() -> None:
+    """Delete every temporary `atomic_write` has not renamed yet (signal path)."""
+    for name in list(LIVE_TEMPORARIES):
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+        LIVE_TEMPORARIES.discard(name)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place.
+
+    A crash or an exception leaves `path` untouched (either the old file or none).
+    """
+    target = Path(path).expanduser()
+    parent = target.parent if str(target.parent) else Path(".")
+    check_writable(target)
+    with _signals_deferred():  # created and registered as one step
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot write {target}: {e.strerror}", hint="choose another output path"
+            ) from None
+        LIVE_TEMPORARIES.add(tmp_name)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        with _signals_deferred():  # renamed and unregistered as one step
+            os.replace(tmp, target)
+            LIVE_TEMPORARIES.discard(tmp_name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        LIVE_TEMPORARIES.discard(tmp_name)
+        raise
+    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write bytes atomically (see `atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write UTF-8 text atomically (see `atomic_write`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,89 @@
+"""Softmax cross-entropy, averaged over an example's valid tokens (`tokens`); its Fisher
+columns and output Hessian are `softmax`'s."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gmcurv.errors import ConfigError
+from gmcurv.losses import softmax
+from gmcurv.losses.base import FISHER_TYPES, IGNORE_INDEX, Loss, require_noise
+from gmcurv.losses.labels import check_labels
+from gmcurv.losses.tokens import align, next_token_targets, pad_last, token_weights
+
+
+@dataclass(frozen=True)
+class CrossEntropy(Loss):
+    """``L_n = Σ_t w[n,t] CE(f[n,t], y[n,t])`` with ``w = 1/T_n`` on valid tokens."""
+
+    name: str = "cross_entropy"
+    shift: bool = False  # next-token prediction: logits[:, :-1] vs targets[:, 1:]
+
+    def per_example(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        logits, tgt = align(outputs, targets, self.shift)
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            tgt.reshape(-1),
+            reduction="none",
+            ignore_index=IGNORE_INDEX,
+        ).reshape(tgt.shape)
+        w = token_weights(tgt, ce.dtype)
+        return (ce * w).reshape(ce.shape[0], -1).sum(1)
+
+    def accuracy_counts(self, outputs: Tensor, targets: Tensor) -> tuple[Tensor, int]:
+        logits, tgt = align(outputs, targets, self.shift)
+        valid = tgt != IGNORE_INDEX
+        correct = ((logits.argmax(-1) == tgt) & valid).sum()
+        return correct, int(valid.sum())
+
+    def check(self, outputs_shape: torch.Size, targets: Tensor | None, source: str) -> None:
+        check_labels(outputs_shape, targets, source, self.name)
+
+    def default_targets(self, inputs: object) -> Tensor | None:
+        """Next-token targets (`tokens.next_token_targets`); None for plain classification."""
+        return next_token_targets(inputs) if self.shift else None
+
+    def output_hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
+        logits, tgt = align(outputs, targets, self.shift)
+        p = logits.softmax(-1)
+        w = token_weights(tgt, p.dtype).unsqueeze(-1)
+        hv = softmax.hessian_vp(p, w, v[:, :-1] if self.shift else v)
+        return pad_last(hv) if self.shift else hv
+
+    def noise_spec(self, outputs_shape: torch.Size, mc_samples: int) -> tuple[tuple[int, ...], str]:
+        tokens = tuple(outputs_shape[1:-1])
+        if self.shift and tokens:
+            tokens = (tokens[0] - 1, *tokens[1:])
+        return (mc_samples, *tokens), "uniform"
+
+    def output_columns(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        fisher: str,
+        mc_samples: int = 1,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        logits, tgt = align(outputs.detach(), targets, self.shift)
+        p = logits.softmax(-1)
+        w = token_weights(tgt, p.dtype).unsqueeze(-1)  # [N, *tok, 1]
+        if fisher == "empirical":
+            cols = softmax.empirical_columns(p, tgt, w)
+        elif fisher == "mc":
+            cols = softmax.mc_columns(p, w, require_noise(noise), mc_samples)
+        elif fisher == "exact":
+            cols = softmax.exact_columns(p, w)
+        else:
+            raise ConfigError(f"unknown Fisher type {fisher!r}", hint=f"use one of {FISHER_TYPES}")
+        if self.shift:
+            cols = torch.stack([pad_last(c) for c in cols])
+        return cols
+
+    def n_exact_columns(self, outputs_shape: torch.Size) -> int:
+        n_tok = math.prod(outputs_shape[1:-1]) - (1 if self.shift else 0)
+        return n_tok * outputs_shape[-1]

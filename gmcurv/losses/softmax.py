@@ -1,0 +1,57 @@
+"""Fisher columns of the softmax cross-entropy, per token, weighted by ``w`` (`tokens`).
+
+With ``p = softmax(f)``, ``∂ℓ/∂f = p - e_y`` and the output Hessian is
+``Λ = diag(p) - p pᵀ = Σ_c s_c s_cᵀ`` with ``s_c = sqrt(p_c) (e_c - p)``:
+
+- empirical: one column ``w (p - e_y)`` at the observed label ``y``;
+- mc: ``k`` columns ``w (p - e_ŷ) / sqrt(k)`` at labels ``ŷ ~ p`` drawn by inverse CDF from
+  per-example uniforms;
+- exact: one column ``w_t s_c`` per (token, class), zero on the other tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def empirical_columns(p: Tensor, targets: Tensor, w: Tensor) -> Tensor:
+    """``[1, N, *tok, C]``: ``w (p - e_y)`` (ignored tokens have ``w = 0``)."""
+    onehot = F.one_hot(targets.clamp_min(0), p.shape[-1]).to(p.dtype)
+    return (w * (p - onehot)).unsqueeze(0)
+
+
+def mc_columns(p: Tensor, w: Tensor, uniforms: Tensor, mc_samples: int) -> Tensor:
+    """``[k, N, *tok, C]`` from `uniforms` ``[N, k, *tok]``: ``ŷ`` is the class whose
+    cumulative probability first exceeds the uniform."""
+    n_classes = p.shape[-1]
+    u = uniforms.to(p.dtype).movedim(1, 0)  # [k, N, *tok] uniforms
+    cdf = p.cumsum(-1)
+    draws = (cdf.unsqueeze(0) <= u.unsqueeze(-1)).sum(-1).clamp_max(n_classes - 1)
+    onehot = F.one_hot(draws, n_classes).to(p.dtype)
+    return w * (p - onehot) / math.sqrt(mc_samples)
+
+
+def exact_columns(p: Tensor, w: Tensor) -> Tensor:
+    """``[T C, N, *tok, C]``: columns ``w_t sqrt(p_c) (e_c - p)`` for every (token, class),
+    zero elsewhere."""
+    n = p.shape[0]
+    tok_shape, n_classes = p.shape[1:-1], p.shape[-1]
+    n_tok = math.prod(tok_shape)
+    pf = p.reshape(n, n_tok, n_classes)
+    wf = w.reshape(n, n_tok, 1)
+    eye = torch.eye(n_classes, dtype=p.dtype, device=p.device)
+    # s[n, t, c, :] = w_t sqrt(p_c) (e_c - p_t)
+    s = wf.unsqueeze(-1) * pf.sqrt().unsqueeze(-1) * (eye - pf.unsqueeze(-2))
+    cols = p.new_zeros(n_tok, n_classes, n, n_tok, n_classes)
+    idx = torch.arange(n_tok, device=p.device)
+    cols[idx, :, :, idx, :] = s.permute(1, 2, 0, 3)
+    return cols.reshape(n_tok * n_classes, *p.shape)
+
+
+def hessian_vp(p: Tensor, w: Tensor, v: Tensor) -> Tensor:
+    """``w Λ v = w (p ⊙ v - p <p, v>)`` per token."""
+    return w * (p * v - p * (p * v).sum(-1, keepdim=True))
