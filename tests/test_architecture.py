@@ -100,6 +100,7 @@ LAYERS = (
             "gmcurv.ggn",
             "gmcurv.hessian",
             "gmcurv.lanczos",
+            "gmcurv.lanczos_trace",
             "gmcurv.stochastic",
             "gmcurv.density",
             "gmcurv.diagonal",
