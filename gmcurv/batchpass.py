@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from gmcurv.batch import Batch
+from gmcurv.batch import Batch, concat_batch
 from gmcurv.data import DataSample
 from gmcurv.errors import DataError
 
@@ -86,6 +86,17 @@ class FixedBatches:
             self.prints, self.cached = prints, kept
         elif len(prints) != len(self.prints):  # type: ignore[arg-type]
             raise self._order_error("the number of batches")
+
+    def merge(self) -> bool:
+        """Make the cached batches one (rows in order), for passes with fewer, larger
+        kernels; False when nothing is cached or there is one batch."""
+        if self.cached is None or len(self.cached) < 2:
+            return False
+        first = self.cached[0]
+        rows = [(b.inputs, b.targets) for b in self.cached]
+        merged = concat_batch(rows, first.start, self.device, self.dtype)
+        self.cached, self.prints = [merged], [fingerprint(merged)]
+        return True
 
     def _order_error(self, what: str) -> DataError:
         return DataError(

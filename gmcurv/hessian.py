@@ -114,6 +114,29 @@ def _dense_summary(op, A: Tensor, blocks, k: int, per_layer: bool) -> tuple[Esti
     return trace, eig_estimates(A) if k > 0 else [], layers
 
 
+def lanczos_preflight(n: int, k: int, max_iters: int | None, budget: int | None) -> None:
+    """Stop early when the Lanczos basis (float64, ``max_iters + 1`` vectors of `n`) would
+    exceed the memory budget (GPT-2 124M: 61 vectors are 60 GB)."""
+    from gmcurv.memory import preflight
+
+    steps = min(n, max_iters or max(4 * k + 20, 60)) + 1
+    preflight(
+        8.0 * steps * n,
+        budget,
+        f"the Lanczos basis for the top-{k} eigenvalues ({steps} vectors of {n:,} parameters)",
+        "use --k 0 (no eigenvalues), a smaller --max-iters, or restrict --layers",
+    )
+
+
+def sketch_fits(n: int, probes: int, budget: int | None) -> bool:
+    """Whether Hutch++'s sketch (``probes/3`` vectors of `n`, with their products and
+    orthonormal basis, float64) fits the memory budget."""
+    from gmcurv.memory import default_budget
+
+    limit = default_budget() if budget is None else budget
+    return 3 * 8.0 * (probes // 3) * n <= limit
+
+
 def lanczos_estimates(
     op: CurvatureOperator,
     k: int,
@@ -122,10 +145,12 @@ def lanczos_estimates(
     seed: int,
     vectors: bool,
     restarts: int = 0,
+    budget_bytes: int | None = None,
 ):
     """Top-k by Lanczos on `op` as `Estimate`s, converged when the eigenvalue error bound
     is within ``tol |λ_max|`` (`gmcurv.lanczos`, gap rule) — never when products are random.
     `restarts` > 0 deflates converged pairs and restarts to recover repeated eigenvalues."""
+    lanczos_preflight(op.size, k, max_iters, budget_bytes)
     before = op.n_matvecs
     res = lanczos(
         op.matvec,
@@ -141,8 +166,12 @@ def lanczos_estimates(
         criterion="gap",
     )
     random = op.is_random(seed)
-    n_mv = op.n_matvecs - before
-    ests = [
+    return lanczos_to_estimates(res, op.n_matvecs - before, random), res, random
+
+
+def lanczos_to_estimates(res, n_mv: int, random: bool = False) -> list[Estimate]:
+    """A `gmcurv.lanczos.LanczosResult` as `Estimate`s (never converged when random)."""
+    return [
         Estimate(
             float(v),
             None,
@@ -154,7 +183,6 @@ def lanczos_estimates(
         )
         for v, r, c in zip(res.values, res.residuals, res.converged, strict=True)
     ]
-    return ests, res, random
 
 
 def _trace_method(method: str, n_params: int, n: int) -> str:
@@ -211,27 +239,33 @@ def _stochastic_traces(
     per_layer: bool,
     seed: int,
     rtol: float | None,
+    lanczos_run: Callable | None = None,
 ) -> tuple[Estimate, dict[str, Estimate], str | None, list[str]]:
     """Hutchinson / Hutch++ traces of `target` (total and per block from shared products),
     shifted by the exact GGN parts when `target` is the residual ``H - G``:
-    ``tr H = tr G + tr(H - G)``. Returns (total, per block, why it stopped, notes)."""
+    ``tr H = tr G + tr(H - G)``. Returns (total, per block, why it stopped, notes).
+    `lanczos_run(blocks, offset)`: the traces from a Lanczos basis instead (`_krylov`)."""
     from gmcurv.stochastic import shared_block_traces
 
     objective, n = target.objective, target.data.n
     prefix, suffix = ("exact-ggn+", "(H-G)") if residual else ("", "")
     base = sum(v for v, _ in ggn_part.values())
-    res = shared_block_traces(
-        target.matvec,
-        objective.space,
-        {b: p for b, (p, _) in blocks.items()} if per_layer else {},
-        probes,
-        method,
-        seed=seed,
-        dtype=objective.dtype,
-        device=objective.device,
-        rtol=rtol,
-        offset=base,
-    )
+    wanted = {b: p for b, (p, _) in blocks.items()} if per_layer else {}
+    if lanczos_run is not None:  # the eigenvalues' Lanczos basis deflates the trace
+        res = lanczos_run(wanted, base)
+    else:
+        res = shared_block_traces(
+            target.matvec,
+            objective.space,
+            wanted,
+            probes,
+            method,
+            seed=seed,
+            dtype=objective.dtype,
+            device=objective.device,
+            rtol=rtol,
+            offset=base,
+        )
     parts = {
         b: _shifted(e, ggn_part.get(b, (0.0, 0.0))[0], prefix, suffix, n)
         for b, e in res.blocks.items()
@@ -293,6 +327,7 @@ def curvature_summary(
     op = CurvatureOperator(objective, data, batch_size, kind, progress=progress)
     notes: list[str] = []
     stopped: str | None = None
+    eigs: list[Estimate] | None = None  # from the trace's Lanczos basis, when shared
     if resolved == "exact":
         announce("dense matrix: products", P)
         A = dense_matrix(op, budget_bytes)
@@ -321,18 +356,33 @@ def curvature_summary(
     else:
         target = CurvatureOperator(objective, data, batch_size, "residual") if exact_ggn else op
         target.progress = progress
+        if method == "auto" and resolved == "hutchpp" and not sketch_fits(P, probes, budget_bytes):
+            resolved = "hutchinson"  # unbiased either way; Hutch++ only lowers the variance
+            notes.append(
+                f"Hutchinson, not Hutch++: a sketch of {probes // 3} vectors of {P:,} "
+                "parameters does not fit the memory budget"
+            )
+        shared = None
+        if method == "auto" and not exact_ggn and k > 0 and not op.is_random(seed):
+            lanczos_preflight(P, k, max_iters, budget_bytes)
+            shared = _krylov(op, k, probes, tol, max_iters, restarts, seed, rtol)
         announce(f"{'H - G' if exact_ggn else 'trace'}: products", probes)
         total, parts, stopped, more = _stochastic_traces(
             target, blocks, ggn_part, resolved, residual=exact_ggn,
             probes=probes, per_layer=per_layer, seed=seed, rtol=rtol,
+            lanczos_run=shared.run if shared else None,
         )  # fmt: skip
         notes += more
+        if shared is not None:
+            eigs = shared.eigenvalues
+            notes.append(shared.note)
         if exact_ggn:
             op.n_matvecs += target.n_matvecs
-    eigs: list[Estimate] = []
-    if k > 0:
+    if k > 0 and eigs is None:
         announce("Lanczos: products", max_iters or max(4 * k + 20, 60))
-        eigs, _, random = lanczos_estimates(op, k, tol, max_iters, seed, False, restarts)
+        eigs, _, random = lanczos_estimates(
+            op, k, tol, max_iters, seed, False, restarts, budget_bytes
+        )
         if random:
             notes.append("products are random (train mode with Dropout): nothing converged")
     layers = {
@@ -341,8 +391,41 @@ def curvature_summary(
         if b in parts
     }
     return CurvatureSummary(
-        kind, total.method, total, eigs, layers, P, op.n_matvecs, notes, stopped
+        kind, total.method, total, eigs or [], layers, P, op.n_matvecs, notes, stopped
     )
+
+
+@dataclass
+class _Krylov:
+    """The top-k Lanczos run whose basis also deflates the trace (`_krylov`)."""
+
+    run: Callable
+    eigenvalues: list[Estimate] = field(default_factory=list)
+    note: str = ""
+
+
+def _krylov(op: CurvatureOperator, k, probes, tol, max_iters, restarts, seed, rtol) -> _Krylov:
+    """Top-k eigenvalues and the traces from the same products
+    (`gmcurv.lanczos_trace.lanczos_block_traces`), run when the traces are asked for."""
+    from gmcurv.lanczos_trace import lanczos_block_traces
+
+    out = _Krylov(run=lambda blocks, base: None)
+
+    def run(blocks, base: float):
+        lz, res = lanczos_block_traces(
+            op.matvec, op.space, blocks, k, probes, tol=tol, max_iters=max_iters,
+            restarts=restarts, seed=seed, device=op.objective.device, rtol=rtol, offset=base,
+        )  # fmt: skip
+        out.eigenvalues = lanczos_to_estimates(lz, lz.n_matvecs)
+        out.note = (
+            f"the trace reuses the {lz.basis.shape[0]} Lanczos products of the top-{k} "
+            "eigenvalues as its deflation basis (exact on that subspace), then Hutchinson "
+            "probes on the complement"
+        )
+        return res
+
+    out.run = run
+    return out
 
 
 def _shifted(e, base: float, prefix: str, suffix: str, n: int) -> Estimate:
@@ -419,7 +502,9 @@ def top_eigen(
         ]
         vecs = [_layout(op, V[:, j]) for j in range(len(w))] if vectors else None
         return EigenSummary(kind, "exact(dense)", values, vecs, P, op.n_matvecs)
-    values, res, random = lanczos_estimates(op, k, tol, max_iters, seed, vectors, restarts)
+    values, res, random = lanczos_estimates(
+        op, k, tol, max_iters, seed, vectors, restarts, budget_bytes
+    )
     notes = ["products are random (train mode with Dropout): nothing converged"] if random else []
     vecs = None
     if vectors and res.vectors is not None:

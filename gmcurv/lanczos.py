@@ -38,6 +38,7 @@ class LanczosResult:
     vectors: Tensor | None  # [k, n]
     iterations: int  # Krylov steps over all runs
     n_matvecs: int
+    basis: Tensor | None = None  # [m, n] the first run's orthonormal Krylov basis (keep_basis)
 
 
 def _order(values: Tensor, which: str) -> Tensor:
@@ -108,7 +109,7 @@ def _run(
     all_res = (last_beta * S[m - 1]).abs()
     res = all_res[top]
     vecs = S[:, top].T.to(dtype) @ Q[:m]
-    return theta[top], res, vecs, m, error_bounds(theta, all_res, top, criterion)
+    return theta[top], res, vecs, m, error_bounds(theta, all_res, top, criterion), Q[:m]
 
 
 def error_bounds(theta: Tensor, res: Tensor, top: Tensor, criterion: str) -> Tensor:
@@ -141,8 +142,13 @@ def lanczos(
     vectors: bool = False,
     check_every: int = 1,
     criterion: str = "residual",
+    keep_basis: bool = False,
 ) -> LanczosResult:
-    """Top-`k` eigenpairs of the symmetric ``n x n`` operator `matvec` (see module doc)."""
+    """Top-`k` eigenpairs of the symmetric ``n x n`` operator `matvec` (see module doc).
+
+    `keep_basis`: also return the first run's Krylov basis ``Q`` (its rows are the first
+    ``m`` vectors `matvec` was called with, orthonormal to working precision), e.g. as a
+    deflation sketch for a trace estimate that reuses the products."""
     if k < 1:
         raise ValueError("k must be positive")
     k = min(k, n)
@@ -157,6 +163,7 @@ def lanczos(
     pairs: list[tuple[float, float, Tensor, float]] = []  # (value, residual, vector, bound)
     iterations = 0
     scale = 0.0
+    basis = None
 
     def ok(p: tuple[float, float, Tensor, float]) -> bool:
         return p[3] <= tol * max(scale, 1e-300)
@@ -170,9 +177,11 @@ def lanczos(
         if budget < 1:
             break
         start = torch.randn(n, generator=gen, dtype=dtype, device=device)
-        theta, r, V, m, bd = _run(
+        theta, r, V, m, bd, Q = _run(
             counted, start, locked, k, which, tol, budget, scale, check_every, criterion
         )
+        if run == 0 and keep_basis:
+            basis = Q
         iterations += m
         scale = max(scale, float(theta.abs().max()) if len(theta) else 0.0)
         new = list(zip(theta.tolist(), r.tolist(), list(V), bd.tolist(), strict=True))
@@ -196,6 +205,7 @@ def lanczos(
         vectors=torch.stack(vecs) if vectors and vecs else None,
         iterations=iterations,
         n_matvecs=count["mv"],
+        basis=basis,
     )
 
 

@@ -52,6 +52,7 @@ class CurvatureOperator:
     cache_graph: bool | None = None
     graph_bytes: int = field(default_factory=default_graph_bytes)
     vmap_ok: bool = field(default=True, repr=False)
+    merge: bool = True  # one whole-sample graph once the per-batch ones fit (`_whole_sample`)
 
     def __post_init__(self) -> None:
         if self.kind not in CURVATURES:
@@ -89,6 +90,27 @@ class CurvatureOperator:
         if self.source.cached is None:
             self.residuals.clear()
             self.graphs.drop()
+
+    def _whole_sample(self) -> None:
+        """After a first pass that kept every batch's data and gradient graph within the
+        budget, make the sample one batch: its graph holds the same saved tensors (their
+        measured sum fits), and a product becomes one backward over the whole sample
+        instead of one per batch (PyHessian's layout: fewer, larger kernels; values equal
+        up to summation order). Per-batch graphs and residuals are rebuilt once for it."""
+        self.merge = False  # decided once
+        n_batches = len(self.source.prints or [])
+        if len(self.graphs.graphs) != n_batches or not self._graph_wanted():
+            return
+        if self.source.merge():
+            self.graphs.graphs.clear()
+            self.graphs.held = 0
+            self.residuals.clear()
+
+    def _product_batches(self):
+        """`batches`, made one by `_whole_sample` once the graphs are known to fit."""
+        if self.merge and len(self.graphs.graphs) > 1:
+            self._whole_sample()
+        return self.batches()
 
     def _residual(self, index: int, batch: Batch) -> Tensor:
         """``r = ∂(Σ_n L_n)/∂f`` of batch `index` (kept while batches are)."""
@@ -151,7 +173,7 @@ class CurvatureOperator:
     def matvec_dict(self, vector: dict[str, Tensor]) -> dict[str, Tensor]:
         """``C v`` in parameter layout."""
         out: dict[str, Tensor] | None = None
-        for i, batch in enumerate(self.batches()):
+        for i, batch in enumerate(self._product_batches()):
             part = self._batch_product(batch, vector, i)
             out = part if out is None else {k: out[k] + part[k] for k in out}
         return self._mean(out, 1)
@@ -169,7 +191,7 @@ class CurvatureOperator:
         vecs = self.space.unflatten(V.to(self.objective.dtype))
         m = V.shape[0]
         out: dict[str, Tensor] | None = None
-        for i, batch in enumerate(self.batches()):
+        for i, batch in enumerate(self._product_batches()):
             part = self._batch_matmat(batch, vecs, i, m)
             out = part if out is None else {k: out[k] + part[k] for k in out}
         mean = self._mean(out, m)

@@ -8,9 +8,9 @@
   the deflated ``(I - QQ^T) A (I - QQ^T)`` with the remaining ``l = m - 2k`` probes. Since
   ``tr A = tr(Q^T A Q) + tr((I-QQ^T) A (I-QQ^T))`` for any orthonormal ``Q``, the estimate is
   unbiased conditionally on ``Q``, so the residual probes' standard error is calibrated.
-- Block traces: ``tr A_ll`` from probes supported on block ``l`` only (``z_l^T (A z_l)_l``),
-  free of the cross-block variance; blocks no larger than the probe budget are summed
-  exactly over their basis vectors.
+- Block traces from shared products: one product ``y = A z`` over the full space gives
+  every block's sample ``z_b^T y_b``; a deflation sketch may be any orthonormal basis
+  (Hutch++'s ``orth(A S)``, or a Lanczos basis whose products also gave eigenvalues).
 - Diagonal: ``diag A = E[z ⊙ A z]`` (Rademacher), per-entry standard errors over probes.
 
 Probes come from a local ``torch.Generator`` seeded per estimate, never the global RNG.
@@ -55,19 +55,6 @@ class TraceEstimate:
             converged,
             n_matvecs=self.n_matvecs,
         )
-
-
-def combine(parts: Sequence[TraceEstimate], method: str | None = None) -> TraceEstimate:
-    """Sum of independent estimates (stderrs add in quadrature)."""
-    methods = sorted({p.method for p in parts})
-    return TraceEstimate(
-        sum(p.value for p in parts),
-        math.sqrt(sum(p.stderr**2 for p in parts)),
-        sum(p.n_probes for p in parts),
-        sum(p.n_matvecs for p in parts),
-        method or "+".join(methods),
-        all(p.exact for p in parts),
-    )
 
 
 def rademacher(n: int, gen: torch.Generator, dtype=torch.float64, device="cpu", count=None):
@@ -179,56 +166,6 @@ def trace(
     return hutchpp(matvec, n, probes, seed=seed, dtype=dtype, device=device)
 
 
-# ------------------------------------------------------------------------------ blocks
-def restrict(matvec: Matvec, space: ParamSpace, names: Sequence[str]) -> tuple[Matvec, int]:
-    """The diagonal block ``A_ll`` of the parameters `names` as an operator on their flat
-    coordinates: ``v_l -> (A [v_l; 0])_l``."""
-    offsets = space.offsets()
-    slices = [offsets[k] for k in names]
-    size = sum(s.stop - s.start for s in slices)
-
-    def block_mv(v: Tensor) -> Tensor:
-        full = v.new_zeros(space.size)
-        pos = 0
-        for s in slices:
-            k = s.stop - s.start
-            full[s] = v[pos : pos + k]
-            pos += k
-        out = matvec(full)
-        return torch.cat([out[s] for s in slices])
-
-    return block_mv, size
-
-
-def block_traces(
-    matvec: Matvec,
-    space: ParamSpace,
-    blocks: Mapping[str, Sequence[str]],
-    probes: int,
-    method: str = "hutchpp",
-    *,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str = "cpu",
-    small_exact: bool = True,
-) -> dict[str, TraceEstimate]:
-    """``tr A_ll`` for each block from block-restricted probes (independent seeds)."""
-    out = {}
-    for i, (name, params) in enumerate(blocks.items()):
-        mv, size = restrict(matvec, space, params)
-        out[name] = trace(
-            mv,
-            size,
-            probes,
-            method,
-            seed=seed * 1_000_003 + i,
-            dtype=dtype,
-            device=device,
-            small_exact=small_exact,
-        )
-    return out
-
-
 # ------------------------------------------------------------------- shared products
 MIN_ADAPTIVE_PROBES = 10  # residual probes before a standard error is trusted for stopping
 
@@ -240,6 +177,34 @@ class SharedTraces:
     total: TraceEstimate
     blocks: dict[str, TraceEstimate]
     stopped: str  # 'tol' (relative standard error reached) or 'probes' (the cap)
+
+
+BlockSlices = dict[str, list[slice]]
+
+
+def block_slices(space: ParamSpace, blocks: Mapping[str, Sequence[str]]) -> BlockSlices:
+    """Each block's coordinate ranges in the flat space."""
+    offsets = space.offsets()
+    return {b: [offsets[k] for k in names] for b, names in blocks.items()}
+
+
+def block_dots(slices: BlockSlices, u: Tensor, y: Tensor) -> dict[str, float]:
+    """``u_b^T y_b`` for every block ``b`` (float64)."""
+    prod = u.double() * y.double()
+    return {b: float(sum(prod[sl].sum() for sl in sls)) for b, sls in slices.items()}
+
+
+@dataclass
+class Sketch:
+    """An orthonormal basis ``Q`` ([k, n] rows) with the exact part of the trace it spans:
+    ``Σ_j q_j^T A q_j`` in total and per block (``Σ_j (q_j)_b^T (A q_j)_b``), and the
+    products spent on it."""
+
+    Q: Tensor | None
+    top_total: float
+    top: dict[str, float]
+    products: int
+    label: str
 
 
 def shared_block_traces(
@@ -274,66 +239,103 @@ def shared_block_traces(
         raise ConfigError(f"unknown trace method {method!r}", hint="use hutchinson or hutchpp")
     if probes < 2:
         raise ConfigError("stochastic traces need at least 2 probes for a standard error")
-    offsets = space.offsets()
-    slices = {b: [offsets[k] for k in names] for b, names in blocks.items()}
+    slices = block_slices(space, blocks)
     n = space.size
     gen = _generator(seed, device)
-    used = 0
 
     def product(v: Tensor) -> Tensor:
-        nonlocal used
-        used += 1
         out = matvec(v).to(torch.float64)
         if progress:
             progress(1)
         return out
 
-    def per_block(u: Tensor, y: Tensor) -> dict[str, float]:
-        prod = u.double() * y
-        return {b: float(sum(prod[sl].sum() for sl in sls)) for b, sls in slices.items()}
-
-    top = dict.fromkeys(blocks, 0.0)
-    top_total = 0.0
-    Q = None
+    sketch = Sketch(None, 0.0, dict.fromkeys(blocks, 0.0), 0, "hutchinson")
     k = min(probes // 3, n) if method == "hutchpp" else 0
     if k >= 1 and probes - 2 * k >= 2:
         S = rademacher(n, gen, dtype, device, count=k)
         AS = torch.stack([product(s_) for s_ in S])
         Q = torch.linalg.qr(AS.T).Q.T.to(dtype)  # [k, n] orthonormal rows
+        sketch = Sketch(Q, 0.0, dict.fromkeys(blocks, 0.0), 2 * k, "hutchpp")
         for q in Q:
             y = product(q)
-            for b, v in per_block(q, y).items():
-                top[b] += v
-            top_total += float(q.double() @ y)
-    else:
-        k = 0
-    label = "hutchpp" if Q is not None else "hutchinson"
-    rows: list[list[float]] = []  # per probe: [total, block values...]
+            for b, v in block_dots(slices, q, y).items():
+                sketch.top[b] += v
+            sketch.top_total += float(q.double() @ y)
+    return deflated_block_traces(
+        matvec,
+        space,
+        blocks,
+        sketch,
+        probes,
+        gen=gen,
+        dtype=dtype,
+        device=device,
+        rtol=rtol,
+        offset=offset,
+        progress=progress,
+    )
+
+
+def deflated_block_traces(
+    matvec: Matvec,
+    space: ParamSpace,
+    blocks: Mapping[str, Sequence[str]],
+    sketch: Sketch,
+    probes: int,
+    *,
+    gen: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str = "cpu",
+    rtol: float | None = None,
+    offset: float = 0.0,
+    progress: Callable[[int], None] | None = None,
+    min_probes: int = 2,
+) -> SharedTraces:
+    """The residual phase of `shared_block_traces` for any orthonormal `sketch` (built
+    independently of `gen`'s draws, so the estimate is unbiased conditionally on it):
+    Hutchinson on ``Π A Π`` with ``Π = I - QQ^T`` until the total's standard error is at
+    most ``rtol |offset + estimate|`` (after `MIN_ADAPTIVE_PROBES` probes) or the products,
+    the sketch's included, reach `probes` (at least `min_probes` residual probes).
+    A basis spanning the whole space leaves nothing to estimate (exact)."""
+    slices = block_slices(space, blocks)
     names = list(blocks)
+    n = space.size
+    Q = sketch.Q
+    if Q is not None and Q.shape[0] >= n:  # the basis spans everything: tr A = tr Q^T A Q
+        used = sketch.products
+        total = TraceEstimate(sketch.top_total, 0.0, 0, used, sketch.label, True)
+        per = {b: TraceEstimate(sketch.top[b], 0.0, 0, used, sketch.label, True) for b in names}
+        return SharedTraces(total, per, "tol")
+    budget = max(probes - sketch.products, min_probes)
+    rows: list[list[float]] = []  # per probe: [total, block values...]
     stopped = "probes"
-    while used < probes:
+    while len(rows) < budget:
         g = rademacher(n, gen, dtype, device)
         if Q is not None:
+            g = g.to(Q.dtype)
             g = g - Q.T @ (Q @ g)
             g = g - Q.T @ (Q @ g)  # twice: orthogonal to working precision
-        y = product(g)
-        parts = per_block(g, y)
+        y = matvec(g).to(torch.float64)
+        if progress:
+            progress(1)
+        parts = block_dots(slices, g, y)
         rows.append([float(g.double() @ y), *(parts[b] for b in names)])
         m = len(rows)
         if rtol is not None and m >= min(MIN_ADAPTIVE_PROBES, probes) and m >= 2:
             mean, se = _mean_se(torch.tensor([r[0] for r in rows], dtype=torch.float64))
-            if se <= rtol * abs(offset + top_total + mean):
+            if se <= rtol * abs(offset + sketch.top_total + mean):
                 stopped = "tol"
                 break
     samples = torch.tensor(rows, dtype=torch.float64).reshape(len(rows), len(names) + 1)
     m = len(rows)
+    used = sketch.products + m
 
     def est(col: int, base: float) -> TraceEstimate:
         mean, se = _mean_se(samples[:, col])
-        return TraceEstimate(base + mean, se, m, used, label)
+        return TraceEstimate(base + mean, se, m, used, sketch.label)
 
-    total = est(0, top_total)
-    per = {b: est(i + 1, top[b]) for i, b in enumerate(names)}
+    total = est(0, sketch.top_total)
+    per = {b: est(i + 1, sketch.top[b]) for i, b in enumerate(names)}
     return SharedTraces(total, per, stopped)
 
 

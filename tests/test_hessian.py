@@ -140,12 +140,14 @@ def test_operator_streams_batches_and_falls_back(name, graph, tmp_path):
     op = CurvatureOperator(obj, data, batch_size=4, kind="hessian", cache_graph=graph)
     v = _rand(obj, 3)
     torch.testing.assert_close(op.matvec(v), H @ v, rtol=0, atol=1e-10)
+    if graph is not False:  # cached gradient graphs, one per batch on the first pass
+        assert len(op.graphs.graphs) == 3 and op.graphs.held > 0
     torch.testing.assert_close(op(v.float()).double(), (H @ v), rtol=1e-5, atol=1e-5)
     assert op.n_matvecs == 2
     if graph is False:  # forward-over-reverse, switched off for good after a failure
         assert op.forward_mode is (name != "nojvp") and not op.graphs.graphs
-    else:  # cached gradient graphs: one backward per product
-        assert len(op.graphs.graphs) == 3 and op.graphs.held > 0
+    else:  # then one graph over the whole sample: one backward per product
+        assert len(op.graphs.graphs) == 1 and len(op.source.cached) == 1 and op.graphs.held > 0
     torch.testing.assert_close(dense_matrix(op), H, rtol=0, atol=1e-10)
 
 
@@ -214,7 +216,7 @@ def test_data_order_change_is_an_error(tmp_path):
 
 def test_cache_keeps_batches_and_residuals(tmp_path):
     obj, _, data = problem("mlp", tmp_path, n=9)
-    op = CurvatureOperator(obj, data, batch_size=4, kind="residual")
+    op = CurvatureOperator(obj, data, batch_size=4, kind="residual", merge=False)
     v = _rand(obj)
     a = op.matvec(v)
     assert op.source.cached is not None and len(op.source.cached) == 3 and len(op.residuals) == 3
@@ -392,3 +394,67 @@ def test_ggn_factors_captured_once_for_ggn_and_hessian(tmp_path, monkeypatch):
     g = curvature_summary(obj, data, "ggn", k=0, cache=cache)
     h = curvature_summary(obj, data, "hessian", k=0, cache=cache)
     assert len(calls) == 1 and g.trace.value == pytest.approx(h.trace.value, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "residual"])
+def test_whole_sample_graph_against_double_backward(kind, tmp_path):
+    """After the first pass the batches merge into one graph (PyHessian's layout): products
+    agree with plain double backward over the whole sample; without the merge too."""
+    obj, batch, data = problem("attention", tmp_path, n=11)
+    H = dense_hessian(obj, batch)
+    ref = H if kind == "hessian" else H - dense_ggn_autograd(obj, batch)
+    for merge in (True, False):
+        op = CurvatureOperator(obj, data, batch_size=4, kind=kind, merge=merge)
+        for seed in range(3):
+            v = _rand(obj, seed)
+            torch.testing.assert_close(op.matvec(v), ref @ v, rtol=0, atol=1e-10)
+        assert len(op.graphs.graphs) == len(op.source.cached) == (1 if merge else 3)
+
+
+@pytest.mark.parametrize("kind", ["hessian", "ggn"])
+def test_summary_trace_shares_the_lanczos_products(kind, tmp_path, monkeypatch):
+    """auto with k > 0 (no exact GGN): the top-k Lanczos basis deflates the trace, so the
+    trace costs only its residual probes beyond the eigenvalues' products; eigenvalues are
+    the dense oracle's, traces (total and per layer) within their standard errors."""
+    monkeypatch.setattr(hs, "DENSE_MAX_PARAMS", 0)
+    monkeypatch.setattr(hs, "EXACT_GGN_MAX_COLUMNS", 0)
+    obj, batch, data = problem("attention", tmp_path)
+    ref = dense_hessian(obj, batch) if kind == "hessian" else dense_ggn_autograd(obj, batch)
+    s = curvature_summary(obj, data, kind, probes=40, k=3, tol=1e-10, rtol=0.0, batch_size=4)
+    w = torch.linalg.eigvalsh(ref).flip(0)[:3]
+    got = torch.tensor([e.value for e in s.eigenvalues], dtype=torch.float64)
+    torch.testing.assert_close(got, w, atol=1e-8, rtol=0)
+    lanczos_products = s.eigenvalues[0].n_matvecs
+    assert s.method == "hutchpp(lanczos)" and s.n_matvecs == s.trace.n_matvecs == 40
+    assert s.trace.n_samples == 40 - lanczos_products >= 2
+    assert abs(s.trace.value - float(torch.trace(ref))) <= 4 * s.trace.stderr
+    offsets = obj.space.offsets()
+    blocks = hs.capture_blocks(obj)
+    for name, layer in s.per_layer.items():
+        exact = sum(float(torch.diagonal(ref)[offsets[p]].sum()) for p in blocks[name][0])
+        assert abs(layer.trace.value - exact) <= 4 * layer.trace.stderr + 1e-10
+    assert len(s.per_layer) == len(blocks) > 2
+    flat = curvature_summary(obj, data, kind, probes=40, k=3, tol=1e-10, rtol=0.0, per_layer=False)
+    assert flat.n_matvecs == s.n_matvecs and flat.trace.value == pytest.approx(s.trace.value)
+    plain = curvature_summary(obj, data, kind, method="hutchpp", probes=40, k=3, tol=1e-10)
+    assert plain.method == "hutchpp" and plain.n_matvecs > 40  # its own Lanczos on top
+
+
+def test_memory_budget_guards_lanczos_and_sketch(tmp_path, monkeypatch):
+    """A Lanczos basis over the budget stops early with a clear error; a Hutch++ sketch
+    over it falls back to plain Hutchinson (unbiased), said in the notes."""
+    from gmcurv.errors import MemoryBudgetError
+
+    monkeypatch.setattr(hs, "DENSE_MAX_PARAMS", 0)
+    monkeypatch.setattr(hs, "EXACT_GGN_MAX_COLUMNS", 0)
+    obj, batch, data = problem("attention", tmp_path)
+    P = obj.space.size
+    with pytest.raises(MemoryBudgetError, match="Lanczos basis"):
+        curvature_summary(obj, data, "hessian", k=2, budget_bytes=8 * P * 10)
+    with pytest.raises(MemoryBudgetError, match="--k 0"):
+        top_eigen(obj, data, "hessian", 2, method="lanczos", budget_bytes=8 * P * 10)
+    s = curvature_summary(obj, data, "hessian", probes=30, k=0, rtol=0.0, budget_bytes=8 * P)
+    assert s.method == "hutchinson" and s.n_matvecs == 30
+    assert any("does not fit the memory budget" in note for note in s.notes)
+    H = dense_hessian(obj, batch)
+    assert abs(s.trace.value - float(torch.trace(H))) <= 4 * s.trace.stderr

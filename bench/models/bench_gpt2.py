@@ -53,7 +53,10 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 SEQ = 128
-HVP_BATCH = 4
+HVP_BATCH = 256  # gmcurv's default --batch-size: the 8 sequences are one batch
+TRACE_TOL = 0.05  # issue 13: the Hessian trace to 5 % relative standard error
+TRACE_CAP = 40  # products at most (the machine is shared: bound the run)
+TARGETS = ["plain_backward", "gmcurv_fisher_summary", "gmcurv_hvp", "pyhessian_hvp"]
 METHODS = [
     "plain_backward",
     "gmcurv_trace",
@@ -64,6 +67,7 @@ METHODS = [
     "gmcurv_hvp",
     "gmcurv_ggnvp",
     "pyhessian_hvp",
+    "gmcurv_hessian_trace",
 ]
 
 
@@ -228,6 +232,35 @@ def make_method(name: str, model, ids):
             return {"v_C_v": quad, "forward_mode": op.forward_mode}
 
         return run
+    if name == "gmcurv_hessian_trace":
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        from gmcurv.hessian import curvature_summary
+        from gmcurv.io.data import load_data
+
+        obj = Objective.build(model, "next_token")
+        tmp = Path(tempfile.mkdtemp()) / "tokens.safetensors"
+        save_file({"input_ids": ids}, str(tmp))
+        data = load_data(tmp)
+
+        def run():  # `gmcurv trace --curvature hessian --no-per-layer --k 0 --tol 0.05`
+            s = curvature_summary(
+                obj, data, "hessian", probes=TRACE_CAP, k=0, per_layer=False, rtol=TRACE_TOL
+            )
+            t = s.trace
+            return {
+                "hessian_trace": t.value,
+                "stderr": t.stderr,
+                "rel_stderr": abs(t.stderr / t.value) if t.stderr and t.value else None,
+                "products": s.n_matvecs,
+                "stopped": s.stopped,
+                "method": s.method,
+                "notes": s.notes,
+            }
+
+        return run
     if name == "pyhessian_hvp":
         from pyhessian import hessian
         from pyhessian.utils import hessian_vector_product
@@ -291,9 +324,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results.json"))
+    ap.add_argument("--targets", type=int, metavar="ROUNDS", default=0, help="issue 13")
+    ap.add_argument("--no-trace", action="store_true", help="--targets without the 5 %% trace")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_one(int(args.one[0]), args.one[1], args.repeats)))
+        return
+    if args.targets:
+        targets(args.targets, args.repeats, Path(args.out), with_trace=not args.no_trace)
         return
     repeats = 1 if args.quick else args.repeats
     results: dict = {}
@@ -334,6 +372,61 @@ def main() -> None:
         "results": results,
     }
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _one(n: int, method: str, repeats: int) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--one", str(n), method, "--repeats", str(repeats)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"status": "failed", "error": proc.stderr[-600:]}
+
+
+def _uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def targets(rounds: int, repeats: int, out: Path, n: int = 8, with_trace: bool = True) -> None:
+    """Issue 13's GPT-2 targets: `TARGETS` interleaved over `rounds` (each method in its own
+    process, minimum over rounds), then the Hessian trace to 5 % relative s.e. once."""
+    doc: dict = {"uptime_before": _uptime(), "rounds": [], "n": n, "seq": SEQ}
+    for r in range(rounds):
+        row = {}
+        for method in TARGETS:
+            row[method] = _one(n, method, repeats)
+            res = row[method]
+            print(f"round {r + 1} {method}: {res.get('min_s')} s, "
+                  f"peak {res.get('peak_rss_gb')} GB {res.get('status')}", flush=True)  # fmt: skip
+        doc["rounds"].append(row)
+    if with_trace:
+        doc["hessian_trace"] = _one(n, "gmcurv_hessian_trace", 0)
+    doc["uptime_after"] = _uptime()
+
+    def best(method: str, key: str = "min_s") -> dict:
+        ok = [row[method] for row in doc["rounds"] if row[method].get("status") == "ok"]
+        return min(ok, key=lambda x: x[key]) if ok else {}
+
+    plain, trace = best("plain_backward"), best("gmcurv_fisher_summary")
+    hvp, peer = best("gmcurv_hvp"), best("pyhessian_hvp")
+    doc["summary"] = {
+        "trace_over_plain_time": trace.get("min_s", 0) / plain["min_s"] if plain else None,
+        "trace_over_plain_peak_rss": (trace.get("peak_rss_gb", 0) / plain["peak_rss_gb"])
+        if plain
+        else None,
+        "hvp_over_pyhessian": hvp.get("min_s", 0) / peer["min_s"] if peer else None,
+        "vHv_rel_diff": abs(hvp["v_C_v"] - peer["v_C_v"]) / abs(peer["v_C_v"])
+        if hvp and peer
+        else None,
+    }
+    doc["machine"] = {"python": platform.python_version(), "torch": torch.__version__,
+                      "threads": 2, "cpus": os.cpu_count()}  # fmt: skip
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(json.dumps(doc["summary"], indent=2))
 
 
 def _compare(res: dict) -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from gmcurv.factors.source import rows_gram
+
 CACHE_ELEMENTS = 1 << 18  # ~1 MB of float32: chunks for streaming reductions stay in cache
 
 
@@ -33,13 +35,11 @@ def sq_norms(delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool) -> Tens
 
 def gram(delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
     """``K[(n,c),(m,c')] = Σ_{t,s} (δ[n,c,t]·δ[m,c',s])(a[n,t]·a[m,s])`` in float64."""
+    if delta.shape[2] == 1:
+        return one_token_gram(delta, x, has_weight, has_bias)
     d = delta.double()
     x = x.double()
     n, c, t, _ = d.shape
-    if t == 1:
-        dd = d[:, :, 0].reshape(n * c, -1)
-        aa = pair_kernel(x[:, 0] @ x[:, 0].T, has_weight, has_bias)  # [N, N]
-        return (dd @ dd.T) * aa.repeat_interleave(c, 0).repeat_interleave(c, 1)
     # one example's rows at a time: memory O(C T N C T) instead of O((N C T)^2)
     K = torch.empty(n * c, n * c, dtype=torch.float64, device=d.device)
     dflat = d.reshape(n * c, t, -1)
@@ -50,6 +50,26 @@ def gram(delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
         aax = aa.repeat_interleave(c, dim=1)  # [T, NC, T]
         K[e * c : (e + 1) * c] = torch.einsum("ctys,tys->cy", ddx, aax)
     return K
+
+
+def one_token_gram(delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
+    """One prediction per example: ``K = (Δ Δᵀ) ⊙ (A Aᵀ)`` (``Δ: [N C, O]``, ``A = [x, 1]``),
+    both products by `rows_gram` in the factors' dtype, the Hadamard product in place,
+    float64 out."""
+    n, c = delta.shape[0], delta.shape[1]
+    dd = rows_gram(delta[:, :, 0].reshape(n * c, -1))
+    x0 = x[:, 0]
+    if has_weight:
+        aa = rows_gram(x0)
+        if has_bias:
+            aa.add_(1.0)
+    else:
+        aa = x0.new_full((n, n), 1.0 if has_bias else 0.0)
+    if c > 1:
+        aa = aa.repeat_interleave(c, 0).repeat_interleave(c, 1)
+    if dd.dtype != aa.dtype:
+        dd = dd.double()
+    return dd.mul_(aa).double()
 
 
 def diag(
