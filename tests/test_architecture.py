@@ -106,7 +106,7 @@ LAYERS = (
             "gmcurv.diagonal",
             "gmcurv.woodbury",
             "gmcurv.landscape",
-            "gmcurv.saliency",
+            "gmcurv.saliency",  # the package: SALIENCY_ROOMS, each importing only earlier ones
             "gmcurv.pruning",
             "gmcurv.lora.features",
             "gmcurv.lora.mapping",
@@ -151,6 +151,18 @@ LAYERS = (
         ("gmcurv.cli", "gmcurv.__main__"),
         ("base", "model", "io", "capture", "estimators", "workflows", "results"),
     ),
+)
+
+# The saliency package's modules, in the order they may import each other (a module only
+# imports those before it; the package's __init__ re-exports them all).
+SALIENCY_ROOMS = (
+    "curvature",
+    "criteria",
+    "selection",
+    "compensation",
+    "sweep",
+    "analysis",
+    "rounds",
 )
 
 # Imports that break the map, each with a comment saying who removes it and when. Empty:
@@ -343,3 +355,16 @@ def test_no_private_name_crosses_a_module():
 def test_every_layer_is_documented_and_non_empty(layer):
     assert layer.doc
     assert any(layer_of(m) is layer for m in MODULES), layer.name
+
+
+def test_saliency_rooms_import_one_way():
+    package = "gmcurv.saliency"
+    rooms = {f"{package}.{name}": i for i, name in enumerate(SALIENCY_ROOMS)}
+    assert {m for m in MODULES if m.startswith(package + ".")} == set(rooms)
+    bad = [
+        f"{imp.source}:{imp.line} imports {imp.target}"
+        for module, i in rooms.items()
+        for imp in IMPORTS[module]
+        if imp.target.startswith(package) and rooms.get(imp.target, len(rooms)) >= i
+    ]
+    assert bad == []
