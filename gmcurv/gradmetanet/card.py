@@ -220,7 +220,7 @@ def v2_verdict(s: dict[str, Any], q: str) -> dict[str, Any]:
 
 
 def v2_targets(res: dict[str, Any], timing: dict[str, Any] | None) -> list[tuple[str, bool, str]]:
-    """Issue 14's transformer targets: (target, met, measured numbers)."""
+    """The project's transformer targets for head v2: (target, met, measured numbers)."""
     s = res["summary"].get("all-test")
     out = []
     for q in ("trace", "top"):
@@ -308,11 +308,11 @@ def v2_section(res: dict[str, Any], timing: dict[str, Any] | None = None) -> str
         "transformer's Hessian trace use `gmcurv trace --curvature hessian` (Hutch++), for its "
         "λ_max `gmcurv eigen --curvature hessian` (Lanczos). It beats the equal-cost baselines "
         'only on λ_max pooled over the held-out models (table: "yes"), by less than the '
-        "25 % the issue asks for against the per-sequence plug-in, and not on unseen "
+        "25 % the project targets against the per-sequence plug-in, and not on unseen "
         "architectures; its trace is worse than every baseline on most sets (its lower mean "
         "comes from sets whose true trace is near zero).",
         "",
-        "Issue 14's targets:",
+        "The project's targets for head v2:",
         "",
         "| target | met | measured |",
         "|---|---|---|",
