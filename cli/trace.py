@@ -128,6 +128,7 @@ def fisher_results(
             "eigenvalues": s.eigenvalues,
             "rank": s.rank,
             "per_layer": s.per_layer,
+            "self_check": s.self_check,
         },
     }
 

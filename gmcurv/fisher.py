@@ -128,6 +128,7 @@ def fisher_eigen(
     seed: int = 0,
     eigh_limit: int = EIGH_LIMIT,
     progress=None,
+    kernel: Tensor | None = None,
 ) -> FisherEigen:
     """The `k` largest eigenvalues of ``F`` (restricted to `blocks`) and optionally vectors.
 
@@ -136,15 +137,67 @@ def fisher_eigen(
     Lanczos on the formed ``K`` (products cost ``(N C)^2``, far below forming it), with a
     full ``eigh`` as fallback should Lanczos not meet `tol` (eigenvalue error bounds
     relative to ``μ_max``). Beyond `dense_limit`, Lanczos on ``u -> J (J^T u)`` (never
-    forming ``K``). `progress(i)` is called per Lanczos product.
+    forming ``K``). `progress(i)` is called per Lanczos product. `kernel`: ``K`` of
+    `blocks` when the caller has formed it already.
     """
     from gmcurv.lanczos import lanczos
 
     sub = DecomposedGradients(_blocks(dg, blocks), dg.fisher, dg.losses)
     size = dg.n * dg.columns
-    K = gram_kernel(sub) if size <= dense_limit else None
-    res = None
-    if K is not None and size > eigh_limit and 4 * k < size:
+    K = kernel if kernel is not None else gram_kernel(sub) if size <= dense_limit else None
+    if K is not None:
+        mu, U, residuals, converged, rank, method, n_mv = _formed_eigen(
+            K, k, vectors, tol, seed, eigh_limit, progress
+        )
+    else:
+        dtype = dg.losses.dtype
+
+        def kmv(u: Tensor) -> Tensor:
+            if progress:
+                progress(1)
+            uu = u.to(dtype).reshape(dg.n, dg.columns)
+            return jvp(sub, vjp(sub, uu)).reshape(-1).double()
+
+        res = lanczos(kmv, size, k, tol=tol, seed=seed, vectors=vectors, device=dg.losses.device)
+        mu, U = res.values, (res.vectors.T if res.vectors is not None else None)
+        residuals, converged, rank = res.residuals, res.converged, None
+        method, n_mv = "gram-lanczos", res.n_matvecs
+    values = (mu / dg.n).clamp_min(0.0)
+    vecs = None
+    if vectors and U is not None:
+        vecs = []
+        for j in range(len(mu)):
+            u = U[:, j].reshape(dg.n, dg.columns).to(dg.losses.dtype)
+            scale = math.sqrt(max(float(mu[j]), 1e-300))
+            vecs.append({name: t / scale for name, t in vjp(sub, u).items()})
+    return FisherEigen(values, vecs, residuals / dg.n, converged, rank, method, n_mv)
+
+
+def kernel_eigen(
+    K: Tensor,
+    n: int,
+    k: int = 5,
+    tol: float = 1e-10,
+    seed: int = 0,
+    eigh_limit: int = EIGH_LIMIT,
+    progress=None,
+) -> FisherEigen:
+    """The `k` largest eigenvalues of ``F`` from its formed Gram kernel ``K`` (``n``
+    examples), as `fisher_eigen` computes them on a formed kernel (no vectors)."""
+    mu, _, residuals, converged, rank, method, n_mv = _formed_eigen(
+        K, k, False, tol, seed, eigh_limit, progress
+    )
+    return FisherEigen((mu / n).clamp_min(0.0), None, residuals / n, converged, rank, method, n_mv)
+
+
+def _formed_eigen(K: Tensor, k: int, vectors: bool, tol, seed, eigh_limit, progress):
+    """Top-k of a formed ``K``: Lanczos when it is large and k small against it (full
+    ``eigh`` as the fallback), else a full ``eigh``; (values, vectors as columns or None,
+    residuals, converged, rank, method, products)."""
+    from gmcurv.lanczos import lanczos
+
+    size = K.shape[0]
+    if size > eigh_limit and 4 * k < size:
 
         def counted(u: Tensor) -> Tensor:
             if progress:
@@ -162,43 +215,18 @@ def fisher_eigen(
             max_iters=min(size, max(4 * k + 40, 80)),
             criterion="residual" if vectors else "gap",  # vectors need small residuals
         )
-        if not bool(res.converged.all()):
-            res = None  # rare: fall back to the exact full eigendecomposition
-    if K is not None and res is None:
-        mu, U = torch.linalg.eigh(K)
-        mu, U = mu.flip(0), U.flip(1)
-        tol_rank = mu[0].abs() * size * torch.finfo(torch.float64).eps if size else 0.0
-        rank: int | None = int((mu > tol_rank).sum())
-        take = min(k, size)
-        mu, U = mu[:take], U[:, :take]
-        residuals = torch.zeros(take, dtype=torch.float64)
-        converged = torch.ones(take, dtype=torch.bool)
-        method, n_mv = "gram", 0
-    else:
-        if res is None:
-            dtype = dg.losses.dtype
-
-            def kmv(u: Tensor) -> Tensor:
-                if progress:
-                    progress(1)
-                uu = u.to(dtype).reshape(dg.n, dg.columns)
-                return jvp(sub, vjp(sub, uu)).reshape(-1).double()
-
-            res = lanczos(
-                kmv, size, k, tol=tol, seed=seed, vectors=vectors, device=dg.losses.device
-            )
-        mu, U = res.values, (res.vectors.T if res.vectors is not None else None)
-        residuals, converged, rank = res.residuals, res.converged, None
-        method, n_mv = "gram-lanczos", res.n_matvecs
-    values = (mu / dg.n).clamp_min(0.0)
-    vecs = None
-    if vectors and U is not None:
-        vecs = []
-        for j in range(len(mu)):
-            u = U[:, j].reshape(dg.n, dg.columns).to(dg.losses.dtype)
-            scale = math.sqrt(max(float(mu[j]), 1e-300))
-            vecs.append({name: t / scale for name, t in vjp(sub, u).items()})
-    return FisherEigen(values, vecs, residuals / dg.n, converged, rank, method, n_mv)
+        if bool(res.converged.all()):
+            U = res.vectors.T if res.vectors is not None else None
+            return res.values, U, res.residuals, res.converged, None, "gram-lanczos", res.n_matvecs
+        # rare: fall back to the exact full eigendecomposition
+    mu, U = torch.linalg.eigh(K)
+    mu, U = mu.flip(0), U.flip(1)
+    tol_rank = mu[0].abs() * size * torch.finfo(torch.float64).eps if size else 0.0
+    rank = int((mu > tol_rank).sum())
+    take = min(k, size)
+    residuals = torch.zeros(take, dtype=torch.float64)
+    converged = torch.ones(take, dtype=torch.bool)
+    return mu[:take], U[:, :take], residuals, converged, rank, "gram", 0
 
 
 @dataclass
@@ -212,11 +240,14 @@ class FisherAccumulator:
     block_params: dict[str, tuple[str, ...]] = field(default_factory=dict)
     block_kinds: dict[str, str] = field(default_factory=dict)
 
-    def add(self, dg: DecomposedGradients) -> None:
+    def add(self, dg: DecomposedGradients, sq_norms: Mapping[str, Tensor] | None = None) -> None:
+        """Add a batch; `sq_norms`: ``{block: [N, C]}`` squared norms already computed
+        (e.g. the diagonal of the block's Gram kernel)."""
         for b in dg.blocks:
             self.block_params[b.name] = b.params
             self.block_kinds[b.name] = b.kind
-            self.sq_norms.setdefault(b.name, []).append(b.source.sq_norms().sum(1).double())
+            sq = b.source.sq_norms() if sq_norms is None else sq_norms[b.name]
+            self.sq_norms.setdefault(b.name, []).append(sq.sum(1).double())
             if self.diagonal:
                 for k, v in b.source.diag().items():
                     v = v.double()
@@ -284,6 +315,7 @@ class FisherSummary:
     loss: Estimate
     rank: int | None
     n_params: int
+    self_check: dict | None = None  # what the capture's one-off self-check compared
 
 
 def factor_bytes(dg: DecomposedGradients) -> int:
@@ -338,7 +370,8 @@ def fisher_summary(
     from gmcurv.capture import Capturer, capture_stream
     from gmcurv.distributed import current, gather_decomposed
 
-    gather_rows = current().all_gather_rows
+    comm = current()
+    gather_rows = comm.all_gather_rows
 
     # capture_stream's memory preflight sizes activations, columns and factors from one
     # example's forward and, when eigenvalues are wanted, all N examples' factors + kernel
@@ -346,6 +379,10 @@ def fisher_summary(
     acc = FisherAccumulator(diagonal=False)
     col_norms: dict[str, list[Tensor]] = {}
     kept: list[DecomposedGradients] = []
+    # one batch holds the whole sample: each block's Gram kernel is formed once, right after
+    # the capture, and gives both its trace (the diagonal) and its share of K
+    one_batch = k > 0 and not comm.active and data.n <= batch_size
+    grams: dict[str, Tensor] = {}
     stream = capture_stream(
         objective,
         data,
@@ -355,39 +392,55 @@ def fisher_summary(
         budget_bytes=budget_bytes,
         keep=k > 0,
     )
+    columns = mc_samples if fisher == "mc" else 1
     for dg in stream:
-        acc.add(dg)
+        sq = None
+        one_batch = one_batch and dg.n * dg.columns <= DENSE_GRAM_LIMIT
+        if one_batch:
+            if phase:
+                phase("Fisher: Gram kernels", None)
+            grams = {b.name: b.source.gram() for b in dg.blocks}
+            sq = {name: K.diagonal().reshape(dg.n, dg.columns) for name, K in grams.items()}
+        acc.add(dg, sq)
         if fisher == "mc":
             for b in dg.blocks:
-                col_norms.setdefault(b.name, []).append(b.source.sq_norms().double())
-        if k > 0:
+                part = b.source.sq_norms() if sq is None else sq[b.name]
+                col_norms.setdefault(b.name, []).append(part.double())
+        columns = dg.columns
+        if k > 0 and not one_batch:
             kept.append(dg)
+        del dg, sq
     acc = acc.gathered()
     col_norms = {k: [gather_rows(torch.cat(v))] for k, v in col_norms.items()}
-    columns = kept[0].columns if kept else mc_samples if fisher == "mc" else 1
     trace = _trace_estimate(acc, fisher, None, columns, col_norms)
     eigenvalues: list[Estimate] = []
     rank = None
     layer_eigs: dict[str, list[Estimate]] = {}
     if k > 0:
         if phase:
-            n_rows = acc.n * columns
             phase(
                 "Fisher: Gram eigenvalues (Lanczos products)",
-                None if n_rows <= EIGH_LIMIT else max(4 * k + 40, 80),
+                None if acc.n * columns <= EIGH_LIMIT else max(4 * k + 40, 80),
             )
-        full = gather_decomposed(DecomposedGradients.cat(kept))
-        del kept
-        res = fisher_eigen(full, k, seed=seed, progress=eigen_progress)
+        if one_batch:
+
+            def eigen(name: str | None) -> FisherEigen:
+                K = grams[name] if name else sum(grams.values())
+                return kernel_eigen(K, acc.n, k, seed=seed, progress=eigen_progress)
+        else:
+            full = gather_decomposed(DecomposedGradients.cat(kept))
+            del kept
+
+            def eigen(name: str | None) -> FisherEigen:
+                chosen = [name] if name else None
+                return fisher_eigen(full, k, blocks=chosen, seed=seed, progress=eigen_progress)
+
+        res = eigen(None)
         rank = res.rank
-        eigenvalues = _eigen_estimates(res, full.n, fisher)
+        eigenvalues = _eigen_estimates(res, acc.n, fisher)
         if per_layer and per_layer_eigen:
-            for b in full.blocks:
-                layer_eigs[b.name] = _eigen_estimates(
-                    fisher_eigen(full, k, blocks=[b.name], seed=seed, progress=eigen_progress),
-                    full.n,
-                    fisher,
-                )
+            for name in acc.block_params:
+                layer_eigs[name] = _eigen_estimates(eigen(name), acc.n, fisher)
     layers = (
         {
             name: LayerCurvature(
@@ -411,6 +464,7 @@ def fisher_summary(
         loss=Estimate.exact_value(float(losses.mean()), len(losses), "mean", data_stderr=loss_se),
         rank=rank,
         n_params=objective.space.size,
+        self_check=cap.check_report.as_dict() if cap.check_report else None,
     )
 
 

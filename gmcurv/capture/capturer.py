@@ -13,14 +13,14 @@ from gmcurv.capture.dense import dense_blocks
 from gmcurv.capture.gradients import Block, DecomposedGradients
 from gmcurv.capture.plan import plan_capture
 from gmcurv.capture.recording import Recorder, only_selected_require_grad
-from gmcurv.capture.selfcheck import self_check
+from gmcurv.capture.selfcheck import CheckReport, check_example, self_check
 from gmcurv.capture.sources import block_source
 from gmcurv.errors import ConfigError, GmcurvWarning
 from gmcurv.losses import FISHER_TYPES
 from gmcurv.objective import Objective
 from gmcurv.rng import example_noise
 
-CHECK_EXAMPLES = 8  # the one-off self-check runs on the first batch's first examples
+CHECK_EXAMPLES = 8  # train mode: the one-off self-check's slice of the first batch
 
 
 def _head(batch: Batch, m: int) -> Batch:
@@ -32,8 +32,10 @@ def _head(batch: Batch, m: int) -> Batch:
 class Capturer:
     """Captures `DecomposedGradients` batch by batch for one objective and Fisher type.
 
-    The self-check (`check`) runs once, on the first `CHECK_EXAMPLES` examples of the
-    first batch: a hooked capture of that slice against a plain forward and backward.
+    The self-check (`check`, `gmcurv.capture.selfcheck`) runs once, on the first batch:
+    in eval mode its first example alone against its row of the batch's capture; in train
+    mode the first `CHECK_EXAMPLES` examples captured on their own. `check_report` says
+    what was compared (None until a checked batch ran, or with ``check=False``).
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class Capturer:
         self.plans = plan_capture(objective.model, objective.params)
         self._check_pending = check
         self.fallbacks: list[str] = []  # blocks moved to dense by the self-check
+        self.check_report: CheckReport | None = None
 
     @property
     def dense_modules(self) -> list[str]:
@@ -62,16 +65,39 @@ class Capturer:
         return [p.name for p in self.plans if p.kind == "dense"]
 
     def __call__(self, batch: Batch) -> DecomposedGradients:
-        if self._check_pending:
-            self._check_pending = False
-            small = len(batch) <= CHECK_EXAMPLES
+        if not self._check_pending:
+            return self._capture(batch)[0]
+        self._check_pending = False
+        n = len(batch)
+        if self.objective.mode == "eval":
+            dg, out, cols, broadcast = self._capture(batch)
+            bad, checked = check_example(self.objective, batch, dg, out, cols, broadcast)
+            del out, cols
+            report = CheckReport(
+                1, n, "example 0 alone (hook-free forward and backward) against its "
+                "gradient in the first batch's decomposed capture", checked
+            )  # fmt: skip
+            if not bad:
+                self.check_report = report
+                return dg
+            del dg
+        else:
+            small = n <= CHECK_EXAMPLES
             part = batch if small else _head(batch, CHECK_EXAMPLES)
             dg, out, cols, broadcast = self._capture(part)
             bad = self_check(self.objective, part, dg, out, cols, broadcast)
-            if bad:
-                self._to_dense(bad)
+            report = CheckReport(
+                len(part), n, "sum over the slice captured on its own against a hook-free "
+                "forward and backward of it", sum(b.kind != "dense" for b in dg.blocks)
+            )  # fmt: skip
             if small and not bad:
+                self.check_report = report
                 return dg
+            del dg
+        if bad:
+            self._to_dense(bad)
+            report.fallbacks = list(bad)
+        self.check_report = report
         return self._capture(batch)[0]
 
     def _to_dense(self, names: list[str]) -> None:

@@ -1,28 +1,58 @@
 """The one-off self-check of decomposed gradients against plain autograd.
 
-On the first examples of the first batch, with a hook-free forward: the outputs must equal
-the hooked ones (else the broadcast-expanded modules are at fault); per block,
-``Σ_n g[n, 0]`` must equal autograd's ``Jᵀ G[0]`` (else a parameter is used outside its
-module) and, in eval mode, ``g[e, 0]`` must equal autograd's gradient of example ``e`` alone
-for the first and last example (else examples mix inside the model). A block that fails is
-named so the `Capturer` can capture it densely.
+Eval mode (`check_example`, the default): the first batch is captured once, then its first
+example alone runs a hook-free forward and one backward. Its outputs must equal its row of
+the hooked batch's (else broadcast-expanded modules are at fault, or examples interact
+inside the model), and per block its decomposed gradient ``g[0, 0]`` — taken from the whole
+batch's factors — must equal autograd's gradient of that example alone, ``J_0ᵀ G[0, 0]``
+(else a parameter is used outside its module, rows are not example-major, or examples
+mix). Cost: about half a forward+backward of one example on top of the capture.
+
+Train mode (`self_check`): Dropout masks depend on the batch's shape, so the first examples
+of the first batch are captured on their own and checked against a hook-free pass of the
+same slice: the outputs, and per block ``Σ_n g[n, 0]`` against autograd's ``Jᵀ G[0]``.
+
+A block that fails is named so the `Capturer` can capture it densely; `CheckReport` says
+what was checked, for the report.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from gmcurv.batch import Batch
+from gmcurv.batch import Batch, slice_inputs
 from gmcurv.capture.gradients import DecomposedGradients
 from gmcurv.capture.recording import only_selected_require_grad
 from gmcurv.errors import GmcurvWarning, UnsupportedError
 from gmcurv.objective import Objective
 
 Grads = dict[str, Tensor | None]
+
+
+@dataclass
+class CheckReport:
+    """What the one-off self-check compared (recorded in reports)."""
+
+    examples: int  # examples checked (the first ones of the first batch)
+    batch: int  # examples in that batch
+    method: str  # what was compared with what
+    blocks: int = 0  # decomposed blocks compared with autograd
+    fallbacks: list[str] = field(default_factory=list)  # blocks moved to dense
+
+    def as_dict(self) -> dict:
+        return {
+            "examples": self.examples,
+            "of_batch": self.batch,
+            "column": 0,
+            "method": self.method,
+            "blocks_checked": self.blocks,
+            "dense_fallbacks": list(self.fallbacks),
+        }
 
 
 def reference_gradients(
@@ -49,12 +79,25 @@ def agrees(got: dict[str, Tensor], ref: Grads, names, tol: float, floor: float) 
     """``||got - ref|| <= tol max(||ref||, floor)`` over a block (absent gradients are 0)."""
     err = ref_sq = 0.0
     for name in names:
-        g = got[name].double()
+        g = got[name]
         r = ref[name]
-        r = torch.zeros_like(g) if r is None else r.double()
-        err += float((g - r).pow(2).sum())
-        ref_sq += float(r.pow(2).sum())
+        if r is None:
+            err += float(torch.linalg.vector_norm(g)) ** 2
+            continue
+        err += float(torch.linalg.vector_norm(g - r.to(g.dtype))) ** 2
+        ref_sq += float(torch.linalg.vector_norm(r)) ** 2
     return math.sqrt(err) <= tol * max(math.sqrt(ref_sq), floor, 1e-30)
+
+
+def _tol(dtype: torch.dtype) -> float:
+    return 1e-8 if dtype == torch.float64 else 2e-3
+
+
+def _norm(grads: Grads) -> float:
+    """``||g||`` over all parameters (norms in the gradients' own dtype)."""
+    return math.sqrt(
+        sum(float(torch.linalg.vector_norm(g)) ** 2 for g in grads.values() if g is not None)
+    )
 
 
 def disagreeing_blocks(
@@ -66,11 +109,8 @@ def disagreeing_blocks(
 ) -> list[str]:
     """Names of the decomposed blocks whose sum (and probed examples) miss `refs`; the
     tolerance is relative, floored at 1e-3 of the whole gradient's norm."""
-    tol = 1e-8 if dtype == torch.float64 else 2e-3
-    floors = [
-        1e-3 * math.sqrt(sum(float(g.double().pow(2).sum()) for g in r.values() if g is not None))
-        for r in refs
-    ]
+    tol = _tol(dtype)
+    floors = [1e-3 * _norm(r) for r in refs]
     u = torch.zeros(dg.n, dg.columns, dtype=dtype, device=device)
     u[:, 0] = 1.0
     bad = []
@@ -117,12 +157,77 @@ def self_check(
         refs = reference_gradients(obj, ref_out, cols, probes)
     bad = disagreeing_blocks(dg, refs, probes, obj.dtype, obj.device)
     if bad:
-        warnings.warn(
-            f"the decomposed gradients of {', '.join(bad)} disagree with autograd (a "
-            "parameter also used outside its module's forward, e.g. through F.linear, or "
-            "examples mixed inside the model); their per-example gradients are computed "
-            "densely instead",
-            GmcurvWarning,
-            stacklevel=3,
-        )
+        _warn_disagree(bad)
     return bad
+
+
+def _outputs_agree(ref: Tensor, got: Tensor) -> bool:
+    """Same outputs up to rounding: ``||ref - got|| <= tol ||ref||`` (a batch and a single
+    example may take different kernels, so not bitwise)."""
+    if ref.shape != got.shape:
+        return False
+    tol = 1e-9 if ref.dtype == torch.float64 else 1e-4
+    scale = float(torch.linalg.vector_norm(ref))
+    return float(torch.linalg.vector_norm(ref - got)) <= tol * max(scale, 1e-30)
+
+
+def check_example(
+    objective: Objective,
+    batch: Batch,
+    dg: DecomposedGradients,
+    hooked_out: Tensor,
+    cols: Tensor,
+    broadcast: set[str],
+) -> tuple[list[str], int]:
+    """Eval-mode check of the first example (see module doc): (blocks to move to dense,
+    blocks compared). `dg`, `hooked_out` and `cols` are the hooked capture of `batch`."""
+    obj = objective
+    one = Batch(slice_inputs(batch.inputs, slice(0, 1)), _head_targets(batch), batch.start)
+    hooked = [b for b in dg.blocks if b.kind != "dense"]
+    with only_selected_require_grad(obj.model, obj.params), torch.enable_grad():
+        ref_out = obj.outputs(one.inputs)
+        if not _outputs_agree(ref_out.detach(), hooked_out[:1]):
+            bad = sorted(broadcast) or [b.name for b in hooked]
+            why = (
+                f"modules {', '.join(sorted(broadcast))} run without the batch dimension in a "
+                "way gmcurv cannot expand"
+                if broadcast
+                else "the first example alone gives other outputs than in its batch "
+                "(examples interact inside the model)"
+            )
+            warnings.warn(
+                f"{why}; the per-example gradients of {', '.join(bad)} are computed densely "
+                "instead",
+                GmcurvWarning,
+                stacklevel=3,
+            )
+            return bad, len(hooked)
+        params = list(obj.params.values())
+        grads = torch.autograd.grad(ref_out, params, grad_outputs=cols[0][:1], allow_unused=True)
+    ref = dict(zip(obj.params, grads, strict=True))
+    del grads, ref_out
+    tol, floor = _tol(obj.dtype), 1e-3 * _norm(ref)
+    bad = []
+    for block in hooked:
+        got = {k: v[0, 0] for k, v in block.source.materialize(slice(0, 1)).items()}
+        if not agrees(got, ref, block.params, tol, floor):
+            bad.append(block.name)
+        del got
+    if bad:
+        _warn_disagree(bad)
+    return bad, len(hooked)
+
+
+def _head_targets(batch: Batch):
+    return None if batch.targets is None else batch.targets[:1]
+
+
+def _warn_disagree(bad: list[str]) -> None:
+    warnings.warn(
+        f"the decomposed gradients of {', '.join(bad)} disagree with autograd (a "
+        "parameter also used outside its module's forward, e.g. through F.linear, or "
+        "examples mixed inside the model); their per-example gradients are computed "
+        "densely instead",
+        GmcurvWarning,
+        stacklevel=4,
+    )

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from gmcurv.factors import linear_kernels as kernels
-from gmcurv.factors.source import GradientSource
+from gmcurv.factors.source import CHUNK_ELEMENTS, GradientSource, rows_gram
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,28 @@ class LinearFactors(GradientSource):
         return kernels.sq_norms(self.delta, self.x, self.has_weight, self.has_bias)
 
     def gram(self) -> Tensor:
-        # per pair of examples: token pairs cost T^2 (O+I), materialised gradients O I
+        """Token pairs (``(N C T)² (O+I)``) or gradients materialised a slab of output
+        units at a time for all examples (``N C T O I`` plus the products), whichever
+        costs less."""
         t, o, i = self.tokens, self.delta.shape[-1], self.x.shape[-1] + 1
-        if t > 1 and t * t * (o + i) >= o * i:
-            return super().gram()
-        return kernels.gram(self.delta, self.x, self.has_weight, self.has_bias)
+        rows = self.n * self.columns
+        if t == 1 or (rows * t) ** 2 * (o + i) <= rows * (t + rows) * o * i:
+            return kernels.gram(self.delta, self.x, self.has_weight, self.has_bias)
+        return self._materialised_gram()
+
+    def _materialised_gram(self) -> Tensor:
+        """``K = Σ_slabs G_s G_sᵀ`` with ``G_s[(n,c)] = Σ_t δ[n,c,t,s] a[n,t]ᵀ`` the rows
+        ``s`` of every example's gradient (never all of one example's gradient at once,
+        never a pair of examples recomputed); products by `rows_gram`."""
+        a = self.a[:, None]  # [N, 1, T, I]
+        n, c, _, o = self.delta.shape
+        rows = n * c
+        K = torch.zeros(rows, rows, dtype=torch.float64, device=self.device)
+        step = max(1, CHUNK_ELEMENTS // max(1, rows * a.shape[-1]))
+        for lo in range(0, o, step):
+            d = self.delta[..., lo : lo + step].transpose(-1, -2)  # [N, C, s, T]
+            K += rows_gram(torch.matmul(d, a).reshape(rows, -1))
+        return K
 
     def diag(self) -> dict[str, Tensor]:
         return self.pack(*kernels.diag(self.delta, self.x, self.has_weight, self.has_bias))

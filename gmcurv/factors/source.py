@@ -13,6 +13,7 @@ from torch import Tensor
 
 CHUNK_ELEMENTS = 1 << 24  # materialise at most ~16M gradient entries at once
 GEMM_CHUNK = 1024  # inner-dimension chunk of a lower-precision Gram product (`rows_gram`)
+BATCH_ELEMENTS = 1 << 22  # outputs of one batched chunk product in `rows_gram` (16 MB float32)
 
 
 def rows_gram(a: Tensor, b: Tensor | None = None) -> Tensor:
@@ -31,9 +32,21 @@ def rows_gram(a: Tensor, b: Tensor | None = None) -> Tensor:
     b = a if b is None else b
     if a.dtype == torch.float64 or a.shape[1] <= GEMM_CHUNK:
         return a @ b.T
-    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
-    for lo in range(0, a.shape[1], GEMM_CHUNK):
-        out.add_(a[:, lo : lo + GEMM_CHUNK] @ b[:, lo : lo + GEMM_CHUNK].T)
+    m, k, d = a.shape[0], b.shape[0], a.shape[1]
+    out = torch.zeros(m, k, dtype=torch.float64, device=a.device)
+    whole = d // GEMM_CHUNK
+    # the chunks' products as batched GEMMs ([chunks, m, k] in the inputs' dtype, summed in
+    # float64), at most BATCH_ELEMENTS outputs per call: one call for a few rows
+    step = max(1, BATCH_ELEMENTS // max(1, m * k))
+    for lo in range(0, whole, step):
+        hi = min(whole, lo + step)
+        cols = slice(lo * GEMM_CHUNK, hi * GEMM_CHUNK)
+        ac = a[:, cols].reshape(m, hi - lo, GEMM_CHUNK)
+        bc = ac if b is a else b[:, cols].reshape(k, hi - lo, GEMM_CHUNK)
+        out += torch.einsum("mbj,kbj->bmk", ac, bc).sum(0, dtype=torch.float64)
+    if d > whole * GEMM_CHUNK:
+        tail = slice(whole * GEMM_CHUNK, d)
+        out += a[:, tail] @ b[:, tail].T
     return out
 
 

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from gmcurv.factors.embedding import EmbeddingFactors
 from gmcurv.factors.linear import LinearFactors
-from gmcurv.factors.source import GradientSource
+from gmcurv.factors.source import GEMM_CHUNK, GradientSource
 
 
 @dataclass(frozen=True)
@@ -159,13 +159,23 @@ def _cross_gram(rows_a: Side, cols_a: Side, rows_b: Side, cols_b: Side) -> Tenso
     dense = [t for t in (rows_a, cols_a, rows_b, cols_b) if t.is_floating_point()]
     n = rows_a.shape[0]
     c = max(t.shape[1] for t in dense)
-    rows_a, cols_a, rows_b, cols_b = (
-        t.double() if t.is_floating_point() else t for t in (rows_a, cols_a, rows_b, cols_b)
-    )
     X = torch.empty(n * c, n * c, dtype=torch.float64, device=dense[0].device)
+    rows_a, rows_b = _long_dots_in_float64(rows_a, rows_b)
+    cols_a, cols_b = _long_dots_in_float64(cols_a, cols_b)
     for e in range(n):
+        # side products in the factors' dtype (a gather, or a dot over one row of the
+        # matrix), their products summed over token pairs in float64
         left = _pair_products(rows_a[e], rows_b)
         right = _pair_products(cols_a[e], cols_b)
-        prod = (left * right).sum((1, 4))  # [C|1, M, K|1]
+        left = left.double() if left.is_floating_point() else left
+        prod = (left * right.double()).sum((1, 4))  # [C|1, M, K|1]
         X[e * c : (e + 1) * c] = prod.expand(c, n, c).reshape(c, n * c)
     return X
+
+
+def _long_dots_in_float64(a: Side, b: Side) -> tuple[Side, Side]:
+    """Two dense sides whose dot products run over more than `GEMM_CHUNK` entries go to
+    float64 (shorter dots, and gathers, stay in the factors' dtype)."""
+    if a.is_floating_point() and b.is_floating_point() and a.shape[-1] > GEMM_CHUNK:
+        return a.double(), b.double()
+    return a, b

@@ -19,9 +19,11 @@ from torch import Tensor
 
 
 def empirical_columns(p: Tensor, targets: Tensor, w: Tensor) -> Tensor:
-    """``[1, N, *tok, C]``: ``w (p - e_y)`` (ignored tokens have ``w = 0``)."""
-    onehot = F.one_hot(targets.clamp_min(0), p.shape[-1]).to(p.dtype)
-    return (w * (p - onehot)).unsqueeze(0)
+    """``[1, N, *tok, C]``: ``w (p - e_y)`` (ignored tokens have ``w = 0``), as ``w p`` with
+    ``w`` subtracted at ``y`` in place (no one-hot of the vocabulary's size)."""
+    w = w.expand(*p.shape[:-1], 1)
+    cols = w * p
+    return cols.scatter_add_(-1, targets.clamp_min(0).unsqueeze(-1), -w).unsqueeze(0)
 
 
 def mc_columns(p: Tensor, w: Tensor, uniforms: Tensor, mc_samples: int) -> Tensor:

@@ -1,0 +1,146 @@
+"""The default `gmcurv trace` path: one Gram kernel per block formed once when the sample is
+one batch (its diagonal gives the traces), the cheap one-off self-check and what it records,
+and the Gram routes — all against float64 dense oracles or the multi-batch path."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from oracles import per_example_grads
+from safetensors.torch import save_file
+from test_capture import N, _problem
+from test_fisher import _dense_fisher
+from torch import nn
+
+from gmcurv.batch import Batch
+from gmcurv.capture import Capturer
+from gmcurv.errors import GmcurvWarning
+from gmcurv.factors import LinearFactors
+from gmcurv.factors import linear_kernels as kernels
+from gmcurv.fisher import fisher_summary
+from gmcurv.io.data import load_data
+from gmcurv.losses import softmax
+from gmcurv.objective import Objective
+
+
+def _sample(tmp_path, batch: Batch):
+    path = tmp_path / "data.safetensors"
+    save_file({"inputs": batch.inputs.contiguous(), "targets": batch.targets}, str(path))
+    return load_data(path, None)
+
+
+@pytest.mark.parametrize("name", ["mlp", "tokens", "attention", "conv", "tied"])
+def test_one_batch_summary_matches_dense_oracle_and_streamed_path(name, tmp_path):
+    obj, batch = _problem(name)
+    data = _sample(tmp_path, batch)
+    F, _ = _dense_fisher(obj, batch)
+    one = fisher_summary(obj, data, batch_size=N, k=3, per_layer_eigen=True)
+    streamed = fisher_summary(obj, data, batch_size=3, k=3, per_layer_eigen=True)
+    assert math.isclose(one.trace.value, float(torch.trace(F)), rel_tol=1e-10)
+    ref = torch.linalg.eigvalsh(F).flip(0)[:3]
+    got = torch.tensor([e.value for e in one.eigenvalues], dtype=torch.float64)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-13)
+    assert one.rank == streamed.rank
+    assert math.isclose(one.trace.stderr or 0.0, streamed.trace.stderr or 0.0, rel_tol=1e-9)
+    assert one.per_layer.keys() == streamed.per_layer.keys()
+    for layer, a in one.per_layer.items():
+        b = streamed.per_layer[layer]
+        assert math.isclose(a.trace.value, b.trace.value, rel_tol=1e-10, abs_tol=1e-15)
+        for x, y in zip(a.eigenvalues, b.eigenvalues, strict=True):
+            assert math.isclose(x.value, y.value, rel_tol=1e-9, abs_tol=1e-13)
+
+
+def test_summary_records_the_self_check_slice(tmp_path):
+    obj, batch = _problem("attention")
+    s = fisher_summary(obj, _sample(tmp_path, batch), batch_size=N, k=2)
+    check = s.self_check
+    assert check is not None
+    assert check["examples"] == 1 and check["of_batch"] == N and check["column"] == 0
+    assert check["blocks_checked"] > 0 and check["dense_fallbacks"] == []
+    assert "example 0 alone" in check["method"]
+
+
+def test_train_mode_checks_its_own_slice():
+    obj, batch = _problem("mlp")
+    obj = Objective.build(obj.model, "cross_entropy", mode="train")
+    cap = Capturer(obj)
+    cap(batch)
+    assert cap.check_report is not None and cap.check_report.examples == N
+    assert "captured on its own" in cap.check_report.method
+
+
+class MixesExamples(nn.Module):
+    """Subtracts the batch mean: examples interact, per-example gradients are not those of
+    each example alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(5, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return self.head(h - h.mean(0, keepdim=True))
+
+
+def test_examples_that_interact_are_caught_and_captured_densely():
+    torch.manual_seed(0)
+    obj = Objective.build(MixesExamples().double(), "cross_entropy")
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(
+        torch.randn(N, 5, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (N,), generator=g),
+        0,
+    )
+    cap = Capturer(obj)
+    with pytest.warns(GmcurvWarning, match="examples interact"):
+        dg = cap(batch)
+    assert sorted(cap.fallbacks) == ["fc", "head"]
+    assert cap.check_report is not None and cap.check_report.fallbacks == cap.fallbacks
+    assert {b.kind for b in dg.blocks} == {"dense"}
+
+
+def test_clean_models_pass_the_check_without_warnings():
+    obj, batch = _problem("tied")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GmcurvWarning)
+        cap = Capturer(obj)
+        dg = cap(batch)
+    assert not cap.fallbacks and cap.check_report.blocks == len(dg.blocks)
+    J = per_example_grads(obj, batch)
+    assert dg.n == J.shape[0]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_materialised_and_token_gram_routes_agree(bias, dtype):
+    g = torch.Generator().manual_seed(3)
+    n, c, t, o, i = 5, 2, 6, 7, 4
+    delta = torch.randn(n, c, t, o, generator=g, dtype=torch.float64)
+    x = torch.randn(n, t, i, generator=g, dtype=torch.float64)
+    names = ("w", "b") if bias else ("w",)
+    shapes = ((o, i), (o,)) if bias else ((o, i),)
+    src = LinearFactors(names, shapes, delta.to(dtype), x.to(dtype), True, bias)
+    rows = torch.cat(
+        [v.reshape(n, c, -1) for v in src.materialize(slice(0, n)).values()], -1
+    ).double()
+    ref = rows.reshape(n * c, -1) @ rows.reshape(n * c, -1).T
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
+    torch.testing.assert_close(src._materialised_gram(), ref, **tol)
+    torch.testing.assert_close(kernels.gram(src.delta, src.x, True, bias), ref, **tol)
+
+
+def test_empirical_columns_equal_the_one_hot_form():
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(3, 4, 6, generator=g, dtype=torch.float64).softmax(-1)
+    y = torch.randint(0, 6, (3, 4), generator=g)
+    y[0, 1] = -100
+    w = torch.rand(3, 4, 1, generator=g, dtype=torch.float64)
+    w[0, 1] = 0.0
+    onehot = torch.nn.functional.one_hot(y.clamp_min(0), 6).double()
+    torch.testing.assert_close(
+        softmax.empirical_columns(p, y, w), (w * (p - onehot)).unsqueeze(0), rtol=0, atol=1e-15
+    )
