@@ -56,7 +56,8 @@ SEQ = 128
 HVP_BATCH = 256  # gmcurv's default --batch-size: the 8 sequences are one batch
 TRACE_TOL = 0.05  # issue 13: the Hessian trace to 5 % relative standard error
 TRACE_CAP = 40  # products at most (the machine is shared: bound the run)
-TARGETS = ["plain_backward", "gmcurv_fisher_summary", "gmcurv_hvp", "pyhessian_hvp"]
+TARGETS = ["plain_backward", "gmcurv_fisher_summary"]
+HVP_TARGETS = ["gmcurv_hvp", "pyhessian_hvp"]  # --with-hvp (see also bench_gpt2_hvp.py)
 METHODS = [
     "plain_backward",
     "gmcurv_trace",
@@ -163,13 +164,14 @@ def make_method(name: str, model, ids):
         save_file({"input_ids": ids}, str(tmp))
         data = load_data(tmp)
 
-        def run():
-            s = fisher_summary(obj, data, batch_size=n, k=5, per_layer=True)
+        def run():  # `gmcurv trace` with default options (k 5, per layer, one batch)
+            s = fisher_summary(obj, data, batch_size=256, k=5, per_layer=True)
             return {
                 "fisher_trace": s.trace.value,
                 "top_eigenvalues": [e.value for e in s.eigenvalues],
                 "rank": s.rank,
                 "blocks": len(s.per_layer),
+                "self_check": s.self_check,
             }
 
         return run
@@ -326,12 +328,20 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results.json"))
     ap.add_argument("--targets", type=int, metavar="ROUNDS", default=0, help="issue 13")
     ap.add_argument("--no-trace", action="store_true", help="--targets without the 5 %% trace")
+    ap.add_argument("--with-hvp", action="store_true", help="--targets: also the HVP rows")
     args = ap.parse_args()
     if args.one:
         print(json.dumps(measure_one(int(args.one[0]), args.one[1], args.repeats)))
         return
     if args.targets:
-        targets(args.targets, args.repeats, Path(args.out), with_trace=not args.no_trace)
+        methods = TARGETS + (HVP_TARGETS if args.with_hvp else [])
+        targets(
+            args.targets,
+            args.repeats,
+            Path(args.out),
+            with_trace=not args.no_trace,
+            methods=methods,
+        )
         return
     repeats = 1 if args.quick else args.repeats
     results: dict = {}
@@ -391,29 +401,48 @@ def _uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def targets(rounds: int, repeats: int, out: Path, n: int = 8, with_trace: bool = True) -> None:
-    """Issue 13's GPT-2 targets: `TARGETS` interleaved over `rounds` (each method in its own
+def targets(
+    rounds: int,
+    repeats: int,
+    out: Path,
+    n: int = 8,
+    with_trace: bool = True,
+    methods: list[str] = TARGETS,
+) -> None:
+    """Issue 13's GPT-2 targets: `methods` interleaved over `rounds` (each method in its own
     process, minimum over rounds), then the Hessian trace to 5 % relative s.e. once."""
     doc: dict = {"uptime_before": _uptime(), "rounds": [], "n": n, "seq": SEQ}
     for r in range(rounds):
         row = {}
-        for method in TARGETS:
+        for method in methods:
             row[method] = _one(n, method, repeats)
             res = row[method]
-            print(f"round {r + 1} {method}: {res.get('min_s')} s, "
-                  f"peak {res.get('peak_rss_gb')} GB {res.get('status')}", flush=True)  # fmt: skip
+            print(f"round {r + 1} {method}: first {res.get('first_s')} s, "
+                  f"min {res.get('min_s')} s, "
+                  f"peak {res.get('peak_rss_gb')} GB {res.get('status')}, load "
+                  f"{res.get('load_avg')}", flush=True)  # fmt: skip
         doc["rounds"].append(row)
     if with_trace:
         doc["hessian_trace"] = _one(n, "gmcurv_hessian_trace", 0)
     doc["uptime_after"] = _uptime()
 
     def best(method: str, key: str = "min_s") -> dict:
-        ok = [row[method] for row in doc["rounds"] if row[method].get("status") == "ok"]
+        ok = [row[method] for row in doc["rounds"] if row.get(method, {}).get("status") == "ok"]
         return min(ok, key=lambda x: x[key]) if ok else {}
+
+    def ratios(key: str) -> list[float]:  # per round: trace / plain of the same round
+        return [
+            round(row["gmcurv_fisher_summary"][key] / row["plain_backward"][key], 3)
+            for row in doc["rounds"]
+            if row["gmcurv_fisher_summary"].get(key) and row["plain_backward"].get(key)
+        ]
 
     plain, trace = best("plain_backward"), best("gmcurv_fisher_summary")
     hvp, peer = best("gmcurv_hvp"), best("pyhessian_hvp")
     doc["summary"] = {
+        "trace_over_plain_time_per_round_repeat": ratios("min_s"),
+        "trace_over_plain_time_per_round_first": ratios("first_s"),
+        "trace_over_plain_peak_rss_per_round": ratios("peak_rss_gb"),
         "trace_over_plain_time": trace.get("min_s", 0) / plain["min_s"] if plain else None,
         "trace_over_plain_peak_rss": (trace.get("peak_rss_gb", 0) / plain["peak_rss_gb"])
         if plain

@@ -23,7 +23,8 @@ class CaptureEstimate:
     - ``factors``: decomposed factors (``delta``: ``C`` x the module's outputs, inputs once);
     - ``dense``: dense per-example gradients, ``C`` x the parameters of `dense_modules`;
     - ``check`` (per capture, not per example): the first batch's self-check against
-      autograd — three full gradients plus float64 copies of the largest block.
+      autograd (`gmcurv.capture.selfcheck`) — one example's graph, one full gradient and
+      the largest block's gradient materialised twice.
     """
 
     columns: int
@@ -126,7 +127,7 @@ def estimate_capture(objective, example, fisher: str = "empirical", mc_samples: 
         dense=columns * dense_params * itemsize,
         dense_modules=tuple(p.name for p in dense),
         dense_params=dense_params,
-        check=3 * n_params * itemsize + 4 * largest * 8,
+        check=2 * sum(saved.values()) + (n_params + 2 * largest) * itemsize,
         outputs=out.numel() * itemsize,
     )
 

@@ -47,7 +47,6 @@ class CheckReport:
     def as_dict(self) -> dict:
         return {
             "examples": self.examples,
-            "of_batch": self.batch,
             "column": 0,
             "method": self.method,
             "blocks_checked": self.blocks,
