@@ -1,5 +1,6 @@
 """Start-up: ``--help``, ``COMMAND --help`` and ``check`` import neither torch nor matplotlib
-(checked through ``sys.modules`` in a fresh interpreter, not by timing)."""
+(nor numpy, scipy, transformers, safetensors; the help screens not even pydantic or
+rich.markdown), checked through ``sys.modules`` in a fresh interpreter, not by timing."""
 
 from __future__ import annotations
 
@@ -16,22 +17,35 @@ SCRIPT = textwrap.dedent(
     from gmcurv.cli.app import COMMANDS, app
     from typer.main import get_command
 
+    HEAVY = ("torch", "matplotlib", "numpy", "scipy", "transformers", "safetensors")
+    HELP_ONLY = ("pydantic", "rich.markdown", "rich.traceback", "markdown_it", "gmcurv.cli.session")
+
+    def loaded(names):
+        return [m for m in names if m in sys.modules]
+
     cli = get_command(app)
-    calls = [["--help"]] + [[c, "--help"] for c in COMMANDS] + [["head", "train", "--help"]]
-    calls.append(["check", sys.argv[1], "fisher.trace > 100"])
-    calls.append(["check", sys.argv[2], "fisher.trace > 100"])  # an error message, exit 2
     codes = []
-    for args in calls:
+
+    def run(args):
         try:
             codes.append(cli.main(args, prog_name="gmcurv", standalone_mode=False) or 0)
         except SystemExit as e:
             codes.append(e.code)
         except BaseException as e:  # typer.Exit from check
             codes.append(getattr(e, "exit_code", repr(e)))
-    heavy = [m for m in ("torch", "matplotlib", "numpy") if m in sys.modules]
-    print(json.dumps({"codes": codes, "heavy": heavy}))
+
+    run(["--help"])
+    root = loaded(HEAVY + HELP_ONLY)
+    helps = [[c, "--help"] for c in COMMANDS] + [["head", s, "--help"] for s in HEAD]
+    for args in helps:
+        run(args)
+    after_help = loaded(HEAVY + HELP_ONLY[:-1])
+    run(["check", sys.argv[1], "fisher.trace > 100"])
+    run(["check", sys.argv[2], "fisher.trace > 100"])  # an error message, exit 2
+    heavy = loaded(HEAVY)
+    print(json.dumps({"codes": codes, "root": root, "help": after_help, "heavy": heavy}))
     """
-)
+).replace("HEAD", repr(["zoo", "train", "eval", "info"]))
 
 
 def test_help_and_check_import_neither_torch_nor_matplotlib(tmp_path):
@@ -51,7 +65,9 @@ def test_help_and_check_import_neither_torch_nor_matplotlib(tmp_path):
         env={**__import__("os").environ, "GMCURV_NO_CONFIG": "1"},
     )
     doc = json.loads(out.stdout.strip().splitlines()[-1])
-    assert doc["heavy"] == [], doc
+    assert doc["root"] == [], doc  # `gmcurv --help`: not even a command module
+    assert doc["help"] == [], doc  # every `gmcurv COMMAND --help`
+    assert doc["heavy"] == [], doc  # and `gmcurv check`
     assert all(code in (0, None) for code in doc["codes"][:-1]), doc
     assert doc["codes"][-1] == 2, doc
 
