@@ -98,3 +98,26 @@ def test_constants_copied_into_the_cli_match_the_engine():
     assert cli_saliency.LEVELS == saliency.LEVELS
     assert cli_saliency.DEFAULT_DAMPING == woodbury.DEFAULT_DAMPING
     assert cli_lora.SCALES == SCALES
+
+
+def test_help_formatter_without_markdown_still_works():
+    """typer.rich_utils is imported with stand-ins for rich.markdown / rich.traceback
+    (`import_rich_utils_lightly`); they load the real classes on first use."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import gmcurv.cli.app
+        import typer.rich_utils as r
+        assert "rich.markdown" not in sys.modules and "rich.traceback" not in sys.modules
+        m = r.Markdown("# title")
+        import rich.markdown, rich.traceback
+        assert type(m) is rich.markdown.Markdown and isinstance(m, r.Markdown)
+        real = rich.traceback.Traceback.from_exception
+        assert r.Traceback.from_exception.__func__ is real.__func__
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip() == "ok"
