@@ -27,7 +27,6 @@ from gmcurv.batch import Batch
 from gmcurv.gradmetanet import tzoo
 from gmcurv.gradmetanet.tfeatures import extract
 from gmcurv.gradmetanet.tlayers import HeadV2, HeadV2Config, HeadV2Input
-from gmcurv.gradmetanet.tlm import TASKS, make_task
 from gmcurv.objective import Objective
 
 
@@ -59,8 +58,7 @@ def read_group(path: Path) -> tuple[tzoo.LMGroupSpec, list[dict], dict[str, torc
 
 def truth_ids(spec: tzoo.LMGroupSpec, n: int) -> torch.Tensor:
     """The zoo's `n` truth sequences of the group's task (regenerated as the zoo drew them)."""
-    ids, _ = make_task(spec.task, n + 512, tzoo.T, seed=1000 + TASKS.index(spec.task))
-    return ids[:n]
+    return tzoo.task_ids(spec.task, n)[0][:n]
 
 
 def snapshot_objective(
@@ -129,14 +127,23 @@ class TrainV2Config:
     weight_decay: float = 1e-2
     seed: int = 0
     huber: float = 0.5
+    truth_se: float = 2.0  # trace loss scale adds this many of the truth's standard errors
 
 
-def item_loss(model: HeadV2, it: Item, huber: float) -> torch.Tensor:
+def trace_scale(it: Item, k_se: float) -> float:
+    """The trace loss's scale ``|tr H| + k_se se(tr H) + 0.1 tr Ĝ``: relative where the
+    truth is large and well measured, down-weighted where Hutch++ could not pin it (near
+    init its standard error is as large as the value: no target to learn there)."""
+    return abs(it.trace) + k_se * it.trace_se + 0.1 * it.inp.plug_trace
+
+
+def item_loss(model: HeadV2, it: Item, huber: float, k_se: float = 2.0) -> torch.Tensor:
     out = model(it.inp)
     pred_tr = out.trace(it.inp)
-    scale = abs(it.trace) + 0.1 * it.inp.plug_trace
     l_tr = torch.nn.functional.huber_loss(
-        (pred_tr - it.trace) / scale, torch.zeros((), dtype=pred_tr.dtype), delta=huber
+        (pred_tr - it.trace) / trace_scale(it, k_se),
+        torch.zeros((), dtype=pred_tr.dtype),
+        delta=huber,
     )
     l_top = (math.log(it.inp.seq_top) + out.r_top - math.log(it.top)) ** 2
     return l_tr + l_top
@@ -163,7 +170,7 @@ def train_v2(
         order = usable[:]
         rng.shuffle(order)
         for it in order:
-            loss = item_loss(model, it, cfg.huber)
+            loss = item_loss(model, it, cfg.huber, cfg.truth_se)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -172,8 +179,39 @@ def train_v2(
     return model.eval()
 
 
+class HeadV2Ensemble(torch.nn.Module):
+    """Heads trained from different seeds; the prediction averages their outputs ``r``
+    (``tr H = tr Ĝ (1 + mean r_tr)``, ``λ = T_eff λ_F exp(mean r_top)``)."""
+
+    def __init__(self, heads: list[HeadV2]):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(heads)
+
+    def forward(self, inp: HeadV2Input):
+        outs = [h(inp) for h in self.heads]
+        first = outs[0]
+        first.r_trace = torch.stack([o.r_trace for o in outs]).mean()
+        first.r_top = torch.stack([o.r_top for o in outs]).mean()
+        return first
+
+
+def train_ensemble(
+    items: list[Item],
+    config: TrainV2Config | None = None,
+    head: HeadV2Config | None = None,
+    members: int = 3,
+) -> HeadV2Ensemble:
+    """`members` heads trained by `train_v2` with seeds ``seed, seed + 1, ...``."""
+    cfg = config or TrainV2Config()
+    heads = [
+        train_v2(items, TrainV2Config(**{**cfg.__dict__, "seed": cfg.seed + k}), head)
+        for k in range(members)
+    ]
+    return HeadV2Ensemble(heads).eval()
+
+
 @torch.no_grad()
-def predict(model: HeadV2, inp: HeadV2Input) -> tuple[float, float]:
-    """``(tr H, λ_max(H))`` predicted by the head."""
+def predict(model: HeadV2 | HeadV2Ensemble, inp: HeadV2Input) -> tuple[float, float]:
+    """``(tr H, λ_max(H))`` predicted by the head (or an ensemble of heads)."""
     out = model(inp)
     return float(out.trace(inp)), float(out.top(inp))
