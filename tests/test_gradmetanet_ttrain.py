@@ -65,3 +65,29 @@ def test_train_ensemble_is_seeded_and_fits_the_pinned_item():
     assert pa == pb
     fresh = ttrain.predict(HeadV2(hc), items[0].inp)  # a fresh head is the plug-in
     assert abs(pa[0] - items[0].trace) < abs(fresh[0] - items[0].trace)
+
+
+class _Fixed(torch.nn.Module):
+    """A stand-in head whose outputs are fixed ``r`` values."""
+
+    def __init__(self, r_tr: float, r_top: float):
+        super().__init__()
+        self.r = (torch.tensor(r_tr), torch.tensor(r_top))
+
+    def forward(self, inp):
+        return type("Out", (), {"r_trace": self.r[0], "r_top": self.r[1]})()
+
+
+def test_fit_shrink_keeps_corrections_that_carry_over_and_drops_those_that_do_not():
+    import math
+
+    _, (pinned, noisy) = _items()  # pinned: tr H = 2 plug, λ = 3 seq_top
+    right = _Fixed(1.0, math.log(3.0))  # exactly the missing factors
+    assert ttrain.fit_shrink([(right, [pinned])]) == (1.0, 1.0)
+    assert ttrain.fit_shrink([(right, [pinned, noisy])])[0] == 1.0  # unpinned truth: not used
+    wrong = _Fixed(-0.9, -1.0)  # pushes away from the truth
+    assert ttrain.fit_shrink([(wrong, [pinned])]) == (0.0, 0.0)
+    half = _Fixed(2.0, 2 * math.log(3.0))  # twice the needed correction
+    assert ttrain.fit_shrink([(half, [pinned])]) == (0.5, 0.5)
+    ens = ttrain.HeadV2Ensemble([HeadV2(seed=0)], shrink=(0.5, 0.0))
+    assert ens.shrink.tolist() == [0.5, 0.0]

@@ -4,10 +4,13 @@
         --out bench/gradmetanet/head_v2.json [--epochs 30] [--weights PATH]
 
 1. items of every finished zoo group (`gmcurv.gradmetanet.ttrain.load_items`);
-2. calibration residuals on shifted data: the ``train`` groups split into folds *by task*
-   (leave-tasks-out: each fold's head never saw the task it predicts) plus the ``val`` groups
-   predicted by the final head; 80 % intervals = their 10/90 % quantiles (trace: of
-   ``(tr H - pred) / (|pred| + 0.1 plug)``; λ_max: of ``log(λ / pred)``);
+2. shrinkage and calibration on shifted data: the ``train`` groups split into folds *by
+   task* (leave-tasks-out: each fold's head never saw the tasks it predicts); their
+   out-of-fold outputs fix ``α`` (`ttrain.fit_shrink`: how much of the head's correction
+   to the plug-in carries over to unseen tasks; α = 0 is the plug-in); the calibration
+   residuals are those out-of-fold ones plus the ``val`` groups predicted by the final head;
+   80 % intervals = their 10/90 % quantiles (trace: of ``(tr H - pred) / (|pred| + 0.1
+   plug)``; λ_max: of ``log(λ / pred)``);
 3. an ensemble of heads (`ttrain.train_ensemble`, seeds 0..members-1) trained on all
    ``train`` groups predicts every ``val`` / ``test-*`` item; on the
    same set, timed in the same process, the equal-cost baselines (`tbaselines.equal_cost`)
@@ -41,6 +44,7 @@ from gmcurv.gradmetanet.tfeatures import extract
 from gmcurv.gradmetanet.tlayers import HeadV2Config, HeadV2Input
 from gmcurv.gradmetanet.ttrain import (
     TrainV2Config,
+    fit_shrink,
     group_files,
     load_items,
     predict,
@@ -224,11 +228,16 @@ def main(argv=None) -> int:
         fit = [it for it in train if it.task not in fold]
         held = [it for it in train if it.task in fold]
         pairs.append((train_ensemble(fit, cfg, head_cfg, 1), held))
+    shrink = fit_shrink(pairs)
+    for m, _ in pairs:
+        m.shrink.copy_(torch.tensor(shrink, dtype=torch.float64))
     t_train0 = time.perf_counter()
     model = train_ensemble(train, cfg, head_cfg, args.members)
+    model.shrink.copy_(torch.tensor(shrink, dtype=torch.float64))
     t_train = time.perf_counter() - t_train0
     pairs.append((model, [it for it in items if it.split == "val"]))
     cal = calibrate(pairs)
+    cal["shrink"] = list(shrink)
     cal["folds"] = [sorted(f) for f in folds]
     splits = tuple(args.splits.split(","))
     rows = evaluate(model, cal, zoo, splits, use)
