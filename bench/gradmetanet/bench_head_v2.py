@@ -211,13 +211,14 @@ def main(argv=None) -> int:
     ap.add_argument("--members", type=int, default=3, help="heads in the ensemble")
     ap.add_argument("--folds", type=int, default=3, help="leave-tasks-out calibration folds")
     ap.add_argument("--max-groups", type=int, default=None, help="use the first N groups")
+    ap.add_argument("--max-draws", type=int, default=8, help="training sets per snapshot")
     args = ap.parse_args(argv)
     zoo = Path(args.zoo)
     t_start = time.perf_counter()
     files = group_files(zoo)[: args.max_groups] if args.max_groups else group_files(zoo)
     use = {read_spec(f).gid for f in files}
     items = [it for it in load_items(zoo) if it.gid in use]
-    train = [it for it in items if it.split == "train"]
+    train = [it for it in items if it.split == "train" and it.draw < args.max_draws]
     gids = sorted({it.gid for it in train})
     cfg = TrainV2Config(epochs=args.epochs)
     head_cfg = HeadV2Config(channels=12, blocks=1)
@@ -274,6 +275,7 @@ def main(argv=None) -> int:
         "head_config": head_cfg.to_dict(),
         "train_config": cfg.__dict__,
         "members": args.members,
+        "max_draws": args.max_draws,
         "train_seconds": t_train,
         "calibration": cal,
         "summary": {k: summarize(v) for k, v in sorted(groups.items())},
