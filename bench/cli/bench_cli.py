@@ -183,7 +183,11 @@ def cases(paths: dict[str, tuple[Path, Path, list[str]]]) -> list[dict]:
             "peer": None,
         },
     ]
-    return out
+    # the README's cases first, the 100-probe Hessian traces (slowest, with their peer) last:
+    # under a time budget (--max-minutes) what is left out is the least needed
+    order = ["sample", "tiny_gpt", "fisher", "ggn", "default", "trace-per-layer", "hessian"]
+    order.append("hessian100")
+    return sorted(out, key=lambda c: order.index(c["id"].split()[c["id"].startswith("W")]))
 
 
 def _tiny_gpt() -> list[str]:
@@ -407,9 +411,9 @@ def markdown(doc: dict) -> str:
         "",
         "## Every command",
         "",
-        "| case | command | gmcurv compute (s) | wall (s) | products | value | peer | "
+        "| case | command | gmcurv compute (s) | wall (s) | rounds | products | value | peer | "
         "peer compute (s) | peer wall (s) | gmcurv / peer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         peer = r.get("peer") or "—"
@@ -419,7 +423,8 @@ def markdown(doc: dict) -> str:
         value = f"{r['value']:.6g}" if r["value"] is not None else "—"
         lines.append(
             f"| {r['id']} | `{r['command']}` | {r['gmcurv_compute']:.3f} | "
-            f"{r['gmcurv_wall']:.2f} | {r['products']} | {value} | {peer} | {pc} | {pw} | "
+            f"{r['gmcurv_wall']:.2f} | {r.get('rounds', '—')} | {r['products']} | {value} | "
+            f"{peer} | {pc} | {pw} | "
             f"{ratio} |"
         )
     s = doc["startup_wall"]
