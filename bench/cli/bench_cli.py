@@ -291,6 +291,7 @@ def main() -> None:
             "load_after": load_average(),
             "repeats": args.repeats,
             "only": args.only,
+            "commit": _commit(),
             "skipped": skipped,
             "torch_threads_env": os.environ.get("OMP_NUM_THREADS"),
         },
@@ -398,7 +399,8 @@ def markdown(doc: dict) -> str:
         "or the timed call (peer), start-up (imports, torch's lazy imports) excluded on both "
         "sides; wall = the whole process. Minimum over interleaved rounds. "
         f"{m['cpus']} shared CPU cores, load average {m['load_before'][0]:.1f} before and "
-        f"{m['load_after'][0]:.1f} after (other jobs ran: read ratios, not absolute times).",
+        f"{m['load_after'][0]:.1f} after (other jobs ran: read ratios, not absolute times)"
+        + (f"; commit {m['commit']}." if m.get("commit") else "."),
         "",
         *_coverage(m),
         "## Targets",
@@ -443,6 +445,13 @@ def markdown(doc: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _commit() -> str | None:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    )
+    return out.stdout.strip() or None
 
 
 def _coverage(m: dict) -> list[str]:
