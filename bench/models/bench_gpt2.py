@@ -2,6 +2,7 @@
 
     python bench/models/bench_gpt2.py                 # N = 4 and 8 sequences of 128 tokens
     python bench/models/bench_gpt2.py --n 4 --quick   # one size, one timed repeat
+    python bench/models/bench_gpt2.py --targets 2 --repeats 1 --no-trace  # issue 13's ratio
 
 Model: `transformers`' ``GPT2LMHeadModel`` (eager attention, as gmcurv builds it) with
 ``gpt2`` sizes (n_embd 768,
@@ -19,9 +20,11 @@ after each method is recorded, and the minimum is the least disturbed measuremen
   `FisherAccumulator`: the empirical Fisher trace, total and per block. The first run
   includes the one-off self-check of the factors against autograd; repeats do not;
 - ``gmcurv_trace_nocheck``: the same without the self-check (steady-state memory);
-- ``gmcurv_fisher_summary``: everything ``gmcurv trace`` computes (`fisher_summary`: the
-  preflight, trace total and per block, exact top-5 eigenvalues of the whole Fisher and of
-  each of the 75 blocks from Gram kernels of the kept factors);
+- ``gmcurv_fisher_summary``: everything the default ``gmcurv trace`` computes
+  (`fisher_summary` with ``--k 5``, per layer, batch size 256 so the 8 sequences are one
+  batch): the preflight, the capture with its one-off self-check (example 0 alone against
+  its row of the batch's capture, recorded as ``self_check``), each block's Gram kernel
+  formed once (traces from its diagonal) and the top-5 eigenvalues of their sum;
 - ``torch_func_trace``: per-example gradients from ``vmap(grad)`` (``N x P`` floats), summed
   squares;
 - ``opacus_trace``: opacus ``GradSampleModule`` per-sample gradients, summed squares;
