@@ -4,7 +4,9 @@
 
 Each workload (`bench/workloads.py`) runs in its own process with both libraries, set up
 once and then timed round-robin (gmcurv, PyHessian, gmcurv, ...; the order swapped every
-round) so that load on the shared machine hits both alike; the median over rounds is kept.
+round) so that load on the shared machine hits both alike; kept: the median over rounds
+of each, and the median of the per-round ratios (the two products of a round run back to
+back, so that ratio is the least disturbed by load swings).
 
 - gmcurv: `gmcurv.operator.CurvatureOperator` (Hessian, the CLI's default batch size
   256) ``matvec`` of a flat float32 vector, exactly what ``gmcurv trace --curvature
@@ -91,11 +93,17 @@ def one(name: str, rounds: int, threads: int) -> dict:
         "median_ms": {k: round(1e3 * t, 3) for k, t in med.items()},
         "min_ms": {k: round(1e3 * min(t), 3) for k, t in times.items()},
         "gmcurv_over_pyhessian": round(med["gmcurv"] / med["pyhessian"], 3),
+        "paired_ratio_median": round(statistics.median(paired(times)), 3),
         "vHv": {k: x[-1] for k, x in values.items()},
         "vHv_rel_diff": abs(values["gmcurv"][-1] - values["pyhessian"][-1])
         / abs(values["pyhessian"][-1]),
         "times_ms": {k: [round(1e3 * x, 2) for x in t] for k, t in times.items()},
     }
+
+
+def paired(times: dict[str, list[float]]) -> list[float]:
+    """gmcurv / PyHessian within each round (the two products measured back to back)."""
+    return [a / b for a, b in zip(times["gmcurv"], times["pyhessian"], strict=True)]
 
 
 def main() -> None:
