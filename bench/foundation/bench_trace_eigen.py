@@ -9,7 +9,8 @@ workload), `uptime` load is recorded per round and the minimum over rounds is ke
 processes' CPU seconds (user + system, from ``getrusage``) are recorded too: on a machine
 shared with other jobs they are the steadier measure of work done.
 
-Writes ``bench/foundation/trace_eigen.json``.
+Writes ``bench/foundation/trace_eigen.json``; ``--in-process`` instead times the same
+computations in one process on one thread as CPU seconds (``trace_eigen_cpu.json``).
 Run: ``flock /tmp/gmcurv-bench.lock python bench/foundation/bench_trace_eigen.py [--rounds 3]``
 """
 
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -105,11 +107,66 @@ def cases(w: str, base: list[str]) -> list[tuple[str, str, list[str] | str]]:
     return out
 
 
+def in_process(names: list[str], rounds: int) -> dict:
+    """The same comparisons in this process on one thread, as CPU seconds
+    (``time.process_time``, minimum over interleaved rounds): the work each side does,
+    nearly unaffected by other jobs on the machine (no start-up, no thread waits)."""
+    import torch
+    import torch.fx.experimental.symbolic_shapes  # torch's lazy imports, paid up front
+
+    sys.path.insert(0, str(HERE.parent))
+    sys.path.insert(0, str(HERE.parent / "cli"))
+    import peers
+    from workloads import build
+
+    from gmcurv.fisher import fisher_summary
+    from gmcurv.ggn import exact_ggn_trace
+    from gmcurv.io.data import load_data
+    from gmcurv.objective import Objective
+
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="gmcurv-bench-eigen-"))
+    out: dict = {}
+    for w in names:
+        _, data_path, _ = write_workload(w, tmp)
+        data = load_data(data_path)
+        obj = Objective.build(build(w).model, "cross_entropy")
+        fns = {
+            "default": partial(fisher_summary, obj, data, k=5),
+            "k0": partial(fisher_summary, obj, data, k=0),
+            "fisher": partial(fisher_summary, obj, data, k=0, per_layer=False),
+            "fisher peer": partial(lambda name: peers.fisher(build(name)), w),
+        }
+        if w != "W3":
+            fns["ggn"] = partial(exact_ggn_trace, obj, data)
+            fns["ggn peer"] = partial(lambda name: peers.ggn(build(name)), w)
+        best = dict.fromkeys(fns, float("inf"))
+        for _ in range(rounds):
+            for cid, fn in fns.items():
+                t0 = time.process_time()
+                fn()
+                best[cid] = min(best[cid], time.process_time() - t0)
+        row = {"cpu_seconds": best, "default_over_k0": best["default"] / best["k0"]}
+        row["fisher_over_peer"] = best["fisher"] / best["fisher peer"]
+        if "ggn" in best:
+            row["ggn_over_peer"] = best["ggn"] / best["ggn peer"]
+        out[w] = row
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workloads", default="W1,W2,W3")
+    ap.add_argument("--in-process", action="store_true", help="CPU seconds, one thread")
     args = ap.parse_args()
+    if args.in_process:
+        load0 = list(os.getloadavg())
+        res = in_process(args.workloads.split(","), args.rounds)
+        doc = {"what": "in-process CPU seconds, 1 thread", "load": [load0, list(os.getloadavg())]}
+        (HERE / "trace_eigen_cpu.json").write_text(json.dumps({**doc, "rows": res}, indent=2))
+        print(json.dumps(res, indent=1))
+        return
     tmp = Path(tempfile.mkdtemp(prefix="gmcurv-bench-eigen-"))
     names = args.workloads.split(",")
     paths = {w: write_workload(w, tmp) for w in names}
