@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from gmcurv.block_krylov import default_max_basis as block_budget
 from gmcurv.capture import DecomposedGradients
 from gmcurv.estimate import Estimate
 from gmcurv.memory import DENSE_GRAM_LIMIT
@@ -56,13 +57,26 @@ def fisher_diagonal(dg: DecomposedGradients) -> dict[str, Tensor]:
 
 
 def gram_kernel(dg: DecomposedGradients, blocks: Iterable[str] | None = None) -> Tensor:
-    """``K = J J^T`` (float64, ``[N C, N C]``), optionally over a subset of blocks."""
+    """``K = J J^T`` (float64, ``[N C, N C]``), optionally over a subset of blocks.
+
+    When every block's factors are float32, the blocks' kernels are summed in float32 and
+    converted once (float64 conversions and mixed-precision sums of ``(N C)^2`` entries
+    otherwise cost more than the products): each entry then carries at most ``B`` more
+    float32 roundings (``B`` blocks) on top of `gmcurv.factors.source.rows_gram`'s bound,
+    ``|ΔK_ij| <= (GEMM_CHUNK + B) eps |g_i| |g_j|`` (``Σ_b |g_{b,i}| |g_{b,j}| <=
+    |g_i| |g_j|``), the order of the rounding the float32 factors carry already.
+    """
     chosen = _blocks(dg, blocks)
     size = dg.n * dg.columns
-    K = torch.zeros(size, size, dtype=torch.float64, device=dg.losses.device)
+    low = bool(chosen) and all(b.source.dtype == torch.float32 for b in chosen)
+    acc = torch.float32 if low else torch.float64
+    K: Tensor | None = None
     for b in chosen:
-        K += b.source.gram()
-    return K
+        part = b.source.gram(acc)  # a fresh tensor: summed into in place
+        K = part if K is None else K.add_(part)
+    if K is None:
+        return torch.zeros(size, size, dtype=torch.float64, device=dg.losses.device)
+    return K.double()
 
 
 def jvp(dg: DecomposedGradients, vector: Mapping[str, Tensor]) -> Tensor:
@@ -111,11 +125,21 @@ class FisherEigen:
     residuals: Tensor  # [k] residuals of K's eigenpairs, divided by N (0 for dense eigh)
     converged: Tensor  # [k] bool
     rank: int | None  # numerical rank of K (dense route only)
-    method: str  # 'gram' (dense eigh of K) or 'gram-lanczos'
+    method: str  # 'gram' (dense eigh of K), 'gram-block-lanczos' (formed K), 'gram-lanczos'
     n_matvecs: int = 0
 
 
 EIGH_LIMIT = 256  # up to N*C = this (or k >= N*C / 4) a full eigh of K is cheapest
+
+
+def eigen_products(n_rows: int, k: int) -> int | None:
+    """The most kernel-vector products `fisher_eigen` spends on ``n_rows`` rows (None: a
+    full ``eigh``, no products) — a progress bar's total."""
+    if n_rows <= EIGH_LIMIT or 4 * k >= n_rows:
+        return None
+    if n_rows <= DENSE_GRAM_LIMIT:
+        return block_budget(n_rows, k)
+    return min(n_rows, max(4 * k + 20, 60)) * 2  # Lanczos and one restart
 
 
 def fisher_eigen(
@@ -134,34 +158,64 @@ def fisher_eigen(
 
     Up to `dense_limit` rows of ``J`` the kernel ``K`` is formed; a full ``eigh`` runs
     when ``K`` is small (at most `eigh_limit` rows, or ``k`` a quarter of them), otherwise
-    Lanczos on the formed ``K`` (products cost ``(N C)^2``, far below forming it), with a
-    full ``eigh`` as fallback should Lanczos not meet `tol` (eigenvalue error bounds
-    relative to ``μ_max``). Beyond `dense_limit`, Lanczos on ``u -> J (J^T u)`` (never
-    forming ``K``). `progress(i)` is called per Lanczos product. `kernel`: ``K`` of
-    `blocks` when the caller has formed it already.
+    block Lanczos on the formed ``K`` (`gmcurv.block_krylov`: a product with a block of
+    ``b`` vectors is one pass over ``K``, a few passes instead of a full ``eigh``'s
+    ``O((N C)^3)``), with a full ``eigh`` as fallback should it not meet `tol` (eigenvalue
+    error bounds relative to ``μ_max``, from true residuals). Beyond `dense_limit`, Lanczos
+    on ``u -> J (J^T u)`` (never forming ``K``). `progress(i)` is called after products
+    with ``i`` vectors. `kernel`: ``K`` of `blocks` when the caller formed it already.
     """
+    from gmcurv.block_krylov import block_lanczos
     from gmcurv.lanczos import lanczos
 
     sub = DecomposedGradients(_blocks(dg, blocks), dg.fisher, dg.losses)
     size = dg.n * dg.columns
     K = kernel if kernel is not None else gram_kernel(sub) if size <= dense_limit else None
-    if K is not None:
-        mu, U, residuals, converged, rank, method, n_mv = _formed_eigen(
-            K, k, vectors, tol, seed, eigh_limit, progress
+    res = None
+    block_route = K is not None and size > eigh_limit and 4 * k < size
+    if block_route:
+        assert K is not None
+        res = block_lanczos(
+            lambda X: K @ X,
+            size,
+            k,
+            tol=tol,
+            seed=seed,
+            vectors=vectors,
+            device=K.device,
+            max_basis=block_budget(size, k),
+            criterion="residual" if vectors else "gap",  # vectors need small residuals
+            progress=progress,
         )
+        if not bool(res.converged.all()):
+            res = None  # rare: fall back to the exact full eigendecomposition
+    if K is not None and res is None:
+        mu, U = torch.linalg.eigh(K)
+        mu, U = mu.flip(0), U.flip(1)
+        tol_rank = mu[0].abs() * size * torch.finfo(torch.float64).eps if size else 0.0
+        rank: int | None = int((mu > tol_rank).sum())
+        take = min(k, size)
+        mu, U = mu[:take], U[:, :take]
+        residuals = torch.zeros(take, dtype=torch.float64)
+        converged = torch.ones(take, dtype=torch.bool)
+        method, n_mv = "gram", 0
     else:
-        dtype = dg.losses.dtype
+        if res is None:
+            dtype = dg.losses.dtype
 
-        def kmv(u: Tensor) -> Tensor:
-            if progress:
-                progress(1)
-            uu = u.to(dtype).reshape(dg.n, dg.columns)
-            return jvp(sub, vjp(sub, uu)).reshape(-1).double()
+            def kmv(u: Tensor) -> Tensor:
+                if progress:
+                    progress(1)
+                uu = u.to(dtype).reshape(dg.n, dg.columns)
+                return jvp(sub, vjp(sub, uu)).reshape(-1).double()
 
-        res = lanczos(kmv, size, k, tol=tol, seed=seed, vectors=vectors, device=dg.losses.device)
+            res = lanczos(
+                kmv, size, k, tol=tol, seed=seed, vectors=vectors, device=dg.losses.device
+            )
         mu, U = res.values, (res.vectors.T if res.vectors is not None else None)
         residuals, converged, rank = res.residuals, res.converged, None
-        method, n_mv = "gram-lanczos", res.n_matvecs
+        method = "gram-block-lanczos" if block_route else "gram-lanczos"
+        n_mv = res.n_matvecs
     values = (mu / dg.n).clamp_min(0.0)
     vecs = None
     if vectors and U is not None:
@@ -171,62 +225,6 @@ def fisher_eigen(
             scale = math.sqrt(max(float(mu[j]), 1e-300))
             vecs.append({name: t / scale for name, t in vjp(sub, u).items()})
     return FisherEigen(values, vecs, residuals / dg.n, converged, rank, method, n_mv)
-
-
-def kernel_eigen(
-    K: Tensor,
-    n: int,
-    k: int = 5,
-    tol: float = 1e-10,
-    seed: int = 0,
-    eigh_limit: int = EIGH_LIMIT,
-    progress=None,
-) -> FisherEigen:
-    """The `k` largest eigenvalues of ``F`` from its formed Gram kernel ``K`` (``n``
-    examples), as `fisher_eigen` computes them on a formed kernel (no vectors)."""
-    mu, _, residuals, converged, rank, method, n_mv = _formed_eigen(
-        K, k, False, tol, seed, eigh_limit, progress
-    )
-    return FisherEigen((mu / n).clamp_min(0.0), None, residuals / n, converged, rank, method, n_mv)
-
-
-def _formed_eigen(K: Tensor, k: int, vectors: bool, tol, seed, eigh_limit, progress):
-    """Top-k of a formed ``K``: Lanczos when it is large and k small against it (full
-    ``eigh`` as the fallback), else a full ``eigh``; (values, vectors as columns or None,
-    residuals, converged, rank, method, products)."""
-    from gmcurv.lanczos import lanczos
-
-    size = K.shape[0]
-    if size > eigh_limit and 4 * k < size:
-
-        def counted(u: Tensor) -> Tensor:
-            if progress:
-                progress(1)
-            return K @ u
-
-        res = lanczos(
-            counted,
-            size,
-            k,
-            tol=tol,
-            seed=seed,
-            vectors=vectors,
-            device=K.device,
-            max_iters=min(size, max(4 * k + 40, 80)),
-            criterion="residual" if vectors else "gap",  # vectors need small residuals
-        )
-        if bool(res.converged.all()):
-            U = res.vectors.T if res.vectors is not None else None
-            return res.values, U, res.residuals, res.converged, None, "gram-lanczos", res.n_matvecs
-        # rare: fall back to the exact full eigendecomposition
-    mu, U = torch.linalg.eigh(K)
-    mu, U = mu.flip(0), U.flip(1)
-    tol_rank = mu[0].abs() * size * torch.finfo(torch.float64).eps if size else 0.0
-    rank = int((mu > tol_rank).sum())
-    take = min(k, size)
-    residuals = torch.zeros(take, dtype=torch.float64)
-    converged = torch.ones(take, dtype=torch.bool)
-    return mu[:take], U[:, :take], residuals, converged, rank, "gram", 0
 
 
 @dataclass
@@ -392,13 +390,10 @@ def fisher_summary(
         budget_bytes=budget_bytes,
         keep=k > 0,
     )
-    columns = mc_samples if fisher == "mc" else 1
     for dg in stream:
         sq = None
         one_batch = one_batch and dg.n * dg.columns <= DENSE_GRAM_LIMIT
         if one_batch:
-            if phase:
-                phase("Fisher: Gram kernels", None)
             grams = {b.name: b.source.gram() for b in dg.blocks}
             sq = {name: K.diagonal().reshape(dg.n, dg.columns) for name, K in grams.items()}
         acc.add(dg, sq)
@@ -406,41 +401,40 @@ def fisher_summary(
             for b in dg.blocks:
                 part = b.source.sq_norms() if sq is None else sq[b.name]
                 col_norms.setdefault(b.name, []).append(part.double())
-        columns = dg.columns
-        if k > 0 and not one_batch:
+        if k > 0:
             kept.append(dg)
-        del dg, sq
+        del sq
     acc = acc.gathered()
     col_norms = {k: [gather_rows(torch.cat(v))] for k, v in col_norms.items()}
+    columns = kept[0].columns if kept else mc_samples if fisher == "mc" else 1
     trace = _trace_estimate(acc, fisher, None, columns, col_norms)
     eigenvalues: list[Estimate] = []
     rank = None
     layer_eigs: dict[str, list[Estimate]] = {}
     if k > 0:
         if phase:
-            phase(
-                "Fisher: Gram eigenvalues (Lanczos products)",
-                None if acc.n * columns <= EIGH_LIMIT else max(4 * k + 40, 80),
-            )
-        if one_batch:
-
-            def eigen(name: str | None) -> FisherEigen:
-                K = grams[name] if name else sum(grams.values())
-                return kernel_eigen(K, acc.n, k, seed=seed, progress=eigen_progress)
-        else:
-            full = gather_decomposed(DecomposedGradients.cat(kept))
-            del kept
-
-            def eigen(name: str | None) -> FisherEigen:
-                chosen = [name] if name else None
-                return fisher_eigen(full, k, blocks=chosen, seed=seed, progress=eigen_progress)
-
-        res = eigen(None)
+            n_rows = acc.n * columns
+            phase("Fisher: Gram eigenvalues (kernel products)", eigen_products(n_rows, k))
+        full = gather_decomposed(DecomposedGradients.cat(kept))
+        del kept
+        total = sum(grams.values()) if one_batch else None
+        res = fisher_eigen(full, k, seed=seed, progress=eigen_progress, kernel=total)
         rank = res.rank
-        eigenvalues = _eigen_estimates(res, acc.n, fisher)
+        eigenvalues = _eigen_estimates(res, full.n, fisher)
         if per_layer and per_layer_eigen:
-            for name in acc.block_params:
-                layer_eigs[name] = _eigen_estimates(eigen(name), acc.n, fisher)
+            for b in full.blocks:
+                layer_eigs[b.name] = _eigen_estimates(
+                    fisher_eigen(
+                        full,
+                        k,
+                        blocks=[b.name],
+                        seed=seed,
+                        progress=eigen_progress,
+                        kernel=grams.get(b.name),
+                    ),
+                    full.n,
+                    fisher,
+                )
     layers = (
         {
             name: LayerCurvature(

@@ -96,20 +96,20 @@ class LinearFactors(GradientSource):
             return super().sq_norms()
         return kernels.sq_norms(self.delta, self.x, self.has_weight, self.has_bias)
 
-    def gram(self) -> Tensor:
+    def gram(self, dtype: torch.dtype = torch.float64) -> Tensor:
         """Token pairs (``(N C T)² (O+I)``) or gradients materialised a slab of output
         units at a time for all examples (``N C T O I`` plus the products), whichever
         costs less."""
         t, o, i = self.tokens, self.delta.shape[-1], self.x.shape[-1] + 1
         rows = self.n * self.columns
         if t == 1 or (rows * t) ** 2 * (o + i) <= rows * (t + rows) * o * i:
-            return kernels.gram(self.delta, self.x, self.has_weight, self.has_bias)
-        return self._materialised_gram()
+            return kernels.gram(self.delta, self.x, self.has_weight, self.has_bias, dtype)
+        return self._materialised_gram().to(dtype)
 
     def _materialised_gram(self) -> Tensor:
         """``K = Σ_slabs G_s G_sᵀ`` with ``G_s[(n,c)] = Σ_t δ[n,c,t,s] a[n,t]ᵀ`` the rows
         ``s`` of every example's gradient (never all of one example's gradient at once,
-        never a pair of examples recomputed); products by `rows_gram`."""
+        never a pair of examples recomputed); products by `rows_gram`, float64 out."""
         a = self.a[:, None]  # [N, 1, T, I]
         n, c, _, o = self.delta.shape
         rows = n * c
