@@ -43,6 +43,8 @@ from gmcurv.batch import Batch
 from gmcurv.capture import Capturer, DecomposedGradients
 from gmcurv.errors import ConfigError
 from gmcurv.factors import LinearFactors, SumOfSources
+from gmcurv.factors.source import rows_gram
+from gmcurv.factors.tied import _cross_gram, _token_form
 from gmcurv.objective import Objective
 
 ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out", "head")
@@ -179,9 +181,8 @@ def _head_ids(width: int, hd: int) -> Tensor:
 
 
 def _values(src: LinearFactors) -> tuple[Tensor, Tensor]:
-    """``x [N, T, I]`` and ``delta [N, C, T, O]`` in float64."""
-    x = src.x.double()
-    d = src.delta.double()
+    """``x [N, T, I]`` and ``delta [N, C, T, O]`` as captured (views, no copy)."""
+    x, d = src.x, src.delta
     if x.dim() == 2:
         x, d = x[:, None], d[..., None, :]
     if d.dim() == 3:
@@ -189,18 +190,75 @@ def _values(src: LinearFactors) -> tuple[Tensor, Tensor]:
     return x, d
 
 
-def _token_gram(x: Tensor, d: Tensor, bias: bool) -> Tensor:
-    """``[(n,c,t), (m,c',s)]`` Gram of per-token gradients ``delta x^T`` (+ bias)."""
-    N, C, T, _O = d.shape
-    xx = torch.einsum("nti,msi->ntms", x, x)
-    if bias:
-        xx = xx + 1.0
-    dd = torch.einsum("ncto,mdso->nctmds", d, d)
-    return (dd * xx[:, None, :, :, None, :]).reshape(N * C * T, N * C * T)
+def sym_gram(a: Tensor, splits: int = 4) -> Tensor:
+    """``a aᵀ`` for rows ``a [M, D]`` by `rows_gram` on the upper blocks of a
+    ``splits x splits`` row partition, mirrored (about 5/8 of a full product for 4)."""
+    m = a.shape[0]
+    if splits <= 1 or m < 2 * splits:
+        return rows_gram(a)
+    edges = [m * k // splits for k in range(splits + 1)]
+    blocks = [a[edges[k] : edges[k + 1]] for k in range(splits)]
+    out = None
+    for i in range(splits):
+        for j in range(i, splits):
+            blk = rows_gram(blocks[i], blocks[j])
+            if out is None:
+                out = blk.new_empty(m, m)
+            out[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = blk
+            if j != i:
+                out[edges[j] : edges[j + 1], edges[i] : edges[i + 1]] = blk.T
+    assert out is not None
+    return out
+
+
+def _token_gram(x: Tensor, d: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
+    """``[(n,c,t), (m,c',s)]`` Gram of per-token gradients ``delta_t a_tᵀ`` (``a = [x, 1]``):
+    ``(δ_t·δ_s)(a_t·a_s)``, both products in the factors' dtype (`rows_gram`: float32
+    factors summed in float64 over long inner dimensions), the Hadamard product in
+    float64. Cost ``(N C T)² O + (N T)² I``, halved by symmetry (`sym_gram`)."""
+    N, C, T, O = d.shape
+    dd = sym_gram(d.reshape(N * C * T, O)).double()
+    if has_weight:
+        xx = sym_gram(x.reshape(N * T, -1)).double()
+        if has_bias:
+            xx.add_(1.0)
+    else:
+        xx = torch.full((N * T, N * T), 1.0 if has_bias else 0.0, dtype=torch.float64)
+    dd = dd.view(N, C, T, N, C, T)
+    dd.mul_(xx.view(N, 1, T, N, 1, T))
+    return dd.view(N * C * T, N * C * T)
+
+
+def _seq_gram(tok: Tensor, nc: int, t: int) -> Tensor:
+    """Per-sequence Gram ``[(n,c), (m,c')]`` of a Linear layer from its token Gram:
+    ``<g_nc, g_mc'> = Σ_{t,s} K[(n,c,t), (m,c',s)]``."""
+    return tok.view(nc, t, nc, t).sum((1, 3))
+
+
+def _tied_gram(src: SumOfSources, lin: LinearFactors, lin_gram: Tensor) -> Tensor:
+    """Per-sequence Gram of a tied block (`SumOfSources.gram`) with the Linear part's
+    own Gram `lin_gram` given (from its token Gram): the other parts' Grams plus the
+    cross terms in token form."""
+    forms = [_token_form(p) for p in src.parts]
+    if any(f is None for f in forms):
+        return src.gram().double()
+    K = lin_gram.clone()
+    for p in src.parts:
+        if p is not lin:
+            K += p.gram().double()
+    for i in range(len(forms)):
+        for j in range(i + 1, len(forms)):
+            for name in forms[i].keys() & forms[j].keys():  # type: ignore[union-attr]
+                X = _cross_gram(*forms[i][name], *forms[j][name])  # type: ignore[index]
+                K += X + X.T
+    return K
 
 
 def tset_from_gradients(dg: DecomposedGradients, model: torch.nn.Module) -> TSet:
-    """Group the captured factors of `model` by layer role and neuron kind."""
+    """Group the captured factors of `model` by layer role and neuron kind.
+
+    A Linear layer's per-sequence Gram and squared norms are sums of blocks of its token
+    Gram (computed once), so no per-sequence gradient is ever materialised."""
     _, _, hd = head_config(model)
     layers: list[TLayer] = []
     other = torch.zeros(dg.n, dtype=torch.float64)
@@ -209,20 +267,25 @@ def tset_from_gradients(dg: DecomposedGradients, model: torch.nn.Module) -> TSet
     n_params = 0
     d_model = 0
     for blk in dg.blocks:
-        sq = blk.source.sq_norms().sum(1).double()
-        gram += blk.source.gram().double()
         n_params += blk.dim
-        role, src = layer_role(blk.name), blk.source
+        role, src, lin = layer_role(blk.name), blk.source, blk.source
         if isinstance(src, SumOfSources):  # tied LM head (GPT-2): embedding + head parts
             linear = [p for p in src.parts if isinstance(p, LinearFactors)]
             if len(linear) == 1:
-                role, src = "head", linear[0]
-        if role is None or not isinstance(src, LinearFactors):
-            other += sq
+                role, lin = "head", linear[0]
+        if role is None or not isinstance(lin, LinearFactors):
+            g = src.gram().double()
+            gram += g
+            other += g.diagonal().view(dg.n, dg.columns).sum(1)
             continue
-        x, dc = _values(src)
-        kg = _token_gram(x if src.has_weight else x[..., :0], dc, src.has_bias)
-        tok = kg if tok is None else tok + kg
+        x, dc = _values(lin)
+        kg = _token_gram(x, dc, lin.has_weight, lin.has_bias)
+        g = _seq_gram(kg, dg.n * dg.columns, dc.shape[2])
+        if src is not lin:
+            g = _tied_gram(src, lin, g)  # type: ignore[arg-type]
+        gram += g
+        sq = g.diagonal().view(dg.n, dg.columns).sum(1)
+        tok = kg if tok is None else tok.add_(kg)
         d = dc[:, 0]  # the head reads the first column
         kx, kd = SIDE_KINDS[role]
         hx = _head_ids(x.shape[-1], hd) if kx == "headdim" else None
@@ -267,23 +330,29 @@ def predicted_tokens(batch: Batch) -> float:
 
 # ------------------------------------------------------------------------------- features
 def moments(values: Tensor) -> Tensor:
-    """``[b, T, J] -> [b, J, N_MOMENTS]`` token-pooled moments of ``u = v / rms(v)``."""
+    """``[b, T, J] -> [b, J, N_MOMENTS]`` token-pooled moments of ``u = v / rms(v)``
+    (float64): the means over tokens of ``u, u², |u|, u p_t, u² p_t``.
+
+    Computed from the raw sums ``Σ_t w_t v``, ``Σ_t w_t v²`` (one batched product with the
+    weights ``w = [1, p_t] / T``) and ``Σ_t |v|`` in the values' dtype, then scaled by
+    ``1/rms`` and ``1/rms²``: no normalised copy of the side is made."""
     T = values.shape[1]
-    rms = values.pow(2).mean().sqrt().clamp_min(1e-300)
-    u = values / rms
-    p = torch.linspace(0.0, 1.0, T, dtype=u.dtype)[None, :, None] if T > 1 else None
-    u2 = u * u
-    cols = [u.mean(1), u2.mean(1), u.abs().mean(1)]
-    if p is None:
-        cols += [torch.zeros_like(cols[0])] * 2
-    else:
-        cols += [(u * p).mean(1), (u2 * p).mean(1)]
+    w = torch.zeros(2, T, dtype=values.dtype, device=values.device)
+    w[0] = 1.0 / T
+    if T > 1:
+        w[1] = torch.linspace(0.0, 1.0, T, dtype=torch.float64).to(values.dtype) / T
+    s1 = torch.matmul(w, values).double()  # [b, 2, J]: mean v, mean v p
+    s2 = torch.matmul(w, values * values).double()  # [b, 2, J]: mean v², mean v² p
+    a1 = torch.linalg.vector_norm(values, ord=1, dim=1).double() / T  # [b, J]
+    rms = float(s2[:, 0].mean().sqrt().clamp_min(1e-300))
+    cols = [s1[:, 0] / rms, s2[:, 0] / rms / rms, a1 / rms, s1[:, 1] / rms, s2[:, 1] / rms / rms]
     return torch.stack(cols, -1)
 
 
 def side_scale(values: Tensor) -> float:
     """``log rms`` of a side (its scale; the moments are scale-free)."""
-    return 0.5 * math.log(float(values.pow(2).mean()) + 1e-300)
+    ss = float(torch.linalg.vector_norm(values).double() ** 2) / max(1, values.numel())
+    return 0.5 * math.log(ss + 1e-300)
 
 
 def global_features(s: TSet) -> Tensor:
