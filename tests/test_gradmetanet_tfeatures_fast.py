@@ -184,3 +184,30 @@ def test_moments_of_a_zero_side_and_one_token():
 def test_sym_gram_is_the_full_product():
     a = torch.randn(37, 5, dtype=torch.float64)
     _close(tfe.sym_gram(a, 4), a @ a.T, 1e-12)
+
+
+def _old_mc_columns(p, w, uniforms, mc_samples):
+    import torch.nn.functional as F
+
+    n_classes = p.shape[-1]
+    u = uniforms.to(p.dtype).movedim(1, 0)
+    cdf = p.cumsum(-1)
+    draws = (cdf.unsqueeze(0) <= u.unsqueeze(-1)).sum(-1).clamp_max(n_classes - 1)
+    onehot = F.one_hot(draws, n_classes).to(p.dtype)
+    return w * (p - onehot) / math.sqrt(mc_samples)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 3])
+def test_mc_columns_are_bitwise_the_one_hot_form(dtype, k):
+    from gmcurv.losses import softmax
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((5, 7, 13), (4, 11), (3, 2, 4, 50)):
+        p = (3 * torch.randn(*shape, generator=g, dtype=dtype)).softmax(-1)
+        w = torch.rand(*shape[:-1], 1, generator=g, dtype=dtype)
+        un = torch.rand(shape[0], k, *shape[1:-1], generator=g, dtype=torch.float64)
+        un[..., 0] = 0.0
+        if len(shape) > 2:
+            un[..., -1] = 1.0
+        assert torch.equal(softmax.mc_columns(p, w, un, k), _old_mc_columns(p, w, un, k))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -154,7 +155,12 @@ class TSet:
     @property
     def plug_top(self) -> float:
         """``λ_max(Ĝ)`` of the Linear layers: top eigenvalue of the per-token Gram."""
-        return self.tokens * float(torch.linalg.eigvalsh(self.tok_gram)[-1]) / self.b
+        return self.tokens * self._tok_top / self.b
+
+    @cached_property
+    def _tok_top(self) -> float:
+        """Top eigenvalue of `tok_gram` (computed once)."""
+        return float(torch.linalg.eigvalsh(self.tok_gram)[-1])
 
 
 def head_config(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -190,10 +196,13 @@ def _values(src: LinearFactors) -> tuple[Tensor, Tensor]:
     return x, d
 
 
-def sym_gram(a: Tensor, splits: int = 4) -> Tensor:
+def sym_gram(a: Tensor, splits: int | None = None) -> Tensor:
     """``a aᵀ`` for rows ``a [M, D]`` by `rows_gram` on the upper blocks of a
-    ``splits x splits`` row partition, mirrored (about 5/8 of a full product for 4)."""
+    ``splits x splits`` row partition, mirrored: ``(s + 1) / 2s`` of a full product
+    (default: blocks of at least 128 rows, at most 8 of them)."""
     m = a.shape[0]
+    if splits is None:
+        splits = max(1, min(8, m // 128))
     if splits <= 1 or m < 2 * splits:
         return rows_gram(a)
     edges = [m * k // splits for k in range(splits + 1)]
