@@ -57,14 +57,16 @@ class SumOfSources(GradientSource):
                     out = out + 2 * _cross(*forms[i][name], *forms[j][name])  # type: ignore[index]
         return out  # type: ignore[return-value]
 
-    def gram(self) -> Tensor:
+    def gram(self, known: Mapping[int, Tensor] | None = None) -> Tensor:
         """``K = Σ_p K_p + Σ_{p<q} (X_pq + X_pq^T)``, ``X_pq[(n,c),(m,c')] = <g^p[n,c], g^q[m,c']>``
-        in token form (one example's rows at a time), each ``K_p`` by its own closed form;
+        in token form (one example's rows at a time), each ``K_p`` by its own closed form
+        or taken from `known` (part index -> its Gram, already computed by the caller);
         the generic chunked route when a part has no token form."""
         forms = [_token_form(p) for p in self.parts]
         if any(f is None for f in forms):
             return super().gram()
-        K = sum(p.gram() for p in self.parts)
+        known = known or {}
+        K = sum(known[i] if i in known else p.gram() for i, p in enumerate(self.parts))
         for i in range(len(forms)):
             for j in range(i + 1, len(forms)):
                 for name in forms[i].keys() & forms[j].keys():  # type: ignore[union-attr]

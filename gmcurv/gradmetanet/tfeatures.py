@@ -45,7 +45,6 @@ from gmcurv.capture import Capturer, DecomposedGradients
 from gmcurv.errors import ConfigError
 from gmcurv.factors import LinearFactors, SumOfSources
 from gmcurv.factors.source import rows_gram
-from gmcurv.factors.tied import _cross_gram, _token_form
 from gmcurv.objective import Objective
 
 ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out", "head")
@@ -244,25 +243,6 @@ def _seq_gram(tok: Tensor, nc: int, t: int) -> Tensor:
     return tok.view(nc, t, nc, t).sum((1, 3))
 
 
-def _tied_gram(src: SumOfSources, lin: LinearFactors, lin_gram: Tensor) -> Tensor:
-    """Per-sequence Gram of a tied block (`SumOfSources.gram`) with the Linear part's
-    own Gram `lin_gram` given (from its token Gram): the other parts' Grams plus the
-    cross terms in token form."""
-    forms = [_token_form(p) for p in src.parts]
-    if any(f is None for f in forms):
-        return src.gram().double()
-    K = lin_gram.clone()
-    for p in src.parts:
-        if p is not lin:
-            K += p.gram().double()
-    for i in range(len(forms)):
-        for j in range(i + 1, len(forms)):
-            for name in forms[i].keys() & forms[j].keys():  # type: ignore[union-attr]
-                X = _cross_gram(*forms[i][name], *forms[j][name])  # type: ignore[index]
-                K += X + X.T
-    return K
-
-
 def tset_from_gradients(dg: DecomposedGradients, model: torch.nn.Module) -> TSet:
     """Group the captured factors of `model` by layer role and neuron kind.
 
@@ -290,8 +270,9 @@ def tset_from_gradients(dg: DecomposedGradients, model: torch.nn.Module) -> TSet
         x, dc = _values(lin)
         kg = _token_gram(x, dc, lin.has_weight, lin.has_bias)
         g = _seq_gram(kg, dg.n * dg.columns, dc.shape[2])
-        if src is not lin:
-            g = _tied_gram(src, lin, g)  # type: ignore[arg-type]
+        if src is not lin:  # a tied block: the other parts and the cross terms
+            at = next(i for i, p in enumerate(src.parts) if p is lin)  # type: ignore[union-attr]
+            g = src.gram({at: g}).double()  # type: ignore[call-arg]
         gram += g
         sq = g.diagonal().view(dg.n, dg.columns).sum(1)
         tok = kg if tok is None else tok.add_(kg)
@@ -338,23 +319,35 @@ def predicted_tokens(batch: Batch) -> float:
 
 
 # ------------------------------------------------------------------------------- features
+MOMENT_CHUNK = 1 << 18  # entries per chunk (~1 MB of float32): temporaries stay on the heap
+
+
 def moments(values: Tensor) -> Tensor:
     """``[b, T, J] -> [b, J, N_MOMENTS]`` token-pooled moments of ``u = v / rms(v)``
     (float64): the means over tokens of ``u, u², |u|, u p_t, u² p_t``.
 
-    Computed from the raw sums ``Σ_t w_t v``, ``Σ_t w_t v²`` (one batched product with the
-    weights ``w = [1, p_t] / T``) and ``Σ_t |v|`` in the values' dtype, then scaled by
-    ``1/rms`` and ``1/rms²``: no normalised copy of the side is made."""
-    T = values.shape[1]
+    Computed from the raw weighted sums ``Σ_t w_t v``, ``Σ_t w_t v²``, ``Σ_t w_t |v|``
+    (``w = [1, p_t] / T``, small products over chunks of ``[T, j]`` columns in the values'
+    dtype: no normalised or squared copy of a whole side is made), then scaled by ``1/rms``
+    and ``1/rms²`` in float64."""
+    b, T, J = values.shape
     w = torch.zeros(2, T, dtype=values.dtype, device=values.device)
     w[0] = 1.0 / T
     if T > 1:
         w[1] = torch.linspace(0.0, 1.0, T, dtype=torch.float64).to(values.dtype) / T
-    s1 = torch.matmul(w, values).double()  # [b, 2, J]: mean v, mean v p
-    s2 = torch.matmul(w, values * values).double()  # [b, 2, J]: mean v², mean v² p
-    a1 = torch.linalg.vector_norm(values, ord=1, dim=1).double() / T  # [b, J]
-    rms = float(s2[:, 0].mean().sqrt().clamp_min(1e-300))
-    cols = [s1[:, 0] / rms, s2[:, 0] / rms / rms, a1 / rms, s1[:, 1] / rms, s2[:, 1] / rms / rms]
+    raw = values.new_empty(b, 5, J)  # Σ w v (2), Σ w v² (2), Σ |v| / T
+    step = max(1, MOMENT_CHUNK // max(1, T))
+    for n in range(b):
+        for lo in range(0, J, step):
+            c = values[n, :, lo : lo + step]  # [T, j]
+            hi = lo + c.shape[1]
+            torch.matmul(w, c, out=raw[n, 0:2, lo:hi])
+            torch.matmul(w, c * c, out=raw[n, 2:4, lo:hi])
+            torch.matmul(w[:1], c.abs(), out=raw[n, 4:5, lo:hi])
+    raw = raw.double()
+    rms = float(raw[:, 2].mean().sqrt().clamp_min(1e-300))
+    cols = [raw[:, 0] / rms, raw[:, 2] / rms / rms, raw[:, 4] / rms]
+    cols += [raw[:, 1] / rms, raw[:, 3] / rms / rms]
     return torch.stack(cols, -1)
 
 
