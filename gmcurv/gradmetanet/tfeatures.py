@@ -219,17 +219,25 @@ def sym_gram(a: Tensor, splits: int | None = None) -> Tensor:
     return out
 
 
-def _token_gram(x: Tensor, d: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
+def _token_gram(
+    x: Tensor, d: Tensor, has_weight: bool, has_bias: bool, cache: dict | None = None
+) -> Tensor:
     """``[(n,c,t), (m,c',s)]`` Gram of per-token gradients ``delta_t a_tᵀ`` (``a = [x, 1]``):
     ``(δ_t·δ_s)(a_t·a_s)``, both products in the factors' dtype (`rows_gram`: float32
     factors summed in float64 over long inner dimensions), the Hadamard product in
-    float64. Cost ``(N C T)² O + (N T)² I``, halved by symmetry (`sym_gram`)."""
+    float64. Cost ``(N C T)² O + (N T)² I``, halved by symmetry (`sym_gram`); `cache`
+    keeps ``x xᵀ`` of inputs shared by several layers (Llama's q/k/v, gate/up)."""
     N, C, T, O = d.shape
     dd = sym_gram(d.reshape(N * C * T, O)).double()
     if has_weight:
-        xx = sym_gram(x.reshape(N * T, -1)).double()
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        xx = None if cache is None else cache.get(key)
+        if xx is None:
+            xx = sym_gram(x.reshape(N * T, -1)).double()
+            if cache is not None:
+                cache[key] = xx
         if has_bias:
-            xx.add_(1.0)
+            xx = xx + 1.0
     else:
         xx = torch.full((N * T, N * T), 1.0 if has_bias else 0.0, dtype=torch.float64)
     dd = dd.view(N, C, T, N, C, T)
@@ -255,6 +263,7 @@ def tset_from_gradients(dg: DecomposedGradients, model: torch.nn.Module) -> TSet
     tok = None
     n_params = 0
     d_model = 0
+    xx_cache: dict = {}  # inputs shared by several layers (their x xᵀ, once)
     for blk in dg.blocks:
         n_params += blk.dim
         role, src, lin = layer_role(blk.name), blk.source, blk.source
@@ -268,7 +277,7 @@ def tset_from_gradients(dg: DecomposedGradients, model: torch.nn.Module) -> TSet
             other += g.diagonal().view(dg.n, dg.columns).sum(1)
             continue
         x, dc = _values(lin)
-        kg = _token_gram(x, dc, lin.has_weight, lin.has_bias)
+        kg = _token_gram(x, dc, lin.has_weight, lin.has_bias, xx_cache)
         g = _seq_gram(kg, dg.n * dg.columns, dc.shape[2])
         if src is not lin:  # a tied block: the other parts and the cross terms
             at = next(i for i, p in enumerate(src.parts) if p is lin)  # type: ignore[union-attr]
