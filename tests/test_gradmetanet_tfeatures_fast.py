@@ -211,3 +211,20 @@ def test_mc_columns_are_bitwise_the_one_hot_form(dtype, k):
         if len(shape) > 2:
             un[..., -1] = 1.0
         assert torch.equal(softmax.mc_columns(p, w, un, k), _old_mc_columns(p, w, un, k))
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_next_token_mc_columns_padded_in_place(k):
+    from gmcurv.losses.cross_entropy import CrossEntropy
+    from gmcurv.losses.tokens import token_weights
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 6, 9, generator=g)
+    ids = torch.randint(0, 9, (3, 6), generator=g)
+    noise = torch.rand(3, k, 5, generator=g, dtype=torch.float64)
+    cols = CrossEntropy(shift=True).output_columns(logits, ids, "mc", k, noise)
+    p = logits[:, :-1].softmax(-1)
+    w = token_weights(ids[:, 1:], p.dtype).unsqueeze(-1)
+    want = _old_mc_columns(p, w, noise, k)
+    assert cols.shape == (k, 3, 6, 9)
+    assert torch.equal(cols[:, :, :-1], want) and not cols[:, :, -1].any()

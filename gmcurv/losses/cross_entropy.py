@@ -75,7 +75,12 @@ class CrossEntropy(Loss):
         if fisher == "empirical":
             cols = softmax.empirical_columns(p, tgt, w)
         elif fisher == "mc":
-            cols = softmax.mc_columns(p, w, require_noise(noise), mc_samples)
+            noise = require_noise(noise)
+            if self.shift:  # written straight into the padded buffer
+                full = p.new_zeros(noise.shape[1], *outputs.shape)
+                softmax.mc_columns(p, w, noise, mc_samples, full[:, :, :-1])
+                return full
+            cols = softmax.mc_columns(p, w, noise, mc_samples)
         elif fisher == "exact":
             cols = softmax.exact_columns(p, w)
         else:
