@@ -39,13 +39,14 @@ def main(argv=None) -> int:
     ap.add_argument("--b", type=int, default=8)
     ap.add_argument("--t", type=int, default=128)
     ap.add_argument("--note", default="")
+    ap.add_argument("--layers", type=int, default=12, help="n_layer (12 = GPT-2 small)")
     args = ap.parse_args(argv)
     import transformers as tf
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     with contextlib.redirect_stderr(io.StringIO()):
-        model = tf.GPT2LMHeadModel(tf.GPT2Config()).eval()
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=args.layers)).eval()
     model.config._attn_implementation = "eager"
     obj = Objective.build(model, "next_token")
     n_params = sum(p.numel() for p in model.parameters())
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
         )
     ratio = statistics.median(r["head_total"] / r["backward"] for r in rows)
     out = {
-        "model": "transformers GPT2Config() random init",
+        "model": "transformers GPT2Config() random init"
+        + ("" if args.layers == 12 else f", n_layer={args.layers}"),
         "n_params": n_params,
         "tokens": [args.b, args.t],
         "dtype": "float32",

@@ -155,19 +155,30 @@ def _pair_products(a: Side, b: Side) -> Tensor:
     return torch.einsum("ctd,mksd->ctmks", a, b)
 
 
+def _to_double_if_dense(a: Side, b: Side) -> tuple[Side, Side]:
+    """Both sides in float64 when both are dense, else unchanged."""
+    if a.is_floating_point() and b.is_floating_point():
+        return a.double(), b.double()
+    return a, b
+
+
 def _cross_gram(rows_a: Side, cols_a: Side, rows_b: Side, cols_b: Side) -> Tensor:
     """``X[(n,c),(m,c')] = <g_a[n,c], g_b[m,c']>`` (float64, ``[N C, N C]``) for two token
     forms of the same matrix: ``Σ_{t,s} (rows_a·rows_b)(cols_a·cols_b)``, row by row."""
     dense = [t for t in (rows_a, cols_a, rows_b, cols_b) if t.is_floating_point()]
     n = rows_a.shape[0]
     c = max(t.shape[1] for t in dense)
-    rows_a, cols_a, rows_b, cols_b = (
-        t.double() if t.is_floating_point() else t for t in (rows_a, cols_a, rows_b, cols_b)
-    )
+    # float64 before dense-dense products; a side gathered by the other's indices is
+    # converted after the gather (the same numbers, without a float64 copy of, e.g., a tied
+    # head's [N, C, T, V] deltas)
+    rows_a, rows_b = _to_double_if_dense(rows_a, rows_b)
+    cols_a, cols_b = _to_double_if_dense(cols_a, cols_b)
     X = torch.empty(n * c, n * c, dtype=torch.float64, device=dense[0].device)
     for e in range(n):
         left = _pair_products(rows_a[e], rows_b)
         right = _pair_products(cols_a[e], cols_b)
+        left = left.double() if left.is_floating_point() else left
+        right = right.double() if right.is_floating_point() else right
         prod = (left * right).sum((1, 4))  # [C|1, M, K|1]
         X[e * c : (e + 1) * c] = prod.expand(c, n, c).reshape(c, n * c)
     return X
