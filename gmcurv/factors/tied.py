@@ -57,14 +57,16 @@ class SumOfSources(GradientSource):
                     out = out + 2 * _cross(*forms[i][name], *forms[j][name])  # type: ignore[index]
         return out  # type: ignore[return-value]
 
-    def gram(self, known: Mapping[int, Tensor] | None = None) -> Tensor:
+    def gram(
+        self, dtype: torch.dtype = torch.float64, known: Mapping[int, Tensor] | None = None
+    ) -> Tensor:
         """``K = Σ_p K_p + Σ_{p<q} (X_pq + X_pq^T)``, ``X_pq[(n,c),(m,c')] = <g^p[n,c], g^q[m,c']>``
         in token form (one example's rows at a time), each ``K_p`` by its own closed form
         or taken from `known` (part index -> its Gram, already computed by the caller);
         the generic chunked route when a part has no token form."""
         forms = [_token_form(p) for p in self.parts]
         if any(f is None for f in forms):
-            return super().gram()
+            return super().gram(dtype)
         known = known or {}
         K = sum(known[i] if i in known else p.gram() for i, p in enumerate(self.parts))
         for i in range(len(forms)):
@@ -72,7 +74,7 @@ class SumOfSources(GradientSource):
                 for name in forms[i].keys() & forms[j].keys():  # type: ignore[union-attr]
                     X = _cross_gram(*forms[i][name], *forms[j][name])  # type: ignore[index]
                     K = K + X + X.T
-        return K  # type: ignore[return-value]
+        return K.to(dtype)  # type: ignore[union-attr]
 
     def jvp(self, vector: Mapping[str, Tensor]) -> Tensor:
         return sum(p.jvp(vector) for p in self.parts)  # type: ignore[return-value]

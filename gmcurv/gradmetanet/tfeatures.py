@@ -281,7 +281,7 @@ def tset_from_gradients(dg: DecomposedGradients, model: torch.nn.Module) -> TSet
         g = _seq_gram(kg, dg.n * dg.columns, dc.shape[2])
         if src is not lin:  # a tied block: the other parts and the cross terms
             at = next(i for i, p in enumerate(src.parts) if p is lin)  # type: ignore[union-attr]
-            g = src.gram({at: g}).double()  # type: ignore[call-arg]
+            g = src.gram(known={at: g}).double()  # type: ignore[call-arg]
         gram += g
         sq = g.diagonal().view(dg.n, dg.columns).sum(1)
         tok = kg if tok is None else tok.add_(kg)
