@@ -183,3 +183,53 @@ def test_widened_head_computes_what_the_v1_head_does():
     for x, y in zip((*a.w, a.scalars), (*b.w, b.scalars), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
     assert widen_edges(wide.state_dict(), 2)["prod.edge.weight"].shape[1] == 6  # idempotent
+
+
+def _row(name, group, logratio, n_params=100):
+    from gmcurv.gradmetanet.evaluate import DrawErrors
+
+    return DrawErrors(
+        name, "test-task", group, (4,), "tanh", 0, 1.0, {}, {},
+        {"fisher_trace": [logratio]}, n_params,
+    )  # fmt: skip
+
+
+def test_leave_one_group_out_coverage_uses_only_other_groups():
+    from gmcurv.gradmetanet.evaluate import leave_one_group_out
+
+    # group "wide" errs 10x more than the others: intervals fitted without it miss it
+    rows = [_row(f"a{i}", "a", (i - 50) / 500) for i in range(101)]
+    rows += [_row(f"b{i}", "b", (i - 50) / 500) for i in range(101)]
+    rows += [_row(f"w{i}", "wide", (i - 50) / 50) for i in range(101)]
+    c = leave_one_group_out(rows, lambda r: r.dataset, "src")
+    cov = {g: c.coverage[g]["fisher_trace"]["coverage"] for g in ("a", "b", "wide")}
+    assert cov["wide"] < 0.2  # fitted on a, b only: far too narrow for "wide"
+    assert cov["a"] > 0.95 and cov["b"] > 0.95  # fitted with "wide" inside: too wide
+    pooled = c.coverage["all"]["fisher_trace"]
+    assert pooled["n"] == 303
+    assert pooled["coverage"] == pytest.approx(sum(cov.values()) / 3, abs=1e-12)
+    # the shipped fit uses every row: 10-90 % quantiles of all log-ratios
+    from gmcurv.gradmetanet.calibration import quantile
+
+    values = [r.logratio["fisher_trace"][0] for r in rows]
+    expected = (quantile(values, 0.1), quantile(values, 0.9))
+    assert c.pooled["fisher_trace"] == pytest.approx(expected, abs=1e-12)
+    assert c.source == "src"
+
+
+def test_card_states_the_mlp_target_per_unseen_task():
+    from gmcurv.gradmetanet.card import measured_section, mlp_target
+
+    def task(change, n=40):
+        f = {"head": 0.2, "plug": 0.3, "change": change, "head_better_share": 0.9,
+             "n_draws": n, "shrink": 0.28, "shrink_change": -0.05,
+             "head_beats_shrink_share": 0.8}  # fmt: skip
+        return {"fisher_diag": f, "obs_curv": {}, "n_models": n // 4}
+
+    tasks = {"tasks": {"spiral10": task(-0.196), "digits": task(-0.314)}, "date": "d"}
+    name, met, text = mlp_target(tasks)
+    assert not met and "spiral10 19.6 %" in text and "digits 31.4 %" in text
+    assert mlp_target({"tasks": {"digits": task(-0.3), "hastie10": task(-0.26)}})[1]
+    assert mlp_target(None) == (name, False, "not measured")
+    md = measured_section({"metrics": {"tasks": tasks}})
+    assert "**missed**" in md and "| -19.6 % |" in md and "| -5.0 % |" in md

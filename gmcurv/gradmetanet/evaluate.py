@@ -301,3 +301,34 @@ def evaluate_head(
         "rows": rows,
         "n_models": len(rows),
     }
+
+
+def leave_one_group_out(
+    rows: Sequence[DrawErrors], group_of: Callable[[DrawErrors], str], source: str
+) -> cal.Calibration:
+    """Intervals fitted on all `rows`, with the coverage a new, unseen group can expect:
+    for each group ``G`` (an unseen task, the unseen architectures, ...), the intervals
+    fitted on every *other* group and their coverage on ``G`` (``coverage[G]``), and the
+    pooled hits of all groups (``coverage["all"]``)."""
+    groups = sorted({group_of(r) for r in rows})
+    cover: dict[str, Any] = {}
+    pooled: dict[str, list[float]] = {}
+    for g in groups:
+        inside = [r for r in rows if group_of(r) == g]
+        outside = [r for r in rows if group_of(r) != g]
+        sizes = sorted({(r.name, r.n_params) for r in outside})
+        fitted = cal.fit(interval_samples(outside), sizes=[p for _, p in sizes])
+        got = cal.coverage(fitted, interval_samples(inside))
+        cover[g] = got
+        for target, c in got.items():
+            acc = pooled.setdefault(target, [0.0, 0.0])
+            acc[0] += c["coverage"] * c["n"]
+            acc[1] += c["n"]
+    cover["all"] = {
+        t: {"coverage": h / n if n else math.nan, "n": int(n)} for t, (h, n) in pooled.items()
+    }
+    sizes = sorted({(r.name, r.n_params) for r in rows})
+    final = cal.fit(interval_samples(rows), source=source, sizes=[p for _, p in sizes])
+    return cal.Calibration(
+        final.level, final.edges, final.quantiles, final.counts, final.pooled, source, cover
+    )
