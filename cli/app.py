@@ -12,17 +12,62 @@ import importlib
 import importlib.util
 import os
 import sys
+import types
+from typing import Any
 
 import typer
 from rich.markup import escape
 from typer.core import TyperGroup
 
 from gmcurv import __version__
+from gmcurv.cli.consoles import stderr
 from gmcurv.cli.options import default_map
-from gmcurv.cli.session import stderr, warnings_to_stderr
 from gmcurv.errors import GmcurvError
 
 INTERNAL_ERROR = 4
+HELP_OPTION_NAMES = ["-h", "--help"]
+
+
+def _deferred(module: str, name: str) -> type:
+    """A stand-in for ``module.name`` that imports the real class on first real use."""
+
+    def real() -> Any:
+        return getattr(importlib.import_module(module), name)
+
+    class Deferred(type):
+        def __getattr__(cls, attr: str) -> Any:
+            return getattr(real(), attr)
+
+        def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+            return real()(*args, **kwargs)
+
+        def __instancecheck__(cls, obj: object) -> bool:
+            return isinstance(obj, real())
+
+    return Deferred(name, (), {"__module__": module})
+
+
+def import_rich_utils_lightly() -> None:
+    """Import ``typer.rich_utils`` (the help formatter) without ``rich.markdown`` (markdown_it,
+    pygments) and ``rich.traceback`` (attrs): it imports them at the top but uses them only for
+    markdown help and pretty tracebacks, both off here. Each is stood in for by a class that
+    loads the real one when called; the real modules stay importable afterwards."""
+    if "typer.rich_utils" in sys.modules:
+        return
+    stubs = {}
+    for module, name in (("rich.markdown", "Markdown"), ("rich.traceback", "Traceback")):
+        if module not in sys.modules:
+            stubs[module] = sys.modules[module] = types.ModuleType(module)
+            setattr(stubs[module], name, _deferred(module, name))
+    try:
+        importlib.import_module("typer.rich_utils")
+    finally:
+        for module, stub in stubs.items():
+            if sys.modules.get(module) is stub:
+                del sys.modules[module]
+
+
+import_rich_utils_lightly()
 
 # Typer either uses click or vendors it (typer._click): take the exceptions from whichever
 # implementation its group class is built on, so usage errors keep click's exit code 2.
@@ -66,6 +111,9 @@ class GmcurvGroup(TyperGroup):
         finally:
             self._listing = False
 
+    def get_help_option(self, ctx):
+        return _unset_help_is_false(super().get_help_option(ctx))
+
     def make_context(self, info_name, args, parent=None, **extra):
         # config-file defaults are read per invocation, from the working directory
         try:
@@ -76,6 +124,8 @@ class GmcurvGroup(TyperGroup):
         return super().make_context(info_name, args, parent=parent, **extra)
 
     def invoke(self, ctx: typer.Context):
+        from gmcurv.cli.session import warnings_to_stderr  # not needed for the command list
+
         with warnings_to_stderr(), _leave_process_group():
             try:
                 return super().invoke(ctx)
@@ -126,6 +176,24 @@ class GmcurvGroup(TyperGroup):
                     "[dim]hint:[/dim] rerun with GMCURV_DEBUG=1 for the traceback and report it"
                 )
                 raise typer.Exit(INTERNAL_ERROR) from None
+
+
+def _unset_help_is_false(option):
+    """Typer coerces an unset flag (None) through a pydantic adapter, importing pydantic
+    (~0.1 s) for a group's help flag before a subcommand's ``--help`` is seen: default it
+    to False, a bool, which typer passes through."""
+    if option is not None and option.default is None:
+        option.default = False
+    return option
+
+
+def _help_flags_default_false(command) -> None:
+    """`_unset_help_is_false` for a loaded command group (``head``) and its subgroups."""
+    for sub in getattr(command, "commands", {}).values():
+        _help_flags_default_false(sub)
+    if hasattr(command, "commands"):
+        ctx = _click.Context(command, help_option_names=HELP_OPTION_NAMES)
+        _unset_help_is_false(command.get_help_option(ctx))
 
 
 def _print_error(message: str, hint: str | None) -> None:
@@ -226,7 +294,9 @@ def load_command(name: str):
     sub = typer.Typer(rich_markup_mode="rich")
     module.register(sub)
     group = typer.main.get_group(sub)
-    return group.commands.get(name)
+    command = group.commands.get(name)
+    _help_flags_default_false(command)
+    return command
 
 
 app = typer.Typer(
@@ -237,7 +307,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": HELP_OPTION_NAMES},
 )
 
 

@@ -171,6 +171,7 @@ def eigen(
             seed=seed, vectors=save_vectors_to is not None, batch_size=batch_size,
             fisher=fisher.value, budget_bytes=parse_bytes(max_memory) if max_memory else None,
             progress=advance, restarts=restarts,
+            phase=lambda text, n: advance.phase(f"{kind}: {text}", n),
         )  # fmt: skip
     for note in s.notes:
         session.note(note)

@@ -13,7 +13,7 @@ from rich.console import Console
 
 from gmcurv.cli import options as o
 from gmcurv.cli.render import fmt, new_table
-from gmcurv.cli.session import Session, resolved_config, stderr
+from gmcurv.cli.session import Advance, Session, resolved_config, stderr
 from gmcurv.errors import ConfigError
 from gmcurv.results import Report
 
@@ -107,11 +107,9 @@ def zoo(
     session = _session(ctx, "zoo", seed, quiet, json)
     cache = _cache(cache_dir)
     with session.stage("zoo"), session.progress("building the zoo (runs)", None) as advance:
-        state = {"done": 0}
 
         def prog(done: int, total: int) -> None:
-            advance(done - state["done"])
-            state["done"] = done
+            advance.update(done, total)
 
         plan = build_zoo(cache, size, seed, workers, prog)
     splits: dict[str, dict[str, int]] = {}
@@ -217,7 +215,13 @@ def train(
     ckpt = checkpoint or cache / "head_checkpoint.safetensors"
     with session.stage("train"), session.progress("training the head (steps)", None) as adv:
         res = train_head(
-            train_items, val_items, head_cfg, cfg, ckpt, _train_progress(session, adv), max_steps
+            train_items,
+            val_items,
+            head_cfg,
+            cfg,
+            ckpt,
+            _train_progress(session, adv, max_steps),
+            max_steps,
         )
     commands = [
         _command_line(["head", "zoo", "--size", plan["size"], "--seed", str(plan["seed"])]),
@@ -242,12 +246,16 @@ def train(
     session.finish(session.report(results), _render_train, output)
 
 
-def _train_progress(session: Session, adv: Callable[[int], None]) -> Callable[[dict], None]:
-    """Training events: a step moves the bar; an epoch prints its validation NMAE."""
+def _train_progress(
+    session: Session, adv: Advance, max_steps: int | None = None
+) -> Callable[[dict], None]:
+    """Training events: a step sets the bar (of all steps, or --max-steps); an epoch prints
+    its validation NMAE."""
 
     def prog(event: dict[str, Any]) -> None:
         if event["event"] == "step":
-            adv(1)
+            total = event.get("total")
+            adv.update(event["step"], min(total, max_steps) if total and max_steps else total)
         elif not session.quiet:
             stderr.print(
                 f"[dim]epoch {event['epoch']}: val Fisher-diag NMAE head "

@@ -375,6 +375,7 @@ def _directions(
             dirs, values, method, notes = eigen_directions(
                 objective, sample, dims, batch_size=batch_size, seed=seed, tol=tol,
                 budget_bytes=budget, progress=advance,
+                phase=lambda text, n: advance.phase(f"hessian: top eigenvectors, {text}", n),
             )  # fmt: skip
         for text in notes:
             session.note(text)

@@ -612,11 +612,12 @@ def _analysis(
         crits.append("obd-hessian")
     with (
         session.stage("saliency"),
-        session.progress("saliency: capturing gradients", session.data.n) as advance,
+        session.progress("saliency", None) as advance,  # the engine announces each phase
     ):
         analysis = saliency_analysis(
             session.objective, session.data, criteria=crits, levels=levels, scope=scope.value,
-            progress=advance, **common,
+            progress=advance, phase=lambda text, n: advance.phase(f"saliency: {text}", n),
+            **common,
         )  # fmt: skip
     results = analysis_results(analysis)
     if save_scores is not None:
@@ -635,15 +636,15 @@ def _prune(
     rounds: int,
     common: dict[str, Any],
 ) -> PruneResult:
-    """`gmcurv.saliency.prune_model` with a progress bar over its capture passes."""
-    from gmcurv.saliency import effective_rounds, prune_model
+    """`gmcurv.saliency.prune_model` with a progress bar over each step of each round."""
+    from gmcurv.saliency import prune_model
 
     assert session.objective is not None and session.data is not None
-    n_rounds = effective_rounds(criterion.value, update, rounds)
-    with session.stage("prune"), session.progress("pruning", session.data.n * n_rounds) as adv:
+    with session.stage("prune"), session.progress("pruning", None) as adv:
         return prune_model(
             session.objective, session.data, fraction, criterion=criterion.value,
-            scope=scope.value, update=update, rounds=rounds, progress=adv, **common,
+            scope=scope.value, update=update, rounds=rounds, progress=adv,
+            phase=lambda text, n: adv.phase(f"pruning: {text}", n), **common,
         )  # fmt: skip
 
 

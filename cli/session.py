@@ -240,8 +240,9 @@ class Session:
 
     @contextlib.contextmanager
     def progress(self, label: str, total: int | None) -> Iterator[Callable[[int], None]]:
-        """A rich progress bar on stderr (hidden when quiet or not a terminal)."""
-        with progress_bar(label, total, disabled=self.quiet or not stderr.is_terminal) as adv:
+        """A rich progress bar on stderr; none with --quiet, --json or stderr not a terminal."""
+        hidden = self.quiet or self.json_mode or not stderr.is_terminal
+        with progress_bar(label, total, disabled=hidden) as adv:
             yield adv
 
     # --------------------------------------------------------------------------- output

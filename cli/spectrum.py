@@ -137,6 +137,7 @@ def spectrum(
             batch_size=batch_size,
             budget_bytes=parse_bytes(max_memory) if max_memory else None,
             progress=advance,
+            phase=lambda text, n: advance.phase(f"{kind}: {text}", n),
         )
     for note in s.notes:
         session.note(note)

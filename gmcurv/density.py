@@ -159,9 +159,11 @@ def spectrum_summary(
     batch_size: int = 256,
     budget_bytes: int | None = None,
     progress: Callable[[int], None] | None = None,
+    phase: Callable[[str, int | None], None] | None = None,
 ) -> Spectrum:
     """What ``gmcurv spectrum`` reports, for the Hessian or the GGN: SLQ (``slq``/``lanczos``)
-    or the exact spectrum of the dense matrix (``exact``; ``auto`` picks it when tiny)."""
+    or the exact spectrum of the dense matrix (``exact``; ``auto`` picks it when tiny).
+    `phase(label, total)` announces the products to come, `progress(k)` counts them."""
     from gmcurv.hessian import dense_matrix, resolve_method
     from gmcurv.operator import CurvatureOperator
 
@@ -179,6 +181,10 @@ def spectrum_summary(
             hint="use auto, exact or lanczos (stochastic Lanczos quadrature)",
         )
     op = CurvatureOperator(objective, data, batch_size, kind, progress=progress)
+    if phase is not None:
+        dense = resolved == "exact"
+        label = "dense matrix: products" if dense else "Lanczos quadrature: products"
+        phase(label, P if dense else probes * min(steps, P))
     if resolved == "exact":
         q = exact_quadrature(torch.linalg.eigvalsh(dense_matrix(op, budget_bytes)))
         q = Quadrature(q.nodes, q.weights, q.steps, op.n_matvecs, "exact")

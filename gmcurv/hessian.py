@@ -465,16 +465,27 @@ def top_eigen(
     budget_bytes: int | None = None,
     progress: Callable[[int], None] | None = None,
     restarts: int = 0,
+    phase: Callable[[str, int | None], None] | None = None,
 ) -> EigenSummary:
     """What ``gmcurv eigen`` reports: the Hessian/GGN by dense ``eigh`` (``exact``, tiny
-    models) or Lanczos; the Fisher on the exact Gram route (`gmcurv.fisher.fisher_eigen`)."""
+    models) or Lanczos; the Fisher on the exact Gram route (`gmcurv.fisher.fisher_eigen`).
+    `phase(label, total)` announces each phase, `progress(k)` counts examples / products."""
     P, n = objective.space.size, data.n
+    announce = phase or (lambda label, total: None)
     if kind == "fisher":
         from gmcurv.capture import capture_all
-        from gmcurv.fisher import fisher_eigen
+        from gmcurv.fisher import EIGH_LIMIT, fisher_eigen
 
-        dg = capture_all(objective, data, batch_size, fisher, budget_bytes=budget_bytes)
-        res = fisher_eigen(dg, k, vectors=vectors, seed=seed)
+        announce("capturing gradients", n)
+        dg = capture_all(
+            objective, data, batch_size, fisher, progress=progress, budget_bytes=budget_bytes
+        )
+        rows = dg.n * dg.columns
+        announce(
+            "Gram eigenvalues (Lanczos products)",
+            None if rows <= EIGH_LIMIT else max(4 * k + 40, 80),
+        )
+        res = fisher_eigen(dg, k, vectors=vectors, seed=seed, progress=progress)
         values = [
             Estimate(
                 float(v), None, dg.n, res.method, bool(c), n_matvecs=res.n_matvecs,
@@ -494,6 +505,7 @@ def top_eigen(
         )
     op = CurvatureOperator(objective, data, batch_size, kind, progress=progress)
     if resolved == "exact":
+        announce("dense matrix: products", P)
         A = dense_matrix(op, budget_bytes)
         w, V = torch.linalg.eigh(A)
         w, V = w.flip(0)[:k], V.flip(1)[:, :k]
@@ -502,6 +514,7 @@ def top_eigen(
         ]
         vecs = [_layout(op, V[:, j]) for j in range(len(w))] if vectors else None
         return EigenSummary(kind, "exact(dense)", values, vecs, P, op.n_matvecs)
+    announce("Lanczos: products", min(P, max_iters or max(4 * k + 20, 60)) * (1 + restarts))
     values, res, random = lanczos_estimates(
         op, k, tol, max_iters, seed, vectors, restarts, budget_bytes
     )

@@ -33,7 +33,7 @@ Woodbury inverse of the empirical Fisher); Frantar, Kurtic & Alistarh 2021 (M-FA
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +53,7 @@ from gmcurv.fisher import fisher_trace
 STRUCTURES = ("block", "global")
 COLUMN_CHUNK = 1 << 20  # at most ~1M entries of J (N C x m) formed at once
 DEFAULT_DAMPING = 1e-2  # eps = damping * tr(F) / P, see `default_eps`
+ProgressFn = Callable[[float], None]  # k more units of work done (here: kernel groups/blocks)
 
 
 # ------------------------------------------------------------------------- columns of J
@@ -274,7 +275,8 @@ class DampedFisher:
     """``H = F + eps I`` restricted to the coordinates not in `removed`, via Woodbury.
 
     `removed` (``{param: bool tensor}``, True = held at zero) excludes columns of ``J``;
-    ``structure`` is ``'block'`` (block-diagonal ``F``) or ``'global'``.
+    ``structure`` is ``'block'`` (block-diagonal ``F``) or ``'global'``. `progress(1)` is
+    called per kernel group built (`n_groups` of them).
     """
 
     def __init__(
@@ -284,6 +286,7 @@ class DampedFisher:
         structure: str = "block",
         removed: Mapping[str, Tensor] | None = None,
         groups: list[KernelGroup] | None = None,
+        progress: ProgressFn | None = None,
     ):
         if structure not in STRUCTURES:
             raise ConfigError(f"unknown Fisher structure {structure!r}", hint=f"use {STRUCTURES}")
@@ -291,21 +294,34 @@ class DampedFisher:
             raise ConfigError(f"the damping eps must be positive, got {eps}")
         self.dg, self.eps, self.structure = dg, float(eps), structure
         self.removed = {k: v.bool() for k, v in (removed or {}).items()}
-        parts = [(b,) for b in dg.blocks] if structure == "block" else [tuple(dg.blocks)]
-        self.groups = groups or [
-            KernelGroup.build(blocks, self.removed, dg.n * self.eps) for blocks in parts
-        ]
+        if not groups:
+            groups = []
+            for blocks in self.group_blocks(dg, structure):
+                groups.append(KernelGroup.build(blocks, self.removed, dg.n * self.eps))
+                _tick(progress)
+        self.groups = groups
 
-    def without(self, more: Mapping[str, Tensor]) -> DampedFisher:
+    @staticmethod
+    def group_blocks(dg: DecomposedGradients, structure: str) -> list[tuple[Block, ...]]:
+        """The blocks sharing each kernel: one group per block, or all in one (global)."""
+        return [(b,) for b in dg.blocks] if structure == "block" else [tuple(dg.blocks)]
+
+    def without(
+        self, more: Mapping[str, Tensor], progress: ProgressFn | None = None
+    ) -> DampedFisher:
         """The same operator with the weights in `more` also removed (kernel downdated).
 
-        Costs one pass over the newly removed columns, ``O((N C)^2 |new| + (N C)^3)``.
+        Costs one pass over the newly removed columns, ``O((N C)^2 |new| + (N C)^3)``;
+        `progress(1)` per kernel group.
         """
         new = {
             k: v.bool() & ~self.removed[k] if k in self.removed else v.bool()
             for k, v in more.items()
         }
-        groups = [g.downdated(new) for g in self.groups]
+        groups = []
+        for g in self.groups:
+            groups.append(g.downdated(new))
+            _tick(progress)
         return DampedFisher(self.dg, self.eps, self.structure, _union(self.removed, new), groups)
 
     @property
@@ -316,12 +332,14 @@ class DampedFisher:
     def device(self) -> torch.device:
         return self.dg.losses.device
 
-    def inverse_diagonal(self) -> dict[str, Tensor]:
-        """``[H_RR^-1]_qq`` per parameter (float64; entries of removed weights are ``1/eps``)."""
+    def inverse_diagonal(self, progress: ProgressFn | None = None) -> dict[str, Tensor]:
+        """``[H_RR^-1]_qq`` per parameter (float64; entries of removed weights are ``1/eps``);
+        `progress(1)` per block."""
         out: dict[str, Tensor] = {}
         for g in self.groups:
             for b in g.blocks:
                 out.update(g.inverse_diagonal(b, self.removed, self.eps, self.n))
+                _tick(progress)
         return out
 
     def inverse_column(self, name: str, index: int) -> dict[str, Tensor]:
@@ -384,3 +402,8 @@ class DampedFisher:
         """Zero the removed coordinates (they are not free variables)."""
         m = self.removed.get(name)
         return t if m is None else t.masked_fill(m, 0.0)
+
+
+def _tick(progress: ProgressFn | None) -> None:
+    if progress is not None:
+        progress(1)

@@ -12,12 +12,46 @@ from gmcurv.gradmetanet import tzoo
 from gmcurv.gradmetanet.tlm import TASKS, TinyLM, make_task
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", tzoo.ZOO_TASKS)
 def test_tasks_are_seeded_token_sequences(task):
-    a, V = make_task(task, 5, 12, seed=3)
-    b, _ = make_task(task, 5, 12, seed=3)
+    a, V = tzoo.zoo_task(task, 5, 12, seed=3)
+    b, _ = tzoo.zoo_task(task, 5, 12, seed=3)
     assert a.shape == (5, 12) and a.dtype == torch.long and torch.equal(a, b)
     assert int(a.min()) >= 0 and int(a.max()) < V
+    if task in TASKS:
+        assert torch.equal(a, make_task(task, 5, 12, seed=3)[0])
+
+
+def test_zoo_tasks_have_their_structure():
+    ids, _ = tzoo.zoo_task("reverse", 3, 9, seed=0)  # 4 digits, separator, reversed
+    assert torch.equal(ids[:, 5:9], ids[:, :4].flip(1)) and bool((ids[:, 4] == 0).all())
+    ids, _ = tzoo.zoo_task("sort", 3, 9, seed=0)
+    assert torch.equal(ids[:, 5:9], ids[:, :4].sort(1).values)
+    ids, V = tzoo.zoo_task("modsum", 2, 8, seed=0)
+    a, s = ids[:, 0::2], ids[:, 1::2]
+    assert torch.equal(s, a.cumsum(1) % V)
+    ids, _ = tzoo.zoo_task("dyck", 20, 16, seed=0)
+    for row in ids.tolist():  # brackets nest: every closer matches the last open kind
+        stack = []
+        for tok in row:
+            if tok in (1, 3):
+                stack.append(tok)
+            elif tok in (2, 4):
+                assert stack and stack.pop() == tok - 1
+    with pytest.raises(ValueError, match="unknown task"):
+        tzoo.zoo_task("nope", 1, 4, seed=0)
+
+
+def test_plan_keeps_the_built_groups_and_shards_cover_it():
+    plan = tzoo.tzoo_plan()
+    assert plan[0].gid == "train-markov-tiny-L1d32h1-0000" and plan[0].seed == 1654615998
+    assert len({s.gid for s in plan}) == len(plan)
+    train_tasks = {s.task for s in plan if s.split == "train"}
+    assert tzoo.HELD_OUT_TASK not in train_tasks and len(train_tasks) >= 6
+    train_widths = {s.width for s in plan if s.split == "train"}
+    arch = [s for s in plan if s.split == "test-arch"]
+    assert all(s.width not in train_widths or s.layers == 3 for s in arch)
+    assert all(s.width % s.heads == 0 for s in plan)
 
 
 def test_tiny_lm_is_causal():
@@ -51,6 +85,19 @@ def test_one_group_resumes_and_has_exact_targets(tmp_path, monkeypatch):
     mtime = path.stat().st_mtime_ns
     tzoo.build_tzoo(tmp_path)  # resumes: nothing left to do
     assert path.stat().st_mtime_ns == mtime
+    cost = json.loads((tmp_path / "cost.jsonl").read_text().splitlines()[0])
+    assert cost["gid"] == "g" and cost["cpu_s"] > 0
+
+
+def test_shards_split_the_plan(tmp_path, monkeypatch):
+    specs = [
+        tzoo.LMGroupSpec(f"g{i}", "count", 1, 8, 2, i, 1e-3, (0,), "train", 1) for i in range(5)
+    ]
+    monkeypatch.setattr(tzoo, "tzoo_plan", lambda seed=0: specs)
+    built = []
+    monkeypatch.setattr(tzoo, "build_group", lambda s, d: built.append(s.gid))
+    tzoo.build_tzoo(tmp_path, shard=(1, 2))
+    assert built == ["g1", "g3"]
 
 
 def test_zoo_targets_match_a_dense_double_backward_hessian(tmp_path, monkeypatch):

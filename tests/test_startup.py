@@ -1,5 +1,6 @@
 """Start-up: ``--help``, ``COMMAND --help`` and ``check`` import neither torch nor matplotlib
-(checked through ``sys.modules`` in a fresh interpreter, not by timing)."""
+(nor numpy, scipy, transformers, safetensors; the help screens not even pydantic or
+rich.markdown), checked through ``sys.modules`` in a fresh interpreter, not by timing."""
 
 from __future__ import annotations
 
@@ -16,22 +17,35 @@ SCRIPT = textwrap.dedent(
     from gmcurv.cli.app import COMMANDS, app
     from typer.main import get_command
 
+    HEAVY = ("torch", "matplotlib", "numpy", "scipy", "transformers", "safetensors")
+    HELP_ONLY = ("pydantic", "rich.markdown", "rich.traceback", "markdown_it", "gmcurv.cli.session")
+
+    def loaded(names):
+        return [m for m in names if m in sys.modules]
+
     cli = get_command(app)
-    calls = [["--help"]] + [[c, "--help"] for c in COMMANDS] + [["head", "train", "--help"]]
-    calls.append(["check", sys.argv[1], "fisher.trace > 100"])
-    calls.append(["check", sys.argv[2], "fisher.trace > 100"])  # an error message, exit 2
     codes = []
-    for args in calls:
+
+    def run(args):
         try:
             codes.append(cli.main(args, prog_name="gmcurv", standalone_mode=False) or 0)
         except SystemExit as e:
             codes.append(e.code)
         except BaseException as e:  # typer.Exit from check
             codes.append(getattr(e, "exit_code", repr(e)))
-    heavy = [m for m in ("torch", "matplotlib", "numpy") if m in sys.modules]
-    print(json.dumps({"codes": codes, "heavy": heavy}))
+
+    run(["--help"])
+    root = loaded(HEAVY + HELP_ONLY)
+    helps = [[c, "--help"] for c in COMMANDS] + [["head", s, "--help"] for s in HEAD]
+    for args in helps:
+        run(args)
+    after_help = loaded(HEAVY + HELP_ONLY[:-1])
+    run(["check", sys.argv[1], "fisher.trace > 100"])
+    run(["check", sys.argv[2], "fisher.trace > 100"])  # an error message, exit 2
+    heavy = loaded(HEAVY)
+    print(json.dumps({"codes": codes, "root": root, "help": after_help, "heavy": heavy}))
     """
-)
+).replace("HEAD", repr(["zoo", "train", "eval", "info"]))
 
 
 def test_help_and_check_import_neither_torch_nor_matplotlib(tmp_path):
@@ -51,7 +65,9 @@ def test_help_and_check_import_neither_torch_nor_matplotlib(tmp_path):
         env={**__import__("os").environ, "GMCURV_NO_CONFIG": "1"},
     )
     doc = json.loads(out.stdout.strip().splitlines()[-1])
-    assert doc["heavy"] == [], doc
+    assert doc["root"] == [], doc  # `gmcurv --help`: not even a command module
+    assert doc["help"] == [], doc  # every `gmcurv COMMAND --help`
+    assert doc["heavy"] == [], doc  # and `gmcurv check`
     assert all(code in (0, None) for code in doc["codes"][:-1]), doc
     assert doc["codes"][-1] == 2, doc
 
@@ -82,3 +98,26 @@ def test_constants_copied_into_the_cli_match_the_engine():
     assert cli_saliency.LEVELS == saliency.LEVELS
     assert cli_saliency.DEFAULT_DAMPING == woodbury.DEFAULT_DAMPING
     assert cli_lora.SCALES == SCALES
+
+
+def test_help_formatter_without_markdown_still_works():
+    """typer.rich_utils is imported with stand-ins for rich.markdown / rich.traceback
+    (`import_rich_utils_lightly`); they load the real classes on first use."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import gmcurv.cli.app
+        import typer.rich_utils as r
+        assert "rich.markdown" not in sys.modules and "rich.traceback" not in sys.modules
+        m = r.Markdown("# title")
+        import rich.markdown, rich.traceback
+        assert type(m) is rich.markdown.Markdown and isinstance(m, r.Markdown)
+        real = rich.traceback.Traceback.from_exception
+        assert r.Traceback.from_exception.__func__ is real.__func__
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+    )
+    assert out.stdout.strip() == "ok"

@@ -72,6 +72,21 @@ def run_plain(args: list[str], tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
+STARTUP = {"--help": ["--help"], "trace --help": ["trace", "--help"]}
+
+
+def measure_startup(tmp: Path, repeats: int) -> dict:
+    """Wall time of the help screens, each the minimum of `repeats` runs (interleaved),
+    with the load average before and after: start-up is short, so a few runs find a quiet
+    moment even on a shared machine."""
+    before = load_average()
+    wall: dict[str, list[float]] = {k: [] for k in STARTUP}
+    for _ in range(repeats):
+        for name, args in STARTUP.items():
+            wall[name].append(run_plain(args, tmp))
+    return {"wall": wall, "repeats": repeats, "load_before": before, "load_after": load_average()}
+
+
 def run_peer(task: str, workload: str, tmp: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.run(
@@ -180,11 +195,28 @@ def products(results: dict) -> int:
     return sum(int(results.get(k, {}).get("n_matvecs") or 0) for k in ("ggn", "hessian"))
 
 
+def products_by_kind(results: dict) -> dict[str, int]:
+    return {k: int(results[k].get("n_matvecs") or 0) for k in ("ggn", "hessian") if k in results}
+
+
+def _products(row: dict) -> str:
+    parts = row.get("products_by_kind") or {}
+    split = " + ".join(f"{v} {'GGN' if k == 'ggn' else 'Hessian'}" for k, v in parts.items())
+    return f"{row['products']} products" + (f": {split}" if len(parts) > 1 else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--only", default=None, help="regex on case ids")
     ap.add_argument("--render", action="store_true", help="only re-render from results.json")
+    ap.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="time budget: a case's next round is skipped when its last one would not fit",
+    )
+    ap.add_argument("--startup-repeats", type=int, default=10, help="runs of each --help")
     args = ap.parse_args()
     if args.render:
         doc = json.loads((HERE / "results.json").read_text())
@@ -196,17 +228,27 @@ def main() -> None:
     todo = [c for c in cases(paths) if args.only is None or re.search(args.only, c["id"])]
     load_before = load_average()
     runs: dict[str, dict[str, list]] = {c["id"]: {"gmcurv": [], "peer": []} for c in todo}
-    startup: dict[str, list[float]] = {"--help": [], "trace --help": []}
+    startup = measure_startup(tmp, args.startup_repeats)
+    t_start = time.perf_counter()
+    budget = args.max_minutes * 60 if args.max_minutes else None
+    took: dict[str, float] = {}  # one round of a case (gmcurv + peer), seconds
+    skipped: list[str] = []
     for r in range(args.repeats):
-        startup["--help"].append(run_plain(["--help"], tmp))
-        startup["trace --help"].append(run_plain(["trace", "--help"], tmp))
         for c in todo:
+            left = budget - (time.perf_counter() - t_start) if budget else None
+            if left is not None and (took.get(c["id"], 0.0) > left or left <= 0):
+                skipped.append(f"{c['id']} (round {r + 1})")
+                continue
             print(f"round {r + 1}: {c['id']}", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
             runs[c["id"]]["gmcurv"].append(run_gmcurv(c["args"], tmp))
             if c["peer"]:
                 runs[c["id"]]["peer"].append(run_peer(c["peer"], c["workload"], tmp))
+            took[c["id"]] = time.perf_counter() - t0
     rows = []
     for c in todo:
+        if not runs[c["id"]]["gmcurv"]:
+            continue
         g = _best(runs[c["id"]]["gmcurv"], "compute")
         row = {
             "id": c["id"],
@@ -216,7 +258,9 @@ def main() -> None:
             "gmcurv_compute": g["compute"],
             "gmcurv_wall": min(x["wall"] for x in runs[c["id"]]["gmcurv"]),
             "gmcurv_timings": g["timings"],
+            "rounds": len(runs[c["id"]]["gmcurv"]),
             "products": products(g["results"]),
+            "products_by_kind": products_by_kind(g["results"]),
             "value": _headline(g["results"]),
             "stopped": {
                 k: g["results"][k].get("stopped") for k in ("ggn", "hessian") if k in g["results"]
@@ -242,9 +286,12 @@ def main() -> None:
             "load_before": load_before,
             "load_after": load_average(),
             "repeats": args.repeats,
+            "only": args.only,
+            "skipped": skipped,
             "torch_threads_env": os.environ.get("OMP_NUM_THREADS"),
         },
-        "startup_wall": {k: min(v) for k, v in startup.items() if v},
+        "startup_wall": {k: min(v) for k, v in startup["wall"].items() if v},
+        "startup": startup,
         "rows": rows,
     }
     (HERE / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -349,6 +396,7 @@ def markdown(doc: dict) -> str:
         f"{m['cpus']} shared CPU cores, load average {m['load_before'][0]:.1f} before and "
         f"{m['load_after'][0]:.1f} after (other jobs ran: read ratios, not absolute times).",
         "",
+        *_coverage(m),
         "## Targets",
         "",
         "| target | measured | |",
@@ -375,14 +423,33 @@ def markdown(doc: dict) -> str:
             f"{ratio} |"
         )
     s = doc["startup_wall"]
+    st = doc.get("startup", {})
+    how = (
+        f"minimum of {st['repeats']} runs, load average {st['load_before'][0]:.1f} before and "
+        f"{st['load_after'][0]:.1f} after"
+        if st
+        else "minimum over the rounds"
+    )
     lines += [
         "",
         f"Start-up: `gmcurv --help` {s.get('--help', float('nan')):.2f} s, "
-        f"`gmcurv trace --help` {s.get('trace --help', float('nan')):.2f} s wall (neither "
-        "imports torch nor matplotlib; `tests/test_startup.py`).",
+        f"`gmcurv trace --help` {s.get('trace --help', float('nan')):.2f} s wall ({how}; "
+        "the help screens import neither torch nor matplotlib, `tests/test_startup.py`).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _coverage(m: dict) -> list[str]:
+    """Lines saying which cases this run left out (``--only``, the time budget)."""
+    out = []
+    if m.get("only"):
+        out.append(f"Subset: only the cases matching `{m['only']}` were run.")
+    if m.get("skipped"):
+        out.append(
+            "Left out for the time budget (`--max-minutes`): " + ", ".join(m["skipped"]) + "."
+        )
+    return [" ".join(out), ""] if out else []
 
 
 def readme(doc: dict) -> None:
@@ -395,22 +462,35 @@ def readme(doc: dict) -> None:
     by = {r["id"]: r for r in doc["rows"]}
     parts = []
     sample = by.get("sample default")
+    load = max(doc["machine"]["load_before"][0], doc["machine"]["load_after"][0])
+    where = (
+        f"on two CPU cores (load average at most {load:.1f} while measured)"
+        if load < 2.5
+        else f"on two CPU cores shared with other jobs (load average up to {load:.0f} while "
+        "measured, so absolute times are pessimistic)"
+    )
     if sample:
         parts.append(
             f"On the sample (1,024 digits, 17,226 parameters) the default `gmcurv trace` "
             f"computes for {sample['gmcurv_compute']:.2f} s ({sample['gmcurv_wall']:.1f} s "
-            f"for the whole process) on two CPU cores shared with other jobs (load average "
-            f"{doc['machine']['load_before'][0]:.0f} while measured, so absolute times are "
-            f"pessimistic): empirical-Fisher trace "
+            f"for the whole process) {where}: empirical-Fisher trace "
             f"{sample['value']:.4g}, exact top-5 eigenvalues, per-layer traces."
         )
     a, b = by.get("tiny_gpt all"), by.get("tiny_gpt all flat")
     if a and b:
         parts.append(
-            f"`trace --curvature all` on the bundled `tiny_gpt` takes {a['gmcurv_wall']:.0f} s "
-            f"({a['products']} products; per-layer traces share the total's products, "
-            f"`--no-per-layer`: {b['products']}); stochastic traces stop at `--tol` (1 % "
-            "relative standard error) or the `--probes` cap."
+            f"`trace --curvature all` on the bundled `tiny_gpt` computes for "
+            f"{a['gmcurv_compute']:.1f} s ({a['gmcurv_wall']:.0f} s for the whole process; "
+            f"{_products(a)}; per-layer traces share the total's products, so "
+            f"`--no-per-layer` takes {b['products']}, {b['gmcurv_compute']:.1f} s); "
+            "stochastic traces stop at `--tol` (1 % relative standard error) or the "
+            "`--probes` cap."
+        )
+    hs = doc["startup_wall"]
+    if hs:
+        parts.append(
+            f"`gmcurv --help` starts in {hs['--help']:.2f} s, `gmcurv trace --help` in "
+            f"{hs['trace --help']:.2f} s (best of {doc.get('startup', {}).get('repeats', 2)})."
         )
     parts.append(
         "Timings are regenerated by `bench/cli/bench_cli.py` (whole commands against the "

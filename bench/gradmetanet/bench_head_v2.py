@@ -4,15 +4,23 @@
         --out bench/gradmetanet/head_v2.json [--epochs 30] [--weights PATH]
 
 1. items of every finished zoo group (`gmcurv.gradmetanet.ttrain.load_items`);
-2. calibration residuals out of fold: the ``train`` groups split in two halves by group, a head
-   trained on each half predicts the other; 80 % intervals = their 10/90 % quantiles
-   (trace: of ``(tr H - pred) / (|pred| + 0.1 plug)``; λ_max: of ``log(λ / pred)``);
-3. the head trained on all ``train`` groups predicts every ``val`` / ``test-*`` item; on the
+2. shrinkage and calibration on shifted data: the ``train`` groups split into folds *by
+   task* (leave-tasks-out: each fold's head never saw the tasks it predicts); their
+   out-of-fold outputs fix ``α`` (`ttrain.fit_shrink`: how much of the head's correction
+   to the plug-in carries over to unseen tasks; α = 0 is the plug-in); the calibration
+   residuals are those out-of-fold ones plus the ``val`` groups predicted by the final head;
+   80 % intervals = their 10/90 % quantiles (trace: of ``(tr H - pred) / (|pred| + 0.1
+   plug)``; λ_max: of ``log(λ / pred)``);
+3. an ensemble of heads (`ttrain.train_ensemble`, seeds 0..members-1) trained on all
+   ``train`` groups predicts every ``val`` / ``test-*`` item; on the
    same set, timed in the same process, the equal-cost baselines (`tbaselines.equal_cost`)
    and one plain backward of the set's mean loss (the time unit of the issue's target);
 4. per split and family: mean / median relative error of ``tr H``, mean / median
    ``|log|`` error of ``λ_max`` (a non-positive estimate is clipped to ``1e-3 λ``), win
-   rates, interval coverage, the head's time over one backward; JSON to ``--out``.
+   rates, interval coverage, the head's time over one backward; JSON to ``--out``. The
+   ``all-test-reliable`` rows keep the held-out sets whose Hutch++ truth has a standard
+   error <= 10 % of ``|tr H|`` (near init it is as large as the value: no estimator can be
+   scored against it there).
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gmcurv.gradmetanet.tbaselines import equal_cost
@@ -35,14 +44,16 @@ from gmcurv.gradmetanet.tfeatures import extract
 from gmcurv.gradmetanet.tlayers import HeadV2Config, HeadV2Input
 from gmcurv.gradmetanet.ttrain import (
     TrainV2Config,
+    fit_shrink,
     group_files,
     load_items,
     predict,
     read_group,
     snapshot_batches,
     snapshot_objective,
-    train_v2,
+    train_ensemble,
 )
+from gmcurv.gradmetanet.tzoo import SPLITS, LMGroupSpec
 from gmcurv.io.data import load_data
 
 METHODS = ("head", "plugin", "mc_equal_time", "hutch_lanczos_equal_time", "plugin_seq")
@@ -126,11 +137,19 @@ def backward_seconds(obj, batch) -> float:
     return time.perf_counter() - t0
 
 
-def evaluate(model, cal: dict, zoo: Path, splits: tuple[str, ...]) -> list[dict]:
+def read_spec(path: Path):
+    """A zoo group's spec from its header (tensors not read)."""
+    with safe_open(str(path), "pt") as f:
+        return LMGroupSpec.from_dict(json.loads(f.metadata()["spec"]))
+
+
+def evaluate(model, cal: dict, zoo: Path, splits: tuple[str, ...], use=None) -> list[dict]:
     """One row per held-out item: truth, head, baselines, interval, seconds."""
     torch.set_num_threads(1)
     rows = []
     for path in group_files(zoo):
+        if use is not None and read_spec(path).gid not in use:
+            continue
         spec, meta, tensors = read_group(path)
         if spec.split not in splits:
             continue
@@ -189,26 +208,40 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--weights", default=None, help="save the trained head here")
     ap.add_argument("--splits", default="val,test-task,test-arch,test-hf")
+    ap.add_argument("--members", type=int, default=3, help="heads in the ensemble")
+    ap.add_argument("--folds", type=int, default=3, help="leave-tasks-out calibration folds")
+    ap.add_argument("--max-groups", type=int, default=None, help="use the first N groups")
+    ap.add_argument("--max-draws", type=int, default=8, help="training sets per snapshot")
     args = ap.parse_args(argv)
     zoo = Path(args.zoo)
     t_start = time.perf_counter()
-    items = load_items(zoo)
-    train = [it for it in items if it.split == "train"]
+    files = group_files(zoo)[: args.max_groups] if args.max_groups else group_files(zoo)
+    use = {read_spec(f).gid for f in files}
+    items = [it for it in load_items(zoo) if it.gid in use]
+    train = [it for it in items if it.split == "train" and it.draw < args.max_draws]
     gids = sorted({it.gid for it in train})
-    halves = [set(gids[0::2]), set(gids[1::2])]
     cfg = TrainV2Config(epochs=args.epochs)
     head_cfg = HeadV2Config(channels=12, blocks=1)
+    tasks = sorted({it.task for it in train})
+    folds = [set(tasks[f :: args.folds]) for f in range(min(args.folds, len(tasks)))]
     pairs = []
-    for h in range(2):
-        fit = [it for it in train if it.gid in halves[h]]
-        held = [it for it in train if it.gid in halves[1 - h]]
-        pairs.append((train_v2(fit, cfg, head_cfg), held))
-    cal = calibrate(pairs)
+    for fold in folds:
+        fit = [it for it in train if it.task not in fold]
+        held = [it for it in train if it.task in fold]
+        pairs.append((train_ensemble(fit, cfg, head_cfg, 1), held))
+    shrink = fit_shrink(pairs)
+    for m, _ in pairs:
+        m.shrink.copy_(torch.tensor(shrink, dtype=torch.float64))
     t_train0 = time.perf_counter()
-    model = train_v2(train, cfg, head_cfg)
+    model = train_ensemble(train, cfg, head_cfg, args.members)
+    model.shrink.copy_(torch.tensor(shrink, dtype=torch.float64))
     t_train = time.perf_counter() - t_train0
+    pairs.append((model, [it for it in items if it.split == "val"]))
+    cal = calibrate(pairs)
+    cal["shrink"] = list(shrink)
+    cal["folds"] = [sorted(f) for f in folds]
     splits = tuple(args.splits.split(","))
-    rows = evaluate(model, cal, zoo, splits)
+    rows = evaluate(model, cal, zoo, splits, use)
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["split"], []).append(r)
@@ -216,20 +249,33 @@ def main(argv=None) -> int:
             groups.setdefault(f"test-hf:{r['family']}", []).append(r)
         if r["split"].startswith("test"):
             groups.setdefault("all-test", []).append(r)
+            if r["trace"]["truth_se"] <= 0.1 * abs(r["trace"]["truth"]):
+                groups.setdefault("all-test-reliable", []).append(r)
     costs = [json.loads(line) for line in (zoo / "cost.jsonl").read_text().splitlines()]
+    costs = [c for c in costs if c["gid"] in use]
+    specs = [read_spec(f) for f in files]
     result = {
         "what": "head v2 vs equal-cost baselines on held-out transformers (issue 14)",
         "loadavg": os.getloadavg(),
         "zoo": {
-            "groups": len(group_files(zoo)),
+            "groups": len(files),
+            "groups_by_split": {sp: sum(s.split == sp for s in specs) for sp in SPLITS},
             "train_groups": len(gids),
             "train_items": len(train),
-            "models": sum(1 for _ in group_files(zoo)) * 3,
+            "train_tasks": tasks,
+            "tasks": sorted({s.task for s in specs}),
+            "blocks": sorted({s.layers for s in specs}),
+            "widths": sorted({s.width for s in specs}),
+            "heads": sorted({s.heads for s in specs}),
+            "steps": sorted({t for s in specs for t in s.steps}),
+            "models": sum(len(s.steps) for s in specs),
             "cpu_seconds": sum(c["cpu_s"] for c in costs),
             "wall_seconds": sum(c["wall_s"] for c in costs),
         },
         "head_config": head_cfg.to_dict(),
         "train_config": cfg.__dict__,
+        "members": args.members,
+        "max_draws": args.max_draws,
         "train_seconds": t_train,
         "calibration": cal,
         "summary": {k: summarize(v) for k, v in sorted(groups.items())},

@@ -27,7 +27,6 @@ from gmcurv.batch import Batch
 from gmcurv.gradmetanet import tzoo
 from gmcurv.gradmetanet.tfeatures import extract
 from gmcurv.gradmetanet.tlayers import HeadV2, HeadV2Config, HeadV2Input
-from gmcurv.gradmetanet.tlm import TASKS, make_task
 from gmcurv.objective import Objective
 
 
@@ -59,8 +58,7 @@ def read_group(path: Path) -> tuple[tzoo.LMGroupSpec, list[dict], dict[str, torc
 
 def truth_ids(spec: tzoo.LMGroupSpec, n: int) -> torch.Tensor:
     """The zoo's `n` truth sequences of the group's task (regenerated as the zoo drew them)."""
-    ids, _ = make_task(spec.task, n + 512, tzoo.T, seed=1000 + TASKS.index(spec.task))
-    return ids[:n]
+    return tzoo.task_ids(spec.task, n)[0][:n]
 
 
 def snapshot_objective(
@@ -89,36 +87,41 @@ def snapshot_batches(spec, tensors, k: int, draws: int, n: int) -> list[Batch]:
     return out
 
 
+def group_items(path: Path, cache: Path) -> list[Item]:
+    """The items of one zoo group, from ``cache/<gid>.pt`` or extracted (and cached)."""
+    spec, meta, tensors = read_group(path)
+    cfile = cache / f"{spec.gid}.pt"
+    if cfile.exists():
+        return torch.load(cfile, weights_only=False)
+    torch.set_num_threads(1)
+    group_items = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, m in enumerate(meta):
+            obj = snapshot_objective(spec, tensors, k, m["vocab"], Path(tmp))
+            for r, batch in enumerate(snapshot_batches(spec, tensors, k, spec.draws, m["n"])):
+                inp = HeadV2Input.from_tset(extract(obj, batch))
+                tr = m["hessian_trace"]
+                group_items.append(
+                    Item(
+                        spec.gid, spec.split, spec.family, spec.task, m["step"], r,
+                        m["n_params"], inp, tr["value"], tr["stderr"] or 0.0,
+                        m["hessian_top"],
+                    )
+                )  # fmt: skip
+    tmp_file = cfile.with_suffix(".tmp")
+    torch.save(group_items, tmp_file)
+    tmp_file.replace(cfile)
+    return group_items
+
+
 def load_items(cache_dir: Path, splits: tuple[str, ...] | None = None) -> list[Item]:
     """Every draw of every finished group (inputs cached under ``<cache_dir>/inputs``)."""
     cache = Path(cache_dir) / "inputs"
     cache.mkdir(parents=True, exist_ok=True)
     items: list[Item] = []
     for path in group_files(cache_dir):
-        spec, meta, tensors = read_group(path)
-        if splits is not None and spec.split not in splits:
-            continue
-        cfile = cache / f"{spec.gid}.pt"
-        torch.set_num_threads(1)
-        if cfile.exists():
-            items += torch.load(cfile, weights_only=False)
-            continue
-        group_items = []
-        with tempfile.TemporaryDirectory() as tmp:
-            for k, m in enumerate(meta):
-                obj = snapshot_objective(spec, tensors, k, m["vocab"], Path(tmp))
-                for r, batch in enumerate(snapshot_batches(spec, tensors, k, spec.draws, m["n"])):
-                    inp = HeadV2Input.from_tset(extract(obj, batch))
-                    tr = m["hessian_trace"]
-                    group_items.append(
-                        Item(
-                            spec.gid, spec.split, spec.family, spec.task, m["step"], r,
-                            m["n_params"], inp, tr["value"], tr["stderr"] or 0.0,
-                            m["hessian_top"],
-                        )
-                    )  # fmt: skip
-        torch.save(group_items, cfile)
-        items += group_items
+        got = group_items(path, cache)
+        items += [it for it in got if splits is None or it.split in splits]
     return items
 
 
@@ -129,14 +132,23 @@ class TrainV2Config:
     weight_decay: float = 1e-2
     seed: int = 0
     huber: float = 0.5
+    truth_se: float = 2.0  # trace loss scale adds this many of the truth's standard errors
 
 
-def item_loss(model: HeadV2, it: Item, huber: float) -> torch.Tensor:
+def trace_scale(it: Item, k_se: float) -> float:
+    """The trace loss's scale ``|tr H| + k_se se(tr H) + 0.1 tr Ĝ``: relative where the
+    truth is large and well measured, down-weighted where Hutch++ could not pin it (near
+    init its standard error is as large as the value: no target to learn there)."""
+    return abs(it.trace) + k_se * it.trace_se + 0.1 * it.inp.plug_trace
+
+
+def item_loss(model: HeadV2, it: Item, huber: float, k_se: float = 2.0) -> torch.Tensor:
     out = model(it.inp)
     pred_tr = out.trace(it.inp)
-    scale = abs(it.trace) + 0.1 * it.inp.plug_trace
     l_tr = torch.nn.functional.huber_loss(
-        (pred_tr - it.trace) / scale, torch.zeros((), dtype=pred_tr.dtype), delta=huber
+        (pred_tr - it.trace) / trace_scale(it, k_se),
+        torch.zeros((), dtype=pred_tr.dtype),
+        delta=huber,
     )
     l_top = (math.log(it.inp.seq_top) + out.r_top - math.log(it.top)) ** 2
     return l_tr + l_top
@@ -163,7 +175,7 @@ def train_v2(
         order = usable[:]
         rng.shuffle(order)
         for it in order:
-            loss = item_loss(model, it, cfg.huber)
+            loss = item_loss(model, it, cfg.huber, cfg.truth_se)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -172,8 +184,73 @@ def train_v2(
     return model.eval()
 
 
+class HeadV2Ensemble(torch.nn.Module):
+    """Heads trained from different seeds; the prediction averages their outputs ``r`` and
+    shrinks them towards the plug-in by factors ``α`` fitted out of fold (`fit_shrink`):
+    ``tr H = tr Ĝ (1 + α_tr mean r_tr)``, ``λ = T_eff λ_F exp(α_top mean r_top)``."""
+
+    def __init__(self, heads: list[HeadV2], shrink: tuple[float, float] = (1.0, 1.0)):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(heads)
+        self.register_buffer("shrink", torch.tensor(shrink, dtype=torch.float64))
+
+    def forward(self, inp: HeadV2Input):
+        outs = [h(inp) for h in self.heads]
+        first = outs[0]
+        a_tr, a_top = (self.shrink[0].to(first.r_trace.dtype), self.shrink[1])
+        first.r_trace = a_tr * torch.stack([o.r_trace for o in outs]).mean()
+        first.r_top = a_top.to(first.r_top.dtype) * torch.stack([o.r_top for o in outs]).mean()
+        return first
+
+
+SHRINK_GRID = tuple(k / 10 for k in range(11))
+
+
 @torch.no_grad()
-def predict(model: HeadV2, inp: HeadV2Input) -> tuple[float, float]:
-    """``(tr H, λ_max(H))`` predicted by the head."""
+def fit_shrink(pairs: list[tuple[torch.nn.Module, list[Item]]]) -> tuple[float, float]:
+    """``(α_tr, α_top)`` on the grid `SHRINK_GRID` minimising the out-of-fold mean error
+    (relative for the trace, on items whose truth is pinned: s.e. <= 10 %; ``|log|`` for
+    λ_max) of ``(model, items it never saw)`` pairs. α = 0 is the plug-in itself: a head
+    whose correction does not carry over to unseen tasks is switched off, not trusted."""
+    r_tr, r_top = [], []
+    for model, items in pairs:
+        for it in items:
+            out = model(it.inp)
+            r_tr.append((float(out.r_trace), it))
+            r_top.append((float(out.r_top), it))
+
+    def err_tr(a: float) -> float:
+        e = [
+            abs(it.inp.plug_trace * (1 + a * r) - it.trace) / abs(it.trace)
+            for r, it in r_tr
+            if it.trace_se <= 0.1 * abs(it.trace)
+        ]
+        return sum(e) / max(len(e), 1)
+
+    def err_top(a: float) -> float:
+        e = [abs(math.log(it.inp.seq_top / it.top) + a * r) for r, it in r_top]
+        return sum(e) / max(len(e), 1)
+
+    return min(SHRINK_GRID, key=err_tr), min(SHRINK_GRID, key=err_top)
+
+
+def train_ensemble(
+    items: list[Item],
+    config: TrainV2Config | None = None,
+    head: HeadV2Config | None = None,
+    members: int = 3,
+) -> HeadV2Ensemble:
+    """`members` heads trained by `train_v2` with seeds ``seed, seed + 1, ...``."""
+    cfg = config or TrainV2Config()
+    heads = [
+        train_v2(items, TrainV2Config(**{**cfg.__dict__, "seed": cfg.seed + k}), head)
+        for k in range(members)
+    ]
+    return HeadV2Ensemble(heads).eval()
+
+
+@torch.no_grad()
+def predict(model: HeadV2 | HeadV2Ensemble, inp: HeadV2Input) -> tuple[float, float]:
+    """``(tr H, λ_max(H))`` predicted by the head (or an ensemble of heads)."""
     out = model(inp)
     return float(out.trace(inp)), float(out.top(inp))

@@ -71,6 +71,9 @@ LANCZOS_ITERS = 20
 HELD_OUT_TASK = "chars"
 TRAIN_BATCH = 16
 SNAPSHOTS = (0, 100, 400)
+SNAP_B = (0, 50, 250, 1000)  # training lengths of the zoo's third session (groups >= 16)
+SNAP_C = (20, 200, 800)
+ZOO_TASKS = (*TASKS, "reverse", "sort", "dyck", "modsum")  # TASKS keep their seeds
 SPLITS = ("train", "val", "test-task", "test-arch", "test-hf")
 
 ProgressFn = Callable[[int, int], None]
@@ -98,7 +101,7 @@ class LMGroupSpec:
         return cls(**{**d, "steps": tuple(d["steps"])})
 
 
-PLAN = (  # (split, task, family, (blocks, width, heads)), in build order
+PLAN = (  # (split, task, family, (blocks, width, heads)[, snapshot steps]), in build order
     ("train", "markov", "tiny", (1, 32, 1)),
     ("train", "copy", "tiny", (1, 32, 1)),
     ("train", "count", "tiny", (1, 32, 1)),
@@ -115,6 +118,50 @@ PLAN = (  # (split, task, family, (blocks, width, heads)), in build order
     ("test-hf", HELD_OUT_TASK, "gpt2", (1, 32, 2)),
     ("test-hf", "markov", "llama", (1, 32, 2)),
     ("val", "count", "tiny", (2, 32, 1)),
+    # third session: more tasks (`zoo_task`), widths 32/64, 1/2/4 blocks, 1/2/4 heads and
+    # three training lengths for train/val; unseen widths 48/96/128 and depth 3 stay held out
+    ("train", "reverse", "tiny", (1, 32, 2), SNAP_B),
+    ("train", "sort", "tiny", (1, 32, 4), SNAP_C),
+    ("train", "dyck", "tiny", (2, 32, 4), SNAP_B),
+    ("train", "modsum", "tiny", (1, 64, 2), SNAP_C),
+    ("val", "copy", "tiny", (1, 32, 4), SNAP_B),
+    ("train", "markov", "tiny", (1, 64, 4), SNAP_C),
+    ("train", "copy", "tiny", (4, 32, 2), SNAPSHOTS),
+    ("test-task", HELD_OUT_TASK, "tiny", (1, 64, 2), SNAP_B),
+    ("train", "count", "tiny", (1, 64, 1), SNAP_B),
+    ("train", "reverse", "tiny", (2, 64, 2), SNAPSHOTS),
+    ("val", "dyck", "tiny", (1, 64, 2), SNAP_C),
+    ("train", "sort", "tiny", (2, 32, 1), SNAP_B),
+    ("train", "dyck", "tiny", (1, 32, 1), SNAPSHOTS),
+    ("train", "modsum", "tiny", (2, 32, 4), SNAP_B),
+    ("test-arch", "markov", "tiny", (1, 96, 3), SNAPSHOTS),  # unseen width
+    ("test-hf", "sort", "gpt2", (2, 48, 4), SNAP_B),
+    ("train", "markov", "tiny", (4, 32, 4), SNAP_B),
+    ("train", "copy", "tiny", (1, 64, 2), SNAP_C),
+    ("val", "modsum", "tiny", (2, 32, 2), SNAPSHOTS),
+    ("test-hf", "dyck", "llama", (2, 32, 4), SNAP_C),
+    ("train", "count", "tiny", (4, 32, 1), SNAP_C),
+    ("train", "reverse", "tiny", (1, 32, 1), SNAP_C),
+    ("train", "sort", "tiny", (1, 64, 4), SNAPSHOTS),
+    ("train", "dyck", "tiny", (2, 64, 2), SNAP_C),
+    ("train", "modsum", "tiny", (1, 32, 1), SNAPSHOTS),
+    ("test-arch", "dyck", "tiny", (3, 48, 3), SNAP_B),  # unseen width and depth
+    ("val", "sort", "tiny", (2, 64, 1), SNAP_B),
+    ("test-task", HELD_OUT_TASK, "tiny", (4, 32, 4), SNAP_C),
+    ("train", "markov", "tiny", (2, 64, 1), SNAPSHOTS),
+    ("train", "copy", "tiny", (2, 32, 4), SNAP_C),
+    ("test-hf", "count", "gpt2", (2, 32, 4), SNAPSHOTS),
+    ("test-hf", "modsum", "llama", (1, 64, 4), SNAP_B),
+    ("train", "count", "tiny", (2, 64, 4), SNAP_C),
+    ("train", "reverse", "tiny", (4, 32, 2), SNAP_B),
+    ("test-arch", "copy", "tiny", (1, 128, 4), SNAPSHOTS),  # unseen width
+    ("val", "reverse", "tiny", (1, 64, 4), SNAP_C),
+    ("train", "sort", "tiny", (4, 32, 2), SNAP_C),
+    ("train", "dyck", "tiny", (1, 64, 1), SNAP_B),
+    ("train", "modsum", "tiny", (2, 64, 2), SNAP_C),
+    ("train", "markov", "tiny", (1, 32, 4), SNAP_C),
+    ("test-hf", "reverse", "gpt2", (1, 64, 4), SNAP_C),
+    ("test-hf", "copy", "llama", (2, 48, 2), SNAPSHOTS),
 )
 
 
@@ -125,16 +172,64 @@ def tzoo_plan(seed: int = 0) -> list[LMGroupSpec]:
     splits are interleaved so that a bounded build covers all of them early."""
     rng = random.Random(seed)
     out = []
-    for i, (split, task, fam, (layers, width, heads)) in enumerate(PLAN):
-        draws = 8 if split == "train" else 4
+    for i, (split, task, fam, (layers, width, heads), *steps) in enumerate(PLAN):
+        draws = (8 if i < 16 else 12) if split == "train" else 4
         out.append(
             LMGroupSpec(
                 f"{split}-{task}-{fam}-L{layers}d{width}h{heads}-{i:04d}",
                 task, layers, width, heads, rng.randrange(2**31),
-                10 ** rng.uniform(-3.2, -2.3), SNAPSHOTS, split, draws, fam,
+                10 ** rng.uniform(-3.2, -2.3), tuple(steps[0]) if steps else SNAPSHOTS,
+                split, draws, fam,
             )
         )  # fmt: skip
     return out
+
+
+def _brackets(n: int, T: int, gen: torch.Generator) -> Tensor:
+    """Random well-nested sequences over two bracket kinds (``(``=1 ``)``=2 ``[``=3 ``]``=4),
+    closed at the end where possible, padded with 0; the model must track the stack."""
+    out = torch.zeros(n, T, dtype=torch.long)
+    u = torch.rand(n, T, generator=gen)
+    kinds = torch.randint(0, 2, (n, T), generator=gen)
+    for i in range(n):
+        stack: list[int] = []
+        for t in range(T):
+            if stack and (u[i, t] < 0.45 or len(stack) >= T - t):
+                out[i, t] = 2 + 2 * stack.pop()
+            elif len(stack) < T - t - 1:
+                k = int(kinds[i, t])
+                stack.append(k)
+                out[i, t] = 1 + 2 * k
+    return out
+
+
+def zoo_task(name: str, n: int, T: int, seed: int) -> tuple[Tensor, int]:
+    """`tlm.make_task` plus the zoo's extra synthetic tasks (deterministic in `seed`):
+    ``reverse`` / ``sort`` (a random prefix, a separator 0, then the prefix reversed /
+    sorted), ``dyck`` (nested brackets of two kinds), ``modsum`` (digits interleaved with
+    their running sum modulo 17)."""
+    if name in TASKS:
+        return make_task(name, n, T, seed)
+    gen = torch.Generator().manual_seed(seed)
+    if name in ("reverse", "sort"):
+        V, half = 16, (T - 1) // 2
+        prefix = torch.randint(1, V, (n, half), generator=gen)
+        tail = prefix.flip(1) if name == "reverse" else prefix.sort(1).values
+        ids = torch.cat([prefix, torch.zeros(n, 1, dtype=torch.long), tail], 1)
+        return torch.cat([ids, torch.zeros(n, T - ids.shape[1], dtype=torch.long)], 1), V
+    if name == "dyck":
+        return _brackets(n, T, gen), 5
+    if name == "modsum":
+        V = 17
+        a = torch.randint(0, V, (n, (T + 1) // 2), generator=gen)
+        s = a.cumsum(1) % V
+        return torch.stack([a, s], 2).reshape(n, -1)[:, :T].contiguous(), V
+    raise ValueError(f"unknown task {name!r}; use one of {ZOO_TASKS}")
+
+
+def task_ids(task: str, n: int) -> tuple[Tensor, int]:
+    """The zoo's sequences of `task`: ``n`` truth sequences then 512 for training."""
+    return zoo_task(task, n + 512, T, seed=1000 + ZOO_TASKS.index(task))
 
 
 def hf_model(spec: LMGroupSpec, vocab: int) -> torch.nn.Module:
@@ -220,7 +315,7 @@ def build_group(spec: LMGroupSpec, cache_dir: Path) -> Path:
     """Train, compute targets and draws for every snapshot; write ``groups/<gid>``."""
     torch.set_num_threads(1)
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    ids, vocab = make_task(spec.task, N_TRUTH + 512, T, seed=1000 + TASKS.index(spec.task))
+    ids, vocab = task_ids(spec.task, N_TRUTH)
     truth_ids = ids[:N_TRUTH]
     states = train_snapshots(spec, ids[N_TRUTH:], vocab)
     train_cpu = time.process_time() - cpu0
@@ -312,8 +407,10 @@ def build_tzoo(
     seed: int = 0,
     max_groups: int | None = None,
     progress: ProgressFn | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> list[LMGroupSpec]:
-    """Build (or resume) the transformer zoo; at most `max_groups` new groups this run."""
+    """Build (or resume) the transformer zoo; at most `max_groups` new groups this run.
+    ``shard=(k, m)``: only plan entries ``i`` with ``i % m == k`` (m processes in parallel)."""
     cache_dir = Path(cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     plan = tzoo_plan(seed)
@@ -327,7 +424,12 @@ def build_tzoo(
         plan_file,
         json.dumps({"tzoo": TZOO_VERSION, "seed": seed, "groups": [s.to_dict() for s in plan]}),
     )
-    todo = [s for s in plan if not (cache_dir / "groups" / f"{s.gid}.safetensors").exists()]
+    k, m = shard
+    todo = [
+        s
+        for i, s in enumerate(plan)
+        if i % m == k and not (cache_dir / "groups" / f"{s.gid}.safetensors").exists()
+    ]
     if max_groups is not None:
         todo = todo[:max_groups]
     done = len(plan) - len(todo)

@@ -139,8 +139,10 @@ def eigen_directions(
     tol: float = 1e-3,
     budget_bytes: int | None = None,
     progress: ProgressFn | None = None,
+    phase: Callable[[str, int | None], None] | None = None,
 ) -> tuple[list[Direction], list[Estimate], str, list[str]]:
-    """The top-`n` Hessian eigenvectors (unit norm) with their eigenvalues and method."""
+    """The top-`n` Hessian eigenvectors (unit norm) with their eigenvalues and method
+    (`progress`, `phase`: as `gmcurv.hessian.top_eigen`'s)."""
     from gmcurv.hessian import top_eigen
 
     s = top_eigen(
@@ -155,6 +157,7 @@ def eigen_directions(
         batch_size=batch_size,
         budget_bytes=budget_bytes,
         progress=progress,
+        phase=phase,
     )
     assert s.vectors is not None
     device, dtype = objective.device, objective.dtype

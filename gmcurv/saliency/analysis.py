@@ -20,7 +20,7 @@ from gmcurv.estimate import Estimate
 from gmcurv.objective import Objective
 from gmcurv.pruning import Evaluation, check_fraction, count_removed, evaluate
 from gmcurv.saliency.criteria import CONVENTION, criteria_statistics, curvature_needs
-from gmcurv.saliency.curvature import CurvatureSettings, ProgressFn
+from gmcurv.saliency.curvature import CurvatureSettings, PhaseFn, ProgressFn, announcer
 from gmcurv.saliency.selection import fits, prunable_names, removed_from_masks
 from gmcurv.saliency.sweep import SweepPoint, masking_sweep, obs_update_sweep
 from gmcurv.woodbury import DEFAULT_DAMPING
@@ -82,11 +82,14 @@ def saliency_analysis(
     update_curve: bool = True,
     budget_bytes: int | None = None,
     progress: ProgressFn | None = None,
+    phase: PhaseFn | None = None,
 ) -> SaliencyAnalysis:
     """Per-tensor saliency statistics of each criterion and the loss/accuracy curves.
 
     The curves mask the least salient ``fraction`` of prunable weights (no update); with
     `update_curve` an ``obs+update`` curve adds the exact one-shot OBS compensation.
+    `phase(label, total)` announces each step (`curvature_at`'s, then the curves, counted
+    in model evaluations), `progress(k)` counts its units.
     """
     levels = sorted(check_fraction(f) for f in levels)
     names = prunable_names(objective, include_bias, masks)
@@ -94,25 +97,29 @@ def saliency_analysis(
     weights = {k: p.detach().clone() for k, p in objective.params.items()}
     update_curve = update_curve and "obs" in criteria
     settings = CurvatureSettings(
-        fisher, mc_samples, damping, structure, batch_size, seed, probes, budget_bytes, progress
-    )
+        fisher, mc_samples, damping, structure, batch_size, seed, probes, budget_bytes, progress,
+        phase,
+    )  # fmt: skip
     curv = settings.at(objective, data, curvature_needs(criteria, False), removed)
     ev = eval_data or data
     baseline = evaluate(objective, ev, batch_size)
     sizes = {k: weights[k].numel() for k in names}
     scores, stderrs, layers = criteria_statistics(criteria, weights, names, removed, curv, fisher)
     usable = [f for f in levels if fits(sizes, f, scope, removed)]
+    curves = len(criteria) + int(update_curve)
+    announcer(phase)("pruning curves (model evaluations)", curves * len(usable))
     sweep = {
         crit: masking_sweep(
-            objective, ev, weights, scores[crit], sizes, usable, scope, removed, batch_size
+            objective, ev, weights, scores[crit], sizes, usable, scope, removed, batch_size,
+            progress,
         )
         for crit in criteria
-    }
+    }  # fmt: skip
     if update_curve:
         assert curv.inverse is not None
         sweep["obs+update"] = obs_update_sweep(
             objective, ev, weights, scores["obs"], curv.inverse, sizes, usable, scope,
-            removed, batch_size, data.n,
+            removed, batch_size, data.n, progress,
         )  # fmt: skip
     return SaliencyAnalysis(
         criteria=list(criteria),

@@ -9,7 +9,7 @@ computed by `gmcurv.woodbury.DampedFisher.remove`, which also returns its cost.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -29,15 +29,17 @@ def compensate(
     removed: Mapping[str, Tensor],
     update: bool,
     structure: str,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, Tensor], float | None]:
     """The weights after removing `removed` — with the exact OBS update of the others when
-    `update` — and the predicted loss increase (None without a Fisher)."""
+    `update` — and the predicted loss increase (None without a Fisher). `progress(1)` per
+    kernel group downdated or built."""
     if update:
         assert curv.dg is not None and curv.eps is not None
         op = (
-            curv.inverse.without(removed)
+            curv.inverse.without(removed, progress)
             if curv.inverse is not None
-            else DampedFisher(curv.dg, curv.eps, structure, removed)
+            else DampedFisher(curv.dg, curv.eps, structure, removed, progress=progress)
         )
         delta, inc = op.remove(weights)
         return add_update(weights, delta), inc

@@ -36,6 +36,12 @@ from gmcurv.objective import Objective
 from gmcurv.woodbury import DEFAULT_DAMPING, DampedFisher, default_eps
 
 ProgressFn = Callable[[int], None]
+PhaseFn = Callable[[str, "int | None"], None]  # the next phase starts: (label, units or None)
+
+
+def announcer(phase: PhaseFn | None) -> PhaseFn:
+    """`phase`, or a no-op."""
+    return phase or (lambda label, total: None)
 
 
 @dataclass
@@ -72,10 +78,13 @@ def curvature_at(
     probes: int = 32,
     budget_bytes: int | None = None,
     progress: ProgressFn | None = None,
+    phase: PhaseFn | None = None,
 ) -> Curvature:
     """Capture gradients at the objective's current weights and derive what `needs` lists:
     ``fisher_diag`` (OBD), ``inverse`` (OBS saliency), ``kernel`` (factors kept for an OBS
-    update), ``hessian`` (Hessian diagonal)."""
+    update), ``hessian`` (Hessian diagonal). `phase(label, total)` announces each step,
+    `progress(k)` counts its units (examples, kernel groups and blocks, products)."""
+    announce = announcer(phase)
     curv = Curvature()
     if needs & {"fisher_diag", "inverse", "kernel"}:
         est = preflight_capture(
@@ -83,6 +92,7 @@ def curvature_at(
         )
         if needs & {"inverse", "kernel"}:
             _preflight_kernels(objective, data, est, structure, budget_bytes)
+        announce("capturing gradients", data.n)
         dg = capture_all(
             objective, data, batch_size, fisher, mc_samples, seed, progress, budget_bytes
         )
@@ -91,11 +101,14 @@ def curvature_at(
         if "fisher_diag" in needs:
             curv.fisher_diag = {k: v.double() for k, v in fisher_diagonal(dg).items()}
         if "inverse" in needs:
-            curv.inverse = DampedFisher(dg, curv.eps, structure, removed)
-            curv.inverse_diag = curv.inverse.inverse_diagonal()
+            groups = len(DampedFisher.group_blocks(dg, structure))
+            announce("damped inverse Fisher (kernel groups, blocks)", groups + len(dg.blocks))
+            curv.inverse = DampedFisher(dg, curv.eps, structure, removed, progress=progress)
+            curv.inverse_diag = curv.inverse.inverse_diagonal(progress)
     if "hessian" in needs:
+        announce("Hessian diagonal (products)", probes)
         curv.hessian_diag, curv.hessian_stderr = _hessian_diagonal(
-            objective, data, batch_size, probes, seed
+            objective, data, batch_size, probes, seed, progress
         )
         curv.probes = probes
     return curv
@@ -135,6 +148,7 @@ class CurvatureSettings:
     probes: int = 32
     budget_bytes: int | None = None
     progress: ProgressFn | None = None
+    phase: PhaseFn | None = None
 
     def at(
         self,
@@ -149,12 +163,17 @@ class CurvatureSettings:
             objective, data, needs, fisher=self.fisher, mc_samples=self.mc_samples,
             damping=self.damping, structure=self.structure, removed=removed,
             batch_size=self.batch_size, seed=self.seed + round_ - 1, probes=self.probes,
-            budget_bytes=self.budget_bytes, progress=self.progress,
+            budget_bytes=self.budget_bytes, progress=self.progress, phase=self.phase,
         )  # fmt: skip
 
 
 def _hessian_diagonal(
-    objective: Objective, data: DataSample, batch_size: int, probes: int, seed: int
+    objective: Objective,
+    data: DataSample,
+    batch_size: int,
+    probes: int,
+    seed: int,
+    progress: ProgressFn | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """``diag H ≈ mean_s z_s ⊙ H z_s`` (Rademacher) with per-entry standard errors."""
     try:
@@ -167,7 +186,7 @@ def _hessian_diagonal(
         ) from None
     from gmcurv.operator import CurvatureOperator
 
-    op = CurvatureOperator(objective, data, batch_size, kind="hessian")
+    op = CurvatureOperator(objective, data, batch_size, kind="hessian", progress=progress)
     res = hessian_diagonal(op, probes, seed)
     value, stderr = _diag_parts(res, op)
     return value, stderr

@@ -17,7 +17,7 @@ the rounds.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -39,9 +39,15 @@ from gmcurv.pruning import (
 )
 from gmcurv.saliency.compensation import compensate
 from gmcurv.saliency.criteria import curvature_needs, saliencies
-from gmcurv.saliency.curvature import Curvature, CurvatureSettings, ProgressFn
+from gmcurv.saliency.curvature import (
+    Curvature,
+    CurvatureSettings,
+    PhaseFn,
+    ProgressFn,
+    announcer,
+)
 from gmcurv.saliency.selection import check_below_target, prunable_names, removed_from_masks
-from gmcurv.woodbury import DEFAULT_DAMPING
+from gmcurv.woodbury import DEFAULT_DAMPING, DampedFisher
 
 DEFAULT_ROUNDS = 8
 
@@ -121,6 +127,7 @@ def prune_model(
     progress: ProgressFn | None = None,
     ranker: Ranker | None = None,
     ranker_name: str | None = None,
+    phase: PhaseFn | None = None,
 ) -> PruneResult:
     """Remove exactly ``round(fraction * n_prunable)`` weights (see the module doc).
 
@@ -129,6 +136,7 @@ def prune_model(
     `ranker(weights, round, removed)`: saliencies of the prunable weights to rank by instead of
     `criterion`'s exact ones (e.g. the learned head's, at the objective's current weights);
     the OBS update stays exact. `ranker_name` is then the reported criterion.
+    `phase(label, total)` announces each step of each round, `progress(k)` counts its units.
     """
     fraction = check_fraction(fraction)
     if rounds < 1:
@@ -144,8 +152,9 @@ def prune_model(
     ev = eval_data or data
     before = evaluate(objective, ev, batch_size)
     settings = CurvatureSettings(
-        fisher, mc_samples, damping, structure, batch_size, seed, probes, budget_bytes, progress
-    )
+        fisher, mc_samples, damping, structure, batch_size, seed, probes, budget_bytes, progress,
+        phase,
+    )  # fmt: skip
     needs = curvature_needs([] if ranker is not None else [criterion], update)
     rank = _ranking(criterion, names, sizes, ranker)
     final = target_counts(sizes, fraction, scope)
@@ -205,18 +214,32 @@ def _run_rounds(
     objective's parameters are restored to `original` whatever happens."""
     current = dict(original)
     log = _RoundLog()
+    outer = settings
     try:
         for r in range(1, rounds + 1):
             _set_weights(objective, current)
+            settings = replace(outer, phase=_in_round(outer.phase, r, rounds))
             curv = settings.at(objective, data, needs, removed, r)
             sal = rank(current, r, removed, curv)
             removed = select_masks(sal, round_target(final, removed, r, rounds), removed)
-            current, inc = compensate(curv, current, removed, update, settings.structure)
+            if update and curv.dg is not None:
+                groups = DampedFisher.group_blocks(curv.dg, settings.structure)
+                announcer(settings.phase)("OBS update (kernel groups)", len(groups))
+            current, inc = compensate(
+                curv, current, removed, update, settings.structure, settings.progress
+            )
             log.add(curv, inc)
             current = apply_masks(current, removed)
     finally:
         _set_weights(objective, original)
     return current, removed, log
+
+
+def _in_round(phase: PhaseFn | None, r: int, rounds: int) -> PhaseFn | None:
+    """`phase` with the labels prefixed by ``round r/rounds:`` (when there are several)."""
+    if phase is None or rounds == 1:
+        return phase
+    return lambda label, total: phase(f"round {r}/{rounds}: {label}", total)
 
 
 def _set_weights(objective: Objective, weights: Mapping[str, Tensor]) -> None:

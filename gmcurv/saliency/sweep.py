@@ -13,7 +13,7 @@ the model is evaluated on the evaluation data:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -47,13 +47,17 @@ def masking_sweep(
     scope: str,
     removed: Mapping[str, Tensor],
     batch_size: int,
+    progress: Callable[[int], None] | None = None,
 ) -> list[SweepPoint]:
-    """Loss/accuracy after masking the least salient weights at each level (no update)."""
+    """Loss/accuracy after masking the least salient weights at each level (no update);
+    `progress(1)` per level."""
     points = []
     for f in levels:
         m = select_masks(saliency, target_counts(sizes, f, scope), removed)
         res = evaluate(objective, ev, batch_size, apply_masks(weights, m))
         points.append(SweepPoint(f, count_removed(m), res.loss, res.accuracy))
+        if progress is not None:
+            progress(1)
     return points
 
 
@@ -69,11 +73,12 @@ def obs_update_sweep(
     removed: Mapping[str, Tensor],
     batch_size: int,
     n: int,
+    progress: Callable[[int], None] | None = None,
 ) -> list[SweepPoint]:
     """Loss/accuracy after removing the least salient weights by `saliency` at each level
     and applying the exact one-shot OBS update of the rest (`DampedFisher.remove`), with
     the quadratic model's predicted increase. The ranking may come from anywhere (exact
-    OBS, or the learned head); the update is always exact."""
+    OBS, or the learned head); the update is always exact. `progress(1)` per level."""
     points = []
     current, prev = inverse, None
     for f in levels:
@@ -86,4 +91,6 @@ def obs_update_sweep(
         pred = Estimate.exact_value(inc, n, "quadratic model ½δwᵀ(F+εI)δw")
         points.append(SweepPoint(f, count_removed(m), res.loss, res.accuracy, pred))
         prev = m
+        if progress is not None:
+            progress(1)
     return points

@@ -1,0 +1,145 @@
+"""Progress that moves: every phase of a command announces its total and advances to it.
+
+Checked with the recording sink (`gmcurv.cli.progress.recording`), not by scraping the
+screen: a phase whose count stays at 0 while the work is done, or a long phase without a
+total (no ETA), fails here.
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import write_data, write_mlp
+
+from gmcurv.cli import progress
+from gmcurv.cli.app import app
+
+N = 40
+
+
+@pytest.fixture
+def files(tmp_path):
+    model = write_mlp(tmp_path / "model.safetensors", sizes=(6, 10, 8, 3))
+    data = write_data(tmp_path / "data.safetensors", n=N)
+    return [str(model), str(data), "--batch-size", "16"]
+
+
+def _run(runner, args) -> list[progress.Phase]:
+    with progress.recording() as rec:
+        r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    return rec.phases
+
+
+def _by_label(phases, text):
+    found = [p for p in phases if text in p.label]
+    assert found, [p.label for p in phases]
+    return found
+
+
+def _complete(p: progress.Phase) -> None:
+    """Counted to its total, in more than one step when there are several units."""
+    assert p.total is not None, p
+    assert p.done == pytest.approx(p.total), p
+    assert p.advances >= min(p.total, 2), p
+    assert p.ended is not None
+
+
+def test_recorder_counts_phases_and_updates():
+    rec = progress.Recorder()
+    with rec.bar("first", 3, disabled=True) as adv:
+        adv(1)
+        adv(2)
+        adv.phase("second", None)
+        adv.update(4, 10)
+        adv.update(7)
+    first, second = rec.phases
+    assert (first.label, first.total, first.done, first.advances) == ("first", 3, 3, 2)
+    assert (second.label, second.total, second.done) == ("second", 10, 7)
+    assert first.disabled and second.disabled
+    assert first.ended is not None and second.ended is not None
+
+
+def test_rich_bar_disabled_draws_nothing(capsys):
+    with progress.rich_bar("work", 2, disabled=True) as adv:
+        adv(1)
+        adv.phase("more", 3)
+        adv.update(2, 3)
+    assert capsys.readouterr().err == ""
+
+
+def test_trace_fisher_counts_examples(runner, files):
+    phases = _run(runner, ["trace", *files, "-q"])
+    (capture,) = _by_label(phases, "capturing gradients")
+    assert capture.total == N
+    _complete(capture)
+    assert capture.advances == 3  # per batch of 16: 16 + 16 + 8
+    assert all(p.disabled for p in phases)  # -q (and no terminal): nothing drawn
+
+
+def test_trace_hessian_counts_products(runner, files):
+    args = ["--curvature", "hessian", "--method", "hutchinson", "--probes", "6", "--tol", "0"]
+    phases = _run(runner, ["trace", *files, *args, "--k", "0", "--json"])
+    products = _by_label(phases, "products")[-1]
+    assert products.total == 6
+    _complete(products)
+
+
+def test_eigen_phases_have_totals(runner, files):
+    phases = _run(runner, ["eigen", *files, "--method", "lanczos", "--k", "2", "-q"])
+    (lanczos,) = _by_label(phases, "Lanczos: products")
+    assert lanczos.total is not None and 0 < lanczos.done <= lanczos.total
+    phases = _run(runner, ["eigen", *files, "--curvature", "fisher", "--k", "2", "-q"])
+    (capture,) = _by_label(phases, "fisher: capturing gradients")
+    _complete(capture)
+
+
+def test_spectrum_counts_lanczos_products(runner, files):
+    phases = _run(
+        runner, ["spectrum", *files, "--method", "lanczos", "--probes", "2", "--steps", "5", "-q"]
+    )
+    (slq,) = _by_label(phases, "Lanczos quadrature: products")
+    assert slq.total == 10
+    _complete(slq)
+
+
+def test_saliency_every_step_moves(runner, files):
+    phases = _run(runner, ["saliency", *files, "--levels", "0.2,0.5", "-q"])
+    labels = [p.label for p in phases if p.total is not None]
+    assert labels == [
+        "saliency: capturing gradients",
+        "saliency: damped inverse Fisher (kernel groups, blocks)",
+        "saliency: pruning curves (model evaluations)",
+    ]
+    for p in phases:
+        if p.total is not None:
+            _complete(p)
+    assert phases[-1].total == 4 * 2  # magnitude, obd, obs and obs+update at two levels
+
+
+def test_prune_rounds_announce_each_step(runner, files, tmp_path):
+    out = tmp_path / "pruned.safetensors"
+    args = ["--prune", "0.5", "--rounds", "2", "--save-pruned", str(out), "-q"]
+    phases = _run(runner, ["saliency", *files, *args])
+    labels = [p.label for p in phases]
+    for r in (1, 2):
+        for step in ("capturing gradients", "damped inverse Fisher", "OBS update"):
+            assert any(f"round {r}/2: {step}" in x for x in labels), labels
+    for p in phases:
+        if p.total is not None:
+            _complete(p)
+
+
+def test_landscape_counts_points(runner, files):
+    phases = _run(runner, ["landscape", *files, "--steps", "5", "-q"])
+    (grid,) = _by_label(phases, "grid points")
+    _complete(grid)
+
+
+def test_bars_only_on_a_terminal_and_never_with_json_or_quiet(runner, files, monkeypatch):
+    from gmcurv.cli.consoles import stderr
+
+    assert all(p.disabled for p in _run(runner, ["trace", *files]))  # not a terminal
+    monkeypatch.setattr(type(stderr), "is_terminal", property(lambda self: True))
+    assert not any(p.disabled for p in _run(runner, ["trace", *files]))
+    assert all(p.disabled for p in _run(runner, ["trace", *files, "--json"]))
+    assert all(p.disabled for p in _run(runner, ["trace", *files, "-q"]))
