@@ -183,7 +183,11 @@ def cases(paths: dict[str, tuple[Path, Path, list[str]]]) -> list[dict]:
             "peer": None,
         },
     ]
-    return out
+    # the README's cases first, the 100-probe Hessian traces (slowest, with their peer) last:
+    # under a time budget (--max-minutes) what is left out is the least needed
+    order = ["sample", "tiny_gpt", "fisher", "ggn", "default", "trace-per-layer", "hessian"]
+    order.append("hessian100")
+    return sorted(out, key=lambda c: order.index(c["id"].split()[c["id"].startswith("W")]))
 
 
 def _tiny_gpt() -> list[str]:
@@ -287,6 +291,7 @@ def main() -> None:
             "load_after": load_average(),
             "repeats": args.repeats,
             "only": args.only,
+            "commit": _commit(),
             "skipped": skipped,
             "torch_threads_env": os.environ.get("OMP_NUM_THREADS"),
         },
@@ -394,7 +399,8 @@ def markdown(doc: dict) -> str:
         "or the timed call (peer), start-up (imports, torch's lazy imports) excluded on both "
         "sides; wall = the whole process. Minimum over interleaved rounds. "
         f"{m['cpus']} shared CPU cores, load average {m['load_before'][0]:.1f} before and "
-        f"{m['load_after'][0]:.1f} after (other jobs ran: read ratios, not absolute times).",
+        f"{m['load_after'][0]:.1f} after (other jobs ran: read ratios, not absolute times)"
+        + (f"; commit {m['commit']}." if m.get("commit") else "."),
         "",
         *_coverage(m),
         "## Targets",
@@ -407,9 +413,9 @@ def markdown(doc: dict) -> str:
         "",
         "## Every command",
         "",
-        "| case | command | gmcurv compute (s) | wall (s) | products | value | peer | "
+        "| case | command | gmcurv compute (s) | wall (s) | rounds | products | value | peer | "
         "peer compute (s) | peer wall (s) | gmcurv / peer |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in doc["rows"]:
         peer = r.get("peer") or "—"
@@ -419,7 +425,8 @@ def markdown(doc: dict) -> str:
         value = f"{r['value']:.6g}" if r["value"] is not None else "—"
         lines.append(
             f"| {r['id']} | `{r['command']}` | {r['gmcurv_compute']:.3f} | "
-            f"{r['gmcurv_wall']:.2f} | {r['products']} | {value} | {peer} | {pc} | {pw} | "
+            f"{r['gmcurv_wall']:.2f} | {r.get('rounds', '—')} | {r['products']} | {value} | "
+            f"{peer} | {pc} | {pw} | "
             f"{ratio} |"
         )
     s = doc["startup_wall"]
@@ -438,6 +445,13 @@ def markdown(doc: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _commit() -> str | None:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    )
+    return out.stdout.strip() or None
 
 
 def _coverage(m: dict) -> list[str]:
