@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from gmcurv.block_krylov import default_max_basis as block_budget
 from gmcurv.capture import DecomposedGradients
 from gmcurv.estimate import Estimate
 from gmcurv.memory import DENSE_GRAM_LIMIT
@@ -56,13 +57,26 @@ def fisher_diagonal(dg: DecomposedGradients) -> dict[str, Tensor]:
 
 
 def gram_kernel(dg: DecomposedGradients, blocks: Iterable[str] | None = None) -> Tensor:
-    """``K = J J^T`` (float64, ``[N C, N C]``), optionally over a subset of blocks."""
+    """``K = J J^T`` (float64, ``[N C, N C]``), optionally over a subset of blocks.
+
+    When every block's factors are float32, the blocks' kernels are summed in float32 and
+    converted once (float64 conversions and mixed-precision sums of ``(N C)^2`` entries
+    otherwise cost more than the products): each entry then carries at most ``B`` more
+    float32 roundings (``B`` blocks) on top of `gmcurv.factors.source.rows_gram`'s bound,
+    ``|ΔK_ij| <= (GEMM_CHUNK + B) eps |g_i| |g_j|`` (``Σ_b |g_{b,i}| |g_{b,j}| <=
+    |g_i| |g_j|``), the order of the rounding the float32 factors carry already.
+    """
     chosen = _blocks(dg, blocks)
     size = dg.n * dg.columns
-    K = torch.zeros(size, size, dtype=torch.float64, device=dg.losses.device)
+    low = bool(chosen) and all(b.source.dtype == torch.float32 for b in chosen)
+    acc = torch.float32 if low else torch.float64
+    K: Tensor | None = None
     for b in chosen:
-        K += b.source.gram()
-    return K
+        part = b.source.gram(acc)  # a fresh tensor: summed into in place
+        K = part if K is None else K.add_(part)
+    if K is None:
+        return torch.zeros(size, size, dtype=torch.float64, device=dg.losses.device)
+    return K.double()
 
 
 def jvp(dg: DecomposedGradients, vector: Mapping[str, Tensor]) -> Tensor:
@@ -111,11 +125,21 @@ class FisherEigen:
     residuals: Tensor  # [k] residuals of K's eigenpairs, divided by N (0 for dense eigh)
     converged: Tensor  # [k] bool
     rank: int | None  # numerical rank of K (dense route only)
-    method: str  # 'gram' (dense eigh of K) or 'gram-lanczos'
+    method: str  # 'gram' (dense eigh of K), 'gram-block-lanczos' (formed K), 'gram-lanczos'
     n_matvecs: int = 0
 
 
 EIGH_LIMIT = 256  # up to N*C = this (or k >= N*C / 4) a full eigh of K is cheapest
+
+
+def eigen_products(n_rows: int, k: int) -> int | None:
+    """The most kernel-vector products `fisher_eigen` spends on ``n_rows`` rows (None: a
+    full ``eigh``, no products) — a progress bar's total."""
+    if n_rows <= EIGH_LIMIT or 4 * k >= n_rows:
+        return None
+    if n_rows <= DENSE_GRAM_LIMIT:
+        return block_budget(n_rows, k)
+    return min(n_rows, max(4 * k + 20, 60)) * 2  # Lanczos and one restart
 
 
 def fisher_eigen(
@@ -133,34 +157,34 @@ def fisher_eigen(
 
     Up to `dense_limit` rows of ``J`` the kernel ``K`` is formed; a full ``eigh`` runs
     when ``K`` is small (at most `eigh_limit` rows, or ``k`` a quarter of them), otherwise
-    Lanczos on the formed ``K`` (products cost ``(N C)^2``, far below forming it), with a
-    full ``eigh`` as fallback should Lanczos not meet `tol` (eigenvalue error bounds
-    relative to ``μ_max``). Beyond `dense_limit`, Lanczos on ``u -> J (J^T u)`` (never
-    forming ``K``). `progress(i)` is called per Lanczos product.
+    block Lanczos on the formed ``K`` (`gmcurv.block_krylov`: a product with a block of
+    ``b`` vectors is one pass over ``K``, a few passes instead of a full ``eigh``'s
+    ``O((N C)^3)``), with a full ``eigh`` as fallback should it not meet `tol` (eigenvalue
+    error bounds relative to ``μ_max``, from true residuals). Beyond `dense_limit`, Lanczos
+    on ``u -> J (J^T u)`` (never forming ``K``). `progress(i)` is called after products
+    with ``i`` vectors.
     """
+    from gmcurv.block_krylov import block_lanczos
     from gmcurv.lanczos import lanczos
 
     sub = DecomposedGradients(_blocks(dg, blocks), dg.fisher, dg.losses)
     size = dg.n * dg.columns
     K = gram_kernel(sub) if size <= dense_limit else None
     res = None
-    if K is not None and size > eigh_limit and 4 * k < size:
-
-        def counted(u: Tensor) -> Tensor:
-            if progress:
-                progress(1)
-            return K @ u
-
-        res = lanczos(
-            counted,
+    block_route = K is not None and size > eigh_limit and 4 * k < size
+    if block_route:
+        assert K is not None
+        res = block_lanczos(
+            lambda X: K @ X,
             size,
             k,
             tol=tol,
             seed=seed,
             vectors=vectors,
             device=K.device,
-            max_iters=min(size, max(4 * k + 40, 80)),
+            max_basis=block_budget(size, k),
             criterion="residual" if vectors else "gap",  # vectors need small residuals
+            progress=progress,
         )
         if not bool(res.converged.all()):
             res = None  # rare: fall back to the exact full eigendecomposition
@@ -189,7 +213,8 @@ def fisher_eigen(
             )
         mu, U = res.values, (res.vectors.T if res.vectors is not None else None)
         residuals, converged, rank = res.residuals, res.converged, None
-        method, n_mv = "gram-lanczos", res.n_matvecs
+        method = "gram-block-lanczos" if block_route else "gram-lanczos"
+        n_mv = res.n_matvecs
     values = (mu / dg.n).clamp_min(0.0)
     vecs = None
     if vectors and U is not None:
@@ -372,10 +397,7 @@ def fisher_summary(
     if k > 0:
         if phase:
             n_rows = acc.n * columns
-            phase(
-                "Fisher: Gram eigenvalues (Lanczos products)",
-                None if n_rows <= EIGH_LIMIT else max(4 * k + 40, 80),
-            )
+            phase("Fisher: Gram eigenvalues (kernel products)", eigen_products(n_rows, k))
         full = gather_decomposed(DecomposedGradients.cat(kept))
         del kept
         res = fisher_eigen(full, k, seed=seed, progress=eigen_progress)

@@ -3,7 +3,8 @@
 For the Hessian (``g = ∇ Σ_n L_n``) and the residual ``H - G`` (``g = ∇<f, r>``, ``r``
 fixed), the graph of one batch's gradient, built once with ``create_graph``, serves every
 later product as a single backward. Graphs are kept while they fit in the budget (bytes of
-the tensors autograd saves); past it they are all dropped and products recompute.
+the storages autograd saves, each counted once, the parameters' own not counted); past it
+they are all dropped and products recompute.
 """
 
 from __future__ import annotations
@@ -24,19 +25,22 @@ Graph = tuple[list[Tensor], tuple[Tensor, ...]]  # (leaves, g = ∇ total w.r.t.
 
 
 def default_graph_bytes() -> int:
-    """Graph cache budget: a quarter of the memory available now, shared by the ranks on
-    this host (torchrun's ``LOCAL_WORLD_SIZE``), at least 1 GiB.
+    """Graph cache budget: half the memory available now, shared by the ranks on this
+    host (torchrun's ``LOCAL_WORLD_SIZE``), at least 1 GiB; the other half is left for a
+    product's backward through the graph (its temporaries are at most about the graph's
+    size) and everything else.
 
     Over budget the graphs are dropped and every product recomputes its batch's forward
-    and backward (about 2x the time, bounded memory), so a generous default only trades
-    memory that is free anyway for speed.
+    and backward (about 2x the time, bounded memory), so a generous
+    default only trades memory that is free anyway for speed, as PyHessian does (it
+    always keeps its graph).
     """
     import os
 
     from gmcurv.memory import available_bytes
 
     local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(DEFAULT_GRAPH_BYTES, available_bytes() // (4 * local_ranks))
+    return max(DEFAULT_GRAPH_BYTES, available_bytes() // (2 * local_ranks))
 
 
 @dataclass
@@ -48,6 +52,7 @@ class GraphCache:
     enabled: bool | None = None
     graphs: dict[int, Graph] = field(default_factory=dict, repr=False)
     held: int = 0
+    storages: set[int] = field(default_factory=set, repr=False)  # not counted (parameters)
 
     def drop(self) -> None:
         """Forget every graph (and stop caching, unless the caller asked for it)."""
@@ -63,10 +68,13 @@ class GraphCache:
     def build(self, index: int, build: Callable[[], Graph]) -> Graph | None:
         """Build batch `index`'s graph, counting the bytes autograd saves, and keep it;
         None (and every graph dropped) when that goes over budget."""
-        held = [0]
+        held, seen = [0], set(self.storages)
 
         def pack(t: Tensor) -> Tensor:
-            held[0] += t.numel() * t.element_size()
+            key, nbytes = _storage(t)
+            if key not in seen:  # one storage saved by several ops is held once
+                seen.add(key)
+                held[0] += nbytes
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -77,6 +85,15 @@ class GraphCache:
             return None
         self.graphs[index] = graph
         return graph
+
+
+def _storage(t: Tensor) -> tuple[int, int]:
+    """(identity, bytes) of the memory a saved tensor keeps alive."""
+    try:
+        st = t.untyped_storage()
+        return st.data_ptr(), st.nbytes()
+    except (RuntimeError, NotImplementedError):  # no storage (e.g. a wrapper subclass)
+        return id(t), t.numel() * t.element_size()
 
 
 def gradient_graph(objective: Objective, batch: Batch, names: list[str], r: Tensor | None) -> Graph:

@@ -474,17 +474,13 @@ def top_eigen(
     announce = phase or (lambda label, total: None)
     if kind == "fisher":
         from gmcurv.capture import capture_all
-        from gmcurv.fisher import EIGH_LIMIT, fisher_eigen
+        from gmcurv.fisher import eigen_products, fisher_eigen
 
         announce("capturing gradients", n)
         dg = capture_all(
             objective, data, batch_size, fisher, progress=progress, budget_bytes=budget_bytes
         )
-        rows = dg.n * dg.columns
-        announce(
-            "Gram eigenvalues (Lanczos products)",
-            None if rows <= EIGH_LIMIT else max(4 * k + 40, 80),
-        )
+        announce("Gram eigenvalues (kernel products)", eigen_products(dg.n * dg.columns, k))
         res = fisher_eigen(dg, k, vectors=vectors, seed=seed, progress=progress)
         values = [
             Estimate(

@@ -29,6 +29,13 @@ from gmcurv.products import batch_ggnvp, batch_hvp, batch_residual_vp, output_re
 CURVATURES = ("hessian", "ggn", "residual")
 
 
+def _accumulate(out: dict[str, Tensor], part: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``out += part`` in place (`out` holds a product's own, freshly made tensors)."""
+    for k, t in out.items():
+        t.add_(part[k])
+    return out
+
+
 @dataclass
 class CurvatureOperator:
     """``v -> C v`` for ``C`` the Hessian, the GGN or their difference (``kind='residual'``)
@@ -61,7 +68,8 @@ class CurvatureOperator:
         self.source = FixedBatches(
             self.data, self.batch_size, obj.device, obj.dtype, self.cache_bytes
         )
-        self.graphs = GraphCache(self.graph_bytes, self.cache_graph)
+        params = {p.untyped_storage().data_ptr() for p in obj.params.values()}
+        self.graphs = GraphCache(self.graph_bytes, self.cache_graph, storages=params)
         self.residuals: dict[int, Tensor] = {}
 
     @property
@@ -168,14 +176,14 @@ class CurvatureOperator:
         self.n_matvecs += count
         if self.progress:
             self.progress(count)
-        return {k: v / self.n for k, v in out.items()}
+        return {k: v.div_(self.n) for k, v in out.items()}  # products' own tensors
 
     def matvec_dict(self, vector: dict[str, Tensor]) -> dict[str, Tensor]:
         """``C v`` in parameter layout."""
         out: dict[str, Tensor] | None = None
         for i, batch in enumerate(self._product_batches()):
             part = self._batch_product(batch, vector, i)
-            out = part if out is None else {k: out[k] + part[k] for k in out}
+            out = part if out is None else _accumulate(out, part)
         return self._mean(out, 1)
 
     def matvec(self, v: Tensor) -> Tensor:
@@ -193,7 +201,7 @@ class CurvatureOperator:
         out: dict[str, Tensor] | None = None
         for i, batch in enumerate(self._product_batches()):
             part = self._batch_matmat(batch, vecs, i, m)
-            out = part if out is None else {k: out[k] + part[k] for k in out}
+            out = part if out is None else _accumulate(out, part)
         mean = self._mean(out, m)
         flat = torch.cat([mean[k].reshape(m, -1) for k in self.space.names], dim=1)  # [m, P]
         return flat.to(V.dtype)

@@ -100,6 +100,7 @@ LAYERS = (
             "gmcurv.ggn",
             "gmcurv.hessian",
             "gmcurv.lanczos",
+            "gmcurv.block_krylov",
             "gmcurv.lanczos_trace",
             "gmcurv.stochastic",
             "gmcurv.density",

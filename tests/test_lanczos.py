@@ -6,6 +6,7 @@ import pytest
 import torch
 from oracles import dense_hessian
 
+from gmcurv.block_krylov import block_lanczos
 from gmcurv.lanczos import dense_topk, error_bounds, lanczos, lanczos_tridiagonal
 from gmcurv.operator import CurvatureOperator
 
@@ -107,3 +108,48 @@ def test_top_k_of_tiny_model_hessians(name, tmp_path):
         res = lanczos(op.matvec, op.size, 3, which=which, tol=1e-12, max_restarts=0)
         ref, _ = dense_topk(H, 3, which)
         torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-8)
+
+
+# ----------------------------------------------------------------- block Lanczos (formed K)
+@pytest.mark.parametrize("name", ["decaying", "clustered"])
+@pytest.mark.parametrize("criterion", ["gap", "residual"])
+def test_block_lanczos_known_spectra(name, criterion):
+    w = SPECTRA[name]
+    A = _with_spectrum(w)
+    ref, _ = dense_topk(A, 4)
+    ticks = []
+    res = block_lanczos(
+        lambda X: A @ X, 100, 4, tol=1e-12, vectors=True, criterion=criterion,
+        progress=ticks.append,
+    )  # fmt: skip
+    torch.testing.assert_close(res.values, ref, rtol=0, atol=1e-9 * float(w.abs().max()))
+    assert bool(res.converged.all()) and sum(ticks) == res.n_matvecs
+    assert res.n_matvecs < 100  # a partial solve, not the whole space
+    for v, theta, r in zip(res.vectors, res.values, res.residuals, strict=True):
+        assert float(v.norm()) == pytest.approx(1.0, abs=1e-12)
+        true = float((A @ v - theta * v).norm())
+        assert float(r) == pytest.approx(true, abs=1e-9)  # the reported residual is real
+
+
+def test_block_lanczos_sees_multiplicities_and_low_rank():
+    """A triple top eigenvalue (inside one block) and a rank-6 matrix (the basis reaches
+    an invariant subspace: vanishing directions are replaced, the pairs are exact)."""
+    w = torch.cat([torch.tensor([5.0, 5.0, 5.0, 3.0]), torch.linspace(0, 1, 56)])
+    A = _with_spectrum(w, seed=1)
+    res = block_lanczos(lambda X: A @ X, 60, 4, tol=1e-10)
+    torch.testing.assert_close(res.values, torch.tensor([5.0, 5, 5, 3], dtype=torch.float64))
+    assert bool(res.converged.all())
+    g = torch.Generator().manual_seed(2)
+    J = torch.randn(6, 40, generator=g, dtype=torch.float64)
+    K = J.T @ J  # rank 6
+    ref = torch.linalg.eigvalsh(K).flip(0)[:5]
+    res = block_lanczos(lambda X: K @ X, 40, 5, block=4, tol=1e-12)
+    torch.testing.assert_close(res.values, ref, rtol=1e-10, atol=1e-10)
+    assert bool(res.converged.all())
+
+
+def test_block_lanczos_unconverged_is_reported():
+    """A basis cap too small for the tolerance: not converged, and the bounds say so."""
+    A = _with_spectrum(SPECTRA["clustered"])
+    res = block_lanczos(lambda X: A @ X, 100, 4, block=2, tol=1e-14, max_basis=4)
+    assert not bool(res.converged.all()) and res.n_matvecs == 4

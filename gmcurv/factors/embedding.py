@@ -58,9 +58,9 @@ class EmbeddingFactors(GradientSource):
         same = (self.index[:, :, None] == self.index[:, None, :]).to(dd.dtype)  # [N, T, T]
         return torch.einsum("ncts,nts->nc", dd, same)
 
-    def gram(self) -> Tensor:
+    def gram(self, dtype: torch.dtype = torch.float64) -> Tensor:
         if not self._token_route():
-            return super().gram()
+            return super().gram(dtype)
         d = self.delta.double()
         n, c, t, _ = d.shape
         dflat = d.reshape(n * c, t, -1)
@@ -71,7 +71,7 @@ class EmbeddingFactors(GradientSource):
             K[x * c : (x + 1) * c] = torch.einsum(
                 "ctys,tys->cy", ddx, same.repeat_interleave(c, dim=1)
             )
-        return K
+        return K.to(dtype)
 
     def diag(self) -> dict[str, Tensor]:
         v, o = self.shapes[0]

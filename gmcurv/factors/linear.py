@@ -96,12 +96,12 @@ class LinearFactors(GradientSource):
             return super().sq_norms()
         return kernels.sq_norms(self.delta, self.x, self.has_weight, self.has_bias)
 
-    def gram(self) -> Tensor:
+    def gram(self, dtype: torch.dtype = torch.float64) -> Tensor:
         # per pair of examples: token pairs cost T^2 (O+I), materialised gradients O I
         t, o, i = self.tokens, self.delta.shape[-1], self.x.shape[-1] + 1
         if t > 1 and t * t * (o + i) >= o * i:
-            return super().gram()
-        return kernels.gram(self.delta, self.x, self.has_weight, self.has_bias)
+            return super().gram(dtype)
+        return kernels.gram(self.delta, self.x, self.has_weight, self.has_bias, dtype)
 
     def diag(self) -> dict[str, Tensor]:
         return self.pack(*kernels.diag(self.delta, self.x, self.has_weight, self.has_bias))

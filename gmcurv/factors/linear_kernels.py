@@ -33,10 +33,13 @@ def sq_norms(delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool) -> Tens
     return torch.einsum("ncts,nts->nc", dd, aa)
 
 
-def gram(delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
-    """``K[(n,c),(m,c')] = Σ_{t,s} (δ[n,c,t]·δ[m,c',s])(a[n,t]·a[m,s])`` in float64."""
+def gram(
+    delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool, dtype: torch.dtype = torch.float64
+) -> Tensor:
+    """``K[(n,c),(m,c')] = Σ_{t,s} (δ[n,c,t]·δ[m,c',s])(a[n,t]·a[m,s])`` (float64 sums,
+    returned in `dtype`)."""
     if delta.shape[2] == 1:
-        return one_token_gram(delta, x, has_weight, has_bias)
+        return one_token_gram(delta, x, has_weight, has_bias, dtype)
     d = delta.double()
     x = x.double()
     n, c, t, _ = d.shape
@@ -49,13 +52,15 @@ def gram(delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
         aa = pair_kernel(torch.einsum("ti,msi->tms", x[e], x), has_weight, has_bias)
         aax = aa.repeat_interleave(c, dim=1)  # [T, NC, T]
         K[e * c : (e + 1) * c] = torch.einsum("ctys,tys->cy", ddx, aax)
-    return K
+    return K.to(dtype)
 
 
-def one_token_gram(delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
+def one_token_gram(
+    delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool, dtype: torch.dtype = torch.float64
+) -> Tensor:
     """One prediction per example: ``K = (Δ Δᵀ) ⊙ (A Aᵀ)`` (``Δ: [N C, O]``, ``A = [x, 1]``),
     both products by `rows_gram` in the factors' dtype, the Hadamard product in place,
-    float64 out."""
+    returned in `dtype`."""
     n, c = delta.shape[0], delta.shape[1]
     dd = rows_gram(delta[:, :, 0].reshape(n * c, -1))
     x0 = x[:, 0]
@@ -69,7 +74,7 @@ def one_token_gram(delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool) -
         aa = aa.repeat_interleave(c, 0).repeat_interleave(c, 1)
     if dd.dtype != aa.dtype:
         dd = dd.double()
-    return dd.mul_(aa).double()
+    return dd.mul_(aa).to(dtype)
 
 
 def diag(

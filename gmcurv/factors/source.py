@@ -106,9 +106,11 @@ class GradientSource:
         """``||g[n, c]||^2``, shape ``[N, C]``."""
         return torch.cat([self.flat(sl).pow(2).sum(-1) for sl in self.row_chunks()])
 
-    def gram(self) -> Tensor:
-        """``K[(n,c), (n',c')] = <g[n,c], g[n',c']>`` in float64, shape ``[N C, N C]``."""
-        return chunked_gram(self)
+    def gram(self, dtype: torch.dtype = torch.float64) -> Tensor:
+        """``K[(n,c), (n',c')] = <g[n,c], g[n',c']>``, shape ``[N C, N C]``, returned in
+        `dtype` (float64 by default; `gmcurv.fisher.gram_kernel` asks for the factors' own
+        dtype when it sums lower-precision blocks, skipping conversions)."""
+        return chunked_gram(self, dtype)
 
     def diag(self) -> dict[str, Tensor]:
         """``Σ_{n,c} g[n,c]^2`` per parameter (the Fisher diagonal times N)."""
@@ -136,21 +138,21 @@ def _sum_over_chunks(src: GradientSource, term) -> dict[str, Tensor]:
     return out
 
 
-def chunked_gram(src: GradientSource) -> Tensor:
-    """The Gram kernel from materialised gradients, by blocks of example chunks (each block
-    computed once and mirrored)."""
+def chunked_gram(src: GradientSource, dtype: torch.dtype = torch.float64) -> Tensor:
+    """The Gram kernel (in `dtype`) from materialised gradients, by blocks of example
+    chunks (each block computed once and mirrored)."""
     chunks = list(src.row_chunks())
     if len(chunks) == 1:
         g = src.flat(chunks[0]).reshape(src.n * src.columns, -1)
-        return rows_gram(g).double()
+        return rows_gram(g).to(dtype)
     size = src.n * src.columns
-    K = torch.empty(size, size, dtype=torch.float64, device=src.device)
+    K = torch.empty(size, size, dtype=dtype, device=src.device)
     c = src.columns
     for i, si in enumerate(chunks):
         gi = src.flat(si).reshape(-1, src.dim)
         for sj in chunks[i:]:
             gj = gi if sj == si else src.flat(sj).reshape(-1, src.dim)
-            block = rows_gram(gi, gj).double()
+            block = rows_gram(gi, gj).to(dtype)
             K[si.start * c : si.stop * c, sj.start * c : sj.stop * c] = block
             K[sj.start * c : sj.stop * c, si.start * c : si.stop * c] = block.T
     return K

@@ -57,20 +57,20 @@ class SumOfSources(GradientSource):
                     out = out + 2 * _cross(*forms[i][name], *forms[j][name])  # type: ignore[index]
         return out  # type: ignore[return-value]
 
-    def gram(self) -> Tensor:
+    def gram(self, dtype: torch.dtype = torch.float64) -> Tensor:
         """``K = Σ_p K_p + Σ_{p<q} (X_pq + X_pq^T)``, ``X_pq[(n,c),(m,c')] = <g^p[n,c], g^q[m,c']>``
         in token form (one example's rows at a time), each ``K_p`` by its own closed form;
         the generic chunked route when a part has no token form."""
         forms = [_token_form(p) for p in self.parts]
         if any(f is None for f in forms):
-            return super().gram()
+            return super().gram(dtype)
         K = sum(p.gram() for p in self.parts)
         for i in range(len(forms)):
             for j in range(i + 1, len(forms)):
                 for name in forms[i].keys() & forms[j].keys():  # type: ignore[union-attr]
                     X = _cross_gram(*forms[i][name], *forms[j][name])  # type: ignore[index]
                     K = K + X + X.T
-        return K  # type: ignore[return-value]
+        return K.to(dtype)  # type: ignore[union-attr]
 
     def jvp(self, vector: Mapping[str, Tensor]) -> Tensor:
         return sum(p.jvp(vector) for p in self.parts)  # type: ignore[return-value]
