@@ -195,7 +195,9 @@ class Session:
         if need_data:
             with s.stage("startup"):
                 warm_up_autograd()
-        with s.stage("load"):
+        # no count to show: a spinner with the elapsed time (imports of torch's and the
+        # model family's code, reading the checkpoint) — loading can take seconds
+        with s.stage("load"), s.progress("loading the model and data", None):
             distributed.agreed(
                 lambda: _load(s, model, data if need_data else None, arch, loss_name, samples),
                 s.comm,
@@ -240,8 +242,9 @@ class Session:
 
     @contextlib.contextmanager
     def progress(self, label: str, total: int | None) -> Iterator[Callable[[int], None]]:
-        """A rich progress bar on stderr; none with --quiet, --json or stderr not a terminal."""
-        hidden = self.quiet or self.json_mode or not stderr.is_terminal
+        """A rich progress bar on stderr; none with --quiet, --json, stderr not a terminal, or
+        on ranks other than 0 under torchrun (they share the terminal)."""
+        hidden = self.quiet or self.json_mode or not stderr.is_terminal or not self.comm.main
         with progress_bar(label, total, disabled=hidden) as adv:
             yield adv
 

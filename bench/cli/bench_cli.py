@@ -500,6 +500,11 @@ def readme(doc: dict) -> None:
             "stochastic traces stop at `--tol` (1 % relative standard error) or the "
             "`--probes` cap."
         )
+    else:
+        parts.append(
+            "`trace --curvature all` on the bundled `tiny_gpt` was not timed in the last run "
+            "(`bench/cli/RESULTS.md` lists what was)."
+        )
     hs = doc["startup_wall"]
     if hs:
         parts.append(

@@ -57,6 +57,7 @@ from gmcurv.gradmetanet.tzoo import SPLITS, LMGroupSpec
 from gmcurv.io.data import load_data
 
 METHODS = ("head", "plugin", "mc_equal_time", "hutch_lanczos_equal_time", "plugin_seq")
+TIE = 1e-6
 
 
 def quantile(xs: list[float], q: float) -> float:
@@ -104,8 +105,8 @@ def summarize(rows: list[dict]) -> dict:
             }
             for m, e in errs.items()
         }
-        for m in METHODS[1:]:
-            wins = [h < b for h, b in zip(errs["head"], errs[m], strict=True)]
+        for m in METHODS[1:]:  # below float32 resolution a difference is a tie, not a win
+            wins = [h < b * (1 - TIE) for h, b in zip(errs["head"], errs[m], strict=True)]
             out[q][m]["head_win_rate"] = sum(wins) / len(wins)
             out[q][m]["head_gain_mean"] = 1 - out[q]["head"]["mean"] / out[q][m]["mean"]
         inside = [r[q]["lo"] <= r[q]["truth"] <= r[q]["hi"] for r in rows]
@@ -126,6 +127,20 @@ def summarize(rows: list[dict]) -> dict:
         [r["trace"]["truth_se"] / abs(r["trace"]["truth"]) for r in rows]
     )
     return out
+
+
+def split_rows(rows: list[dict]) -> dict[str, list[dict]]:
+    """Rows by split, transformers family, all held-out and held-out with a pinned truth."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["split"], []).append(r)
+        if r["split"] == "test-hf":
+            groups.setdefault(f"test-hf:{r['family']}", []).append(r)
+        if r["split"].startswith("test"):
+            groups.setdefault("all-test", []).append(r)
+            if r["trace"]["truth_se"] <= 0.1 * abs(r["trace"]["truth"]):
+                groups.setdefault("all-test-reliable", []).append(r)
+    return groups
 
 
 def backward_seconds(obj, batch) -> float:
@@ -212,7 +227,13 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=3, help="leave-tasks-out calibration folds")
     ap.add_argument("--max-groups", type=int, default=None, help="use the first N groups")
     ap.add_argument("--max-draws", type=int, default=8, help="training sets per snapshot")
+    ap.add_argument("--resummarize", action="store_true", help="recompute --out's summaries")
     args = ap.parse_args(argv)
+    if args.resummarize:  # same rows, summaries from the current `summarize`
+        res = json.loads(Path(args.out).read_text())
+        res["summary"] = {k: summarize(v) for k, v in sorted(split_rows(res["rows"]).items())}
+        Path(args.out).write_text(json.dumps(res, indent=1))
+        return 0
     zoo = Path(args.zoo)
     t_start = time.perf_counter()
     files = group_files(zoo)[: args.max_groups] if args.max_groups else group_files(zoo)
@@ -242,15 +263,7 @@ def main(argv=None) -> int:
     cal["folds"] = [sorted(f) for f in folds]
     splits = tuple(args.splits.split(","))
     rows = evaluate(model, cal, zoo, splits, use)
-    groups: dict[str, list[dict]] = {}
-    for r in rows:
-        groups.setdefault(r["split"], []).append(r)
-        if r["split"] == "test-hf":
-            groups.setdefault(f"test-hf:{r['family']}", []).append(r)
-        if r["split"].startswith("test"):
-            groups.setdefault("all-test", []).append(r)
-            if r["trace"]["truth_se"] <= 0.1 * abs(r["trace"]["truth"]):
-                groups.setdefault("all-test-reliable", []).append(r)
+    groups = split_rows(rows)
     costs = [json.loads(line) for line in (zoo / "cost.jsonl").read_text().splitlines()]
     costs = [c for c in costs if c["gid"] in use]
     specs = [read_spec(f) for f in files]

@@ -374,6 +374,22 @@ def _where_to_use(res: dict[str, Any], timing: dict[str, Any] | None) -> str:
         for q in ("trace", "top")
     }
     shipped = all(ok for _, ok, _ in v2_targets(res, timing)[:-1])
+    shrink = res.get("calibration", {}).get("shrink")
+    note = ""
+    if shrink is not None:
+        note = (
+            f" The head's corrections to the plug-ins are shrunk by factors fitted out of fold "
+            f"across tasks: α = {shrink[0]:.1f} for the trace, {shrink[1]:.1f} for λ_max"
+            + (
+                " (α = 0: the learned trace correction did not carry over to unseen tasks, so "
+                "the head's trace *is* the token-level plug-in; its <= "
+                + _pct(max(v["trace"]["plugin"]["head_win_rate"] for v in s.values()))
+                + ' "wins" against it are float32 rounding)'
+                if shrink[0] == 0
+                else ""
+            )
+            + "."
+        )
     lines = [
         "Where to use what: **head v2 is "
         + ("shipped**." if shipped else "not shipped** (not every target above is met) — ")
@@ -390,7 +406,7 @@ def _where_to_use(res: dict[str, Any], timing: dict[str, Any] | None) -> str:
             f"{V2_LABELS[q]}: the head beats every equal-cost baseline (lower mean error, win "
             f"rate > 50 %) on: {w}; it does not on: {lo}. "
         )
-    return "".join(lines).strip()
+    return ("".join(lines).strip() + note).strip()
 
 
 def v2_section(res: dict[str, Any], timing: dict[str, Any] | None = None) -> str:

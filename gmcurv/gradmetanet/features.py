@@ -76,11 +76,11 @@ def _activation_name(module: nn.Module) -> str | None:
 
 TRANSFORMER_REFUSAL = (
     "the GradMetaNet head does not run on transformers: head v2 (GPT-2 / Llama) is not "
-    "shipped — on held-out causal LMs its Hessian trace loses to the equal-cost baselines "
-    "on most sets, its λ_max beats the per-sequence plug-in by only 10 % and loses on "
-    "unseen architectures, its 80 % intervals do not hold, and it costs more than the exact "
-    "engine's products (numbers: `gmcurv head info`; in the repository: "
-    "bench/gradmetanet/head_v2.json)"
+    "shipped — on held-out causal LMs its learned Hessian-trace correction did not carry "
+    "over to unseen tasks (its trace is the plug-in, about twice Hutchinson's error at equal "
+    "time), its λ_max is 4 % worse than the per-sequence plug-in and loses on unseen widths "
+    "and on Llama, its trace intervals over-cover, and it costs about 10 backward passes "
+    "(numbers: `gmcurv head info`; in the repository: bench/gradmetanet/head_v2.json)"
 )
 
 

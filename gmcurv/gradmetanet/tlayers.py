@@ -175,11 +175,11 @@ class HeadV2Output:
     r_top: Tensor  # scalar
     neurons: Tensor  # [J, C] per neuron (all sides packed; `HeadV2.neurons_by_side`)
 
-    def trace(self, inp: HeadV2Input) -> Tensor:
-        return inp.plug_trace * (1.0 + self.r_trace)
+    def trace(self, inp: HeadV2Input) -> Tensor:  # float64: r = 0 is the plug-in exactly
+        return inp.plug_trace * (1.0 + self.r_trace.double())
 
     def top(self, inp: HeadV2Input) -> Tensor:
-        return inp.seq_top * torch.exp(self.r_top)
+        return inp.seq_top * torch.exp(self.r_top.double())
 
 
 class HeadV2(nn.Module):
