@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from gmcurv.batch import Batch
-from gmcurv.gradmetanet.tfeatures import extract
+from gmcurv.capture import Capturer
+from gmcurv.gradmetanet.tfeatures import predicted_tokens, tset_from_gradients
 from gmcurv.gradmetanet.tlayers import HeadV2, HeadV2Config, HeadV2Input
 from gmcurv.objective import Objective
 
@@ -37,13 +38,15 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--b", type=int, default=8)
     ap.add_argument("--t", type=int, default=128)
+    ap.add_argument("--note", default="")
+    ap.add_argument("--layers", type=int, default=12, help="n_layer (12 = GPT-2 small)")
     args = ap.parse_args(argv)
     import transformers as tf
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     with contextlib.redirect_stderr(io.StringIO()):
-        model = tf.GPT2LMHeadModel(tf.GPT2Config()).eval()
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=args.layers)).eval()
     model.config._attn_implementation = "eager"
     obj = Objective.build(model, "next_token")
     n_params = sum(p.numel() for p in model.parameters())
@@ -51,6 +54,7 @@ def main(argv=None) -> int:
     batch = Batch(ids, None, 0)
     head = HeadV2(HeadV2Config(channels=12, blocks=1))
     rows = []
+    load0 = os.getloadavg()
     for _ in range(args.reps):
         t0 = time.perf_counter()
         loss = obj.per_example_loss(batch).mean()
@@ -58,7 +62,11 @@ def main(argv=None) -> int:
         t_bwd = time.perf_counter() - t0
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        s = extract(obj, batch)
+        dg = Capturer(obj, "mc", 1, 0, check=False)(batch)  # = tfeatures.extract
+        tc = time.perf_counter()
+        s = tset_from_gradients(dg, model)
+        s.tokens = predicted_tokens(batch)
+        del dg
         t1 = time.perf_counter()
         inp = HeadV2Input.from_tset(s)
         t2 = time.perf_counter()
@@ -68,6 +76,8 @@ def main(argv=None) -> int:
         rows.append(
             {
                 "backward": t_bwd,
+                "capture": tc - t0,
+                "group": t1 - tc,
                 "capture_and_group": t1 - t0,
                 "features": t2 - t1,
                 "network": t3 - t2,
@@ -76,17 +86,22 @@ def main(argv=None) -> int:
         )
     ratio = statistics.median(r["head_total"] / r["backward"] for r in rows)
     out = {
-        "model": "transformers GPT2Config() random init",
+        "model": "transformers GPT2Config() random init"
+        + ("" if args.layers == 12 else f", n_layer={args.layers}"),
         "n_params": n_params,
         "tokens": [args.b, args.t],
         "dtype": "float32",
         "threads": 1,
         "loadavg": os.getloadavg(),
+        "loadavg_start": load0,
         "rows": rows,
         "head_over_backward_median": ratio,
         "target": "< 1.5",
         "met": ratio < 1.5,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M"),
     }
+    if args.note:
+        out["note"] = args.note
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps({k: out[k] for k in ("head_over_backward_median", "met")}))
     return 0

@@ -57,14 +57,18 @@ class SumOfSources(GradientSource):
                     out = out + 2 * _cross(*forms[i][name], *forms[j][name])  # type: ignore[index]
         return out  # type: ignore[return-value]
 
-    def gram(self, dtype: torch.dtype = torch.float64) -> Tensor:
+    def gram(
+        self, dtype: torch.dtype = torch.float64, known: Mapping[int, Tensor] | None = None
+    ) -> Tensor:
         """``K = Σ_p K_p + Σ_{p<q} (X_pq + X_pq^T)``, ``X_pq[(n,c),(m,c')] = <g^p[n,c], g^q[m,c']>``
-        in token form (one example's rows at a time), each ``K_p`` by its own closed form;
+        in token form (one example's rows at a time), each ``K_p`` by its own closed form
+        or taken from `known` (part index -> its Gram, already computed by the caller);
         the generic chunked route when a part has no token form."""
         forms = [_token_form(p) for p in self.parts]
         if any(f is None for f in forms):
             return super().gram(dtype)
-        K = sum(p.gram() for p in self.parts)
+        known = known or {}
+        K = sum(known[i] if i in known else p.gram() for i, p in enumerate(self.parts))
         for i in range(len(forms)):
             for j in range(i + 1, len(forms)):
                 for name in forms[i].keys() & forms[j].keys():  # type: ignore[union-attr]
@@ -153,19 +157,30 @@ def _pair_products(a: Side, b: Side) -> Tensor:
     return torch.einsum("ctd,mksd->ctmks", a, b)
 
 
+def _to_double_if_dense(a: Side, b: Side) -> tuple[Side, Side]:
+    """Both sides in float64 when both are dense, else unchanged."""
+    if a.is_floating_point() and b.is_floating_point():
+        return a.double(), b.double()
+    return a, b
+
+
 def _cross_gram(rows_a: Side, cols_a: Side, rows_b: Side, cols_b: Side) -> Tensor:
     """``X[(n,c),(m,c')] = <g_a[n,c], g_b[m,c']>`` (float64, ``[N C, N C]``) for two token
     forms of the same matrix: ``Σ_{t,s} (rows_a·rows_b)(cols_a·cols_b)``, row by row."""
     dense = [t for t in (rows_a, cols_a, rows_b, cols_b) if t.is_floating_point()]
     n = rows_a.shape[0]
     c = max(t.shape[1] for t in dense)
-    rows_a, cols_a, rows_b, cols_b = (
-        t.double() if t.is_floating_point() else t for t in (rows_a, cols_a, rows_b, cols_b)
-    )
+    # float64 before dense-dense products; a side gathered by the other's indices is
+    # converted after the gather (the same numbers, without a float64 copy of, e.g., a tied
+    # head's [N, C, T, V] deltas)
+    rows_a, rows_b = _to_double_if_dense(rows_a, rows_b)
+    cols_a, cols_b = _to_double_if_dense(cols_a, cols_b)
     X = torch.empty(n * c, n * c, dtype=torch.float64, device=dense[0].device)
     for e in range(n):
         left = _pair_products(rows_a[e], rows_b)
         right = _pair_products(cols_a[e], cols_b)
+        left = left.double() if left.is_floating_point() else left
+        right = right.double() if right.is_floating_point() else right
         prod = (left * right).sum((1, 4))  # [C|1, M, K|1]
         X[e * c : (e + 1) * c] = prod.expand(c, n, c).reshape(c, n * c)
     return X

@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -43,6 +44,7 @@ from gmcurv.batch import Batch
 from gmcurv.capture import Capturer, DecomposedGradients
 from gmcurv.errors import ConfigError
 from gmcurv.factors import LinearFactors, SumOfSources
+from gmcurv.factors.source import rows_gram
 from gmcurv.objective import Objective
 
 ROLES = ("attn_in", "attn_out", "mlp_in", "mlp_out", "head")
@@ -152,7 +154,12 @@ class TSet:
     @property
     def plug_top(self) -> float:
         """``λ_max(Ĝ)`` of the Linear layers: top eigenvalue of the per-token Gram."""
-        return self.tokens * float(torch.linalg.eigvalsh(self.tok_gram)[-1]) / self.b
+        return self.tokens * self._tok_top / self.b
+
+    @cached_property
+    def _tok_top(self) -> float:
+        """Top eigenvalue of `tok_gram` (computed once)."""
+        return float(torch.linalg.eigvalsh(self.tok_gram)[-1])
 
 
 def head_config(model: torch.nn.Module) -> tuple[int, int, int]:
@@ -179,9 +186,8 @@ def _head_ids(width: int, hd: int) -> Tensor:
 
 
 def _values(src: LinearFactors) -> tuple[Tensor, Tensor]:
-    """``x [N, T, I]`` and ``delta [N, C, T, O]`` in float64."""
-    x = src.x.double()
-    d = src.delta.double()
+    """``x [N, T, I]`` and ``delta [N, C, T, O]`` as captured (views, no copy)."""
+    x, d = src.x, src.delta
     if x.dim() == 2:
         x, d = x[:, None], d[..., None, :]
     if d.dim() == 3:
@@ -189,18 +195,67 @@ def _values(src: LinearFactors) -> tuple[Tensor, Tensor]:
     return x, d
 
 
-def _token_gram(x: Tensor, d: Tensor, bias: bool) -> Tensor:
-    """``[(n,c,t), (m,c',s)]`` Gram of per-token gradients ``delta x^T`` (+ bias)."""
-    N, C, T, _O = d.shape
-    xx = torch.einsum("nti,msi->ntms", x, x)
-    if bias:
-        xx = xx + 1.0
-    dd = torch.einsum("ncto,mdso->nctmds", d, d)
-    return (dd * xx[:, None, :, :, None, :]).reshape(N * C * T, N * C * T)
+def sym_gram(a: Tensor, splits: int | None = None) -> Tensor:
+    """``a aᵀ`` for rows ``a [M, D]`` by `rows_gram` on the upper blocks of a
+    ``splits x splits`` row partition, mirrored: ``(s + 1) / 2s`` of a full product
+    (default: blocks of at least 128 rows, at most 8 of them)."""
+    m = a.shape[0]
+    if splits is None:
+        splits = max(1, min(8, m // 128))
+    if splits <= 1 or m < 2 * splits:
+        return rows_gram(a)
+    edges = [m * k // splits for k in range(splits + 1)]
+    blocks = [a[edges[k] : edges[k + 1]] for k in range(splits)]
+    out = None
+    for i in range(splits):
+        for j in range(i, splits):
+            blk = rows_gram(blocks[i], blocks[j])
+            if out is None:
+                out = blk.new_empty(m, m)
+            out[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = blk
+            if j != i:
+                out[edges[j] : edges[j + 1], edges[i] : edges[i + 1]] = blk.T
+    assert out is not None
+    return out
+
+
+def _token_gram(
+    x: Tensor, d: Tensor, has_weight: bool, has_bias: bool, cache: dict | None = None
+) -> Tensor:
+    """``[(n,c,t), (m,c',s)]`` Gram of per-token gradients ``delta_t a_tᵀ`` (``a = [x, 1]``):
+    ``(δ_t·δ_s)(a_t·a_s)``, both products in the factors' dtype (`rows_gram`: float32
+    factors summed in float64 over long inner dimensions), the Hadamard product in
+    float64. Cost ``(N C T)² O + (N T)² I``, halved by symmetry (`sym_gram`); `cache`
+    keeps ``x xᵀ`` of inputs shared by several layers (Llama's q/k/v, gate/up)."""
+    N, C, T, O = d.shape
+    dd = sym_gram(d.reshape(N * C * T, O)).double()
+    if has_weight:
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+        xx = None if cache is None else cache.get(key)
+        if xx is None:
+            xx = sym_gram(x.reshape(N * T, -1)).double()
+            if cache is not None:
+                cache[key] = xx
+        if has_bias:
+            xx = xx + 1.0
+    else:
+        xx = torch.full((N * T, N * T), 1.0 if has_bias else 0.0, dtype=torch.float64)
+    dd = dd.view(N, C, T, N, C, T)
+    dd.mul_(xx.view(N, 1, T, N, 1, T))
+    return dd.view(N * C * T, N * C * T)
+
+
+def _seq_gram(tok: Tensor, nc: int, t: int) -> Tensor:
+    """Per-sequence Gram ``[(n,c), (m,c')]`` of a Linear layer from its token Gram:
+    ``<g_nc, g_mc'> = Σ_{t,s} K[(n,c,t), (m,c',s)]``."""
+    return tok.view(nc, t, nc, t).sum((1, 3))
 
 
 def tset_from_gradients(dg: DecomposedGradients, model: torch.nn.Module) -> TSet:
-    """Group the captured factors of `model` by layer role and neuron kind."""
+    """Group the captured factors of `model` by layer role and neuron kind.
+
+    A Linear layer's per-sequence Gram and squared norms are sums of blocks of its token
+    Gram (computed once), so no per-sequence gradient is ever materialised."""
     _, _, hd = head_config(model)
     layers: list[TLayer] = []
     other = torch.zeros(dg.n, dtype=torch.float64)
@@ -208,21 +263,28 @@ def tset_from_gradients(dg: DecomposedGradients, model: torch.nn.Module) -> TSet
     tok = None
     n_params = 0
     d_model = 0
+    xx_cache: dict = {}  # inputs shared by several layers (their x xᵀ, once)
     for blk in dg.blocks:
-        sq = blk.source.sq_norms().sum(1).double()
-        gram += blk.source.gram().double()
         n_params += blk.dim
-        role, src = layer_role(blk.name), blk.source
+        role, src, lin = layer_role(blk.name), blk.source, blk.source
         if isinstance(src, SumOfSources):  # tied LM head (GPT-2): embedding + head parts
             linear = [p for p in src.parts if isinstance(p, LinearFactors)]
             if len(linear) == 1:
-                role, src = "head", linear[0]
-        if role is None or not isinstance(src, LinearFactors):
-            other += sq
+                role, lin = "head", linear[0]
+        if role is None or not isinstance(lin, LinearFactors):
+            g = src.gram().double()
+            gram += g
+            other += g.diagonal().view(dg.n, dg.columns).sum(1)
             continue
-        x, dc = _values(src)
-        kg = _token_gram(x if src.has_weight else x[..., :0], dc, src.has_bias)
-        tok = kg if tok is None else tok + kg
+        x, dc = _values(lin)
+        kg = _token_gram(x, dc, lin.has_weight, lin.has_bias, xx_cache)
+        g = _seq_gram(kg, dg.n * dg.columns, dc.shape[2])
+        if src is not lin:  # a tied block: the other parts and the cross terms
+            at = next(i for i, p in enumerate(src.parts) if p is lin)  # type: ignore[union-attr]
+            g = src.gram(known={at: g}).double()  # type: ignore[call-arg]
+        gram += g
+        sq = g.diagonal().view(dg.n, dg.columns).sum(1)
+        tok = kg if tok is None else tok.add_(kg)
         d = dc[:, 0]  # the head reads the first column
         kx, kd = SIDE_KINDS[role]
         hx = _head_ids(x.shape[-1], hd) if kx == "headdim" else None
@@ -266,24 +328,42 @@ def predicted_tokens(batch: Batch) -> float:
 
 
 # ------------------------------------------------------------------------------- features
+MOMENT_CHUNK = 1 << 18  # entries per chunk (~1 MB of float32): temporaries stay on the heap
+
+
 def moments(values: Tensor) -> Tensor:
-    """``[b, T, J] -> [b, J, N_MOMENTS]`` token-pooled moments of ``u = v / rms(v)``."""
-    T = values.shape[1]
-    rms = values.pow(2).mean().sqrt().clamp_min(1e-300)
-    u = values / rms
-    p = torch.linspace(0.0, 1.0, T, dtype=u.dtype)[None, :, None] if T > 1 else None
-    u2 = u * u
-    cols = [u.mean(1), u2.mean(1), u.abs().mean(1)]
-    if p is None:
-        cols += [torch.zeros_like(cols[0])] * 2
-    else:
-        cols += [(u * p).mean(1), (u2 * p).mean(1)]
+    """``[b, T, J] -> [b, J, N_MOMENTS]`` token-pooled moments of ``u = v / rms(v)``
+    (float64): the means over tokens of ``u, u², |u|, u p_t, u² p_t``.
+
+    Computed from the raw weighted sums ``Σ_t w_t v``, ``Σ_t w_t v²``, ``Σ_t w_t |v|``
+    (``w = [1, p_t] / T``, small products over chunks of ``[T, j]`` columns in the values'
+    dtype: no normalised or squared copy of a whole side is made), then scaled by ``1/rms``
+    and ``1/rms²`` in float64."""
+    b, T, J = values.shape
+    w = torch.zeros(2, T, dtype=values.dtype, device=values.device)
+    w[0] = 1.0 / T
+    if T > 1:
+        w[1] = torch.linspace(0.0, 1.0, T, dtype=torch.float64).to(values.dtype) / T
+    raw = values.new_empty(b, 5, J)  # Σ w v (2), Σ w v² (2), Σ |v| / T
+    step = max(1, MOMENT_CHUNK // max(1, T))
+    for n in range(b):
+        for lo in range(0, J, step):
+            c = values[n, :, lo : lo + step]  # [T, j]
+            hi = lo + c.shape[1]
+            torch.matmul(w, c, out=raw[n, 0:2, lo:hi])
+            torch.matmul(w, c * c, out=raw[n, 2:4, lo:hi])
+            torch.matmul(w[:1], c.abs(), out=raw[n, 4:5, lo:hi])
+    raw = raw.double()
+    rms = float(raw[:, 2].mean().sqrt().clamp_min(1e-300))
+    cols = [raw[:, 0] / rms, raw[:, 2] / rms / rms, raw[:, 4] / rms]
+    cols += [raw[:, 1] / rms, raw[:, 3] / rms / rms]
     return torch.stack(cols, -1)
 
 
 def side_scale(values: Tensor) -> float:
     """``log rms`` of a side (its scale; the moments are scale-free)."""
-    return 0.5 * math.log(float(values.pow(2).mean()) + 1e-300)
+    ss = float(torch.linalg.vector_norm(values).double() ** 2) / max(1, values.numel())
+    return 0.5 * math.log(ss + 1e-300)
 
 
 def global_features(s: TSet) -> Tensor:

@@ -75,13 +75,20 @@ class CrossEntropy(Loss):
         if fisher == "empirical":
             cols = softmax.empirical_columns(p, tgt, w)
         elif fisher == "mc":
-            cols = softmax.mc_columns(p, w, require_noise(noise), mc_samples)
+            noise = require_noise(noise)
+            if self.shift:  # written straight into the padded buffer
+                full = p.new_zeros(noise.shape[1], *outputs.shape)
+                softmax.mc_columns(p, w, noise, mc_samples, full[:, :, :-1])
+                return full
+            cols = softmax.mc_columns(p, w, noise, mc_samples)
         elif fisher == "exact":
             cols = softmax.exact_columns(p, w)
         else:
             raise ConfigError(f"unknown Fisher type {fisher!r}", hint=f"use one of {FISHER_TYPES}")
-        if self.shift:
-            cols = torch.stack([pad_last(c) for c in cols])
+        if self.shift:  # a zero cotangent for the last position (one copy)
+            out = cols.new_zeros(*cols.shape[:2], cols.shape[2] + 1, *cols.shape[3:])
+            out[:, :, :-1] = cols
+            cols = out
         return cols
 
     def n_exact_columns(self, outputs_shape: torch.Size) -> int:

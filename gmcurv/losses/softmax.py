@@ -24,15 +24,29 @@ def empirical_columns(p: Tensor, targets: Tensor, w: Tensor) -> Tensor:
     return (w * (p - onehot)).unsqueeze(0)
 
 
-def mc_columns(p: Tensor, w: Tensor, uniforms: Tensor, mc_samples: int) -> Tensor:
+def mc_columns(
+    p: Tensor, w: Tensor, uniforms: Tensor, mc_samples: int, out: Tensor | None = None
+) -> Tensor:
     """``[k, N, *tok, C]`` from `uniforms` ``[N, k, *tok]``: ``ŷ`` is the class whose
-    cumulative probability first exceeds the uniform."""
+    cumulative probability first exceeds the uniform (`torch.searchsorted` on the
+    non-decreasing CDF: the number of classes with ``cdf <= u``). Built as ``w p`` with the
+    drawn entry replaced by ``w (p_ŷ - 1)`` (no one-hot tensor; bitwise the same as
+    ``w (p - e_ŷ)``), then divided by ``sqrt(k)`` when ``k > 1``; written into `out`
+    (e.g. a view of a padded buffer) when given."""
     n_classes = p.shape[-1]
     u = uniforms.to(p.dtype).movedim(1, 0)  # [k, N, *tok] uniforms
+    k_samples = u.shape[0]
+    if out is None:
+        out = p.new_empty(k_samples, *p.shape)
     cdf = p.cumsum(-1)
-    draws = (cdf.unsqueeze(0) <= u.unsqueeze(-1)).sum(-1).clamp_max(n_classes - 1)
-    onehot = F.one_hot(draws, n_classes).to(p.dtype)
-    return w * (p - onehot) / math.sqrt(mc_samples)
+    for k in range(k_samples):
+        draws = torch.searchsorted(cdf, u[k].unsqueeze(-1).contiguous(), right=True)
+        draws = draws.clamp_max_(n_classes - 1)  # [N, *tok, 1]
+        col = torch.mul(w, p, out=out[k])
+        col.scatter_(-1, draws, w * (p.gather(-1, draws) - 1.0))
+        if mc_samples != 1:
+            col.div_(math.sqrt(mc_samples))
+    return out
 
 
 def exact_columns(p: Tensor, w: Tensor) -> Tensor:
