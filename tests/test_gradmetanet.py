@@ -182,9 +182,9 @@ def _permuted_mlp(model, p1, p2):
     return other
 
 
-@pytest.mark.parametrize("index_freqs", [0, 3])
-def test_hidden_neuron_permutations_are_equivariant(index_freqs):
-    cfg = HeadConfig(**{**SMALL.to_dict(), "index_freqs": index_freqs})
+@pytest.mark.parametrize(("index_freqs", "edge_extra"), [(0, 0), (3, 0), (0, 2)])
+def test_hidden_neuron_permutations_are_equivariant(index_freqs, edge_extra):
+    cfg = HeadConfig(**{**SMALL.to_dict(), "index_freqs": index_freqs, "edge_extra": edge_extra})
     net = _random_head(cfg)
     model = _mlp(seed=7)
     batch = _batch(n=12)
@@ -207,8 +207,9 @@ def test_hidden_neuron_permutations_are_equivariant(index_freqs):
         assert o1.w[0].abs().max() > 1e-3 and o1.scalars.abs().max() > 1e-3  # not trivial
 
 
-def test_gradient_set_order_does_not_matter():
-    net = _random_head()
+@pytest.mark.parametrize("edge_extra", [0, 2])
+def test_gradient_set_order_does_not_matter(edge_extra):
+    net = _random_head(HeadConfig(**{**SMALL.to_dict(), "edge_extra": edge_extra}))
     model = _mlp(seed=9)
     batch = _batch(n=12)
     inp = _encode(model, batch)

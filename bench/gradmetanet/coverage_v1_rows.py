@@ -6,6 +6,11 @@ The calibration (fitted on the zoo's ``val`` split by ``gmcurv head eval --recor
 from the head; each row's model size comes from its zoo group name (dataset, widths). Prints
 the coverage per target and split as JSON; ``--record`` adds it to the head's recorded
 coverage under ``v1-benchmark rows (first set)``.
+
+Superseded: since the intervals are fitted on every held-out group
+(``bench_tasks.py --record``), these rows (digits and the unseen architectures) are inside
+the fit, so their coverage here is in-sample; the honest number is the leave-one-group-out
+coverage that ``bench_tasks.py`` records. Do not ``--record`` it any more.
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ so a factor 3 too high costs what a factor 3 too low does) and by the relative e
 ``|pred - true| / true`` (``relerr``: bounded by 1 for underestimates, unbounded for
 overestimates, so it favours estimators that err low); both are reported, mean and median.
 
-``change`` is ``head / plug - 1`` of the mean errors (negative: the head is better).
+``change`` is ``head / plug - 1`` of the mean errors (negative: the head is better). For the
+Fisher diagonal the rows also hold the non-learned shrinkage baseline on the same gradients
+(``shrink``: `gmcurv.gradmetanet.baselines.winsorised_diagonal`), summarised as
+``shrink``, ``shrink_change`` (vs the plug-in) and ``head_beats_shrink_share``.
 ``calibration`` is the root-mean-square log-ratio ``log(pred / true)`` of the head per
 target (kept for reference). ``intervals`` is what `predict_curvature` reports: the
 calibrated 80 % intervals (`gmcurv.gradmetanet.calibration`) fitted on one split
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 
 from gmcurv.gradmetanet import calibration as cal
+from gmcurv.gradmetanet.baselines import winsorised_diagonal
 from gmcurv.gradmetanet.head import LoadedHead
 from gmcurv.gradmetanet.model import PARAM_TARGETS, SCALAR_TARGETS, HeadOutput, log_prediction
 from gmcurv.gradmetanet.train import Item, loss_parts, make_item
@@ -75,6 +79,25 @@ class DrawErrors:
     logratio: dict[str, list[float]] = field(default_factory=dict)
     n_params: int = 0
     mean_loss: float = math.nan
+    shrink: dict[str, list[float]] = field(default_factory=dict)
+
+
+def shrink_errors(zm: ZooModel) -> list[float]:
+    """NMAE of the winsorised Fisher diagonal (`baselines.winsorised_diagonal`) per draw."""
+    depth = len(zm.spec.widths) + 1
+    out = []
+    for d in zm.draws:
+        dw, db = winsorised_diagonal(d.gs)
+        err = tot = 0.0
+        for l in range(depth):
+            for name, est in ((f"fc{l}.weight", dw[l]), (f"fc{l}.bias", db[l])):
+                t = zm.targets.get(f"fisher_diag.{name}")
+                if t is None or est is None:
+                    continue
+                err += float((est - t.double()).abs().sum())
+                tot += float(t.double().abs().sum())
+        out.append(err / tot if tot > 0 else math.nan)
+    return out
 
 
 def _zero_like(out: HeadOutput) -> HeadOutput:
@@ -146,6 +169,7 @@ def evaluate_models(
                 ratios,
                 sum(int(v.numel()) for v in zm.state.values()),
                 sum(float(d.gs.losses.mean()) for d in zm.draws) / max(len(zm.draws), 1),
+                {"fisher_diag.nmae": shrink_errors(zm)},
             )
         )
         if progress:
@@ -186,6 +210,22 @@ def summarise(rows: Sequence[DrawErrors]) -> dict[str, Any]:
             "n_models": sum(any(math.isfinite(x) for x in r.head.get(m, [])) for r in rows),
             "baseline": BASELINES[m],
         }
+        sh = [x for r in rows for x in r.shrink.get(m, [])]
+        if sh:
+            trip = [
+                (a, b, c)
+                for a, b, c in zip(h, p, sh, strict=True)
+                if math.isfinite(a) and math.isfinite(b) and math.isfinite(c)
+            ]
+            ms = _mean([c for _, _, c in trip])
+            mp3 = _mean([b for _, b, _ in trip])
+            out[m]["shrink"] = ms
+            out[m]["shrink_median"] = _median([c for _, _, c in trip])
+            out[m]["shrink_change"] = ms / mp3 - 1.0 if trip and mp3 > 0 else math.nan
+            out[m]["head_beats_shrink_share"] = (
+                sum(a < c for a, _, c in trip) / len(trip) if trip else math.nan
+            )
+            out[m]["shrink_baseline"] = "winsorised diag F (same b gradients, non-learned)"
     return out
 
 
@@ -261,3 +301,34 @@ def evaluate_head(
         "rows": rows,
         "n_models": len(rows),
     }
+
+
+def leave_one_group_out(
+    rows: Sequence[DrawErrors], group_of: Callable[[DrawErrors], str], source: str
+) -> cal.Calibration:
+    """Intervals fitted on all `rows`, with the coverage a new, unseen group can expect:
+    for each group ``G`` (an unseen task, the unseen architectures, ...), the intervals
+    fitted on every *other* group and their coverage on ``G`` (``coverage[G]``), and the
+    pooled hits of all groups (``coverage["all"]``)."""
+    groups = sorted({group_of(r) for r in rows})
+    cover: dict[str, Any] = {}
+    pooled: dict[str, list[float]] = {}
+    for g in groups:
+        inside = [r for r in rows if group_of(r) == g]
+        outside = [r for r in rows if group_of(r) != g]
+        sizes = sorted({(r.name, r.n_params) for r in outside})
+        fitted = cal.fit(interval_samples(outside), sizes=[p for _, p in sizes])
+        got = cal.coverage(fitted, interval_samples(inside))
+        cover[g] = got
+        for target, c in got.items():
+            acc = pooled.setdefault(target, [0.0, 0.0])
+            acc[0] += c["coverage"] * c["n"]
+            acc[1] += c["n"]
+    cover["all"] = {
+        t: {"coverage": h / n if n else math.nan, "n": int(n)} for t, (h, n) in pooled.items()
+    }
+    sizes = sorted({(r.name, r.n_params) for r in rows})
+    final = cal.fit(interval_samples(rows), source=source, sizes=[p for _, p in sizes])
+    return cal.Calibration(
+        final.level, final.edges, final.quantiles, final.counts, final.pooled, source, cover
+    )

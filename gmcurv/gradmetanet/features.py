@@ -38,8 +38,13 @@ LOG_EPS = 1e-6  # floor inside logs of normalised curvature (units of s_d^2 s_a^
 LOG_SCALE = 0.2  # log features are multiplied by this to stay O(1)
 ENTRY_FEATURES = 2  # (a, delta) per (example, neuron); zero where a neuron has none
 EXAMPLE_FEATURES = 2  # log(1 + loss_n), loss_n / mean loss (capped at 10)
-EDGE_FEATURES = 4
-BIAS_FEATURES = 3
+EDGE_FEATURES = 4  # read by every head: log plug-in F, log K-FAC, log plug-in OBS, weight
+BIAS_FEATURES = 3  # log plug-in F, log plug-in OBS, bias
+# Extra edge features (read by heads with ``HeadConfig.edge_extra = 2``, head v1.1): the log
+# relative standard error of the plug-in entry and the log of the per-entry shrinkage
+# estimate towards K-FAC; bias: the log relative standard error.
+EDGE_EXTRA = 2
+BIAS_EXTRA = 1
 GLOBAL_FEATURES = 6 + len(ACTIVATION_VOCAB)
 
 
@@ -351,6 +356,31 @@ def sample_accuracy(delta_out: Tensor) -> float:
     return float((p.argmax(1) == y).double().mean())
 
 
+def entry_shrinkage(
+    p: Tensor, d2: Tensor, a2: Tensor, kfac: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """Per-entry sampling error of the plug-in and its shrinkage towards K-FAC.
+
+    With ``g_n[j,i]^2 = d2[n,j] a2[n,i]`` and ``p = mean_n g^2`` (the plug-in, normalised
+    units), the variance of ``p`` is estimated by ``v = (mean_n g^4 - p^2) / (b - 1)``;
+    returned: ``LOG_SCALE/2 · log(v / p^2 + LOG_EPS)`` (log relative standard error, ``[O, I]``)
+    and, given `kfac` ``k``, the per-entry shrinkage ``k + λ (p - k)`` with
+    ``λ = max((p-k)^2 - v, 0) / ((p-k)^2)`` (the plug-in where it is far from K-FAC relative
+    to its noise, K-FAC where the difference is within the noise).
+    """
+    b = d2.shape[0]
+    p4 = torch.einsum("nj,ni->ji", d2.pow(2), a2.pow(2)) / b
+    p = p.reshape(p4.shape)
+    var = (p4 - p.pow(2)).clamp_min(0.0) / max(b - 1, 1)
+    rel = 0.5 * LOG_SCALE * torch.log(var / p.pow(2).clamp_min(1e-300) + LOG_EPS)
+    if kfac is None:
+        return rel, None
+    diff = p - kfac
+    excess = (diff.pow(2) - var).clamp_min(0.0)
+    lam = excess / (excess + var).clamp_min(1e-300)
+    return rel, kfac + lam * diff
+
+
 def encode(gs: GradientSet, plug: PlugIn, dtype: torch.dtype = torch.float32) -> HeadInput:
     """Normalised head input for one gradient set (see module doc)."""
     L, b = gs.depth, gs.b
@@ -377,7 +407,14 @@ def encode(gs: GradientSet, plug: PlugIn, dtype: torch.dtype = torch.float32) ->
         kfac = ds[l].pow(2).mean(0)[:, None] * xs[l].pow(2).mean(0)[None, :]
         w = gs.weight[l]
         w_rms = _rms(w)
-        edges.append(torch.stack([_log(pw[..., 0]), _log(kfac), _log(pw[..., 1]), w / w_rms], -1))
+        d2, a2 = ds[l].pow(2), xs[l].pow(2)
+        rel_se, shrunk = entry_shrinkage(pw[..., 0], d2, a2, kfac)
+        edges.append(
+            torch.stack(
+                [_log(pw[..., 0]), _log(kfac), _log(pw[..., 1]), w / w_rms, rel_se, _log(shrunk)],
+                -1,
+            )
+        )
         plug_w.append(pw)
         unit_w.append(torch.tensor(uw, dtype=torch.float64))
         unit_b.append(torch.tensor(ub, dtype=torch.float64))
@@ -388,7 +425,10 @@ def encode(gs: GradientSet, plug: PlugIn, dtype: torch.dtype = torch.float32) ->
         diag_b, obs_b = plug.diag_b[l], plug.obs_b[l]
         assert diag_b is not None and obs_b is not None
         pb = torch.stack([diag_b / ub, obs_b / ub], -1)  # [O, 2]
-        bias_edges.append(torch.stack([_log(pb[:, 0]), _log(pb[:, 1]), gs.bias[l] / w_rms], -1))
+        rel_b, _ = entry_shrinkage(pb[:, 0], d2, torch.ones(b, 1, dtype=d2.dtype), None)
+        bias_edges.append(
+            torch.stack([_log(pb[:, 0]), _log(pb[:, 1]), gs.bias[l] / w_rms, rel_b[:, 0]], -1)
+        )
         plug_b.append(pb)
 
     sq = sum(

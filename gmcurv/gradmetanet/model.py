@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from gmcurv.gradmetanet.features import (
+    BIAS_EXTRA,
     BIAS_FEATURES,
     EDGE_FEATURES,
     EXAMPLE_FEATURES,
@@ -69,6 +70,7 @@ class HeadConfig:
     hidden: int = 32
     n_freq: int = 4
     index_freqs: int = 0
+    edge_extra: int = 0  # 0: v1's edge features; EDGE_EXTRA: + sampling error, shrinkage
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -102,8 +104,8 @@ class GradMetaNet(nn.Module):
             cz,
             ce,
             cfg.prod_channels,
-            EDGE_FEATURES,
-            BIAS_FEATURES,
+            EDGE_FEATURES + cfg.edge_extra,
+            BIAS_FEATURES + (BIAS_EXTRA if cfg.edge_extra else 0),
             cfg.hidden,
             len(PARAM_TARGETS),
         )
@@ -149,7 +151,11 @@ class GradMetaNet(nn.Module):
         offsets = [0]
         for c in counts:
             offsets.append(offsets[-1] + c)
-        ws, bs = self.prod(h, z, offsets, inp.edges, inp.bias_edges)
+        n_e = EDGE_FEATURES + self.config.edge_extra
+        n_b = BIAS_FEATURES + (BIAS_EXTRA if self.config.edge_extra else 0)
+        edges = tuple(e[..., :n_e] for e in inp.edges)
+        bias_edges = tuple(None if e is None else e[..., :n_b] for e in inp.bias_edges)
+        ws, bs = self.prod(h, z, offsets, edges, bias_edges)
         scalars = self.scalar(z, groups, n_groups, inp.globals_)
         dw, db, dtr = reweighted_shift(inp, self.weights(h), offsets)
         ws = [
@@ -263,3 +269,18 @@ def decode(inp: HeadInput, out: HeadOutput) -> Prediction:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def widen_edges(state: dict[str, Tensor], edge_extra: int) -> dict[str, Tensor]:
+    """A v1 head's weights for a head with `edge_extra` more edge features: the new input
+    columns of the edge layers are zero, so the widened head computes exactly what the v1
+    head does until it is trained (fine-tuning starts from v1)."""
+    out = dict(state)
+    for key, base, extra in (
+        ("prod.edge.weight", EDGE_FEATURES, edge_extra),
+        ("prod.b_edge.weight", BIAS_FEATURES, BIAS_EXTRA if edge_extra else 0),
+    ):
+        w = out[key]
+        if w.shape[1] == base:
+            out[key] = torch.cat([w, w.new_zeros(w.shape[0], extra)], 1)
+    return out

@@ -308,17 +308,23 @@ def train_head(
     checkpoint: Path | None = None,
     progress: ProgressFn | None = None,
     max_steps: int | None = None,
+    init_state: dict[str, Tensor] | None = None,
 ) -> TrainResult:
     """Train a head; resume from `checkpoint` when it exists (same configs required).
 
     `progress` receives ``{"event": "step"|"epoch", ...}`` dicts. `max_steps` stops early
-    (smoke tests). Returns the model with the best validation loss of any epoch end.
+    (smoke tests). `init_state` starts from another head's weights (fine-tuning; same
+    `HeadConfig`) instead of the plug-in-reproducing initialisation. Returns the model with
+    the best validation loss of any epoch end (the starting weights count as epoch -1 when
+    `init_state` is given: fine-tuning never returns a head worse on `val_items`).
     """
     cfg = cfg or TrainConfig()
     head_config = head_config or HeadConfig()
     if not train_items:
         raise ConfigError("no training models in the zoo", hint="build it: gmcurv head zoo")
     model = GradMetaNet(head_config, seed=cfg.seed)
+    if init_state is not None:
+        model.load_state_dict({k: v.to(torch.float32) for k, v in init_state.items()})
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(train_items) / cfg.models_per_step)
     total = per_epoch * cfg.epochs
@@ -335,6 +341,11 @@ def train_head(
         "n_train": len(train_items),
     }
     best_state = None
+    if init_state is not None and val_items:
+        start = evaluate_items(model, val_items)
+        state["best"] = start.get("head.fisher_diag.nmae", math.inf)
+        state["history"].append({"epoch": -1, "step": 0, "seconds": 0.0, **start})
+        best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if checkpoint is not None and Path(checkpoint).exists():
         saved = load_checkpoint(Path(checkpoint), model, opt)
         if saved["config"] != cfg.to_dict() or saved["head"] != head_config.to_dict():

@@ -67,9 +67,14 @@ TRAIN_ARCHS: tuple[tuple[int, ...], ...] = (
     (32, 16, 8),
 )
 HELD_OUT_ARCHS: tuple[tuple[int, ...], ...] = ((24,), (24, 24), (48, 24, 12), (16, 16, 16, 16))
+# Procedural task families of the ``tasks`` zoo: ``<family>-<seed>`` names one task instance
+# (input dimension, classes, input scale, label noise drawn from the seed).
+TASK_FAMILIES = ("gmm", "teacher", "xor")
+# Tasks no ``tasks`` head trains or calibrates on (split ``test-task``).
+HELD_OUT_TASKS = ("spiral10", "hastie10")
 ACTIVATIONS = ("relu", "tanh", "gelu")
 SNAPSHOTS = (0, 25, 100, 400, 1200)
-SPLITS = ("train", "val", "test-dataset", "test-arch")
+SPLITS = ("train", "val", "calib", "test-dataset", "test-arch", "test-task")
 SET_SIZE = 128
 TRUTH_EXAMPLES = 1024  # synthetic datasets: training part size
 TEST_EXAMPLES = 512
@@ -106,6 +111,64 @@ def _spirals(n: int, rng: random.Random) -> tuple[list[list[float]], list[int]]:
     return xs, ys
 
 
+def _family_task(name: str, n: int) -> tuple[Tensor, Tensor, float]:
+    """Inputs, labels and input scale of a procedural task ``<family>-<seed>``.
+
+    - ``gmm``: Gaussian mixture, 2-10 classes of 1-3 anisotropic clusters in 2-48 dims;
+    - ``teacher``: labels drawn from a random one-hidden-layer teacher's softmax at a random
+      inverse temperature (label noise built in), 2-10 classes, 4-48 Gaussian inputs;
+    - ``xor``: parity (2 classes) or sign pattern (4 classes) of 2-3 of 4-32 inputs.
+
+    Every family then flips a random share (0-30 %) of labels to random classes; the inputs
+    are standardised and multiplied by a scale ``10^U(-0.7, 0.7)`` (returned).
+    """
+    family, _, tail = name.partition("-")
+    if family not in TASK_FAMILIES or not tail.isdigit():
+        raise ConfigError(
+            f"unknown zoo dataset {name!r}",
+            hint=f"use one of {', '.join(REAL_DATASETS + SYNTHETIC_DATASETS + HELD_OUT_TASKS)} "
+            f"or <family>-<seed> with family in {', '.join(TASK_FAMILIES)}",
+        )
+    rng = random.Random(int(tail) * 7919 + TASK_FAMILIES.index(family))
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    if family == "gmm":
+        d, k, c = (
+            rng.choice((2, 3, 4, 6, 8, 12, 16, 24, 32, 48)),
+            rng.randint(2, 10),
+            rng.randint(1, 3),
+        )
+        sep = rng.uniform(0.5, 3.0)
+        centers = sep * torch.randn(k * c, d, generator=g, dtype=torch.float64)
+        stds = torch.exp(torch.empty(k * c, d, dtype=torch.float64).uniform_(-1, 1, generator=g))
+        comp = torch.randint(0, k * c, (n,), generator=g)
+        X = centers[comp] + stds[comp] * torch.randn(n, d, generator=g, dtype=torch.float64)
+        y = comp % k
+    elif family == "teacher":
+        d, k, h = (
+            rng.choice((4, 8, 12, 16, 24, 32, 48)),
+            rng.randint(2, 10),
+            rng.choice((16, 32, 64)),
+        )
+        X = torch.randn(n, d, generator=g, dtype=torch.float64)
+        W1 = torch.randn(d, h, generator=g, dtype=torch.float64) / math.sqrt(d)
+        W2 = torch.randn(h, k, generator=g, dtype=torch.float64) / math.sqrt(h)
+        beta = 10 ** rng.uniform(0.0, 1.2)
+        logits = beta * torch.tanh(2.0 * X @ W1) @ W2
+        y = torch.multinomial(torch.softmax(logits, 1), 1, generator=g)[:, 0]
+    else:  # xor
+        d, r, k = rng.choice((4, 8, 16, 32)), rng.choice((2, 3)), rng.choice((2, 4))
+        X = torch.randn(n, d, generator=g, dtype=torch.float64)
+        signs = (X[:, :r] > 0).long()
+        parity = signs.sum(1) % 2
+        y = parity if k == 2 else parity + 2 * signs[:, 0]
+        Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+        X = X @ Q
+    flip = rng.choice((0.0, 0.0, 0.05, 0.15, 0.3))
+    mask = torch.rand(n, generator=g, dtype=torch.float64) < flip
+    y = torch.where(mask, torch.randint(0, int(y.max()) + 1, (n,), generator=g), y)
+    return X, y, 10 ** rng.uniform(-0.7, 0.7)
+
+
 def make_dataset(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(x_train, y_train, x_test, y_test)``: standardised float32 inputs, int64 labels.
 
@@ -115,6 +178,7 @@ def make_dataset(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     skd = _sklearn()
     n = TRUTH_EXAMPLES + TEST_EXAMPLES
     seed = 1234
+    scale = 1.0
     if name in REAL_DATASETS:
         loader = {
             "digits": skd.load_digits,
@@ -153,11 +217,17 @@ def make_dataset(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
         noise = 0.3 * torch.randn(n, 18, generator=g, dtype=torch.float64)
         X = (torch.cat([torch.as_tensor(X2), noise], 1) @ Q).numpy()
+    elif name == "spiral10":  # 3-arm spiral rotated into 10 dims with 8 noise dims
+        X2, y = _spirals(n, random.Random(seed + 1))
+        g = torch.Generator().manual_seed(seed + 1)
+        Q, _ = torch.linalg.qr(torch.randn(10, 10, generator=g, dtype=torch.float64))
+        noise = 0.3 * torch.randn(n, 8, generator=g, dtype=torch.float64)
+        X = (torch.cat([torch.as_tensor(X2, dtype=torch.float64), noise], 1) @ Q).numpy()
+    elif name == "hastie10":  # y = [Σ x_i^2 > 9.34] on 10 Gaussian inputs
+        X, y = skd.make_hastie_10_2(n, random_state=seed)
+        y = (y > 0).astype("int64")
     else:
-        raise ConfigError(
-            f"unknown zoo dataset {name!r}",
-            hint=f"use one of {', '.join(REAL_DATASETS + SYNTHETIC_DATASETS)}",
-        )
+        X, y, scale = _family_task(name, n)
     X = torch.as_tensor(X, dtype=torch.float64)
     y = torch.as_tensor(y, dtype=torch.long)
     g = torch.Generator().manual_seed(seed)
@@ -168,7 +238,7 @@ def make_dataset(name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if name == "digits"
         else (int(0.75 * len(y)) if name in REAL_DATASETS else TRUTH_EXAMPLES)
     )
-    X = (X - X[:n_train].mean(0)) / X[:n_train].std(0).clamp_min(1e-3)
+    X = scale * (X - X[:n_train].mean(0)) / X[:n_train].std(0).clamp_min(1e-3)
     X = X.float()
     return X[:n_train], y[:n_train], X[n_train:], y[n_train:]
 
@@ -204,6 +274,7 @@ class GroupSpec:
     split: str
     draws: int
     expensive: bool  # compute OBS curvature and the top Hessian eigenvalue
+    fused: bool = False  # fused Adam kernel (same update, faster; the ``tasks`` zoo)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,7 +286,7 @@ class GroupSpec:
         return cls(**d)
 
 
-ZOO_SIZES = ("tiny", "small", "default")
+ZOO_SIZES = ("tiny", "small", "default", "tasks")
 
 
 def zoo_plan(size: str = "default", seed: int = 0) -> list[GroupSpec]:
@@ -227,7 +298,17 @@ def zoo_plan(size: str = "default", seed: int = 0) -> list[GroupSpec]:
     architecture x activation (``test-dataset``) and the held-out architectures on every
     training dataset with one activation each (``test-arch``); 5 snapshots per run.
     ``small`` and ``tiny`` are subsets for quick runs and tests.
+
+    ``tasks`` (head v1.1): task diversity instead of combinations. ``train``: every
+    training dataset x training architecture with a random activation, and 40 instances of
+    each procedural family (`TASK_FAMILIES`, random architecture and activation); ``val``:
+    9 new instances (model selection); ``calib``: 24 new instances, half of them on the
+    held-out architectures (the intervals are fitted here: unseen tasks and
+    architectures); ``test-task``: the `HELD_OUT_TASKS` on every architecture (unseen
+    tasks, never used for training, selection or calibration).
     """
+    if size == "tasks":
+        return _tasks_plan(seed)
     if size not in ZOO_SIZES:
         raise ConfigError(f"unknown zoo size {size!r}", hint=f"use one of {ZOO_SIZES}")
     rng = random.Random(seed)
@@ -277,6 +358,57 @@ def zoo_plan(size: str = "default", seed: int = 0) -> list[GroupSpec]:
     return specs
 
 
+def _tasks_plan(seed: int) -> list[GroupSpec]:
+    """The ``tasks`` zoo (see `zoo_plan`), ordered so that a partial build is balanced:
+    held-out and calibration groups first, then training groups interleaved (these with
+    Fisher and Hessian diagonals and traces only: no OBS curvature, no top eigenvalue, to
+    fit the build budget)."""
+    rng = random.Random(seed + 101)
+    specs: list[GroupSpec] = []
+
+    def add(dataset, widths, act, split, draws, expensive=True):
+        specs.append(
+            GroupSpec(
+                gid=f"{split}-{dataset}-{'x'.join(map(str, widths))}-{act}-{len(specs):04d}",
+                dataset=dataset,
+                widths=tuple(widths),
+                activation=act,
+                seed=rng.randrange(2**31),
+                lr=10 ** rng.uniform(-2.5, -1.5),
+                batch_size=rng.choice((32, 64, 128)),
+                weight_decay=rng.choice((0.0, 0.0, 1e-4)),
+                steps=SNAPSHOTS,
+                split=split,
+                draws=draws,
+                expensive=expensive,
+                fused=True,
+            )
+        )
+
+    all_archs = TRAIN_ARCHS + HELD_OUT_ARCHS
+    for t in HELD_OUT_TASKS:
+        for i, w in enumerate(all_archs):
+            add(t, w, ACTIVATIONS[i % 3], "test-task", 4)
+    instance = iter(range(10_000))
+    for i in range(24):
+        fam = TASK_FAMILIES[i % 3]
+        w = HELD_OUT_ARCHS[i % 4] if i % 2 else rng.choice(TRAIN_ARCHS)
+        add(f"{fam}-{next(instance)}", w, rng.choice(ACTIVATIONS), "calib", 3)
+    for i in range(9):
+        fam = TASK_FAMILIES[i % 3]
+        add(f"{fam}-{next(instance)}", rng.choice(TRAIN_ARCHS), rng.choice(ACTIVATIONS), "val", 2)
+    fixed = [d for d in REAL_DATASETS + SYNTHETIC_DATASETS if d != HELD_OUT_DATASET]
+    fixed_runs = [(d, w) for d in fixed for w in TRAIN_ARCHS]
+    rng.shuffle(fixed_runs)
+    family_runs = [f"{TASK_FAMILIES[i % 3]}-{next(instance)}" for i in range(120)]
+    for k in range(max(len(fixed_runs), len(family_runs))):
+        for d, w in ([fixed_runs[k]] if k < len(fixed_runs) else []) + (
+            [(family_runs[k], rng.choice(TRAIN_ARCHS))] if k < len(family_runs) else []
+        ):
+            add(d, w, rng.choice(ACTIVATIONS), "train", 3, expensive=False)
+    return specs
+
+
 # ---------------------------------------------------------------------------- training runs
 def _init(model: MLP, gen: torch.Generator) -> None:
     """PyTorch's default Linear init (``U(±1/sqrt(fan_in))``) from a local generator."""
@@ -302,7 +434,12 @@ def train_snapshots(
     gen = torch.Generator().manual_seed(spec.seed)
     model = build_mlp(x.shape[1], spec.widths, n_classes, spec.activation)
     _init(model, gen)
-    opt = torch.optim.Adam(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    opt = torch.optim.Adam(
+        model.parameters(),
+        lr=spec.lr,
+        weight_decay=spec.weight_decay,
+        **({"fused": True} if spec.fused else {}),
+    )
     out = []
     step = 0
     for target in sorted(spec.steps):
