@@ -322,23 +322,7 @@ def zoo_plan(size: str = "default", seed: int = 0) -> list[GroupSpec]:
         train_sets, archs, held, acts, steps = ["iris"], ((6,), (5, 4)), ((7,),), ("tanh",), (0, 40)
     specs: list[GroupSpec] = []
 
-    def add(dataset, widths, act, split, draws, expensive=True):
-        specs.append(
-            GroupSpec(
-                gid=f"{split}-{dataset}-{'x'.join(map(str, widths))}-{act}-{len(specs):04d}",
-                dataset=dataset,
-                widths=tuple(widths),
-                activation=act,
-                seed=rng.randrange(2**31),
-                lr=10 ** rng.uniform(-2.5, -1.5),
-                batch_size=rng.choice((32, 64, 128)),
-                weight_decay=rng.choice((0.0, 0.0, 1e-4)),
-                steps=steps,
-                split=split,
-                draws=draws,
-                expensive=expensive,
-            )
-        )
+    add = _spec_adder(specs, rng, steps)
 
     for d in train_sets:
         for w in archs:
@@ -366,24 +350,7 @@ def _tasks_plan(seed: int) -> list[GroupSpec]:
     rng = random.Random(seed + 101)
     specs: list[GroupSpec] = []
 
-    def add(dataset, widths, act, split, draws, expensive=True):
-        specs.append(
-            GroupSpec(
-                gid=f"{split}-{dataset}-{'x'.join(map(str, widths))}-{act}-{len(specs):04d}",
-                dataset=dataset,
-                widths=tuple(widths),
-                activation=act,
-                seed=rng.randrange(2**31),
-                lr=10 ** rng.uniform(-2.5, -1.5),
-                batch_size=rng.choice((32, 64, 128)),
-                weight_decay=rng.choice((0.0, 0.0, 1e-4)),
-                steps=SNAPSHOTS,
-                split=split,
-                draws=draws,
-                expensive=expensive,
-                fused=True,
-            )
-        )
+    add = _spec_adder(specs, rng, SNAPSHOTS, fused=True)
 
     all_archs = TRAIN_ARCHS + HELD_OUT_ARCHS
     for t in HELD_OUT_TASKS:
@@ -703,3 +670,29 @@ def zoo_model(zm: ZooModel, n_in: int, n_classes: int) -> MLP:
     model = build_mlp(n_in, zm.spec.widths, n_classes, zm.spec.activation).double()
     model.load_state_dict({k: v.double() for k, v in zm.state.items()})
     return model
+
+
+def _spec_adder(specs: list[GroupSpec], rng: random.Random, steps, **fixed):
+    """A function appending one group to `specs`: hyper-parameters drawn from `rng` in a fixed
+    order (seed, lr, batch size, weight decay), so a plan's ids and seeds never change."""
+
+    def add(dataset, widths, act, split, draws, expensive=True):
+        specs.append(
+            GroupSpec(
+                gid=f"{split}-{dataset}-{'x'.join(map(str, widths))}-{act}-{len(specs):04d}",
+                dataset=dataset,
+                widths=tuple(widths),
+                activation=act,
+                seed=rng.randrange(2**31),
+                lr=10 ** rng.uniform(-2.5, -1.5),
+                batch_size=rng.choice((32, 64, 128)),
+                weight_decay=rng.choice((0.0, 0.0, 1e-4)),
+                steps=steps,
+                split=split,
+                draws=draws,
+                expensive=expensive,
+                **fixed,
+            )
+        )
+
+    return add
