@@ -87,12 +87,22 @@ def snapshot_batches(spec, tensors, k: int, draws: int, n: int) -> list[Batch]:
     return out
 
 
+def _load_items(cfile: Path) -> list[Item] | None:
+    """Cached items, unpickled with only tensors, `Item` and `HeadV2Input` allowed (no code
+    runs); None on torch < 2.5, which lacks `safe_globals` (the caller re-extracts)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    if safe_globals is None:
+        return None
+    with safe_globals([Item, HeadV2Input]):
+        return torch.load(cfile, weights_only=True)
+
+
 def group_items(path: Path, cache: Path) -> list[Item]:
     """The items of one zoo group, from ``cache/<gid>.pt`` or extracted (and cached)."""
     spec, meta, tensors = read_group(path)
     cfile = cache / f"{spec.gid}.pt"
-    if cfile.exists():
-        return torch.load(cfile, weights_only=False)
+    if cfile.exists() and (cached := _load_items(cfile)) is not None:
+        return cached
     torch.set_num_threads(1)
     group_items = []
     with tempfile.TemporaryDirectory() as tmp:
