@@ -40,3 +40,48 @@ def test_v2_verdict_text_follows_the_numbers():
                                       "rows": [{"head_total": 1.0, "backward": 1.0}],
                                       "loadavg": [1.0]})  # fmt: skip
     assert "**the head v2 network is shipped**" in win
+
+
+def _top_split(head, base, rate=0.9, cov=0.8):
+    s = {"n": 10, "models": 5, "head": {"mean": head, "median": head}, "coverage_80": cov,
+         "best_baseline": "plugin_seq", "gain_over_best": 1 - head / base, "hvps_equal_time": 1,
+         "head_over_backward": {"median": 5.0, "max": 6.0}}  # fmt: skip
+    for b in ("plugin_seq", "plugin", "mc_equal_time", "hutch_lanczos_equal_time"):
+        s[b] = {"mean": base, "median": base, "head_win_rate": rate,
+                "head_gain_mean": 1 - head / base}  # fmt: skip
+    return s
+
+
+def test_v2_top_section_states_per_split_verdicts_from_the_numbers():
+    from gmcurv.gradmetanet.card import v2_top_section
+
+    top = {
+        "correction": {"penalty": 1.0, "shrink": 0.8, "cv_error": 0.6, "cv_error_plugin": 0.7,
+                       "trained_on": {"sets": 40, "groups": ["a", "b"], "tasks": ["copy"]}},
+        "equal_cost": "timed",
+        "summary": {"all-test": _top_split(0.4, 0.6), "test-hf:gpt2": _top_split(0.5, 0.55, 0.4)},
+    }  # fmt: skip
+    text = v2_top_section(top)
+    assert "| all held-out transformers | 10 | 0.400 / 0.400 |" in text
+    assert "+33 % (plugin_seq) | 80 % | yes | met |" in text
+    assert "no (plugin_seq, plugin, mc_equal_time, hutch_lanczos_equal_time) | missed" in text
+    assert "on: all held-out transformers; it does not on: transformers GPT2LMHeadModel" in text
+
+
+def test_v2_trace_section_shows_equal_time_losses():
+    from gmcurv.gradmetanet.card import v2_trace_section
+
+    v = {"sets": 6, "hutchinson_probes_median": 5, "control_variate": {"mean": 0.2, "median": 0.1},
+         "hutchinson_equal_time": {"mean": 0.1, "median": 0.05}, "cv_win_rate": 0.25,
+         "cv_gain_mean": -1.0}  # fmt: skip
+    tcv = {"summary": {
+        "sets_pinned": 6, "plugin_rel_error_pinned": {"mean": 0.27}, "feature_over_hvp_median": 2.6,
+        "var_R_over_var_H": {"median": 0.5}, "var_H_minus_M_over_var_H": {"median": 1.1},
+        "cost_R_probe_over_H_probe_median": 2.4, "cost_times_var_ratio_below_1": 0.4,
+        "equal_time_pinned": {"ggn_cv_1": v, "token_cv_9": {**v, "sets": 2}},
+    }}  # fmt: skip
+    text = v2_trace_section(tcv, {"shrink": 0.3, "head": {"mean": 0.25},
+                                  "plugin": {"mean": 0.26}, "sets": 9})  # fmt: skip
+    assert "| ggn control variate, k = 1 | 6 | 0.200 / 0.100 | 0.100 / 0.050 (5) | -100 % |" in text
+    assert "token control variate, k = 9" not in text  # too few sets to show
+    assert "gives 0.250 vs 0.260 on 9 sets" in text and "exits 2" in text

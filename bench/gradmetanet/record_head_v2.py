@@ -2,6 +2,7 @@
 
 python bench/gradmetanet/record_head_v2.py [--result bench/gradmetanet/head_v2.json]
     [--timing bench/gradmetanet/head_v2_124m.json] [--top bench/gradmetanet/head_v2_top.json]
+    [--trace-cv bench/gradmetanet/trace_cv_head_v2.json]
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ def main(argv=None) -> int:
     ap.add_argument("--result", default="bench/gradmetanet/head_v2.json")
     ap.add_argument("--timing", default="bench/gradmetanet/head_v2_124m.json")
     ap.add_argument("--top", default="bench/gradmetanet/head_v2_top.json")
+    ap.add_argument("--trace-cv", default="bench/gradmetanet/trace_cv_head_v2.json")
     args = ap.parse_args(argv)
     res = json.loads(Path(args.result).read_text())
     timing = json.loads(Path(args.timing).read_text()) if Path(args.timing).exists() else None
     top = json.loads(Path(args.top).read_text()) if Path(args.top).exists() else None
-    atomic_write_text(CARD_FILE, update_v2(CARD_FILE.read_text(), res, timing, top))
+    tcv = json.loads(Path(args.trace_cv).read_text()) if Path(args.trace_cv).exists() else None
+    atomic_write_text(CARD_FILE, update_v2(CARD_FILE.read_text(), res, timing, top, tcv))
     return 0
 
 

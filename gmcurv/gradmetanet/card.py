@@ -536,15 +536,67 @@ def v2_top_section(top: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def v2_trace_section(tcv: dict[str, Any], analogue: dict[str, Any] | None = None) -> str:
+    """Markdown of the Hessian-trace study (`bench/gradmetanet/probe_trace_cv_head_v2.py`):
+    why `--method learned` offers no trace on transformers."""
+    s = tcv["summary"]
+    eq = s["equal_time_pinned"]
+    rows = [
+        f"| {name.replace('_cv_', ' control variate, k = ')} | {v['sets']} | "
+        f"{_f(v['control_variate']['mean'])} / {_f(v['control_variate']['median'])} | "
+        f"{_f(v['hutchinson_equal_time']['mean'])} / "
+        f"{_f(v['hutchinson_equal_time']['median'])} ({v['hutchinson_probes_median']:g}) | "
+        f"{100 * v['cv_gain_mean']:+.0f} % | {_pct(v['cv_win_rate'])} |"
+        for name, v in eq.items()
+        if v["sets"] >= 5
+    ]
+    vr, vm = s["var_R_over_var_H"], s["var_H_minus_M_over_var_H"]
+    lines = [
+        "### Head v2 and the Hessian trace (not shipped: `trace --method learned` exits 2)",
+        "",
+        "The gradients the head reads carry the GGN part of `H = G + R`; `tr R` is invisible "
+        "to them. The token-level plug-in's relative error is "
+        f"{_f(s['plugin_rel_error_pinned']['mean'])} (mean) on {s['sets_pinned']} held-out sets "
+        "whose truth is pinned"
+        + (
+            f"; a cross-validated ridge correction of `tr R / tr Ĝ` on the head's features "
+            f"(shrink {analogue['shrink']:.1f}) gives {_f(analogue['head']['mean'])} vs "
+            f"{_f(analogue['plugin']['mean'])} on {analogue['sets']} sets"
+            if analogue
+            else ""
+        )
+        + ". Products are the only way to see `tr R`; at equal wall time (the capture costs "
+        f"{_f(s['feature_over_hvp_median'], 1)} Hessian-vector products) Hutchinson wins:",
+        "",
+        "| estimator (k probe pairs) | sets | mean / median rel. error | Hutchinson, equal time "
+        "(probes) | gain | win rate |",
+        "|---|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
+        f"`ggn`: plug-in + `z^T H z - z^T G z` (a GGN product per probe: "
+        f"{_f(s['cost_R_probe_over_H_probe_median'], 2)}x an HVP; Var(z^T R z) / Var(z^T H z) "
+        f"median {_f(vr['median'], 2)}, so it pays on {_pct(s['cost_times_var_ratio_below_1'])} "
+        "of sets); `token`: plug-in + `z^T H z - z^T M z` with `M` the plug-in's own matrix "
+        f"(Var ratio median {_f(vm['median'], 2)}: one Monte Carlo label per token on 16 "
+        "sequences is too noisy to be a control variate). For a transformer's Hessian trace "
+        "use `gmcurv trace --curvature hessian` (Hutchinson / Hutch++).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def update_v2(
     card: str,
     res: dict[str, Any],
     timing: dict[str, Any] | None = None,
     top: dict[str, Any] | None = None,
+    trace_cv: dict[str, Any] | None = None,
 ) -> str:
     """`card` with the v2 section replaced (appended before "## Reproduce" if absent);
-    `top`: the λ_max correction's evaluation, appended to the section."""
+    `top`: the λ_max correction's evaluation, `trace_cv`: the trace study, appended."""
     section = v2_section(res, timing) + ("\n" + v2_top_section(top) if top else "")
+    if trace_cv:
+        section += "\n" + v2_trace_section(trace_cv, (top or {}).get("trace_analogue"))
     body = f"{V2_START}\n{section}\n{V2_END}"
     if V2_START in card and V2_END in card:
         head, rest = card.split(V2_START, 1)
