@@ -124,6 +124,7 @@ LAYERS = (
             "gmcurv.gradmetanet.tfeatures",
             "gmcurv.gradmetanet.tlayers",
             "gmcurv.gradmetanet.tbaselines",
+            "gmcurv.gradmetanet.ttop",
         ),
         ("base", "model", "capture"),
     ),
