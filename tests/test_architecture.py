@@ -123,6 +123,7 @@ LAYERS = (
             "gmcurv.gradmetanet.tfeatures",
             "gmcurv.gradmetanet.tlayers",
             "gmcurv.gradmetanet.tbaselines",
+            "gmcurv.gradmetanet.ttop",
         ),
         ("base", "model", "capture"),
     ),
