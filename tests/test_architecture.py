@@ -101,6 +101,7 @@ LAYERS = (
             "gmcurv.hessian",
             "gmcurv.lanczos",
             "gmcurv.block_krylov",
+            "gmcurv.gram_sum",
             "gmcurv.lanczos_trace",
             "gmcurv.stochastic",
             "gmcurv.density",
