@@ -474,14 +474,15 @@ def top_eigen(
     announce = phase or (lambda label, total: None)
     if kind == "fisher":
         from gmcurv.capture import capture_all
-        from gmcurv.fisher import eigen_products, fisher_eigen
+        from gmcurv.fisher import eigen_products, fisher_eigen, formed_kernel
 
         announce("capturing gradients", n)
         dg = capture_all(
             objective, data, batch_size, fisher, progress=progress, budget_bytes=budget_bytes
         )
+        K = formed_kernel(dg, "Gram kernel (rows)", announce, progress)
         announce("Gram eigenvalues (kernel products)", eigen_products(dg.n * dg.columns, k))
-        res = fisher_eigen(dg, k, vectors=vectors, seed=seed, progress=progress)
+        res = fisher_eigen(dg, k, vectors=vectors, seed=seed, progress=progress, kernel=K)
         values = [
             Estimate(
                 float(v), None, dg.n, res.method, bool(c), n_matvecs=res.n_matvecs,
