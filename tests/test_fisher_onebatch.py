@@ -144,3 +144,57 @@ def test_empirical_columns_equal_the_one_hot_form():
     torch.testing.assert_close(
         softmax.empirical_columns(p, y, w), (w * (p - onehot)).unsqueeze(0), rtol=0, atol=1e-15
     )
+
+
+@pytest.mark.parametrize("rows", [1, 256])  # one example per block (symmetric halves) / one block
+@pytest.mark.parametrize("parts", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_token_pair_gram_by_example_blocks(rows, parts, dtype, monkeypatch):
+    """`kernels.gram` by blocks of examples against the later ones (``K`` mirrored) equals
+    the materialised gradients' ``J Jᵀ``, with several columns and an inner dimension
+    beyond one float32 chunk."""
+    monkeypatch.setattr(kernels, "GEMM_ROWS", rows)
+    monkeypatch.setattr(kernels, "rows_gram", _small_chunk_rows_gram)
+    has_weight, has_bias = parts
+    g = torch.Generator().manual_seed(5)
+    n, c, t, o, i = 5, 2, 3, 9, 4
+    delta = torch.randn(n, c, t, o, generator=g, dtype=torch.float64)
+    x = torch.randn(n, t, i, generator=g, dtype=torch.float64)
+    names = tuple(k for k, on in zip(("w", "b"), parts, strict=True) if on)
+    shapes = tuple(s for s, on in zip(((o, i), (o,)), parts, strict=True) if on)
+    src = LinearFactors(names, shapes, delta.to(dtype), x.to(dtype), has_weight, has_bias)
+    rows_ = torch.cat(
+        [v.reshape(n, c, -1) for v in src.materialize(slice(0, n)).values()], -1
+    ).double()
+    ref = rows_.reshape(n * c, -1) @ rows_.reshape(n * c, -1).T
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
+    got = kernels.gram(src.delta, src.x, has_weight, has_bias)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(src.gram(), ref, **tol)  # whichever route the costs pick
+
+
+def _small_chunk_rows_gram(a, b=None):
+    """`rows_gram` with 4-wide float32 chunks (the chunked path on a tiny problem)."""
+    from gmcurv.factors import source
+
+    old = source.GEMM_CHUNK
+    source.GEMM_CHUNK = 4
+    try:
+        return source.rows_gram(a, b)
+    finally:
+        source.GEMM_CHUNK = old
+
+
+def test_gram_route_costs_pick_token_pairs_for_a_vocabulary_head():
+    """At GPT-2's sizes (8 x 128 tokens) the token-pair route is cheaper for every block
+    (measured 2-3x on CPU), including the 50,257-row head; far more examples: materialised."""
+    from gmcurv.factors.linear import MATERIALISED_RATE
+
+    def token_wins(n, o, i):
+        mat = MATERIALISED_RATE * n * (128 + n) * o * i
+        return kernels.token_pair_cost(n, 1, 128, o, i) <= mat
+
+    assert all(token_wins(8, o, i) for o, i in [(768, 769), (3072, 769), (768, 3073)])
+    assert token_wins(8, 50257, 769)
+    assert not token_wins(64, 3072, 769)
