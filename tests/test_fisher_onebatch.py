@@ -198,3 +198,99 @@ def test_gram_route_costs_pick_token_pairs_for_a_vocabulary_head():
     assert all(token_wins(8, o, i) for o, i in [(768, 769), (3072, 769), (768, 3073)])
     assert token_wins(8, 50257, 769)
     assert not token_wins(64, 3072, 769)
+
+
+def _counting(model: nn.Module) -> list[int]:
+    """Count the model's forward calls."""
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_the_preflight_forward_serves_as_the_self_checks_reference(tmp_path):
+    """One batch: the preflight's one-example forward, the hooked batch forward, nothing
+    else (the self-check reuses the preflight's graph); numbers as the dense oracle."""
+    obj, batch = _problem("tokens")  # no dense block (those run torch.func forwards)
+    calls = _counting(obj.model)
+    F, _ = _dense_fisher(obj, batch)
+    calls[0] = 0
+    s = fisher_summary(obj, _sample(tmp_path, batch), batch_size=N, k=2)
+    assert calls[0] == 2
+    assert s.self_check is not None and s.self_check["dense_fallbacks"] == []
+    assert math.isclose(s.trace.value, float(torch.trace(F)), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("model", ["shared_outside", "mixes_examples"])
+def test_a_reused_reference_still_catches_a_wrong_capture(model, tmp_path):
+    """Through the preflight's reference forward, a parameter used outside its module and
+    examples that interact are still caught (dense fallback; exact numbers where defined)."""
+    from test_capture import SharedOutside
+
+    torch.manual_seed(0)
+    net = (SharedOutside() if model == "shared_outside" else MixesExamples()).double()
+    obj = Objective.build(net, "cross_entropy")
+    g = torch.Generator().manual_seed(0)
+    width = 4 if model == "shared_outside" else 5
+    batch = Batch(
+        torch.randn(N, width, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (N,), generator=g),
+        0,
+    )
+    F, _ = _dense_fisher(obj, batch)
+    calls = _counting(obj.model)
+    with pytest.warns(GmcurvWarning):
+        s = fisher_summary(obj, _sample(tmp_path, batch), batch_size=N, k=2)
+    assert s.self_check is not None and s.self_check["dense_fallbacks"]
+    # the preflight (the check's reference), the batch, the batch again and its dense
+    # (torch.func) forward: no forward of the check's own
+    assert calls[0] == 4
+    if model == "shared_outside":  # (interacting examples have no per-example truth)
+        assert math.isclose(s.trace.value, float(torch.trace(F)), rel_tol=1e-10)
+
+
+def test_a_reference_of_another_example_is_not_used():
+    """An offered forward of another example is ignored: the check runs its own forward."""
+    obj, batch = _problem("mlp")
+    other = Batch(batch.inputs[1:2], None, 0)  # same start index, other inputs
+    with torch.enable_grad():
+        wrong = obj.outputs(other.inputs) * 2.0  # would fail the outputs' comparison
+    cap = Capturer(obj)
+    cap.offer_reference(other, wrong)
+    calls = _counting(obj.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GmcurvWarning)
+        cap(batch)
+    assert calls[0] == 2 and not cap.fallbacks
+
+
+def test_a_reference_is_dropped_once_the_check_ran():
+    obj, batch = _problem("mlp")
+    cap = Capturer(obj)
+    cap(batch)
+    with torch.enable_grad():
+        out = obj.outputs(batch.inputs[:1])
+    cap.offer_reference(Batch(batch.inputs[:1], None, 0), out)
+    assert cap._reference is None
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("fisher", ["empirical", "mc", "exact"])
+def test_losses_and_columns_equal_the_separate_calls(shift, fisher):
+    """Cross-entropy's one-pass losses and columns equal `per_example` and
+    `output_columns` (ignored tokens included)."""
+    from gmcurv.losses.cross_entropy import CrossEntropy
+    from gmcurv.rng import example_noise
+
+    loss = CrossEntropy(shift=shift)
+    g = torch.Generator().manual_seed(2)
+    out = torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 7, (3, 5), generator=g)
+    y[0, 2] = y[2, 4] = -100
+    if not shift:  # classification with token positions: [N, T, C] against [N, T]
+        y[1, 0] = -100
+    shape, kind = loss.noise_spec(out.shape, 2)
+    noise = example_noise(0, 0, 3, shape, kind, out.dtype, out.device) if fisher == "mc" else None
+    losses, cols = loss.losses_and_columns(out, y, fisher, 2, noise)
+    torch.testing.assert_close(losses, loss.per_example(out, y), rtol=1e-13, atol=1e-14)
+    ref = loss.output_columns(out, y, fisher, 2, noise)
+    torch.testing.assert_close(cols, ref, rtol=1e-13, atol=1e-15)
