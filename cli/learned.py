@@ -232,6 +232,81 @@ def compare_trace(session: Session, results: dict[str, Any], seed: int) -> dict[
     return {**_info(lc), "comparison": rows}
 
 
+# ------------------------------------------------------------- head v2 (transformers, λ_max)
+V2_NOTE = (
+    "λ_max answered by head v2 for transformers: a learned correction of the per-sequence "
+    "plug-in T_eff·λ_max(F_S) (Monte Carlo labels) on b={b} random sequences of {n} "
+    "(a learned estimate, not exact; about one capture of b sequences). [lo, hi] is its "
+    "nominal {level} interval; on {sets} held-out transformer sets it covered {cov} and its "
+    "mean |ln error| was {err} vs {base} for the best baseline at equal time "
+    "({base_name}); the exact engine (--method exact) is what to use when accuracy matters"
+)
+
+
+def _is_lm(session: Session) -> bool:
+    from gmcurv.gradmetanet.tfeatures import is_transformer
+
+    assert session.objective is not None
+    return is_transformer(session.objective.model)
+
+
+def _v2_top(session: Session, seed: int) -> tuple[Estimate, dict[str, Any], dict[str, Any]]:
+    """Head v2's λ_max on the session: the estimate, its side-by-side row and info block."""
+    from gmcurv.gradmetanet.ttop import predict_top
+    from gmcurv.gradmetanet.ttrain import TOP_FILE, load_top_correction
+
+    assert session.objective is not None and session.data is not None
+    corr, heldout = load_top_correction()
+    with session.stage("learned"), session.progress("GradMetaNet head v2", None):
+        tp = predict_top(session.objective, session.data, corr, seed=seed)
+    est = Estimate(
+        tp.value, None, tp.b, "learned-v2", True, interval=tp.interval, interval_level=tp.level
+    )
+    flags = [
+        {
+            "what": w,
+            "value": v,
+            "trained_on": list(r),
+            "text": f"{w} = {v:.3g} (trained on {r[0]:.3g} .. {r[1]:.3g})",
+        }
+        for w, v, r in tp.out_of_range
+    ]
+    h = heldout.get("all-test", {})
+    pct = lambda x: "not measured" if x is None else f"{100 * x:.0f} %"  # noqa: E731
+    num = lambda x: "?" if x is None else f"{x:.2f}"  # noqa: E731
+    note = V2_NOTE.format(
+        b=tp.b, n=tp.n, level=f"{100 * tp.level:.0f} %", sets=h.get("sets", 0),
+        cov=pct(h.get("coverage")), err=num(h.get("mean_abs_log_error")),
+        base=num(h.get("best_baseline_error")), base_name=h.get("best_baseline", "?"),
+    )  # fmt: skip
+    info = {
+        "method": "head v2 (λ_max correction)",
+        "head": str(TOP_FILE),
+        "b": tp.b,
+        "n": tp.n,
+        "seconds": tp.seconds,
+        "note": note,
+        "plug_in": {
+            "hessian_top_per_sequence": tp.plugin_seq,
+            "ggn_top_per_token": tp.plugin_tok,
+            "definition": "T_eff λ_max of the per-sequence (what the head corrects) and "
+            "per-token Monte Carlo Fisher on the same b sequences",
+        },
+        "same_set": None,
+        "out_of_range": flags,
+        "heldout": heldout,
+    }
+    side = {
+        "quantity": "Hessian λ_max",
+        "learned": est,
+        "plug_in": tp.plugin_seq,
+        "ggn": tp.plugin_tok,
+        "hessian_same_set": None,
+        "out_of_range": [f["what"] for f in flags],
+    }
+    return est, side, info
+
+
 def learned_eigen(session: Session, kind: str, k: int, seed: int) -> dict[str, Any]:
     """eigen results from the head: λ_max of the Hessian only."""
     if kind != "hessian":
@@ -239,6 +314,23 @@ def learned_eigen(session: Session, kind: str, k: int, seed: int) -> dict[str, A
             f"--method learned predicts the top Hessian eigenvalue, not the {kind}'s",
             hint="use --curvature hessian, or --method auto",
         )
+    if _is_lm(session):
+        est, side, info = _v2_top(session, seed)
+        notes = ["the head predicts λ_max only"] if k > 1 else []
+        for n in notes:
+            session.note(n)
+        assert session.objective is not None
+        return {
+            "hessian": {
+                "method": "learned-v2",
+                "n_params": session.objective.space.size,
+                "n_matvecs": 0,
+                "eigenvalues": [est],
+                "vectors": None,
+                "notes": notes,
+            },
+            "learned": {**info, "rows": [side]},
+        }
     lc = run_head(session, seed)
     assert session.objective is not None
     notes = ["the head predicts λ_max only"] if k > 1 else []
@@ -263,8 +355,11 @@ def compare_eigen(session: Session, results: dict[str, Any], kind: str, seed: in
             f"--method both: the head predicts the top Hessian eigenvalue, not the {kind}'s",
             hint="use --curvature hessian",
         )
-    lc = run_head(session, seed)
     eigs = results[kind]["eigenvalues"]
+    if _is_lm(session):
+        est, side, info = _v2_top(session, seed)
+        return {**info, "comparison": [_row("Hessian λ_max", est, eigs[0], side)] if eigs else []}
+    lc = run_head(session, seed)
     side = _side_by_side(lc, "hessian_top")
     rows = [_row("Hessian λ_max", lc.hessian_top, eigs[0], side)] if eigs else []
     return {**_info(lc), "comparison": rows}

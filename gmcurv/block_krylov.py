@@ -2,15 +2,24 @@
 block products ``X -> A X`` — for operators where a product with ``b`` vectors costs
 about one with a single vector (a formed Gram kernel: one pass over its memory).
 
-The basis ``Q = [V_0, V_1, ...]`` spans ``{V_0, A V_0, A^2 V_0, ...}`` (``V_0`` random,
-``b`` columns; every new block orthogonalised twice against all previous ones, Kahan–Parlett).
-After each block product a Rayleigh–Ritz step on the *explicit* products ``A Q`` gives Ritz
-pairs ``(θ_i, y_i = Q s_i)`` and their true residuals ``r_i = ||A y_i - θ_i y_i||`` (no
-recurrence): some eigenvalue lies within ``r_i`` of ``θ_i``, and within ``r_i^2 / δ_i``
-when the rest of the spectrum is at least ``δ_i`` away (Kato–Temple; ``δ_i`` taken from
-the other Ritz values less their residuals, as in `gmcurv.lanczos.error_bounds`). It stops
+The basis ``Q = [V_0, V_1, ...]`` spans ``{V_0, A V_0, A^2 V_0, ...}`` (``V_0`` random, or
+given directions completed with random ones; ``b`` columns; every new block orthogonalised
+twice against all previous ones, Kahan–Parlett). After each block product a Rayleigh–Ritz
+step on the explicit products ``A Q`` gives Ritz pairs ``(θ_i, y_i = Q s_i)``; while
+iterating, their residuals come from the block recurrence ``A Q = Q T + W E^T``
+(``r_i = ||W s_i[last block]||``, ``W`` the new block before orthonormalisation), and the
+reported top-``k`` residuals ``r_i = ||A y_i - θ_i y_i||`` are recomputed from the
+products. Some eigenvalue lies within ``r_i`` of ``θ_i``, and within ``r_i^2 / δ_i`` when
+the rest of the spectrum is at least ``δ_i`` away (Kato–Temple; ``δ_i`` taken from the
+other Ritz values less their residuals, as in `gmcurv.lanczos.error_bounds`). It stops
 when every top-``k`` bound is at most ``tol · max|θ|`` (``criterion='gap'``; ``'residual'``
 asks the residuals themselves to be that small, for accurate vectors).
+
+Cheap products, exact answers: the iterations may run on approximate products (a float32
+kernel) when one final block product is exact (`exact`): a Rayleigh–Ritz step on the top
+Ritz vectors with exact products gives values, true residuals and bounds that do not
+depend on the iterations' rounding (the Ritz vectors only need to be good, and their
+errors enter the values squared).
 
 A block of ``b > 1`` random vectors sees each eigenvalue of multiplicity up to ``b`` and
 converges at the rate set by the gap from ``λ_k`` to ``λ_{b+1}`` rather than ``λ_{k+1}``,
@@ -45,12 +54,12 @@ def _project(X: Tensor, Q: Tensor) -> Tensor:
     return X
 
 
-def _next_block(W: Tensor, Q: Tensor, gen: torch.Generator, scale: float) -> Tensor:
-    """``W`` orthogonalised against ``Q`` and orthonormalised. Directions that vanish
-    (``W`` nearly inside span ``Q``: an invariant subspace) are replaced by random ones
-    while ``Q`` does not yet span the whole space."""
-    n, b = W.shape
-    V, R = torch.linalg.qr(_project(W, Q))
+def _next_block(W: Tensor, Q: Tensor, b: int, gen: torch.Generator, scale: float) -> Tensor:
+    """Up to `b` orthonormal columns spanning `W` (already orthogonal to ``Q``). Directions
+    that vanish (``W`` nearly inside span ``Q``: an invariant subspace) are replaced by
+    random ones while ``Q`` does not yet span the whole space."""
+    n = W.shape[0]
+    V, R = torch.linalg.qr(W)
     V = V[:, R.diagonal().abs() > 1e-10 * max(scale, 1e-300)]
     room = n - Q.shape[1] - V.shape[1]
     missing = min(b - V.shape[1], room)
@@ -60,6 +69,16 @@ def _next_block(W: Tensor, Q: Tensor, gen: torch.Generator, scale: float) -> Ten
         F, Rf = torch.linalg.qr(_project(X, base))
         V = torch.cat([V, F[:, Rf.diagonal().abs() > 1e-10]], 1)
     return V
+
+
+def _first_block(start: Tensor | None, n: int, b: int, gen: torch.Generator, dtype, device):
+    """``b`` orthonormal columns: the `start` directions (unit-normalised; dependent ones
+    dropped) completed with random ones."""
+    if start is None or start.shape[1] == 0:
+        return torch.linalg.qr(torch.randn(n, b, generator=gen, dtype=dtype, device=device)).Q
+    X = start[:, :b].to(dtype=dtype, device=device)
+    X = X / X.norm(dim=0).clamp_min(1e-300)
+    return _next_block(X, X.new_zeros(n, 0), b, gen, 1.0)
 
 
 def block_lanczos(
@@ -76,12 +95,23 @@ def block_lanczos(
     vectors: bool = False,
     criterion: str = "gap",
     progress: Callable[[int], None] | None = None,
+    start: Tensor | None = None,
+    exact: Matmat | None = None,
+    product_error: float = 0.0,
 ) -> LanczosResult:
     """The `k` largest eigenpairs of the symmetric ``n x n`` operator `matmat` (module doc).
 
     `max_basis` caps the basis (default `default_max_basis`); at ``n`` the
     Rayleigh–Ritz step is exact. `progress(b)` after each block product of ``b`` columns.
-    ``n_matvecs`` counts columns multiplied, ``iterations`` block products.
+    ``n_matvecs`` counts columns multiplied, ``iterations`` block products. `start`:
+    ``[n, s]`` directions for the first block (completed with random ones).
+
+    `exact`: when `matmat` computes the products only approximately (e.g. in float32, with
+    errors up to `product_error` per unit column, absolute), the iterations stop on
+    their own (estimated) bounds and one block product by `exact` with the top Ritz vectors
+    (``b`` of them) then gives a Rayleigh–Ritz step whose values, true residuals and
+    bounds are reported. The other Ritz values enter the gaps of the bounds with their
+    residuals enlarged by the product error.
     """
     if k < 1:
         raise ValueError("k must be positive")
@@ -89,7 +119,7 @@ def block_lanczos(
     b = block or default_block(n, k)
     cap = min(n, max_basis or default_max_basis(n, k))
     gen = torch.Generator(device=device).manual_seed(seed)
-    V = torch.linalg.qr(torch.randn(n, b, generator=gen, dtype=dtype, device=device)).Q
+    V = _first_block(start, n, b, gen, dtype, device)
     Q = V.new_zeros(n, 0)
     AQ = V.new_zeros(n, 0)
     T = V.new_zeros(0, 0)
@@ -114,18 +144,28 @@ def block_lanczos(
         theta, S = theta[order], S[:, order]
         scale = max(scale, float(theta.abs().max()))
         top = torch.arange(min(k, m))
-        res = (AQ @ S - Q @ (S * theta)).norm(dim=0)  # true residuals of all Ritz pairs
+        # A Q = Q T + W E^T (block recurrence; W = the new block's remainder): the residual
+        # of the Ritz pair (θ_i, Q s_i) is ||W s_i[last block]||, without products
+        W = _project(AV, Q)
+        res = (W @ S[m - V.shape[1] :]).norm(dim=0)
         bounds = error_bounds(theta, res, top, criterion)
         done = bool((bounds <= tol * max(scale, 1e-300)).all()) and m >= k
         if done or m >= cap:
             break
-        step = min(b, cap - m)
-        nxt = _next_block(AV[:, :step], Q, gen, scale)
+        nxt = _next_block(W[:, : min(b, cap - m)], Q, b, gen, scale)
         if nxt.shape[1] == 0:
             break  # the basis spans an invariant subspace: Ritz pairs are exact
         V = nxt
+    if exact is not None:
+        return _exact_ritz(exact, Q, S, theta, res, k, b, scale, product_error, tol, criterion,
+                           vectors, iters, n_mv, progress)  # fmt: skip
+    # reported residuals of the top pairs recomputed from the explicit products
+    St = S[:, top]
+    res = res.clone()
+    res[top] = (AQ @ St - Q @ (St * theta[top])).norm(dim=0)
+    bounds = error_bounds(theta, res, top, criterion)
     converged = bounds <= tol * max(scale, 1e-300)
-    vecs = (Q @ S[:, top]).T.contiguous() if vectors else None
+    vecs = (Q @ St).T.contiguous() if vectors else None
     return LanczosResult(
         values=theta[top].clone(),
         residuals=res[top].clone(),
@@ -133,4 +173,46 @@ def block_lanczos(
         vectors=vecs,
         iterations=iters,
         n_matvecs=n_mv,
+    )
+
+
+def _exact_ritz(
+    exact: Matmat,
+    Q: Tensor,
+    S: Tensor,
+    theta: Tensor,
+    res: Tensor,
+    k: int,
+    b: int,
+    scale: float,
+    product_error: float,
+    tol: float,
+    criterion: str,
+    vectors: bool,
+    iters: int,
+    n_mv: int,
+    progress: Callable[[int], None] | None,
+) -> LanczosResult:
+    """Rayleigh–Ritz on the top ``p = max(b, k)`` Ritz vectors, exact products (`block_lanczos`)."""
+    p = min(max(b, k), Q.shape[1])
+    Y = Q @ S[:, :p]
+    KY = exact(Y).to(Y.dtype)
+    if progress:
+        progress(p)
+    G = Y.T @ KY
+    mu, U = torch.linalg.eigh(0.5 * (G + G.T))
+    mu, U = mu.flip(0), U.flip(1)
+    Y, KY = Y @ U, KY @ U
+    r = (KY - Y * mu).norm(dim=0)  # true residuals
+    scale = max(scale, float(mu.abs().max()))
+    others = res[p:] + product_error
+    top = torch.arange(min(k, p))
+    bounds = error_bounds(torch.cat([mu, theta[p:]]), torch.cat([r, others]), top, criterion)
+    return LanczosResult(
+        values=mu[top].clone(),
+        residuals=r[top].clone(),
+        converged=bounds <= tol * max(scale, 1e-300),
+        vectors=Y[:, top].T.contiguous() if vectors else None,
+        iterations=iters + 1,
+        n_matvecs=n_mv + p,
     )

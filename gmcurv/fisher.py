@@ -59,24 +59,19 @@ def fisher_diagonal(dg: DecomposedGradients) -> dict[str, Tensor]:
 def gram_kernel(dg: DecomposedGradients, blocks: Iterable[str] | None = None) -> Tensor:
     """``K = J J^T`` (float64, ``[N C, N C]``), optionally over a subset of blocks.
 
-    When every block's factors are float32, the blocks' kernels are summed in float32 and
-    converted once (float64 conversions and mixed-precision sums of ``(N C)^2`` entries
-    otherwise cost more than the products): each entry then carries at most ``B`` more
-    float32 roundings (``B`` blocks) on top of `gmcurv.factors.source.rows_gram`'s bound,
-    ``|ΔK_ij| <= (GEMM_CHUNK + B) eps |g_i| |g_j|`` (``Σ_b |g_{b,i}| |g_{b,j}| <=
-    |g_i| |g_j|``), the order of the rounding the float32 factors carry already.
+    Formed by `gmcurv.gram_sum.summed_gram`: when every block's factors are float32, the
+    blocks' kernels are summed in float32 and converted once (float64 conversions and
+    mixed-precision sums of ``(N C)^2`` entries otherwise cost more than the products):
+    each entry then carries at most ``B`` more float32 roundings (``B`` blocks) on top of
+    `gmcurv.factors.source.rows_gram`'s bound, ``|ΔK_ij| <= (GEMM_CHUNK + B) eps |g_i|
+    |g_j|`` (``Σ_b |g_{b,i}| |g_{b,j}| <= |g_i| |g_j|``), the order of the rounding the
+    float32 factors carry already.
     """
+    from gmcurv.gram_sum import summed_gram
+
     chosen = _blocks(dg, blocks)
     size = dg.n * dg.columns
-    low = bool(chosen) and all(b.source.dtype == torch.float32 for b in chosen)
-    acc = torch.float32 if low else torch.float64
-    K: Tensor | None = None
-    for b in chosen:
-        part = b.source.gram(acc)  # a fresh tensor: summed into in place
-        K = part if K is None else K.add_(part)
-    if K is None:
-        return torch.zeros(size, size, dtype=torch.float64, device=dg.losses.device)
-    return K.double()
+    return summed_gram([b.source for b in chosen], size, dg.losses.device).double()
 
 
 def jvp(dg: DecomposedGradients, vector: Mapping[str, Tensor]) -> Tensor:
@@ -156,41 +151,37 @@ def fisher_eigen(
 ) -> FisherEigen:
     """The `k` largest eigenvalues of ``F`` (restricted to `blocks`) and optionally vectors.
 
-    Up to `dense_limit` rows of ``J`` the kernel ``K`` is formed; a full ``eigh`` runs
-    when ``K`` is small (at most `eigh_limit` rows, or ``k`` a quarter of them), otherwise
-    block Lanczos on the formed ``K`` (`gmcurv.block_krylov`: a product with a block of
-    ``b`` vectors is one pass over ``K``, a few passes instead of a full ``eigh``'s
-    ``O((N C)^3)``), with a full ``eigh`` as fallback should it not meet `tol` (eigenvalue
-    error bounds relative to ``μ_max``, from true residuals). Beyond `dense_limit`, Lanczos
-    on ``u -> J (J^T u)`` (never forming ``K``). `progress(i)` is called after products
-    with ``i`` vectors. `kernel`: ``K`` of `blocks` when the caller formed it already.
+    Up to `dense_limit` rows of ``J`` the kernel ``K`` is formed
+    (`gmcurv.gram_sum.summed_gram`); a full ``eigh`` runs when ``K`` is small (at most
+    `eigh_limit` rows, or ``k`` a quarter of them), otherwise block Lanczos on the formed
+    ``K`` (`gmcurv.block_krylov`: a product with a block of ``b`` vectors is one pass over
+    ``K``, a few passes instead of a full ``eigh``'s ``O((N C)^3)``), with a full ``eigh`` as
+    fallback should it not meet `tol` (eigenvalue error bounds relative to ``μ_max``, from
+    true residuals). A float32 ``K`` (float32 factors) is iterated on with float32 products
+    and the answer comes from one exact float64 block product (`block_lanczos`'s `exact`);
+    the first block holds the output layer's cotangent rows (`start_directions`). Beyond
+    `dense_limit`, Lanczos on ``u -> J (J^T u)`` (never forming ``K``). `progress(i)` is
+    called after products with ``i`` vectors. `kernel`: ``K`` of `blocks` when the caller
+    formed it already.
     """
-    from gmcurv.block_krylov import block_lanczos
     from gmcurv.lanczos import lanczos
 
     sub = DecomposedGradients(_blocks(dg, blocks), dg.fisher, dg.losses)
     size = dg.n * dg.columns
-    K = kernel if kernel is not None else gram_kernel(sub) if size <= dense_limit else None
+    if kernel is None and size <= dense_limit:
+        from gmcurv.gram_sum import summed_gram
+
+        kernel = summed_gram([b.source for b in sub.blocks], size, dg.losses.device)
+    K = kernel
     res = None
     block_route = K is not None and size > eigh_limit and 4 * k < size
     if block_route:
         assert K is not None
-        res = block_lanczos(
-            lambda X: K @ X,
-            size,
-            k,
-            tol=tol,
-            seed=seed,
-            vectors=vectors,
-            device=K.device,
-            max_basis=block_budget(size, k),
-            criterion="residual" if vectors else "gap",  # vectors need small residuals
-            progress=progress,
-        )
+        res = _block_route(K, sub, k, tol, seed, vectors, progress)
         if not bool(res.converged.all()):
             res = None  # rare: fall back to the exact full eigendecomposition
     if K is not None and res is None:
-        mu, U = torch.linalg.eigh(K)
+        mu, U = torch.linalg.eigh(K.double())
         mu, U = mu.flip(0), U.flip(1)
         tol_rank = mu[0].abs() * size * torch.finfo(torch.float64).eps if size else 0.0
         rank: int | None = int((mu > tol_rank).sum())
@@ -225,6 +216,57 @@ def fisher_eigen(
             scale = math.sqrt(max(float(mu[j]), 1e-300))
             vecs.append({name: t / scale for name, t in vjp(sub, u).items()})
     return FisherEigen(values, vecs, residuals / dg.n, converged, rank, method, n_mv)
+
+
+MAX_START = 32  # at most this many output units give start directions
+
+
+def start_directions(dg: DecomposedGradients) -> Tensor | None:
+    """Start directions for block Lanczos on ``K``: the cotangent rows ``Δ`` (``[N C, O]``)
+    of the last one-token Linear block when it has at most `MAX_START` outputs — a
+    classifier's output layer, whose ``Δ = ∂L/∂logits`` spans the directions that carry
+    most of ``K`` (``K ⊇ (Δ Δ^T) ⊙ (A A^T)``). Only a start: the bounds do not use it."""
+    from gmcurv.gram_sum import hadamard_factors
+
+    for b in reversed(dg.blocks):
+        pair = hadamard_factors(b.source)
+        if pair is not None:
+            return pair[0] if pair[0].shape[1] <= MAX_START else None
+    return None
+
+
+def _block_route(K: Tensor, sub: DecomposedGradients, k: int, tol, seed, vectors, progress):
+    """Block Lanczos on the formed ``K`` (`fisher_eigen`)."""
+    from gmcurv.block_krylov import block_lanczos, default_block
+    from gmcurv.gram_sum import float64_products, product_error
+
+    size = K.shape[0]
+    start = start_directions(sub)
+    b = default_block(size, k)
+    if start is not None:
+        b = min(size, max(b, start.shape[1] + 2))  # the start plus random directions
+    fast = K.dtype != torch.float64 and not vectors  # vectors want float64 residuals
+    if fast:
+        matmat, exact, err = (lambda X: K @ X.to(K.dtype)), float64_products(K), product_error(K)
+    else:
+        K64 = K.double()
+        matmat, exact, err = (lambda X: K64 @ X), None, 0.0
+    return block_lanczos(
+        matmat,
+        size,
+        k,
+        block=b,
+        tol=tol,
+        seed=seed,
+        vectors=vectors,
+        device=K.device,
+        max_basis=block_budget(size, k),
+        criterion="residual" if vectors else "gap",  # vectors need small residuals
+        progress=progress,
+        start=start,
+        exact=exact,
+        product_error=err,
+    )
 
 
 @dataclass
@@ -412,12 +454,18 @@ def fisher_summary(
     rank = None
     layer_eigs: dict[str, list[Estimate]] = {}
     if k > 0:
-        if phase:
-            n_rows = acc.n * columns
-            phase("Fisher: Gram eigenvalues (kernel products)", eigen_products(n_rows, k))
+        n_rows = acc.n * columns
         full = gather_decomposed(DecomposedGradients.cat(kept))
         del kept
         total = sum(grams.values()) if one_batch else None
+        if total is None and n_rows <= DENSE_GRAM_LIMIT:
+            from gmcurv.gram_sum import summed_gram
+
+            if phase:
+                phase("Fisher: Gram kernel (rows)", n_rows)
+            total = summed_gram([b.source for b in full.blocks], n_rows, progress=eigen_progress)
+        if phase:
+            phase("Fisher: Gram eigenvalues (kernel products)", eigen_products(n_rows, k))
         res = fisher_eigen(full, k, seed=seed, progress=eigen_progress, kernel=total)
         rank = res.rank
         eigenvalues = _eigen_estimates(res, full.n, fisher)

@@ -30,7 +30,7 @@ def test_v2_section_describes_the_zoo_and_pinned_truth_rows():
 
 def test_v2_verdict_text_follows_the_numbers():
     lose = v2_section(_res(2.0, 0.5))
-    assert "**head v2 is not shipped**" in lose
+    assert "**the head v2 network is not shipped**" in lose
     assert (
         "Hessian trace: the head beats every equal-cost baseline (lower mean error, win rate"
         in lose
@@ -39,4 +39,4 @@ def test_v2_verdict_text_follows_the_numbers():
     win = v2_section(_res(0.5, 0.5), {"head_over_backward_median": 1.0,
                                       "rows": [{"head_total": 1.0, "backward": 1.0}],
                                       "loadavg": [1.0]})  # fmt: skip
-    assert "**head v2 is shipped**" in win
+    assert "**the head v2 network is shipped**" in win

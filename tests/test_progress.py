@@ -143,3 +143,13 @@ def test_bars_only_on_a_terminal_and_never_with_json_or_quiet(runner, files, mon
     assert not any(p.disabled for p in _run(runner, ["trace", *files]))
     assert all(p.disabled for p in _run(runner, ["trace", *files, "--json"]))
     assert all(p.disabled for p in _run(runner, ["trace", *files, "-q"]))
+
+
+def test_trace_gram_kernel_phase_moves(runner, files):
+    """Several batches and eigenvalues: the kernel build is its own phase, counted in rows."""
+    phases = _run(runner, ["trace", *files, "--k", "2", "-q"])
+    (kernel,) = _by_label(phases, "Gram kernel")
+    assert kernel.total == N
+    _complete(kernel)
+    (eigen,) = _by_label(phases, "Gram eigenvalues")
+    assert eigen.ended is not None

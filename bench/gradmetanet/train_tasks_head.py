@@ -8,6 +8,10 @@ selection: the ``tasks`` zoo's ``val`` (unseen task instances), Fisher-diagonal 
 starting head counts as epoch -1, so the result is never worse there. Held-out tasks
 (``test-task``), ``digits`` and the unseen architectures are never read.
 
+The ``tasks`` zoo is built in the background and resumes across sessions, so the training
+set is "the first ``--train-groups`` training groups of the plan" (default: every built one);
+the count is recorded in the head's metadata.
+
 Run::
 
     python bench/gradmetanet/train_tasks_head.py --tasks-zoo DIR --v1-zoo DIR --save FILE
@@ -29,8 +33,22 @@ from gmcurv.gradmetanet.head import head_metadata  # noqa: E402
 from gmcurv.gradmetanet.model import HeadConfig, widen_edges  # noqa: E402
 from gmcurv.gradmetanet.pretrained import load_head, save_head  # noqa: E402
 from gmcurv.gradmetanet.provenance import supported_models, training_record  # noqa: E402
-from gmcurv.gradmetanet.train import TrainConfig, load_items, train_head  # noqa: E402
-from gmcurv.gradmetanet.zoo import read_plan  # noqa: E402
+from gmcurv.gradmetanet.train import TrainConfig, load_items, make_item, train_head  # noqa: E402
+from gmcurv.gradmetanet.zoo import read_group, read_plan  # noqa: E402
+
+
+def built_train_groups(cache_dir: Path, limit: int | None) -> list[Path]:
+    """The built ``train`` groups of the tasks zoo, in plan order: the first `limit` of the
+    plan (all of them must be built), or every built one."""
+    plan = [g for g in read_plan(cache_dir)["groups"] if g["split"] == "train"]
+    paths = [cache_dir / "groups" / f"{g['gid']}.safetensors" for g in plan]
+    if limit is None:
+        return [p for p in paths if p.exists()]
+    missing = [p.name for p in paths[:limit] if not p.exists()]
+    if missing:
+        sys.exit(f"--train-groups {limit}: {len(missing)} of the first {limit} are not built "
+                 f"(e.g. {missing[0]}); build more with gmcurv head zoo --size tasks")  # fmt: skip
+    return paths[:limit]
 
 
 def main() -> None:
@@ -44,11 +62,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--checkpoint", type=Path, default=None)
     ap.add_argument("--edge-extra", type=int, default=0, help="2: + sampling-error features")
+    ap.add_argument("--train-groups", type=int, default=None, help="first N train groups")
     args = ap.parse_args()
     torch.set_num_threads(1)
     start = load_head(args.init)
     t0 = time.perf_counter()
-    train = load_items(args.tasks_zoo, ["train"])
+    groups = built_train_groups(args.tasks_zoo, args.train_groups)
+    train = [make_item(zm) for path in groups for zm in read_group(path)]
     n_tasks = len(train)
     if args.v1_zoo is not None:
         train += load_items(args.v1_zoo, ["val"])
@@ -77,7 +97,7 @@ def main() -> None:
         ["python bench/gradmetanet/train_tasks_head.py", "--tasks-zoo DIR"]
         + (["--v1-zoo DIR"] if args.v1_zoo is not None else [])
         + [f"--epochs {args.epochs}", f"--lr {args.lr:g}", f"--seed {args.seed}"]
-        + [f"--edge-extra {args.edge_extra}", "--save FILE"]
+        + [f"--edge-extra {args.edge_extra}", f"--train-groups {len(groups)}", "--save FILE"]
     )
     commands = [
         "gmcurv head zoo --size tasks --seed 0",
@@ -91,6 +111,7 @@ def main() -> None:
     )  # fmt: skip
     training["init"] = {"version": start.version, "training": start.meta.get("training", {})}
     training["zoo"]["v1_val_models"] = len(train) - n_tasks
+    training["zoo"]["tasks_train_groups"] = len(groups)
     supported = supported_models(plan)
     old = start.supported
     supported["trained_widths"] = sorted(

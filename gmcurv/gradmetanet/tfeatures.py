@@ -79,6 +79,11 @@ def layer_role(name: str) -> str | None:
     return None
 
 
+def is_transformer(model: torch.nn.Module) -> bool:
+    """Whether `model` has attention projections (TinyLM, GPT-2, Llama names)."""
+    return any(layer_role(name) == "attn_in" for name, _ in model.named_modules())
+
+
 def block_index(name: str) -> int:
     """The transformer block of a module path (its first integer; -1 for the LM head)."""
     m = re.search(r"\.(\d+)\.", f".{name}.")

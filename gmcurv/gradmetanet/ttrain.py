@@ -27,6 +27,8 @@ from gmcurv.batch import Batch
 from gmcurv.gradmetanet import tzoo
 from gmcurv.gradmetanet.tfeatures import extract
 from gmcurv.gradmetanet.tlayers import HeadV2, HeadV2Config, HeadV2Input
+from gmcurv.gradmetanet.ttop import TopCorrection, scale_free_features
+from gmcurv.io.samples import SAMPLE_ROOT
 from gmcurv.objective import Objective
 
 
@@ -264,3 +266,22 @@ def predict(model: HeadV2 | HeadV2Ensemble, inp: HeadV2Input) -> tuple[float, fl
     """``(tr H, λ_max(H))`` predicted by the head (or an ensemble of heads)."""
     out = model(inp)
     return float(out.trace(inp)), float(out.top(inp))
+
+
+def item_top_features(it: Item) -> list[float]:
+    """``φ`` of `ttop` for a cached item (the same numbers `ttop.tset_features` gives)."""
+    inp = it.inp
+    shares = [
+        (int(r), float(f[0])) for r, f in zip(inp.roles.tolist(), inp.layer_feats, strict=True)
+    ]
+    return scale_free_features(inp.globals, shares, inp.seq_trace, inp.plug_trace)
+
+
+TOP_FILE = SAMPLE_ROOT / "gradmetanet_head_v2_top.json"
+
+
+def load_top_correction(path: Path | None = None) -> tuple[TopCorrection, dict]:
+    """The shipped λ_max correction (JSON: numbers only, nothing executes) and its
+    held-out summary (``bench/gradmetanet/bench_head_v2_top.py`` wrote both)."""
+    d = json.loads(Path(path or TOP_FILE).read_text(encoding="utf-8"))
+    return TopCorrection.from_dict(d), d.get("heldout", {})

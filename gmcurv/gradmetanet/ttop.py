@@ -1,0 +1,220 @@
+"""Head v2's λ_max(H): a learned log-space correction to the per-sequence plug-in.
+
+From one capture of ``b`` sequences (`tfeatures.extract`, Monte Carlo labels) the
+per-sequence plug-in is ``λ_S = T_eff λ_max(F_S)`` (`TSet.seq_top`). The correction is a
+ridge regression on scale-free features ``φ`` of the same gradients:
+
+    log λ̂ = log λ_S + α (c + w · (φ - μ) / σ)
+
+``φ`` (`FEATURES`) holds no width, vocabulary size, depth or parameter count, so that it
+means the same on unseen widths and on models built by ``transformers`` (GPT-2, Llama):
+``log(λ_tok / tr Ĝ)`` and ``log(λ_S / λ_tok)`` (spectral concentration of the token-level
+and per-sequence plug-ins), ``log(tr_S / tr Ĝ)`` (cross-token correlation), the mean loss
+over ``log V`` and the loss's coefficient of variation (how far training went), and the
+log share of ``tr Ĝ`` of each layer role (attention in/out, MLP in/out, LM head).
+
+`fit_top_correction`: the ridge penalty and the shrink ``α`` are chosen by leave-one-
+group-out cross-validation (groups: the training tasks), minimising the out-of-fold mean
+``|log λ̂ - log λ|``; ``α = 0`` is the plug-in itself, so a correction that does not carry
+over to unseen tasks is switched off. The 80 % interval is the 10/90 % quantiles of those
+out-of-fold log residuals: ``[λ̂ e^{q10}, λ̂ e^{q90}]``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from gmcurv.data import DataSample
+from gmcurv.gradmetanet.predict import sample_batch
+from gmcurv.gradmetanet.tfeatures import ROLES, TSet, extract, global_features
+from gmcurv.objective import Objective
+
+FEATURES = (
+    "log_tok_top_over_trace",
+    "log_seq_top_over_tok_top",
+    "loss_over_log_vocab",
+    "loss_cv",
+    *(f"log_share_{r}" for r in ROLES),
+    "log_seq_trace_over_tok_trace",
+)
+SHARE_FLOOR = 1e-6
+PENALTIES = (0.03, 0.1, 0.3, 1.0, 3.0)
+SHRINKS = tuple(k / 10 for k in range(11))
+
+
+def scale_free_features(
+    g: Tensor, layer_log_shares: list[tuple[int, float]], seq_trace: float, plug_trace: float
+) -> list[float]:
+    """``φ`` (`FEATURES`) from `global_features` ``g``, each layer's ``(role index, log
+    share of tr Ĝ)`` and the per-sequence / token-level traces."""
+    shares = [0.0] * len(ROLES)
+    for r, ls in layer_log_shares:
+        shares[r] += math.exp(ls)
+    return [
+        float(g[1]),
+        float(g[2]),
+        float(g[5]),
+        float(g[4]) / max(float(g[3]), 1e-3),
+        *(math.log(s + SHARE_FLOOR) for s in shares),
+        math.log(max(seq_trace, 1e-300) / max(plug_trace, 1e-300)),
+    ]
+
+
+def tset_features(s: TSet) -> list[float]:
+    """``φ`` of a captured set (as `HeadV2Input.from_tset` computes its layer shares)."""
+    tr = s.plug_trace
+    shares = [
+        (ROLES.index(layer.role), math.log(float(layer.sq_norms.mean()) / max(tr, 1e-300) + 1e-12))
+        for layer in s.layers
+    ]
+    return scale_free_features(global_features(s), shares, s.seq_trace, tr)
+
+
+@dataclass(frozen=True)
+class TopCorrection:
+    """The fitted correction (module doc); `interval` = out-of-fold 10/90 % log quantiles."""
+
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+    intercept: float
+    shrink: float
+    penalty: float
+    interval: tuple[float, float]
+    level: float = 0.8
+    cv_error: float = float("nan")  # out-of-fold mean |log| error at the chosen (penalty, α)
+    cv_error_plugin: float = float("nan")
+    trained_on: dict = field(default_factory=dict)  # feature ranges, b, tokens, families
+
+    def log_ratio(self, phi: list[float]) -> float:
+        z = [(p - m) / s for p, m, s in zip(phi, self.mean, self.scale, strict=True)]
+        return self.shrink * (
+            self.intercept + sum(w * x for w, x in zip(self.weights, z, strict=True))
+        )
+
+    def predict(self, seq_top: float, phi: list[float]) -> tuple[float, float, float]:
+        """``(λ̂, lo, hi)`` from the per-sequence plug-in and ``φ``."""
+        lam = seq_top * math.exp(self.log_ratio(phi))
+        return lam, lam * math.exp(self.interval[0]), lam * math.exp(self.interval[1])
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "features": list(FEATURES), "interval": list(self.interval)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TopCorrection:
+        if list(d.get("features", [])) != list(FEATURES):
+            raise ValueError("the λ_max correction was fitted on other features")
+        keep = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        keep["interval"] = tuple(keep["interval"])
+        return cls(**keep)
+
+
+def _ridge(X: Tensor, y: Tensor, penalty: float) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Standardised ridge: ``min_w |y - c - Z w|² / n + penalty |w|²``."""
+    mu = X.mean(0)
+    sd = X.std(0, unbiased=False) + 1e-9
+    Z = (X - mu) / sd
+    c = float(y.mean())
+    A = Z.T @ Z + penalty * len(y) * torch.eye(Z.shape[1], dtype=Z.dtype)
+    w = torch.linalg.solve(A, Z.T @ (y - c))
+    return mu, sd, w, c
+
+
+def _out_of_fold(X: Tensor, y: Tensor, groups: list[str], penalty: float) -> Tensor:
+    pred = torch.zeros_like(y)
+    for g in sorted(set(groups)):
+        held = torch.tensor([x == g for x in groups])
+        mu, sd, w, c = _ridge(X[~held], y[~held], penalty)
+        pred[held] = c + ((X[held] - mu) / sd) @ w
+    return pred
+
+
+def _quantile(x: Tensor, q: float) -> float:
+    return float(torch.quantile(x, q))
+
+
+def fit_top_correction(
+    phi: list[list[float]],
+    log_ratio: list[float],
+    groups: list[str],
+    level: float = 0.8,
+    trained_on: dict | None = None,
+) -> TopCorrection:
+    """Fit on ``log(λ / λ_S)`` of training sets; penalty and shrink by leave-one-group-out
+    CV (module doc). Needs at least two groups."""
+    if len(set(groups)) < 2:
+        raise ValueError("cross-validation needs sets from at least two groups")
+    X = torch.tensor(phi, dtype=torch.float64)
+    y = torch.tensor(log_ratio, dtype=torch.float64)
+    best = None
+    for pen in PENALTIES:
+        oof = _out_of_fold(X, y, groups, pen)
+        for a in SHRINKS:
+            err = float((y - a * oof).abs().mean())
+            if best is None or err < best[0] - 1e-12:
+                best = (err, pen, a, y - a * oof)
+    assert best is not None
+    err, pen, a, resid = best
+    mu, sd, w, c = _ridge(X, y, pen)
+    lo = (1 - level) / 2
+    return TopCorrection(
+        mean=mu.tolist(),
+        scale=sd.tolist(),
+        weights=w.tolist(),
+        intercept=c,
+        shrink=a,
+        penalty=pen,
+        interval=(_quantile(resid, lo), _quantile(resid, 1 - lo)),
+        level=level,
+        cv_error=err,
+        cv_error_plugin=float(y.abs().mean()),
+        trained_on=trained_on or {},
+    )
+
+
+@dataclass(frozen=True)
+class TopPrediction:
+    """λ_max(H) from head v2's correction on ``b`` sequences, with what it corrected."""
+
+    value: float
+    interval: tuple[float, float]
+    level: float
+    plugin_seq: float  # T_eff λ_max(F_S): the per-sequence plug-in it corrects
+    plugin_tok: float  # λ_max(Ĝ): the token-level plug-in from the same gradients
+    b: int
+    n: int
+    tokens: float
+    seconds: float
+    out_of_range: list[tuple[str, float, tuple[float, float]]]  # (what, value, trained range)
+
+
+def predict_top(
+    objective: Objective, data: DataSample, corr: TopCorrection, seed: int = 0
+) -> TopPrediction:
+    """One capture of ``b`` random sequences of `data` (``b`` as in training, Monte Carlo
+    labels, seeded), the correction, and every input outside its training range."""
+    t0 = time.perf_counter()
+    b = int(corr.trained_on.get("b", 16))
+    batch, _ = sample_batch(data, b, seed, objective.device, objective.dtype)
+    s = extract(objective, batch, seed=seed)
+    phi = tset_features(s)
+    lam, lo, hi = corr.predict(s.seq_top, phi)
+    flags: list[tuple[str, float, tuple[float, float]]] = []
+    for name, v in zip(FEATURES, phi, strict=True):
+        rng = corr.trained_on.get("feature_ranges", {}).get(name)
+        if rng is not None and not rng[0] <= v <= rng[1]:
+            flags.append((name, v, (rng[0], rng[1])))
+    t_tr = float(corr.trained_on.get("tokens", s.tokens + 1)) - 1
+    if not 0.5 * t_tr <= s.tokens <= 2 * t_tr:
+        flags.append(("predicted tokens per sequence", s.tokens, (t_tr, t_tr)))
+    if s.b < b:
+        flags.append(("sequences", float(s.b), (float(b), float(b))))
+    return TopPrediction(
+        lam, (lo, hi), corr.level, s.seq_top, s.plug_top, s.b, data.n, s.tokens,
+        time.perf_counter() - t0, flags,
+    )  # fmt: skip

@@ -1,0 +1,143 @@
+"""The Gram kernel summed over blocks, ``K = Σ_blocks K_block`` (``[N C, N C]``), formed
+by lower-triangular row panels.
+
+Blocks whose kernel is a Hadamard product of two factor Grams — one-token Linear layers,
+``K_l = (Δ_l Δ_lᵀ) ⊙ (A_l A_lᵀ)`` with ``Δ_l: [N C, O]`` the cotangent rows and
+``A_l = [x, 1]`` the inputs (repeated per column) — are summed panel by panel: for the
+rows ``P`` of a panel only the columns up to its diagonal tile are formed,
+``K[P, :p1] = Σ_l (Δ_l[P] Δ_l[:p1]ᵀ) ⊙ (A_l[P] A_l[:p1]ᵀ)`` (about ``(1 + 1/panels) / 2``
+of the products of the full kernels, like a ``syrk``), each panel's Hadamard products and
+sum over layers done in place while the panel is in cache, and the strict upper triangle
+mirrored at the end (``K`` is exactly symmetric). No per-layer ``(N C)²`` temporaries.
+Other blocks' kernels (`GradientSource.gram`) are added whole.
+
+Precision is that of `gmcurv.fisher.gram_kernel`: products in the factors' dtype (inner
+dimensions above `GEMM_CHUNK` chunked by `rows_gram`), sums in float32 when every block is
+float32, float64 otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from gmcurv.factors import GradientSource, LinearFactors
+from gmcurv.factors.source import GEMM_CHUNK, rows_gram
+
+PANEL_ROWS = 256  # panel height: 2 MB of float32 per 2,048 columns, about an L2's worth
+MIN_PANELS = 4  # fewer row panels than this: the full products are as cheap
+
+
+def hadamard_factors(src: GradientSource) -> tuple[Tensor, Tensor] | None:
+    """``(Δ, A)`` with ``K = (Δ Δᵀ) ⊙ (A Aᵀ)`` (rows ``[N C, ·]``), or None when the
+    block's kernel is not of that form (several tokens, embeddings, dense, tied)."""
+    if not isinstance(src, LinearFactors) or src.tokens != 1:
+        return None
+    n, c = src.n, src.columns
+    delta = src.delta[:, :, 0].reshape(n * c, -1)
+    a = src.a[:, 0]  # [N, I (+1)]: the weight's inputs and/or the bias column
+    if a.shape[1] == 0:
+        return None
+    if c > 1:
+        a = a.repeat_interleave(c, 0)
+    return delta, a
+
+
+def _gram_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """``a bᵀ`` into `out` (`rows_gram` precision: chunked above `GEMM_CHUNK`)."""
+    if a.dtype == torch.float64 or a.shape[1] <= GEMM_CHUNK:
+        return torch.mm(a, b.T, out=out)
+    return out.copy_(rows_gram(a, b))
+
+
+def summed_gram(
+    sources: Sequence[GradientSource],
+    size: int,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+) -> Tensor:
+    """``K = Σ K_block`` (module doc) in float32 when every source is float32, else float64.
+
+    `progress(r)`: ``size`` units in all, shared between the blocks — ``r`` rows of a
+    panel times the panelled blocks' share, or a whole block's share when it is added.
+    """
+    low = bool(sources) and all(s.dtype == torch.float32 for s in sources)
+    acc = torch.float32 if low else torch.float64
+    pairs = [f for f in map(hadamard_factors, sources) if f is not None]
+    whole = [s for s in sources if hadamard_factors(s) is None]
+    K: Tensor | None = None
+    share = size / max(1, len(sources))
+    if pairs and math.ceil(size / PANEL_ROWS) >= MIN_PANELS:
+        tick = (lambda r: progress(r * len(pairs) / len(sources))) if progress else None
+        K = _panel_sum(pairs, size, acc, tick)
+    else:
+        whole = list(sources)
+    for s in whole:
+        part = s.gram(acc)  # a fresh tensor: summed into in place
+        K = part if K is None else K.add_(part)
+        if progress:
+            progress(share)
+    if K is None:
+        return torch.zeros(size, size, dtype=acc, device=device)
+    return K
+
+
+def _panel_sum(
+    pairs: list[tuple[Tensor, Tensor]],
+    size: int,
+    dtype: torch.dtype,
+    progress: Callable[[int], None] | None,
+) -> Tensor:
+    """``Σ_l (Δ_l Δ_lᵀ) ⊙ (A_l A_lᵀ)`` by lower-triangular row panels, then mirrored."""
+    device = pairs[0][0].device
+    K = torch.empty(size, size, dtype=dtype, device=device)
+    left = torch.empty(PANEL_ROWS * size, dtype=dtype, device=device)
+    right = torch.empty(PANEL_ROWS * size, dtype=dtype, device=device)
+    for p0 in range(0, size, PANEL_ROWS):
+        p1 = min(size, p0 + PANEL_ROWS)
+        panel = K[p0:p1, :p1]
+        dd = left[: (p1 - p0) * p1].view(p1 - p0, p1)
+        aa = right[: (p1 - p0) * p1].view(p1 - p0, p1)
+        for i, (delta, a) in enumerate(pairs):
+            _gram_into(delta[p0:p1].to(dtype), delta[:p1].to(dtype), dd)
+            _gram_into(a[p0:p1].to(dtype), a[:p1].to(dtype), aa)
+            if i == 0:
+                torch.mul(dd, aa, out=panel)
+            else:
+                panel.addcmul_(dd, aa)
+        if progress:
+            progress(p1 - p0)
+    for p0 in range(0, size, PANEL_ROWS):  # the strict upper triangle, from the lower
+        p1 = min(size, p0 + PANEL_ROWS)
+        K[:p0, p0:p1].copy_(K[p0:p1, :p0].T)
+        tile = K[p0:p1, p0:p1]
+        tile.copy_(tile.tril() + tile.tril(-1).T)  # products need not be symmetric bitwise
+    return K
+
+
+def float64_products(K: Tensor) -> Callable[[Tensor], Tensor]:
+    """``Y -> K Y`` in float64 for a lower-precision ``K`` (its entries are exact in
+    float64), converting one row panel of ``K`` at a time into a reused buffer."""
+    n = K.shape[0]
+    buf = torch.empty(min(n, PANEL_ROWS), n, dtype=torch.float64, device=K.device)
+
+    def matmat(Y: Tensor) -> Tensor:
+        Y = Y.to(torch.float64)
+        out = Y.new_empty(n, Y.shape[1])
+        for p0 in range(0, n, PANEL_ROWS):
+            p1 = min(n, p0 + PANEL_ROWS)
+            panel = buf[: p1 - p0].copy_(K[p0:p1])
+            torch.mm(panel, Y, out=out[p0:p1])
+        return out
+
+    return matmat
+
+
+def product_error(K: Tensor) -> float:
+    """A bound on ``||fl(K x) - K x||`` for unit ``x`` when ``K x`` is computed in ``K``'s
+    dtype: ``n u ||abs(K)|| <= n u tr K`` for a Gram kernel (``|K_ij| <= sqrt(K_ii K_jj)``)."""
+    n = K.shape[0]
+    return n * torch.finfo(K.dtype).eps * float(K.diagonal().double().abs().sum())

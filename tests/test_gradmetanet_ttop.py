@@ -1,0 +1,153 @@
+"""Head v2's λ_max correction (`gmcurv.gradmetanet.ttop`): the cross-validated fit keeps
+corrections that carry over across groups and drops those that do not; features are the
+same from a captured set and from a cached training item; the CLI runs it on transformers'
+GPT-2 / Llama checkpoints (learned and both) and still refuses the trace."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from gmcurv.batch import Batch
+from gmcurv.gradmetanet import ttop
+from gmcurv.gradmetanet.tfeatures import extract, is_transformer
+from gmcurv.gradmetanet.tlayers import HeadV2Input
+from gmcurv.gradmetanet.tlm import make_task
+from gmcurv.gradmetanet.ttrain import Item, item_top_features, load_top_correction
+from gmcurv.io.data import load_data
+from gmcurv.objective import Objective
+from tests.test_gradmetanet_v2 import B, T, V, _model
+
+F = len(ttop.FEATURES)
+
+
+def _planted(noise: float, signal: float, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    groups = [f"task{k}" for k in range(5) for _ in range(30)]
+    phi = torch.randn(len(groups), F, generator=g, dtype=torch.float64)
+    y = signal * phi[:, 0] - 0.3 + noise * torch.randn(len(groups), generator=g).double()
+    return phi.tolist(), y.tolist(), groups
+
+
+def test_fit_keeps_a_correction_that_carries_over_across_groups():
+    phi, y, groups = _planted(0.05, 0.8)
+    c = ttop.fit_top_correction(phi, y, groups)
+    assert c.shrink >= 0.9 and c.cv_error < 0.1 < c.cv_error_plugin
+    pred = [c.log_ratio(p) for p in phi]
+    assert max(abs(a - b) for a, b in zip(pred, y, strict=True)) < 0.35
+    lo, hi = c.interval
+    inside = sum(lo <= b - a <= hi for a, b in zip(pred, y, strict=True)) / len(y)
+    assert lo < 0 < hi and 0.7 <= inside <= 0.95
+
+
+def test_fit_shrinks_a_correction_that_does_not_carry_over():
+    """Each group has its own offset and the features say nothing about it: the
+    out-of-fold CV switches the correction (almost) off."""
+    g = torch.Generator().manual_seed(3)
+    groups = [f"task{k}" for k in range(5) for _ in range(30)]
+    offsets = {f"task{k}": o for k, o in enumerate((-1.0, 1.0, -0.8, 0.9, 0.0))}
+    phi = torch.randn(len(groups), F, generator=g, dtype=torch.float64).tolist()
+    y = [offsets[k] + 0.01 * float(torch.randn(1, generator=g)) for k in groups]
+    c = ttop.fit_top_correction(phi, y, groups)
+    assert c.shrink <= 0.3
+    assert c.cv_error <= c.cv_error_plugin + 1e-12  # α = 0 (the plug-in) is on the grid
+
+
+def test_fit_needs_two_groups_and_round_trips_through_json():
+    phi, y, groups = _planted(0.1, 0.5)
+    with pytest.raises(ValueError, match="two groups"):
+        ttop.fit_top_correction(phi, y, ["one"] * len(y))
+    c = ttop.fit_top_correction(phi, y, groups, trained_on={"b": 16})
+    back = ttop.TopCorrection.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert back == c
+    lam, lo, hi = back.predict(2.0, phi[0])
+    assert lam == pytest.approx(2.0 * math.exp(c.log_ratio(phi[0])), rel=1e-14)
+    assert lo < lam < hi
+    bad = {**c.to_dict(), "features": ["other"]}
+    with pytest.raises(ValueError, match="other features"):
+        ttop.TopCorrection.from_dict(bad)
+
+
+def test_features_of_a_set_equal_those_of_its_cached_item():
+    model = _model()
+    assert is_transformer(model)
+    ids, _ = make_task("count", B, T, seed=0)
+    s = extract(Objective.build(model, "next_token"), Batch(ids % V, None, 0))
+    inp = HeadV2Input.from_tset(s)
+    it = Item("g", "train", "tiny", "count", 0, 0, 100, inp, 1.0, 0.0, 1.0)
+    phi = ttop.tset_features(s)
+    assert len(phi) == F and all(math.isfinite(v) for v in phi)
+    assert item_top_features(it) == pytest.approx(phi, rel=1e-12, abs=1e-12)
+    assert phi[1] == pytest.approx(math.log(s.seq_top / s.plug_top), rel=1e-12)
+
+
+def test_shipped_correction_loads_and_predicts_with_out_of_range_flags(tmp_path):
+    corr, heldout = load_top_correction()
+    assert heldout["all-test"]["sets"] > 0 and 0 <= corr.shrink <= 1
+    model = _model()
+    ids, _ = make_task("count", 20, T, seed=0)
+    save_file({"inputs": (ids % V).contiguous()}, str(tmp_path / "d.safetensors"))
+    obj = Objective.build(model, "next_token")
+    tp = ttop.predict_top(obj, load_data(tmp_path / "d.safetensors"), corr, seed=1)
+    assert tp.b == 16 and tp.n == 20 and tp.tokens == T - 1
+    assert tp.interval[0] < tp.value < tp.interval[1] and tp.plugin_seq > 0
+    # T = 6 tokens here, the zoo used 32: flagged, not silently trusted
+    assert any(w == "predicted tokens per sequence" for w, _, _ in tp.out_of_range)
+
+
+def _hf_dir(family: str, tmp_path):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(
+            vocab_size=V, n_positions=T, n_embd=8, n_layer=1, n_head=2, bos_token_id=0,
+            eos_token_id=0,
+        )  # fmt: skip
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        cfg = tf.LlamaConfig(
+            vocab_size=V, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=T,
+        )  # fmt: skip
+        model = tf.LlamaForCausalLM(cfg)
+    with contextlib.redirect_stderr(io.StringIO()):
+        model.save_pretrained(str(tmp_path / family))
+    ids, _ = make_task("count", 24, T, seed=2)
+    (tmp_path / "data").mkdir()
+    save_file({"input_ids": (ids % V).contiguous()}, str(tmp_path / "data" / "d.safetensors"))
+    return tmp_path / family, tmp_path / "data"
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_cli_eigen_learned_and_both_on_transformers(runner, tmp_path, family):
+    from gmcurv.cli.app import app
+
+    model, data = _hf_dir(family, tmp_path)
+    base = ["eigen", str(model), str(data), "--curvature", "hessian", "--json", "-q"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        r = runner.invoke(app, [*base, "--method", "learned"])
+        assert r.exit_code == 0, r.output
+        doc = json.loads(r.stdout)["results"]
+        top = doc["hessian"]["eigenvalues"][0]
+        assert top["method"] == "learned-v2" and top["interval"][0] < top["value"]
+        assert doc["learned"]["rows"][0]["plug_in"] > 0
+        assert "predicted tokens per sequence" in doc["learned"]["rows"][0]["out_of_range"]
+        r = runner.invoke(app, [*base, "--method", "both", "-k", "1"])
+        assert r.exit_code == 0, r.output
+        row = json.loads(r.stdout)["results"]["learned"]["comparison"][0]
+        assert row["exact_in_interval"] in (True, False) and row["relative_error"] >= 0
+        human = runner.invoke(app, [*base[:-2], "--method", "learned"])
+        assert human.exit_code == 0 and "head v2" in human.output
+        r = runner.invoke(
+            app, ["trace", str(model), str(data), "--method", "learned", "-q", "--json"]
+        )
+    assert r.exit_code == 2 and "head v2" in r.output

@@ -1,0 +1,175 @@
+"""The summed Gram kernel by lower-triangular panels and the top-k route on it (float32
+products, one exact float64 Rayleigh–Ritz step), against dense float64 oracles: the
+explicit per-example-gradient Gram ``J J^T`` and ``eigvalsh`` of ``F = J^T J / N``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models import TinyAttention, TinyConv, mlp, seeded
+from oracles import per_example_grads
+from test_capture import N, _problem, _rows
+from test_lanczos import SPECTRA, _with_spectrum
+
+import gmcurv.gram_sum as gs
+from gmcurv.batch import Batch
+from gmcurv.block_krylov import block_lanczos
+from gmcurv.capture import capture
+from gmcurv.fisher import fisher_eigen, gram_kernel, start_directions
+from gmcurv.objective import Objective
+
+
+@pytest.fixture
+def small_panels(monkeypatch):
+    """Panels of 3 rows from 2 panels on: the panel route on tiny problems."""
+    monkeypatch.setattr(gs, "PANEL_ROWS", 3)
+    monkeypatch.setattr(gs, "MIN_PANELS", 2)
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp_nobias", "conv", "attention", "tokens"])
+@pytest.mark.parametrize("fisher", ["empirical", "exact"])
+def test_panel_sum_equals_explicit_gram(name, fisher, small_panels):
+    """Float64: ``K`` equals ``rows rows^T`` of the explicit gradients (one-token Linear
+    blocks by panels, the others whole), exactly symmetric."""
+    obj, batch = _problem(name)
+    dg = capture(obj, batch, fisher=fisher)
+    rows = _rows(dg, obj).reshape(dg.n * dg.columns, -1)
+    K = gram_kernel(dg)
+    torch.testing.assert_close(K, rows @ rows.T, rtol=1e-10, atol=1e-13)
+    assert torch.equal(K, K.T) or name != "mlp"  # the mirrored triangle is a copy
+    if name == "mlp":
+        assert all(gs.hadamard_factors(b.source) is not None for b in dg.blocks)
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention"])
+def test_float32_panel_sum_within_the_rounding_bound(name, small_panels):
+    obj, batch = _problem(name)
+    obj.model.float()
+    x = batch.inputs.float() if batch.inputs.is_floating_point() else batch.inputs
+    dg = capture(obj, Batch(x, batch.targets, 0))
+    K = gs.summed_gram([b.source for b in dg.blocks], N)
+    assert K.dtype == torch.float32
+    rows = _rows(dg, obj).reshape(N, -1).double()
+    ref = rows @ rows.T
+    norms = torch.diagonal(ref).sqrt()
+    bound = 4 * rows.shape[1] * torch.finfo(torch.float32).eps * torch.outer(norms, norms)
+    assert bool(((K.double() - ref).abs() <= bound).all())
+
+
+def test_panel_progress_counts_rows(small_panels):
+    obj, batch = _problem("mlp")
+    dg = capture(obj, batch)
+    ticks: list[float] = []
+    gs.summed_gram([b.source for b in dg.blocks], N, progress=ticks.append)
+    assert ticks == [3, 3, 1]  # panels of 3, 3 and 1 rows, every block panelled
+    obj, batch = _problem("attention")  # some blocks whole: their shares
+    dg = capture(obj, batch)
+    ticks.clear()
+    gs.summed_gram([b.source for b in dg.blocks], N, progress=ticks.append)
+    assert sum(ticks) == pytest.approx(N) and len(ticks) > 1
+
+
+def _wide(name: str, n: int, dtype: torch.dtype):
+    """A problem with enough examples for the block Lanczos route (``n`` rows)."""
+    g = torch.Generator().manual_seed(3)
+    if name == "mlp":
+        model = seeded(mlp, sizes=(6, 12, 12, 4))
+        x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    elif name == "conv":
+        model, x = seeded(TinyConv), torch.randn(n, 2, 4, 4, generator=g, dtype=torch.float64)
+    else:
+        model, x = seeded(TinyAttention), torch.randint(0, 7, (n, 5), generator=g)
+    obj = Objective.build(model.to(dtype), "cross_entropy")
+    if x.is_floating_point():
+        x = x.to(dtype)
+    with torch.no_grad():
+        classes = obj.outputs(x[:1]).shape[-1]
+    return obj, Batch(x, torch.randint(0, classes, (n,), generator=g), 0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv", "attention"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_top_k_matches_dense_float64_oracle(name, dtype, monkeypatch):
+    """Block route (float32 kernels: float32 products, exact final step) against the
+    float64 oracle: ``eigvalsh(J^T J / N)`` from vmap(grad) of the same weights in float64;
+    the float32 route is exact to 1e-10 for the kernel it formed and within float32
+    rounding of the float64 truth."""
+    monkeypatch.setattr(gs, "PANEL_ROWS", 32)
+    n = 160
+    obj, batch = _wide(name, n, dtype)
+    dg = capture(obj, batch)
+    res = fisher_eigen(dg, 4, eigh_limit=16)
+    assert res.method == "gram-block-lanczos" and bool(res.converged.all())
+    assert 0 < res.n_matvecs < n
+    obj64, _ = _wide(name, n, torch.float64)
+    obj64.model.load_state_dict({k: v.double() for k, v in obj.model.state_dict().items()})
+    batch64 = Batch(
+        batch.inputs.double() if batch.inputs.is_floating_point() else batch.inputs,
+        batch.targets,
+        0,
+    )
+    J = per_example_grads(obj64, batch64)
+    ref = torch.linalg.eigvalsh(J @ J.T).flip(0)[:4] / n
+    if dtype == torch.float64:
+        torch.testing.assert_close(res.values, ref, rtol=1e-10, atol=0)
+    else:
+        formed = gs.summed_gram([b.source for b in dg.blocks], n).double()
+        own = torch.linalg.eigvalsh(formed).flip(0)[:4] / n
+        torch.testing.assert_close(res.values, own, rtol=1e-10, atol=0)
+        torch.testing.assert_close(res.values, ref, rtol=1e-5, atol=0)
+    # the reported residuals are true residuals of K's eigenpairs (divided by N)
+    assert bool((res.residuals >= 0).all())
+
+
+def test_start_directions_are_the_output_cotangents():
+    obj, batch = _wide("mlp", 40, torch.float64)
+    dg = capture(obj, batch)
+    start = start_directions(dg)
+    assert start is not None and start.shape == (40, 4)
+    with_start = fisher_eigen(dg, 3, eigh_limit=8)
+    dense = fisher_eigen(dg, 3)
+    torch.testing.assert_close(with_start.values, dense.values, rtol=1e-10, atol=0)
+
+
+def test_cheap_products_exact_final_step():
+    """Iterations on float32 products, the answer from one exact product: values within
+    1e-10 of the exact spectrum, the reported residuals are the true ones."""
+    A = _with_spectrum(SPECTRA["clustered"])
+    A32 = A.float()
+    exact = A32.double()
+    ref = torch.linalg.eigvalsh(exact).flip(0)[:4]
+    res = block_lanczos(
+        lambda X: (A32 @ X.float()).double(),
+        100,
+        4,
+        tol=1e-10,
+        vectors=True,
+        exact=lambda Y: exact @ Y,
+        product_error=gs.product_error(A32.abs()),
+    )
+    assert bool(res.converged.all())
+    torch.testing.assert_close(res.values, ref, rtol=1e-10, atol=0)
+    for v, theta, r in zip(res.vectors, res.values, res.residuals, strict=True):
+        assert float(r) == pytest.approx(float((exact @ v - theta * v).norm()), abs=1e-12)
+
+
+def test_cheap_products_unconverged_is_flagged():
+    A = _with_spectrum(SPECTRA["clustered"])
+    A32 = A.float()
+    res = block_lanczos(
+        lambda X: (A32 @ X.float()).double(),
+        100,
+        4,
+        block=4,
+        tol=1e-12,
+        max_basis=8,
+        exact=lambda Y: A32.double() @ Y,
+    )
+    assert not bool(res.converged.all())
+
+
+def test_float64_products_convert_panels():
+    g = torch.Generator().manual_seed(0)
+    K = torch.randn(70, 70, generator=g).float()
+    Y = torch.randn(70, 3, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(gs.float64_products(K)(Y), K.double() @ Y, rtol=1e-14, atol=0)
