@@ -85,6 +85,14 @@ RestartsOpt = Annotated[
 ]
 
 
+def capture_phase(prefix: str, n: int, batch_size: int) -> tuple[str, int | None]:
+    """The capture's bar: a count of examples per batch, or a spinner with what is done
+    when the data is a single batch (a count would sit at 0 until the end)."""
+    if n <= batch_size:
+        return f"{prefix}capturing gradients (one batch of {n:,} examples)", None
+    return f"{prefix}capturing gradients", n
+
+
 def fisher_results(
     session: Session,
     fisher: str,
@@ -102,7 +110,7 @@ def fisher_results(
     assert session.objective is not None and session.data is not None
     with (
         session.stage("fisher"),
-        session.progress("Fisher: capturing gradients", session.data.n) as advance,
+        session.progress(*capture_phase("Fisher: ", session.data.n, batch_size)) as advance,
     ):
         s = fisher_summary(
             session.objective,

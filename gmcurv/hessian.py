@@ -79,6 +79,15 @@ class CurvatureSummary:
     stopped: str | None = None  # stochastic trace: 'tol' or 'probes' (the cap); else None
 
 
+def graphs_first(op: CurvatureOperator, announce: Callable[[str, int | None], None]) -> None:
+    """Build `op`'s gradient graphs as a phase of their own (a spinner: one step, on large
+    models the longest), before its first product, so that no product bar sits at 0 while
+    they are built (`CurvatureOperator.prepare`)."""
+    if op.graph_pending:
+        announce(f"gradient graph over {op.data.n:,} examples (built once)", None)
+        op.prepare()
+
+
 def capture_blocks(objective: Objective) -> dict[str, tuple[tuple[str, ...], str]]:
     """Per-layer blocks, the same as the Fisher's: ``{name: (param names, kind)}``."""
     from gmcurv.capture import plan_capture
@@ -329,6 +338,7 @@ def curvature_summary(
     stopped: str | None = None
     eigs: list[Estimate] | None = None  # from the trace's Lanczos basis, when shared
     if resolved == "exact":
+        graphs_first(op, announce)
         announce("dense matrix: products", P)
         A = dense_matrix(op, budget_bytes)
         tr, eigs, layers = _dense_summary(op, A, blocks, k, per_layer)
@@ -362,6 +372,7 @@ def curvature_summary(
                 f"Hutchinson, not Hutch++: a sketch of {probes // 3} vectors of {P:,} "
                 "parameters does not fit the memory budget"
             )
+        graphs_first(target, announce)
         shared = None
         if method == "auto" and not exact_ggn and k > 0 and not op.is_random(seed):
             lanczos_preflight(P, k, max_iters, budget_bytes)
@@ -379,6 +390,7 @@ def curvature_summary(
         if exact_ggn:
             op.n_matvecs += target.n_matvecs
     if k > 0 and eigs is None:
+        graphs_first(op, announce)
         announce("Lanczos: products", max_iters or max(4 * k + 20, 60))
         eigs, _, random = lanczos_estimates(
             op, k, tol, max_iters, seed, False, restarts, budget_bytes
@@ -476,7 +488,11 @@ def top_eigen(
         from gmcurv.capture import capture_all
         from gmcurv.fisher import eigen_products, fisher_eigen
 
-        announce("capturing gradients", n)
+        total = None if n <= batch_size else n  # one batch: a spinner (a count sits at 0)
+        announce(
+            "capturing gradients" + (f" (one batch of {n:,} examples)" if total is None else ""),
+            total,
+        )
         dg = capture_all(
             objective, data, batch_size, fisher, progress=progress, budget_bytes=budget_bytes
         )
@@ -501,6 +517,7 @@ def top_eigen(
         )
     op = CurvatureOperator(objective, data, batch_size, kind, progress=progress)
     if resolved == "exact":
+        graphs_first(op, announce)
         announce("dense matrix: products", P)
         A = dense_matrix(op, budget_bytes)
         w, V = torch.linalg.eigh(A)
@@ -510,6 +527,7 @@ def top_eigen(
         ]
         vecs = [_layout(op, V[:, j]) for j in range(len(w))] if vectors else None
         return EigenSummary(kind, "exact(dense)", values, vecs, P, op.n_matvecs)
+    graphs_first(op, announce)
     announce("Lanczos: products", min(P, max_iters or max(4 * k + 20, 60)) * (1 + restarts))
     values, res, random = lanczos_estimates(
         op, k, tol, max_iters, seed, vectors, restarts, budget_bytes

@@ -14,9 +14,12 @@ backward. ``.backward(create_graph=True)`` is never used.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
-from torch.func import grad, jvp, vjp
+from torch.func import grad, jvp, vjp, vmap
 
 from gmcurv.attention import twice_differentiable_attention
 from gmcurv.batch import Batch
@@ -115,3 +118,49 @@ def batch_residual_vp(
             return sum((g[k] * vector[k]).sum() for k in g)  # type: ignore[return-value]
 
         return grad(directional)(params)
+
+
+Vec = dict[str, Tensor]
+
+
+@dataclass
+class BatchProducts:
+    """One batch's ``C v`` for ``C`` = `kind` ('hessian', 'ggn' or 'residual'), by the
+    first route the model supports: forward-over-reverse, switched off for good on
+    ``NotImplementedError`` (an op without a forward-mode rule), then reverse-over-reverse;
+    several vectors at once by ``torch.func.vmap``, switched off for good when a batching
+    rule is missing, then one at a time."""
+
+    objective: Objective
+    kind: str
+    forward_mode: bool = True
+    vmap_ok: bool = True
+
+    def product(self, batch: Batch, vector: Vec, residuals: Tensor | None = None) -> Vec:
+        """``C v`` summed over the batch's examples (`residuals`: ``r`` for ``H - G``)."""
+        if self.forward_mode:
+            try:
+                return self._route(batch, vector, True, residuals)
+            except (NotImplementedError, RuntimeError) as e:
+                if "forward" not in str(e).lower() and not isinstance(e, NotImplementedError):
+                    raise
+                self.forward_mode = False
+        return self._route(batch, vector, False, residuals)
+
+    def _route(self, batch: Batch, vector: Vec, forward: bool, r: Tensor | None) -> Vec:
+        if self.kind == "ggn":
+            return batch_ggnvp(self.objective, batch, vector, forward)
+        if self.kind == "hessian":
+            return batch_hvp(self.objective, batch, vector, forward)
+        return batch_residual_vp(self.objective, batch, vector, forward, r)
+
+    def each(self, one: Callable[[Vec], Vec], vectors: Vec, m: int) -> Vec:
+        """`one` applied to each of the `m` rows of `vectors` (leading dimension), stacked:
+        vectorised by ``vmap`` when the model allows, else in a loop."""
+        if self.vmap_ok:
+            try:
+                return vmap(one)(vectors)
+            except Exception:  # no batching rule somewhere: one product at a time
+                self.vmap_ok = False
+        rows = [one({k: t[j] for k, t in vectors.items()}) for j in range(m)]
+        return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}

@@ -95,6 +95,7 @@ LAYERS = (
             "gmcurv.products",
             "gmcurv.batchpass",
             "gmcurv.graphcache",
+            "gmcurv.batchstate",
             "gmcurv.operator",
             "gmcurv.fisher",
             "gmcurv.ggn",

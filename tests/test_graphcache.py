@@ -53,3 +53,78 @@ def test_products_accumulate_in_their_own_tensors(graph, tmp_path):
     torch.testing.assert_close(obj.space.flatten(vec), v, rtol=0, atol=0)
     torch.testing.assert_close(obj.space.flatten(first), H @ v, rtol=0, atol=1e-10)
     torch.testing.assert_close(obj.space.flatten(second), H @ v, rtol=0, atol=1e-10)
+
+
+def _count_builds(monkeypatch) -> list[int]:
+    from gmcurv import batchstate
+
+    sizes: list[int] = []
+    real = batchstate.gradient_graph
+
+    def counted(objective, batch, names, r):
+        sizes.append(len(batch))
+        return real(objective, batch, names, r)
+
+    monkeypatch.setattr(batchstate, "gradient_graph", counted)
+    return sizes
+
+
+@pytest.mark.parametrize("kind", ["hessian", "residual"])
+def test_prepare_builds_the_whole_sample_graph_from_the_first_batchs_estimate(
+    kind, tmp_path, monkeypatch
+):
+    """The first batch's graph, scaled by the examples, fits: the batches merge and one
+    graph over the whole sample is built — not every per-batch graph first, then again."""
+    from oracles import dense_ggn_autograd
+
+    obj, batch, data = problem("attention", tmp_path, n=11)
+    ref = dense_hessian(obj, batch)
+    if kind == "residual":
+        ref = ref - dense_ggn_autograd(obj, batch)
+    sizes = _count_builds(monkeypatch)
+    op = CurvatureOperator(obj, data, batch_size=4, kind=kind)
+    assert op.graph_pending
+    op.prepare()
+    assert sizes == [4, 11] and not op.graph_pending and op.n_matvecs == 0
+    assert len(op.graphs.graphs) == len(op.source.cached) == 1
+    for seed in range(2):
+        v = _rand(obj, seed)
+        torch.testing.assert_close(op.matvec(v), ref @ v, rtol=0, atol=1e-10)
+    assert sizes == [4, 11]  # products reuse it
+
+
+def test_first_product_prepares_and_without_merge_keeps_per_batch_graphs(tmp_path, monkeypatch):
+    obj, batch, data = problem("mlp", tmp_path, n=11)
+    H = dense_hessian(obj, batch)
+    sizes = _count_builds(monkeypatch)
+    op = CurvatureOperator(obj, data, batch_size=4)
+    v = _rand(obj)
+    torch.testing.assert_close(op.matvec(v), H @ v, rtol=0, atol=1e-10)
+    assert sizes == [4, 11]  # the first product prepared: no per-batch graphs besides the first
+    sizes.clear()
+    op = CurvatureOperator(obj, data, batch_size=4, merge=False)
+    torch.testing.assert_close(op.matvec(v), H @ v, rtol=0, atol=1e-10)
+    torch.testing.assert_close(op.matvec(v), H @ v, rtol=0, atol=1e-10)
+    assert sizes == [4, 4, 3] and len(op.graphs.graphs) == 3
+
+
+def test_prepare_skips_graphs_that_would_not_all_fit(tmp_path, monkeypatch):
+    """Estimated over budget: no more graphs (products recompute) unless the caller insists;
+    data too large to keep: no graph in advance (the first product's pass builds and drops)."""
+    obj, batch, data = problem("mlp", tmp_path, n=11)
+    H = dense_hessian(obj, batch)
+    v = _rand(obj)
+    probe = CurvatureOperator(obj, data, batch_size=4, merge=False)
+    probe.prepare()
+    first = probe.graphs.held // 3  # about one batch's graph
+    sizes = _count_builds(monkeypatch)
+    op = CurvatureOperator(obj, data, batch_size=4, graph_bytes=2 * first)
+    op.prepare()
+    assert sizes == [4] and op.graphs.enabled is False and not op.graphs.graphs
+    torch.testing.assert_close(op.matvec(v), H @ v, rtol=0, atol=1e-10)
+    sizes.clear()
+    op = CurvatureOperator(obj, data, batch_size=4, cache_bytes=0)
+    op.prepare()
+    assert sizes == [] and op.graph_pending
+    torch.testing.assert_close(op.matvec(v), H @ v, rtol=0, atol=1e-10)
+    assert sizes == [4, 4, 3] and not op.graphs.graphs  # used by that product, then dropped

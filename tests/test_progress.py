@@ -84,6 +84,30 @@ def test_trace_hessian_counts_products(runner, files):
     _complete(products)
 
 
+def test_hessian_graph_build_is_its_own_phase_before_the_products(runner, files):
+    """The gradient graph (the first product's build, long on large models) shows as a
+    spinner with a label, then the products count from 0 — no bar at 0 meanwhile."""
+    args = ["--curvature", "hessian", "--method", "hutchinson", "--probes", "6", "--tol", "0"]
+    for extra in ([], ["--batch-size", "64"]):  # several batches, and a single one
+        phases = _run(runner, ["trace", *files, *args, *extra, "--k", "2", "-q"])
+        labels = [p.label for p in phases]
+        (graph,) = _by_label(phases, "gradient graph over 40 examples")
+        assert graph.total is None and graph.done == 0 and graph.ended is not None
+        at = phases.index(graph)
+        assert "trace: products" in labels[at + 1], labels
+        _complete(phases[at + 1])
+        assert not any("gradient graph" in x for x in labels[at + 1 :]), labels  # built once
+
+
+def test_single_batch_capture_is_a_spinner(runner, files):
+    phases = _run(runner, ["trace", *files, "--batch-size", "64", "-q"])
+    (capture,) = _by_label(phases, "capturing gradients (one batch of 40 examples)")
+    assert capture.total is None and capture.ended is not None
+    phases = _run(runner, ["eigen", *files, "--curvature", "fisher", "--batch-size", "64", "-q"])
+    (capture,) = _by_label(phases, "capturing gradients (one batch of 40 examples)")
+    assert capture.total is None
+
+
 def test_eigen_phases_have_totals(runner, files):
     phases = _run(runner, ["eigen", *files, "--method", "lanczos", "--k", "2", "-q"])
     (lanczos,) = _by_label(phases, "Lanczos: products")
