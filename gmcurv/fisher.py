@@ -436,7 +436,7 @@ def fisher_summary(
         sq = None
         one_batch = one_batch and dg.n * dg.columns <= DENSE_GRAM_LIMIT
         if one_batch:
-            grams = {b.name: b.source.gram() for b in dg.blocks}
+            grams = _block_grams(dg, phase, eigen_progress)
             sq = {name: K.diagonal().reshape(dg.n, dg.columns) for name, K in grams.items()}
         acc.add(dg, sq)
         if fisher == "mc":
@@ -458,12 +458,8 @@ def fisher_summary(
         full = gather_decomposed(DecomposedGradients.cat(kept))
         del kept
         total = sum(grams.values()) if one_batch else None
-        if total is None and n_rows <= DENSE_GRAM_LIMIT:
-            from gmcurv.gram_sum import summed_gram
-
-            if phase:
-                phase("Fisher: Gram kernel (rows)", n_rows)
-            total = summed_gram([b.source for b in full.blocks], n_rows, progress=eigen_progress)
+        if total is None:
+            total = formed_kernel(full, "Fisher: Gram kernel (rows)", phase, eigen_progress)
         if phase:
             phase("Fisher: Gram eigenvalues (kernel products)", eigen_products(n_rows, k))
         res = fisher_eigen(full, k, seed=seed, progress=eigen_progress, kernel=total)
@@ -508,6 +504,31 @@ def fisher_summary(
         n_params=objective.space.size,
         self_check=cap.check_report.as_dict() if cap.check_report else None,
     )
+
+
+def formed_kernel(dg: DecomposedGradients, label: str, phase, progress) -> Tensor | None:
+    """``K`` by `gmcurv.gram_sum.summed_gram` when `fisher_eigen` would form it (at most
+    ``DENSE_GRAM_LIMIT`` rows), announced as phase `label` counted in rows; else None."""
+    from gmcurv.gram_sum import summed_gram
+
+    rows = dg.n * dg.columns
+    if rows > DENSE_GRAM_LIMIT:
+        return None
+    if phase:
+        phase(label, rows)
+    return summed_gram([b.source for b in dg.blocks], rows, dg.losses.device, progress)
+
+
+def _block_grams(dg: DecomposedGradients, phase, progress) -> dict[str, Tensor]:
+    """Each block's Gram kernel (float64), announced as a phase counted in blocks."""
+    if phase:
+        phase("Fisher: Gram kernels (blocks)", len(dg.blocks))
+    grams = {}
+    for b in dg.blocks:
+        grams[b.name] = b.source.gram()
+        if progress:
+            progress(1)
+    return grams
 
 
 def _eigen_estimates(res: FisherEigen, n: int, fisher: str) -> list[Estimate]:

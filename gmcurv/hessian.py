@@ -22,8 +22,12 @@ from gmcurv.estimate import Estimate
 from gmcurv.fisher import LayerCurvature
 from gmcurv.ggn import EXACT_GGN_MAX_COLUMNS, exact_ggn_columns, exact_ggn_trace
 from gmcurv.lanczos import lanczos
+from gmcurv.lanczos_trace import lanczos_block_traces
+from gmcurv.memory import default_budget, preflight
 from gmcurv.objective import Objective
 from gmcurv.operator import CurvatureOperator
+from gmcurv.piecewise import piecewise_linear_reason
+from gmcurv.stochastic import shared_block_traces
 
 # ------------------------------------------------------------------------------ dense
 DENSE_MAX_PARAMS = 2000  # --method auto: dense below this many parameters ...
@@ -32,8 +36,6 @@ DENSE_MAX_WORK = 20_000_000  # ... and N * P at most this (P products over N exa
 
 def dense_matrix(op: CurvatureOperator, budget_bytes: int | None = None) -> Tensor:
     """The ``[P, P]`` matrix (float64, symmetrised) from ``P`` products with basis vectors."""
-    from gmcurv.memory import preflight
-
     P = op.size
     preflight(
         8.0 * P * P * 2,
@@ -126,8 +128,6 @@ def _dense_summary(op, A: Tensor, blocks, k: int, per_layer: bool) -> tuple[Esti
 def lanczos_preflight(n: int, k: int, max_iters: int | None, budget: int | None) -> None:
     """Stop early when the Lanczos basis (float64, ``max_iters + 1`` vectors of `n`) would
     exceed the memory budget (GPT-2 124M: 61 vectors are 60 GB)."""
-    from gmcurv.memory import preflight
-
     steps = min(n, max_iters or max(4 * k + 20, 60)) + 1
     preflight(
         8.0 * steps * n,
@@ -140,8 +140,6 @@ def lanczos_preflight(n: int, k: int, max_iters: int | None, budget: int | None)
 def sketch_fits(n: int, probes: int, budget: int | None) -> bool:
     """Whether Hutch++'s sketch (``probes/3`` vectors of `n`, with their products and
     orthonormal basis, float64) fits the memory budget."""
-    from gmcurv.memory import default_budget
-
     limit = default_budget() if budget is None else budget
     return 3 * 8.0 * (probes // 3) * n <= limit
 
@@ -254,8 +252,6 @@ def _stochastic_traces(
     shifted by the exact GGN parts when `target` is the residual ``H - G``:
     ``tr H = tr G + tr(H - G)``. Returns (total, per block, why it stopped, notes).
     `lanczos_run(blocks, offset)`: the traces from a Lanczos basis instead (`_krylov`)."""
-    from gmcurv.stochastic import shared_block_traces
-
     objective, n = target.objective, target.data.n
     prefix, suffix = ("exact-ggn+", "(H-G)") if residual else ("", "")
     base = sum(v for v, _ in ggn_part.values())
@@ -325,8 +321,6 @@ def curvature_summary(
     `cache`: a dict shared by calls on the same objective and data (``--curvature all``),
     so that the GGN's factors are captured once for the GGN and the Hessian.
     """
-    from gmcurv.piecewise import piecewise_linear_reason
-
     if kind not in ("hessian", "ggn"):
         raise ConfigError(f"unknown curvature {kind!r}", hint="use hessian or ggn")
     blocks = capture_blocks(objective)
@@ -419,8 +413,6 @@ class _Krylov:
 def _krylov(op: CurvatureOperator, k, probes, tol, max_iters, restarts, seed, rtol) -> _Krylov:
     """Top-k eigenvalues and the traces from the same products
     (`gmcurv.lanczos_trace.lanczos_block_traces`), run when the traces are asked for."""
-    from gmcurv.lanczos_trace import lanczos_block_traces
-
     out = _Krylov(run=lambda blocks, base: None)
 
     def run(blocks, base: float):
@@ -486,7 +478,7 @@ def top_eigen(
     announce = phase or (lambda label, total: None)
     if kind == "fisher":
         from gmcurv.capture import capture_all
-        from gmcurv.fisher import eigen_products, fisher_eigen
+        from gmcurv.fisher import eigen_products, fisher_eigen, formed_kernel
 
         total = None if n <= batch_size else n  # one batch: a spinner (a count sits at 0)
         announce(
@@ -496,8 +488,9 @@ def top_eigen(
         dg = capture_all(
             objective, data, batch_size, fisher, progress=progress, budget_bytes=budget_bytes
         )
+        K = formed_kernel(dg, "Gram kernel (rows)", announce, progress)
         announce("Gram eigenvalues (kernel products)", eigen_products(dg.n * dg.columns, k))
-        res = fisher_eigen(dg, k, vectors=vectors, seed=seed, progress=progress)
+        res = fisher_eigen(dg, k, vectors=vectors, seed=seed, progress=progress, kernel=K)
         values = [
             Estimate(
                 float(v), None, dg.n, res.method, bool(c), n_matvecs=res.n_matvecs,

@@ -190,6 +190,8 @@ def block_slices(space: ParamSpace, blocks: Mapping[str, Sequence[str]]) -> Bloc
 
 def block_dots(slices: BlockSlices, u: Tensor, y: Tensor) -> dict[str, float]:
     """``u_b^T y_b`` for every block ``b`` (float64)."""
+    if not slices:  # no blocks wanted: no product of the vectors either
+        return {}
     prod = u.double() * y.double()
     return {b: float(sum(prod[sl].sum() for sl in sls)) for b, sls in slices.items()}
 

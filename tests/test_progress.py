@@ -115,6 +115,9 @@ def test_eigen_phases_have_totals(runner, files):
     phases = _run(runner, ["eigen", *files, "--curvature", "fisher", "--k", "2", "-q"])
     (capture,) = _by_label(phases, "fisher: capturing gradients")
     _complete(capture)
+    (kernel,) = _by_label(phases, "fisher: Gram kernel (rows)")
+    assert kernel.total == N
+    _complete(kernel)
 
 
 def test_spectrum_counts_lanczos_products(runner, files):
@@ -177,3 +180,7 @@ def test_trace_gram_kernel_phase_moves(runner, files):
     _complete(kernel)
     (eigen,) = _by_label(phases, "Gram eigenvalues")
     assert eigen.ended is not None
+    one = _run(runner, ["trace", *files[:2], "--batch-size", "64", "--k", "2", "-q"])
+    (grams,) = _by_label(one, "Gram kernels (blocks)")  # one batch: per-block kernels
+    assert grams.total == 3
+    _complete(grams)

@@ -112,6 +112,11 @@ def main() -> None:
     training["init"] = {"version": start.version, "training": start.meta.get("training", {})}
     training["zoo"]["v1_val_models"] = len(train) - n_tasks
     training["zoo"]["tasks_train_groups"] = len(groups)
+    used = {path.stem for path in groups}
+    training["zoo"]["datasets"] = sorted(
+        {g["dataset"] for g in plan["groups"] if g["gid"] in used}
+        | (set(start.meta["training"]["zoo"].get("datasets", [])) if args.v1_zoo else set())
+    )
     supported = supported_models(plan)
     old = start.supported
     supported["trained_widths"] = sorted(

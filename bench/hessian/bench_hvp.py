@@ -10,8 +10,9 @@ back, so that ratio is the least disturbed by load swings).
 
 - gmcurv: `gmcurv.operator.CurvatureOperator` (Hessian, the CLI's default batch size
   256) ``matvec`` of a flat float32 vector, exactly what ``gmcurv trace --curvature
-  hessian`` calls per probe. W2 (N = 2,048) is 8 batches on the first pass, then one
-  whole-sample gradient graph (`CurvatureOperator._whole_sample`); W1/W3 one batch;
+  hessian`` calls per probe. W2 (N = 2,048) is 8 batches of 256, merged into one
+  whole-sample gradient graph before the first product (`CurvatureOperator.prepare`:
+  the first batch's graph, scaled by the examples, fits); W1/W3 one batch;
 - PyHessian: ``pyhessian.hessian(model, CrossEntropyLoss(), data=(x, y))`` (one
   ``backward(create_graph=True)``), then ``pyhessian.utils.hessian_vector_product``
   through the kept graph, with the same vector as a parameter list.
