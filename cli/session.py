@@ -359,7 +359,10 @@ def warn_dense_fallback(ctx: typer.Context, objective: Objective, data: DataSamp
     if "fisher" not in ctx.params:
         return
     from gmcurv.capture.budget import estimate_capture
+    from gmcurv.capture.plan import plan_capture
 
+    if all(p.kind != "dense" for p in plan_capture(objective.model, objective.params)):
+        return  # nothing dense: no forward needed to size it
     fisher = getattr(ctx.params["fisher"], "value", ctx.params["fisher"])
     mc = ctx.params.get("mc_samples") or 1
     example = data.first(1, objective.device, objective.dtype)

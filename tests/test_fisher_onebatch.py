@@ -144,3 +144,153 @@ def test_empirical_columns_equal_the_one_hot_form():
     torch.testing.assert_close(
         softmax.empirical_columns(p, y, w), (w * (p - onehot)).unsqueeze(0), rtol=0, atol=1e-15
     )
+
+
+@pytest.mark.parametrize("rows", [1, 256])  # one example per block (symmetric halves) / one block
+@pytest.mark.parametrize("parts", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_token_pair_gram_by_example_blocks(rows, parts, dtype, monkeypatch):
+    """`kernels.gram` by blocks of examples against the later ones (``K`` mirrored) equals
+    the materialised gradients' ``J Jᵀ``, with several columns and an inner dimension
+    beyond one float32 chunk."""
+    monkeypatch.setattr(kernels, "GEMM_ROWS", rows)
+    monkeypatch.setattr(kernels, "rows_gram", _small_chunk_rows_gram)
+    has_weight, has_bias = parts
+    g = torch.Generator().manual_seed(5)
+    n, c, t, o, i = 5, 2, 3, 9, 4
+    delta = torch.randn(n, c, t, o, generator=g, dtype=torch.float64)
+    x = torch.randn(n, t, i, generator=g, dtype=torch.float64)
+    names = tuple(k for k, on in zip(("w", "b"), parts, strict=True) if on)
+    shapes = tuple(s for s, on in zip(((o, i), (o,)), parts, strict=True) if on)
+    src = LinearFactors(names, shapes, delta.to(dtype), x.to(dtype), has_weight, has_bias)
+    rows_ = torch.cat(
+        [v.reshape(n, c, -1) for v in src.materialize(slice(0, n)).values()], -1
+    ).double()
+    ref = rows_.reshape(n * c, -1) @ rows_.reshape(n * c, -1).T
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
+    got = kernels.gram(src.delta, src.x, has_weight, has_bias)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(src.gram(), ref, **tol)  # whichever route the costs pick
+
+
+def _small_chunk_rows_gram(a, b=None):
+    """`rows_gram` with 4-wide float32 chunks (the chunked path on a tiny problem)."""
+    from gmcurv.factors import source
+
+    old = source.GEMM_CHUNK
+    source.GEMM_CHUNK = 4
+    try:
+        return source.rows_gram(a, b)
+    finally:
+        source.GEMM_CHUNK = old
+
+
+def test_gram_route_costs_pick_token_pairs_for_a_vocabulary_head():
+    """At GPT-2's sizes (8 x 128 tokens) the token-pair route is cheaper for every block
+    (measured 2-3x on CPU), including the 50,257-row head; far more examples: materialised."""
+    from gmcurv.factors.linear import MATERIALISED_RATE
+
+    def token_wins(n, o, i):
+        mat = MATERIALISED_RATE * n * (128 + n) * o * i
+        return kernels.token_pair_cost(n, 1, 128, o, i) <= mat
+
+    assert all(token_wins(8, o, i) for o, i in [(768, 769), (3072, 769), (768, 3073)])
+    assert token_wins(8, 50257, 769)
+    assert not token_wins(64, 3072, 769)
+
+
+def _counting(model: nn.Module) -> list[int]:
+    """Count the model's forward calls."""
+    calls = [0]
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_the_preflight_forward_serves_as_the_self_checks_reference(tmp_path):
+    """One batch: the preflight's one-example forward, the hooked batch forward, nothing
+    else (the self-check reuses the preflight's graph); numbers as the dense oracle."""
+    obj, batch = _problem("tokens")  # no dense block (those run torch.func forwards)
+    calls = _counting(obj.model)
+    F, _ = _dense_fisher(obj, batch)
+    calls[0] = 0
+    s = fisher_summary(obj, _sample(tmp_path, batch), batch_size=N, k=2)
+    assert calls[0] == 2
+    assert s.self_check is not None and s.self_check["dense_fallbacks"] == []
+    assert math.isclose(s.trace.value, float(torch.trace(F)), rel_tol=1e-10)
+
+
+@pytest.mark.parametrize("model", ["shared_outside", "mixes_examples"])
+def test_a_reused_reference_still_catches_a_wrong_capture(model, tmp_path):
+    """Through the preflight's reference forward, a parameter used outside its module and
+    examples that interact are still caught (dense fallback; exact numbers where defined)."""
+    from test_capture import SharedOutside
+
+    torch.manual_seed(0)
+    net = (SharedOutside() if model == "shared_outside" else MixesExamples()).double()
+    obj = Objective.build(net, "cross_entropy")
+    g = torch.Generator().manual_seed(0)
+    width = 4 if model == "shared_outside" else 5
+    batch = Batch(
+        torch.randn(N, width, generator=g, dtype=torch.float64),
+        torch.randint(0, 3, (N,), generator=g),
+        0,
+    )
+    F, _ = _dense_fisher(obj, batch)
+    calls = _counting(obj.model)
+    with pytest.warns(GmcurvWarning):
+        s = fisher_summary(obj, _sample(tmp_path, batch), batch_size=N, k=2)
+    assert s.self_check is not None and s.self_check["dense_fallbacks"]
+    # the preflight (the check's reference), the batch, the batch again and its dense
+    # (torch.func) forward: no forward of the check's own
+    assert calls[0] == 4
+    if model == "shared_outside":  # (interacting examples have no per-example truth)
+        assert math.isclose(s.trace.value, float(torch.trace(F)), rel_tol=1e-10)
+
+
+def test_a_reference_of_another_example_is_not_used():
+    """An offered forward of another example is ignored: the check runs its own forward."""
+    obj, batch = _problem("mlp")
+    other = Batch(batch.inputs[1:2], None, 0)  # same start index, other inputs
+    with torch.enable_grad():
+        wrong = obj.outputs(other.inputs) * 2.0  # would fail the outputs' comparison
+    cap = Capturer(obj)
+    cap.offer_reference(other, wrong)
+    calls = _counting(obj.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", GmcurvWarning)
+        cap(batch)
+    assert calls[0] == 2 and not cap.fallbacks
+
+
+def test_a_reference_is_dropped_once_the_check_ran():
+    obj, batch = _problem("mlp")
+    cap = Capturer(obj)
+    cap(batch)
+    with torch.enable_grad():
+        out = obj.outputs(batch.inputs[:1])
+    cap.offer_reference(Batch(batch.inputs[:1], None, 0), out)
+    assert cap._reference is None
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("fisher", ["empirical", "mc", "exact"])
+def test_losses_and_columns_equal_the_separate_calls(shift, fisher):
+    """Cross-entropy's one-pass losses and columns equal `per_example` and
+    `output_columns` (ignored tokens included)."""
+    from gmcurv.losses.cross_entropy import CrossEntropy
+    from gmcurv.rng import example_noise
+
+    loss = CrossEntropy(shift=shift)
+    g = torch.Generator().manual_seed(2)
+    out = torch.randn(3, 5, 7, generator=g, dtype=torch.float64) * 3
+    y = torch.randint(0, 7, (3, 5), generator=g)
+    y[0, 2] = y[2, 4] = -100
+    if not shift:  # classification with token positions: [N, T, C] against [N, T]
+        y[1, 0] = -100
+    shape, kind = loss.noise_spec(out.shape, 2)
+    noise = example_noise(0, 0, 3, shape, kind, out.dtype, out.device) if fisher == "mc" else None
+    losses, cols = loss.losses_and_columns(out, y, fisher, 2, noise)
+    torch.testing.assert_close(losses, loss.per_example(out, y), rtol=1e-13, atol=1e-14)
+    ref = loss.output_columns(out, y, fisher, 2, noise)
+    torch.testing.assert_close(cols, ref, rtol=1e-13, atol=1e-15)

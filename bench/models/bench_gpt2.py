@@ -22,9 +22,11 @@ after each method is recorded, and the minimum is the least disturbed measuremen
 - ``gmcurv_trace_nocheck``: the same without the self-check (steady-state memory);
 - ``gmcurv_fisher_summary``: everything the default ``gmcurv trace`` computes
   (`fisher_summary` with ``--k 5``, per layer, batch size 256 so the 8 sequences are one
-  batch): the preflight, the capture with its one-off self-check (example 0 alone against
-  its row of the batch's capture, recorded as ``self_check``), each block's Gram kernel
-  formed once (traces from its diagonal) and the top-5 eigenvalues of their sum;
+  batch): the preflight (its one-example forward, graph kept, is also the self-check's
+  reference forward), the capture (losses and empirical-Fisher columns from one
+  log-sum-exp pass) with its one-off self-check (example 0 alone against its row of the
+  batch's capture, recorded as ``self_check``), each block's Gram kernel formed once by
+  token pairs (traces from its diagonal) and the top-5 eigenvalues of their sum;
 - ``torch_func_trace``: per-example gradients from ``vmap(grad)`` (``N x P`` floats), summed
   squares;
 - ``opacus_trace``: opacus ``GradSampleModule`` per-sample gradients, summed squares;
@@ -293,16 +295,17 @@ def measure_one(n: int, method: str, repeats: int) -> dict:
     try:
         run = make_method(method, model, ids)
         setup_s = time.perf_counter() - t_setup
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = run()
-        first_s = time.perf_counter() - t0
+        first_s, first_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     except Exception as e:  # a peer that cannot handle the model
         return {"status": "unsupported", "error": f"{type(e).__name__}: {str(e)[:300]}"}
-    times = []
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = run()
         times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
     return {
         "status": "ok",
         "n": n,
@@ -314,6 +317,9 @@ def measure_one(n: int, method: str, repeats: int) -> dict:
         "min_s": round(min(times), 3) if times else None,
         "load_avg": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 min, after the runs
         "times_s": [round(t, 3) for t in times],
+        # CPU seconds of this process (both threads): less sensitive to other jobs' load
+        "first_cpu_s": round(first_cpu_s, 3),
+        "cpu_times_s": [round(t, 3) for t in cpu],
         "setup_rss_gb": round(base / 1e9, 3),
         "peak_rss_gb": round(peak_bytes() / 1e9, 3),
         "peak_extra_gb": round(max(0, peak_bytes() - base) / 1e9, 3),

@@ -69,6 +69,17 @@ def estimate_capture(objective, example, fisher: str = "empirical", mc_samples: 
     saved-tensors hook measures what autograd keeps; nothing of size ``C`` is allocated,
     so even an exact Fisher with millions of columns is estimated safely.
     """
+    return measure_capture(objective, example, fisher, mc_samples)[0]
+
+
+def measure_capture(objective, example, fisher: str = "empirical", mc_samples: int = 1):
+    """(`estimate_capture`'s estimate, the example's outputs with their autograd graph).
+
+    The forward hooks only read shapes and the saved-tensors hook returns each tensor
+    unchanged, so the outputs and graph are those of a hook-free forward of the example
+    (with the selected parameters requiring grad): the capture's self-check reuses them
+    as its reference forward (`Capturer.offer_reference`).
+    """
     obj = objective
     itemsize = torch.empty((), dtype=obj.dtype).element_size()
     plans = plan_capture(obj.model, obj.params)
@@ -119,7 +130,7 @@ def estimate_capture(objective, example, fisher: str = "empirical", mc_samples: 
     dense_params = sum(obj.params[k].numel() for p in dense for k in p.params)
     n_params = sum(p.numel() for p in obj.params.values())
     largest = max(sum(obj.params[k].numel() for k in p.params) for p in plans)
-    return CaptureEstimate(
+    estimate = CaptureEstimate(
         columns=columns,
         activations=sum(saved.values()),
         cotangents=columns * out.numel() * itemsize,
@@ -130,6 +141,7 @@ def estimate_capture(objective, example, fisher: str = "empirical", mc_samples: 
         check=2 * sum(saved.values()) + (n_params + 2 * largest) * itemsize,
         outputs=out.numel() * itemsize,
     )
+    return estimate, out
 
 
 def check_capture(
@@ -194,10 +206,17 @@ def preflight_capture(
     mc_samples: int = 1,
     budget: int | None = None,
     keep: bool = False,
+    on_forward=None,
 ) -> CaptureEstimate:
-    """Estimate the memory of capturing `data` and stop early if it exceeds the budget."""
+    """Estimate the memory of capturing `data` and stop early if it exceeds the budget.
+
+    `on_forward(example, outputs)`: receives the preflight's one-example forward (outputs
+    with their graph, see `measure_capture`) once the budget check passed.
+    """
     example = data.first(1, objective.device, objective.dtype)
-    estimate = estimate_capture(objective, example, fisher, mc_samples)
+    estimate, out = measure_capture(objective, example, fisher, mc_samples)
     n_kept = getattr(data, "n_total", data.n)
     check_capture(estimate, data.n, batch_size, budget, keep, fisher, n_kept)
+    if on_forward is not None:
+        on_forward(example, out)
     return estimate

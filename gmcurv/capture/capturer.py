@@ -56,8 +56,17 @@ class Capturer:
         self.seed = seed
         self.plans = plan_capture(objective.model, objective.params)
         self._check_pending = check
+        self._reference: tuple[Batch, Tensor] | None = None  # see `offer_reference`
         self.fallbacks: list[str] = []  # blocks moved to dense by the self-check
         self.check_report: CheckReport | None = None
+
+    def offer_reference(self, example: Batch, outputs: Tensor) -> None:
+        """A hook-free forward of one example (outputs with their graph, e.g. the memory
+        preflight's, `gmcurv.capture.budget.measure_capture`): kept for the eval-mode
+        self-check when it is still to run, which then skips its own forward if the
+        example is the first batch's first; dropped (with its graph) otherwise."""
+        if self._check_pending and self.objective.mode == "eval" and len(example) == 1:
+            self._reference = (example, outputs)
 
     @property
     def dense_modules(self) -> list[str]:
@@ -70,9 +79,10 @@ class Capturer:
         self._check_pending = False
         n = len(batch)
         if self.objective.mode == "eval":
+            reference, self._reference = self._reference, None
             dg, out, cols, broadcast = self._capture(batch)
-            bad, checked = check_example(self.objective, batch, dg, out, cols, broadcast)
-            del out, cols
+            bad, checked = check_example(self.objective, batch, dg, out, cols, broadcast, reference)
+            del out, cols, reference
             report = CheckReport(
                 1, n, "example 0 alone (hook-free forward and backward) against its "
                 "gradient in the first batch's decomposed capture", checked
@@ -123,8 +133,7 @@ class Capturer:
         with only_selected_require_grad(obj.model, obj.params), torch.enable_grad():
             out = obj.outputs(batch.inputs)
             targets = obj.targets(batch, out)
-            losses = obj.loss.per_example(out.detach(), targets)
-            cols = obj.loss.output_columns(
+            losses, cols = obj.loss.losses_and_columns(
                 out, targets, self.fisher, self.mc_samples, self._noise(batch, out)
             )
             recorder.active = False

@@ -6,7 +6,8 @@ the hooked batch's (else broadcast-expanded modules are at fault, or examples in
 inside the model), and per block its decomposed gradient ``g[0, 0]`` — taken from the whole
 batch's factors — must equal autograd's gradient of that example alone, ``J_0ᵀ G[0, 0]``
 (else a parameter is used outside its module, rows are not example-major, or examples
-mix). Cost: about half a forward+backward of one example on top of the capture.
+mix). Cost: about half a forward+backward of one example on top of the capture; the
+forward is the memory preflight's when it ran on that example (`Capturer.offer_reference`).
 
 Train mode (`self_check`): Dropout masks depend on the batch's shape, so the first examples
 of the first batch are captured on their own and checked against a hook-free pass of the
@@ -177,14 +178,21 @@ def check_example(
     hooked_out: Tensor,
     cols: Tensor,
     broadcast: set[str],
+    reference: tuple[Batch, Tensor] | None = None,
 ) -> tuple[list[str], int]:
     """Eval-mode check of the first example (see module doc): (blocks to move to dense,
-    blocks compared). `dg`, `hooked_out` and `cols` are the hooked capture of `batch`."""
+    blocks compared). `dg`, `hooked_out` and `cols` are the hooked capture of `batch`;
+    `reference`: (an example, its hook-free outputs with their graph), used instead of a
+    forward of its own when the example is `batch`'s first (same start, equal inputs)."""
     obj = objective
     one = Batch(slice_inputs(batch.inputs, slice(0, 1)), _head_targets(batch), batch.start)
     hooked = [b for b in dg.blocks if b.kind != "dense"]
     with only_selected_require_grad(obj.model, obj.params), torch.enable_grad():
-        ref_out = obj.outputs(one.inputs)
+        if reference is not None and _same_example(reference[0], one):
+            ref_out = reference[1]
+        else:
+            ref_out = obj.outputs(one.inputs)
+        del reference
         if not _outputs_agree(ref_out.detach(), hooked_out[:1]):
             bad = sorted(broadcast) or [b.name for b in hooked]
             why = (
@@ -215,6 +223,24 @@ def check_example(
     if bad:
         _warn_disagree(bad)
     return bad, len(hooked)
+
+
+def _same_example(a: Batch, b: Batch) -> bool:
+    """Same start index and equal inputs (tensors, or dicts of tensors)?"""
+    if a.start != b.start or len(a) != len(b):
+        return False
+    x, y = a.inputs, b.inputs
+    if isinstance(x, dict) or isinstance(y, dict):
+        if not (isinstance(x, dict) and isinstance(y, dict)) or x.keys() != y.keys():
+            return False
+        return all(_equal(x[k], y[k]) for k in x)
+    return _equal(x, y)
+
+
+def _equal(x, y) -> bool:
+    if not (isinstance(x, Tensor) and isinstance(y, Tensor)):
+        return False
+    return x.shape == y.shape and x.dtype == y.dtype and bool(torch.equal(x, y))
 
 
 def _head_targets(batch: Batch):

@@ -44,7 +44,16 @@ def capture_stream(
     None = the default budget); `keep`: the caller holds every batch's factors.
     """
     cap = capturer or Capturer(objective, fisher, mc_samples, seed)
-    preflight_capture(objective, data, batch_size, cap.fisher, cap.mc_samples, budget_bytes, keep)
+    preflight_capture(
+        objective,
+        data,
+        batch_size,
+        cap.fisher,
+        cap.mc_samples,
+        budget_bytes,
+        keep,
+        on_forward=cap.offer_reference,  # the preflight's forward serves the self-check
+    )
     for batch in data.batches(batch_size, objective.device, objective.dtype):
         dg = cap(batch)
         if progress:

@@ -36,23 +36,58 @@ def sq_norms(delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool) -> Tens
 def gram(
     delta: Tensor, x: Tensor, has_weight: bool, has_bias: bool, dtype: torch.dtype = torch.float64
 ) -> Tensor:
-    """``K[(n,c),(m,c')] = Σ_{t,s} (δ[n,c,t]·δ[m,c',s])(a[n,t]·a[m,s])`` (float64 sums,
-    returned in `dtype`)."""
+    """``K[(n,c),(m,c')] = Σ_{t,s} (δ[n,c,t]·δ[m,c',s])(a[n,t]·a[m,s])``, returned in `dtype`.
+
+    By blocks of examples (at least `GEMM_ROWS` rows, at most `PAIR_ELEMENTS` token pairs),
+    each block's rows against its own and the later examples' rows only (``K`` is
+    symmetric: about half the products): ``D_b D_{>=b}ᵀ`` (inner dimension ``O``) and
+    ``A_b A_{>=b}ᵀ`` (inner ``I``) as large GEMMs by `rows_gram` (float32 factors: float32
+    products over inner chunks of ``GEMM_CHUNK`` summed in float64; float64 factors:
+    float64 products), their Hadamard product (in the products' dtype) summed over token
+    pairs in float64. Cost about ``(N T)²/2 (C² O + I)`` multiply-adds in large GEMMs.
+    """
     if delta.shape[2] == 1:
         return one_token_gram(delta, x, has_weight, has_bias, dtype)
-    d = delta.double()
-    x = x.double()
-    n, c, t, _ = d.shape
-    # one example's rows at a time: memory O(C T N C T) instead of O((N C T)^2)
-    K = torch.empty(n * c, n * c, dtype=torch.float64, device=d.device)
-    dflat = d.reshape(n * c, t, -1)
-    for e in range(n):
-        rows = dflat[e * c : (e + 1) * c]  # [C, T, O]
-        ddx = torch.einsum("cto,yso->ctys", rows, dflat)  # [C, T, NC, T]
-        aa = pair_kernel(torch.einsum("ti,msi->tms", x[e], x), has_weight, has_bias)
-        aax = aa.repeat_interleave(c, dim=1)  # [T, NC, T]
-        K[e * c : (e + 1) * c] = torch.einsum("ctys,tys->cy", ddx, aax)
+    n, c, t, o = delta.shape
+    d = delta.contiguous().reshape(n * c * t, o)  # a view when C = 1 (or contiguous)
+    a = inputs_with_bias(x, has_weight, has_bias)  # [N, T, I']
+    a_all = a.reshape(n * t, -1)
+    K = torch.empty(n * c, n * c, dtype=torch.float64, device=delta.device)
+    step = max(1, min(-(-GEMM_ROWS // (c * t)), PAIR_ELEMENTS // (c * t * n * c * t)))
+    for lo in range(0, n, step):
+        hi, m = min(n, lo + step), n - lo
+        r = hi - lo
+        dd = rows_gram(d[lo * c * t : hi * c * t], d[lo * c * t :])  # [r C T, m C T]
+        if a.shape[-1]:
+            aa = rows_gram(a_all[lo * t : hi * t], a_all[lo * t :]).to(dd.dtype)  # [r T, m T]
+        else:  # neither weight nor bias: no gradient
+            aa = dd.new_zeros(r * t, m * t)
+        prod = dd.view(r, c, t, m, c, t) * aa.view(r, 1, t, m, 1, t)
+        blk = prod.sum(-1, dtype=torch.float64).sum(2).reshape(r * c, m * c)
+        K[lo * c : hi * c, lo * c :] = blk
+        K[lo * c :, lo * c : hi * c] = blk.T
     return K.to(dtype)
+
+
+def inputs_with_bias(x: Tensor, has_weight: bool, has_bias: bool) -> Tensor:
+    """``a = [x, 1]`` restricted to the parts the block holds (``[N, T, I']``)."""
+    parts = [x] if has_weight else []
+    if has_bias:
+        parts.append(x.new_ones(*x.shape[:-1], 1))
+    if not parts:
+        return x[..., :0]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+
+PAIR_ELEMENTS = 1 << 22  # token pairs of `gram` formed at once (32 MB of float64)
+GEMM_ROWS = 256  # rows of a block's side in `gram` (fewer: the GEMMs lose efficiency)
+TOKEN_PAIR_OVERHEAD = 256  # per token pair: the Hadamard product and its sums
+
+
+def token_pair_cost(n: int, c: int, t: int, o: int, i: int) -> int:
+    """Cost of `gram` in multiply-adds (about half the pairs of examples): both sides'
+    GEMMs plus `TOKEN_PAIR_OVERHEAD` per token pair."""
+    return n * (n + 1) // 2 * t * t * (c * c * o + i + TOKEN_PAIR_OVERHEAD)
 
 
 def one_token_gram(

@@ -62,6 +62,19 @@ class Loss:
         """
         raise NotImplementedError
 
+    def losses_and_columns(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        fisher: str,
+        mc_samples: int = 1,
+        noise: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """(`per_example` of the detached outputs, `output_columns`) in one call, so a loss
+        can share the passes over its outputs (cross-entropy: one log-sum-exp)."""
+        losses = self.per_example(outputs.detach(), targets)
+        return losses, self.output_columns(outputs, targets, fisher, mc_samples, noise)
+
     def noise_spec(self, outputs_shape: torch.Size, mc_samples: int) -> tuple[tuple[int, ...], str]:
         """Shape (per example) and kind ('uniform' | 'normal') of the MC noise."""
         raise NotImplementedError

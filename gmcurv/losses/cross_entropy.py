@@ -91,6 +91,36 @@ class CrossEntropy(Loss):
             cols = out
         return cols
 
+    def losses_and_columns(
+        self,
+        outputs: Tensor,
+        targets: Tensor,
+        fisher: str,
+        mc_samples: int = 1,
+        noise: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Empirical Fisher: from one log-sum-exp ``ℓ`` over the classes, the losses
+        ``Σ_t w (ℓ - f_y)`` and the columns ``w (exp(f - ℓ) - e_y)``, written straight into
+        the (padded) output buffer — about half the passes over a vocabulary-sized output
+        of `per_example` and `output_columns` apart; other Fisher types: those two."""
+        if fisher != "empirical":
+            return super().losses_and_columns(outputs, targets, fisher, mc_samples, noise)
+        out = outputs.detach()
+        logits, tgt = align(out, targets, self.shift)
+        lse = torch.logsumexp(logits, -1)
+        w = token_weights(tgt, out.dtype)
+        y = tgt.clamp_min(0).unsqueeze(-1)
+        ce = torch.where(tgt != IGNORE_INDEX, lse - logits.gather(-1, y).squeeze(-1), 0.0)
+        losses = (ce * w).reshape(ce.shape[0], -1).sum(1)
+        full = out.new_empty(1, *out.shape)
+        cols = full[0, :, :-1] if self.shift else full[0]
+        torch.sub(logits, lse.unsqueeze(-1), out=cols)
+        cols.exp_().mul_(w.unsqueeze(-1))
+        cols.scatter_add_(-1, y, -w.unsqueeze(-1))
+        if self.shift:  # the last position predicts nothing
+            full[0, :, -1] = 0.0
+        return losses, full
+
     def n_exact_columns(self, outputs_shape: torch.Size) -> int:
         n_tok = math.prod(outputs_shape[1:-1]) - (1 if self.shift else 0)
         return n_tok * outputs_shape[-1]
