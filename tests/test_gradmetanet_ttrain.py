@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmcurv.gradmetanet import ttrain
+from gmcurv.gradmetanet import ttrain, tzoo
 from gmcurv.gradmetanet.tlayers import HeadV2, HeadV2Config
 from gmcurv.gradmetanet.tlm import make_task
+from tests.test_gradmetanet_tzoo import tiny_zoo
 from tests.test_gradmetanet_v2 import B, T, V, _model, _perms, _permuted, _run
 
 
@@ -97,16 +98,7 @@ def test_zoo_sets_walk_the_held_out_sets_once(tmp_path, monkeypatch):
     """The shared walk of the benchmarks (`zoo_sets`): only the groups ``keep`` accepts,
     every (snapshot, draw) once, the stored draw's sequences, a loadable data file; the
     cached training items come from the same walk."""
-    from gmcurv.gradmetanet import tzoo
-
-    for k, v in {
-        "N_TRUTH": 8,
-        "SET_SIZE": 3,
-        "HUTCHPP_HVPS": 8,
-        "T": 6,
-        "LANCZOS_ITERS": 4,
-    }.items():
-        monkeypatch.setattr(tzoo, k, v)
+    tiny_zoo(monkeypatch, n_truth=8)
     for gid, split in (("a", "train"), ("b", "test-arch")):
         spec = tzoo.LMGroupSpec(gid, "count", 1, 8, 2, 5, 1e-3, (0, 2), split, 2)
         tzoo.build_group(spec, tmp_path)
@@ -125,16 +117,7 @@ def test_zoo_sets_walk_the_held_out_sets_once(tmp_path, monkeypatch):
 
 
 def test_zoo_set_data_is_the_batch(tmp_path, monkeypatch):
-    from gmcurv.gradmetanet import tzoo
-
-    for k, v in {
-        "N_TRUTH": 6,
-        "SET_SIZE": 3,
-        "HUTCHPP_HVPS": 8,
-        "T": 6,
-        "LANCZOS_ITERS": 4,
-    }.items():
-        monkeypatch.setattr(tzoo, k, v)
+    tiny_zoo(monkeypatch)
     spec = tzoo.LMGroupSpec("h", "markov", 1, 8, 2, 5, 1e-3, (0,), "test-hf", 1, "gpt2")
     tzoo.build_group(spec, tmp_path)
     sets = 0

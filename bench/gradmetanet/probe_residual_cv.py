@@ -30,7 +30,7 @@ from torch import Tensor
 from gmcurv.capture import DecomposedGradients
 from gmcurv.data import DataSample
 from gmcurv.factors import LinearFactors, SumOfSources
-from gmcurv.gradmetanet.tfeatures import TSet, layer_role, predicted_tokens, tset_from_gradients
+from gmcurv.gradmetanet.tfeatures import TSet, extract_with_gradients, layer_role
 from gmcurv.objective import Objective
 from gmcurv.operator import CurvatureOperator
 from gmcurv.stochastic import rademacher
@@ -100,7 +100,6 @@ def main(argv=None) -> int:
     import statistics as st
     from pathlib import Path
 
-    from gmcurv.capture import Capturer
     from gmcurv.gradmetanet.ttrain import zoo_sets
 
     ap = argparse.ArgumentParser()
@@ -113,9 +112,7 @@ def main(argv=None) -> int:
     for zs in zoo_sets(args.zoo, draws=args.draws):
         spec, m, obj, b, r = zs.spec, zs.meta, zs.objective, zs.batch, zs.draw
         t0 = time.perf_counter()
-        dg = Capturer(obj, "mc", 1, 0, check=False)(b)
-        s = tset_from_gradients(dg, obj.model)
-        s.tokens = predicted_tokens(b)
+        s, dg = extract_with_gradients(obj, b)
         t_feat = time.perf_counter() - t0
         p = probe(obj, dg, s, zs.data(), seed=r)
         rows.append(

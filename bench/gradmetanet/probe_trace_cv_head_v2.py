@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-from gmcurv.capture import Capturer, DecomposedGradients
+from gmcurv.capture import DecomposedGradients
 from gmcurv.factors import LinearFactors, SumOfSources
-from gmcurv.gradmetanet.tfeatures import layer_role, predicted_tokens, tset_from_gradients
+from gmcurv.gradmetanet.tfeatures import extract_with_gradients, layer_role
 from gmcurv.gradmetanet.ttrain import held_out, zoo_sets
 from gmcurv.operator import CurvatureOperator
 from gmcurv.stochastic import rademacher
@@ -89,9 +89,7 @@ def measure(zoo: Path, probes: int, draws: int) -> list[dict]:
     for zs in zoo_sets(zoo, keep=held_out, draws=draws):
         spec, m, obj, batch, r = zs.spec, zs.meta, zs.objective, zs.batch, zs.draw
         t0 = time.perf_counter()
-        dg = Capturer(obj, "mc", 1, 0, check=False)(batch)
-        s = tset_from_gradients(dg, obj.model)
-        s.tokens = predicted_tokens(batch)
+        s, dg = extract_with_gradients(obj, batch)
         t_feat = time.perf_counter() - t0
         data = zs.data()
         H = CurvatureOperator(obj, data, len(batch), kind="hessian")
