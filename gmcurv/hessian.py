@@ -213,13 +213,14 @@ def _cached_exact_ggn(
     progress: Callable[[int], None] | None,
     cache: dict | None,
     announce: Callable[[str, int | None], None],
+    grow: bool = False,
 ):
     """`exact_ggn_trace`, computed once per `cache` (shared by ``--curvature all``)."""
     key = ("exact_ggn_trace", batch_size)
     if cache is not None and key in cache:
         return cache[key]
     announce("GGN from factors: examples", data.n)
-    acc = exact_ggn_trace(objective, data, batch_size, budget_bytes, progress=progress)
+    acc = exact_ggn_trace(objective, data, batch_size, budget_bytes, progress=progress, grow=grow)
     if cache is not None:
         cache[key] = acc
     return acc
@@ -321,6 +322,7 @@ def curvature_summary(
     rtol: float | None = DEFAULT_TRACE_RTOL,
     phase: Callable[[str, int | None], None] | None = None,
     cache: dict | None = None,
+    grow_capture: bool = False,
 ) -> CurvatureSummary:
     """Everything ``gmcurv trace --curvature hessian|ggn`` reports.
 
@@ -337,6 +339,8 @@ def curvature_summary(
     ``|λ_max|``); ``k = 0`` skips them. `phase(label, total)` announces each phase.
     `cache`: a dict shared by calls on the same objective and data (``--curvature all``),
     so that the GGN's factors are captured once for the GGN and the Hessian.
+    `grow_capture`: `batch_size` is a default, so the exact GGN's capture may use larger
+    batches (`gmcurv.ggn.capture_batch`).
     """
     if kind not in ("hessian", "ggn"):
         raise ConfigError(f"unknown curvature {kind!r}", hint="use hessian or ggn")
@@ -359,7 +363,7 @@ def curvature_summary(
     ggn_part: dict[str, tuple[float, float]] = {}
     if exact_ggn:
         acc = _cached_exact_ggn(
-            objective, data, batch_size, budget_bytes, progress, cache, announce
+            objective, data, batch_size, budget_bytes, progress, cache, announce, grow_capture
         )
         ggn_part = {b: acc.trace(b) for b in blocks}
         notes.append("GGN trace exact from the C-class square-root factors (no products)")

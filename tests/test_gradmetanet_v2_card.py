@@ -115,3 +115,18 @@ def test_v2_trace_section_shows_equal_time_losses():
     assert "| ggn control variate, k = 1 | 6 | 0.200 / 0.100 | 0.100 / 0.050 (5) | -100 % |" in text
     assert "token control variate, k = 9" not in text  # too few sets to show
     assert "gives 0.250 vs 0.260 on 9 sets" in text and "exits 2" in text
+
+
+def test_targets_table_states_the_shipped_correction_per_split():
+    from gmcurv.gradmetanet.card import top_targets
+
+    ok = {**_top_split(0.4, 0.6), "coverage_80": 0.8}
+    wide = {**_top_split(0.5, 0.55, 0.4), "coverage_80": 0.95}
+    (gain, cov) = top_targets({"summary": {"all-test": ok, "test-hf:gpt2": wide}})
+    assert not gain[1] and "all held-out transformers +33 % vs plugin_seq (met)" in gain[2]
+    assert "transformers GPT2LMHeadModel" in gain[2] and "beaten by" in gain[2]
+    assert (
+        not cov[1]
+        and "GPT2LMHeadModel 95 % of 10" in cov[2]
+        and "transformers 80 % of 10" in cov[2]
+    )
