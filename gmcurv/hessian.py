@@ -10,6 +10,7 @@ report (`curvature_summary`, `top_eigen`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -223,16 +224,31 @@ def _cached_exact_ggn(
     return acc
 
 
-def _stop_note(stopped: str | None, n_matvecs: int, probes: int, rtol: float | None) -> str:
-    """Why a stochastic trace stopped: the tolerance (``--tol``) or the cap (``--probes``)."""
+def _stop_note(
+    stopped: str | None, n_matvecs: int, probes: int, rtol: float | None, total: Estimate
+) -> str:
+    """Why a stochastic trace stopped: the tolerance (``--tol``) or the cap (``--probes``);
+    at the cap, how many probes the tolerance would take (the standard error falls as
+    ``1/sqrt(m)``: ``m (se / (rtol |value|))^2``), and whether the trace is distinguishable
+    from zero at all (``|value| < 2 se``: a relative tolerance is then out of reach)."""
     if stopped == "tol":
         return (
             f"stochastic trace stopped at {n_matvecs} products: relative "
             f"standard error <= {rtol:g} (--tol)"
         )
-    return f"stochastic trace stopped at the cap of {probes} products (--probes) before " + (
+    note = f"stochastic trace stopped at the cap of {probes} products (--probes) before " + (
         f"a relative standard error of {rtol:g}" if rtol else "any tolerance"
     )
+    se, value, m = total.stderr, total.value, total.n_samples
+    if not rtol or not se or not m or not math.isfinite(se):
+        return note
+    if abs(value) < 2 * se:
+        return note + (
+            f"; the trace is within 2 standard errors of zero ({value:.4g} ± {se:.3g}), so a "
+            "relative tolerance is out of reach: read the ± as an absolute precision"
+        )
+    needed = math.ceil(m * (se / (rtol * abs(value))) ** 2)
+    return note + f"; about {needed:,} probes would reach it (s.e. falls as 1/sqrt(probes))"
 
 
 def _stochastic_traces(
@@ -279,7 +295,7 @@ def _stochastic_traces(
     if rtol and res.stopped != "tol" and not total.exact:
         # the cap came first: the trace misses the requested precision (--strict: exit 3)
         total = replace(total, converged=False)
-    notes = [_stop_note(res.stopped, res.total.n_matvecs, probes, rtol)]
+    notes = [_stop_note(res.stopped, res.total.n_matvecs, probes, rtol, total)]
     if per_layer:
         notes.append("per-layer traces share the total's products (v_b^T (A v)_b)")
     return total, parts, res.stopped, notes

@@ -13,6 +13,7 @@ from torch import nn
 from gmcurv import hessian as hs
 from gmcurv.batch import Batch
 from gmcurv.errors import DataError
+from gmcurv.estimate import Estimate
 from gmcurv.fisher import fisher_eigen
 from gmcurv.hessian import curvature_summary, dense_matrix, exact_ggn_trace, top_eigen
 from gmcurv.io.data import load_data
@@ -458,3 +459,16 @@ def test_memory_budget_guards_lanczos_and_sketch(tmp_path, monkeypatch):
     assert any("does not fit the memory budget" in note for note in s.notes)
     H = dense_hessian(obj, batch)
     assert abs(s.trace.value - float(torch.trace(H))) <= 4 * s.trace.stderr
+
+
+def test_stop_note_projects_probes_or_says_the_trace_is_near_zero():
+    """At the cap, the note says how many probes --tol would take (s.e. ~ 1/sqrt(m)), or,
+    when the trace is within 2 standard errors of zero, that no relative tolerance is
+    reachable (a random-init GPT-2's Hessian trace: -374 ± 1570 after 11 probes)."""
+    far = Estimate(100.0, 10.0, 20, "hutchinson", True)  # rel s.e. 0.1 -> 0.05 needs 4x
+    note = hs._stop_note("probes", 20, 20, 0.05, far)
+    assert "cap of 20 products" in note and "about 80 probes would reach it" in note
+    near = Estimate(-374.0, 1570.0, 11, "hutchinson", True)
+    note = hs._stop_note("probes", 11, 11, 0.05, near)
+    assert "within 2 standard errors of zero" in note and "probes would" not in note
+    assert "relative standard error <= 0.05" in hs._stop_note("tol", 9, 50, 0.05, far)

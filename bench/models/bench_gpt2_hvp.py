@@ -185,6 +185,35 @@ def one_hvp(library: str, products: int) -> dict:
     }
 
 
+PROGRESS = HERE / "results_hvp_trace_progress.jsonl"
+
+
+def watch_probes(t0: float) -> None:
+    """Append every probe's ``z^T H z`` with the running mean and standard error to
+    `PROGRESS` as it lands (the trace can run for hours; nothing is lost if it is cut).
+    It observes `gmcurv.stochastic.block_dots`, which the trace calls once per probe with
+    the probe ``z`` and its product ``H z``; the numbers computed are unchanged."""
+    import gmcurv.stochastic as st
+
+    inner = st.block_dots
+    samples: list[float] = []
+    PROGRESS.write_text("")
+
+    def observed(slices, g, y):
+        samples.append(float(g.double() @ y.double()))
+        m = len(samples)
+        mean = statistics.fmean(samples)
+        se = statistics.stdev(samples) / m**0.5 if m > 1 else None
+        row = {"probe": m, "t_s": round(time.perf_counter() - t0, 1), "zHz": samples[-1],
+               "mean": mean, "stderr": se, "rel_stderr": abs(se / mean) if se else None,
+               "uptime": uptime()}  # fmt: skip
+        with PROGRESS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        return inner(slices, g, y)
+
+    st.block_dots = observed
+
+
 def one_trace(rtol: float, cap: int) -> dict:
     """``gmcurv trace --curvature hessian --no-per-layer --k 0 --tol rtol --probes cap``."""
     import tempfile
@@ -202,6 +231,7 @@ def one_trace(rtol: float, cap: int) -> dict:
     save_file({"input_ids": ids}, str(tmp))
     stamps: list[float] = []
     t0 = time.perf_counter()
+    watch_probes(t0)
     s = curvature_summary(
         obj, load_data(tmp), "hessian", probes=cap, k=0, per_layer=False, rtol=rtol,
         progress=lambda _: stamps.append(round(time.perf_counter() - t0, 2)),
