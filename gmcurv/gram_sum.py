@@ -29,7 +29,7 @@ from torch import Tensor
 from gmcurv.factors import GradientSource, LinearFactors
 from gmcurv.factors.source import GEMM_CHUNK, rows_gram
 
-PANEL_ROWS = 128  # panel height: 1 MB of float32 per 2,048 columns
+PANEL_ROWS = 256  # panel height: 2 MB of float32 per 2,048 columns
 MIN_PANELS = 2  # fewer row panels than this: the full products are as cheap
 
 
