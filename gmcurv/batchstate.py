@@ -21,7 +21,7 @@ from torch import Tensor
 
 from gmcurv.batch import Batch
 from gmcurv.batchpass import FixedBatches, batch_nbytes
-from gmcurv.graphcache import Graph, GraphCache, gradient_graph
+from gmcurv.graphcache import Graph, GraphCache, OutputGraph, gradient_graph, output_graph
 from gmcurv.objective import Objective
 from gmcurv.products import output_residuals
 
@@ -61,21 +61,35 @@ class BatchState:
 
     # -- gradient graphs -------------------------------------------------------------------
     def graph_wanted(self) -> bool:
-        """Graphs serve the Hessian and ``H - G`` in eval mode (train-mode masks are drawn
-        per pass), while the batches can be replayed and the cache is not off."""
-        if self.kind == "ggn" or self.objective.mode != "eval" or self.graphs.enabled is False:
+        """Graphs serve every kind in eval mode (train-mode masks are drawn per pass),
+        while the batches can be replayed and the cache is not off: gradient graphs the
+        Hessian and ``H - G``, output graphs (`gmcurv.graphcache.OutputGraph`) the GGN."""
+        if self.objective.mode != "eval" or self.graphs.enabled is False:
             return False
         return self.source.reusable
 
-    def graph(self, index: int, batch: Batch) -> Graph | None:
-        """Batch `index`'s gradient graph, built (and counted) on first use; None when
-        graphs are not wanted or do not fit."""
+    def graph(self, index: int, batch: Batch) -> Graph | OutputGraph | None:
+        """Batch `index`'s graph, built (and counted) on first use; None when graphs are
+        not wanted or do not fit (or, for the GGN, when ``J v`` needs forward mode)."""
         if not self.graph_wanted():
             return None
         graph = self.graphs.get(index)
         if graph is None:
-            r = self.residual(index, batch) if self.kind == "residual" else None
             names = self.objective.space.names
+            if self.kind == "ggn":
+                usable = [True]
+
+                def build() -> OutputGraph | None:
+                    out = output_graph(self.objective, batch, names)
+                    usable[0] = out is not None
+                    return out
+
+                graph = self.graphs.build(index, build)
+                if not usable[0]:  # Jᵀu not differentiable in u: forward mode for good
+                    self.graphs.drop()
+                    self.graphs.enabled = False
+                return graph
+            r = self.residual(index, batch) if self.kind == "residual" else None
             graph = self.graphs.build(
                 index, lambda: gradient_graph(self.objective, batch, names, r)
             )

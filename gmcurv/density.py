@@ -163,8 +163,9 @@ def spectrum_summary(
 ) -> Spectrum:
     """What ``gmcurv spectrum`` reports, for the Hessian or the GGN: SLQ (``slq``/``lanczos``)
     or the exact spectrum of the dense matrix (``exact``; ``auto`` picks it when tiny).
-    `phase(label, total)` announces the products to come, `progress(k)` counts them."""
-    from gmcurv.hessian import dense_matrix, resolve_method
+    `phase(label, total)` announces the graph build and the products to come,
+    `progress(k)` counts the products."""
+    from gmcurv.hessian import dense_matrix, graphs_first, resolve_method
     from gmcurv.operator import CurvatureOperator
 
     if kind not in ("hessian", "ggn"):
@@ -182,6 +183,7 @@ def spectrum_summary(
         )
     op = CurvatureOperator(objective, data, batch_size, kind, progress=progress)
     if phase is not None:
+        graphs_first(op, phase)  # the graph build: its own phase, before the products
         dense = resolved == "exact"
         label = "dense matrix: products" if dense else "Lanczos quadrature: products"
         phase(label, P if dense else probes * min(steps, P))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -22,6 +23,7 @@ from gmcurv.objective import Objective
 DEFAULT_GRAPH_BYTES = 2**30  # at least this much for per-batch gradient graphs (Hessian, eval)
 
 Graph = tuple[list[Tensor], tuple[Tensor, ...]]  # (leaves, g = ∇ total w.r.t. the leaves)
+_G = TypeVar("_G")
 
 
 def default_graph_bytes() -> int:
@@ -50,7 +52,7 @@ class GraphCache:
 
     budget: int = field(default_factory=default_graph_bytes)
     enabled: bool | None = None
-    graphs: dict[int, Graph] = field(default_factory=dict, repr=False)
+    graphs: dict[int, Graph | OutputGraph] = field(default_factory=dict, repr=False)
     held: int = 0
     storages: set[int] = field(default_factory=set, repr=False)  # not counted (parameters)
 
@@ -61,13 +63,14 @@ class GraphCache:
         if self.enabled is None:
             self.enabled = False
 
-    def get(self, index: int) -> Graph | None:
+    def get(self, index: int) -> Graph | OutputGraph | None:
         """Batch `index`'s graph, if kept."""
         return self.graphs.get(index)
 
-    def build(self, index: int, build: Callable[[], Graph]) -> Graph | None:
+    def build(self, index: int, build: Callable[[], _G | None]) -> _G | None:
         """Build batch `index`'s graph, counting the bytes autograd saves, and keep it;
-        None (and every graph dropped) when that goes over budget."""
+        None (and every graph dropped) when that goes over budget; None (nothing kept)
+        when `build` gives None."""
         held, seen = [0], set(self.storages)
 
         def pack(t: Tensor) -> Tensor:
@@ -79,6 +82,8 @@ class GraphCache:
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             graph = build()
+        if graph is None:
+            return None
         self.held += held[0]
         if self.held > self.budget:
             self.drop()
@@ -132,4 +137,115 @@ def graph_product(
     return {
         k: vec[k].new_zeros(vec[k].shape) if t is None else t.detach()
         for k, t in zip(names, hv, strict=True)
+    }
+
+
+# ---------------------------------------------------------------------------- GGN side
+@dataclass
+class OutputGraph:
+    """A batch's outputs ``f`` with their graph and ``Jᵀu`` built with ``create_graph``
+    for a zero cotangent leaf ``u`` (its value never matters: ``Jᵀu`` is linear in ``u``).
+    ``J v = ∂<Jᵀu, v>/∂u`` is one backward through the ``Jᵀu`` graph and ``Jᵀw`` one
+    through the outputs' graph: a GGN product without a forward pass."""
+
+    leaves: list[Tensor]
+    out: Tensor  # f(θ), attached to the leaves
+    u: Tensor  # the cotangent leaf
+    jtu: tuple[Tensor | None, ...]  # Jᵀu per leaf (None: f does not depend on it)
+    targets: Tensor
+
+
+def output_graph(objective: Objective, batch: Batch, names: list[str]) -> OutputGraph | None:
+    """The batch's `OutputGraph`, or None when ``Jᵀu`` is not (wholly) differentiable in
+    ``u`` — a custom ``autograd.Function`` whose backward runs outside autograd — so that
+    ``J v`` must come by forward mode. Native ops' backward formulas are differentiable;
+    graphs through custom Functions must pass `_adjoint_holds` first."""
+    leaves = [objective.params[k].detach().requires_grad_(True) for k in names]
+    with twice_differentiable_attention(), torch.enable_grad():
+        out = objective.outputs(batch.inputs, dict(zip(names, leaves, strict=True)))
+        u = torch.zeros_like(out, requires_grad=True)
+        jtu = torch.autograd.grad(out, leaves, u, create_graph=True, allow_unused=True)
+    graph = OutputGraph(leaves, out, u, jtu, objective.targets(batch, out.detach()))
+    if any(t is not None and not t.requires_grad for t in jtu):
+        return None
+    if _has_custom_function(out) and not _adjoint_holds(graph):
+        return None
+    return graph
+
+
+def _has_custom_function(out: Tensor) -> bool:
+    """Whether `out`'s graph runs through a custom ``torch.autograd.Function``."""
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
+
+
+def _adjoint_holds(graph: OutputGraph) -> bool:
+    """``<w, J v> = <Jᵀw, v>`` for one random pair, ``J v`` through the ``Jᵀu`` graph and
+    ``Jᵀw`` through the outputs' (first order, always right): a path missing from the
+    double backward breaks it by far more than rounding (float32: 1e-3 of the scale)."""
+    gen = torch.Generator(device=graph.out.device).manual_seed(0)
+    v = [torch.randn(x.shape, generator=gen, dtype=x.dtype, device=x.device) for x in graph.leaves]
+    w = torch.randn(graph.out.shape, generator=gen, dtype=graph.out.dtype, device=graph.out.device)
+    live = [i for i, t in enumerate(graph.jtu) if t is not None]
+    with torch.enable_grad():
+        (jv,) = torch.autograd.grad(
+            [graph.jtu[i] for i in live], graph.u, [v[i] for i in live], retain_graph=True
+        )  # type: ignore[misc]
+        jtw = torch.autograd.grad(graph.out, graph.leaves, w, retain_graph=True, allow_unused=True)
+    lhs = float((w.double() * jv.double()).sum())
+    terms = [(t.double() * v[i].double()).sum() for i, t in enumerate(jtw) if t is not None]
+    rhs = float(sum(terms))
+    scale = float(w.double().norm() * jv.double().norm()) + sum(abs(float(t)) for t in terms)
+    tol = 1e-3 if graph.out.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-9
+    return abs(lhs - rhs) <= tol * max(scale, 1e-30)
+
+
+def output_graph_product(
+    graph: OutputGraph,
+    names: list[str],
+    vec: dict[str, Tensor],
+    lam: Callable[[Tensor, Tensor, Tensor], Tensor],
+    batched: bool,
+) -> dict[str, Tensor]:
+    """``Jᵀ Λ J v`` summed over the batch through a cached `OutputGraph`, with
+    ``lam(f, targets, w) = Λ w`` (the loss's output Hessian); `batched`: a leading
+    dimension of vectors (``Λ`` vectorised by ``vmap``)."""
+    live = [i for i, t in enumerate(graph.jtu) if t is not None]
+    if not live:
+        return {k: vec[k].new_zeros(vec[k].shape) for k in names}
+    with torch.enable_grad():
+        (jv,) = torch.autograd.grad(
+            [graph.jtu[i] for i in live],  # type: ignore[misc]
+            graph.u,
+            grad_outputs=[vec[names[i]] for i in live],
+            retain_graph=True,
+            is_grads_batched=batched,
+        )
+    f = graph.out.detach()
+    if batched:
+        from torch.func import vmap
+
+        w = vmap(lambda x: lam(f, graph.targets, x))(jv)
+    else:
+        w = lam(f, graph.targets, jv)
+    with torch.enable_grad():
+        gv = torch.autograd.grad(
+            graph.out,
+            graph.leaves,
+            grad_outputs=w,
+            retain_graph=True,
+            is_grads_batched=batched,
+            allow_unused=True,
+        )
+    return {
+        k: vec[k].new_zeros(vec[k].shape) if t is None else t.detach()
+        for k, t in zip(names, gv, strict=True)
     }

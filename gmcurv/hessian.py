@@ -87,7 +87,8 @@ def graphs_first(op: CurvatureOperator, announce: Callable[[str, int | None], No
     models the longest), before its first product, so that no product bar sits at 0 while
     they are built (`CurvatureOperator.prepare`)."""
     if op.graph_pending:
-        announce(f"gradient graph over {op.data.n:,} examples (built once)", None)
+        what = "Jacobian graph" if op.kind == "ggn" else "gradient graph"
+        announce(f"{what} over {op.data.n:,} examples (built once)", None)
         op.prepare()
 
 

@@ -20,7 +20,13 @@ from gmcurv.batchstate import BatchState
 from gmcurv.data import DataSample
 from gmcurv.distributed import current
 from gmcurv.errors import ConfigError
-from gmcurv.graphcache import GraphCache, default_graph_bytes, graph_product
+from gmcurv.graphcache import (
+    GraphCache,
+    OutputGraph,
+    default_graph_bytes,
+    graph_product,
+    output_graph_product,
+)
 from gmcurv.objective import Objective
 from gmcurv.params import ParamSpace
 from gmcurv.products import BatchProducts
@@ -128,17 +134,26 @@ class CurvatureOperator:
         """Batch `index`'s sum ``Σ_n C_n v``: through its gradient graph when kept."""
         graph = self.state.graph(index, batch)
         if graph is not None:
-            return graph_product(graph, self.space.names, vec, False)
+            return self._through(graph, vec, False)
         r = self.state.residual(index, batch) if self.kind == "residual" else None
         return self.engine.product(batch, vec, r)
 
+    def _through(self, graph, vec: dict[str, Tensor], batched: bool) -> dict[str, Tensor]:
+        """A product through a kept graph: ``∇<g, v>`` (Hessian, ``H - G``) or
+        ``Jᵀ Λ J v`` (GGN, `gmcurv.graphcache.OutputGraph`)."""
+        names = self.space.names
+        if isinstance(graph, OutputGraph):
+            lam = self.objective.loss.output_hessian_vp
+            return output_graph_product(graph, names, vec, lam, batched)
+        return graph_product(graph, names, vec, batched)
+
     def _batch_matmat(self, index: int, batch: Batch, vecs: dict[str, Tensor], m: int):
         engine = self.engine
-        if self.kind == "hessian" and engine.vmap_ok and self.state.graph_wanted():
+        if self.kind != "residual" and engine.vmap_ok and self.state.graph_wanted():
             try:  # the vectors as one batched backward through the graph
                 graph = self.state.graph(index, batch)
                 if graph is not None:
-                    return graph_product(graph, self.space.names, vecs, True)
+                    return self._through(graph, vecs, True)
             except Exception:  # no batching rule somewhere: one product at a time
                 engine.vmap_ok = False
         if self.kind == "residual":

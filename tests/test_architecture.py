@@ -115,6 +115,8 @@ LAYERS = (
             "gmcurv.lora.mapping",
             "gmcurv.lora.curvature",
             "gmcurv.gradmetanet.features",
+            "gmcurv.gradmetanet.modelfisher",
+            "gmcurv.gradmetanet.blend",
             "gmcurv.gradmetanet.layers",
             "gmcurv.gradmetanet.model",
             "gmcurv.gradmetanet.calibration",

@@ -346,13 +346,15 @@ def test_saved_head_round_trip_and_evaluation(tiny_zoo, tmp_path):
 
 # ------------------------------------------------------------------------------ shipped head
 def test_shipped_head_loads_and_matches_stored_outputs():
-    """Regression guard: the shipped head on a fixed input (values stored at release)."""
+    """Regression guard: the shipped head (v1.2: v1 + the layer blend) on a fixed input
+    (values stored at release; the OBS channel and the scalars are v1's)."""
     from gmcurv.gradmetanet.pretrained import CARD_FILE, HEAD_FILE, load_head
 
     head = load_head()
     assert head.path == HEAD_FILE and CARD_FILE.exists()
     meta = head.meta
     assert meta["supported"]["activations"] == ["gelu", "relu", "tanh"]
+    assert meta["version"] == "1.2" and meta["config"]["blend"] == 1
     assert meta["targets"]["scalars"] == ["fisher_trace", "hessian_trace", "hessian_top"]
     assert meta["metrics"]["heldout"]["test-dataset"]["fisher_diag.nmae"]["n_draws"] > 0
     assert any(c.startswith("gmcurv head train") for c in meta["training"]["commands"])
@@ -371,14 +373,14 @@ def test_shipped_head_loads_and_matches_stored_outputs():
         torch.tensor(
             [
                 [
-                    [0.6229220032691956, 0.1309663951396942],
-                    [0.49234282970428467, 0.21703937649726868],
-                    [0.45858287811279297, 0.22040919959545135],
+                    [0.6152321696281433, 0.13096633553504944],
+                    [0.38863009214401245, 0.21703936159610748],
+                    [0.42655301094055176, 0.22040918469429016],
                 ],
                 [
-                    [0.17107927799224854, 0.29400378465652466],
-                    [0.2543237805366516, 0.3621622920036316],
-                    [0.11848361790180206, 0.3392524719238281],
+                    [0.20202121138572693, 0.2940037250518799],
+                    [0.19676341116428375, 0.36216235160827637],
+                    [0.15545330941677094, 0.3392524719238281],
                 ],
             ]
         ),
@@ -388,10 +390,10 @@ def test_shipped_head_loads_and_matches_stored_outputs():
         out.b[1],
         torch.tensor(
             [
-                [0.032317858189344406, 0.2295491099357605],
-                [-0.1188257485628128, 0.48718148469924927],
-                [0.04830171912908554, 0.10457785427570343],
-                [-0.13781824707984924, 0.16191667318344116],
+                [0.0917927473783493, 0.2295491099357605],
+                [-0.07372751086950302, 0.4871816039085388],
+                [0.08735700696706772, 0.10457785427570343],
+                [-0.29023677110671997, 0.16191677749156952],
             ]
         ),
         **close,
@@ -404,7 +406,7 @@ def test_shipped_head_loads_and_matches_stored_outputs():
         rtol=1e-4,
         atol=0,
     )
-    assert float(pred.param[2][..., 0].sum()) == pytest.approx(1.9597033449258245, rel=1e-4)
+    assert float(pred.param[2][..., 0].sum()) == pytest.approx(2.021054176883032, rel=1e-4)
 
 
 def test_predict_curvature_on_an_mlp(tmp_path):

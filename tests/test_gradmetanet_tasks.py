@@ -162,7 +162,7 @@ def test_entry_shrinkage_features_against_oracle():
     lam = ((p - kfac).pow(2) - var).clamp_min(0) / ((p - kfac).pow(2) - var).clamp_min(0).add(var)
     torch.testing.assert_close(shrunk, kfac + lam * (p - kfac))
     inp = encode(gs, pl, torch.float64)
-    assert inp.edges[l].shape[-1] == 6 and inp.bias_edges[l].shape[-1] == 4
+    assert inp.edges[l].shape[-1] == 7 and inp.bias_edges[l].shape[-1] == 5  # + model Fisher
 
 
 def test_widened_head_computes_what_the_v1_head_does():

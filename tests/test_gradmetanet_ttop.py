@@ -151,3 +151,45 @@ def test_cli_eigen_learned_and_both_on_transformers(runner, tmp_path, family):
             app, ["trace", str(model), str(data), "--method", "learned", "-q", "--json"]
         )
     assert r.exit_code == 2 and "head v2" in r.output
+
+
+def test_conformal_interval_is_the_finite_sample_order_statistic():
+    r = torch.arange(1, 10, dtype=torch.float64)  # n = 9: ⌊0.1·10⌋ = 1st, ⌈0.9·10⌉ = 9th
+    assert ttop.conformal_interval(r, 0.8) == (1.0, 9.0)
+    r = torch.arange(1, 100, dtype=torch.float64)  # n = 99: 10th and 90th
+    assert ttop.conformal_interval(r, 0.8) == (10.0, 90.0)
+
+
+def test_nested_calibration_covers_new_groups_at_the_level():
+    """Exchangeable groups: the whole fit (inner CV, shrink, quantiles) redone without each
+    group covers about 80 % of that group's sets; the loss bins give each bin its own
+    quantiles (wider where the noise is larger)."""
+    g = torch.Generator().manual_seed(5)
+    groups = [f"task{k}" for k in range(8) for _ in range(40)]
+    phi = torch.randn(len(groups), F, generator=g, dtype=torch.float64)
+    noise = 0.1 + 0.4 * (phi[:, ttop.BIN_FEATURE] > 0.5).double()
+    y = 0.5 * phi[:, 0] + noise * torch.randn(len(groups), generator=g, dtype=torch.float64)
+    for cal in ttop.CALIBRATIONS:
+        s = ttop.nested_calibration(phi.tolist(), y.tolist(), groups, calibration=cal)
+        assert 0.72 <= s.coverage <= 0.88 and s.error < 0.3 and set(s.per_group) == set(groups)
+    c = ttop.fit_top_correction(phi.tolist(), y.tolist(), groups, calibration="loss-bins")
+    assert len(c.bin_edges) == 2 and len(c.bin_intervals) == 3
+    quiet, loud = list(phi[0]), list(phi[0])
+    quiet[ttop.BIN_FEATURE], loud[ttop.BIN_FEATURE] = -2.0, 2.0
+    w = lambda p: c.log_interval(p)[1] - c.log_interval(p)[0]  # noqa: E731
+    assert w(loud) > 2 * w(quiet)
+    back = ttop.TopCorrection.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert back.log_interval(loud) == pytest.approx(c.log_interval(loud))
+    with pytest.raises(ValueError, match="calibration"):
+        ttop.fit_top_correction(phi.tolist(), y.tolist(), groups, calibration="other")
+
+
+def test_clip_clamps_features_to_the_training_range():
+    phi, y, groups = _planted(0.05, 0.8)
+    c = ttop.fit_top_correction(phi, y, groups, clip=True)
+    far = list(phi[0])
+    far[0] = 1e6
+    edge = list(phi[0])
+    edge[0] = max(p[0] for p in phi)
+    assert c.log_ratio(far) == pytest.approx(c.log_ratio(edge), rel=1e-12)
+    assert ttop.TopCorrection.from_dict(json.loads(json.dumps(c.to_dict()))) == c

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gmcurv.gradmetanet import ttrain
+from gmcurv.gradmetanet import ttrain, tzoo
 from gmcurv.gradmetanet.tlayers import HeadV2, HeadV2Config
 from gmcurv.gradmetanet.tlm import make_task
+from tests.test_gradmetanet_tzoo import tiny_zoo
 from tests.test_gradmetanet_v2 import B, T, V, _model, _perms, _permuted, _run
 
 
@@ -91,3 +92,38 @@ def test_fit_shrink_keeps_corrections_that_carry_over_and_drops_those_that_do_no
     assert ttrain.fit_shrink([(half, [pinned])]) == (0.5, 0.5)
     ens = ttrain.HeadV2Ensemble([HeadV2(seed=0)], shrink=(0.5, 0.0))
     assert ens.shrink.tolist() == [0.5, 0.0]
+
+
+def test_zoo_sets_walk_the_held_out_sets_once(tmp_path, monkeypatch):
+    """The shared walk of the benchmarks (`zoo_sets`): only the groups ``keep`` accepts,
+    every (snapshot, draw) once, the stored draw's sequences, a loadable data file; the
+    cached training items come from the same walk."""
+    tiny_zoo(monkeypatch, n_truth=8)
+    for gid, split in (("a", "train"), ("b", "test-arch")):
+        spec = tzoo.LMGroupSpec(gid, "count", 1, 8, 2, 5, 1e-3, (0, 2), split, 2)
+        tzoo.build_group(spec, tmp_path)
+    sets = list(ttrain.zoo_sets(tmp_path, keep=ttrain.held_out))
+    assert [(s.spec.gid, s.meta["step"], s.draw) for s in sets] == [
+        ("b", 0, 0), ("b", 0, 1), ("b", 2, 0), ("b", 2, 1)
+    ]  # fmt: skip
+    _, _, tensors = ttrain.read_group(tmp_path / "groups" / "b.safetensors")
+    ids = ttrain.truth_ids(sets[3].spec, sets[3].meta["n"])
+    assert torch.equal(sets[3].batch.inputs, ids[tensors["s1.d1.index"]])
+    assert len(list(ttrain.zoo_sets(tmp_path, draws=1))) == 4
+    items = ttrain.load_items(tmp_path)
+    assert [(it.gid, it.step, it.draw) for it in items if it.gid == "b"] == [
+        (s.spec.gid, s.meta["step"], s.draw) for s in sets
+    ]
+
+
+def test_zoo_set_data_is_the_batch(tmp_path, monkeypatch):
+    tiny_zoo(monkeypatch)
+    spec = tzoo.LMGroupSpec("h", "markov", 1, 8, 2, 5, 1e-3, (0,), "test-hf", 1, "gpt2")
+    tzoo.build_group(spec, tmp_path)
+    sets = 0
+    for zs in ttrain.zoo_sets(tmp_path):  # the scratch directory lives while iterating
+        data = zs.data()
+        (batch,) = data.batches(3)
+        assert data.n == 3 and torch.equal(batch.inputs, zs.batch.inputs)
+        sets += 1
+    assert sets == 1

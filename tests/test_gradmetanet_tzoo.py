@@ -153,16 +153,21 @@ def test_plan_covers_every_split_early():
     assert all(s.task == tzoo.HELD_OUT_TASK for s in plan if s.split == "test-task")
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_transformers_groups_go_through_save_pretrained(tmp_path, monkeypatch, family):
+def tiny_zoo(monkeypatch, n_truth: int = 6) -> None:
+    """Zoo constants small enough for a test (a group builds in seconds)."""
     for k, v in {
-        "N_TRUTH": 6,
+        "N_TRUTH": n_truth,
         "SET_SIZE": 3,
         "HUTCHPP_HVPS": 8,
         "T": 6,
         "LANCZOS_ITERS": 4,
     }.items():
         monkeypatch.setattr(tzoo, k, v)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_transformers_groups_go_through_save_pretrained(tmp_path, monkeypatch, family):
+    tiny_zoo(monkeypatch)
     spec = tzoo.LMGroupSpec("h", "markov", 1, 8, 2, 5, 1e-3, (0, 2), "test-hf", 1, family)
     path = tzoo.build_group(spec, tmp_path)
     with safe_open(str(path), "pt") as f:

@@ -63,9 +63,39 @@ def test_v2_top_section_states_per_split_verdicts_from_the_numbers():
     }  # fmt: skip
     text = v2_top_section(top)
     assert "| all held-out transformers | 10 | 0.400 / 0.400 |" in text
-    assert "+33 % (plugin_seq) | 80 % | yes | met |" in text
+    assert "+33 % (plugin_seq) | 80 % (— / —) | yes | yes | met |" in text
     assert "no (plugin_seq, plugin, mc_equal_time, hutch_lanczos_equal_time) | missed" in text
     assert "on: all held-out transformers; it does not on: transformers GPT2LMHeadModel" in text
+    assert "Interval: 10 / 90 % quantiles" in text  # no selection recorded: no rule claimed
+
+
+def test_v2_top_section_states_the_interval_rule_and_the_coverage_verdict():
+    from gmcurv.gradmetanet.card import v2_top_section
+
+    nested = {
+        "task_out": {"error": 0.6, "coverage": 0.79, "width": 1.9},
+        "arch_out": {"error": 0.58, "coverage": 0.74, "width": 1.9},
+    }
+    s = {
+        **_top_split(0.4, 0.6),
+        "coverage_80": 0.93,
+        "truth_below_interval": 0.0,
+        "truth_above_interval": 0.07,
+    }
+    top = {
+        "correction": {"penalty": 1.0, "shrink": 0.8, "cv_error": 0.6, "cv_error_plugin": 0.7,
+                       "trained_on": {}, "calibration": "global", "interval": [-1.1, 0.8]},
+        "summary": {"all-test": s},
+        "selection": {"rules": ["rule one", "rule two"], "chosen": {"calibration": "global",
+                      "clip": False}, "nested_on_training_groups": {"global": nested},
+                      "heldout_of_every_candidate": {"global": {"all-test": {"error": 0.4,
+                                                                            "coverage": 0.93}}}},
+    }  # fmt: skip
+    text = v2_top_section(top)
+    assert "| 93 % (0 % / 7 %) | no |" in text
+    assert "rule one. rule two." in text and "Chosen: **global**" in text
+    assert "covers 79 % of the sets of a task it never saw" in text
+    assert "conservative there and the 75-85 % target is **missed**" in text
 
 
 def test_v2_trace_section_shows_equal_time_losses():
@@ -85,3 +115,18 @@ def test_v2_trace_section_shows_equal_time_losses():
     assert "| ggn control variate, k = 1 | 6 | 0.200 / 0.100 | 0.100 / 0.050 (5) | -100 % |" in text
     assert "token control variate, k = 9" not in text  # too few sets to show
     assert "gives 0.250 vs 0.260 on 9 sets" in text and "exits 2" in text
+
+
+def test_targets_table_states_the_shipped_correction_per_split():
+    from gmcurv.gradmetanet.card import top_targets
+
+    ok = {**_top_split(0.4, 0.6), "coverage_80": 0.8}
+    wide = {**_top_split(0.5, 0.55, 0.4), "coverage_80": 0.95}
+    (gain, cov) = top_targets({"summary": {"all-test": ok, "test-hf:gpt2": wide}})
+    assert not gain[1] and "all held-out transformers +33 % vs plugin_seq (met)" in gain[2]
+    assert "transformers GPT2LMHeadModel" in gain[2] and "beaten by" in gain[2]
+    assert (
+        not cov[1]
+        and "GPT2LMHeadModel 95 % of 10" in cov[2]
+        and "transformers 80 % of 10" in cov[2]
+    )

@@ -184,3 +184,26 @@ def test_trace_gram_kernel_phase_moves(runner, files):
     (grams,) = _by_label(one, "Gram kernels (blocks)")  # one batch: per-block kernels
     assert grams.total == 3
     _complete(grams)
+
+
+SPECTRUM = ["spectrum", "--method", "lanczos", "--probes", "2", "--steps", "5"]
+OBD_HESSIAN = ["saliency", "--criterion", "obd-hessian", "--probes", "4", "--levels", "0.5"]
+
+
+@pytest.mark.parametrize(
+    ("command", "graph", "products"),
+    [
+        (SPECTRUM, "gradient", "SLQ"),
+        ([*SPECTRUM, "--curvature", "ggn"], "Jacobian", "SLQ"),
+        (OBD_HESSIAN, "gradient", "diag"),
+    ],
+)
+def test_spectrum_and_saliency_announce_the_graph_build(runner, files, command, graph, products):
+    """The graph build is a labelled spinner of its own, before the products' bar."""
+    phases = _run(runner, [command[0], *files, *command[1:], "-q"])
+    labels = [p.label for p in phases]
+    (built,) = _by_label(phases, f"{graph} graph over 40 examples (built once)")
+    assert built.total is None and built.ended is not None
+    after = labels[phases.index(built) + 1]
+    assert ("Lanczos quadrature: products" if products == "SLQ" else "Hessian diagonal") in after
+    _complete(phases[phases.index(built) + 1])

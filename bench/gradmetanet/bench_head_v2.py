@@ -31,13 +31,10 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from gmcurv.gradmetanet.tbaselines import equal_cost
 from gmcurv.gradmetanet.tfeatures import extract
@@ -48,13 +45,11 @@ from gmcurv.gradmetanet.ttrain import (
     group_files,
     load_items,
     predict,
-    read_group,
-    snapshot_batches,
-    snapshot_objective,
+    read_spec,
     train_ensemble,
+    zoo_sets,
 )
 from gmcurv.gradmetanet.tzoo import SPLITS, LMGroupSpec
-from gmcurv.io.data import load_data
 
 METHODS = ("head", "plugin", "mc_equal_time", "hutch_lanczos_equal_time", "plugin_seq")
 TIE = 1e-6
@@ -152,67 +147,53 @@ def backward_seconds(obj, batch) -> float:
     return time.perf_counter() - t0
 
 
-def read_spec(path: Path):
-    """A zoo group's spec from its header (tensors not read)."""
-    with safe_open(str(path), "pt") as f:
-        return LMGroupSpec.from_dict(json.loads(f.metadata()["spec"]))
-
-
 def evaluate(model, cal: dict, zoo: Path, splits: tuple[str, ...], use=None) -> list[dict]:
     """One row per held-out item: truth, head, baselines, interval, seconds."""
     torch.set_num_threads(1)
     rows = []
-    for path in group_files(zoo):
-        if use is not None and read_spec(path).gid not in use:
-            continue
-        spec, meta, tensors = read_group(path)
-        if spec.split not in splits:
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            for k, m in enumerate(meta):
-                obj = snapshot_objective(spec, tensors, k, m["vocab"], Path(tmp))
-                batches = snapshot_batches(spec, tensors, k, spec.draws, m["n"])
-                for r, batch in enumerate(batches):
-                    t0 = time.perf_counter()
-                    inp = HeadV2Input.from_tset(extract(obj, batch))
-                    tr, top = predict(model, inp)
-                    t_head = time.perf_counter() - t0
-                    t_bwd = backward_seconds(obj, batch)
-                    key = "inputs" if spec.family == "tiny" else "input_ids"
-                    f = Path(tmp) / f"set{k}_{r}.safetensors"
-                    save_file({key: batch.inputs.contiguous()}, str(f))
-                    ec = equal_cost(obj, batch, load_data(f), t_head, seed=7 + r)
-                    s_tr = tr_scale(tr, inp.plug_trace)
-                    rows.append(
-                        {
-                            "gid": spec.gid, "split": spec.split, "family": spec.family,
-                            "task": spec.task, "step": m["step"], "draw": r,
-                            "n_params": m["n_params"],
-                            "trace": {
-                                "truth": m["hessian_trace"]["value"],
-                                "truth_se": m["hessian_trace"]["stderr"] or 0.0,
-                                "head": tr, "plugin": inp.plug_trace,
-                                "plugin_seq": inp.seq_trace,
-                                "mc_equal_time": ec.mc_trace,
-                                "hutch_lanczos_equal_time": ec.hutch_trace,
-                                "lo": tr + cal["trace"][0] * s_tr,
-                                "hi": tr + cal["trace"][1] * s_tr,
-                            },
-                            "top": {
-                                "truth": m["hessian_top"], "head": top,
-                                "plugin": inp.plug_top, "plugin_seq": inp.seq_top,
-                                "mc_equal_time": ec.mc_top,
-                                "hutch_lanczos_equal_time": ec.lanczos_top,
-                                "lo": top * math.exp(cal["top"][0]),
-                                "hi": top * math.exp(cal["top"][1]),
-                            },
-                            "seconds": {
-                                "head": t_head, "backward": t_bwd,
-                                "capture": ec.t_capture, "hvp": ec.t_hvp,
-                            },
-                            "hvps": ec.hvps, "mc_samples": ec.mc_samples,
-                        }
-                    )  # fmt: skip
+
+    def keep(spec: LMGroupSpec) -> bool:
+        return spec.split in splits and (use is None or spec.gid in use)
+
+    for zs in zoo_sets(zoo, keep=keep):
+        spec, m, obj, batch, r = zs.spec, zs.meta, zs.objective, zs.batch, zs.draw
+        t0 = time.perf_counter()
+        inp = HeadV2Input.from_tset(extract(obj, batch))
+        tr, top = predict(model, inp)
+        t_head = time.perf_counter() - t0
+        t_bwd = backward_seconds(obj, batch)
+        ec = equal_cost(obj, batch, zs.data(), t_head, seed=7 + r)
+        s_tr = tr_scale(tr, inp.plug_trace)
+        rows.append(
+            {
+                "gid": spec.gid, "split": spec.split, "family": spec.family,
+                "task": spec.task, "step": m["step"], "draw": r,
+                "n_params": m["n_params"],
+                "trace": {
+                    "truth": m["hessian_trace"]["value"],
+                    "truth_se": m["hessian_trace"]["stderr"] or 0.0,
+                    "head": tr, "plugin": inp.plug_trace,
+                    "plugin_seq": inp.seq_trace,
+                    "mc_equal_time": ec.mc_trace,
+                    "hutch_lanczos_equal_time": ec.hutch_trace,
+                    "lo": tr + cal["trace"][0] * s_tr,
+                    "hi": tr + cal["trace"][1] * s_tr,
+                },
+                "top": {
+                    "truth": m["hessian_top"], "head": top,
+                    "plugin": inp.plug_top, "plugin_seq": inp.seq_top,
+                    "mc_equal_time": ec.mc_top,
+                    "hutch_lanczos_equal_time": ec.lanczos_top,
+                    "lo": top * math.exp(cal["top"][0]),
+                    "hi": top * math.exp(cal["top"][1]),
+                },
+                "seconds": {
+                    "head": t_head, "backward": t_bwd,
+                    "capture": ec.t_capture, "hvp": ec.t_hvp,
+                },
+                "hvps": ec.hvps, "mc_samples": ec.mc_samples,
+            }
+        )  # fmt: skip
     return rows
 
 

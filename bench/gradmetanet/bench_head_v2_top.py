@@ -6,7 +6,13 @@
    sequences of every snapshot of every finished group;
 2. fit (`ttop.fit_top_correction`) on the ``train`` and ``val`` groups only, penalty and
    shrink by leave-one-*task*-out cross-validation; the fitted correction is written to
-   ``--weights`` (the shipped file, ``sample_models/gradmetanet_head_v2_top.json``);
+   ``--weights`` (the shipped file, ``sample_models/gradmetanet_head_v2_top.json``).
+   Which variant is fitted is decided by `select` on the training groups alone, by rules
+   fixed before any held-out number of a variant was computed (`RULES`): every candidate
+   (`CANDIDATES`: interval calibration x feature clipping) is scored by `ttop.
+   nested_calibration` (leave one task out, and leave one architecture out, around the
+   whole fit); the held-out numbers of every candidate are reported too (``candidates``),
+   never used for the choice;
 3. predict every held-out set (``test-task``: the unseen task ``chars``; ``test-arch``:
    unseen width 48 / depth 3; ``test-hf``: GPT-2 and Llama built by ``transformers``);
 4. equal-cost baselines, timed in this process on the same set (`tbaselines.equal_cost`,
@@ -17,7 +23,8 @@
    `bench_head_v2.py` measured with the old head's (longer) time from ``head_v2.json``
    (same ``(group, step, draw)``): more than equal time for the baselines;
 5. per split and family: mean / median ``|log|`` error, win rates, gain over each baseline,
-   80 % interval coverage; JSON to ``--out``.
+   80 % interval coverage (and where the misses fall: truth below / above), mean interval
+   width; JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -28,28 +35,34 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from gmcurv.gradmetanet.tbaselines import equal_cost
 from gmcurv.gradmetanet.tfeatures import extract
-from gmcurv.gradmetanet.ttop import FEATURES, TopCorrection, fit_top_correction, tset_features
-from gmcurv.gradmetanet.ttrain import (
-    group_files,
-    item_top_features,
-    load_items,
-    read_group,
-    snapshot_batches,
-    snapshot_objective,
+from gmcurv.gradmetanet.ttop import (
+    CALIBRATIONS,
+    FEATURES,
+    TopCorrection,
+    fit_top_correction,
+    nested_calibration,
+    tset_features,
 )
-from gmcurv.io.data import load_data
+from gmcurv.gradmetanet.ttrain import held_out, item_top_features, load_items, zoo_sets
 
 BASELINES = ("plugin_seq", "plugin", "mc_equal_time", "hutch_lanczos_equal_time")
 TIE = 1e-6
+CANDIDATES = tuple({"calibration": c, "clip": k} for k in (False, True) for c in CALIBRATIONS)
+RULES = (
+    "point model: clip=True (features clamped to the training range) ships only if it lowers "
+    "both the nested leave-one-task-out and the nested leave-one-architecture-out mean |ln "
+    "error| on the train/val groups by >= 1 % relative; otherwise clip=False",
+    "interval: among the calibrations of the chosen point model whose nested "
+    "leave-one-task-out coverage is within 75-85 %, the one with the smallest mean width; "
+    "if none, the one closest to 80 %",
+)
 
 
 def logerr(p: float, t: float) -> float:
@@ -66,6 +79,9 @@ def summarize(rows: list[dict]) -> dict:
         out[m]["head_win_rate"] = sum(wins) / len(wins)
         out[m]["head_gain_mean"] = 1 - out["head"]["mean"] / out[m]["mean"]
     out["coverage_80"] = statistics.fmean(r["lo"] <= r["truth"] <= r["hi"] for r in rows)
+    out["truth_below_interval"] = statistics.fmean(r["truth"] < r["lo"] for r in rows)
+    out["truth_above_interval"] = statistics.fmean(r["truth"] > r["hi"] for r in rows)
+    out["interval_log_width"] = statistics.fmean(math.log(r["hi"] / r["lo"]) for r in rows)
     if all("seconds" in r for r in rows):
         ratios = [r["seconds"]["head"] / r["seconds"]["backward"] for r in rows]
         out["head_over_backward"] = {"median": statistics.median(ratios), "max": max(ratios)}
@@ -88,36 +104,27 @@ def timed_rows(corr: TopCorrection, zoo: Path) -> list[dict]:
     """Every held-out set: the head timed end to end, then the baselines with its time."""
     torch.set_num_threads(1)
     rows = []
-    for path in group_files(zoo):
-        spec, meta, tensors = read_group(path)
-        if not spec.split.startswith("test"):
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            for k, m in enumerate(meta):
-                obj = snapshot_objective(spec, tensors, k, m["vocab"], Path(tmp))
-                for r, batch in enumerate(snapshot_batches(spec, tensors, k, spec.draws, m["n"])):
-                    t0 = time.perf_counter()
-                    s = extract(obj, batch)
-                    lam, lo, hi = corr.predict(s.seq_top, tset_features(s))
-                    t_head = time.perf_counter() - t0
-                    t_bwd = backward_seconds(obj, batch)
-                    f = Path(tmp) / f"set{k}_{r}.safetensors"
-                    key = "inputs" if spec.family == "tiny" else "input_ids"
-                    save_file({key: batch.inputs.contiguous()}, str(f))
-                    ec = equal_cost(obj, batch, load_data(f), t_head, seed=7 + r)
-                    rows.append(
-                        {
-                            "gid": spec.gid, "split": spec.split, "family": spec.family,
-                            "task": spec.task, "step": m["step"], "draw": r,
-                            "truth": m["hessian_top"], "head": lam, "lo": lo, "hi": hi,
-                            "plugin_seq": s.seq_top, "plugin": s.plug_top,
-                            "mc_equal_time": ec.mc_top,
-                            "hutch_lanczos_equal_time": ec.lanczos_top,
-                            "hvps": ec.hvps, "mc_samples": ec.mc_samples,
-                            "seconds": {"head": t_head, "backward": t_bwd,
-                                        "capture": ec.t_capture, "hvp": ec.t_hvp},
-                        }
-                    )  # fmt: skip
+    for zs in zoo_sets(zoo, keep=held_out):
+        spec, m, obj, batch, r = zs.spec, zs.meta, zs.objective, zs.batch, zs.draw
+        t0 = time.perf_counter()
+        s = extract(obj, batch)
+        lam, lo, hi = corr.predict(s.seq_top, tset_features(s))
+        t_head = time.perf_counter() - t0
+        t_bwd = backward_seconds(obj, batch)
+        ec = equal_cost(obj, batch, zs.data(), t_head, seed=7 + r)
+        rows.append(
+            {
+                "gid": spec.gid, "split": spec.split, "family": spec.family,
+                "task": spec.task, "step": m["step"], "draw": r,
+                "truth": m["hessian_top"], "head": lam, "lo": lo, "hi": hi,
+                "plugin_seq": s.seq_top, "plugin": s.plug_top, "phi": tset_features(s),
+                "mc_equal_time": ec.mc_top,
+                "hutch_lanczos_equal_time": ec.lanczos_top,
+                "hvps": ec.hvps, "mc_samples": ec.mc_samples,
+                "seconds": {"head": t_head, "backward": t_bwd,
+                            "capture": ec.t_capture, "hvp": ec.t_hvp},
+            }
+        )  # fmt: skip
     return [r for r in rows if r["truth"] > 0]
 
 
@@ -135,12 +142,77 @@ def reused_rows(corr: TopCorrection, items, baselines: Path) -> list[dict]:
                 "gid": it.gid, "split": it.split, "family": it.family, "task": it.task,
                 "step": it.step, "draw": it.draw, "truth": it.top, "head": lam, "lo": lo,
                 "hi": hi, "plugin_seq": it.inp.seq_top, "plugin": it.inp.plug_top,
+                "phi": item_top_features(it),
                 "mc_equal_time": o["top"]["mc_equal_time"],
                 "hutch_lanczos_equal_time": o["top"]["hutch_lanczos_equal_time"],
                 "hvps": o["hvps"], "mc_samples": o["mc_samples"],
             }
         )  # fmt: skip
     return rows
+
+
+def _key(c: dict) -> str:
+    return f"{c['calibration']}{'+clip' if c['clip'] else ''}"
+
+
+def arch_of(gid: str) -> str:
+    """``L<blocks>d<width>`` from a zoo group id (the leave-one-architecture-out groups)."""
+    return next(p for p in gid.split("-") if p.startswith("L")).split("h")[0]
+
+
+def select(fit_items) -> tuple[dict, dict]:
+    """The shipped variant by `RULES`, from nested scores on the training groups only."""
+    phi = [item_top_features(it) for it in fit_items]
+    y = [math.log(it.top / it.inp.seq_top) for it in fit_items]
+    tasks = [it.task for it in fit_items]
+    archs = [arch_of(it.gid) for it in fit_items]
+    scores = {}
+    for c in CANDIDATES:
+        key = _key(c)
+        t = nested_calibration(phi, y, tasks, **c)
+        a = nested_calibration(phi, y, tasks, outer=archs, **c)
+        scores[key] = {
+            **c,
+            "task_out": {"error": t.error, "coverage": t.coverage, "width": t.width},
+            "arch_out": {"error": a.error, "coverage": a.coverage, "width": a.width},
+        }
+    base = scores["global"]
+    clip = all(
+        scores["global+clip"][k]["error"] <= 0.99 * base[k]["error"]
+        for k in ("task_out", "arch_out")
+    )
+    pool = [v for v in scores.values() if v["clip"] == clip]
+    ok = [v for v in pool if 0.75 <= v["task_out"]["coverage"] <= 0.85]
+    pick = (
+        min(ok, key=lambda v: v["task_out"]["width"])
+        if ok
+        else min(pool, key=lambda v: abs(v["task_out"]["coverage"] - 0.8))
+    )
+    return {"calibration": pick["calibration"], "clip": pick["clip"]}, scores
+
+
+def candidate_heldout(rows: list[dict], fit_items, trained_on: dict) -> dict:
+    """Every candidate's held-out error and coverage (reported, never used to choose)."""
+    phi = [item_top_features(it) for it in fit_items]
+    y = [math.log(it.top / it.inp.seq_top) for it in fit_items]
+    out = {}
+    for c in CANDIDATES:
+        corr = fit_top_correction(phi, y, [it.task for it in fit_items], trained_on=trained_on, **c)
+        per: dict[str, list[tuple[float, bool]]] = {}
+        for r in rows:
+            lam, lo, hi = corr.predict(r["plugin_seq"], r["phi"])
+            e = (logerr(lam, r["truth"]), lo <= r["truth"] <= hi)
+            for k in ("all-test", r["split"], f"{r['split']}:{r['family']}"):
+                per.setdefault(k, []).append(e)
+        out[_key(c)] = {
+            k: {
+                "error": statistics.fmean(e for e, _ in v),
+                "coverage": statistics.fmean(i for _, i in v),
+            }
+            for k, v in sorted(per.items())
+            if k != "test-task:tiny" and k != "test-arch:tiny"
+        }
+    return out
 
 
 def trace_analogue(items) -> dict:
@@ -193,7 +265,10 @@ def main(argv=None) -> int:
         "tokens": 32,
         "feature_ranges": ranges,
     }
-    corr = fit_top_correction(phi, y, [it.task for it in fit_items], trained_on=trained_on)
+    chosen, scores = select(fit_items)
+    corr = fit_top_correction(
+        phi, y, [it.task for it in fit_items], trained_on=trained_on, **chosen
+    )
     rows = (
         reused_rows(corr, items, Path(args.baselines))
         if args.reuse_baselines
@@ -215,6 +290,13 @@ def main(argv=None) -> int:
         "hvps_equal_time_median": statistics.median(r["hvps"] for r in rows),
         "mc_samples_equal_time_median": statistics.median(r["mc_samples"] for r in rows),
         "summary": {k: summarize(v) for k, v in sorted(splits.items())},
+        "selection": {
+            "rules": RULES,
+            "chosen": chosen,
+            "nested_on_training_groups": scores,
+            "heldout_of_every_candidate": candidate_heldout(rows, fit_items, trained_on),
+        },
+        "zoo": {"groups": len({it.gid for it in items}), "sets": len(items)},
         "trace_analogue": trace_analogue(items),
         "rows": rows,
         "seconds": time.perf_counter() - t0,
@@ -227,10 +309,17 @@ def main(argv=None) -> int:
             "best_baseline": v["best_baseline"],
             "best_baseline_error": v[v["best_baseline"]]["mean"],
             "coverage": v["coverage_80"],
+            "truth_below_interval": v["truth_below_interval"],
+            "truth_above_interval": v["truth_above_interval"],
         }
         for k, v in result["summary"].items()
     }
-    shipped = {**corr.to_dict(), "heldout": heldout, "made_by": result["command"]}
+    shipped = {
+        **corr.to_dict(),
+        "heldout": heldout,
+        "selection": {"rules": RULES, "chosen": chosen, "nested": scores[_key(chosen)]},
+        "made_by": result["command"],
+    }
     Path(args.weights).write_text(json.dumps(shipped, indent=1))
     for k, v in result["summary"].items():
         line = {m: round(v[m]["mean"], 3) for m in ("head", *BASELINES)}

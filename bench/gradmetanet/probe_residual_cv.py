@@ -30,7 +30,7 @@ from torch import Tensor
 from gmcurv.capture import DecomposedGradients
 from gmcurv.data import DataSample
 from gmcurv.factors import LinearFactors, SumOfSources
-from gmcurv.gradmetanet.tfeatures import TSet, layer_role, predicted_tokens, tset_from_gradients
+from gmcurv.gradmetanet.tfeatures import TSet, extract_with_gradients, layer_role
 from gmcurv.objective import Objective
 from gmcurv.operator import CurvatureOperator
 from gmcurv.stochastic import rademacher
@@ -98,19 +98,9 @@ def main(argv=None) -> int:
     import argparse
     import json
     import statistics as st
-    import tempfile
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
-    from gmcurv.capture import Capturer
-    from gmcurv.gradmetanet.ttrain import (
-        group_files,
-        read_group,
-        snapshot_batches,
-        snapshot_objective,
-    )
-    from gmcurv.io.data import load_data
+    from gmcurv.gradmetanet.ttrain import zoo_sets
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--zoo", default="/work/cache/head/tzoo")
@@ -119,31 +109,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
-    for path in group_files(args.zoo):
-        spec, meta, tens = read_group(path)
-        with tempfile.TemporaryDirectory() as tmp:
-            for k, m in enumerate(meta):
-                obj = snapshot_objective(spec, tens, k, m["vocab"], Path(tmp))
-                for r, b in enumerate(snapshot_batches(spec, tens, k, args.draws, m["n"])):
-                    f = Path(tmp) / "s.safetensors"
-                    key = "inputs" if spec.family == "tiny" else "input_ids"
-                    save_file({key: b.inputs.contiguous()}, str(f))
-                    t0 = time.perf_counter()
-                    dg = Capturer(obj, "mc", 1, 0, check=False)(b)
-                    s = tset_from_gradients(dg, obj.model)
-                    s.tokens = predicted_tokens(b)
-                    t_feat = time.perf_counter() - t0
-                    p = probe(obj, dg, s, load_data(f), seed=r)
-                    rows.append(
-                        {
-                            "gid": spec.gid, "split": spec.split, "step": m["step"],
-                            "truth": m["hessian_trace"]["value"],
-                            "se": m["hessian_trace"]["stderr"], "top": m["hessian_top"],
-                            "plug": s.plug_trace, "seqtop": s.seq_top, "plugtop": s.plug_top,
-                            "z": p.ztrace, "rq": p.rayleigh, "t_feat": t_feat,
-                            "t_probe": p.seconds,
-                        }
-                    )  # fmt: skip
+    for zs in zoo_sets(args.zoo, draws=args.draws):
+        spec, m, obj, b, r = zs.spec, zs.meta, zs.objective, zs.batch, zs.draw
+        t0 = time.perf_counter()
+        s, dg = extract_with_gradients(obj, b)
+        t_feat = time.perf_counter() - t0
+        p = probe(obj, dg, s, zs.data(), seed=r)
+        rows.append(
+            {
+                "gid": spec.gid, "split": spec.split, "step": m["step"],
+                "truth": m["hessian_trace"]["value"],
+                "se": m["hessian_trace"]["stderr"], "top": m["hessian_top"],
+                "plug": s.plug_trace, "seqtop": s.seq_top, "plugtop": s.plug_top,
+                "z": p.ztrace, "rq": p.rayleigh, "t_feat": t_feat,
+                "t_probe": p.seconds,
+            }
+        )  # fmt: skip
     rel = [r for r in rows if r["se"] <= 0.1 * abs(r["truth"])]
 
     def err(f):

@@ -32,18 +32,15 @@ import argparse
 import json
 import os
 import statistics as st
-import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from gmcurv.capture import Capturer, DecomposedGradients
+from gmcurv.capture import DecomposedGradients
 from gmcurv.factors import LinearFactors, SumOfSources
-from gmcurv.gradmetanet.tfeatures import layer_role, predicted_tokens, tset_from_gradients
-from gmcurv.gradmetanet.ttrain import group_files, read_group, snapshot_batches, snapshot_objective
-from gmcurv.io.data import load_data
+from gmcurv.gradmetanet.tfeatures import extract_with_gradients, layer_role
+from gmcurv.gradmetanet.ttrain import held_out, zoo_sets
 from gmcurv.operator import CurvatureOperator
 from gmcurv.stochastic import rademacher
 
@@ -89,51 +86,40 @@ def plugin_quadratic(dg: DecomposedGradients, vec: dict, tokens: float) -> float
 def measure(zoo: Path, probes: int, draws: int) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
-    for path in group_files(zoo):
-        spec, meta, tensors = read_group(path)
-        if not spec.split.startswith("test"):
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            for k, m in enumerate(meta):
-                obj = snapshot_objective(spec, tensors, k, m["vocab"], Path(tmp))
-                for r, batch in enumerate(snapshot_batches(spec, tensors, k, draws, m["n"])):
-                    t0 = time.perf_counter()
-                    dg = Capturer(obj, "mc", 1, 0, check=False)(batch)
-                    s = tset_from_gradients(dg, obj.model)
-                    s.tokens = predicted_tokens(batch)
-                    t_feat = time.perf_counter() - t0
-                    f = Path(tmp) / f"set{k}_{r}.safetensors"
-                    key = "inputs" if spec.family == "tiny" else "input_ids"
-                    save_file({key: batch.inputs.contiguous()}, str(f))
-                    data = load_data(f)
-                    H = CurvatureOperator(obj, data, len(batch), kind="hessian")
-                    G = CurvatureOperator(obj, data, len(batch), kind="ggn")
-                    gen = torch.Generator().manual_seed(11 + r)
-                    H.matvec(rademacher(H.size, gen))  # warm-up (graph cache), not timed
-                    G.matvec(rademacher(G.size, gen))
-                    h, g, mq, th, tg, tm = [], [], [], [], [], []
-                    for _ in range(probes):
-                        z = rademacher(H.size, gen)
-                        t0 = time.perf_counter()
-                        h.append(float(z @ H.matvec(z)))
-                        th.append(time.perf_counter() - t0)
-                        t0 = time.perf_counter()
-                        g.append(float(z @ G.matvec(z)))
-                        tg.append(time.perf_counter() - t0)
-                        t0 = time.perf_counter()
-                        mq.append(plugin_quadratic(dg, obj.space.unflatten(z), s.tokens))
-                        tm.append(time.perf_counter() - t0)
-                    rows.append(
-                        {
-                            "gid": spec.gid, "split": spec.split, "family": spec.family,
-                            "step": m["step"], "draw": r,
-                            "truth": m["hessian_trace"]["value"],
-                            "truth_se": m["hessian_trace"]["stderr"] or 0.0,
-                            "plug": s.plug_trace, "h": h, "g": g, "m": mq,
-                            "t_feat": t_feat, "t_h": st.median(th), "t_g": st.median(tg),
-                            "t_m": st.median(tm),
-                        }
-                    )  # fmt: skip
+    for zs in zoo_sets(zoo, keep=held_out, draws=draws):
+        spec, m, obj, batch, r = zs.spec, zs.meta, zs.objective, zs.batch, zs.draw
+        t0 = time.perf_counter()
+        s, dg = extract_with_gradients(obj, batch)
+        t_feat = time.perf_counter() - t0
+        data = zs.data()
+        H = CurvatureOperator(obj, data, len(batch), kind="hessian")
+        G = CurvatureOperator(obj, data, len(batch), kind="ggn")
+        gen = torch.Generator().manual_seed(11 + r)
+        H.matvec(rademacher(H.size, gen))  # warm-up (graph cache), not timed
+        G.matvec(rademacher(G.size, gen))
+        h, g, mq, th, tg, tm = [], [], [], [], [], []
+        for _ in range(probes):
+            z = rademacher(H.size, gen)
+            t0 = time.perf_counter()
+            h.append(float(z @ H.matvec(z)))
+            th.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            g.append(float(z @ G.matvec(z)))
+            tg.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            mq.append(plugin_quadratic(dg, obj.space.unflatten(z), s.tokens))
+            tm.append(time.perf_counter() - t0)
+        rows.append(
+            {
+                "gid": spec.gid, "split": spec.split, "family": spec.family,
+                "step": m["step"], "draw": r,
+                "truth": m["hessian_trace"]["value"],
+                "truth_se": m["hessian_trace"]["stderr"] or 0.0,
+                "plug": s.plug_trace, "h": h, "g": g, "m": mq,
+                "t_feat": t_feat, "t_h": st.median(th), "t_g": st.median(tg),
+                "t_m": st.median(tm),
+            }
+        )  # fmt: skip
     return rows
 
 

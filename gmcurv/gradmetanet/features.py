@@ -28,6 +28,7 @@ from gmcurv.capture import DecomposedGradients
 from gmcurv.errors import UnsupportedError
 from gmcurv.factors import LinearFactors
 from gmcurv.fisher import fisher_diagonal, fisher_eigen, fisher_trace
+from gmcurv.gradmetanet.modelfisher import model_fisher_diagonal, rescaled
 from gmcurv.losses import CrossEntropy
 from gmcurv.models.mlp import ACTIVATIONS, MLP
 from gmcurv.objective import Objective
@@ -45,6 +46,10 @@ BIAS_FEATURES = 3  # log plug-in F, log plug-in OBS, bias
 # estimate towards K-FAC; bias: the log relative standard error.
 EDGE_EXTRA = 2
 BIAS_EXTRA = 1
+# Then, read by the layer blend (`HeadConfig.blend`, head v1.2): the log model-Fisher diagonal
+# on the same set, rescaled to the plug-in's layer total (`gmcurv.gradmetanet.modelfisher`).
+EDGE_MODEL_FISHER = EDGE_FEATURES + EDGE_EXTRA  # column of edges[l]
+BIAS_MODEL_FISHER = BIAS_FEATURES + BIAS_EXTRA  # column of bias_edges[l]
 GLOBAL_FEATURES = 6 + len(ACTIVATION_VOCAB)
 
 
@@ -402,6 +407,7 @@ def encode(gs: GradientSet, plug: PlugIn, dtype: torch.dtype = torch.float32) ->
     entries = torch.cat(parts, 1)
 
     edges, bias_edges, plug_w, plug_b, unit_w, unit_b = [], [], [], [], [], []
+    model_w, model_b = model_fisher_diagonal(gs)
     for l in range(L):
         uw, ub = s_d[l] ** 2 * s_a[l] ** 2, s_d[l] ** 2
         pw = torch.stack([plug.diag_w[l] / uw, plug.obs_w[l] / uw], -1)  # [O, I, 2]
@@ -410,9 +416,13 @@ def encode(gs: GradientSet, plug: PlugIn, dtype: torch.dtype = torch.float32) ->
         w_rms = _rms(w)
         d2, a2 = ds[l].pow(2), xs[l].pow(2)
         rel_se, shrunk = entry_shrinkage(pw[..., 0], d2, a2, kfac)
+        model = rescaled(model_w[l], plug.diag_w[l]) / uw
         edges.append(
             torch.stack(
-                [_log(pw[..., 0]), _log(kfac), _log(pw[..., 1]), w / w_rms, rel_se, _log(shrunk)],
+                [
+                    *(_log(pw[..., 0]), _log(kfac), _log(pw[..., 1]), w / w_rms),
+                    *(rel_se, _log(shrunk), _log(model)),
+                ],
                 -1,
             )
         )
@@ -427,8 +437,12 @@ def encode(gs: GradientSet, plug: PlugIn, dtype: torch.dtype = torch.float32) ->
         assert diag_b is not None and obs_b is not None
         pb = torch.stack([diag_b / ub, obs_b / ub], -1)  # [O, 2]
         rel_b, _ = entry_shrinkage(pb[:, 0], d2, torch.ones(b, 1, dtype=d2.dtype), None)
+        model_bias = rescaled(model_b[l], diag_b) / ub
         bias_edges.append(
-            torch.stack([_log(pb[:, 0]), _log(pb[:, 1]), gs.bias[l] / w_rms, rel_b[:, 0]], -1)
+            torch.stack(
+                [_log(pb[:, 0]), _log(pb[:, 1]), gs.bias[l] / w_rms, rel_b[:, 0], _log(model_bias)],
+                -1,
+            )
         )
         plug_b.append(pb)
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from gmcurv.gradmetanet.blend import LayerBlend
 from gmcurv.gradmetanet.features import (
     BIAS_EXTRA,
     BIAS_FEATURES,
@@ -71,6 +72,7 @@ class HeadConfig:
     n_freq: int = 4
     index_freqs: int = 0
     edge_extra: int = 0  # 0: v1's edge features; EDGE_EXTRA: + sampling error, shrinkage
+    blend: int = 0  # 1: the per-layer-role Fisher-diagonal blend (`blend.LayerBlend`, v1.2)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -112,6 +114,8 @@ class GradMetaNet(nn.Module):
         self.scalar = InvariantHead(cz, GLOBAL_FEATURES, cfg.hidden, len(SCALAR_TARGETS))
         self.weights = ExampleWeights(ce, cfg.hidden)
         self.reset_parameters(seed)
+        if cfg.blend:
+            self.blend = LayerBlend()
 
     def reset_parameters(self, seed: int = 0) -> None:
         """Linear weights ``U(±1/sqrt(fan_in))`` from a local generator, biases zero, and
@@ -169,7 +173,28 @@ class GradMetaNet(nn.Module):
             for b, d in zip(bs, db, strict=True)
         ]
         scalars = torch.cat([scalars[..., :1] + dtr[..., None], scalars[..., 1:]], -1)
+        if self.config.blend:
+            ws, bs = self._blend(inp, ws, bs)
         return HeadOutput(tuple(ws), tuple(bs), scalars)
+
+    def _blend(
+        self, inp: HeadInput, ws: list[Tensor], bs: list[Tensor | None]
+    ) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Channel 0 (Fisher diagonal) through `LayerBlend`; the OBS channel unchanged."""
+        L = inp.depth
+        ws = [
+            torch.cat([self.blend(l, L, w[..., 0], inp.edges[l])[..., None], w[..., 1:]], -1)
+            for l, w in enumerate(ws)
+        ]
+        out_b: list[Tensor | None] = []
+        for l, b in enumerate(bs):
+            e = inp.bias_edges[l]
+            if b is None or e is None:
+                out_b.append(b)
+                continue
+            fb = self.blend(l, L, b[..., 0], e, bias=True)
+            out_b.append(torch.cat([fb[..., None], b[..., 1:]], -1))
+        return ws, out_b
 
 
 def reweighted_shift(

@@ -314,10 +314,17 @@ def extract(objective: Objective, batch: Batch, fisher: str = "mc", seed: int = 
     Head v2 reads Monte Carlo gradients (`fisher="mc"`: one next token drawn from the
     model's own prediction at every position, seeded), whose second moment is the
     MC-Fisher (an unbiased estimate of the GGN); ``"empirical"`` uses the data's labels."""
+    return extract_with_gradients(objective, batch, fisher, seed)[0]
+
+
+def extract_with_gradients(
+    objective: Objective, batch: Batch, fisher: str = "mc", seed: int = 0
+) -> tuple[TSet, DecomposedGradients]:
+    """`extract`, also returning the captured gradients (for products with them)."""
     dg = Capturer(objective, fisher, 1, seed, check=False)(batch)
     s = tset_from_gradients(dg, objective.model)
     s.tokens = predicted_tokens(batch)
-    return s
+    return s, dg
 
 
 def predicted_tokens(batch: Batch) -> float:

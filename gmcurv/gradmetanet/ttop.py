@@ -16,8 +16,16 @@ log share of ``tr Ĝ`` of each layer role (attention in/out, MLP in/out, LM head
 `fit_top_correction`: the ridge penalty and the shrink ``α`` are chosen by leave-one-
 group-out cross-validation (groups: the training tasks), minimising the out-of-fold mean
 ``|log λ̂ - log λ|``; ``α = 0`` is the plug-in itself, so a correction that does not carry
-over to unseen tasks is switched off. The 80 % interval is the 10/90 % quantiles of those
-out-of-fold log residuals: ``[λ̂ e^{q10}, λ̂ e^{q90}]``.
+over to unseen tasks is switched off.
+
+The 80 % interval is split-conformal on those out-of-fold log residuals ``r``:
+``[λ̂ e^{q_lo}, λ̂ e^{q_hi}]`` with ``q_lo, q_hi`` the 10/90 % quantiles of ``r``, either
+pooled (``calibration="global"``) or within the bin of the set's training progress
+(``"loss-bins"``: tertiles of mean loss / log V over the training sets, a Mondrian split on
+an input, never on the truth). `nested_calibration` scores a scheme by leave-one-group-out
+*around the whole fit* (penalty, shrink and quantiles refitted without the held group), so
+its coverage is that of sets the calibration never saw. ``clip=True`` clamps ``φ`` to the
+training range before the correction (no extrapolation on unseen architectures).
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ FEATURES = (
 SHARE_FLOOR = 1e-6
 PENALTIES = (0.03, 0.1, 0.3, 1.0, 3.0)
 SHRINKS = tuple(k / 10 for k in range(11))
+CALIBRATIONS = ("global", "loss-bins")
+BIN_FEATURE = FEATURES.index("loss_over_log_vocab")
 
 
 def scale_free_features(
@@ -85,22 +95,41 @@ class TopCorrection:
     intercept: float
     shrink: float
     penalty: float
-    interval: tuple[float, float]
+    interval: tuple[float, float]  # pooled out-of-fold log quantiles
     level: float = 0.8
     cv_error: float = float("nan")  # out-of-fold mean |log| error at the chosen (penalty, α)
     cv_error_plugin: float = float("nan")
     trained_on: dict = field(default_factory=dict)  # feature ranges, b, tokens, families
+    calibration: str = "global"
+    bin_edges: list[float] = field(default_factory=list)  # on φ[BIN_FEATURE] ("loss-bins")
+    bin_intervals: list[list[float]] = field(default_factory=list)  # per bin (lo, hi)
+    clip_lo: list[float] = field(default_factory=list)  # φ clamped to these (clip=True)
+    clip_hi: list[float] = field(default_factory=list)
+
+    def _clipped(self, phi: list[float]) -> list[float]:
+        if not self.clip_lo:
+            return list(phi)
+        return [min(max(p, a), b) for p, a, b in zip(phi, self.clip_lo, self.clip_hi, strict=True)]
 
     def log_ratio(self, phi: list[float]) -> float:
-        z = [(p - m) / s for p, m, s in zip(phi, self.mean, self.scale, strict=True)]
+        z = [(p - m) / s for p, m, s in zip(self._clipped(phi), self.mean, self.scale, strict=True)]
         return self.shrink * (
             self.intercept + sum(w * x for w, x in zip(self.weights, z, strict=True))
         )
 
+    def log_interval(self, phi: list[float]) -> tuple[float, float]:
+        """The log quantiles ``(q_lo, q_hi)`` that apply to a set with features ``φ``."""
+        if not self.bin_edges:
+            return self.interval
+        k = sum(phi[BIN_FEATURE] > e for e in self.bin_edges)
+        lo, hi = self.bin_intervals[k]
+        return lo, hi
+
     def predict(self, seq_top: float, phi: list[float]) -> tuple[float, float, float]:
         """``(λ̂, lo, hi)`` from the per-sequence plug-in and ``φ``."""
         lam = seq_top * math.exp(self.log_ratio(phi))
-        return lam, lam * math.exp(self.interval[0]), lam * math.exp(self.interval[1])
+        lo, hi = self.log_interval(phi)
+        return lam, lam * math.exp(lo), lam * math.exp(hi)
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "features": list(FEATURES), "interval": list(self.interval)}
@@ -125,17 +154,36 @@ def _ridge(X: Tensor, y: Tensor, penalty: float) -> tuple[Tensor, Tensor, Tensor
     return mu, sd, w, c
 
 
-def _out_of_fold(X: Tensor, y: Tensor, groups: list[str], penalty: float) -> Tensor:
+def _clamp(X: Tensor, ref: Tensor) -> Tensor:
+    return torch.maximum(torch.minimum(X, ref.max(0).values), ref.min(0).values)
+
+
+def _out_of_fold(
+    X: Tensor, y: Tensor, groups: list[str], penalty: float, clip: bool = False
+) -> Tensor:
     pred = torch.zeros_like(y)
     for g in sorted(set(groups)):
         held = torch.tensor([x == g for x in groups])
         mu, sd, w, c = _ridge(X[~held], y[~held], penalty)
-        pred[held] = c + ((X[held] - mu) / sd) @ w
+        Xh = _clamp(X[held], X[~held]) if clip else X[held]
+        pred[held] = c + ((Xh - mu) / sd) @ w
     return pred
 
 
 def _quantile(x: Tensor, q: float) -> float:
     return float(torch.quantile(x, q))
+
+
+def conformal_interval(resid: Tensor, level: float) -> tuple[float, float]:
+    """Split-conformal log quantiles of residuals ``r``: the ``⌈(n+1)q⌉``-th order statistics
+    for ``q = (1 ± level) / 2`` (finite-sample coverage ``>= level`` for an exchangeable
+    new residual), the extreme residual where ``n`` is too small for that."""
+    r = resid.sort().values
+    n = len(r)
+    a = (1 - level) / 2
+    k_lo = max(math.floor(a * (n + 1) + 1e-9), 1)  # 1e-9: 0.9 * 100 is 90.00000000000001
+    k_hi = min(math.ceil((1 - a) * (n + 1) - 1e-9), n)
+    return float(r[k_lo - 1]), float(r[k_hi - 1])
 
 
 def fit_top_correction(
@@ -144,16 +192,21 @@ def fit_top_correction(
     groups: list[str],
     level: float = 0.8,
     trained_on: dict | None = None,
+    calibration: str = "global",
+    clip: bool = False,
 ) -> TopCorrection:
     """Fit on ``log(λ / λ_S)`` of training sets; penalty and shrink by leave-one-group-out
-    CV (module doc). Needs at least two groups."""
+    CV, interval by ``calibration`` on its out-of-fold residuals (module doc). Needs at
+    least two groups."""
     if len(set(groups)) < 2:
         raise ValueError("cross-validation needs sets from at least two groups")
+    if calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
     X = torch.tensor(phi, dtype=torch.float64)
     y = torch.tensor(log_ratio, dtype=torch.float64)
     best = None
     for pen in PENALTIES:
-        oof = _out_of_fold(X, y, groups, pen)
+        oof = _out_of_fold(X, y, groups, pen, clip)
         for a in SHRINKS:
             err = float((y - a * oof).abs().mean())
             if best is None or err < best[0] - 1e-12:
@@ -161,7 +214,13 @@ def fit_top_correction(
     assert best is not None
     err, pen, a, resid = best
     mu, sd, w, c = _ridge(X, y, pen)
-    lo = (1 - level) / 2
+    edges: list[float] = []
+    per_bin: list[list[float]] = []
+    if calibration == "loss-bins":
+        v = X[:, BIN_FEATURE]
+        edges = [_quantile(v, 1 / 3), _quantile(v, 2 / 3)]
+        k = (v.unsqueeze(1) > torch.tensor(edges, dtype=v.dtype)).sum(1)
+        per_bin = [list(conformal_interval(resid[k == b], level)) for b in range(3)]
     return TopCorrection(
         mean=mu.tolist(),
         scale=sd.tolist(),
@@ -169,12 +228,64 @@ def fit_top_correction(
         intercept=c,
         shrink=a,
         penalty=pen,
-        interval=(_quantile(resid, lo), _quantile(resid, 1 - lo)),
+        interval=conformal_interval(resid, level),
         level=level,
         cv_error=err,
         cv_error_plugin=float(y.abs().mean()),
         trained_on=trained_on or {},
+        calibration=calibration,
+        bin_edges=edges,
+        bin_intervals=per_bin,
+        clip_lo=X.min(0).values.tolist() if clip else [],
+        clip_hi=X.max(0).values.tolist() if clip else [],
     )
+
+
+@dataclass(frozen=True)
+class NestedScore:
+    """A whole fit scored on groups it never saw (`nested_calibration`)."""
+
+    error: float  # mean |log λ̂ - log λ| over every held-out set
+    coverage: float  # share of held-out sets inside their interval
+    width: float  # mean interval width in log units
+    per_group: dict[str, tuple[float, float]]  # group -> (error, coverage)
+
+
+def nested_calibration(
+    phi: list[list[float]],
+    log_ratio: list[float],
+    groups: list[str],
+    outer: list[str] | None = None,
+    level: float = 0.8,
+    calibration: str = "global",
+    clip: bool = False,
+) -> NestedScore:
+    """Leave one ``outer`` group out (default: ``groups``) around the whole
+    `fit_top_correction` (its inner CV over ``groups`` included), predict the held group:
+    the error, coverage and width a new group would see. Needs three ``groups``."""
+    outer = groups if outer is None else outer
+    errs: list[float] = []
+    cov: list[float] = []
+    wid: list[float] = []
+    per: dict[str, tuple[float, float]] = {}
+    for g in sorted(set(outer)):
+        keep = [i for i, o in enumerate(outer) if o != g]
+        held = [i for i, o in enumerate(outer) if o == g]
+        c = fit_top_correction(
+            [phi[i] for i in keep], [log_ratio[i] for i in keep], [groups[i] for i in keep],
+            level, calibration=calibration, clip=clip,
+        )  # fmt: skip
+        e_g, c_g = [], []
+        for i in held:
+            r = log_ratio[i] - c.log_ratio(phi[i])
+            lo, hi = c.log_interval(phi[i])
+            e_g.append(abs(r))
+            c_g.append(float(lo <= r <= hi))
+            wid.append(hi - lo)
+        errs += e_g
+        cov += c_g
+        per[g] = (sum(e_g) / len(e_g), sum(c_g) / len(c_g))
+    return NestedScore(sum(errs) / len(errs), sum(cov) / len(cov), sum(wid) / len(wid), per)
 
 
 @dataclass(frozen=True)

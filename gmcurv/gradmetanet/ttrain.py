@@ -17,17 +17,21 @@ import json
 import math
 import random
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from gmcurv.batch import Batch
+from gmcurv.data import DataSample
 from gmcurv.gradmetanet import tzoo
 from gmcurv.gradmetanet.tfeatures import extract
 from gmcurv.gradmetanet.tlayers import HeadV2, HeadV2Config, HeadV2Input
 from gmcurv.gradmetanet.ttop import TopCorrection, scale_free_features
+from gmcurv.io.data import load_data
 from gmcurv.io.samples import SAMPLE_ROOT
 from gmcurv.objective import Objective
 
@@ -99,27 +103,80 @@ def _load_items(cfile: Path) -> list[Item] | None:
         return torch.load(cfile, weights_only=True)
 
 
+@dataclass
+class ZooSet:
+    """One draw of ``b`` sequences of one snapshot of a zoo group, with its objective."""
+
+    spec: tzoo.LMGroupSpec
+    meta: dict  # the snapshot's metadata: step, vocab, n, targets (`tzoo.build_group`)
+    k: int  # snapshot index
+    draw: int
+    objective: Objective
+    batch: Batch
+    tmp: Path  # a scratch directory that lives while the group's sets are iterated
+
+    def data(self) -> DataSample:
+        """The set as a data file loaded the way the CLI loads one (for `equal_cost`,
+        `CurvatureOperator`)."""
+        f = self.tmp / f"set{self.k}_{self.draw}.safetensors"
+        key = "inputs" if self.spec.family == "tiny" else "input_ids"
+        save_file({key: self.batch.inputs.contiguous()}, str(f))
+        return load_data(f)
+
+
+def read_spec(path: Path) -> tzoo.LMGroupSpec:
+    """A zoo group's spec from its header (no tensors read)."""
+    with safe_open(str(path), "pt") as f:
+        return tzoo.LMGroupSpec.from_dict(json.loads(f.metadata()["spec"]))
+
+
+def group_sets(path: Path, draws: int | None = None) -> Iterator[ZooSet]:
+    """Every draw (the first ``draws`` if given) of every snapshot of one zoo group, rebuilt
+    as the zoo built it (float64 objective)."""
+    spec, meta, tensors = read_group(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, m in enumerate(meta):
+            obj = snapshot_objective(spec, tensors, k, m["vocab"], Path(tmp))
+            n_draws = spec.draws if draws is None else draws
+            for r, batch in enumerate(snapshot_batches(spec, tensors, k, n_draws, m["n"])):
+                yield ZooSet(spec, m, k, r, obj, batch, Path(tmp))
+
+
+def zoo_sets(
+    cache_dir: Path,
+    keep: Callable[[tzoo.LMGroupSpec], bool] | None = None,
+    draws: int | None = None,
+) -> Iterator[ZooSet]:
+    """`group_sets` of every finished group whose spec ``keep`` accepts (e.g. `held_out`).
+    A set's objective and `ZooSet.data` live only until the walk moves to the next group."""
+    for path in group_files(cache_dir):
+        if keep is None or keep(read_spec(path)):
+            yield from group_sets(path, draws)
+
+
+def held_out(spec: tzoo.LMGroupSpec) -> bool:
+    """The held-out splits (``test-task``, ``test-arch``, ``test-hf``)."""
+    return spec.split.startswith("test")
+
+
 def group_items(path: Path, cache: Path) -> list[Item]:
     """The items of one zoo group, from ``cache/<gid>.pt`` or extracted (and cached)."""
-    spec, meta, tensors = read_group(path)
+    spec = read_spec(path)
     cfile = cache / f"{spec.gid}.pt"
     if cfile.exists() and (cached := _load_items(cfile)) is not None:
         return cached
     torch.set_num_threads(1)
     group_items = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for k, m in enumerate(meta):
-            obj = snapshot_objective(spec, tensors, k, m["vocab"], Path(tmp))
-            for r, batch in enumerate(snapshot_batches(spec, tensors, k, spec.draws, m["n"])):
-                inp = HeadV2Input.from_tset(extract(obj, batch))
-                tr = m["hessian_trace"]
-                group_items.append(
-                    Item(
-                        spec.gid, spec.split, spec.family, spec.task, m["step"], r,
-                        m["n_params"], inp, tr["value"], tr["stderr"] or 0.0,
-                        m["hessian_top"],
-                    )
-                )  # fmt: skip
+    for zs in group_sets(path):
+        inp = HeadV2Input.from_tset(extract(zs.objective, zs.batch))
+        m = zs.meta
+        tr = m["hessian_trace"]
+        group_items.append(
+            Item(
+                spec.gid, spec.split, spec.family, spec.task, m["step"], zs.draw,
+                m["n_params"], inp, tr["value"], tr["stderr"] or 0.0, m["hessian_top"],
+            )
+        )  # fmt: skip
     tmp_file = cfile.with_suffix(".tmp")
     torch.save(group_items, tmp_file)
     tmp_file.replace(cfile)

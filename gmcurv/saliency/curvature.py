@@ -106,9 +106,8 @@ def curvature_at(
             curv.inverse = DampedFisher(dg, curv.eps, structure, removed, progress=progress)
             curv.inverse_diag = curv.inverse.inverse_diagonal(progress)
     if "hessian" in needs:
-        announce("Hessian diagonal (products)", probes)
         curv.hessian_diag, curv.hessian_stderr = _hessian_diagonal(
-            objective, data, batch_size, probes, seed, progress
+            objective, data, batch_size, probes, seed, progress, announce
         )
         curv.probes = probes
     return curv
@@ -174,8 +173,10 @@ def _hessian_diagonal(
     probes: int,
     seed: int,
     progress: ProgressFn | None = None,
+    phase: PhaseFn | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """``diag H ≈ mean_s z_s ⊙ H z_s`` (Rademacher) with per-entry standard errors."""
+    """``diag H ≈ mean_s z_s ⊙ H z_s`` (Rademacher) with per-entry standard errors;
+    `phase` announces the gradient graph's build, then the products."""
     try:
         from gmcurv.stochastic import hessian_diagonal
     except ImportError:
@@ -184,9 +185,13 @@ def _hessian_diagonal(
             "(gmcurv.stochastic), which this build does not have",
             hint="use --criterion obd or obs",
         ) from None
+    from gmcurv.hessian import graphs_first
     from gmcurv.operator import CurvatureOperator
 
+    announce = announcer(phase)
     op = CurvatureOperator(objective, data, batch_size, kind="hessian", progress=progress)
+    graphs_first(op, announce)
+    announce("Hessian diagonal (products)", probes)
     res = hessian_diagonal(op, probes, seed)
     value, stderr = _diag_parts(res, op)
     return value, stderr
