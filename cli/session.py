@@ -25,7 +25,7 @@ from gmcurv.cli.progress import Advance, progress_bar
 from gmcurv.cli.provenance import record_choices, record_user_code
 from gmcurv.errors import ConfigError, GmcurvWarning
 from gmcurv.io.samples import sample_data, sample_model
-from gmcurv.memory import human
+from gmcurv.memory import human, keep_freed_memory
 from gmcurv.results import DataInfo, ModelInfo, Report
 from gmcurv.rules import parse_rules
 
@@ -107,8 +107,11 @@ def resolve_dtype(name: str) -> torch.dtype:
 def warm_up_autograd() -> None:
     """Pay torch's lazy imports of the first backward (``torch.autograd.grad`` with
     ``grad_outputs`` imports sympy through ``torch.fx``) once, as start-up, so that
-    compute timings measure compute."""
+    compute timings measure compute; and set malloc to reuse freed memory
+    (`gmcurv.memory.keep_freed_memory`)."""
     import torch.fx.experimental.symbolic_shapes  # noqa: F401
+
+    keep_freed_memory()  # products' temporaries reuse freed memory, no page faults
 
 
 _SOURCE_NAMES = {

@@ -180,6 +180,7 @@ def curvature_results(
             rtol=rtol,
             phase=lambda text, total: advance.phase(f"{label}: {text}", total),
             cache=session.cache,
+            grow_capture=session.config.get("sources", {}).get("batch_size") == "default",
         )
     for note in s.notes:
         session.note(f"{label}: {note}")

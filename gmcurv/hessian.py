@@ -92,6 +92,14 @@ def graphs_first(op: CurvatureOperator, announce: Callable[[str, int | None], No
         op.prepare()
 
 
+def _release(op: CurvatureOperator) -> None:
+    """Free `op`'s graphs once its products are done, not whenever the operator is
+    collected (``--curvature all``: the GGN's graphs would otherwise still be held while
+    the Hessian's are built)."""
+    op.graphs.graphs.clear()
+    op.graphs.held = 0
+
+
 def capture_blocks(objective: Objective) -> dict[str, tuple[tuple[str, ...], str]]:
     """Per-layer blocks, the same as the Fisher's: ``{name: (param names, kind)}``."""
     from gmcurv.capture import plan_capture
@@ -213,13 +221,14 @@ def _cached_exact_ggn(
     progress: Callable[[int], None] | None,
     cache: dict | None,
     announce: Callable[[str, int | None], None],
+    grow: bool = False,
 ):
     """`exact_ggn_trace`, computed once per `cache` (shared by ``--curvature all``)."""
     key = ("exact_ggn_trace", batch_size)
     if cache is not None and key in cache:
         return cache[key]
     announce("GGN from factors: examples", data.n)
-    acc = exact_ggn_trace(objective, data, batch_size, budget_bytes, progress=progress)
+    acc = exact_ggn_trace(objective, data, batch_size, budget_bytes, progress=progress, grow=grow)
     if cache is not None:
         cache[key] = acc
     return acc
@@ -268,7 +277,7 @@ def _stochastic_traces(
     """Hutchinson / Hutch++ traces of `target` (total and per block from shared products),
     shifted by the exact GGN parts when `target` is the residual ``H - G``:
     ``tr H = tr G + tr(H - G)``. Returns (total, per block, why it stopped, notes).
-    `lanczos_run(blocks, offset)`: the traces from a Lanczos basis instead (`_krylov`)."""
+    `lanczos_run(blocks, offset)`: the traces from a Lanczos basis instead (`_Krylov`)."""
     objective, n = target.objective, target.data.n
     prefix, suffix = ("exact-ggn+", "(H-G)") if residual else ("", "")
     base = sum(v for v, _ in ggn_part.values())
@@ -321,6 +330,7 @@ def curvature_summary(
     rtol: float | None = DEFAULT_TRACE_RTOL,
     phase: Callable[[str, int | None], None] | None = None,
     cache: dict | None = None,
+    grow_capture: bool = False,
 ) -> CurvatureSummary:
     """Everything ``gmcurv trace --curvature hessian|ggn`` reports.
 
@@ -337,6 +347,8 @@ def curvature_summary(
     ``|λ_max|``); ``k = 0`` skips them. `phase(label, total)` announces each phase.
     `cache`: a dict shared by calls on the same objective and data (``--curvature all``),
     so that the GGN's factors are captured once for the GGN and the Hessian.
+    `grow_capture`: `batch_size` is a default, so the exact GGN's capture may use larger
+    batches (`gmcurv.ggn.capture_batch`).
     """
     if kind not in ("hessian", "ggn"):
         raise ConfigError(f"unknown curvature {kind!r}", hint="use hessian or ggn")
@@ -353,13 +365,14 @@ def curvature_summary(
         announce("dense matrix: products", P)
         A = dense_matrix(op, budget_bytes)
         tr, eigs, layers = _dense_summary(op, A, blocks, k, per_layer)
+        _release(op)
         return CurvatureSummary(kind, "exact(dense)", tr, eigs, layers, P, op.n_matvecs, notes)
 
     exact_ggn = method == "auto" and exact_ggn_columns(objective, data) <= EXACT_GGN_MAX_COLUMNS
     ggn_part: dict[str, tuple[float, float]] = {}
     if exact_ggn:
         acc = _cached_exact_ggn(
-            objective, data, batch_size, budget_bytes, progress, cache, announce
+            objective, data, batch_size, budget_bytes, progress, cache, announce, grow_capture
         )
         ggn_part = {b: acc.trace(b) for b in blocks}
         notes.append("GGN trace exact from the C-class square-root factors (no products)")
@@ -387,7 +400,7 @@ def curvature_summary(
         shared = None
         if method == "auto" and not exact_ggn and k > 0 and not op.is_random(seed):
             lanczos_preflight(P, k, max_iters, budget_bytes)
-            shared = _krylov(op, k, probes, tol, max_iters, restarts, seed, rtol)
+            shared = _Krylov(op, k, probes, tol, max_iters, restarts, seed, rtol)
         announce(f"{'H - G' if exact_ggn else 'trace'}: products", probes)
         total, parts, stopped, more = _stochastic_traces(
             target, blocks, ggn_part, resolved, residual=exact_ggn,
@@ -400,6 +413,7 @@ def curvature_summary(
             notes.append(shared.note)
         if exact_ggn:
             op.n_matvecs += target.n_matvecs
+        _release(target)
     if k > 0 and eigs is None:
         graphs_first(op, announce)
         announce("Lanczos: products", max_iters or max(4 * k + 20, 60))
@@ -408,6 +422,7 @@ def curvature_summary(
         )
         if random:
             notes.append("products are random (train mode with Dropout): nothing converged")
+    _release(op)
     layers = {
         b: LayerCurvature(parts[b], _n_params(objective, p), kd, [])
         for b, (p, kd) in blocks.items()
@@ -420,33 +435,36 @@ def curvature_summary(
 
 @dataclass
 class _Krylov:
-    """The top-k Lanczos run whose basis also deflates the trace (`_krylov`)."""
+    """The top-k Lanczos run whose basis also deflates the trace: `run` when the traces
+    are asked for (`gmcurv.lanczos_trace.lanczos_block_traces`). A method, not a closure
+    over itself: no reference cycle keeps the operator (and its graphs) alive after the
+    summary returns."""
 
-    run: Callable
+    op: CurvatureOperator
+    k: int
+    probes: int
+    tol: float
+    max_iters: int | None
+    restarts: int
+    seed: int
+    rtol: float | None
     eigenvalues: list[Estimate] = field(default_factory=list)
     note: str = ""
 
-
-def _krylov(op: CurvatureOperator, k, probes, tol, max_iters, restarts, seed, rtol) -> _Krylov:
-    """Top-k eigenvalues and the traces from the same products
-    (`gmcurv.lanczos_trace.lanczos_block_traces`), run when the traces are asked for."""
-    out = _Krylov(run=lambda blocks, base: None)
-
-    def run(blocks, base: float):
+    def run(self, blocks, base: float):
+        op = self.op
         lz, res = lanczos_block_traces(
-            op.matvec, op.space, blocks, k, probes, tol=tol, max_iters=max_iters,
-            restarts=restarts, seed=seed, device=op.objective.device, rtol=rtol, offset=base,
+            op.matvec, op.space, blocks, self.k, self.probes, tol=self.tol,
+            max_iters=self.max_iters, restarts=self.restarts, seed=self.seed,
+            device=op.objective.device, rtol=self.rtol, offset=base,
         )  # fmt: skip
-        out.eigenvalues = lanczos_to_estimates(lz, lz.n_matvecs)
-        out.note = (
-            f"the trace reuses the {lz.basis.shape[0]} Lanczos products of the top-{k} "
+        self.eigenvalues = lanczos_to_estimates(lz, lz.n_matvecs)
+        self.note = (
+            f"the trace reuses the {lz.basis.shape[0]} Lanczos products of the top-{self.k} "
             "eigenvalues as its deflation basis (exact on that subspace), then Hutchinson "
             "probes on the complement"
         )
         return res
-
-    out.run = run
-    return out
 
 
 def _shifted(e, base: float, prefix: str, suffix: str, n: int) -> Estimate:

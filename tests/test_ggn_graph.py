@@ -112,3 +112,26 @@ def test_opaque_backward_falls_back_to_forward_mode(skip, tmp_path):
     v = _rand(obj, 2)
     torch.testing.assert_close(op.matvec(v), G @ v, rtol=0, atol=1e-10)
     assert op.graphs.enabled is False and not op.graphs.graphs and op.forward_mode
+
+
+@pytest.mark.parametrize("exact_ggn", [0, 10**6])
+def test_summaries_free_their_graphs_when_done(exact_ggn, tmp_path, monkeypatch):
+    """``--curvature all``: the GGN's graphs are not held while the Hessian's are built."""
+    from gmcurv import hessian as hs
+
+    monkeypatch.setattr(hs, "DENSE_MAX_PARAMS", 0)
+    monkeypatch.setattr(hs, "EXACT_GGN_MAX_COLUMNS", exact_ggn)
+    obj, _, data = problem("attention", tmp_path)
+    made: list[CurvatureOperator] = []
+
+    class Tracked(CurvatureOperator):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            made.append(self)
+
+    monkeypatch.setattr(hs, "CurvatureOperator", Tracked)
+    cache: dict = {}
+    for kind in ("ggn", "hessian"):
+        s = hs.curvature_summary(obj, data, kind, probes=12, k=2, cache=cache)
+        assert s.n_matvecs > 0
+    assert made and all(not op.graphs.graphs and op.graphs.held == 0 for op in made)

@@ -195,6 +195,36 @@ def test_exact_ggn_trace_from_factors(name, tmp_path):
         assert acc.trace(block)[0] == pytest.approx(ref, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("name", ["mlp", "attention"])
+def test_exact_ggn_trace_grown_batches(name, tmp_path, monkeypatch):
+    """`grow`: batches as large as the capture bytes allow — the whole sample, or batches
+    larger than asked when the byte cap is tight — give the same values as small ones
+    and the dense float64 GGN."""
+    from gmcurv import ggn
+    from gmcurv.capture.budget import CaptureEstimate
+
+    obj, batch, data = problem(name, tmp_path)
+    G = dense_ggn_autograd(obj, batch)
+    ref = exact_ggn_trace(obj, data, batch_size=2)
+    sizes = []
+    real = ggn.capture_batch
+    monkeypatch.setattr(ggn, "capture_batch", lambda *a: sizes.append(real(*a)) or sizes[-1])
+    grown = exact_ggn_trace(obj, data, batch_size=2, grow=True)
+    assert sizes == [data.n]  # a tiny model: the whole sample in one batch
+    monkeypatch.setattr(ggn, "capture_batch", real)
+    est = CaptureEstimate(columns=1, activations=100, cotangents=0, factors=0, dense=0)
+    per = est.batch_bytes(1, first=False)
+    monkeypatch.setattr(ggn, "GROWN_BATCH_BYTES", 3 * per)
+    assert ggn.capture_batch(est, data.n, 2, None) == 3  # grown, within the byte cap
+    assert ggn.capture_batch(est, data.n, 5, None) == 5  # never below what was asked
+    assert ggn.capture_batch(est, 2, 1, None) == 2  # never beyond the sample
+    for acc in (ref, grown):
+        assert acc.trace(None)[0] == pytest.approx(float(torch.trace(G)), rel=1e-10)
+        for block in acc.block_params:
+            assert acc.trace(block)[0] == pytest.approx(ref.trace(block)[0], rel=1e-12)
+    assert grown.trace(None)[1] == pytest.approx(ref.trace(None)[1], rel=1e-9)
+
+
 def test_data_order_change_is_an_error(tmp_path):
     obj, _, data = problem("mlp", tmp_path, n=12)
     op = CurvatureOperator(obj, data, batch_size=4, cache_bytes=0)  # re-read every pass
