@@ -215,7 +215,9 @@ def test_exact_ggn_trace_grown_batches(name, tmp_path, monkeypatch):
     est = CaptureEstimate(columns=1, activations=100, cotangents=0, factors=0, dense=0)
     per = est.batch_bytes(1, first=False)
     monkeypatch.setattr(ggn, "GROWN_BATCH_BYTES", 3 * per)
-    assert ggn.capture_batch(est, data.n, 2, None) == 3  # grown, within the byte cap
+    assert ggn.capture_batch(est, 9, 2, None) == 3  # grown, within the byte cap
+    assert ggn.capture_batch(est, 10, 2, None) == 3  # 4 batches: 3, 3, 3, 1 -> evened out
+    assert ggn.capture_batch(est, 8, 2, None) == 3  # 3 batches of at most 3
     assert ggn.capture_batch(est, data.n, 5, None) == 5  # never below what was asked
     assert ggn.capture_batch(est, 2, 1, None) == 2  # never beyond the sample
     for acc in (ref, grown):
