@@ -125,6 +125,7 @@ class FisherEigen:
 
 
 EIGH_LIMIT = 256  # up to N*C = this (or k >= N*C / 4) a full eigh of K is cheapest
+SMALL_EIGH = 512  # up to this many rows a full eigh runs on one thread
 
 
 def eigen_products(n_rows: int, k: int) -> int | None:
@@ -181,7 +182,11 @@ def fisher_eigen(
         if not bool(res.converged.all()):
             res = None  # rare: fall back to the exact full eigendecomposition
     if K is not None and res is None:
-        mu, U = torch.linalg.eigh(K.double())
+        from gmcurv.block_krylov import intra_op_threads
+
+        # threaded LAPACK only pays for itself on large kernels (`intra_op_threads`)
+        with intra_op_threads(1 if size <= SMALL_EIGH else torch.get_num_threads()):
+            mu, U = torch.linalg.eigh(K.double())
         mu, U = mu.flip(0), U.flip(1)
         tol_rank = mu[0].abs() * size * torch.finfo(torch.float64).eps if size else 0.0
         rank: int | None = int((mu > tol_rank).sum())
@@ -229,9 +234,9 @@ def start_directions(dg: DecomposedGradients) -> Tensor | None:
     from gmcurv.gram_sum import hadamard_factors
 
     for b in reversed(dg.blocks):
-        pair = hadamard_factors(b.source)
-        if pair is not None:
-            return pair[0] if pair[0].shape[1] <= MAX_START else None
+        f = hadamard_factors(b.source)
+        if f is not None:
+            return f.delta if f.delta.shape[1] <= MAX_START else None
     return None
 
 

@@ -3,12 +3,13 @@ by lower-triangular row panels.
 
 Blocks whose kernel is a Hadamard product of two factor Grams — one-token Linear layers,
 ``K_l = (Δ_l Δ_lᵀ) ⊙ (A_l A_lᵀ)`` with ``Δ_l: [N C, O]`` the cotangent rows and
-``A_l = [x, 1]`` the inputs (repeated per column) — are summed panel by panel: for the
-rows ``P`` of a panel only the columns up to its diagonal tile are formed,
+``A_l = [x, 1]`` the inputs (repeated per column; ``A_l A_lᵀ = x xᵀ + 1``, the bias added
+after the product so its inner dimension stays the inputs' own) — are summed panel by
+panel: for the rows ``P`` of a panel only the columns up to its diagonal tile are formed,
 ``K[P, :p1] = Σ_l (Δ_l[P] Δ_l[:p1]ᵀ) ⊙ (A_l[P] A_l[:p1]ᵀ)`` (about ``(1 + 1/panels) / 2``
 of the products of the full kernels, like a ``syrk``), each panel's Hadamard products and
 sum over layers done in place while the panel is in cache, and the strict upper triangle
-mirrored at the end (``K`` is exactly symmetric). No per-layer ``(N C)²`` temporaries.
+mirrored at the end tile by tile (``K`` is exactly symmetric). No per-layer ``(N C)²`` temporaries.
 Other blocks' kernels (`GradientSource.gram`) are added whole.
 
 Precision is that of `gmcurv.fisher.gram_kernel`: products in the factors' dtype (inner
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -27,23 +29,35 @@ from torch import Tensor
 from gmcurv.factors import GradientSource, LinearFactors
 from gmcurv.factors.source import GEMM_CHUNK, rows_gram
 
-PANEL_ROWS = 256  # panel height: 2 MB of float32 per 2,048 columns, about an L2's worth
-MIN_PANELS = 4  # fewer row panels than this: the full products are as cheap
+PANEL_ROWS = 256  # panel height: 2 MB of float32 per 2,048 columns
+MIN_PANELS = 2  # fewer row panels than this: the full products are as cheap
 
 
-def hadamard_factors(src: GradientSource) -> tuple[Tensor, Tensor] | None:
-    """``(Δ, A)`` with ``K = (Δ Δᵀ) ⊙ (A Aᵀ)`` (rows ``[N C, ·]``), or None when the
-    block's kernel is not of that form (several tokens, embeddings, dense, tied)."""
+@dataclass(frozen=True)
+class HadamardFactors:
+    """``K = (Δ Δᵀ) ⊙ (X Xᵀ + b)``: cotangent rows ``Δ: [N C, O]``, the weight's inputs
+    ``X: [N C, I]`` (None: no weight, ``X Xᵀ = 0``) and ``b = 1`` with a bias. The bias is
+    added to ``X Xᵀ`` rather than kept as an input column of ones, so the products keep
+    the inputs' own (often aligned) inner dimension."""
+
+    delta: Tensor
+    x: Tensor | None
+    bias: bool
+
+
+def hadamard_factors(src: GradientSource) -> HadamardFactors | None:
+    """The block's `HadamardFactors`, or None when its kernel is not of that form (several
+    tokens, embeddings, dense, tied; no parameters)."""
     if not isinstance(src, LinearFactors) or src.tokens != 1:
+        return None
+    if not (src.has_weight or src.has_bias):
         return None
     n, c = src.n, src.columns
     delta = src.delta[:, :, 0].reshape(n * c, -1)
-    a = src.a[:, 0]  # [N, I (+1)]: the weight's inputs and/or the bias column
-    if a.shape[1] == 0:
-        return None
-    if c > 1:
-        a = a.repeat_interleave(c, 0)
-    return delta, a
+    x = src.x[:, 0] if src.has_weight else None  # [N, I]
+    if x is not None and c > 1:
+        x = x.repeat_interleave(c, 0)
+    return HadamardFactors(delta, x, src.has_bias)
 
 
 def _gram_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
@@ -66,8 +80,9 @@ def summed_gram(
     """
     low = bool(sources) and all(s.dtype == torch.float32 for s in sources)
     acc = torch.float32 if low else torch.float64
-    pairs = [f for f in map(hadamard_factors, sources) if f is not None]
-    whole = [s for s in sources if hadamard_factors(s) is None]
+    found = [(s, hadamard_factors(s)) for s in sources]
+    pairs = [f for _, f in found if f is not None]
+    whole = [s for s, f in found if f is None]
     K: Tensor | None = None
     share = size / max(1, len(sources))
     if pairs and math.ceil(size / PANEL_ROWS) >= MIN_PANELS:
@@ -86,13 +101,14 @@ def summed_gram(
 
 
 def _panel_sum(
-    pairs: list[tuple[Tensor, Tensor]],
+    pairs: list[HadamardFactors],
     size: int,
     dtype: torch.dtype,
     progress: Callable[[int], None] | None,
 ) -> Tensor:
-    """``Σ_l (Δ_l Δ_lᵀ) ⊙ (A_l A_lᵀ)`` by lower-triangular row panels, then mirrored."""
-    device = pairs[0][0].device
+    """``Σ_l (Δ_l Δ_lᵀ) ⊙ (X_l X_lᵀ + b_l)`` by lower-triangular row panels, then mirrored."""
+    device = pairs[0].delta.device
+    factors = [(f.delta.to(dtype), None if f.x is None else f.x.to(dtype), f.bias) for f in pairs]
     K = torch.empty(size, size, dtype=dtype, device=device)
     left = torch.empty(PANEL_ROWS * size, dtype=dtype, device=device)
     right = torch.empty(PANEL_ROWS * size, dtype=dtype, device=device)
@@ -101,20 +117,36 @@ def _panel_sum(
         panel = K[p0:p1, :p1]
         dd = left[: (p1 - p0) * p1].view(p1 - p0, p1)
         aa = right[: (p1 - p0) * p1].view(p1 - p0, p1)
-        for i, (delta, a) in enumerate(pairs):
-            _gram_into(delta[p0:p1].to(dtype), delta[:p1].to(dtype), dd)
-            _gram_into(a[p0:p1].to(dtype), a[:p1].to(dtype), aa)
+        for i, (delta, x, bias) in enumerate(factors):
+            _gram_into(delta[p0:p1], delta[:p1], dd)
+            if x is None:  # bias only: X Xᵀ + 1 = 1
+                (panel.copy_ if i == 0 else panel.add_)(dd)
+                continue
+            _gram_into(x[p0:p1], x[:p1], aa)
+            if bias:
+                aa.add_(1.0)
             if i == 0:
                 torch.mul(dd, aa, out=panel)
             else:
                 panel.addcmul_(dd, aa)
         if progress:
             progress(p1 - p0)
-    for p0 in range(0, size, PANEL_ROWS):  # the strict upper triangle, from the lower
-        p1 = min(size, p0 + PANEL_ROWS)
-        K[:p0, p0:p1].copy_(K[p0:p1, :p0].T)
+    return _mirror_lower(K)
+
+
+MIRROR_TILE = 128  # transposed copies tile by tile: a tile pair stays in L2
+
+
+def _mirror_lower(K: Tensor) -> Tensor:
+    """Fill ``K``'s strict upper triangle from its lower one, in place (exactly symmetric;
+    the diagonal tiles' products need not be symmetric bitwise)."""
+    size = K.shape[0]
+    for p0 in range(0, size, MIRROR_TILE):
+        p1 = min(size, p0 + MIRROR_TILE)
+        for q0 in range(0, p0, MIRROR_TILE):
+            K[q0 : q0 + MIRROR_TILE, p0:p1].copy_(K[p0:p1, q0 : q0 + MIRROR_TILE].T)
         tile = K[p0:p1, p0:p1]
-        tile.copy_(tile.tril() + tile.tril(-1).T)  # products need not be symmetric bitwise
+        tile.copy_(tile.tril() + tile.tril(-1).T)
     return K
 
 

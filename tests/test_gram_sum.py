@@ -173,3 +173,77 @@ def test_float64_products_convert_panels():
     K = torch.randn(70, 70, generator=g).float()
     Y = torch.randn(70, 3, generator=g, dtype=torch.float64)
     torch.testing.assert_close(gs.float64_products(K)(Y), K.double() @ Y, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("columns", [1, 3])
+def test_panel_sum_weight_and_bias_parts(columns, small_panels):
+    """Weight and bias, weight only, bias only (``X Xᵀ + 1``, ``X Xᵀ``, ``1``), one or
+    several columns per example: the panels equal the explicit gradients' Gram."""
+    from gmcurv.factors import LinearFactors
+
+    g = torch.Generator().manual_seed(5)
+    n, o, i = 7, 3, 4
+    sources = []
+    for w, b in [(True, True), (True, False), (False, True)]:
+        names = tuple(x for x, keep in (("w", w), ("b", b)) if keep)
+        shapes = tuple(s for s, keep in (((o, i), w), ((o,), b)) if keep)
+        delta = torch.randn(n, columns, 1, o, generator=g, dtype=torch.float64)
+        x = torch.randn(n, 1, i, generator=g, dtype=torch.float64)
+        sources.append(LinearFactors(names, shapes, delta, x, w, b))
+    for src in sources:
+        rows = src.flat(slice(0, n)).reshape(n * columns, -1)
+        f = gs.hadamard_factors(src)
+        assert f is not None and (f.x is None) == (not src.has_weight) and f.bias == src.has_bias
+        K = gs.summed_gram([src], n * columns)
+        torch.testing.assert_close(K, rows @ rows.T, rtol=1e-12, atol=1e-12)
+    rows = torch.cat([s.flat(slice(0, n)).reshape(n * columns, -1) for s in sources], 1)
+    K = gs.summed_gram(sources, n * columns)
+    torch.testing.assert_close(K, rows @ rows.T, rtol=1e-12, atol=1e-12)
+    assert torch.equal(K, K.T)
+
+
+def test_vectorised_gap_bounds_equal_the_reference():
+    from gmcurv.block_krylov import gap_bounds
+    from gmcurv.lanczos import error_bounds
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        theta = torch.randn(12, generator=g, dtype=torch.float64).sort(descending=True).values
+        res = torch.rand(12, generator=g, dtype=torch.float64) * 0.3
+        for criterion in ("gap", "residual"):
+            ref = error_bounds(theta, res, torch.arange(5), criterion)
+            torch.testing.assert_close(gap_bounds(theta, res, 5, criterion), ref)
+
+
+def test_block_lanczos_threads_and_first_block():
+    """Products run on the caller's threads, the small dense algebra on one, and the
+    count is restored; a first block with its product given gives the same answer."""
+    from gmcurv.block_krylov import first_block
+
+    A = _with_spectrum(SPECTRA["clustered"])
+    seen: dict[str, set[int]] = {"products": set(), "algebra": set()}
+
+    def matmat(X):
+        seen["products"].add(torch.get_num_threads())
+        return A @ X
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        res = block_lanczos(
+            matmat,
+            100,
+            4,
+            tol=1e-10,
+            progress=lambda _: seen["algebra"].add(torch.get_num_threads()),
+        )
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    assert seen == {"products": {2}, "algebra": {1}}
+    ref = torch.linalg.eigvalsh(A).flip(0)[:4]
+    torch.testing.assert_close(res.values, ref, rtol=1e-10, atol=0)
+    V0 = first_block(None, 100, 8, torch.Generator().manual_seed(0))
+    given = block_lanczos(lambda X: A @ X, 100, 4, tol=1e-10, first=(V0, A @ V0))
+    torch.testing.assert_close(given.values, ref, rtol=1e-10, atol=0)
+    assert given.n_matvecs == res.n_matvecs and given.iterations == res.iterations

@@ -1,7 +1,7 @@
 """GGN-vector products through a cached output graph against forward-mode ``jvp``, on the
 bundled tiny_gpt (128 x 64 tokens), interleaved in one process:
 
-    python bench/hessian/bench_ggn_graph.py [--threads 2] [--rounds 2]
+    python bench/hessian/bench_ggn_graph.py --threads 1 --rounds 1   # the committed JSON
 
 - ``product``: one ``G v`` on the whole sample, the old route (a fresh forward, ``jvp``,
   ``vjp``) against the graph route (``J v`` by one backward through ``Jᵀu``'s graph, ``Jᵀw``
@@ -96,17 +96,18 @@ def main() -> None:
                 with route(graph):
                     cache: dict = {}
 
-                    def run(cache=cache):
-                        return {
-                            kind: curvature_summary(obj, data, kind, cache=cache)
-                            for kind in ("ggn", "hessian")
-                        }
-
-                    s, w, c = clock(run)
+                    s, per = {}, {}
+                    for kind in ("ggn", "hessian"):
+                        s[kind], *per[kind] = clock(
+                            lambda kind=kind, cache=cache: curvature_summary(
+                                obj, data, kind, cache=cache
+                            )
+                        )
                 row = {
                     "route": "graph" if graph else "jvp",
-                    "wall": w,
-                    "cpu": c,
+                    "wall": sum(t[0] for t in per.values()),
+                    "cpu": sum(t[1] for t in per.values()),
+                    "per_kind": {k: {"wall": t[0], "cpu": t[1]} for k, t in per.items()},
                     "products": {k: v.n_matvecs for k, v in s.items()},
                     "trace": {k: v.trace.value for k, v in s.items()},
                     "stderr": {k: v.trace.stderr for k, v in s.items()},
