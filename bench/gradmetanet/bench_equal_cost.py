@@ -325,7 +325,7 @@ def main() -> None:
     by = {s: [r for r in rows if r["split"] == s] for s in splits}
     by["all"] = rows
     doc = {
-        "head": str(head.path),
+        "head": os.path.relpath(head.path, HERE.parents[1]),  # repo-relative
         "head_version": head.version,
         "calibration": None if head.calibration is None else head.calibration.source,
         "n_models": {k: len(v) for k, v in by.items()},

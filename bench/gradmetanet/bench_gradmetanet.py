@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -460,7 +461,7 @@ def main() -> None:
                 print(f"{i + 1}/{len(models)} models, {time.time() - t0:.0f}s", flush=True)
     sample = sample_model_check(head)
     result = {
-        "head": str(head.path),
+        "head": os.path.relpath(head.path, HERE.parents[1]),  # repo-relative
         "head_version": head.version,
         "n_models": len(models),
         "accuracy": accuracy,

@@ -118,7 +118,7 @@ def main() -> None:
     intervals = leave_one_group_out(rows + cal_rows, group_of, source) if rows else None
     calib_only = fit_intervals(cal_rows, rows, "calib") if cal_rows else None
     res = {
-        "head": str(head.path),
+        "head": os.path.relpath(head.path, HERE.parents[1]),  # repo-relative
         "head_version": head.version,
         "date": time.strftime("%Y-%m-%d"),
         "load": list(os.getloadavg()),
