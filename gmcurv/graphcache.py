@@ -125,19 +125,7 @@ def graph_product(
     if not live:
         return {k: vec[k].new_zeros(vec[k].shape) for k in names}
     outs = [vec[names[i]] for i in live]
-    with torch.enable_grad():
-        hv = torch.autograd.grad(
-            [g[i] for i in live],
-            leaves,
-            grad_outputs=outs,
-            retain_graph=True,
-            is_grads_batched=batched,
-            allow_unused=True,
-        )
-    return {
-        k: vec[k].new_zeros(vec[k].shape) if t is None else t.detach()
-        for k, t in zip(names, hv, strict=True)
-    }
+    return _kept_vjp([g[i] for i in live], leaves, outs, batched, names, vec)
 
 
 # ---------------------------------------------------------------------------- GGN side
@@ -236,16 +224,22 @@ def output_graph_product(
         w = vmap(lambda x: lam(f, graph.targets, x))(jv)
     else:
         w = lam(f, graph.targets, jv)
+    return _kept_vjp(graph.out, graph.leaves, w, batched, names, vec)
+
+
+def _kept_vjp(outputs, leaves, cotangents, batched: bool, names, like) -> dict[str, Tensor]:
+    """``Σ (∂outputs/∂leaves)^T cotangents`` through a kept graph, by parameter name;
+    parameters the outputs do not depend on get zeros shaped like `like`."""
     with torch.enable_grad():
-        gv = torch.autograd.grad(
-            graph.out,
-            graph.leaves,
-            grad_outputs=w,
+        grads = torch.autograd.grad(
+            outputs,
+            leaves,
+            grad_outputs=cotangents,
             retain_graph=True,
             is_grads_batched=batched,
             allow_unused=True,
         )
     return {
-        k: vec[k].new_zeros(vec[k].shape) if t is None else t.detach()
-        for k, t in zip(names, gv, strict=True)
+        k: like[k].new_zeros(like[k].shape) if t is None else t.detach()
+        for k, t in zip(names, grads, strict=True)
     }
