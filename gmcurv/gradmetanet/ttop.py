@@ -105,6 +105,7 @@ class TopCorrection:
     bin_intervals: list[list[float]] = field(default_factory=list)  # per bin (lo, hi)
     clip_lo: list[float] = field(default_factory=list)  # φ clamped to these (clip=True)
     clip_hi: list[float] = field(default_factory=list)
+    robust: bool = False  # fitted with Huber's loss (`_ridge`); provenance only
 
     def _clipped(self, phi: list[float]) -> list[float]:
         if not self.clip_lo:
@@ -143,14 +144,37 @@ class TopCorrection:
         return cls(**keep)
 
 
-def _ridge(X: Tensor, y: Tensor, penalty: float) -> tuple[Tensor, Tensor, Tensor, float]:
-    """Standardised ridge: ``min_w |y - c - Z w|² / n + penalty |w|²``."""
+HUBER_K = 1.345  # Huber's constant: 95 % efficiency under Gaussian residuals
+HUBER_ITERS = 30
+
+
+def _ridge(
+    X: Tensor, y: Tensor, penalty: float, robust: bool = False
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Standardised ridge: ``min_{c,w} Σ_i ρ(y_i - c - z_i·w) / n + penalty |w|²`` with
+    ``ρ(r) = r²`` or, ``robust``, Huber's ``ρ`` at ``HUBER_K`` times the residuals' MAD
+    scale (iteratively reweighted least squares; the intercept is not penalised)."""
     mu = X.mean(0)
     sd = X.std(0, unbiased=False) + 1e-9
     Z = (X - mu) / sd
-    c = float(y.mean())
-    A = Z.T @ Z + penalty * len(y) * torch.eye(Z.shape[1], dtype=Z.dtype)
-    w = torch.linalg.solve(A, Z.T @ (y - c))
+    n, p = Z.shape
+    u = torch.ones(n, dtype=Z.dtype)
+    c, w = float(y.mean()), torch.zeros(p, dtype=Z.dtype)
+    for _ in range(HUBER_ITERS if robust else 1):
+        sw = u.sum()
+        zc = (u @ Z) / sw
+        c0 = float(u @ y / sw)
+        Zc, yc = Z - zc, y - c0
+        A = (Zc * u[:, None]).T @ Zc + penalty * sw * torch.eye(p, dtype=Z.dtype)
+        w_new = torch.linalg.solve(A, (Zc * u[:, None]).T @ yc)
+        c_new = c0 - float(zc @ w_new)
+        done = float((w_new - w).abs().max()) < 1e-10 and abs(c_new - c) < 1e-10
+        w, c = w_new, c_new
+        if not robust or done:
+            break
+        r = y - c - Z @ w
+        scale = 1.4826 * float((r - r.median()).abs().median()) + 1e-12
+        u = torch.clamp(HUBER_K * scale / r.abs().clamp_min(1e-300), max=1.0)
     return mu, sd, w, c
 
 
@@ -159,12 +183,13 @@ def _clamp(X: Tensor, ref: Tensor) -> Tensor:
 
 
 def _out_of_fold(
-    X: Tensor, y: Tensor, groups: list[str], penalty: float, clip: bool = False
-) -> Tensor:
+    X: Tensor, y: Tensor, groups: list[str], penalty: float, clip: bool = False,
+    robust: bool = False,
+) -> Tensor:  # fmt: skip
     pred = torch.zeros_like(y)
     for g in sorted(set(groups)):
         held = torch.tensor([x == g for x in groups])
-        mu, sd, w, c = _ridge(X[~held], y[~held], penalty)
+        mu, sd, w, c = _ridge(X[~held], y[~held], penalty, robust)
         Xh = _clamp(X[held], X[~held]) if clip else X[held]
         pred[held] = c + ((Xh - mu) / sd) @ w
     return pred
@@ -194,6 +219,7 @@ def fit_top_correction(
     trained_on: dict | None = None,
     calibration: str = "global",
     clip: bool = False,
+    robust: bool = False,
 ) -> TopCorrection:
     """Fit on ``log(λ / λ_S)`` of training sets; penalty and shrink by leave-one-group-out
     CV, interval by ``calibration`` on its out-of-fold residuals (module doc). Needs at
@@ -206,14 +232,14 @@ def fit_top_correction(
     y = torch.tensor(log_ratio, dtype=torch.float64)
     best = None
     for pen in PENALTIES:
-        oof = _out_of_fold(X, y, groups, pen, clip)
+        oof = _out_of_fold(X, y, groups, pen, clip, robust)
         for a in SHRINKS:
             err = float((y - a * oof).abs().mean())
             if best is None or err < best[0] - 1e-12:
                 best = (err, pen, a, y - a * oof)
     assert best is not None
     err, pen, a, resid = best
-    mu, sd, w, c = _ridge(X, y, pen)
+    mu, sd, w, c = _ridge(X, y, pen, robust)
     edges: list[float] = []
     per_bin: list[list[float]] = []
     if calibration == "loss-bins":
@@ -238,6 +264,7 @@ def fit_top_correction(
         bin_intervals=per_bin,
         clip_lo=X.min(0).values.tolist() if clip else [],
         clip_hi=X.max(0).values.tolist() if clip else [],
+        robust=robust,
     )
 
 
@@ -259,6 +286,7 @@ def nested_calibration(
     level: float = 0.8,
     calibration: str = "global",
     clip: bool = False,
+    robust: bool = False,
 ) -> NestedScore:
     """Leave one ``outer`` group out (default: ``groups``) around the whole
     `fit_top_correction` (its inner CV over ``groups`` included), predict the held group:
@@ -273,7 +301,7 @@ def nested_calibration(
         held = [i for i, o in enumerate(outer) if o == g]
         c = fit_top_correction(
             [phi[i] for i in keep], [log_ratio[i] for i in keep], [groups[i] for i in keep],
-            level, calibration=calibration, clip=clip,
+            level, calibration=calibration, clip=clip, robust=robust,
         )  # fmt: skip
         e_g, c_g = [], []
         for i in held:
