@@ -199,15 +199,33 @@ def _quantile(x: Tensor, q: float) -> float:
     return float(torch.quantile(x, q))
 
 
-def conformal_interval(resid: Tensor, level: float) -> tuple[float, float]:
-    """Split-conformal log quantiles of residuals ``r``: the ``⌈(n+1)q⌉``-th order statistics
-    for ``q = (1 ± level) / 2`` (finite-sample coverage ``>= level`` for an exchangeable
-    new residual), the extreme residual where ``n`` is too small for that."""
-    r = resid.sort().values
-    n = len(r)
+def conformal_ranks(n: int, level: float) -> tuple[int, int]:
+    """The 1-based order statistics ``(k_lo, k_hi)`` of `conformal_interval` for ``n``
+    residuals: ``⌊a(n+1)⌋`` and ``⌈(1-a)(n+1)⌉`` with ``a = (1 - level)/2``, clamped to
+    ``1..n`` (the extreme residual where ``n`` is too small)."""
+    if n < 1:
+        raise ValueError("a conformal interval needs at least one residual")
     a = (1 - level) / 2
     k_lo = max(math.floor(a * (n + 1) + 1e-9), 1)  # 1e-9: 0.9 * 100 is 90.00000000000001
     k_hi = min(math.ceil((1 - a) * (n + 1) - 1e-9), n)
+    return k_lo, k_hi
+
+
+def conformal_coverage(n: int, level: float) -> float:
+    """Exact coverage of `conformal_interval` for a new residual exchangeable with ``n``
+    continuous ones: its rank among the ``n + 1`` is uniform, and it lies between the
+    ``k_lo``-th and ``k_hi``-th order statistics of the other ``n`` with probability
+    ``(k_hi - k_lo) / (n + 1)`` (``>= level`` whenever ``n >= 2/(1-level) - 1``)."""
+    k_lo, k_hi = conformal_ranks(n, level)
+    return (k_hi - k_lo) / (n + 1)
+
+
+def conformal_interval(resid: Tensor, level: float) -> tuple[float, float]:
+    """Split-conformal log quantiles of residuals ``r``: the `conformal_ranks` order
+    statistics (finite-sample coverage `conformal_coverage` >= ``level`` for an
+    exchangeable new residual)."""
+    r = resid.sort().values
+    k_lo, k_hi = conformal_ranks(len(r), level)
     return float(r[k_lo - 1]), float(r[k_hi - 1])
 
 
