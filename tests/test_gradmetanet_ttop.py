@@ -193,3 +193,68 @@ def test_clip_clamps_features_to_the_training_range():
     edge[0] = max(p[0] for p in phi)
     assert c.log_ratio(far) == pytest.approx(c.log_ratio(edge), rel=1e-12)
     assert ttop.TopCorrection.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+@pytest.mark.parametrize("n", [5, 9, 20, 37])
+def test_conformal_coverage_is_the_exact_finite_sample_coverage(n):
+    """A new residual exchangeable with ``n`` others falls in the conformal interval with
+    probability ``(k_hi - k_lo) / (n + 1)``: Monte Carlo agrees within 4 standard errors,
+    and the coverage is >= the level once ``n >= 9`` (too few residuals: below it)."""
+    reps = 6000
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(reps, n + 1, generator=g, dtype=torch.float64)
+    k_lo, k_hi = ttop.conformal_ranks(n, 0.8)
+    ref = x[:, :n].sort(1).values
+    inside = (ref[:, k_lo - 1] <= x[:, n]) & (x[:, n] <= ref[:, k_hi - 1])
+    p = ttop.conformal_coverage(n, 0.8)
+    assert abs(float(inside.double().mean()) - p) < 4 * math.sqrt(p * (1 - p) / reps)
+    assert (p >= 0.8 - 1e-12) == (n >= 9)
+    assert ttop.conformal_interval(x[0, :n], 0.8) == (float(ref[0, k_lo - 1]),
+                                                     float(ref[0, k_hi - 1]))  # fmt: skip
+    with pytest.raises(ValueError, match="at least one"):
+        ttop.conformal_ranks(0, 0.8)
+
+
+def _heteroscedastic(n_groups: int, per: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    groups = [f"task{k}" for k in range(n_groups) for _ in range(per)]
+    phi = torch.randn(len(groups), F, generator=g, dtype=torch.float64)
+    v = phi[:, ttop.BIN_FEATURE]
+    noise = torch.where(v < -0.43, 0.05, torch.where(v > 0.43, 0.6, 0.2)).double()
+    y = -0.3 + noise * torch.randn(len(groups), generator=g, dtype=torch.float64)
+    return phi.tolist(), y.tolist(), groups
+
+
+def test_loss_bins_cover_every_bin_where_the_pooled_interval_does_not():
+    """Residual spread that depends on the loss feature (three tertiles): per-bin
+    (Mondrian) conformal quantiles cover ~80 % of fresh sets in every bin; the pooled
+    quantiles over-cover the quiet bin and under-cover the loud one."""
+    phi, y, groups = _heteroscedastic(6, 60, 1)
+    new_phi, new_y, _ = _heteroscedastic(6, 200, 2)
+    cover: dict[str, list[list[float]]] = {}
+    for cal in ttop.CALIBRATIONS:
+        c = ttop.fit_top_correction(phi, y, groups, calibration=cal)
+        per = [[], [], []]
+        for p, t in zip(new_phi, new_y, strict=True):
+            r = t - c.log_ratio(p)
+            lo, hi = c.log_interval(p)
+            per[(p[ttop.BIN_FEATURE] > -0.43) + (p[ttop.BIN_FEATURE] > 0.43)].append(lo <= r <= hi)
+        cover[cal] = [sum(b) / len(b) for b in per]
+    assert all(0.72 <= v <= 0.88 for v in cover["loss-bins"])
+    quiet, _, loud = cover["global"]
+    assert quiet > 0.95 and loud < 0.7
+
+
+def test_huber_fit_resists_a_one_sided_tail():
+    """Most residuals at -0.3, a sixth far below: least squares moves the intercept into
+    the tail, Huber's loss keeps it near the bulk; the flag round-trips through JSON."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(300, F, generator=g, dtype=torch.float64)
+    y = -0.3 + 0.05 * torch.randn(300, generator=g, dtype=torch.float64)
+    y[::6] -= 3.0
+    *_, c_ls = ttop._ridge(X, y, 1.0)
+    *_, c_hub = ttop._ridge(X, y, 1.0, robust=True)
+    assert c_ls < -0.7 and -0.45 < c_hub < -0.25
+    groups = [f"t{k % 5}" for k in range(300)]
+    c = ttop.fit_top_correction(X.tolist(), y.tolist(), groups, robust=True)
+    assert c.robust and ttop.TopCorrection.from_dict(json.loads(json.dumps(c.to_dict()))) == c

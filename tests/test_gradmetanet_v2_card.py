@@ -130,3 +130,53 @@ def test_targets_table_states_the_shipped_correction_per_split():
         and "GPT2LMHeadModel 95 % of 10" in cov[2]
         and "transformers 80 % of 10" in cov[2]
     )
+
+
+def _bench():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "bench" / "gradmetanet" / "bench_head_v2_top.py"
+    spec = importlib.util.spec_from_file_location("bench_head_v2_top", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_v2_1_rule_decides_from_the_numbers_and_the_card_states_it():
+    """The session-17 rule: coverage bands (all held-out, fresh) and no split worse than
+    the shipped v2; the card says which head ships, with each condition."""
+    from gmcurv.gradmetanet.card import v2_top_section
+
+    bench = _bench()
+    ref = {"all-test": {**_top_split(0.40, 0.6), "coverage_80": 0.80},
+           "fresh:all-test": {**_top_split(0.45, 0.6), "coverage_80": 0.74},
+           "test-hf:gpt2": {**_top_split(0.50, 0.6), "coverage_80": 0.8}}  # fmt: skip
+    prev = {"all-test": {**_top_split(0.41, 0.6), "coverage_80": 0.88},
+            "fresh:all-test": {**_top_split(0.46, 0.6), "coverage_80": 0.9},
+            "test-hf:gpt2": {**_top_split(0.498, 0.6), "coverage_80": 0.7}}  # fmt: skip
+    d = bench.ship_decision(ref, prev)
+    ok = {c["what"].split(":")[0]: c["ok"] for c in d["conditions"]}
+    assert ok["coverage, all held-out sets, in 75-85 %"]
+    assert ok["coverage, fresh held-out sets, in 70-90 %"]  # 74 %: inside the wider band
+    assert ok["test-hf"]  # 0.500 vs 0.498: within the 0.5 % tie
+    assert d["ship"]
+    prev["test-hf:gpt2"]["head"]["mean"] = 0.45
+    assert not bench.ship_decision(ref, prev)["ship"]
+    top = {
+        "correction": {"penalty": 1.0, "shrink": 0.8, "cv_error": 0.6, "cv_error_plugin": 0.7,
+                       "trained_on": {}, "calibration": "loss-bins", "robust": True},
+        "summary": ref,
+        "v2_1": {"rule": ["rule one"], "rule_file": "R.md", "chosen": {"name": "huber"},
+                 "nested_on_training_groups": {"ridge": {"task_out": {"error": 0.6},
+                                                         "arch_out": {"error": 0.5}}},
+                 "decision": bench.ship_decision(ref, prev), "refit": {"summary": ref},
+                 "previous": {"summary": prev},
+                 "heldout_groups": {"seen": ["a"], "fresh": ["b", "c"]}},
+    }  # fmt: skip
+    text = v2_top_section(top)
+    assert "a Huber-loss ridge correction" in text and "within the tertile" in text
+    assert "**the refit is not shipped**" in text and "0.500 vs 0.450 (fails)" in text
+    assert "1 seen last session, 2 fresh (b, c)" in text
+    assert "| fresh held-out groups (never seen) | 10 | 0.450 / 0.450 |" in text
+    assert "| fresh: all held-out transformers | 10 | 0.450 / 74 % | 0.460 / 90 % |" in text

@@ -1,18 +1,19 @@
 """Head v2's λ_max correction (`gmcurv.gradmetanet.ttop`) on held-out transformers.
 
-    PYTHONPATH=. python bench/gradmetanet/bench_head_v2_top.py [--zoo /work/cache/head/tzoo]
+    PYTHONPATH=. python bench/gradmetanet/bench_head_v2_top.py [--zoo <a frozen zoo snapshot>]
 
 1. the zoo's items (`ttrain.load_items`, cached inputs): every draw of ``b`` = 16
    sequences of every snapshot of every finished group;
 2. fit (`ttop.fit_top_correction`) on the ``train`` and ``val`` groups only, penalty and
-   shrink by leave-one-*task*-out cross-validation; the fitted correction is written to
-   ``--weights`` (the shipped file, ``sample_models/gradmetanet_head_v2_top.json``).
-   Which variant is fitted is decided by `select` on the training groups alone, by rules
-   fixed before any held-out number of a variant was computed (`RULES`): every candidate
-   (`CANDIDATES`: interval calibration x feature clipping) is scored by `ttop.
-   nested_calibration` (leave one task out, and leave one architecture out, around the
-   whole fit); the held-out numbers of every candidate are reported too (``candidates``),
-   never used for the choice;
+   shrink by leave-one-*task*-out cross-validation, interval split-conformal per loss bin.
+   Which point model is fitted (`CANDIDATES_V2_1`: ridge, ridge+clip, Huber) and whether
+   the refit ships are decided by `RULE_V2_1` (`HEAD_V2_1_RULE.md`, written before the
+   evaluation): `select_v2_1` scores the candidates by `ttop.nested_calibration` (leave
+   one task out, and leave one architecture out, around the whole fit) on the training
+   groups alone; `ship_decision` compares the refit with the shipped v2 (``--previous``) on
+   the same held-out sets. The refit is written to ``--weights`` only if it ships;
+   otherwise only the shipped file's ``heldout`` block is re-measured. Every candidate's
+   held-out numbers, for both calibrations, are reported too, never used for the choice;
 3. predict every held-out set (``test-task``: the unseen task ``chars``; ``test-arch``:
    unseen width 48 / depth 3; ``test-hf``: GPT-2 and Llama built by ``transformers``);
 4. equal-cost baselines, timed in this process on the same set (`tbaselines.equal_cost`,
@@ -22,9 +23,11 @@
    time unit. ``--reuse-baselines`` instead takes the MC-GGN / Lanczos values that
    `bench_head_v2.py` measured with the old head's (longer) time from ``head_v2.json``
    (same ``(group, step, draw)``): more than equal time for the baselines;
-5. per split and family: mean / median ``|log|`` error, win rates, gain over each baseline,
-   80 % interval coverage (and where the misses fall: truth below / above), mean interval
-   width; JSON to ``--out``.
+5. per split and family, for every held-out group and separately for the groups seen last
+   session (`SEEN_HELDOUT`) and the fresh ones: mean / median ``|log|`` error, win rates,
+   gain over each baseline, 80 % interval coverage (and where the misses fall: truth
+   below / above), mean interval width, for the refit and the shipped v2; JSON to
+   ``--out``.
 """
 
 from __future__ import annotations
@@ -51,18 +54,40 @@ from gmcurv.gradmetanet.ttop import (
     tset_features,
 )
 from gmcurv.gradmetanet.ttrain import held_out, item_top_features, load_items, zoo_sets
+from gmcurv.io.fileio import atomic_write_text
 
 BASELINES = ("plugin_seq", "plugin", "mc_equal_time", "hutch_lanczos_equal_time")
 TIE = 1e-6
-CANDIDATES = tuple({"calibration": c, "clip": k} for k in (False, True) for c in CALIBRATIONS)
-RULES = (
-    "point model: clip=True (features clamped to the training range) ships only if it lowers "
-    "both the nested leave-one-task-out and the nested leave-one-architecture-out mean |ln "
-    "error| on the train/val groups by >= 1 % relative; otherwise clip=False",
-    "interval: among the calibrations of the chosen point model whose nested "
-    "leave-one-task-out coverage is within 75-85 %, the one with the smallest mean width; "
-    "if none, the one closest to 80 %",
+# Session 17 (v2.1): the rule in HEAD_V2_1_RULE.md, written before the evaluation.
+SEEN_HELDOUT = (
+    "test-arch-copy-tiny-L1d48h2-0007", "test-arch-count-tiny-L3d32h2-0012",
+    "test-arch-dyck-tiny-L3d48h3-0041", "test-arch-markov-tiny-L1d96h3-0030",
+    "test-hf-chars-gpt2-L1d32h2-0013", "test-hf-chars-llama-L1d32h2-0005",
+    "test-hf-count-gpt2-L2d32h4-0046", "test-hf-markov-gpt2-L1d32h2-0003",
+    "test-hf-markov-llama-L1d32h2-0014", "test-hf-sort-gpt2-L2d48h4-0031",
+    "test-task-chars-tiny-L1d32h1-0004", "test-task-chars-tiny-L1d64h2-0023",
+    "test-task-chars-tiny-L2d32h2-0011",
+)  # fmt: skip
+CALIBRATION_V2_1 = "loss-bins"
+CANDIDATES_V2_1 = (
+    {"name": "ridge", "clip": False, "robust": False},
+    {"name": "ridge+clip", "clip": True, "robust": False},
+    {"name": "huber", "clip": False, "robust": True},
 )
+RULE_SPLITS = ("all-test", "test-task", "test-arch", "test-hf:gpt2", "test-hf:llama")
+RULE_TIE = 0.005
+RULE_V2_1 = (
+    "point model: a candidate other than ridge (ridge+clip, huber) is chosen only if it "
+    "lowers both the nested leave-one-task-out and leave-one-architecture-out mean |ln "
+    "error| on the train/val groups by >= 1 % relative (the lower mean of the two if "
+    "several)",
+    "interval: fixed before the evaluation, not selected: split-conformal per tertile of "
+    "mean loss / ln V (loss-bins), finite-sample order statistics",
+    "ship the refit only if its 80 % intervals cover 75-85 % of all held-out sets, 70-90 % "
+    "of the fresh held-out sets, and its mean |ln error| is not above the shipped v2's "
+    "(0.5 % tie) on all held-out sets and on each of test-task, test-arch, GPT-2, Llama",
+)
+PREVIOUS = "bench/gradmetanet/head_v2_top_shipped_s16.json"
 
 
 def logerr(p: float, t: float) -> float:
@@ -151,67 +176,111 @@ def reused_rows(corr: TopCorrection, items, baselines: Path) -> list[dict]:
     return rows
 
 
-def _key(c: dict) -> str:
-    return f"{c['calibration']}{'+clip' if c['clip'] else ''}"
-
-
 def arch_of(gid: str) -> str:
     """``L<blocks>d<width>`` from a zoo group id (the leave-one-architecture-out groups)."""
     return next(p for p in gid.split("-") if p.startswith("L")).split("h")[0]
 
 
-def select(fit_items) -> tuple[dict, dict]:
-    """The shipped variant by `RULES`, from nested scores on the training groups only."""
+def select_v2_1(fit_items) -> tuple[dict, dict]:
+    """The refit's point model by `RULE_V2_1` (nested scores on training groups only)."""
     phi = [item_top_features(it) for it in fit_items]
     y = [math.log(it.top / it.inp.seq_top) for it in fit_items]
     tasks = [it.task for it in fit_items]
     archs = [arch_of(it.gid) for it in fit_items]
     scores = {}
-    for c in CANDIDATES:
-        key = _key(c)
-        t = nested_calibration(phi, y, tasks, **c)
-        a = nested_calibration(phi, y, tasks, outer=archs, **c)
-        scores[key] = {
+    for c in CANDIDATES_V2_1:
+        kw = {"calibration": CALIBRATION_V2_1, "clip": c["clip"], "robust": c["robust"]}
+        t = nested_calibration(phi, y, tasks, **kw)
+        a = nested_calibration(phi, y, tasks, outer=archs, **kw)
+        scores[c["name"]] = {
             **c,
+            "calibration": CALIBRATION_V2_1,
             "task_out": {"error": t.error, "coverage": t.coverage, "width": t.width},
             "arch_out": {"error": a.error, "coverage": a.coverage, "width": a.width},
         }
-    base = scores["global"]
-    clip = all(
-        scores["global+clip"][k]["error"] <= 0.99 * base[k]["error"]
-        for k in ("task_out", "arch_out")
-    )
-    pool = [v for v in scores.values() if v["clip"] == clip]
-    ok = [v for v in pool if 0.75 <= v["task_out"]["coverage"] <= 0.85]
+    base = scores["ridge"]
+    better = [
+        v
+        for k, v in scores.items()
+        if k != "ridge"
+        and all(v[o]["error"] <= 0.99 * base[o]["error"] for o in ("task_out", "arch_out"))
+    ]
     pick = (
-        min(ok, key=lambda v: v["task_out"]["width"])
-        if ok
-        else min(pool, key=lambda v: abs(v["task_out"]["coverage"] - 0.8))
+        min(better, key=lambda v: v["task_out"]["error"] + v["arch_out"]["error"])
+        if better
+        else base
     )
-    return {"calibration": pick["calibration"], "clip": pick["clip"]}, scores
+    return {"name": pick["name"], "clip": pick["clip"], "robust": pick["robust"]}, scores
+
+
+def with_head(rows: list[dict], key: str) -> list[dict]:
+    """``rows`` with ``head`` / ``lo`` / ``hi`` taken from the prediction stored at ``key``."""
+    return [{**r, "head": r[key][0], "lo": r[key][1], "hi": r[key][2]} for r in rows]
+
+
+def split_summaries(rows: list[dict]) -> dict:
+    """`summarize` per split and family, for every held-out set and for the fresh / seen
+    groups (``fresh:<split>``, ``seen:<split>``; `SEEN_HELDOUT`)."""
+    parts: dict[str, list[dict]] = {}
+    for r in rows:
+        for k in _keys(r):
+            parts.setdefault(k, []).append(r)
+    return {k: summarize(v) for k, v in sorted(parts.items())}
+
+
+def ship_decision(refit: dict, previous: dict) -> dict:
+    """`RULE_V2_1`'s shipping condition on the two heads' summaries of the same sets."""
+    conds = []
+    cov = refit["all-test"]["coverage_80"]
+    conds.append({"what": "coverage, all held-out sets, in 75-85 %", "value": cov,
+                  "ok": 0.75 <= cov <= 0.85})  # fmt: skip
+    fresh = refit.get("fresh:all-test")
+    fc = fresh["coverage_80"] if fresh else None
+    conds.append({"what": "coverage, fresh held-out sets, in 70-90 %", "value": fc,
+                  "ok": fc is not None and 0.70 <= fc <= 0.90})  # fmt: skip
+    for k in RULE_SPLITS:
+        if k not in refit:
+            continue
+        a, b = refit[k]["head"]["mean"], previous[k]["head"]["mean"]
+        conds.append({"what": f"{k}: mean |ln error| refit <= shipped v2 (0.5 % tie)",
+                      "value": [a, b], "ok": a <= b * (1 + RULE_TIE)})  # fmt: skip
+    return {"ship": all(c["ok"] for c in conds), "conditions": conds}
+
+
+def _keys(r: dict) -> list[str]:
+    part = "seen" if r["gid"] in SEEN_HELDOUT else "fresh"
+    keys = ["all-test", r["split"]]
+    if r["split"] == "test-hf":
+        keys.append(f"test-hf:{r['family']}")
+    return keys + [f"{part}:{k}" for k in keys]
 
 
 def candidate_heldout(rows: list[dict], fit_items, trained_on: dict) -> dict:
-    """Every candidate's held-out error and coverage (reported, never used to choose)."""
+    """Every candidate's held-out error and coverage, for both calibrations (reported,
+    never used to choose)."""
     phi = [item_top_features(it) for it in fit_items]
     y = [math.log(it.top / it.inp.seq_top) for it in fit_items]
     out = {}
-    for c in CANDIDATES:
-        corr = fit_top_correction(phi, y, [it.task for it in fit_items], trained_on=trained_on, **c)
-        per: dict[str, list[tuple[float, bool]]] = {}
-        for r in rows:
-            lam, lo, hi = corr.predict(r["plugin_seq"], r["phi"])
-            e = (logerr(lam, r["truth"]), lo <= r["truth"] <= hi)
-            for k in ("all-test", r["split"], f"{r['split']}:{r['family']}"):
-                per.setdefault(k, []).append(e)
-        out[_key(c)] = {
-            k: {
-                "error": statistics.fmean(e for e, _ in v),
-                "coverage": statistics.fmean(i for _, i in v),
+    for c in CANDIDATES_V2_1:
+        for cal in CALIBRATIONS:
+            corr = fit_top_correction(
+                phi, y, [it.task for it in fit_items], trained_on=trained_on,
+                calibration=cal, clip=c["clip"], robust=c["robust"],
+            )  # fmt: skip
+            per: dict[str, list[tuple[float, bool]]] = {}
+            for r in rows:
+                lam, lo, hi = corr.predict(r["plugin_seq"], r["phi"])
+                e = (logerr(lam, r["truth"]), lo <= r["truth"] <= hi)
+                for k in _keys(r):
+                    per.setdefault(k, []).append(e)
+            out[f"{c['name']}/{cal}"] = {
+                k: {
+                    "n": len(v),
+                    "error": statistics.fmean(e for e, _ in v),
+                    "coverage": statistics.fmean(i for _, i in v),
+                }
+                for k, v in sorted(per.items())
             }
-            for k, v in sorted(per.items())
-            if k != "test-task:tiny" and k != "test-arch:tiny"
-        }
     return out
 
 
@@ -248,9 +317,12 @@ def main(argv=None) -> int:
     ap.add_argument("--baselines", default="bench/gradmetanet/head_v2.json")
     ap.add_argument("--out", default="bench/gradmetanet/head_v2_top.json")
     ap.add_argument("--weights", default="sample_models/gradmetanet_head_v2_top.json")
+    ap.add_argument("--previous", default=PREVIOUS, help="the shipped v2 the rule compares with")
     ap.add_argument("--reuse-baselines", action="store_true", help="module doc, step 4")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    prev_doc = json.loads(Path(args.previous).read_text())
+    previous = TopCorrection.from_dict(prev_doc)
     items = [it for it in load_items(Path(args.zoo)) if it.top > 0 and it.inp.seq_top > 0]
     fit_items = [it for it in items if it.split in ("train", "val")]
     phi = [item_top_features(it) for it in fit_items]
@@ -265,38 +337,63 @@ def main(argv=None) -> int:
         "tokens": 32,
         "feature_ranges": ranges,
     }
-    chosen, scores = select(fit_items)
-    corr = fit_top_correction(
-        phi, y, [it.task for it in fit_items], trained_on=trained_on, **chosen
-    )
+    chosen, scores = select_v2_1(fit_items)
+    refit = fit_top_correction(
+        phi, y, [it.task for it in fit_items], trained_on=trained_on,
+        calibration=CALIBRATION_V2_1, clip=chosen["clip"], robust=chosen["robust"],
+    )  # fmt: skip
     rows = (
-        reused_rows(corr, items, Path(args.baselines))
+        reused_rows(refit, items, Path(args.baselines))
         if args.reuse_baselines
-        else timed_rows(corr, Path(args.zoo))
+        else timed_rows(refit, Path(args.zoo))
     )
-    splits: dict[str, list[dict]] = {"all-test": rows}
     for r in rows:
-        splits.setdefault(r["split"], []).append(r)
-        if r["split"] == "test-hf":
-            splits.setdefault(f"test-hf:{r['family']}", []).append(r)
+        r["refit"] = [r["head"], r["lo"], r["hi"]]
+        r["previous"] = list(previous.predict(r["plugin_seq"], r["phi"]))
+    sum_refit = split_summaries(with_head(rows, "refit"))
+    sum_prev = split_summaries(with_head(rows, "previous"))
+    decision = ship_decision(sum_refit, sum_prev)
+    ship = decision["ship"]
+    shipped = refit if ship else previous
+    rows = with_head(rows, "refit" if ship else "previous")
+    held_groups = sorted({r["gid"] for r in rows})
     result = {
         "what": "head v2 λ_max: ridge correction of the per-sequence plug-in (ttop), held out",
-        "command": "PYTHONPATH=. python bench/gradmetanet/bench_head_v2_top.py",
+        "command": "PYTHONPATH=. python bench/gradmetanet/bench_head_v2_top.py --zoo <snapshot>",
         "loadavg": os.getloadavg(),
-        "correction": corr.to_dict(),
+        "correction": shipped.to_dict(),
+        "shipped": "refit (v2.1)" if ship else "previous (v2, session 16), re-measured",
         "equal_cost": "reused from head_v2.json (old head's time: more than equal)"
         if args.reuse_baselines
         else "timed in this run with the head's own time",
         "hvps_equal_time_median": statistics.median(r["hvps"] for r in rows),
         "mc_samples_equal_time_median": statistics.median(r["mc_samples"] for r in rows),
-        "summary": {k: summarize(v) for k, v in sorted(splits.items())},
-        "selection": {
-            "rules": RULES,
+        "summary": sum_refit if ship else sum_prev,
+        "v2_1": {
+            "rule": RULE_V2_1,
+            "rule_file": "bench/gradmetanet/HEAD_V2_1_RULE.md",
             "chosen": chosen,
             "nested_on_training_groups": scores,
+            "decision": decision,
+            "refit": {"correction": refit.to_dict(), "summary": sum_refit},
+            "previous": {"file": args.previous, "summary": sum_prev},
+            "heldout_groups": {
+                "seen": [g for g in held_groups if g in SEEN_HELDOUT],
+                "fresh": [g for g in held_groups if g not in SEEN_HELDOUT],
+            },
             "heldout_of_every_candidate": candidate_heldout(rows, fit_items, trained_on),
         },
-        "zoo": {"groups": len({it.gid for it in items}), "sets": len(items)},
+        "selection": prev_doc.get("selection")
+        if not ship
+        else {
+            "rules": RULE_V2_1,
+            "chosen": {**chosen, "calibration": CALIBRATION_V2_1},
+        },
+        "zoo": {
+            "groups": len({it.gid for it in items}),
+            "sets": len(items),
+            "group_ids": sorted({it.gid for it in items}),
+        },
         "trace_analogue": trace_analogue(items),
         "rows": rows,
         "seconds": time.perf_counter() - t0,
@@ -314,13 +411,18 @@ def main(argv=None) -> int:
         }
         for k, v in result["summary"].items()
     }
-    shipped = {
-        **corr.to_dict(),
-        "heldout": heldout,
-        "selection": {"rules": RULES, "chosen": chosen, "nested": scores[_key(chosen)]},
-        "made_by": result["command"],
-    }
-    Path(args.weights).write_text(json.dumps(shipped, indent=1))
+    out_doc = (
+        {
+            **refit.to_dict(),
+            "heldout": heldout,
+            "selection": {"rules": RULE_V2_1, "chosen": chosen, "nested": scores[chosen["name"]]},
+            "made_by": result["command"],
+        }
+        if ship
+        else {**prev_doc, "heldout": heldout, "heldout_remeasured": "session 17, v2.1 rule"}
+    )
+    atomic_write_text(Path(args.weights), json.dumps(out_doc, indent=1))
+    print("ship" if ship else "not shipped", decision, file=sys.stderr)
     for k, v in result["summary"].items():
         line = {m: round(v[m]["mean"], 3) for m in ("head", *BASELINES)}
         print(k, v["n"], line, f"cov {v['coverage_80']:.2f}", file=sys.stderr)

@@ -573,6 +573,71 @@ def _top_interval_text(top: dict[str, Any]) -> list[str]:
     ]
 
 
+TOP_PARTS = {
+    "seen:all-test": "held-out groups seen last session",
+    "fresh:all-test": "fresh held-out groups (never seen)",
+}
+V2_1_SPLITS = {**V2_SPLITS, **TOP_PARTS}
+
+
+def _v2_1_text(top: dict[str, Any]) -> list[str]:
+    """The session-17 rule (refit vs shipped v2), its decision and both heads' numbers."""
+    v = top["v2_1"]
+    ref, prev = v["refit"]["summary"], v["previous"]["summary"]
+    dec = v["decision"]
+    groups = v.get("heldout_groups", {})
+    cal = top["correction"].get("calibration", "global")
+    how = "pooled" if cal == "global" else "within the tertile of mean loss / ln V of the set"
+    nested = "; ".join(
+        f"{k}: {_f(s['task_out']['error'])} / {_f(s['arch_out']['error'])}"
+        for k, s in v["nested_on_training_groups"].items()
+    )
+    conds = "; ".join(
+        f"{c['what']}: "
+        + (
+            f"{_f(c['value'][0])} vs {_f(c['value'][1])}"
+            if isinstance(c["value"], list)
+            else _pct(c["value"])
+        )
+        + f" ({'ok' if c['ok'] else 'fails'})"
+        for c in dec["conditions"]
+    )
+    lines = [
+        f"Interval of the shipped correction: split-conformal 10 / 90 % order statistics of "
+        f"the out-of-fold (leave-one-task-out) ln residuals of its training / val sets, {how}.",
+        "",
+        f"Session 17 refit (rule `{v['rule_file']}`, written before the evaluation: "
+        + " ".join(r + "." for r in v["rule"])
+        + f") Point model chosen on the training groups: **{v['chosen']['name']}** (nested "
+        f"leave-task-out / leave-architecture-out mean |ln error|: {nested}). Decision: "
+        + ("**the refit ships**" if dec["ship"] else "**the refit is not shipped**; the "
+           "session-16 correction stays, re-measured above on the larger held-out set")
+        + f" ({conds}). Held-out groups: {len(groups.get('seen', []))} seen last session, "
+        f"{len(groups.get('fresh', []))} fresh ({', '.join(groups.get('fresh', [])) or 'none'}).",
+        "",
+        "| held-out models | sets | refit mean abs ln error / coverage | shipped v2 mean abs "
+        "ln error / coverage | best equal-cost baseline (mean) |",
+        "|---|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for part, plabel in (("", ""), ("seen:", "seen: "), ("fresh:", "fresh: ")):
+        for split, label in V2_SPLITS.items():
+            a, b = ref.get(part + split), prev.get(part + split)
+            if a is None or b is None:
+                continue
+            lines.append(
+                f"| {plabel}{label} | {a['n']} | {_f(a['head']['mean'])} / "
+                f"{_pct(a['coverage_80'])} | {_f(b['head']['mean'])} / "
+                f"{_pct(b['coverage_80'])} | {a['best_baseline']} "
+                f"{_f(a[a['best_baseline']]['mean'])} |"
+            )
+    return lines
+
+
+def _fit_kind(c: dict[str, Any]) -> str:
+    kind = "Huber-loss ridge" if c.get("robust") else "ridge"
+    return kind + (" (features clamped to the training range)" if c.get("clip_lo") else "")
+
+
 def v2_top_section(top: dict[str, Any]) -> str:
     """Markdown of the shipped λ_max correction (`bench/gradmetanet/bench_head_v2_top.py`)."""
     c, summ = top["correction"], top["summary"]
@@ -583,7 +648,8 @@ def v2_top_section(top: dict[str, Any]) -> str:
         "### Head v2's λ_max correction (shipped: `gmcurv eigen --curvature hessian "
         "--method learned|both` on transformers)",
         "",
-        f"`log λ̂ = log λ_S + α (c + w·φ)`: a ridge correction (penalty {c['penalty']:g}, "
+        f"`log λ̂ = log λ_S + α (c + w·φ)`: a {_fit_kind(c)} correction (penalty "
+        f"{c['penalty']:g}, "
         f"shrink α = {c['shrink']:.1f}, both chosen by leave-one-task-out cross-validation "
         f"on {on.get('sets', '?')} sets of {len(on.get('groups', []))} training / val groups, "
         f"tasks {', '.join(on.get('tasks', []))}) of the per-sequence plug-in "
@@ -602,7 +668,7 @@ def v2_top_section(top: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     wins, loses = [], []
-    for split, label in V2_SPLITS.items():
+    for split, label in V2_1_SPLITS.items():
         s = summ.get(split)
         if s is None:
             continue
@@ -619,7 +685,7 @@ def v2_top_section(top: dict[str, Any]) -> str:
             f"{'yes' if 0.75 <= s['coverage_80'] <= 0.85 else 'no'} | {verdict} | "
             f"{'met' if v['target'] else 'missed'} |"
         )
-    lines += ["", *_top_interval_text(top)]
+    lines += ["", *(_v2_1_text(top) if "v2_1" in top else _top_interval_text(top))]
     lines += [
         "",
         f"It beats every equal-cost baseline (lower mean error, win rate > 50 %) on: "

@@ -105,6 +105,7 @@ class TopCorrection:
     bin_intervals: list[list[float]] = field(default_factory=list)  # per bin (lo, hi)
     clip_lo: list[float] = field(default_factory=list)  # φ clamped to these (clip=True)
     clip_hi: list[float] = field(default_factory=list)
+    robust: bool = False  # fitted with Huber's loss (`_ridge`); provenance only
 
     def _clipped(self, phi: list[float]) -> list[float]:
         if not self.clip_lo:
@@ -143,14 +144,37 @@ class TopCorrection:
         return cls(**keep)
 
 
-def _ridge(X: Tensor, y: Tensor, penalty: float) -> tuple[Tensor, Tensor, Tensor, float]:
-    """Standardised ridge: ``min_w |y - c - Z w|² / n + penalty |w|²``."""
+HUBER_K = 1.345  # Huber's constant: 95 % efficiency under Gaussian residuals
+HUBER_ITERS = 30
+
+
+def _ridge(
+    X: Tensor, y: Tensor, penalty: float, robust: bool = False
+) -> tuple[Tensor, Tensor, Tensor, float]:
+    """Standardised ridge: ``min_{c,w} Σ_i ρ(y_i - c - z_i·w) / n + penalty |w|²`` with
+    ``ρ(r) = r²`` or, ``robust``, Huber's ``ρ`` at ``HUBER_K`` times the residuals' MAD
+    scale (iteratively reweighted least squares; the intercept is not penalised)."""
     mu = X.mean(0)
     sd = X.std(0, unbiased=False) + 1e-9
     Z = (X - mu) / sd
-    c = float(y.mean())
-    A = Z.T @ Z + penalty * len(y) * torch.eye(Z.shape[1], dtype=Z.dtype)
-    w = torch.linalg.solve(A, Z.T @ (y - c))
+    n, p = Z.shape
+    u = torch.ones(n, dtype=Z.dtype)
+    c, w = float(y.mean()), torch.zeros(p, dtype=Z.dtype)
+    for _ in range(HUBER_ITERS if robust else 1):
+        sw = u.sum()
+        zc = (u @ Z) / sw
+        c0 = float(u @ y / sw)
+        Zc, yc = Z - zc, y - c0
+        A = (Zc * u[:, None]).T @ Zc + penalty * sw * torch.eye(p, dtype=Z.dtype)
+        w_new = torch.linalg.solve(A, (Zc * u[:, None]).T @ yc)
+        c_new = c0 - float(zc @ w_new)
+        done = float((w_new - w).abs().max()) < 1e-10 and abs(c_new - c) < 1e-10
+        w, c = w_new, c_new
+        if not robust or done:
+            break
+        r = y - c - Z @ w
+        scale = 1.4826 * float((r - r.median()).abs().median()) + 1e-12
+        u = torch.clamp(HUBER_K * scale / r.abs().clamp_min(1e-300), max=1.0)
     return mu, sd, w, c
 
 
@@ -159,12 +183,13 @@ def _clamp(X: Tensor, ref: Tensor) -> Tensor:
 
 
 def _out_of_fold(
-    X: Tensor, y: Tensor, groups: list[str], penalty: float, clip: bool = False
-) -> Tensor:
+    X: Tensor, y: Tensor, groups: list[str], penalty: float, clip: bool = False,
+    robust: bool = False,
+) -> Tensor:  # fmt: skip
     pred = torch.zeros_like(y)
     for g in sorted(set(groups)):
         held = torch.tensor([x == g for x in groups])
-        mu, sd, w, c = _ridge(X[~held], y[~held], penalty)
+        mu, sd, w, c = _ridge(X[~held], y[~held], penalty, robust)
         Xh = _clamp(X[held], X[~held]) if clip else X[held]
         pred[held] = c + ((Xh - mu) / sd) @ w
     return pred
@@ -174,15 +199,33 @@ def _quantile(x: Tensor, q: float) -> float:
     return float(torch.quantile(x, q))
 
 
-def conformal_interval(resid: Tensor, level: float) -> tuple[float, float]:
-    """Split-conformal log quantiles of residuals ``r``: the ``⌈(n+1)q⌉``-th order statistics
-    for ``q = (1 ± level) / 2`` (finite-sample coverage ``>= level`` for an exchangeable
-    new residual), the extreme residual where ``n`` is too small for that."""
-    r = resid.sort().values
-    n = len(r)
+def conformal_ranks(n: int, level: float) -> tuple[int, int]:
+    """The 1-based order statistics ``(k_lo, k_hi)`` of `conformal_interval` for ``n``
+    residuals: ``⌊a(n+1)⌋`` and ``⌈(1-a)(n+1)⌉`` with ``a = (1 - level)/2``, clamped to
+    ``1..n`` (the extreme residual where ``n`` is too small)."""
+    if n < 1:
+        raise ValueError("a conformal interval needs at least one residual")
     a = (1 - level) / 2
     k_lo = max(math.floor(a * (n + 1) + 1e-9), 1)  # 1e-9: 0.9 * 100 is 90.00000000000001
     k_hi = min(math.ceil((1 - a) * (n + 1) - 1e-9), n)
+    return k_lo, k_hi
+
+
+def conformal_coverage(n: int, level: float) -> float:
+    """Exact coverage of `conformal_interval` for a new residual exchangeable with ``n``
+    continuous ones: its rank among the ``n + 1`` is uniform, and it lies between the
+    ``k_lo``-th and ``k_hi``-th order statistics of the other ``n`` with probability
+    ``(k_hi - k_lo) / (n + 1)`` (``>= level`` whenever ``n >= 2/(1-level) - 1``)."""
+    k_lo, k_hi = conformal_ranks(n, level)
+    return (k_hi - k_lo) / (n + 1)
+
+
+def conformal_interval(resid: Tensor, level: float) -> tuple[float, float]:
+    """Split-conformal log quantiles of residuals ``r``: the `conformal_ranks` order
+    statistics (finite-sample coverage `conformal_coverage` >= ``level`` for an
+    exchangeable new residual)."""
+    r = resid.sort().values
+    k_lo, k_hi = conformal_ranks(len(r), level)
     return float(r[k_lo - 1]), float(r[k_hi - 1])
 
 
@@ -194,6 +237,7 @@ def fit_top_correction(
     trained_on: dict | None = None,
     calibration: str = "global",
     clip: bool = False,
+    robust: bool = False,
 ) -> TopCorrection:
     """Fit on ``log(λ / λ_S)`` of training sets; penalty and shrink by leave-one-group-out
     CV, interval by ``calibration`` on its out-of-fold residuals (module doc). Needs at
@@ -206,14 +250,14 @@ def fit_top_correction(
     y = torch.tensor(log_ratio, dtype=torch.float64)
     best = None
     for pen in PENALTIES:
-        oof = _out_of_fold(X, y, groups, pen, clip)
+        oof = _out_of_fold(X, y, groups, pen, clip, robust)
         for a in SHRINKS:
             err = float((y - a * oof).abs().mean())
             if best is None or err < best[0] - 1e-12:
                 best = (err, pen, a, y - a * oof)
     assert best is not None
     err, pen, a, resid = best
-    mu, sd, w, c = _ridge(X, y, pen)
+    mu, sd, w, c = _ridge(X, y, pen, robust)
     edges: list[float] = []
     per_bin: list[list[float]] = []
     if calibration == "loss-bins":
@@ -238,6 +282,7 @@ def fit_top_correction(
         bin_intervals=per_bin,
         clip_lo=X.min(0).values.tolist() if clip else [],
         clip_hi=X.max(0).values.tolist() if clip else [],
+        robust=robust,
     )
 
 
@@ -259,6 +304,7 @@ def nested_calibration(
     level: float = 0.8,
     calibration: str = "global",
     clip: bool = False,
+    robust: bool = False,
 ) -> NestedScore:
     """Leave one ``outer`` group out (default: ``groups``) around the whole
     `fit_top_correction` (its inner CV over ``groups`` included), predict the held group:
@@ -273,7 +319,7 @@ def nested_calibration(
         held = [i for i, o in enumerate(outer) if o == g]
         c = fit_top_correction(
             [phi[i] for i in keep], [log_ratio[i] for i in keep], [groups[i] for i in keep],
-            level, calibration=calibration, clip=clip,
+            level, calibration=calibration, clip=clip, robust=robust,
         )  # fmt: skip
         e_g, c_g = [], []
         for i in held:
