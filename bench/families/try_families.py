@@ -212,7 +212,7 @@ def commands(fam: str, e: dict, tmp: Path) -> list[tuple[str, list[str]]]:
                 str(tmp / "sal.json"),
             ],
         ),
-        ("trace pruned", ["trace", pruned, dt, "-o", str(tmp / "pruned.json")]),
+        ("trace pruned", ["trace", pruned, dt, *x, "-o", str(tmp / "pruned.json")]),
         (
             "trace --curvature all --probes 10",
             [
