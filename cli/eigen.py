@@ -124,7 +124,8 @@ def eigen(
 ) -> None:
     """Top-k eigenvalues with residuals and a converged flag.
 
-    Hessian / GGN: exact dense eigh for tiny models, else Lanczos with full
+    Hessian / GGN: exact dense eigh when the model has no more parameters than Lanczos
+    would take products, else Lanczos with full
     reorthogonalisation (converged when the eigenvalue error bound is within --tol of
     |λ_max|). Fisher: exact Gram-kernel route on decomposed gradients.
 

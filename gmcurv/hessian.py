@@ -63,6 +63,11 @@ def resolve_method(method: str, n_params: int, n: int) -> str:
     return "hutchpp"
 
 
+def lanczos_cap(P: int, k: int, max_iters: int | None, restarts: int = 0) -> int:
+    """The most products a top-`k` Lanczos run may take (``max(4k + 20, 60)`` per start)."""
+    return min(P, max_iters or max(4 * k + 20, 60)) * (1 + restarts)
+
+
 DEFAULT_TRACE_RTOL = 0.01  # stochastic traces stop at 1 % relative standard error
 
 
@@ -401,7 +406,8 @@ def curvature_summary(
         if method == "auto" and not exact_ggn and k > 0 and not op.is_random(seed):
             lanczos_preflight(P, k, max_iters, budget_bytes)
             shared = _Krylov(op, k, probes, tol, max_iters, restarts, seed, rtol)
-        announce(f"{'H - G' if exact_ggn else 'trace'}: products", probes)
+        cap = probes if shared is None else max(probes, lanczos_cap(P, k, max_iters, restarts) + 2)
+        announce(f"{'H - G' if exact_ggn else 'trace'}: products", cap)
         total, parts, stopped, more = _stochastic_traces(
             target, blocks, ggn_part, resolved, residual=exact_ggn,
             probes=probes, per_layer=per_layer, seed=seed, rtol=rtol,
@@ -416,7 +422,7 @@ def curvature_summary(
         _release(target)
     if k > 0 and eigs is None:
         graphs_first(op, announce)
-        announce("Lanczos: products", max_iters or max(4 * k + 20, 60))
+        announce("Lanczos: products", lanczos_cap(P, k, max_iters, restarts))
         eigs, _, random = lanczos_estimates(
             op, k, tol, max_iters, seed, False, restarts, budget_bytes
         )
@@ -536,8 +542,11 @@ def top_eigen(
         return EigenSummary(kind, res.method, values, res.vectors, P, res.n_matvecs)
     if kind not in ("hessian", "ggn"):
         raise ConfigError(f"unknown curvature {kind!r}", hint="use hessian, ggn or fisher")
-    resolved = method if method != "auto" else resolve_method("auto", P, n)
-    resolved = "lanczos" if resolved in ("hutchpp", "hutchinson") and method == "auto" else resolved
+    resolved = method
+    if method == "auto":  # dense only when Lanczos could take as many products
+        cap = lanczos_cap(P, k, max_iters, restarts)
+        tiny = resolve_method("auto", P, n) == "exact" and cap >= P
+        resolved = "exact" if tiny else "lanczos"
     if resolved not in ("exact", "lanczos"):
         raise ConfigError(
             f"--method {method} does not compute eigenvalues",
@@ -556,7 +565,7 @@ def top_eigen(
         vecs = [_layout(op, V[:, j]) for j in range(len(w))] if vectors else None
         return EigenSummary(kind, "exact(dense)", values, vecs, P, op.n_matvecs)
     graphs_first(op, announce)
-    announce("Lanczos: products", min(P, max_iters or max(4 * k + 20, 60)) * (1 + restarts))
+    announce("Lanczos: products", lanczos_cap(P, k, max_iters, restarts))
     values, res, random = lanczos_estimates(
         op, k, tol, max_iters, seed, vectors, restarts, budget_bytes
     )

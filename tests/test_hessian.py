@@ -504,3 +504,37 @@ def test_stop_note_projects_probes_or_says_the_trace_is_near_zero():
     note = hs._stop_note("probes", 11, 11, 0.05, near)
     assert "within 2 standard errors of zero" in note and "probes would" not in note
     assert "relative standard error <= 0.05" in hs._stop_note("tol", 9, 50, 0.05, far)
+
+
+def test_auto_eigen_is_dense_only_when_lanczos_could_take_as_many_products(tmp_path):
+    """`eigen --method auto`: P products for a dense matrix only when P <= the Lanczos cap;
+    either way the top eigenvalues agree with the float64 oracle, and no phase's product
+    count passes the total it announced."""
+    obj, batch, data = problem("attention", tmp_path)
+    P = obj.space.size
+    w = torch.linalg.eigvalsh(dense_hessian(obj, batch)).flip(0)[:2]
+    for max_iters, method in ((P, "exact(dense)"), (P - 1, "lanczos")):
+        phases: list[tuple[str, int | None]] = []
+        res = top_eigen(
+            obj, data, "hessian", 2, tol=1e-10, max_iters=max_iters,
+            phase=lambda label, total, seen=phases: seen.append((label, total)),
+        )  # fmt: skip
+        assert res.method == method
+        assert res.n_matvecs <= phases[-1][1]
+        vals = torch.tensor([e.value for e in res.values], dtype=torch.float64)
+        torch.testing.assert_close(vals, w, atol=1e-7, rtol=0)
+
+
+def test_shared_lanczos_trace_announces_its_basis_products(tmp_path, monkeypatch):
+    """The trace that reuses the top-k Lanczos basis takes basis + residual products:
+    the announced total covers both, also when --probes is below the basis size."""
+    monkeypatch.setattr(hs, "DENSE_MAX_PARAMS", 0)  # not dense, not the exact GGN:
+    monkeypatch.setattr(hs, "EXACT_GGN_MAX_COLUMNS", 0)  # the shared Lanczos route
+    obj, _, data = problem("attention", tmp_path)
+    phases: list[tuple[str, int | None]] = []
+    res = hs.curvature_summary(
+        obj, data, "hessian", k=2, probes=4, per_layer=False,
+        phase=lambda label, total: phases.append((label, total)),
+    )  # fmt: skip
+    totals = [t for label, t in phases if "products" in label]
+    assert totals and res.n_matvecs <= sum(t or 0 for t in totals)
