@@ -61,7 +61,7 @@ TraceTolOpt = Annotated[
         min=0.0,
         help="Relative tolerance: stochastic traces stop at this standard error / |trace| "
         "(default 0.01, capped by --probes); Lanczos at this eigenvalue error / |λ_max| "
-        "(default 0.001).",
+        "(default 0.001; Fisher Gram eigenvalues: the kernel's float rounding, u tr F).",
         show_default=False,
     ),
 ]
@@ -103,8 +103,10 @@ def fisher_results(
     seed: int,
     max_memory: str | None,
     per_layer_eigen: bool = False,
+    tol: float | None = None,
 ) -> dict[str, Any]:
-    """Run the Fisher closed forms with a progress bar; results as a JSON-able dict."""
+    """Run the Fisher closed forms with a progress bar; results as a JSON-able dict.
+    `tol`: the eigenvalues' relative error bound (None: the kernel's float precision)."""
     from gmcurv.fisher import fisher_summary
 
     assert session.objective is not None and session.data is not None
@@ -126,6 +128,7 @@ def fisher_results(
             per_layer_eigen=per_layer_eigen,
             eigen_progress=advance,
             phase=advance.phase,
+            tol=tol,
         )
     return {
         "loss": s.loss,
@@ -135,6 +138,7 @@ def fisher_results(
             "trace": s.trace,
             "eigenvalues": s.eigenvalues,
             "rank": s.rank,
+            "eigen_tolerance": s.eigen_tolerance,
             "per_layer": s.per_layer,
             "self_check": s.self_check,
         },
@@ -267,6 +271,10 @@ def render(report: Report, console: Console) -> None:
             vals = ", ".join(fmt_estimate(e) for e in eigs)
             method = eigs[0]["method"]
             extra = f", rank {block['rank']:,}" if block.get("rank") is not None else ""
+            rule = block.get("eigen_tolerance") or {}
+            if rule.get("rtol") or rule.get("atol"):  # an iterative route's stopping rule
+                bound = max(rule["rtol"] * (eigs[0]["value"] or 0.0), rule["atol"])
+                extra += f", each within {fmt(bound, 2)}"
             console.print(f"top-{len(eigs)} eigenvalues ({method}{extra}): {vals}")
         n = t["n_samples"]
         what = "N" if name == "fisher" or t.get("stderr") is None else "probes"
@@ -365,7 +373,7 @@ def trace(
         if "fisher" in kinds:
             results = fisher_results(
                 s, fisher.value, mc_samples, k, per_layer, batch_size, seed, max_memory,
-                per_layer_eigen,
+                per_layer_eigen, tol,
             )  # fmt: skip
         hm = method.value if method not in (o.Method.gram, o.Method.both) else "auto"
         for kind in ("ggn", "hessian"):

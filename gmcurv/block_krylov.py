@@ -141,6 +141,7 @@ def block_lanczos(
     exact: Matmat | None = None,
     product_error: float = 0.0,
     first: tuple[Tensor, Tensor] | None = None,
+    atol: float = 0.0,
 ) -> LanczosResult:
     """The `k` largest eigenpairs of the symmetric ``n x n`` operator `matmat` (module doc).
 
@@ -157,6 +158,10 @@ def block_lanczos(
     (``b`` of them) then gives a Rayleigh–Ritz step whose values, true residuals and
     bounds are reported. The other Ritz values enter the gaps of the bounds with their
     residuals enlarged by the product error.
+
+    `atol`: an absolute floor on the bounds, ``bound <= max(tol · max|θ|, atol)`` — the
+    accuracy the operator itself carries (e.g. a float32 kernel's rounding), below which
+    further products would refine only that rounding.
     """
     outer = torch.get_num_threads()
 
@@ -175,12 +180,13 @@ def block_lanczos(
         return _block_lanczos(
             on_all_threads(matmat), n, k, block, tol, max_basis, seed, dtype, device,
             vectors, criterion, progress, start, on_all_threads(exact), product_error, first,
+            atol,
         )  # fmt: skip
 
 
 def _block_lanczos(
     matmat, n, k, block, tol, max_basis, seed, dtype, device, vectors, criterion, progress,
-    start, exact, product_error, first,
+    start, exact, product_error, first, atol,
 ) -> LanczosResult:  # fmt: skip
     """`block_lanczos`'s iterations."""
     if k < 1:
@@ -228,7 +234,7 @@ def _block_lanczos(
         W = W - Q @ (Q.T @ W)
         res = (W @ S[m - w :]).norm(dim=0)
         bounds = gap_bounds(theta, res, min(k, m), criterion)
-        done = bool((bounds <= tol * max(scale, 1e-300)).all()) and m >= k
+        done = bool((bounds <= max(tol * scale, atol, 1e-300)).all()) and m >= k
         if done or m >= cap:
             break
         nxt = _next_block(W[:, : min(b, cap - m)], Q, b, gen, scale)
@@ -238,7 +244,7 @@ def _block_lanczos(
     Q = Qb[:, :m]
     if exact is not None:
         return _exact_ritz(exact, Q, S, theta, res, k, b, scale, product_error, tol, criterion,
-                           vectors, iters, n_mv, progress)  # fmt: skip
+                           vectors, iters, n_mv, progress, atol)  # fmt: skip
     assert AQb is not None
     # reported residuals of the top pairs recomputed from the explicit products
     top = min(k, m)
@@ -246,7 +252,7 @@ def _block_lanczos(
     res = res.clone()
     res[:top] = (AQb[:, :m] @ St - Q @ (St * theta[:top])).norm(dim=0)
     bounds = gap_bounds(theta, res, top, criterion)
-    converged = bounds <= tol * max(scale, 1e-300)
+    converged = bounds <= max(tol * scale, atol, 1e-300)
     vecs = (Q @ St).T.contiguous() if vectors else None
     return LanczosResult(
         values=theta[:top].clone(),
@@ -274,6 +280,7 @@ def _exact_ritz(
     iters: int,
     n_mv: int,
     progress: Callable[[int], None] | None,
+    atol: float = 0.0,
 ) -> LanczosResult:
     """Rayleigh–Ritz on the top ``p = max(b, k)`` Ritz vectors, exact products (`block_lanczos`)."""
     p = min(max(b, k), Q.shape[1])
@@ -293,7 +300,7 @@ def _exact_ritz(
     return LanczosResult(
         values=mu[:top].clone(),
         residuals=r[:top].clone(),
-        converged=bounds <= tol * max(scale, 1e-300),
+        converged=bounds <= max(tol * scale, atol, 1e-300),
         vectors=Y[:, :top].T.contiguous() if vectors else None,
         iterations=iters + 1,
         n_matvecs=n_mv + p,

@@ -122,10 +122,35 @@ class FisherEigen:
     rank: int | None  # numerical rank of K (dense route only)
     method: str  # 'gram' (dense eigh of K), 'gram-block-lanczos' (formed K), 'gram-lanczos'
     n_matvecs: int = 0
+    tolerance: dict | None = None  # the stopping rule of the iterative routes (`eigen_tolerance`)
 
 
 EIGH_LIMIT = 256  # up to N*C = this (or k >= N*C / 4) a full eigh of K is cheapest
 SMALL_EIGH = 512  # up to this many rows a full eigh runs on one thread
+EIGEN_RTOL = (
+    1e-10  # default relative bound; the kernel's own rounding floors it (`eigen_tolerance`)
+)
+
+
+def eigen_tolerance(dg: DecomposedGradients, tol: float | None, trace_k: float) -> dict:
+    """The stopping rule of `fisher_eigen`'s iterative routes: every top-k eigenvalue's
+    error bound at most ``max(rtol λ_max, atol)`` (in ``F``'s units, ``K``'s divided by N).
+
+    `tol` None (the default) matches the precision of the kernel: ``rtol = EIGEN_RTOL`` and
+    ``atol = u tr K / N`` with ``u`` the unit roundoff of the factors' dtype. Storing the
+    entries of ``K`` in that dtype alone moves them by ``|ΔK_ij| <= u |K_ij| <= u |g_i|
+    |g_j|``, so by up to ``||ΔK||_2 <= u Σ_i |g_i|^2 = u tr K`` in eigenvalue (Weyl): a
+    tighter bound would refine the rounding, not the Fisher (float32: ~2e-6 λ_max on the
+    benchmark MLPs; float64: below ``rtol``). An explicit `tol` is the relative bound alone."""
+    if tol is not None:
+        return {"rtol": float(tol), "atol": 0.0, "rule": "requested: bound <= rtol λ_max"}
+    u = torch.finfo(dg.losses.dtype).eps / 2
+    return {
+        "rtol": EIGEN_RTOL,
+        "atol": u * trace_k / dg.n,
+        "rule": f"bound <= max(rtol λ_max, atol), atol = u tr F with u = {u:.3g}, the "
+        f"rounding of a {str(dg.losses.dtype).removeprefix('torch.')} kernel",
+    }
 
 
 def eigen_products(n_rows: int, k: int) -> int | None:
@@ -143,12 +168,13 @@ def fisher_eigen(
     k: int = 5,
     blocks: Iterable[str] | None = None,
     vectors: bool = False,
-    tol: float = 1e-10,
+    tol: float | None = None,
     dense_limit: int = DENSE_GRAM_LIMIT,
     seed: int = 0,
     eigh_limit: int = EIGH_LIMIT,
     progress=None,
     kernel: Tensor | None = None,
+    first: tuple[Tensor, Tensor] | None = None,
 ) -> FisherEigen:
     """The `k` largest eigenvalues of ``F`` (restricted to `blocks`) and optionally vectors.
 
@@ -157,13 +183,16 @@ def fisher_eigen(
     `eigh_limit` rows, or ``k`` a quarter of them), otherwise block Lanczos on the formed
     ``K`` (`gmcurv.block_krylov`: a product with a block of ``b`` vectors is one pass over
     ``K``, a few passes instead of a full ``eigh``'s ``O((N C)^3)``), with a full ``eigh`` as
-    fallback should it not meet `tol` (eigenvalue error bounds relative to ``μ_max``, from
-    true residuals). A float32 ``K`` (float32 factors) is iterated on with float32 products
+    fallback should it not meet the tolerance (`eigen_tolerance`: `tol` relative to
+    ``λ_max``, or by default the kernel's own rounding; bounds from true residuals). A
+    float32 ``K`` (float32 factors) is iterated on with float32 products
     and the answer comes from one exact float64 block product (`block_lanczos`'s `exact`);
     the first block holds the output layer's cotangent rows (`start_directions`). Beyond
     `dense_limit`, Lanczos on ``u -> J (J^T u)`` (never forming ``K``). `progress(i)` is
     called after products with ``i`` vectors. `kernel`: ``K`` of `blocks` when the caller
-    formed it already.
+    formed it already; `first`: ``(V_0, K V_0)`` with ``V_0 = first_block(...)`` of the
+    same arguments, the block route's first product taken while forming ``K``
+    (`formed_kernel`).
     """
     from gmcurv.lanczos import lanczos
 
@@ -175,10 +204,12 @@ def fisher_eigen(
         kernel = summed_gram([b.source for b in sub.blocks], size, dg.losses.device)
     K = kernel
     res = None
-    block_route = K is not None and size > eigh_limit and 4 * k < size
-    if block_route:
+    rule = None
+    blocked = K is not None and size > eigh_limit and 4 * k < size
+    if blocked:
         assert K is not None
-        res = _block_route(K, sub, k, tol, seed, vectors, progress)
+        rule = eigen_tolerance(dg, tol, float(K.diagonal().double().sum()))
+        res = _block_route(K, sub, k, rule, seed, vectors, progress, first)
         if not bool(res.converged.all()):
             res = None  # rare: fall back to the exact full eigendecomposition
     if K is not None and res is None:
@@ -195,9 +226,12 @@ def fisher_eigen(
         residuals = torch.zeros(take, dtype=torch.float64)
         converged = torch.ones(take, dtype=torch.bool)
         method, n_mv = "gram", 0
+        rule = {"rtol": 0.0, "atol": 0.0, "rule": "dense eigh of the formed kernel (no iteration)"}
     else:
         if res is None:
             dtype = dg.losses.dtype
+            trace_k = float(sum(b.source.sq_norms().double().sum() for b in sub.blocks))
+            rule = eigen_tolerance(dg, tol, trace_k)
 
             def kmv(u: Tensor) -> Tensor:
                 if progress:
@@ -206,11 +240,13 @@ def fisher_eigen(
                 return jvp(sub, vjp(sub, uu)).reshape(-1).double()
 
             res = lanczos(
-                kmv, size, k, tol=tol, seed=seed, vectors=vectors, device=dg.losses.device
-            )
+                kmv, size, k, tol=rule["rtol"], atol=rule["atol"] * dg.n, seed=seed,
+                vectors=vectors, device=dg.losses.device,
+                criterion="residual" if vectors else "gap",
+            )  # fmt: skip
         mu, U = res.values, (res.vectors.T if res.vectors is not None else None)
         residuals, converged, rank = res.residuals, res.converged, None
-        method = "gram-block-lanczos" if block_route else "gram-lanczos"
+        method = "gram-block-lanczos" if blocked else "gram-lanczos"
         n_mv = res.n_matvecs
     values = (mu / dg.n).clamp_min(0.0)
     vecs = None
@@ -220,7 +256,7 @@ def fisher_eigen(
             u = U[:, j].reshape(dg.n, dg.columns).to(dg.losses.dtype)
             scale = math.sqrt(max(float(mu[j]), 1e-300))
             vecs.append({name: t / scale for name, t in vjp(sub, u).items()})
-    return FisherEigen(values, vecs, residuals / dg.n, converged, rank, method, n_mv)
+    return FisherEigen(values, vecs, residuals / dg.n, converged, rank, method, n_mv, rule)
 
 
 MAX_START = 32  # at most this many output units give start directions
@@ -240,37 +276,60 @@ def start_directions(dg: DecomposedGradients) -> Tensor | None:
     return None
 
 
-def _block_route(K: Tensor, sub: DecomposedGradients, k: int, tol, seed, vectors, progress):
-    """Block Lanczos on the formed ``K`` (`fisher_eigen`)."""
-    from gmcurv.block_krylov import block_lanczos, default_block
-    from gmcurv.gram_sum import float64_products, product_error
+def block_route(n_rows: int, k: int, eigh_limit: int = EIGH_LIMIT) -> bool:
+    """Whether `fisher_eigen` runs block Lanczos on a formed kernel of `n_rows` rows."""
+    return eigh_limit < n_rows <= DENSE_GRAM_LIMIT and 4 * k < n_rows
 
-    size = K.shape[0]
+
+def first_block(sub: DecomposedGradients, k: int, seed: int = 0) -> Tensor:
+    """The block route's first block ``V_0`` (``[N C, b]``, float64, orthonormal): the
+    `start_directions` completed with random ones (`gmcurv.block_krylov.first_block`)."""
+    from gmcurv.block_krylov import default_block
+    from gmcurv.block_krylov import first_block as complete
+
+    size = sub.n * sub.columns
     start = start_directions(sub)
     b = default_block(size, k)
     if start is not None:
         b = min(size, max(b, start.shape[1] + 2))  # the start plus random directions
+    gen = torch.Generator(device=sub.losses.device).manual_seed(seed)
+    return complete(start, size, b, gen, torch.float64, sub.losses.device)
+
+
+def _block_route(
+    K: Tensor, sub: DecomposedGradients, k: int, rule, seed, vectors, progress, first=None
+):
+    """Block Lanczos on the formed ``K`` (`fisher_eigen`) to `rule` (`eigen_tolerance`)."""
+    from gmcurv.block_krylov import block_lanczos
+    from gmcurv.gram_sum import float64_products, product_error
+
+    size = K.shape[0]
     fast = K.dtype != torch.float64 and not vectors  # vectors want float64 residuals
     if fast:
         matmat, exact, err = (lambda X: K @ X.to(K.dtype)), float64_products(K), product_error(K)
     else:
         K64 = K.double()
         matmat, exact, err = (lambda X: K64 @ X), None, 0.0
+        first = None  # a float32 first product would not be this route's
+    if first is None:
+        V = first_block(sub, k, seed)
+        first = (V, matmat(V))
     return block_lanczos(
         matmat,
         size,
         k,
-        block=b,
-        tol=tol,
+        block=first[0].shape[1],
+        tol=rule["rtol"],
+        atol=rule["atol"] * sub.n,
         seed=seed,
         vectors=vectors,
         device=K.device,
         max_basis=block_budget(size, k),
         criterion="residual" if vectors else "gap",  # vectors need small residuals
         progress=progress,
-        start=start,
         exact=exact,
         product_error=err,
+        first=first,
     )
 
 
@@ -361,6 +420,7 @@ class FisherSummary:
     rank: int | None
     n_params: int
     self_check: dict | None = None  # what the capture's one-off self-check compared
+    eigen_tolerance: dict | None = None  # the eigenvalues' stopping rule (iterative routes)
 
 
 def factor_bytes(dg: DecomposedGradients) -> int:
@@ -405,12 +465,15 @@ def fisher_summary(
     per_layer_eigen: bool = False,
     eigen_progress=None,
     phase=None,
+    tol: float | None = None,
 ) -> FisherSummary:
     """Everything ``gmcurv trace --curvature fisher`` reports, streamed over the data.
 
     Factors are kept (memory O(N (I+O)) per layer) only when eigenvalues are requested
     (``k > 0``); each block's own top-k eigenvalues only with `per_layer_eigen` (one more
     eigenproblem per block). `eigen_progress(i)`: per Lanczos product of the Gram route.
+    `tol`: the eigenvalues' relative error bound (None: the kernel's precision,
+    `eigen_tolerance`).
     """
     from gmcurv.capture import Capturer, capture_stream
     from gmcurv.distributed import current, gather_decomposed
@@ -456,19 +519,26 @@ def fisher_summary(
     columns = kept[0].columns if kept else mc_samples if fisher == "mc" else 1
     trace = _trace_estimate(acc, fisher, None, columns, col_norms)
     eigenvalues: list[Estimate] = []
-    rank = None
+    rank = rule = None
     layer_eigs: dict[str, list[Estimate]] = {}
     if k > 0:
         n_rows = acc.n * columns
         full = gather_decomposed(DecomposedGradients.cat(kept))
         del kept
         total = sum(grams.values()) if one_batch else None
+        first = None
         if total is None:
-            total = formed_kernel(full, "Fisher: Gram kernel (rows)", phase, eigen_progress)
+            # the block route's first product is taken while the kernel is formed
+            V0 = first_block(full, k, seed) if block_route(n_rows, k) else None
+            label = "Fisher: Gram kernel (rows)"
+            total, KV0 = formed_kernel_product(full, label, phase, eigen_progress, V0)
+            first = None if V0 is None or KV0 is None else (V0, KV0)
         if phase:
             phase("Fisher: Gram eigenvalues (kernel products)", eigen_products(n_rows, k))
-        res = fisher_eigen(full, k, seed=seed, progress=eigen_progress, kernel=total)
-        rank = res.rank
+        res = fisher_eigen(
+            full, k, seed=seed, progress=eigen_progress, kernel=total, tol=tol, first=first
+        )
+        rank, rule = res.rank, res.tolerance
         eigenvalues = _eigen_estimates(res, full.n, fisher)
         if per_layer and per_layer_eigen:
             for b in full.blocks:
@@ -480,6 +550,7 @@ def fisher_summary(
                         seed=seed,
                         progress=eigen_progress,
                         kernel=grams.get(b.name),
+                        tol=tol,
                     ),
                     full.n,
                     fisher,
@@ -508,20 +579,30 @@ def fisher_summary(
         rank=rank,
         n_params=objective.space.size,
         self_check=cap.check_report.as_dict() if cap.check_report else None,
+        eigen_tolerance=rule,
     )
 
 
 def formed_kernel(dg: DecomposedGradients, label: str, phase, progress) -> Tensor | None:
     """``K`` by `gmcurv.gram_sum.summed_gram` when `fisher_eigen` would form it (at most
     ``DENSE_GRAM_LIMIT`` rows), announced as phase `label` counted in rows; else None."""
-    from gmcurv.gram_sum import summed_gram
+    return formed_kernel_product(dg, label, phase, progress)[0]
+
+
+def formed_kernel_product(
+    dg: DecomposedGradients, label: str, phase, progress, first: Tensor | None = None
+) -> tuple[Tensor | None, Tensor | None]:
+    """`formed_kernel` and ``K first`` taken while forming it (None without `first`;
+    `gmcurv.gram_sum.summed_gram_product`)."""
+    from gmcurv.gram_sum import summed_gram_product
 
     rows = dg.n * dg.columns
     if rows > DENSE_GRAM_LIMIT:
-        return None
+        return None, None
     if phase:
         phase(label, rows)
-    return summed_gram([b.source for b in dg.blocks], rows, dg.losses.device, progress)
+    sources = [b.source for b in dg.blocks]
+    return summed_gram_product(sources, rows, dg.losses.device, progress, first)
 
 
 def _block_grams(dg: DecomposedGradients, phase, progress) -> dict[str, Tensor]:

@@ -78,6 +78,22 @@ def summed_gram(
     `progress(r)`: ``size`` units in all, shared between the blocks — ``r`` rows of a
     panel times the panelled blocks' share, or a whole block's share when it is added.
     """
+    return summed_gram_product(sources, size, device, progress, None)[0]
+
+
+def summed_gram_product(
+    sources: Sequence[GradientSource],
+    size: int,
+    device: torch.device | str = "cpu",
+    progress: Callable[[int], None] | None = None,
+    first: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """`summed_gram` and, for a block ``V = first`` (``[size, b]``), the product ``K V`` in
+    ``K``'s dtype, taken panel by panel while each row panel is still in cache
+    (``K V[P] += K[P, :p1] V[:p1]``, ``K V[:p0] += K[P, :p0]ᵀ V[P]``: one pass over ``K``
+    saved, e.g. block Lanczos's first product, `block_krylov.block_lanczos`'s `first`).
+    The diagonal tiles are symmetrised before their product, so ``K V`` is the product
+    with the returned (mirrored, exactly symmetric) ``K``, up to rounding."""
     low = bool(sources) and all(s.dtype == torch.float32 for s in sources)
     acc = torch.float32 if low else torch.float64
     found = [(s, hadamard_factors(s)) for s in sources]
@@ -85,9 +101,11 @@ def summed_gram(
     whole = [s for s, f in found if f is None]
     K: Tensor | None = None
     share = size / max(1, len(sources))
+    KV = None
     if pairs and math.ceil(size / PANEL_ROWS) >= MIN_PANELS:
         tick = (lambda r: progress(r * len(pairs) / len(sources))) if progress else None
-        K = _panel_sum(pairs, size, acc, tick)
+        # the panels' product only when they are all of K (else one product at the end)
+        K, KV = _panel_sum(pairs, size, acc, tick, None if whole else first)
     else:
         whole = list(sources)
     for s in whole:
@@ -96,8 +114,10 @@ def summed_gram(
         if progress:
             progress(share)
     if K is None:
-        return torch.zeros(size, size, dtype=acc, device=device)
-    return K
+        K = torch.zeros(size, size, dtype=acc, device=device)
+    if first is not None and KV is None:
+        KV = K @ first.to(acc)
+    return K, KV
 
 
 def _panel_sum(
@@ -105,13 +125,17 @@ def _panel_sum(
     size: int,
     dtype: torch.dtype,
     progress: Callable[[int], None] | None,
-) -> Tensor:
-    """``Σ_l (Δ_l Δ_lᵀ) ⊙ (X_l X_lᵀ + b_l)`` by lower-triangular row panels, then mirrored."""
+    first: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``Σ_l (Δ_l Δ_lᵀ) ⊙ (X_l X_lᵀ + b_l)`` by lower-triangular row panels, then mirrored;
+    with `first`, also ``K first`` (`summed_gram_product`)."""
     device = pairs[0].delta.device
     factors = [(f.delta.to(dtype), None if f.x is None else f.x.to(dtype), f.bias) for f in pairs]
     K = torch.empty(size, size, dtype=dtype, device=device)
     left = torch.empty(PANEL_ROWS * size, dtype=dtype, device=device)
     right = torch.empty(PANEL_ROWS * size, dtype=dtype, device=device)
+    V = None if first is None else first.to(dtype)
+    KV = None if V is None else torch.zeros(size, V.shape[1], dtype=dtype, device=device)
     for p0 in range(0, size, PANEL_ROWS):
         p1 = min(size, p0 + PANEL_ROWS)
         panel = K[p0:p1, :p1]
@@ -129,9 +153,15 @@ def _panel_sum(
                 torch.mul(dd, aa, out=panel)
             else:
                 panel.addcmul_(dd, aa)
+        if KV is not None and V is not None:
+            tile = panel[:, p0:p1]
+            tile.copy_(tile.tril() + tile.tril(-1).T)  # as `_mirror_lower` will
+            KV[p0:p1] += panel @ V[:p1]
+            if p0:
+                KV[:p0] += panel[:, :p0].T @ V[p0:p1]
         if progress:
             progress(p1 - p0)
-    return _mirror_lower(K)
+    return _mirror_lower(K), KV
 
 
 MIRROR_TILE = 128  # transposed copies tile by tile: a tile pair stays in L2

@@ -62,6 +62,7 @@ def _run(
     scale_hint: float,
     check_every: int,
     criterion: str = "residual",
+    atol: float = 0.0,
 ):
     """One Lanczos sequence orthogonal to `locked`; returns Ritz data of its top-k."""
     n = start.numel()
@@ -95,7 +96,7 @@ def _run(
             res = (b * S[m - 1, top]).abs()
             scale = max(float(theta.abs().max()), scale_hint, 1e-300)
             bound = error_bounds(theta, (b * S[m - 1]).abs(), top, criterion)
-            if bool((bound <= tol * scale).all()) or b < 1e-12 * scale:
+            if bool((bound <= max(tol * scale, atol)).all()) or b < 1e-12 * scale:
                 beta[j] = b
                 break
         if b < 1e-300:
@@ -143,8 +144,12 @@ def lanczos(
     check_every: int = 1,
     criterion: str = "residual",
     keep_basis: bool = False,
+    atol: float = 0.0,
 ) -> LanczosResult:
     """Top-`k` eigenpairs of the symmetric ``n x n`` operator `matvec` (see module doc).
+
+    Converged: error bound at most ``max(tol · max|θ|, atol)`` (`atol`: the accuracy the
+    products themselves carry, e.g. float32 rounding).
 
     `keep_basis`: also return the first run's Krylov basis ``Q`` (its rows are the first
     ``m`` vectors `matvec` was called with, orthonormal to working precision), e.g. as a
@@ -166,7 +171,7 @@ def lanczos(
     basis = None
 
     def ok(p: tuple[float, float, Tensor, float]) -> bool:
-        return p[3] <= tol * max(scale, 1e-300)
+        return p[3] <= max(tol * scale, atol, 1e-300)
 
     for run in range(max_restarts + 1):
         done = [p for p in pairs if ok(p)]
@@ -178,7 +183,7 @@ def lanczos(
             break
         start = torch.randn(n, generator=gen, dtype=dtype, device=device)
         theta, r, V, m, bd, Q = _run(
-            counted, start, locked, k, which, tol, budget, scale, check_every, criterion
+            counted, start, locked, k, which, tol, budget, scale, check_every, criterion, atol
         )
         if run == 0 and keep_basis:
             basis = Q
@@ -196,7 +201,7 @@ def lanczos(
     values = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
     residuals = torch.tensor([p[1] for p in pairs], dtype=torch.float64)
     bounds = torch.tensor([p[3] for p in pairs], dtype=torch.float64)
-    converged = bounds <= tol * max(scale, 1e-300)
+    converged = bounds <= max(tol * scale, atol, 1e-300)
     vecs = [p[2] for p in pairs]
     return LanczosResult(
         values=values,

@@ -273,3 +273,25 @@ def test_trace_k0_skips_eigenvalues_and_per_layer_eigen_is_opt_in(runner, proble
     more = _json(_run(runner, "trace", model, data, "--k", "2", "--per-layer-eigen", "--json"))
     layers = more["results"]["fisher"]["per_layer"].values()
     assert all(len(layer["eigenvalues"]) == 2 for layer in layers)
+
+
+def test_trace_fisher_eigen_tolerance_reported_and_tol_tightens(runner, tmp_path):
+    """Float32 kernel beyond the dense-eigh size: the report carries the stopping rule (the
+    kernel's rounding ``u tr F`` floors the bound) and prints it; ``--tol`` asks for a
+    relative bound instead, and the values agree within the default's bound."""
+    model = write_mlp(tmp_path / "model.safetensors", sizes=(6, 8, 3))
+    data = write_data(tmp_path / "data.safetensors", n=300)
+    doc = _json(_run(runner, "trace", model, data, "--k", "3", "--json"))
+    block = doc["results"]["fisher"]
+    rule = block["eigen_tolerance"]
+    assert block["eigenvalues"][0]["method"] == "gram-block-lanczos"
+    assert rule["rtol"] == 1e-10
+    assert rule["atol"] == pytest.approx(2.0**-24 * block["trace"]["value"], rel=1e-6)
+    tight = _json(_run(runner, "trace", model, data, "--k", "3", "--tol", "1e-12", "--json"))
+    tb = tight["results"]["fisher"]
+    assert tb["eigen_tolerance"]["rtol"] == 1e-12 and tb["eigen_tolerance"]["atol"] == 0.0
+    bound = max(rule["atol"], 1e-10 * block["eigenvalues"][0]["value"])
+    for a, b in zip(block["eigenvalues"], tb["eigenvalues"], strict=True):
+        assert abs(a["value"] - b["value"]) <= bound and a["residual"] is not None
+    human = _run(runner, "trace", model, data, "--k", "3")
+    assert human.exit_code == 0 and "each within" in human.stdout

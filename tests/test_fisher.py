@@ -6,9 +6,11 @@ import math
 
 import pytest
 import torch
+from models import mlp, seeded
 from oracles import dense_ggn, per_example_grads
 from test_capture import N, _problem, _rows
 
+from gmcurv.batch import Batch
 from gmcurv.capture import DecomposedGradients, capture
 from gmcurv.fisher import (
     FisherAccumulator,
@@ -19,6 +21,7 @@ from gmcurv.fisher import (
     fisher_trace,
     gram_kernel,
 )
+from gmcurv.objective import Objective
 
 CASES = ["mlp", "tokens", "custom", "attention", "conv", "tied"]
 
@@ -187,3 +190,77 @@ def test_float32_gram_products_within_the_rounding_bound(name, chunk, monkeypatc
     assert bool(((K - ref).abs() <= bound + 1e-30).all())
     w, w_ref = torch.linalg.eigvalsh(K)[-4:], torch.linalg.eigvalsh(ref)[-4:]
     torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=0)
+
+
+def _float32_mlp(n: int):
+    g = torch.Generator().manual_seed(11)
+    model = seeded(mlp, sizes=(6, 12, 12, 4)).float()
+    x = torch.randn(n, 6, generator=g)
+    y = torch.randint(0, 4, (n,), generator=g)
+    return Objective.build(model, "cross_entropy"), x, y
+
+
+def test_eigen_tolerance_rule():
+    """Default: the kernel's own rounding, ``u tr K / N`` (``u`` of the factors' dtype) on
+    top of the relative 1e-10; an explicit tolerance is relative alone."""
+    from gmcurv.fisher import EIGEN_RTOL, eigen_tolerance
+
+    obj, batch = _problem("mlp")
+    dg = capture(obj, batch)
+    rule = eigen_tolerance(dg, None, 8.0)
+    assert rule["rtol"] == EIGEN_RTOL and rule["atol"] == pytest.approx(2.0**-53 * 8.0 / dg.n)
+    assert eigen_tolerance(dg, 1e-4, 8.0) == {
+        "rtol": 1e-4,
+        "atol": 0.0,
+        "rule": "requested: bound <= rtol λ_max",
+    }
+
+
+def test_float32_summary_first_product_and_precision_matched_tolerance(monkeypatch, tmp_path):
+    """`fisher_summary` on float32 factors beyond the dense-eigh size: the block route's
+    first product comes from the kernel's panels (`summed_gram_product` gets the block);
+    the top-5 lie within the reported bound ``max(rtol λ_max, u tr F)`` of the formed
+    kernel's exact spectrum, within 1e-5 of the float64 truth (vmap(grad) of the upcast
+    weights: the float32 capture's own rounding), and an explicit tighter `tol` is met."""
+    from safetensors.torch import save_file
+
+    import gmcurv.gram_sum as gs
+    from gmcurv.fisher import fisher_summary
+    from gmcurv.io.data import load_data
+
+    n = 320
+    obj, x, y = _float32_mlp(n)
+    save_file({"inputs": x, "targets": y}, str(tmp_path / "d.safetensors"))
+    data = load_data(tmp_path / "d.safetensors", None)
+    seen = []
+    real = gs.summed_gram_product
+
+    def spy(sources, size, device="cpu", progress=None, first=None):
+        seen.append(first)
+        return real(sources, size, device, progress, first)
+
+    monkeypatch.setattr(gs, "summed_gram_product", spy)
+    s = fisher_summary(obj, data, batch_size=100, k=5)
+    assert seen and seen[0] is not None and seen[0].shape[0] == n
+    eig = [e.value for e in s.eigenvalues]
+    assert s.eigenvalues[0].method == "gram-block-lanczos"
+    assert all(e.converged for e in s.eigenvalues)
+    rule = s.eigen_tolerance
+    assert rule is not None and rule["atol"] == pytest.approx(2.0**-24 * s.trace.value, rel=1e-6)
+    dg = capture(obj, Batch(x, y, 0))
+    own = torch.linalg.eigvalsh(gram_kernel(dg).double()).flip(0)[:5] / n
+    bound = max(rule["rtol"] * float(own[0]), rule["atol"])
+    assert float((torch.tensor(eig, dtype=torch.float64) - own).abs().max()) <= bound
+    obj64 = Objective.build(obj.model.double(), "cross_entropy")
+    J = per_example_grads(obj64, Batch(x.double(), y, 0))
+    truth = torch.linalg.eigvalsh(J @ J.T).flip(0)[:5] / n
+    torch.testing.assert_close(torch.tensor(eig, dtype=torch.float64), truth, rtol=1e-5, atol=0)
+    obj.model.float()
+    tight = fisher_summary(obj, data, batch_size=100, k=5, tol=1e-12)
+    assert tight.eigen_tolerance == {
+        "rtol": 1e-12,
+        "atol": 0.0,
+        "rule": "requested: bound <= rtol λ_max",
+    }
+    got = torch.tensor([e.value for e in tight.eigenvalues], dtype=torch.float64)
+    torch.testing.assert_close(got, own, rtol=1e-10, atol=0)

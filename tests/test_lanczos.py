@@ -153,3 +153,24 @@ def test_block_lanczos_unconverged_is_reported():
     A = _with_spectrum(SPECTRA["clustered"])
     res = block_lanczos(lambda X: A @ X, 100, 4, block=2, tol=1e-14, max_basis=4)
     assert not bool(res.converged.all()) and res.n_matvecs == 4
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "block"])
+def test_absolute_floor_stops_at_the_operator_precision(solver):
+    """``atol`` floors the stopping bound (``max(tol max|θ|, atol)``): with the floor at
+    1e-6 λ_max the solve takes fewer products than to 1e-12, and every value is still
+    within its floor of the dense float64 spectrum (the gap bound is rigorous)."""
+    A = _with_spectrum(SPECTRA["clustered"])
+    ref, _ = dense_topk(A, 4)
+    floor = 1e-6 * float(ref[0])
+
+    def solve(**kw):
+        if solver == "block":
+            return block_lanczos(lambda X: A @ X, 100, 4, block=4, tol=1e-12, **kw)
+        return lanczos(lambda v: A @ v, 100, 4, tol=1e-12, criterion="gap", **kw)
+
+    tight, floored = solve(), solve(atol=floor)
+    assert bool(tight.converged.all()) and bool(floored.converged.all())
+    assert floored.n_matvecs < tight.n_matvecs
+    assert float((floored.values - ref).abs().max()) <= floor
+    torch.testing.assert_close(tight.values, ref, rtol=1e-10, atol=0)

@@ -1,0 +1,185 @@
+"""Default ``gmcurv trace`` (top-5 Fisher eigenvalues) against the trace alone (``--k 0``)
+on W1-W3, whole commands, with the eigenvalues checked against a dense float64 oracle.
+
+Each command runs in its own process (``python -m gmcurv trace ... -q -o report.json``),
+rounds interleaved (default, ``--k 0``, ... in alternating order); compute = the report's
+own stage timings (start-up, load and validation excluded, as in `bench_cli.py`). The
+ratio is min(default) / min(``--k 0``) over the rounds, with the median of the per-round
+ratios beside it; ``uptime`` load is recorded before and after every round.
+
+Oracle: the same float32 weights and data upcast to float64, the float64 kernel
+``K = J J^T`` from the float64 capture, full ``eigvalsh``; the report's top-5 Fisher
+eigenvalues must lie within their stated bound (``eigen_tolerance``) plus the float32
+kernel's own rounding of it — the table gives the relative differences.
+
+`--baseline PYTHON`: also time an interpreter whose gmcurv is another version (e.g.
+``/work/venv/main/bin/python`` before a change lands) in the same rounds, for before/after.
+
+Run: ``python bench/cli/bench_topk.py [--rounds 5]`` (writes ``bench/cli/results_topk.json``)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent / "distributed"))
+
+from bench_distributed import write_workload  # noqa: E402
+
+SETUP = ("startup", "load", "validate")
+WORKLOADS = ("W1", "W2", "W3")
+OUT = HERE / "results_topk.json"
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run(python: str, args: list[str], tmp: Path, own: bool, threads: int | None = None) -> dict:
+    """One ``gmcurv`` command in its own process: compute time and the Fisher results."""
+    out = tmp / "report.json"
+    out.unlink(missing_ok=True)
+    env = {**os.environ, "GMCURV_NO_CONFIG": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    if own:
+        env["PYTHONPATH"] = str(ROOT)
+    else:
+        env.pop("PYTHONPATH", None)  # the interpreter's own installed gmcurv
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [python, "-m", "gmcurv", *args, "-q", "-o", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp,
+    )
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{python} -m gmcurv {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    doc = json.loads(out.read_text())
+    timings = doc["timings"]
+    fisher = doc["results"]["fisher"]
+    return {
+        "compute": sum(v for k, v in timings.items() if k not in SETUP),
+        "wall": wall,
+        "eigenvalues": [e["value"] for e in fisher.get("eigenvalues") or []],
+        "residuals": [e.get("residual") for e in fisher.get("eigenvalues") or []],
+        "n_matvecs": (fisher.get("eigenvalues") or [{}])[0].get("n_matvecs"),
+        "method": (fisher.get("eigenvalues") or [{}])[0].get("method"),
+        "eigen_tolerance": fisher.get("eigen_tolerance"),
+    }
+
+
+def oracle(name: str, k: int = 5) -> list[float]:
+    """Top-k eigenvalues of ``F`` in float64: the float32 workload upcast, the float64
+    capture's kernel ``J J^T`` and a full ``eigvalsh``."""
+    import torch
+    from workloads import build
+
+    from gmcurv.batch import Batch
+    from gmcurv.capture import DecomposedGradients, capture
+    from gmcurv.fisher import gram_kernel
+    from gmcurv.objective import Objective
+
+    w = build(name, dtype=torch.float64)
+    obj = Objective.build(w.model, "cross_entropy")
+    parts = [capture(obj, Batch(w.x[i : i + 256], w.y[i : i + 256], i)) for i in range(0, w.n, 256)]
+    dg = DecomposedGradients.cat(parts)
+    K = gram_kernel(dg)
+    return (torch.linalg.eigvalsh(K).flip(0)[:k] / dg.n).tolist()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--baseline", default=None, help="another interpreter to time alongside")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--no-oracle", action="store_true")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="OMP_NUM_THREADS (default: torch's own)"
+    )
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="gmcurv-bench-topk-"))
+    paths = {w: write_workload(w, tmp) for w in WORKLOADS}
+    sides = {"new": (sys.executable, True)}
+    if args.baseline:
+        sides["baseline"] = (args.baseline, False)
+    variants = {"default": [], "k0": ["--k", "0"]}
+    runs: dict = {s: {w: {v: [] for v in variants} for w in WORKLOADS} for s in sides}
+    loads = []
+    for r in range(args.rounds):
+        before = load()
+        for w, (model, data, extra) in paths.items():
+            order = list(variants) if r % 2 == 0 else list(variants)[::-1]
+            for side, (python, own) in sides.items():
+                for v in order:
+                    cmd = ["trace", str(model), str(data), *extra, *variants[v]]
+                    runs[side][w][v].append(run(python, cmd, tmp, own, args.threads))
+        loads.append({"round": r, "before": before, "after": load()})
+        print(f"round {r + 1}/{args.rounds} done, load {loads[-1]['after']}", flush=True)
+    summary: dict = {}
+    for side in sides:
+        for w in WORKLOADS:
+            d, z = runs[side][w]["default"], runs[side][w]["k0"]
+            best_d, best_z = min(x["compute"] for x in d), min(x["compute"] for x in z)
+            per_round = [a["compute"] / b["compute"] for a, b in zip(d, z, strict=True)]
+            summary.setdefault(side, {})[w] = {
+                "default_s": best_d,
+                "k0_s": best_z,
+                "ratio": best_d / best_z,
+                "median_round_ratio": statistics.median(per_round),
+                "eigenvalues": d[0]["eigenvalues"],
+                "residuals": d[0]["residuals"],
+                "n_matvecs": d[0]["n_matvecs"],
+                "method": d[0]["method"],
+                "eigen_tolerance": d[0]["eigen_tolerance"],
+            }
+    if not args.no_oracle:
+        for w in WORKLOADS:
+            ref = oracle(w)
+            for side in sides:
+                row = summary[side][w]
+                row["oracle"] = ref
+                row["max_rel_diff_vs_oracle"] = max(
+                    abs(a - b) / ref[0] for a, b in zip(row["eigenvalues"], ref, strict=True)
+                )
+    doc = {
+        "what": "default `gmcurv trace` (top-5) vs `trace --k 0`, compute from the report",
+        "command": "python bench/cli/bench_topk.py " + " ".join(sys.argv[1:]),
+        "rounds": args.rounds,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "threads": args.threads,
+        "load": loads,
+        "summary": summary,
+        "runs": runs,
+    }
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    for side in sides:
+        for w in WORKLOADS:
+            s = summary[side][w]
+            diff = s.get("max_rel_diff_vs_oracle")
+            print(
+                f"{side:8s} {w}: default {s['default_s'] * 1e3:7.1f} ms  --k 0 "
+                f"{s['k0_s'] * 1e3:6.1f} ms  ratio {s['ratio']:.2f}x "
+                f"(median {s['median_round_ratio']:.2f}x)  {s['method']} {s['n_matvecs']} "
+                + ("" if diff is None else f"max |Δλ|/λ_max vs float64 {diff:.1e}")
+            )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
