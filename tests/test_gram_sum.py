@@ -280,3 +280,39 @@ def test_first_product_taken_while_forming_the_kernel(name, dtype, small_panels)
         bound = N * 2.0**-24 * (K.double().abs() @ V.abs()) * 4
         assert bool(((KV.double() - ref).abs() <= bound).all())
     assert gs.summed_gram_product(sources, N)[1] is None
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lower_panels_products_equal_the_full_kernel(name, dtype, small_panels):
+    """`LowerGram` (the panels unmirrored; with other blocks present, the full matrix):
+    products read the lower panels only and equal those with the full ``K`` (float64:
+    1e-12; float32: within ``n u |K| |Y|``), `exact` is ``K Y`` in float64 to 1e-13,
+    `full` is the same ``K`` as `summed_gram`, and `fisher_eigen` on either form agrees."""
+    obj, batch = _problem(name)
+    x = batch.inputs
+    if dtype == torch.float32:
+        obj.model.float()
+        x = x.float() if x.is_floating_point() else x
+    dg = capture(obj, Batch(x, batch.targets, 0))
+    sources = [b.source for b in dg.blocks]
+    full = gs.summed_gram(sources, N)
+    low, none = gs.summed_gram_product(sources, N, lower=True)
+    assert none is None and isinstance(low, gs.LowerGram)
+    assert (low.rows == 3) == (name == "mlp")  # panels only when every block is panelled
+    Y = torch.randn(N, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = full.double() @ Y
+    torch.testing.assert_close(low.exact(Y), ref, rtol=1e-13, atol=1e-13)
+    got = low.matmat(Y).double()
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    else:
+        bound = N * 2.0**-24 * (full.double().abs() @ Y.abs()) * 4
+        assert bool(((got - ref).abs() <= bound).all())
+    torch.testing.assert_close(low.diagonal(), full.diagonal(), rtol=0, atol=0)
+    torch.testing.assert_close(low.full(), full, rtol=0, atol=0)
+    lowered, _ = gs.summed_gram_product(sources, N, lower=True)
+    a = fisher_eigen(dg, 3, eigh_limit=8, kernel=lowered)
+    b = fisher_eigen(dg, 3, eigh_limit=8, kernel=full)
+    bound = max(a.tolerance["rtol"] * float(b.values[0]), a.tolerance["atol"])
+    assert float((a.values - b.values).abs().max()) <= 2 * bound
