@@ -194,9 +194,9 @@ def fisher_eigen(
     the first block holds the output layer's cotangent rows (`start_directions`). Beyond
     `dense_limit`, Lanczos on ``u -> J (J^T u)`` (never forming ``K``). `progress(i)` is
     called after products with ``i`` vectors. `kernel`: ``K`` of `blocks` when the caller
-    formed it already (a tensor, or its lower panels, `gmcurv.gram_sum.LowerGram`); `first`: ``(V_0, K V_0)`` with ``V_0 = first_block(...)`` of the
-    same arguments, the block route's first product taken while forming ``K``
-    (`formed_kernel`).
+    formed it already (a tensor, or its lower panels, `gmcurv.gram_sum.LowerGram`);
+    `first`: ``(V_0, K V_0)`` with ``V_0 = first_block(...)`` of the same arguments, the
+    block route's first product taken while forming ``K`` (`formed_kernel_product`).
     """
     from gmcurv.lanczos import lanczos
 
