@@ -493,9 +493,11 @@ def fisher_summary(
     acc = FisherAccumulator(diagonal=False)
     col_norms: dict[str, list[Tensor]] = {}
     kept: list[DecomposedGradients] = []
-    # one batch holds the whole sample: each block's Gram kernel is formed once, right after
-    # the capture, and gives both its trace (the diagonal) and its share of K
-    one_batch = k > 0 and not comm.active and data.n <= batch_size
+    # one batch holds the whole sample and each layer's own eigenvalues are wanted: each
+    # block's Gram kernel is formed once, right after the capture, and gives its trace (the
+    # diagonal), its eigenvalues and its share of K (otherwise K is summed by panels)
+    one_batch = k > 0 and per_layer and per_layer_eigen and not comm.active
+    one_batch = one_batch and data.n <= batch_size
     grams: dict[str, Tensor] = {}
     stream = capture_stream(
         objective,

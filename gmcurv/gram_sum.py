@@ -8,9 +8,13 @@ after the product so its inner dimension stays the inputs' own) — are summed p
 panel: for the rows ``P`` of a panel only the columns up to its diagonal tile are formed,
 ``K[P, :p1] = Σ_l (Δ_l[P] Δ_l[:p1]ᵀ) ⊙ (A_l[P] A_l[:p1]ᵀ)`` (about ``(1 + 1/panels) / 2``
 of the products of the full kernels, like a ``syrk``), each panel's Hadamard products and
-sum over layers done in place while the panel is in cache, and the strict upper triangle
-mirrored at the end tile by tile (``K`` is exactly symmetric). No per-layer ``(N C)²`` temporaries.
-Other blocks' kernels (`GradientSource.gram`) are added whole.
+sum over layers done in place while the panel is in cache, its diagonal tile symmetrised.
+No per-layer ``(N C)²`` temporaries. The panels may stay as they are (`LowerGram`:
+products read each stored entry once, no mirroring) or the strict upper triangle is
+mirrored tile by tile (``K`` exactly symmetric); a first block product can be taken while
+each panel is in cache (`summed_gram_product`). Other blocks' kernels
+(`GradientSource.gram`) are added whole to the mirrored panels; several-token Linear
+blocks on their materialised route by lower row panels of each slab (`_slab_panels`).
 
 Precision is that of `gmcurv.fisher.gram_kernel`: products in the factors' dtype (inner
 dimensions above `GEMM_CHUNK` chunked by `rows_gram`), sums in float32 when every block is
@@ -117,7 +121,7 @@ def summed_gram_product(
     else:
         whole = list(sources)
     for s in whole:
-        part = s.gram(acc)  # a fresh tensor: summed into in place
+        part = _block_gram(s, acc)  # a fresh tensor: summed into in place
         K = part if K is None else K.add_(part)
         if progress:
             progress(share)
@@ -251,6 +255,47 @@ def _panel_sum(
 
 
 MIRROR_TILE = 128  # transposed copies tile by tile: a tile pair stays in L2
+SLAB_PANELS = 8  # row panels of a materialised several-token block (at most)
+MIN_SLAB_ROWS = 64  # ... of at least this many rows
+
+
+def _block_gram(src: GradientSource, dtype: torch.dtype) -> Tensor:
+    """One block's whole kernel in `dtype`: `GradientSource.gram`, except several-token
+    Linear blocks on their materialised route (`LinearFactors.gram` picks it when it costs
+    less than the token pairs), which `_slab_panels` forms by lower row panels."""
+    if isinstance(src, LinearFactors) and src.tokens > 1:
+        from gmcurv.factors import linear_kernels as kernels
+        from gmcurv.factors.linear import MATERIALISED_RATE
+
+        n, c, t = src.n, src.columns, src.tokens
+        o, i = src.delta.shape[-1], src.x.shape[-1] + 1
+        token = kernels.token_pair_cost(n, c, t, o, i)
+        if token > MATERIALISED_RATE * (n * c * (t + n * c) * o * i):
+            return _slab_panels(src).to(dtype)
+    return src.gram(dtype)
+
+
+def _slab_panels(src: LinearFactors) -> Tensor:
+    """``K = Σ_slabs G_s G_sᵀ`` (float64) with ``G_s[(n,c)] = Σ_t δ[n,c,t,s] a[n,t]ᵀ`` the
+    gradients' rows for a slab ``s`` of output units (`LinearFactors._materialised_gram`),
+    each slab's products by lower row panels (``G_s[P] G_s[:p1]ᵀ``, `rows_gram`): with
+    ``p`` panels ``(1 + 1/p) / 2`` of the full products (8 panels: 56 %), then mirrored."""
+    from gmcurv.factors.source import CHUNK_ELEMENTS
+
+    a = src.a[:, None]  # [N, 1, T, I]
+    n, c, _, o = src.delta.shape
+    rows = n * c
+    panels = max(1, min(SLAB_PANELS, rows // MIN_SLAB_ROWS))
+    height = -(-rows // panels)
+    K = torch.zeros(rows, rows, dtype=torch.float64, device=src.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, rows * a.shape[-1]))
+    for lo in range(0, o, step):
+        d = src.delta[..., lo : lo + step].transpose(-1, -2)  # [N, C, s, T]
+        G = torch.matmul(d, a).reshape(rows, -1)
+        for p0 in range(0, rows, height):
+            p1 = min(rows, p0 + height)
+            K[p0:p1, :p1] += rows_gram(G[p0:p1], G[:p1])
+    return _mirror_lower(K)
 
 
 def _mirror_lower(K: Tensor) -> Tensor:

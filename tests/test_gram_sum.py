@@ -316,3 +316,28 @@ def test_lower_panels_products_equal_the_full_kernel(name, dtype, small_panels):
     b = fisher_eigen(dg, 3, eigh_limit=8, kernel=full)
     bound = max(a.tolerance["rtol"] * float(b.values[0]), a.tolerance["atol"])
     assert float((a.values - b.values).abs().max()) <= 2 * bound
+
+
+@pytest.mark.parametrize("rate", [0, 10**9])
+@pytest.mark.parametrize("name", ["tokens", "attention"])
+def test_several_token_blocks_by_slab_panels_or_token_pairs(name, rate, monkeypatch):
+    """Several-token Linear blocks: on the materialised route (rate 0: always) their
+    kernel comes from lower row panels of each slab's gradients (`_slab_panels`), on the
+    token-pair route (rate huge) from `LinearFactors.gram`; either way the summed kernel
+    equals the explicit gradients' Gram (float64, 1e-10); the slab panels' kernels are
+    exactly symmetric (mirrored)."""
+    import gmcurv.factors.linear as lin
+
+    monkeypatch.setattr(lin, "MATERIALISED_RATE", rate)
+    monkeypatch.setattr(gs, "MIN_SLAB_ROWS", 3)
+    calls = []
+    real = gs._slab_panels
+    monkeypatch.setattr(gs, "_slab_panels", lambda src: calls.append(real(src)) or calls[-1])
+    obj, batch = _problem(name)
+    dg = capture(obj, batch)
+    rows = _rows(dg, obj).reshape(dg.n * dg.columns, -1)
+    K = gs.summed_gram([b.source for b in dg.blocks], N)
+    torch.testing.assert_close(K, rows @ rows.T, rtol=1e-10, atol=1e-13)
+    assert all(torch.equal(part, part.T) for part in calls)
+    several = [b for b in dg.blocks if getattr(b.source, "tokens", 1) > 1]
+    assert several and len(calls) == (len(several) if rate == 0 else 0)
