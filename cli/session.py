@@ -349,11 +349,46 @@ def _validate(s: Session, data: Path | None, layers: str | None, mode: Any, seed
     s.objective = Objective.build(
         s.loaded.model, load_loss(s.loaded.loss), layers, getattr(mode, "value", mode), seed or 0
     )
-    s.objective.check_data(s.data)  # this rank's share of the files
+    per_example = s.objective.check_data(s.data)  # this rank's share of the files
+    warn_uneven_tokens(s.objective, s.data, per_example)
     named = s.loaded.loss_source != DEFAULT_LOSS_SOURCE
     refuse_unnamed_label_shift(s.data, named, str(data))
     if s.comm.active:
         s.note(f"rank {s.comm.rank}/{s.comm.world}: examples {s.data.span}")
+
+
+def warn_uneven_tokens(objective: Objective, data: DataSample, per_example: Any) -> None:
+    """Warn (into the report too) when examples score different numbers of tokens: gmcurv
+    weights examples equally, ``L = (1/N) Σ_n mean_t ℓ[n,t]``, while the library's
+    ``outputs.loss`` weights tokens equally, ``Σ_{n,t} ℓ[n,t] / Σ_n T_n``."""
+    import torch
+
+    from gmcurv.batch import Batch, batch_size_of
+
+    counts = []
+    for _, inputs, targets in data.shard_arrays():
+        n = batch_size_of(inputs)
+        stub = torch.empty((n, *per_example), device="meta")
+        tgt = objective.targets(Batch(inputs, targets, 0), stub)
+        got = objective.loss.valid_tokens(tgt)
+        if got is None:
+            return
+        counts.append(got)
+    if not counts:
+        return
+    t = torch.cat(counts)
+    lo, hi = int(t.min()), int(t.max())
+    if lo == hi:
+        return
+    warnings.warn(
+        f"examples score between {lo} and {hi} tokens (labels != -100 after any shift): "
+        f"gmcurv weights every example equally (L = mean over examples of each example's "
+        f"mean token loss), so its loss and curvature differ from the library's "
+        f"outputs.loss, which weights every token equally; fixed-length windows without "
+        f"padding make the two the same",
+        GmcurvWarning,
+        stacklevel=3,
+    )
 
 
 def warn_dense_fallback(ctx: typer.Context, objective: Objective, data: DataSample) -> None:

@@ -105,3 +105,7 @@ def test_resnet_saliency_prune_loads_strictly_in_plain_pytorch(runner, resnet):
     assert all(k.endswith(".weight") and "bn" not in k for k in keep)  # convs and fc only
     again = _run(runner, "trace", out, resnet["data"], "--curvature", "fisher")
     assert again["results"]["fisher"]["trace"]["value"] > 0
+    # without --arch: one error naming the fix (the factory is never recorded in the file)
+    res = runner.invoke(app, ["trace", str(out), str(resnet["data"])])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "pruned by gmcurv" in res.stderr and "same --arch" in res.stderr

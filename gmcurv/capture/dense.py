@@ -39,16 +39,15 @@ def dense_blocks(
         _, pull = vjp(f, primals)
         return vmap(pull)(cot)[0]
 
+    cot = cols.transpose(0, 1)
     try:
         # attention on the math kernel: the fused CPU kernel has no vmap batching rule
         with twice_differentiable_attention():
-            g = vmap(one)(batch.inputs, cols.transpose(0, 1))
+            g = vmap(one)(batch.inputs, cot)
     except Exception as e:  # torch.func cannot trace some modules (e.g. train-mode BN)
-        raise UnsupportedError(
-            f"per-example gradients of {', '.join(p.name for p in plans)} could not be "
-            f"computed with torch.func: {type(e).__name__}: {str(e).splitlines()[0]}",
-            hint="exclude those parameters with --layers, or use --mode eval",
-        ) from None
+        if obj.mode != "eval":  # a loop would draw other dropout masks than the batch
+            raise _unsupported(plans, e, "or use --mode eval") from None
+        g = _example_loop(one, batch, cot, plans)
     n, C = cols.shape[1], cols.shape[0]
     blocks = []
     for plan in plans:
@@ -56,6 +55,28 @@ def dense_blocks(
         flat = torch.cat([g[k].reshape(n, C, -1) for k in plan.params], dim=-1)
         blocks.append(Block(plan.name, "dense", DenseGradients(plan.params, shapes, flat)))
     return blocks
+
+
+def _example_loop(one, batch: Batch, cot: Tensor, plans: list[BlockPlan]) -> dict[str, Tensor]:
+    """The same gradients one example at a time (``vmap`` over the columns only): for models
+    whose forward branches on the data, e.g. Hugging Face encoders testing
+    ``attention_mask.all()``, which ``vmap`` over examples cannot trace."""
+    rows = []
+    try:
+        with twice_differentiable_attention():
+            for i in range(cot.shape[0]):
+                rows.append(one(tree_map(lambda t, i=i: t[i], batch.inputs), cot[i]))
+    except Exception as e:
+        raise _unsupported(plans, e, "") from None
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _unsupported(plans: list[BlockPlan], e: Exception, extra: str) -> UnsupportedError:
+    return UnsupportedError(
+        f"per-example gradients of {', '.join(p.name for p in plans)} could not be "
+        f"computed with torch.func: {type(e).__name__}: {str(e).splitlines()[0]}",
+        hint=f"exclude those parameters with --layers {extra}".rstrip(),
+    )
 
 
 def zero_source(

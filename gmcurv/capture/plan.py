@@ -104,6 +104,7 @@ def plan_capture(model: nn.Module, params: dict[str, Tensor]) -> list[BlockPlan]
         for p in module.parameters(recurse=False):
             if id(p) in name_of:
                 users.setdefault(id(p), []).append(path)
+    _drop_registrations(model, owned, kinds, users)
     # connected components of modules that share parameters
     parent = {m: m for m in owned}
 
@@ -130,6 +131,32 @@ def plan_capture(model: nn.Module, params: dict[str, Tensor]) -> list[BlockPlan]
             kind = "dense" if "dense" in member_kinds or "norm" in member_kinds else "tied"
         plans.append(BlockPlan(members[0] or names[0], kind, tuple(names), tuple(members)))
     return sorted(plans, key=lambda b: order[b.params[0]])
+
+
+def _drop_registrations(
+    model: nn.Module,
+    owned: dict[str, list[str]],
+    kinds: dict[str, str],
+    users: dict[int, list[str]],
+) -> None:
+    """Forget a generic module that merely re-registers a parameter a capturable child
+    computes with: BERT's MLM head registers ``cls.predictions.bias``, which is
+    ``cls.predictions.decoder.bias``. Keeping it would merge the tied embedding/decoder
+    group into a dense block. If the parent also used the parameter itself, the
+    first-batch self-check would catch it (and fall back to dense)."""
+    for path in [m for m, k in kinds.items() if k == "dense"]:
+        module = model.get_submodule(path)
+        ids = [id(p) for p in module.parameters(recurse=False) if id(p) in users]
+        children = {
+            c
+            for i in ids
+            for c in users[i]
+            if c != path and (not path or c.startswith(f"{path}.")) and kinds[c] != "dense"
+        }
+        if ids and all(any(c in children for c in users[i]) for i in ids):
+            del owned[path], kinds[path]
+            for i in ids:
+                users[i].remove(path)
 
 
 @dataclass(frozen=True)

@@ -85,10 +85,19 @@ def build_model(header: Header, arch: str | None) -> tuple[nn.Module, str, str, 
         # a family spec that rebuilds the model without config.json (e.g. gpt2:n_head=12)
         name = getattr(model, "arch_spec", None) or str(config.get("model_type"))
         return model, name, "config.json", loss
+    if "gmcurv.pruning" in meta:  # pruned from a model built by user code, never recorded
+        hint = (
+            "it was pruned by gmcurv from a model built by an --arch factory, which a "
+            "checkpoint never records: pass the same --arch path/to/model.py:factory"
+        )
+    else:
+        hint = (
+            "pass --arch mlp:<activation> (relu|tanh|gelu|...) for a plain MLP, "
+            "or --arch path/to/model.py:factory"
+        )
     raise ArchitectureError(
         f"{source}: cannot tell the architecture: no gmcurv metadata and no config.json beside it",
-        hint="pass --arch mlp:<activation> (relu|tanh|gelu|...) for a plain MLP, "
-        "or --arch path/to/model.py:factory",
+        hint=hint,
     )
 
 

@@ -42,6 +42,10 @@ class Loss:
         """Targets to use when the data has none (only next-token prediction has them)."""
         return None
 
+    def valid_tokens(self, targets: Tensor) -> Tensor | None:
+        """Scored tokens per example, ``[N]``, for per-token losses; None otherwise."""
+        return None
+
     # -- curvature --------------------------------------------------------------------------
     def output_hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         """``Λ_n v_n`` per example: the Hessian of ``L_n`` w.r.t. ``f_n`` applied to ``v``."""

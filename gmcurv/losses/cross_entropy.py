@@ -48,6 +48,14 @@ class CrossEntropy(Loss):
         """Next-token targets (`tokens.next_token_targets`); None for plain classification."""
         return next_token_targets(inputs) if self.shift else None
 
+    def valid_tokens(self, targets: Tensor) -> Tensor | None:
+        """``T_n``: the targets ``!= -100`` each example scores (after the shift); None
+        for one label per example."""
+        if targets.ndim < 2:
+            return None
+        _, tgt = align(targets, targets, self.shift)
+        return (tgt != IGNORE_INDEX).reshape(tgt.shape[0], -1).sum(1)
+
     def output_hessian_vp(self, outputs: Tensor, targets: Tensor, v: Tensor) -> Tensor:
         logits, tgt = align(outputs, targets, self.shift)
         p = logits.softmax(-1)
