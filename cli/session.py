@@ -114,6 +114,21 @@ def warm_up_autograd() -> None:
     keep_freed_memory()  # products' temporaries reuse freed memory, no page faults
 
 
+def _family_code(model: Path, arch: str | None) -> str:
+    """What a Hugging Face checkpoint's load will import (``transformers``' model code, tens
+    of seconds on a busy machine), so that start-up can pay it: '' for other models."""
+    if arch and not arch.startswith("hf"):
+        return ""
+    folder = model if model.is_dir() else model.parent
+    return "importing transformers" if (folder / "config.json").is_file() else ""
+
+
+def _import_transformers() -> None:
+    """Import the model code every ``transformers`` class loads (missing: the load says so)."""
+    with contextlib.suppress(ImportError):
+        import transformers.modeling_utils  # noqa: F401
+
+
 _SOURCE_NAMES = {
     "COMMANDLINE": "command line",
     "ENVIRONMENT": "environment",
@@ -196,8 +211,11 @@ class Session:
         loss_name = getattr(loss, "value", loss)
         s.record_user_code(ctx, arch=arch, loss=loss_name)
         if need_data:
-            with s.stage("startup"):
+            family = _family_code(model, arch)
+            with s.stage("startup"), s.progress(f"starting up{family and f' ({family})'}", None):
                 warm_up_autograd()
+                if family:
+                    _import_transformers()
         # no count to show: a spinner with the elapsed time (imports of torch's and the
         # model family's code, reading the checkpoint) — loading can take seconds
         with s.stage("load"), s.progress("loading the model and data", None):

@@ -139,3 +139,14 @@ def test_valid_tokens_counts_after_the_shift():
     assert CrossEntropy().valid_tokens(t).tolist() == [3, 1]
     assert CrossEntropy(shift=True).valid_tokens(t).tolist() == [2, 0]
     assert CrossEntropy().valid_tokens(torch.tensor([1, 2])) is None
+
+
+def test_transformers_import_is_start_up_with_a_spinner(runner, mlm):
+    """A Hugging Face checkpoint's model code is imported during start-up, under a
+    spinner that says so; the load that follows only builds and reads."""
+    from gmcurv.cli import progress
+
+    with progress.recording() as rec:
+        _trace(runner, mlm, "data-equal.safetensors")
+    labels = [p.label for p in rec.phases]
+    assert labels[:2] == ["starting up (importing transformers)", "loading the model and data"]
