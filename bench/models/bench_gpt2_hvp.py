@@ -26,6 +26,12 @@ A process builds the model, then:
 Both use the math attention kernel (the CPU flash kernel has no double backward).
 Recorded per process: set-up, graph (first product), the per-product times of
 `--products` products, peak RSS, ``v^T H v`` for a fixed unit ``v``, and ``uptime``.
+Then `--steps` Hutchinson steps, as each library's trace loop runs them: a Rademacher
+probe, its product, the sample ``z^T H z`` — PyHessian: ``randint_like`` and a masked fill
+per parameter, ``hessian_vector_product``, ``group_product``; gmcurv: what
+`gmcurv.stochastic.deflated_block_traces` does per probe (``rademacher_bits``,
+``CurvatureOperator.matvec`` of the flat probe, ``probe_dots``). The gmcurv process starts
+with `gmcurv.memory.keep_freed_memory`, as the CLI does.
 
 Trace mode (`--trace`): what ``gmcurv trace --curvature hessian --no-per-layer --k 0
 --tol 0.05`` computes (`gmcurv.hessian.curvature_summary`), in its own process: value,
@@ -104,8 +110,9 @@ def math_attention():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-def one_hvp(library: str, products: int) -> dict:
-    """Set-up, graph and per-product times of one library, in this process."""
+def one_hvp(library: str, products: int, steps: int = 0) -> dict:
+    """Set-up, graph and per-product times of one library, in this process; then `steps`
+    whole Hutchinson steps (probe, product, sample)."""
     torch.set_num_threads(THREADS)
     model, ids = build()
     names = [k for k, p in model.named_parameters() if p.requires_grad]
@@ -126,6 +133,16 @@ def one_hvp(library: str, products: int) -> dict:
             with math_attention():
                 return hessian_vector_product(comp.gradsH, comp.params, v)
 
+        def step() -> float:  # pyhessian.hessian.trace's loop body
+            from pyhessian.utils import group_product
+
+            z = [torch.randint_like(p, high=2) for p in comp.params]
+            for z_i in z:
+                z_i[z_i == 0] = -1
+            with math_attention():
+                hz = hessian_vector_product(comp.gradsH, comp.params, z)
+            return group_product(hz, z).item()
+
         setup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         hv = product()
@@ -138,9 +155,12 @@ def one_hvp(library: str, products: int) -> dict:
         from safetensors.torch import save_file
 
         from gmcurv.io.data import load_data
+        from gmcurv.memory import keep_freed_memory
         from gmcurv.objective import Objective
         from gmcurv.operator import CurvatureOperator
+        from gmcurv.stochastic import _generator, probe_dots, rademacher_bits
 
+        keep_freed_memory()
         obj = Objective.build(model, "next_token")
         assert list(obj.params) == names
         tmp = Path(tempfile.mkdtemp()) / "tokens.safetensors"
@@ -151,6 +171,12 @@ def one_hvp(library: str, products: int) -> dict:
         def product() -> list[torch.Tensor]:
             out = op.matvec_dict(vec)
             return [out[k] for k in names]
+
+        gen = _generator(0, obj.device)
+
+        def step() -> float:  # gmcurv.stochastic.deflated_block_traces' loop body
+            z = rademacher_bits(op.size, gen, obj.dtype, obj.device)
+            return probe_dots({}, z, op.matvec(z))[0]
 
         setup_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -170,6 +196,11 @@ def one_hvp(library: str, products: int) -> dict:
         hv = product()
         times.append(time.perf_counter() - t0)
         del hv
+    step_times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        step_times.append(time.perf_counter() - t0)
     return {
         "library": library,
         "status": "ok",
@@ -178,6 +209,8 @@ def one_hvp(library: str, products: int) -> dict:
         "product_s": [round(t, 3) for t in times],
         "median_product_s": round(statistics.median(times), 3) if times else None,
         "min_product_s": round(min(times), 3) if times else None,
+        "step_s": [round(t, 3) for t in step_times],
+        "median_step_s": round(statistics.median(step_times), 3) if step_times else None,
         "v_H_v": vhv,
         "peak_rss_gb": peak_gb(),
         "uptime_after": uptime(),
@@ -191,16 +224,17 @@ PROGRESS = HERE / "results_hvp_trace_progress.jsonl"
 def watch_probes(t0: float) -> None:
     """Append every probe's ``z^T H z`` with the running mean and standard error to
     `PROGRESS` as it lands (the trace can run for hours; nothing is lost if it is cut).
-    It observes `gmcurv.stochastic.block_dots`, which the trace calls once per probe with
+    It observes `gmcurv.stochastic.probe_dots`, which the trace calls once per probe with
     the probe ``z`` and its product ``H z``; the numbers computed are unchanged."""
     import gmcurv.stochastic as st
 
-    inner = st.block_dots
+    inner = st.probe_dots
     samples: list[float] = []
     PROGRESS.write_text("")
 
     def observed(slices, g, y):
-        samples.append(float(g.double() @ y.double()))
+        total, parts = inner(slices, g, y)
+        samples.append(total)
         m = len(samples)
         mean = statistics.fmean(samples)
         se = statistics.stdev(samples) / m**0.5 if m > 1 else None
@@ -209,9 +243,9 @@ def watch_probes(t0: float) -> None:
                "uptime": uptime()}  # fmt: skip
         with PROGRESS.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        return inner(slices, g, y)
+        return total, parts
 
-    st.block_dots = observed
+    st.probe_dots = observed
 
 
 def one_trace(rtol: float, cap: int) -> dict:
@@ -285,6 +319,7 @@ def main() -> None:
     ap.add_argument("--one-trace", action="store_true")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--products", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=1, help="Hutchinson steps after products")
     ap.add_argument("--trace", action="store_true", help="the Hessian trace to --tol")
     ap.add_argument("--tol", type=float, default=0.05)
     ap.add_argument("--cap", type=int, default=400)
@@ -292,7 +327,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results_hvp.json"))
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(one_hvp(args.one, args.products)))
+        print(json.dumps(one_hvp(args.one, args.products, args.steps)))
         return
     if args.one_trace:
         print(json.dumps(one_trace(args.tol, args.cap)))
@@ -316,11 +351,13 @@ def main() -> None:
             for lib in order:
                 before = uptime()
                 row[lib] = {"uptime_before": before, **subprocess_json(
-                    ["--one", lib, "--products", str(args.products)], args.spin
+                    ["--one", lib, "--products", str(args.products), "--steps",
+                     str(args.steps)], args.spin
                 )}  # fmt: skip
                 res = row[lib]
                 graph = res.get("graph_and_first_product_s")
-                print(f"round {r + 1} {lib}: {res.get('product_s')} s/product, graph {graph}"
+                print(f"round {r + 1} {lib}: {res.get('product_s')} s/product, "
+                      f"{res.get('step_s')} s/step, graph {graph}"
                       f" s, peak {res.get('peak_rss_gb')} GB, {res.get('status')} "
                       f"{res.get('error', '')[-300:]}", flush=True)  # fmt: skip
             rounds.append(row)
@@ -331,15 +368,19 @@ def main() -> None:
 
 def summarise(rounds: list[dict]) -> dict:
     """Per round, gmcurv / PyHessian median product time; overall the median of those."""
-    ratios, agree = [], []
+    ratios, steps, agree = [], [], []
     for row in rounds:
         g, p = row.get("gmcurv", {}), row.get("pyhessian", {})
         if g.get("status") == "ok" and p.get("status") == "ok":
             ratios.append(g["median_product_s"] / p["median_product_s"])
+            if g.get("median_step_s") and p.get("median_step_s"):
+                steps.append(g["median_step_s"] / p["median_step_s"])
             agree.append(abs(g["v_H_v"] - p["v_H_v"]) / abs(p["v_H_v"]))
     return {
         "gmcurv_over_pyhessian_per_round": [round(x, 3) for x in ratios],
         "gmcurv_over_pyhessian_median": round(statistics.median(ratios), 3) if ratios else None,
+        "step_gmcurv_over_pyhessian_per_round": [round(x, 3) for x in steps],
+        "step_gmcurv_over_pyhessian_median": round(statistics.median(steps), 3) if steps else None,
         "vHv_rel_diff_max": max(agree) if agree else None,
     }
 
