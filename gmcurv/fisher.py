@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -28,6 +29,9 @@ from gmcurv.block_krylov import default_max_basis as block_budget
 from gmcurv.capture import DecomposedGradients
 from gmcurv.estimate import Estimate
 from gmcurv.memory import DENSE_GRAM_LIMIT
+
+if TYPE_CHECKING:
+    from gmcurv.gram_sum import LowerGram
 
 
 def _blocks(dg: DecomposedGradients, names: Iterable[str] | None):
@@ -173,7 +177,7 @@ def fisher_eigen(
     seed: int = 0,
     eigh_limit: int = EIGH_LIMIT,
     progress=None,
-    kernel: Tensor | None = None,
+    kernel: Tensor | LowerGram | None = None,
     first: tuple[Tensor, Tensor] | None = None,
 ) -> FisherEigen:
     """The `k` largest eigenvalues of ``F`` (restricted to `blocks`) and optionally vectors.
@@ -190,9 +194,9 @@ def fisher_eigen(
     the first block holds the output layer's cotangent rows (`start_directions`). Beyond
     `dense_limit`, Lanczos on ``u -> J (J^T u)`` (never forming ``K``). `progress(i)` is
     called after products with ``i`` vectors. `kernel`: ``K`` of `blocks` when the caller
-    formed it already; `first`: ``(V_0, K V_0)`` with ``V_0 = first_block(...)`` of the
-    same arguments, the block route's first product taken while forming ``K``
-    (`formed_kernel`).
+    formed it already (a tensor, or its lower panels, `gmcurv.gram_sum.LowerGram`);
+    `first`: ``(V_0, K V_0)`` with ``V_0 = first_block(...)`` of the same arguments, the
+    block route's first product taken while forming ``K`` (`formed_kernel_product`).
     """
     from gmcurv.lanczos import lanczos
 
@@ -202,7 +206,9 @@ def fisher_eigen(
         from gmcurv.gram_sum import summed_gram
 
         kernel = summed_gram([b.source for b in sub.blocks], size, dg.losses.device)
-    K = kernel
+    from gmcurv.gram_sum import LowerGram
+
+    K = LowerGram(kernel, kernel.shape[0]) if isinstance(kernel, Tensor) else kernel
     res = None
     rule = None
     blocked = K is not None and size > eigh_limit and 4 * k < size
@@ -217,7 +223,7 @@ def fisher_eigen(
 
         # threaded LAPACK only pays for itself on large kernels (`intra_op_threads`)
         with intra_op_threads(1 if size <= SMALL_EIGH else torch.get_num_threads()):
-            mu, U = torch.linalg.eigh(K.double())
+            mu, U = torch.linalg.eigh(K.full().double())
         mu, U = mu.flip(0), U.flip(1)
         tol_rank = mu[0].abs() * size * torch.finfo(torch.float64).eps if size else 0.0
         rank: int | None = int((mu > tol_rank).sum())
@@ -297,18 +303,18 @@ def first_block(sub: DecomposedGradients, k: int, seed: int = 0) -> Tensor:
 
 
 def _block_route(
-    K: Tensor, sub: DecomposedGradients, k: int, rule, seed, vectors, progress, first=None
+    K: LowerGram, sub: DecomposedGradients, k: int, rule, seed, vectors, progress, first=None
 ):
     """Block Lanczos on the formed ``K`` (`fisher_eigen`) to `rule` (`eigen_tolerance`)."""
     from gmcurv.block_krylov import block_lanczos
-    from gmcurv.gram_sum import float64_products, product_error
+    from gmcurv.gram_sum import product_error
 
     size = K.shape[0]
     fast = K.dtype != torch.float64 and not vectors  # vectors want float64 residuals
     if fast:
-        matmat, exact, err = (lambda X: K @ X.to(K.dtype)), float64_products(K), product_error(K)
+        matmat, exact, err = K.matmat, K.exact, product_error(K)
     else:
-        K64 = K.double()
+        K64 = K.full().double()
         matmat, exact, err = (lambda X: K64 @ X), None, 0.0
         first = None  # a float32 first product would not be this route's
     if first is None:
@@ -487,9 +493,11 @@ def fisher_summary(
     acc = FisherAccumulator(diagonal=False)
     col_norms: dict[str, list[Tensor]] = {}
     kept: list[DecomposedGradients] = []
-    # one batch holds the whole sample: each block's Gram kernel is formed once, right after
-    # the capture, and gives both its trace (the diagonal) and its share of K
-    one_batch = k > 0 and not comm.active and data.n <= batch_size
+    # one batch holds the whole sample and each layer's own eigenvalues are wanted: each
+    # block's Gram kernel is formed once, right after the capture, and gives its trace (the
+    # diagonal), its eigenvalues and its share of K (otherwise K is summed by panels)
+    one_batch = k > 0 and per_layer and per_layer_eigen and not comm.active
+    one_batch = one_batch and data.n <= batch_size
     grams: dict[str, Tensor] = {}
     stream = capture_stream(
         objective,
@@ -531,7 +539,7 @@ def fisher_summary(
             # the block route's first product is taken while the kernel is formed
             V0 = first_block(full, k, seed) if block_route(n_rows, k) else None
             label = "Fisher: Gram kernel (rows)"
-            total, KV0 = formed_kernel_product(full, label, phase, eigen_progress, V0)
+            total, KV0 = formed_kernel_product(full, label, phase, eigen_progress, V0, True)
             first = None if V0 is None or KV0 is None else (V0, KV0)
         if phase:
             phase("Fisher: Gram eigenvalues (kernel products)", eigen_products(n_rows, k))
@@ -590,10 +598,16 @@ def formed_kernel(dg: DecomposedGradients, label: str, phase, progress) -> Tenso
 
 
 def formed_kernel_product(
-    dg: DecomposedGradients, label: str, phase, progress, first: Tensor | None = None
-) -> tuple[Tensor | None, Tensor | None]:
+    dg: DecomposedGradients,
+    label: str,
+    phase,
+    progress,
+    first: Tensor | None = None,
+    lower: bool = False,
+):
     """`formed_kernel` and ``K first`` taken while forming it (None without `first`;
-    `gmcurv.gram_sum.summed_gram_product`)."""
+    `gmcurv.gram_sum.summed_gram_product`, whose `lower` gives ``K`` as its lower
+    panels, a `gmcurv.gram_sum.LowerGram`)."""
     from gmcurv.gram_sum import summed_gram_product
 
     rows = dg.n * dg.columns
@@ -602,7 +616,7 @@ def formed_kernel_product(
     if phase:
         phase(label, rows)
     sources = [b.source for b in dg.blocks]
-    return summed_gram_product(sources, rows, dg.losses.device, progress, first)
+    return summed_gram_product(sources, rows, dg.losses.device, progress, first, lower)
 
 
 def _block_grams(dg: DecomposedGradients, phase, progress) -> dict[str, Tensor]:

@@ -235,13 +235,14 @@ def test_float32_summary_first_product_and_precision_matched_tolerance(monkeypat
     seen = []
     real = gs.summed_gram_product
 
-    def spy(sources, size, device="cpu", progress=None, first=None):
-        seen.append(first)
-        return real(sources, size, device, progress, first)
+    def spy(sources, size, device="cpu", progress=None, first=None, lower=False):
+        seen.append((first, lower))
+        return real(sources, size, device, progress, first, lower)
 
     monkeypatch.setattr(gs, "summed_gram_product", spy)
     s = fisher_summary(obj, data, batch_size=100, k=5)
-    assert seen and seen[0] is not None and seen[0].shape[0] == n
+    assert seen and seen[0][0] is not None and seen[0][0].shape[0] == n
+    assert seen[0][1]  # the kernel stays as its lower panels (no mirroring)
     eig = [e.value for e in s.eigenvalues]
     assert s.eigenvalues[0].method == "gram-block-lanczos"
     assert all(e.converged for e in s.eigenvalues)

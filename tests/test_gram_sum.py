@@ -280,3 +280,64 @@ def test_first_product_taken_while_forming_the_kernel(name, dtype, small_panels)
         bound = N * 2.0**-24 * (K.double().abs() @ V.abs()) * 4
         assert bool(((KV.double() - ref).abs() <= bound).all())
     assert gs.summed_gram_product(sources, N)[1] is None
+
+
+@pytest.mark.parametrize("name", ["mlp", "attention"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_lower_panels_products_equal_the_full_kernel(name, dtype, small_panels):
+    """`LowerGram` (the panels unmirrored; with other blocks present, the full matrix):
+    products read the lower panels only and equal those with the full ``K`` (float64:
+    1e-12; float32: within ``n u |K| |Y|``), `exact` is ``K Y`` in float64 to 1e-13,
+    `full` is the same ``K`` as `summed_gram`, and `fisher_eigen` on either form agrees."""
+    obj, batch = _problem(name)
+    x = batch.inputs
+    if dtype == torch.float32:
+        obj.model.float()
+        x = x.float() if x.is_floating_point() else x
+    dg = capture(obj, Batch(x, batch.targets, 0))
+    sources = [b.source for b in dg.blocks]
+    full = gs.summed_gram(sources, N)
+    low, none = gs.summed_gram_product(sources, N, lower=True)
+    assert none is None and isinstance(low, gs.LowerGram)
+    assert (low.rows == 3) == (name == "mlp")  # panels only when every block is panelled
+    Y = torch.randn(N, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = full.double() @ Y
+    torch.testing.assert_close(low.exact(Y), ref, rtol=1e-13, atol=1e-13)
+    got = low.matmat(Y).double()
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    else:
+        bound = N * 2.0**-24 * (full.double().abs() @ Y.abs()) * 4
+        assert bool(((got - ref).abs() <= bound).all())
+    torch.testing.assert_close(low.diagonal(), full.diagonal(), rtol=0, atol=0)
+    torch.testing.assert_close(low.full(), full, rtol=0, atol=0)
+    lowered, _ = gs.summed_gram_product(sources, N, lower=True)
+    a = fisher_eigen(dg, 3, eigh_limit=8, kernel=lowered)
+    b = fisher_eigen(dg, 3, eigh_limit=8, kernel=full)
+    bound = max(a.tolerance["rtol"] * float(b.values[0]), a.tolerance["atol"])
+    assert float((a.values - b.values).abs().max()) <= 2 * bound
+
+
+@pytest.mark.parametrize("rate", [0, 10**9])
+@pytest.mark.parametrize("name", ["tokens", "attention"])
+def test_several_token_blocks_by_slab_panels_or_token_pairs(name, rate, monkeypatch):
+    """Several-token Linear blocks: on the materialised route (rate 0: always) their
+    kernel comes from lower row panels of each slab's gradients (`_slab_panels`), on the
+    token-pair route (rate huge) from `LinearFactors.gram`; either way the summed kernel
+    equals the explicit gradients' Gram (float64, 1e-10); the slab panels' kernels are
+    exactly symmetric (mirrored)."""
+    import gmcurv.factors.linear as lin
+
+    monkeypatch.setattr(lin, "MATERIALISED_RATE", rate)
+    monkeypatch.setattr(gs, "MIN_SLAB_ROWS", 3)
+    calls = []
+    real = gs._slab_panels
+    monkeypatch.setattr(gs, "_slab_panels", lambda src: calls.append(real(src)) or calls[-1])
+    obj, batch = _problem(name)
+    dg = capture(obj, batch)
+    rows = _rows(dg, obj).reshape(dg.n * dg.columns, -1)
+    K = gs.summed_gram([b.source for b in dg.blocks], N)
+    torch.testing.assert_close(K, rows @ rows.T, rtol=1e-10, atol=1e-13)
+    assert all(torch.equal(part, part.T) for part in calls)
+    several = [b for b in dg.blocks if getattr(b.source, "tokens", 1) > 1]
+    assert several and len(calls) == (len(several) if rate == 0 else 0)

@@ -181,7 +181,10 @@ def test_trace_gram_kernel_phase_moves(runner, files):
     (eigen,) = _by_label(phases, "Gram eigenvalues")
     assert eigen.ended is not None
     one = _run(runner, ["trace", *files[:2], "--batch-size", "64", "--k", "2", "-q"])
-    (grams,) = _by_label(one, "Gram kernels (blocks)")  # one batch: per-block kernels
+    (kernel,) = _by_label(one, "Gram kernel (rows)")  # one batch: the summed kernel
+    _complete(kernel)
+    args = ["trace", *files[:2], "--batch-size", "64", "--k", "2", "--per-layer-eigen", "-q"]
+    (grams,) = _by_label(_run(runner, args), "Gram kernels (blocks)")  # per-block kernels
     assert grams.total == 3
     _complete(grams)
 

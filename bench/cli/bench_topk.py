@@ -12,8 +12,10 @@ Oracle: the same float32 weights and data upcast to float64, the float64 kernel
 eigenvalues must lie within their stated bound (``eigen_tolerance``) plus the float32
 kernel's own rounding of it — the table gives the relative differences.
 
-`--baseline PYTHON`: also time an interpreter whose gmcurv is another version (e.g.
-``/work/venv/main/bin/python`` before a change lands) in the same rounds, for before/after.
+`--baseline-src DIR`: also time another version of gmcurv in the same rounds, for
+before/after: ``DIR`` holds its ``gmcurv`` package with ``cli`` and ``sample_models``
+copied in (``git archive REV | tar -x -C DIR; cp -r DIR/cli DIR/sample_models
+DIR/gmcurv/``), run by this interpreter with ``PYTHONPATH=DIR``.
 
 Run: ``python bench/cli/bench_topk.py [--rounds 5]`` (writes ``bench/cli/results_topk.json``)
 """
@@ -47,20 +49,17 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def run(python: str, args: list[str], tmp: Path, own: bool, threads: int | None = None) -> dict:
-    """One ``gmcurv`` command in its own process: compute time and the Fisher results."""
+def run(src: Path, args: list[str], tmp: Path, threads: int | None = None) -> dict:
+    """One ``gmcurv`` command (the one in `src`) in its own process: compute time and the
+    Fisher results."""
     out = tmp / "report.json"
     out.unlink(missing_ok=True)
-    env = {**os.environ, "GMCURV_NO_CONFIG": "1"}
+    env = {**os.environ, "GMCURV_NO_CONFIG": "1", "PYTHONPATH": str(src)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    if own:
-        env["PYTHONPATH"] = str(ROOT)
-    else:
-        env.pop("PYTHONPATH", None)  # the interpreter's own installed gmcurv
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [python, "-m", "gmcurv", *args, "-q", "-o", str(out)],
+        [sys.executable, "-m", "gmcurv", *args, "-q", "-o", str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -68,7 +67,7 @@ def run(python: str, args: list[str], tmp: Path, own: bool, threads: int | None 
     )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"{python} -m gmcurv {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+        raise SystemExit(f"{src}: gmcurv {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     doc = json.loads(out.read_text())
     timings = doc["timings"]
     fisher = doc["results"]["fisher"]
@@ -105,7 +104,9 @@ def oracle(name: str, k: int = 5) -> list[float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--baseline", default=None, help="another interpreter to time alongside")
+    ap.add_argument("--baseline-src", type=Path, default=None, help="another gmcurv (module doc)")
+    ap.add_argument("--baseline-label", default=None, help="what the baseline is (e.g. a commit)")
+    ap.add_argument("--new-src", type=Path, default=ROOT, help="the gmcurv timed as 'new'")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument(
@@ -114,9 +115,9 @@ def main() -> None:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gmcurv-bench-topk-"))
     paths = {w: write_workload(w, tmp) for w in WORKLOADS}
-    sides = {"new": (sys.executable, True)}
-    if args.baseline:
-        sides["baseline"] = (args.baseline, False)
+    sides = {"new": args.new_src.resolve()}
+    if args.baseline_src:
+        sides["baseline"] = args.baseline_src.resolve()
     variants = {"default": [], "k0": ["--k", "0"]}
     runs: dict = {s: {w: {v: [] for v in variants} for w in WORKLOADS} for s in sides}
     loads = []
@@ -124,10 +125,10 @@ def main() -> None:
         before = load()
         for w, (model, data, extra) in paths.items():
             order = list(variants) if r % 2 == 0 else list(variants)[::-1]
-            for side, (python, own) in sides.items():
+            for side, src in sides.items():
                 for v in order:
                     cmd = ["trace", str(model), str(data), *extra, *variants[v]]
-                    runs[side][w][v].append(run(python, cmd, tmp, own, args.threads))
+                    runs[side][w][v].append(run(src, cmd, tmp, args.threads))
         loads.append({"round": r, "before": before, "after": load()})
         print(f"round {r + 1}/{args.rounds} done, load {loads[-1]['after']}", flush=True)
     summary: dict = {}
@@ -163,6 +164,7 @@ def main() -> None:
         "host": platform.node(),
         "cpus": os.cpu_count(),
         "threads": args.threads,
+        "baseline": args.baseline_label,
         "load": loads,
         "summary": summary,
         "runs": runs,

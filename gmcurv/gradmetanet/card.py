@@ -606,7 +606,8 @@ def _v2_1_text(top: dict[str, Any]) -> list[str]:
         f"Interval of the shipped correction: split-conformal 10 / 90 % order statistics of "
         f"the out-of-fold (leave-one-task-out) ln residuals of its training / val sets, {how}.",
         "",
-        f"Session 17 refit (rule `{v['rule_file']}`, written before the evaluation: "
+        f"Session 17 refit (rule written before the evaluation, "
+        f"`{v['rule_file'].rsplit('/', 1)[-1]}` in the gmcurv source repository: "
         + " ".join(r + "." for r in v["rule"])
         + f") Point model chosen on the training groups: **{v['chosen']['name']}** (nested "
         f"leave-task-out / leave-architecture-out mean |ln error|: {nested}). Decision: "
