@@ -27,6 +27,19 @@ class EigenCurvature(str, Enum):
     fisher = "fisher"
 
 
+EigenTolOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--tol",
+        envvar="GMCURV_TOL",
+        min=0.0,
+        callback=o.finite,
+        help="Relative tolerance: Lanczos stops when every eigenvalue error bound is at most "
+        "this times |λ_max| (default 0.001); Fisher Gram eigenvalues by default to the "
+        "kernel's float rounding (u tr F).",
+        show_default=False,
+    ),
+]
 CurvOpt = Annotated[
     EigenCurvature,
     typer.Option("--curvature", envvar="GMCURV_CURVATURE", help="Which curvature matrix."),
@@ -101,7 +114,7 @@ def eigen(
     curvature: CurvOpt = EigenCurvature.hessian,
     fisher: o.FisherOpt = o.FisherType.empirical,
     method: o.MethodOpt = o.Method.auto,
-    tol: o.TolOpt = 1e-3,
+    tol: EigenTolOpt = None,
     max_iters: MaxItersOpt = None,
     restarts: RestartsOpt = 0,
     samples: o.SamplesOpt = None,

@@ -227,7 +227,7 @@ StrictOpt = Annotated[
 ]
 
 
-def _finite(value: float | None) -> float | None:
+def finite(value: float | None) -> float | None:
     """Parse-time check: a finite number (NaN and infinity are refused)."""
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number")
@@ -246,7 +246,7 @@ TolOpt = Annotated[
         "--tol",
         envvar=_env("TOL"),
         min=0.0,
-        callback=_finite,
+        callback=finite,
         help="Relative tolerance of iterative methods.",
     ),
 ]

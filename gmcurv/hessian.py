@@ -68,6 +68,7 @@ def lanczos_cap(P: int, k: int, max_iters: int | None, restarts: int = 0) -> int
     return min(P, max_iters or max(4 * k + 20, 60)) * (1 + restarts)
 
 
+DEFAULT_EIGEN_TOL = 1e-3  # Lanczos: error bounds at most this x |λ_max|
 DEFAULT_TRACE_RTOL = 0.01  # stochastic traces stop at 1 % relative standard error
 
 
@@ -501,7 +502,7 @@ def top_eigen(
     k: int = 5,
     *,
     method: str = "auto",
-    tol: float = 1e-3,
+    tol: float | None = None,
     max_iters: int | None = None,
     seed: int = 0,
     vectors: bool = False,
@@ -514,7 +515,9 @@ def top_eigen(
 ) -> EigenSummary:
     """What ``gmcurv eigen`` reports: the Hessian/GGN by dense ``eigh`` (``exact``, tiny
     models) or Lanczos; the Fisher on the exact Gram route (`gmcurv.fisher.fisher_eigen`).
-    `phase(label, total)` announces each phase, `progress(k)` counts examples / products."""
+    `phase(label, total)` announces each phase, `progress(k)` counts examples / products.
+    `tol`: eigenvalue error bound relative to ``|λ_max|`` (None: 1e-3 for Lanczos, the
+    kernel's own rounding for the Fisher, `gmcurv.fisher.eigen_tolerance`)."""
     P, n = objective.space.size, data.n
     announce = phase or (lambda label, total: None)
     if kind == "fisher":
@@ -531,7 +534,7 @@ def top_eigen(
         )
         K = formed_kernel(dg, "Gram kernel (rows)", announce, progress)
         announce("Gram eigenvalues (kernel products)", eigen_products(dg.n * dg.columns, k))
-        res = fisher_eigen(dg, k, vectors=vectors, seed=seed, progress=progress, kernel=K)
+        res = fisher_eigen(dg, k, vectors=vectors, tol=tol, seed=seed, progress=progress, kernel=K)
         values = [
             Estimate(
                 float(v), None, dg.n, res.method, bool(c), n_matvecs=res.n_matvecs,
@@ -542,6 +545,7 @@ def top_eigen(
         return EigenSummary(kind, res.method, values, res.vectors, P, res.n_matvecs)
     if kind not in ("hessian", "ggn"):
         raise ConfigError(f"unknown curvature {kind!r}", hint="use hessian, ggn or fisher")
+    tol = DEFAULT_EIGEN_TOL if tol is None else tol
     resolved = method
     if method == "auto":  # dense only when Lanczos could take as many products
         cap = lanczos_cap(P, k, max_iters, restarts)

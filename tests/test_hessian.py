@@ -538,3 +538,19 @@ def test_shared_lanczos_trace_announces_its_basis_products(tmp_path, monkeypatch
     )  # fmt: skip
     totals = [t for label, t in phases if "products" in label]
     assert totals and res.n_matvecs <= sum(t or 0 for t in totals)
+
+
+def test_eigen_tol_reaches_the_fisher_route(tmp_path, monkeypatch):
+    """`eigen --curvature fisher --tol` is the Gram eigenvalues' bound; unset, the Fisher
+    keeps the kernel-rounding default (None) and Lanczos its 1e-3."""
+    import gmcurv.fisher as fm
+
+    seen = []
+    real = fm.fisher_eigen
+    monkeypatch.setattr(
+        fm, "fisher_eigen", lambda *a, **kw: seen.append(kw["tol"]) or real(*a, **kw)
+    )
+    obj, _, data = problem("mlp", tmp_path)
+    top_eigen(obj, data, "fisher", 2, tol=1e-12)
+    top_eigen(obj, data, "fisher", 2)
+    assert seen == [1e-12, None]
