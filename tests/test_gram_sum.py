@@ -19,6 +19,16 @@ from gmcurv.fisher import fisher_eigen, gram_kernel, start_directions
 from gmcurv.objective import Objective
 
 
+def _captured(name: str, dtype: torch.dtype = torch.float64):
+    """`_problem(name)` captured with the model (and float inputs) in `dtype`."""
+    obj, batch = _problem(name)
+    x = batch.inputs
+    if dtype == torch.float32:
+        obj.model.float()
+        x = x.float() if x.is_floating_point() else x
+    return capture(obj, Batch(x, batch.targets, 0))
+
+
 @pytest.fixture
 def small_panels(monkeypatch):
     """Panels of 3 rows from 2 panels on: the panel route on tiny problems."""
@@ -262,12 +272,7 @@ def test_first_product_taken_while_forming_the_kernel(name, dtype, small_panels)
     """``K V`` from the panels (every block one-token Linear: panel by panel) or after them
     (other blocks present: one product at the end) equals the product with the returned
     kernel: float64 to 1e-12, float32 within its product rounding ``n u |K| |V|``."""
-    obj, batch = _problem(name)
-    x = batch.inputs
-    if dtype == torch.float32:
-        obj.model.float()
-        x = x.float() if x.is_floating_point() else x
-    dg = capture(obj, Batch(x, batch.targets, 0))
+    dg = _captured(name, dtype)
     sources = [b.source for b in dg.blocks]
     V = torch.linalg.qr(torch.randn(N, 4, generator=torch.Generator().manual_seed(3)).double()).Q
     K, KV = gs.summed_gram_product(sources, N, first=V)
@@ -289,12 +294,7 @@ def test_lower_panels_products_equal_the_full_kernel(name, dtype, small_panels):
     products read the lower panels only and equal those with the full ``K`` (float64:
     1e-12; float32: within ``n u |K| |Y|``), `exact` is ``K Y`` in float64 to 1e-13,
     `full` is the same ``K`` as `summed_gram`, and `fisher_eigen` on either form agrees."""
-    obj, batch = _problem(name)
-    x = batch.inputs
-    if dtype == torch.float32:
-        obj.model.float()
-        x = x.float() if x.is_floating_point() else x
-    dg = capture(obj, Batch(x, batch.targets, 0))
+    dg = _captured(name, dtype)
     sources = [b.source for b in dg.blocks]
     full = gs.summed_gram(sources, N)
     low, none = gs.summed_gram_product(sources, N, lower=True)

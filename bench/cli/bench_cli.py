@@ -43,8 +43,9 @@ def load_average() -> list[float]:
     return [float(x) for x in os.getloadavg()]
 
 
-def run_gmcurv(args: list[str], tmp: Path) -> dict:
-    """One command in its own process: wall time and the report's timings/results."""
+def run_gmcurv(args: list[str], tmp: Path, env: dict[str, str] = ENV) -> dict:
+    """One command in its own process (environment `env`): wall time and the report's
+    timings/results."""
     out = tmp / "report.json"
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
@@ -52,12 +53,13 @@ def run_gmcurv(args: list[str], tmp: Path) -> dict:
         [sys.executable, "-m", "gmcurv", *args, "-q", "-o", str(out)],
         capture_output=True,
         text=True,
-        env=ENV,
+        env=env,
         cwd=tmp,
     )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"gmcurv {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+        where = env.get("PYTHONPATH", "")
+        raise SystemExit(f"{where}: gmcurv {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
     doc = json.loads(out.read_text())
     timings = doc["timings"]
     compute = sum(v for k, v in timings.items() if k not in SETUP)

@@ -27,10 +27,8 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,9 +36,9 @@ ROOT = HERE.parent.parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "distributed"))
 
+from bench_cli import run_gmcurv  # noqa: E402
 from bench_distributed import write_workload  # noqa: E402
 
-SETUP = ("startup", "load", "validate")
 WORKLOADS = ("W1", "W2", "W3")
 OUT = HERE / "results_topk.json"
 
@@ -52,28 +50,14 @@ def load() -> list[float]:
 def run(src: Path, args: list[str], tmp: Path, threads: int | None = None) -> dict:
     """One ``gmcurv`` command (the one in `src`) in its own process: compute time and the
     Fisher results."""
-    out = tmp / "report.json"
-    out.unlink(missing_ok=True)
     env = {**os.environ, "GMCURV_NO_CONFIG": "1", "PYTHONPATH": str(src)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "gmcurv", *args, "-q", "-o", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp,
-    )
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{src}: gmcurv {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
-    doc = json.loads(out.read_text())
-    timings = doc["timings"]
-    fisher = doc["results"]["fisher"]
+    r = run_gmcurv(args, tmp, env)
+    fisher = r["results"]["fisher"]
     return {
-        "compute": sum(v for k, v in timings.items() if k not in SETUP),
-        "wall": wall,
+        "compute": r["compute"],
+        "wall": r["wall"],
         "eigenvalues": [e["value"] for e in fisher.get("eigenvalues") or []],
         "residuals": [e.get("residual") for e in fisher.get("eigenvalues") or []],
         "n_matvecs": (fisher.get("eigenvalues") or [{}])[0].get("n_matvecs"),
