@@ -24,7 +24,13 @@ from torch import Tensor
 
 from gmcurv.lanczos import LanczosResult, lanczos
 from gmcurv.params import ParamSpace
-from gmcurv.stochastic import SharedTraces, Sketch, block_dots, block_slices, deflated_block_traces
+from gmcurv.stochastic import (
+    SharedTraces,
+    Sketch,
+    block_slices,
+    deflated_block_traces,
+    probe_dots,
+)
 
 Matvec = Callable[[Tensor], Tensor]
 METHOD = "hutchpp(lanczos)"
@@ -56,7 +62,7 @@ def lanczos_block_traces(
 
     def recording(v: Tensor) -> Tensor:
         y = matvec(v).to(torch.float64)
-        seen.append((float(v.double() @ y), block_dots(slices, v, y)))
+        seen.append(probe_dots(slices, v, y))
         return y
 
     res = lanczos(

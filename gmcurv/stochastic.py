@@ -260,13 +260,6 @@ def block_slices(space: ParamSpace, blocks: Mapping[str, Sequence[str]]) -> Bloc
     return {b: [offsets[k] for k in names] for b, names in blocks.items()}
 
 
-def block_dots(slices: BlockSlices, u: Tensor, y: Tensor) -> dict[str, float]:
-    """``u_b^T y_b`` for every block ``b`` (summed in float64, `probe_dots`)."""
-    if not slices:  # no blocks wanted: no product of the vectors either
-        return {}
-    return probe_dots(slices, u, y)[1]
-
-
 @dataclass
 class Sketch:
     """An orthonormal basis ``Q`` ([k, n] rows) with the exact part of the trace it spans:
