@@ -29,8 +29,10 @@ so clustered top eigenvalues (Fisher kernels of wide layers) need few block prod
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -38,6 +40,7 @@ from torch import Tensor
 from gmcurv.lanczos import LanczosResult
 
 Matmat = Callable[[Tensor], Tensor]
+T = TypeVar("T")
 
 
 @contextmanager
@@ -56,6 +59,53 @@ def intra_op_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def cost_groups(costs: Sequence[float], parts: int) -> list[list[int]]:
+    """The items ``0..len(costs)-1`` in `parts` groups of about equal total cost (greedy,
+    costliest first, each to the lightest group), each group in increasing order."""
+    parts = max(1, min(parts, len(costs)))
+    groups: list[list[int]] = [[] for _ in range(parts)]
+    load = [0.0] * parts
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        j = min(range(parts), key=load.__getitem__)
+        groups[j].append(i)
+        load[j] += costs[i]
+    return [sorted(g) for g in groups]
+
+
+def in_threads(
+    work: Callable[[int, list[int]], T], costs: Sequence[float], threads: int
+) -> list[T]:
+    """``[work(t, group_t)]`` for the `cost_groups` of `costs` over `threads` threads, the
+    first group on the caller's thread, the others each on its own thread, every torch op
+    on one intra-op thread. Coarse-grained parallelism for many small dense ops (row panels
+    of a kernel): the ops release the GIL and run side by side with no per-op fork/join
+    (which on a shared 2-core machine costs more than the small ops themselves)."""
+    groups = cost_groups(costs, threads)
+    if len(groups) == 1:
+        return [work(0, groups[0])]
+    out: list = [None] * len(groups)
+    errors: list[BaseException] = []
+
+    def run(t: int) -> None:
+        try:
+            if t:  # a new thread's OpenMP/BLAS team would otherwise have the default size
+                torch.set_num_threads(1)
+            out[t] = work(t, groups[t])
+        except BaseException as e:  # re-raised on the caller's thread
+            errors.append(e)
+
+    with intra_op_threads(1):
+        others = [threading.Thread(target=run, args=(t,)) for t in range(1, len(groups))]
+        for th in others:
+            th.start()
+        run(0)
+        for th in others:
+            th.join()
+    if errors:
+        raise errors[0]
+    return out
 
 
 def default_block(n: int, k: int) -> int:

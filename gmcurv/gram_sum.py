@@ -16,6 +16,12 @@ each panel is in cache (`summed_gram_product`). Other blocks' kernels
 (`GradientSource.gram`) are added whole to the mirrored panels; several-token Linear
 blocks on their materialised route by lower row panels of each slab (`_slab_panels`).
 
+Threads: whole row panels are shared among the torch threads, each on one intra-op thread
+(`gmcurv.block_krylov.in_threads`: no per-op fork/join, which for panel-sized GEMMs and
+Hadamard products costs more than it saves, and stalls on a busy machine); the same for
+the products of `LowerGram`, which run transposed (``(K Y)ᵀ = Yᵀ K``: the BLAS's skinny
+products are fastest that way round).
+
 Precision is that of `gmcurv.fisher.gram_kernel`: products in the factors' dtype (inner
 dimensions above `GEMM_CHUNK` chunked by `rows_gram`), sums in float32 when every block is
 float32, float64 otherwise.
@@ -24,12 +30,14 @@ float32, float64 otherwise.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from gmcurv.block_krylov import in_threads
 from gmcurv.factors import GradientSource, LinearFactors
 from gmcurv.factors.source import GEMM_CHUNK, rows_gram
 
@@ -69,6 +77,13 @@ def _gram_into(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     if a.dtype == torch.float64 or a.shape[1] <= GEMM_CHUNK:
         return torch.mm(a, b.T, out=out)
     return out.copy_(rows_gram(a, b))
+
+
+def _gram_add(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """``out += a bᵀ`` (`_gram_into`'s precision)."""
+    if a.dtype == torch.float64 or a.shape[1] <= GEMM_CHUNK:
+        return out.addmm_(a, b.T)
+    return out.add_(rows_gram(a, b))
 
 
 def summed_gram(
@@ -138,11 +153,15 @@ class LowerGram:
     holds ``K[P, :p1]`` (its diagonal tile symmetric), the strict upper triangle beyond
     the diagonal tiles is left unset until `full` mirrors it. Products read each stored
     entry once, ``(K Y)[P] = K[P, :p1] Y[:p1] + Σ_{Q > P} K[Q, P]ᵀ Y[Q]``: half the memory
-    traffic of a full product. ``rows >= n``: a full matrix."""
+    traffic of a full product. ``rows >= n``: a full matrix.
+
+    The products run transposed, ``(K Y)ᵀ = Yᵀ K``, on the panels as stored (row-major
+    reads, `_panel_product`), over the torch threads as whole panels per thread
+    (`gmcurv.block_krylov.in_threads`), and in float64 (`exact`) converting tiles of
+    `TILE_COLS` columns into small per-thread buffers."""
 
     def __init__(self, data: Tensor, rows: int):
         self.data, self.rows, self._full = data, rows, rows >= data.shape[0]
-        self._buf: Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -169,44 +188,87 @@ class LowerGram:
     def matmat(self, Y: Tensor) -> Tensor:
         """``K Y`` in ``K``'s dtype."""
         Y = Y.to(self.dtype)
-        if self._full:
+        if self._full and Y.shape[1] > SKINNY:
             return self.data @ Y
-        return self._panels(Y, lambda p0, p1: self.data[p0:p1, :p1])
+        return self._product(Y, self.dtype)
 
     def exact(self, Y: Tensor) -> Tensor:
-        """``K Y`` in float64 (``K``'s entries are exact in float64), converting one row
-        panel at a time into a reused buffer."""
-        Y = Y.to(torch.float64)
-        if self.dtype == torch.float64:
-            return self.matmat(Y)
+        """``K Y`` in float64 (``K``'s entries are exact in float64), converting one tile
+        of ``K`` at a time into a reused per-thread buffer."""
+        return self._product(Y, torch.float64)
+
+    def _product(self, Y: Tensor, dtype: torch.dtype) -> Tensor:
         n = self.shape[0]
-        rows = min(n, PANEL_ROWS if self._full else self.rows)
-        if self._buf is None:
-            self._buf = torch.empty(rows * n, dtype=torch.float64, device=self.device)
-        buf = self._buf
-        if self._full:  # every row of K: panels of whole rows
-            out = Y.new_empty(n, Y.shape[1])
-            for p0 in range(0, n, rows):
+        rows = PANEL_ROWS if self._full else self.rows
+        Yt = Y.to(dtype).T.contiguous()  # [b, n]
+        starts = list(range(0, n, rows))
+        # a full matrix: whole rows (nothing mirrored); lower panels: K[P, :p1] and mirror
+        ends = [n if self._full else min(n, p0 + rows) for p0 in starts]
+        convert = dtype != self.dtype
+
+        def work(t: int, panels: list[int]) -> Tensor:
+            out = Yt.new_zeros(Yt.shape)
+            buf = Yt.new_empty(rows * min(n, TILE_COLS)) if convert else None
+            for i in panels:
+                p0, end = starts[i], ends[i]
                 p1 = min(n, p0 + rows)
-                panel = buf[: (p1 - p0) * n].view(p1 - p0, n).copy_(self.data[p0:p1])
-                torch.mm(panel, Y, out=out[p0:p1])
+                below = 0 if self._full else p0
+                _panel_product(self.data[p0:p1, :end], Yt, out, p0, p1, below, buf)
             return out
 
-        def panel64(p0: int, p1: int) -> Tensor:
-            return buf[: (p1 - p0) * p1].view(p1 - p0, p1).copy_(self.data[p0:p1, :p1])
+        parts = in_threads(work, [float(e) for e in ends], _threads(n * n * Yt.shape[0]))
+        out = parts[0]
+        for part in parts[1:]:
+            out.add_(part)
+        return out.T
 
-        return self._panels(Y, panel64)
 
-    def _panels(self, Y: Tensor, panel_of: Callable[[int, int], Tensor]) -> Tensor:
-        n = self.shape[0]
-        out = Y.new_empty(n, Y.shape[1])
-        for p0 in range(0, n, self.rows):
-            p1 = min(n, p0 + self.rows)
-            panel = panel_of(p0, p1)
-            torch.mm(panel, Y[:p1], out=out[p0:p1])
-            if p0:
-                out[:p0].addmm_(panel[:, :p0].T, Y[p0:p1])
-        return out
+SKINNY = 64  # products with at most this many columns run transposed by panels
+TILE_COLS = 512  # columns of a float64 tile (`LowerGram.exact`): 1 MB of 256 rows
+BUILD_COLS = 2048  # columns of a kernel tile (wide GEMMs run fastest)
+MIN_THREADED = 1 << 24  # multiply-adds below which a product or kernel runs on one thread
+
+
+def _threads(work: float) -> int:
+    """Threads for `work` multiply-adds: torch's count when there is enough to share."""
+    return torch.get_num_threads() if work >= MIN_THREADED else 1
+
+
+def _tile_product(
+    tile: Tensor,
+    Yt: Tensor,
+    out: Tensor,
+    p0: int,
+    p1: int,
+    c0: int,
+    c1: int,
+    below: int,
+    buf: Tensor | None,
+) -> None:
+    """Add a tile ``T = K[p0:p1, c0:c1]``'s part of ``(K Y)ᵀ`` to `out` (``[b, n]``):
+    ``out[:, P] += Yᵀ[:, C] Tᵀ`` and, for its columns below `below` (those whose mirror
+    ``K[C, P]`` is not stored), ``out[:, C] += Yᵀ[:, P] T``. `buf`: convert ``T`` into it
+    first (to `out`'s dtype)."""
+    if buf is not None:
+        tile = buf[: tile.numel()].view(tile.shape).copy_(tile)
+    out[:, p0:p1].addmm_(Yt[:, c0:c1], tile.T)
+    m = min(c1, below) - c0
+    if m > 0:
+        out[:, c0 : c0 + m].addmm_(Yt[:, p0:p1], tile[:, :m])
+
+
+def _panel_product(
+    panel: Tensor, Yt: Tensor, out: Tensor, p0: int, p1: int, below: int, buf: Tensor | None
+) -> None:
+    """A row panel's ``K[p0:p1, :end]`` part of ``(K Y)ᵀ`` (`_tile_product`; its columns
+    below `below` also mirrored): whole, or tile by tile through `buf` when converting."""
+    end = panel.shape[1]
+    if buf is None:
+        _tile_product(panel, Yt, out, p0, p1, 0, end, below, None)
+        return
+    for c0 in range(0, end, TILE_COLS):
+        c1 = min(end, c0 + TILE_COLS)
+        _tile_product(panel[:, c0:c1], Yt, out, p0, p1, c0, c1, below, buf)
 
 
 def _panel_sum(
@@ -218,40 +280,86 @@ def _panel_sum(
 ) -> tuple[Tensor, Tensor | None]:
     """``Σ_l (Δ_l Δ_lᵀ) ⊙ (X_l X_lᵀ + b_l)`` by lower-triangular row panels of
     `PANEL_ROWS` rows (diagonal tiles symmetrised, the rest of the upper triangle unset:
-    `LowerGram`); with `first`, also ``K first`` (`summed_gram_product`)."""
+    `LowerGram`); with `first`, also ``K first`` (`summed_gram_product`).
+
+    Each panel is formed tile by tile (`TILE_COLS` columns): both factor Grams of a layer
+    into two tile buffers and their Hadamard product accumulated into ``K``'s tile while
+    all three are in L2 (the bias as ``1`` in the inputs' Gram's buffer before its
+    product). Whole panels are shared among the torch threads (`in_threads`), each with
+    its own buffers and its own share of the first product, summed at the end."""
     device = pairs[0].delta.device
     factors = [(f.delta.to(dtype), None if f.x is None else f.x.to(dtype), f.bias) for f in pairs]
     K = torch.empty(size, size, dtype=dtype, device=device)
-    left = torch.empty(PANEL_ROWS * size, dtype=dtype, device=device)
-    right = torch.empty(PANEL_ROWS * size, dtype=dtype, device=device)
-    V = None if first is None else first.to(dtype)
-    KV = None if V is None else torch.zeros(size, V.shape[1], dtype=dtype, device=device)
-    for p0 in range(0, size, PANEL_ROWS):
-        p1 = min(size, p0 + PANEL_ROWS)
-        panel = K[p0:p1, :p1]
-        dd = left[: (p1 - p0) * p1].view(p1 - p0, p1)
-        aa = right[: (p1 - p0) * p1].view(p1 - p0, p1)
-        for i, (delta, x, bias) in enumerate(factors):
-            _gram_into(delta[p0:p1], delta[:p1], dd)
-            if x is None:  # bias only: X Xᵀ + 1 = 1
-                (panel.copy_ if i == 0 else panel.add_)(dd)
+    Vt = None if first is None else first.to(dtype).T.contiguous()
+    starts = list(range(0, size, PANEL_ROWS))
+    inner = sum(d.shape[1] + (0 if x is None else x.shape[1]) for d, x, _ in factors)
+    threads = _threads(size * size * inner / 2)
+    done, told = [0], [0]  # rows formed (all threads), rows reported (caller's thread)
+    lock = threading.Lock()
+
+    def work(t: int, panels: list[int]) -> Tensor | None:
+        width = min(size, BUILD_COLS)
+        dd = torch.empty(PANEL_ROWS * width, dtype=dtype, device=device)
+        aa = torch.empty(PANEL_ROWS * width, dtype=dtype, device=device)
+        KVt = None if Vt is None else torch.zeros_like(Vt)
+        for i in panels:
+            p0 = starts[i]
+            p1 = min(size, p0 + PANEL_ROWS)
+            _panel_tiles(factors, K, p0, p1, dd, aa)
+            if KVt is not None and Vt is not None:
+                _panel_product(K[p0:p1, :p1], Vt, KVt, p0, p1, p0, None)
+            with lock:
+                done[0] += p1 - p0
+            if progress and t == 0:  # the bar moves on the caller's thread only
+                progress(done[0] - told[0])
+                told[0] = done[0]
+        return KVt
+
+    costs = [min(size, p0 + PANEL_ROWS) for p0 in starts]
+    parts = in_threads(work, costs, threads)
+    if progress and done[0] > told[0]:
+        progress(done[0] - told[0])
+    if Vt is None:
+        return K, None
+    KVt = parts[0]
+    for part in parts[1:]:
+        KVt.add_(part)
+    return K, KVt.T
+
+
+def _panel_tiles(
+    factors: list[tuple[Tensor, Tensor | None, bool]],
+    K: Tensor,
+    p0: int,
+    p1: int,
+    dd: Tensor,
+    aa: Tensor,
+) -> None:
+    """``K[p0:p1, :p1] = Σ_l (Δ_l Δ_lᵀ) ⊙ (X_l X_lᵀ + b_l)`` on those rows, tile by tile
+    (`_panel_sum`), the diagonal tile symmetrised."""
+    rows = [(d[p0:p1], None if x is None else x[p0:p1]) for d, x, _ in factors]
+    for c0 in range(0, p1, BUILD_COLS):
+        c1 = min(p1, c0 + BUILD_COLS)
+        tile = K[p0:p1, c0:c1]
+        shape = tile.shape
+        d2 = dd[: tile.numel()].view(shape)
+        a2 = aa[: tile.numel()].view(shape)
+        for i, ((delta, x, bias), (dr, xr)) in enumerate(zip(factors, rows, strict=True)):
+            _gram_into(dr, delta[c0:c1], d2)
+            if x is None or xr is None:  # bias only: X Xᵀ + 1 = 1
+                (tile.copy_ if i == 0 else tile.add_)(d2)
                 continue
-            _gram_into(x[p0:p1], x[:p1], aa)
             if bias:
-                aa.add_(1.0)
-            if i == 0:
-                torch.mul(dd, aa, out=panel)
+                a2.fill_(1.0)
+                _gram_add(xr, x[c0:c1], a2)
             else:
-                panel.addcmul_(dd, aa)
-        tile = panel[:, p0:p1]
-        tile.copy_(tile.tril() + tile.tril(-1).T)  # exactly symmetric, like the mirror
-        if KV is not None and V is not None:
-            KV[p0:p1] += panel @ V[:p1]
-            if p0:
-                KV[:p0] += panel[:, :p0].T @ V[p0:p1]
-        if progress:
-            progress(p1 - p0)
-    return K, KV
+                _gram_into(xr, x[c0:c1], a2)
+            if i == 0:
+                torch.mul(d2, a2, out=tile)
+            else:
+                tile.addcmul_(d2, a2)
+    diag = K[p0:p1, p0:p1]
+    diag.copy_(diag.tril() + diag.tril(-1).T)  # exactly symmetric, like the mirror
 
 
 MIRROR_TILE = 128  # transposed copies tile by tile: a tile pair stays in L2

@@ -189,7 +189,10 @@ def test_float64_products_convert_panels():
     g = torch.Generator().manual_seed(0)
     K = torch.randn(70, 70, generator=g).float()
     Y = torch.randn(70, 3, generator=g, dtype=torch.float64)
-    torch.testing.assert_close(gs.float64_products(K)(Y), K.double() @ Y, rtol=1e-14, atol=0)
+    got, ref = gs.float64_products(K)(Y), K.double() @ Y
+    # float64 sums of exact products, in another order: within n u64 |K| |Y|
+    bound = 70 * 2.0**-53 * (K.double().abs() @ Y.abs())
+    assert got.dtype == torch.float64 and bool(((got - ref).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("columns", [1, 3])
@@ -341,3 +344,67 @@ def test_several_token_blocks_by_slab_panels_or_token_pairs(name, rate, monkeypa
     assert all(torch.equal(part, part.T) for part in calls)
     several = [b for b in dg.blocks if getattr(b.source, "tokens", 1) > 1]
     assert several and len(calls) == (len(several) if rate == 0 else 0)
+
+
+def test_cost_groups_and_in_threads():
+    """`cost_groups` splits every item once into groups of about equal cost, each in
+    increasing order; `in_threads` runs each group once (on one intra-op thread while
+    several run), returns the results in group order, re-raises a worker's error and
+    restores the thread count."""
+    from gmcurv.block_krylov import cost_groups, in_threads
+
+    costs = [float(c) for c in (1, 2, 3, 4, 5, 6, 7, 8)]
+    groups = cost_groups(costs, 2)
+    assert sorted(i for g in groups for i in g) == list(range(8))
+    assert all(g == sorted(g) for g in groups)
+    assert abs(sum(costs[i] for i in groups[0]) - sum(costs[i] for i in groups[1])) <= 1
+    assert cost_groups(costs, 20) == [[i] for i in range(8)] or len(cost_groups(costs, 20)) == 8
+    old = torch.get_num_threads()
+    seen: list[tuple[int, list[int], int]] = []
+    out = in_threads(lambda t, g: seen.append((t, g, torch.get_num_threads())) or t, costs, 2)
+    assert out == [0, 1] and sorted(i for _, g, _ in seen for i in g) == list(range(8))
+    assert all(n == 1 for *_, n in seen) and torch.get_num_threads() == old
+
+    def fails(t: int, g: list[int]) -> None:
+        if t == 1:
+            raise ValueError("worker")
+
+    with pytest.raises(ValueError, match="worker"):
+        in_threads(fails, costs, 2)
+    assert torch.get_num_threads() == old
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_threaded_panels_and_tiles_equal_one_thread(dtype, small_panels, monkeypatch):
+    """Panels shared among two threads (`in_threads`), float64 tiles of 2 columns: the
+    same kernel bit for bit (each panel's ops do not depend on the thread), the first
+    product and `matmat` within their rounding of the one-thread results, `exact` to
+    ``n u64 |K| |Y|`` of the float64 product, on lower panels and on the full matrix."""
+    dg = _captured("mlp", dtype)
+    sources = [b.source for b in dg.blocks]
+    V = torch.linalg.qr(torch.randn(N, 4, generator=torch.Generator().manual_seed(3)).double()).Q
+    Y = torch.randn(N, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    one_K, one_KV = gs.summed_gram_product(sources, N, first=V, lower=True)
+    one_mm = one_K.matmat(Y)
+    monkeypatch.setattr(gs, "MIN_THREADED", 0)
+    monkeypatch.setattr(gs, "TILE_COLS", 2)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        K, KV = gs.summed_gram_product(sources, N, first=V, lower=True)
+        mm, ex = K.matmat(Y), K.exact(Y)
+        full = gs.LowerGram(gs._mirror_lower(K.data.clone()), N)
+        full_mm, full_ex = full.matmat(Y), full.exact(Y)
+    finally:
+        torch.set_num_threads(old)
+    assert isinstance(K, gs.LowerGram) and torch.equal(K.data.tril(), one_K.data.tril())
+    ref_K = K.full().double()
+    u = torch.finfo(dtype).eps
+    for got, want, X in ((KV, one_KV, V), (mm, one_mm, Y), (full_mm, one_mm, Y)):
+        assert got is not None and want is not None and got.dtype == dtype
+        bound = 4 * N * u * (ref_K.abs() @ X.abs())
+        assert bool(((got.double() - want.double()).abs() <= 2 * bound).all())
+    ref = ref_K @ Y
+    for got in (ex, full_ex):
+        assert got.dtype == torch.float64
+        assert bool(((got - ref).abs() <= 4 * N * 2.0**-53 * (ref_K.abs() @ Y.abs())).all())
