@@ -31,7 +31,7 @@ from gmcurv.estimate import Estimate
 from gmcurv.memory import DENSE_GRAM_LIMIT
 
 if TYPE_CHECKING:
-    from gmcurv.gram_sum import LowerGram
+    from gmcurv.gram_sum import LowerGram, PanelStream
 
 
 def _blocks(dg: DecomposedGradients, names: Iterable[str] | None):
@@ -479,7 +479,9 @@ def fisher_summary(
     (``k > 0``); each block's own top-k eigenvalues only with `per_layer_eigen` (one more
     eigenproblem per block). `eigen_progress(i)`: per Lanczos product of the Gram route.
     `tol`: the eigenvalues' relative error bound (None: the kernel's precision,
-    `eigen_tolerance`).
+    `eigen_tolerance`). With several torch threads and batches, and every block one-token
+    Linear, the Gram kernel is formed while the data is captured (`_panel_stream`): the
+    capture on one thread, the kernel's panels on another, the thread count restored after.
     """
     from gmcurv.capture import Capturer, capture_stream
     from gmcurv.distributed import current, gather_decomposed
@@ -508,20 +510,40 @@ def fisher_summary(
         budget_bytes=budget_bytes,
         keep=k > 0,
     )
-    for dg in stream:
-        sq = None
-        one_batch = one_batch and dg.n * dg.columns <= DENSE_GRAM_LIMIT
-        if one_batch:
-            grams = _block_grams(dg, phase, eigen_progress)
-            sq = {name: K.diagonal().reshape(dg.n, dg.columns) for name, K in grams.items()}
-        acc.add(dg, sq)
-        if fisher == "mc":
-            for b in dg.blocks:
-                part = b.source.sq_norms() if sq is None else sq[b.name]
-                col_norms.setdefault(b.name, []).append(part.double())
-        if k > 0:
-            kept.append(dg)
-        del sq
+    # several batches, every block panelled, the block route ahead: K's panels are formed
+    # on a second core while the next batches are captured on the first (`_panel_stream`)
+    panels: PanelStream | None = None
+    streamed: LowerGram | None = None
+    threads = torch.get_num_threads()
+    try:
+        for dg in stream:
+            sq = None
+            one_batch = one_batch and dg.n * dg.columns <= DENSE_GRAM_LIMIT
+            if one_batch:
+                grams = _block_grams(dg, phase, eigen_progress)
+                sq = {name: K.diagonal().reshape(dg.n, dg.columns) for name, K in grams.items()}
+            acc.add(dg, sq)
+            if fisher == "mc":
+                for b in dg.blocks:
+                    part = b.source.sq_norms() if sq is None else sq[b.name]
+                    col_norms.setdefault(b.name, []).append(part.double())
+            if k > 0:
+                kept.append(dg)
+                if len(kept) == 1 and threads > 1 and not (one_batch or comm.active):
+                    panels = _panel_stream(dg, data.n, k)
+                    if panels is not None:
+                        torch.set_num_threads(1)  # the capture on one core
+                if panels is not None:
+                    panels.add(_hadamard_pairs(dg))
+            del sq
+        if panels is not None and panels.ready == panels.size:  # else: formed after all
+            if phase:
+                phase("Fisher: Gram kernel (rows, formed while capturing)", None)
+            streamed = panels.finish()
+    finally:
+        if panels is not None:
+            panels.close()
+            torch.set_num_threads(threads)
     acc = acc.gathered()
     col_norms = {k: [gather_rows(torch.cat(v))] for k, v in col_norms.items()}
     columns = kept[0].columns if kept else mc_samples if fisher == "mc" else 1
@@ -535,7 +557,10 @@ def fisher_summary(
         del kept
         total = sum(grams.values()) if one_batch else None
         first = None
-        if total is None:
+        if total is None and streamed is not None:
+            V0 = first_block(full, k, seed)
+            total, first = streamed, (V0, streamed.matmat(V0))
+        elif total is None:
             # the block route's first product is taken while the kernel is formed
             V0 = first_block(full, k, seed) if block_route(n_rows, k) else None
             label = "Fisher: Gram kernel (rows)"
@@ -589,6 +614,39 @@ def fisher_summary(
         self_check=cap.check_report.as_dict() if cap.check_report else None,
         eigen_tolerance=rule,
     )
+
+
+def _hadamard_pairs(dg: DecomposedGradients) -> list:
+    """Every block's `gmcurv.gram_sum.HadamardFactors` (None where a block has none)."""
+    from gmcurv.gram_sum import hadamard_factors
+
+    return [hadamard_factors(b.source) for b in dg.blocks]
+
+
+def _panel_stream(dg: DecomposedGradients, n_examples: int, k: int) -> PanelStream | None:
+    """A `gmcurv.gram_sum.PanelStream` for ``K`` of `n_examples` examples, given the first
+    batch `dg`, when it pays: more batches follow, every block is panelled (one-token
+    Linear), the block route will run on the formed ``K`` (`block_route`) and the
+    stream's copy of the factors is small (`STREAM_COPY`); else None."""
+    from gmcurv.gram_sum import MIN_PANELS, PANEL_ROWS, PanelStream
+
+    size = n_examples * dg.columns
+    if n_examples <= dg.n or not block_route(size, k) or -(-size // PANEL_ROWS) < MIN_PANELS:
+        return None
+    pairs = _hadamard_pairs(dg)
+    if not pairs or any(f is None for f in pairs):
+        return None
+    low = all(b.source.dtype == torch.float32 for b in dg.blocks)
+    dtype = torch.float32 if low else torch.float64
+    layers = [(f.delta.shape[1], None if f.x is None else f.x.shape[1], f.bias) for f in pairs]
+    # the stream keeps its own copy of the factors: at most the kernel's size, or STREAM_COPY
+    width = sum(o + (i or 0) for o, i, _ in layers)
+    if size * width > max(size * size, STREAM_COPY // dtype.itemsize):
+        return None
+    return PanelStream(size, layers, dtype, dg.losses.device)
+
+
+STREAM_COPY = 32 << 20  # bytes of factor copies `_panel_stream` may hold beyond the kernel's
 
 
 def formed_kernel(dg: DecomposedGradients, label: str, phase, progress) -> Tensor | None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -336,30 +337,9 @@ def _panel_tiles(
     aa: Tensor,
 ) -> None:
     """``K[p0:p1, :p1] = Σ_l (Δ_l Δ_lᵀ) ⊙ (X_l X_lᵀ + b_l)`` on those rows, tile by tile
-    (`_panel_sum`), the diagonal tile symmetrised."""
-    rows = [(d[p0:p1], None if x is None else x[p0:p1]) for d, x, _ in factors]
+    (`_panel_sum`, `_tile_sum`), the diagonal tile symmetrised."""
     for c0 in range(0, p1, BUILD_COLS):
-        c1 = min(p1, c0 + BUILD_COLS)
-        tile = K[p0:p1, c0:c1]
-        shape = tile.shape
-        d2 = dd[: tile.numel()].view(shape)
-        a2 = aa[: tile.numel()].view(shape)
-        for i, ((delta, x, bias), (dr, xr)) in enumerate(zip(factors, rows, strict=True)):
-            _gram_into(dr, delta[c0:c1], d2)
-            if x is None or xr is None:  # bias only: X Xᵀ + 1 = 1
-                (tile.copy_ if i == 0 else tile.add_)(d2)
-                continue
-            if bias:
-                a2.fill_(1.0)
-                _gram_add(xr, x[c0:c1], a2)
-            else:
-                _gram_into(xr, x[c0:c1], a2)
-            if i == 0:
-                torch.mul(d2, a2, out=tile)
-            else:
-                tile.addcmul_(d2, a2)
-    diag = K[p0:p1, p0:p1]
-    diag.copy_(diag.tril() + diag.tril(-1).T)  # exactly symmetric, like the mirror
+        _tile_sum(factors, K, p0, p1, c0, min(p1, c0 + BUILD_COLS), dd, aa)
 
 
 MIRROR_TILE = 128  # transposed copies tile by tile: a tile pair stays in L2
@@ -430,3 +410,158 @@ def product_error(K: Tensor | LowerGram) -> float:
     dtype: ``n u ||abs(K)|| <= n u tr K`` for a Gram kernel (``|K_ij| <= sqrt(K_ii K_jj)``)."""
     n = K.shape[0]
     return n * torch.finfo(K.dtype).eps * float(K.diagonal().double().abs().sum())
+
+
+class PanelStream:
+    """The lower panels of ``K = Σ_l (Δ_l Δ_lᵀ) ⊙ (X_l X_lᵀ + b_l)`` (`_panel_sum`) formed
+    while the rows arrive batch by batch: a panel's tiles ``K[P, C]`` (``C`` below the
+    panel, at most `STREAM_COLS` columns, and the diagonal tile) need only the rows up to
+    ``P``'s end, so a background thread forms them while the caller captures the next
+    batches (on one intra-op thread each: the two run side by side on two cores), and the
+    caller joins in for what is left at `finish`. Same tiles, same ops as `_panel_sum`:
+    the same kernel bit for bit.
+
+    `layers`: per block ``(O, I or None, bias)``, the widths of its `HadamardFactors`."""
+
+    def __init__(
+        self,
+        size: int,
+        layers: Sequence[tuple[int, int | None, bool]],
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+    ):
+        self.size, self.dtype, self.ready = size, dtype, 0
+        self.factors = [
+            (
+                torch.empty(size, o, dtype=dtype, device=device),
+                None if i is None else torch.empty(size, i, dtype=dtype, device=device),
+                bias,
+            )
+            for o, i, bias in layers
+        ]
+        self.K = torch.empty(size, size, dtype=dtype, device=device)
+        self._tiles: list[tuple[int, int, int, int]] = []  # formable, not yet taken
+        self._next_panel = 0  # start of the first panel not yet queued
+        self._closed = False
+        self._error: BaseException | None = None
+        self._cv = threading.Condition()
+        self._worker = threading.Thread(target=self._work, args=(True,), daemon=True)
+        self._worker.start()
+
+    def add(self, pairs: Sequence[HadamardFactors]) -> None:
+        """The next rows' factors (one batch: every block's `HadamardFactors`)."""
+        n = pairs[0].delta.shape[0]
+        r0, r1 = self.ready, self.ready + n
+        if r1 > self.size:
+            raise ValueError(f"more rows than the kernel's {self.size}")
+        for (D, X, _), f in zip(self.factors, pairs, strict=True):
+            D[r0:r1].copy_(f.delta)
+            if X is not None and f.x is not None:
+                X[r0:r1].copy_(f.x)
+        with self._cv:
+            self.ready = r1
+            self._queue_panels()
+            self._cv.notify_all()
+
+    def finish(self) -> LowerGram:
+        """``K`` (every row added) as a `LowerGram` of `PANEL_ROWS`-row panels: the
+        remaining tiles shared between the caller and the background thread."""
+        if self.ready != self.size:
+            raise ValueError(f"{self.ready} of {self.size} rows added")
+        with self._cv:
+            self._closed = True
+            self._queue_panels()
+            self._cv.notify_all()
+        with _one_thread():
+            self._work(False)
+        self._worker.join()
+        if self._error is not None:
+            raise self._error
+        return LowerGram(self.K, PANEL_ROWS)
+
+    def close(self) -> None:
+        """Stop the background thread (on errors: the kernel is abandoned)."""
+        with self._cv:
+            self._closed, self._tiles = True, []
+            self._cv.notify_all()
+        self._worker.join()
+
+    def _queue_panels(self) -> None:
+        """Queue the tiles of every panel whose rows have all arrived (lock held)."""
+        while self._next_panel < self.size:
+            p0 = self._next_panel
+            p1 = min(self.size, p0 + PANEL_ROWS)
+            if self.ready < p1:
+                break
+            self._tiles.append((p0, p1, p0, p1))  # the diagonal tile: symmetrised
+            for c0 in range(0, p0, STREAM_COLS):
+                self._tiles.append((p0, p1, c0, min(p0, c0 + STREAM_COLS)))
+            self._next_panel = p1
+
+    def _work(self, background: bool) -> None:
+        if background:
+            torch.set_num_threads(1)
+        width = min(self.size, max(PANEL_ROWS, STREAM_COLS))
+        dd = torch.empty(PANEL_ROWS * width, dtype=self.dtype, device=self.K.device)
+        aa = torch.empty(PANEL_ROWS * width, dtype=self.dtype, device=self.K.device)
+        while True:
+            with self._cv:
+                while not self._tiles and not self._closed:
+                    self._cv.wait()
+                if not self._tiles:
+                    return
+                p0, p1, c0, c1 = self._tiles.pop()  # the latest panels' (costliest) first
+            try:
+                _tile_sum(self.factors, self.K, p0, p1, c0, c1, dd, aa)
+            except BaseException as e:  # re-raised by finish
+                with self._cv:
+                    self._error, self._closed, self._tiles = e, True, []
+                    self._cv.notify_all()
+                return
+
+
+STREAM_COLS = 1024  # columns of a streamed tile
+
+
+@contextmanager
+def _one_thread():
+    from gmcurv.block_krylov import intra_op_threads
+
+    with intra_op_threads(1):
+        yield
+
+
+def _tile_sum(
+    factors: Sequence[tuple[Tensor, Tensor | None, bool]],
+    K: Tensor,
+    p0: int,
+    p1: int,
+    c0: int,
+    c1: int,
+    dd: Tensor,
+    aa: Tensor,
+) -> None:
+    """``K[p0:p1, c0:c1] = Σ_l (Δ_l Δ_lᵀ) ⊙ (X_l X_lᵀ + b_l)`` on that tile: both factor
+    Grams of a layer into the tile buffers `dd`, `aa` and their Hadamard product summed
+    into ``K``'s tile while all three are in cache; the diagonal tile ``K[p0:p1, p0:p1]``
+    symmetrised when the tile holds it."""
+    tile = K[p0:p1, c0:c1]
+    d2 = dd[: tile.numel()].view(tile.shape)
+    a2 = aa[: tile.numel()].view(tile.shape)
+    for i, (delta, x, bias) in enumerate(factors):
+        _gram_into(delta[p0:p1], delta[c0:c1], d2)
+        if x is None:  # bias only: X Xᵀ + 1 = 1
+            (tile.copy_ if i == 0 else tile.add_)(d2)
+            continue
+        if bias:
+            a2.fill_(1.0)
+            _gram_add(x[p0:p1], x[c0:c1], a2)
+        else:
+            _gram_into(x[p0:p1], x[c0:c1], a2)
+        if i == 0:
+            torch.mul(d2, a2, out=tile)
+        else:
+            tile.addcmul_(d2, a2)
+    if c0 <= p0 and p1 <= c1:  # holds the diagonal tile: exactly symmetric, like the mirror
+        diag = K[p0:p1, p0:p1]
+        diag.copy_(diag.tril() + diag.tril(-1).T)

@@ -265,3 +265,45 @@ def test_float32_summary_first_product_and_precision_matched_tolerance(monkeypat
     }
     got = torch.tensor([e.value for e in tight.eigenvalues], dtype=torch.float64)
     torch.testing.assert_close(got, own, rtol=1e-10, atol=0)
+
+
+def test_kernel_formed_while_capturing_on_two_threads(monkeypatch, tmp_path):
+    """Two torch threads, several batches, every block one-token Linear: `fisher_summary`
+    forms ``K`` while capturing (`gmcurv.gram_sum.PanelStream`, the capture on one thread,
+    the panels on another), restores the thread count, and gives the top-5 of the
+    one-thread route within the reported bound and the float64 truth to 1e-5."""
+    from safetensors.torch import save_file
+
+    import gmcurv.gram_sum as gs
+    from gmcurv.fisher import fisher_summary
+    from gmcurv.io.data import load_data
+
+    n = 320
+    obj, x, y = _float32_mlp(n)
+    save_file({"inputs": x, "targets": y}, str(tmp_path / "d.safetensors"))
+    data = load_data(tmp_path / "d.safetensors", None)
+    one = fisher_summary(obj, data, batch_size=100, k=5)
+    finished = []
+    real = gs.PanelStream.finish
+    monkeypatch.setattr(gs.PanelStream, "finish", lambda self: finished.append(1) or real(self))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = fisher_summary(obj, data, batch_size=100, k=5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    assert finished == [1]
+    assert two.eigenvalues[0].method == "gram-block-lanczos"
+    assert all(e.converged for e in two.eigenvalues)
+    assert two.trace.value == one.trace.value
+    rule = two.eigen_tolerance
+    assert rule is not None and rule == one.eigen_tolerance
+    a = torch.tensor([e.value for e in one.eigenvalues], dtype=torch.float64)
+    b = torch.tensor([e.value for e in two.eigenvalues], dtype=torch.float64)
+    bound = max(rule["rtol"] * float(a[0]), rule["atol"])
+    assert float((a - b).abs().max()) <= 2 * bound
+    obj64 = Objective.build(obj.model.double(), "cross_entropy")
+    J = per_example_grads(obj64, Batch(x.double(), y, 0))
+    truth = torch.linalg.eigvalsh(J @ J.T).flip(0)[:5] / n
+    torch.testing.assert_close(b, truth, rtol=1e-5, atol=0)

@@ -408,3 +408,46 @@ def test_threaded_panels_and_tiles_equal_one_thread(dtype, small_panels, monkeyp
     for got in (ex, full_ex):
         assert got.dtype == torch.float64
         assert bool(((got - ref).abs() <= 4 * N * 2.0**-53 * (ref_K.abs() @ Y.abs())).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_panel_stream_equals_the_panel_sum(dtype, small_panels, monkeypatch):
+    """`PanelStream` fed batches of 4, 2, 1... rows (panels of 3 rows, tiles of 2 columns,
+    a background thread): the lower panels of the same ``K`` as `summed_gram` (float64 to
+    1e-12, float32 within ``4 D u |g_i| |g_j|``), diagonal tiles exactly symmetric; too
+    many or too few rows are refused, and `close` stops the thread."""
+    monkeypatch.setattr(gs, "STREAM_COLS", 2)
+    dg = _captured("mlp", dtype)
+    sources = [b.source for b in dg.blocks]
+    pairs = [gs.hadamard_factors(s) for s in sources]
+    assert all(f is not None for f in pairs)
+    layers = [(f.delta.shape[1], None if f.x is None else f.x.shape[1], f.bias) for f in pairs]
+    stream = gs.PanelStream(N, layers, dtype)
+    r0 = 0
+    for n in (4, 2, 1, N):
+        n = min(n, N - r0)
+        stream.add(
+            [gs.HadamardFactors(f.delta[r0 : r0 + n], f.x[r0 : r0 + n], f.bias) for f in pairs]
+        )
+        r0 += n
+        if r0 == N:
+            break
+    with pytest.raises(ValueError, match="more rows"):
+        stream.add(pairs)
+    K = stream.finish()
+    assert isinstance(K, gs.LowerGram) and K.rows == 3
+    ref = gs.summed_gram(sources, N).double()
+    got = K.full().double()
+    if dtype == torch.float64:
+        torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    else:
+        norms = ref.diagonal().sqrt()
+        inner = sum(f.delta.shape[1] + f.x.shape[1] for f in pairs)
+        bound = 4 * inner * 2.0**-24 * torch.outer(norms, norms)
+        assert bool(((got - ref).abs() <= bound).all())
+    assert torch.equal(got, got.T)
+    idle = gs.PanelStream(N, layers, dtype)
+    with pytest.raises(ValueError, match="rows added"):
+        idle.finish()
+    idle.close()
+    assert not idle._worker.is_alive()
