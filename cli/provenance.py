@@ -56,12 +56,9 @@ def record_choices(
             config[key], sources[key] = value, why
     stored = [d for d in getattr(loaded, "stored_dtypes", ()) if d != config.get("dtype")]
     if stored:  # e.g. bfloat16 weights computed in float32: say so beside the dtype
-        config["weights_dtype"] = ", ".join(getattr(loaded, "stored_dtypes", ()))
-        upcast = "upcast" if all(d != "float64" for d in stored) else "converted"
-        sources["dtype"] = (
-            f"{sources.get('dtype', 'default')}; the checkpoint stores {config['weights_dtype']},"
-            f" {upcast} to {config.get('dtype')} for compute (--dtype)"
-        )
+        config["weights_dtype"] = ", ".join(loaded.stored_dtypes)
+        how = "upcast" if "float64" not in stored else "converted"
+        sources["weights_dtype"] = f"the checkpoint's; {how} to {config.get('dtype')} (--dtype)"
     if objective is not None:
         loss = objective.loss
         shift = getattr(loss, "shift", None)

@@ -73,6 +73,7 @@ def test_half_precision_weights_are_stated(runner, tmp_path):
     assert r.exit_code == 0, r.output
     config = json.loads(r.stdout)["config"]
     assert config["weights_dtype"] == "bfloat16" and config["dtype"] == "float32"
-    assert "stores bfloat16, upcast to float32" in config["sources"]["dtype"]
+    assert config["sources"]["weights_dtype"] == "the checkpoint's; upcast to float32 (--dtype)"
     r = runner.invoke(app, [*args, "--quiet"])
-    assert "stores bfloat16, upcast to float32" in " ".join(r.stdout.split())
+    footer = " ".join(r.stdout.split())
+    assert "weights dtype bfloat16 (the checkpoint's; upcast to float32 (--dtype))" in footer
