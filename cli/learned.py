@@ -267,7 +267,9 @@ def _v2_top(session: Session, seed: int) -> tuple[Estimate, dict[str, Any], dict
             "what": w,
             "value": v,
             "trained_on": list(r),
-            "text": f"{w} = {v:.3g} (trained on {r[0]:.3g} .. {r[1]:.3g})",
+            "text": f"{w} = {v:.3g} (trained on {r[0]:.3g} .. {r[1]:.3g})"
+            if v == v  # NaN: a flag without a value (an unknown model family)
+            else w,
         }
         for w, v, r in tp.out_of_range
     ]

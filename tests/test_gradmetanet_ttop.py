@@ -258,3 +258,148 @@ def test_huber_fit_resists_a_one_sided_tail():
     groups = [f"t{k % 5}" for k in range(300)]
     c = ttop.fit_top_correction(X.tolist(), y.tolist(), groups, robust=True)
     assert c.robust and ttop.TopCorrection.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def _hf_model(family: str, model_type: str | None = None):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=V, n_positions=T, n_embd=8, n_layer=1, n_head=2)
+        model = tf.GPT2LMHeadModel(cfg)
+    elif family == "llama":
+        cfg = tf.LlamaConfig(
+            vocab_size=V, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=T,
+        )  # fmt: skip
+        model = tf.LlamaForCausalLM(cfg)
+    else:  # Qwen2: Llama-shaped (RMSNorm, gated MLP, q/k/v/o_proj), another model type
+        cfg = tf.Qwen2Config(
+            vocab_size=V, hidden_size=8, intermediate_size=12, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=T,
+        )  # fmt: skip
+        model = tf.Qwen2ForCausalLM(cfg)
+    if model_type is not None:
+        model.config.model_type = model_type
+    return model
+
+
+def test_model_family_is_read_from_structure_and_config():
+    """TinyLM, GPT-2 (Conv1D + LayerNorm) and Llama (RMSNorm + gated MLP) are recognised;
+    a Llama-shaped Qwen2, a structure whose config names another type and an MLP are not
+    (None: an unknown family, never a guess); the zoo's own builders give their family."""
+    from gmcurv.gradmetanet import tzoo
+    from gmcurv.gradmetanet.tfeatures import model_family
+
+    assert model_family(_model()) == "tiny"
+    assert model_family(_hf_model("gpt2")) == "gpt2"
+    assert model_family(_hf_model("llama")) == "llama"
+    assert model_family(_hf_model("qwen2")) is None
+    assert model_family(_hf_model("gpt2", model_type="llama")) is None
+    assert model_family(_hf_model("llama", model_type="mistral")) is None
+    assert model_family(torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 3))) is None
+    for fam in ("gpt2", "llama"):
+        spec = tzoo.LMGroupSpec("g", "copy", 1, 32, 2, 0, 1e-3, (0,), "train", 4, fam)
+        assert model_family(tzoo.hf_model(spec, 16)) == fam
+
+
+def _families(seed: int, per: int = 30):
+    """Three families with their own offsets (tiny 0, gpt2 +0.8, llama -0.6) and noise
+    (0.05, 0.4, 0.15), one planted slope on φ_0; tasks cross the families."""
+    g = torch.Generator().manual_seed(seed)
+    off = {"tiny": 0.0, "gpt2": 0.8, "llama": -0.6}
+    sd = {"tiny": 0.05, "gpt2": 0.4, "llama": 0.15}
+    fam = [f for f in ("tiny", "gpt2", "llama") for _ in range(4 * per)]
+    groups = [f"task{k % 4}" for k in range(len(fam))]
+    phi = torch.randn(len(fam), F, generator=g, dtype=torch.float64)
+    noise = torch.randn(len(fam), generator=g, dtype=torch.float64)
+    y = [
+        0.5 * float(p[0]) + off[f] + sd[f] * float(e)
+        for p, f, e in zip(phi, fam, noise, strict=True)
+    ]
+    return phi.tolist(), y, groups, fam
+
+
+def test_family_term_learns_each_family_offset_and_falls_back_for_an_unknown_one():
+    phi, y, groups, fam = _families(0)
+    plain = ttop.fit_top_correction(phi, y, groups, family=fam)
+    c = ttop.fit_top_correction(phi, y, groups, family=fam, family_term=True)
+    assert c.families == ["tiny", "gpt2", "llama"] and len(c.weights) == F + 2
+    assert c.cv_error < 0.6 * plain.cv_error  # the offsets carry over across tasks
+    x = [0.0] * F
+    for f, o in (("tiny", 0.0), ("gpt2", 0.8), ("llama", -0.6)):
+        assert c.log_ratio(x, f) == pytest.approx(o, abs=0.15)
+    # unknown family: indicators at their training means (z = 0), i.e. the average offset
+    unknown = c.log_ratio(x, None)
+    assert unknown == pytest.approx(c.log_ratio(x, "mistral"))
+    z = [(p - m) / s for p, m, s in zip(x, c.mean[:F], c.scale[:F], strict=True)]
+    avg = c.shrink * (c.intercept + sum(w * v for w, v in zip(c.weights[:F], z, strict=True)))
+    assert unknown == pytest.approx(avg)
+    assert c.knows("gpt2") and not c.knows(None) and not c.knows("mistral")
+    assert plain.knows(None) and plain.log_ratio(x, "gpt2") == plain.log_ratio(x)
+    back = ttop.TopCorrection.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert back == c and back.log_ratio(x, "llama") == c.log_ratio(x, "llama")
+    with pytest.raises(ValueError, match="family"):
+        ttop.fit_top_correction(phi, y, groups, family_term=True)
+    with pytest.raises(ValueError, match="among"):
+        ttop.fit_top_correction(phi, y, groups, family=["opt"] * len(y), family_term=True)
+
+
+def test_family_bins_give_each_family_its_own_interval():
+    """Mondrian conformal per family covers ~80 % of fresh sets of every family; the pooled
+    interval over-covers the quiet family and under-covers the loud one; an unknown family
+    gets the pooled interval."""
+    phi, y, groups, fam = _families(1)
+    new_phi, new_y, _, new_fam = _families(2, per=100)
+    cover = {}
+    for cal in ("global", "family-bins"):
+        c = ttop.fit_top_correction(phi, y, groups, calibration=cal, family=fam, family_term=True)
+        per: dict[str, list[bool]] = {}
+        for p, t, f in zip(new_phi, new_y, new_fam, strict=True):
+            lo, hi = c.log_interval(p, f)
+            per.setdefault(f, []).append(lo <= t - c.log_ratio(p, f) <= hi)
+        cover[cal] = {f: sum(v) / len(v) for f, v in per.items()}
+    assert all(0.7 <= v <= 0.9 for v in cover["family-bins"].values())
+    assert cover["global"]["tiny"] > 0.95 and cover["global"]["gpt2"] < 0.7
+    assert set(c.family_intervals) == {"tiny", "gpt2", "llama"}
+    assert c.log_interval(phi[0], None) == c.interval == c.log_interval(phi[0], "opt")
+    back = ttop.TopCorrection.from_dict(json.loads(json.dumps(c.to_dict())))
+    assert back.log_interval(phi[0], "gpt2") == pytest.approx(c.log_interval(phi[0], "gpt2"))
+    with pytest.raises(ValueError, match="family"):
+        ttop.fit_top_correction(phi, y, groups, calibration="family-bins")
+
+
+def test_nested_folds_hold_out_only_the_named_groups():
+    phi, y, groups, fam = _families(3, per=10)
+    gid = [f"{f}-{k % 3}" for k, f in enumerate(fam)]
+    folds = {g for g in gid if not g.startswith("tiny")}
+    s = ttop.nested_calibration(
+        phi, y, groups, outer=gid, family=fam, family_term=True, folds=folds
+    )
+    assert set(s.per_group) == folds
+    assert {fam[i] for i in s.per_set} == {"gpt2", "llama"} and len(s.per_set) == 80
+
+
+def test_predict_flags_a_family_the_correction_never_saw(tmp_path):
+    """A correction with a family term on a TinyLM (a family it knows) is not flagged;
+    fitted on GPT-2 / Llama only, the same TinyLM is flagged, with the fallback named."""
+    phi, y, groups, fam = _families(4, per=10)
+    model = _model()
+    ids, _ = make_task("count", 20, T, seed=0)
+    save_file({"inputs": (ids % V).contiguous()}, str(tmp_path / "d.safetensors"))
+    obj = Objective.build(model, "next_token")
+    data = load_data(tmp_path / "d.safetensors")
+    c = ttop.fit_top_correction(phi, y, groups, family=fam, family_term=True,
+                                calibration="family-bins", trained_on={"b": 16})  # fmt: skip
+    tp = ttop.predict_top(obj, data, c, seed=1)
+    assert tp.family == "tiny" and not any("family" in w for w, _, _ in tp.out_of_range)
+    keep = [i for i, f in enumerate(fam) if f != "tiny"]
+    c2 = ttop.fit_top_correction(
+        [phi[i] for i in keep], [y[i] for i in keep], [groups[i] for i in keep],
+        family=[fam[i] for i in keep], family_term=True, calibration="family-bins",
+        trained_on={"b": 16},
+    )  # fmt: skip
+    tp2 = ttop.predict_top(obj, data, c2, seed=1)
+    flag = [w for w, v, _ in tp2.out_of_range if "family" in w]
+    assert flag and "tiny" in flag[0] and "gpt2, llama" in flag[0] and "pooled" in flag[0]
+    assert tp2.interval[0] < tp2.value < tp2.interval[1]

@@ -180,3 +180,37 @@ def test_v2_1_rule_decides_from_the_numbers_and_the_card_states_it():
     assert "1 seen last session, 2 fresh (b, c)" in text
     assert "| fresh held-out groups (never seen) | 10 | 0.450 / 0.450 |" in text
     assert "| fresh: all held-out transformers | 10 | 0.450 / 74 % | 0.460 / 90 % |" in text
+
+
+def test_v2_2_rule_block_states_family_calibration_groups_and_exclusions():
+    """Session 18's block: three nested schemes, the family calibration, fresh groups not
+    built in time and snapshots left out for an unpinned truth are all stated."""
+    from gmcurv.gradmetanet.card import v2_top_section
+
+    bench = _bench()
+    ref = {"all-test": {**_top_split(0.40, 0.6), "coverage_80": 0.80},
+           "fresh:all-test": {**_top_split(0.45, 0.6), "coverage_80": 0.78}}  # fmt: skip
+    prev = {"all-test": {**_top_split(0.42, 0.6), "coverage_80": 0.82},
+            "fresh:all-test": {**_top_split(0.46, 0.6), "coverage_80": 0.7}}  # fmt: skip
+    dec = bench.ship_decision(ref, prev)
+    assert dec["ship"]
+    nested = {"task-out": {"error": 0.6}, "arch-out": {"error": 0.5},
+              "famgroup-out": {"error": 0.7}}  # fmt: skip
+    top = {
+        "correction": {"penalty": 1.0, "shrink": 0.8, "cv_error": 0.6, "cv_error_plugin": 0.7,
+                       "trained_on": {}, "calibration": "family-bins",
+                       "families": ["tiny", "gpt2", "llama"]},
+        "summary": ref,
+        "v2_2": {"session": 18, "rule": ["rule one"], "rule_file": "b/HEAD_V2_2_RULE.md",
+                 "chosen": {"name": "ridge+family"},
+                 "nested_on_training_groups": {"ridge": nested, "ridge+family": nested},
+                 "decision": dec, "refit": {"summary": ref}, "previous": {"summary": prev},
+                 "heldout_groups": {"seen": ["a"], "fresh": ["b"], "fresh_missing": ["c"]},
+                 "unpinned_truth_excluded": [["g", 800, 0.0017, 0.063]]},
+    }  # fmt: skip
+    text = v2_top_section(top)
+    assert "with a per-family offset (tiny / gpt2 / llama)" in text
+    assert "within the set's model family" in text and "Session 18 refit" in text
+    assert "ridge+family: 0.600 / 0.500 / 0.700" in text and "**the refit ships**" in text
+    assert "1 seen before, 1 fresh (b); not built in time: c" in text
+    assert "Left out (λ_max truth not pinned" in text and "g step 800" in text

@@ -1,33 +1,35 @@
 """Head v2's λ_max correction (`gmcurv.gradmetanet.ttop`) on held-out transformers.
 
-    PYTHONPATH=. python bench/gradmetanet/bench_head_v2_top.py [--zoo <a frozen zoo snapshot>]
+    PYTHONPATH=. python bench/gradmetanet/bench_head_v2_top.py --zoo <a frozen zoo snapshot>
+
+Applies `RULE_V2_2` (``HEAD_V2_2_RULE.md``, written before the evaluation) once:
 
 1. the zoo's items (`ttrain.load_items`, cached inputs): every draw of ``b`` = 16
-   sequences of every snapshot of every finished group;
-2. fit (`ttop.fit_top_correction`) on the ``train`` and ``val`` groups only, penalty and
-   shrink by leave-one-*task*-out cross-validation, interval split-conformal per loss bin.
-   Which point model is fitted (`CANDIDATES_V2_1`: ridge, ridge+clip, Huber) and whether
-   the refit ships are decided by `RULE_V2_1` (`HEAD_V2_1_RULE.md`, written before the
-   evaluation): `select_v2_1` scores the candidates by `ttop.nested_calibration` (leave
-   one task out, and leave one architecture out, around the whole fit) on the training
-   groups alone; `ship_decision` compares the refit with the shipped v2 (``--previous``) on
-   the same held-out sets. The refit is written to ``--weights`` only if it ships;
-   otherwise only the shipped file's ``heldout`` block is re-measured. Every candidate's
-   held-out numbers, for both calibrations, are reported too, never used for the choice;
+   sequences of every snapshot of every finished group, but the snapshots whose λ_max
+   truth is not pinned (`unpinned_tops`, listed in the JSON);
+2. the refit's point model (`CANDIDATES_V2_2`: ridge, ridge + per-family indicators,
+   each with or without clamping φ to the training range) by `select_v2_2` on the
+   candidates' nested scores (`nested_v2_2`: the whole fit redone without one task, one
+   architecture, one GPT-2/Llama group; training groups only); fit
+   (`ttop.fit_top_correction`) on the ``train`` and ``val`` groups, penalty and shrink by
+   leave-one-*task*-out cross-validation, interval split-conformal within the model family
+   (fixed, `CALIBRATION_V2_2`);
 3. predict every held-out set (``test-task``: the unseen task ``chars``; ``test-arch``:
-   unseen width 48 / depth 3; ``test-hf``: GPT-2 and Llama built by ``transformers``);
+   unseen widths 48-128 / depth 3; ``test-hf``: GPT-2 and Llama built by
+   ``transformers``), the family read from the model's own structure
+   (`tfeatures.model_family`), and the shipped v2 (``--previous``) on the same sets;
 4. equal-cost baselines, timed in this process on the same set (`tbaselines.equal_cost`,
    as `bench_head_v2.py` does): the head's wall time ``t`` (capture + features + the
    correction) buys MC-GGN ``⌊t / t_capture⌋`` label draws and Hutchinson / Lanczos
    ``max(1, ⌊t / t_hvp⌋)`` Hessian-vector products; one plain backward of the set is the
-   time unit. ``--reuse-baselines`` instead takes the MC-GGN / Lanczos values that
-   `bench_head_v2.py` measured with the old head's (longer) time from ``head_v2.json``
-   (same ``(group, step, draw)``): more than equal time for the baselines;
-5. per split and family, for every held-out group and separately for the groups seen last
-   session (`SEEN_HELDOUT`) and the fresh ones: mean / median ``|log|`` error, win rates,
-   gain over each baseline, 80 % interval coverage (and where the misses fall: truth
-   below / above), mean interval width, for the refit and the shipped v2; JSON to
-   ``--out``.
+   time unit;
+5. `ship_decision`: the refit replaces ``--weights`` only if it ships; otherwise only the
+   shipped file's ``heldout`` block is re-measured. Per split and family, for every
+   held-out group and separately for the groups seen before (`SEEN_V2_2`) and the fresh
+   ones (`FRESH_V2_2`): mean / median ``|log|`` error, win rates, gain over each
+   baseline, 80 % interval coverage (and where the misses fall: truth below / above), mean
+   interval width, for the refit and the shipped v2; every candidate's held-out numbers
+   (reported, never used for the choice); JSON to ``--out``.
 """
 
 from __future__ import annotations
@@ -44,21 +46,28 @@ from pathlib import Path
 import torch
 
 from gmcurv.gradmetanet.tbaselines import equal_cost
-from gmcurv.gradmetanet.tfeatures import extract
+from gmcurv.gradmetanet.tfeatures import extract, model_family
 from gmcurv.gradmetanet.ttop import (
-    CALIBRATIONS,
+    ALL_CALIBRATIONS,
     FEATURES,
     TopCorrection,
     fit_top_correction,
     nested_calibration,
     tset_features,
 )
-from gmcurv.gradmetanet.ttrain import held_out, item_top_features, load_items, zoo_sets
+from gmcurv.gradmetanet.ttrain import (
+    group_files,
+    held_out,
+    item_top_features,
+    load_items,
+    read_spec,
+    zoo_sets,
+)
 from gmcurv.io.fileio import atomic_write_text
 
 BASELINES = ("plugin_seq", "plugin", "mc_equal_time", "hutch_lanczos_equal_time")
 TIE = 1e-6
-# Session 17 (v2.1): the rule in HEAD_V2_1_RULE.md, written before the evaluation.
+# The held-out groups of session 17 (v2.1, HEAD_V2_1_RULE.md): 13 seen in session 16.
 SEEN_HELDOUT = (
     "test-arch-copy-tiny-L1d48h2-0007", "test-arch-count-tiny-L3d32h2-0012",
     "test-arch-dyck-tiny-L3d48h3-0041", "test-arch-markov-tiny-L1d96h3-0030",
@@ -68,26 +77,72 @@ SEEN_HELDOUT = (
     "test-task-chars-tiny-L1d32h1-0004", "test-task-chars-tiny-L1d64h2-0023",
     "test-task-chars-tiny-L2d32h2-0011",
 )  # fmt: skip
-CALIBRATION_V2_1 = "loss-bins"
-CANDIDATES_V2_1 = (
-    {"name": "ridge", "clip": False, "robust": False},
-    {"name": "ridge+clip", "clip": True, "robust": False},
-    {"name": "huber", "clip": False, "robust": True},
+# Session 18 (v2.2): the rule in HEAD_V2_2_RULE.md, written before the evaluation.
+SEEN_V2_2 = (
+    *SEEN_HELDOUT,
+    "test-arch-copy-tiny-L1d128h4-0050", "test-hf-copy-llama-L2d48h2-0057",
+    "test-hf-dyck-llama-L2d32h4-0035", "test-hf-modsum-llama-L1d64h4-0047",
+    "test-hf-reverse-gpt2-L1d64h4-0056", "test-task-chars-tiny-L4d32h4-0043",
+)  # fmt: skip
+FRESH_V2_2 = (
+    "test-hf-copy-gpt2-L2d32h2-0060", "test-hf-sort-llama-L1d32h4-0063",
+    "test-arch-reverse-tiny-L1d80h4-0066", "test-hf-dyck-gpt2-L1d48h4-0071",
+    "test-arch-modsum-tiny-L3d32h2-0074", "test-hf-count-llama-L2d64h2-0077",
+    "test-task-chars-tiny-L2d64h4-0080", "test-hf-modsum-gpt2-L2d64h2-0081",
+    "test-arch-sort-tiny-L1d112h4-0082", "test-hf-reverse-llama-L1d48h2-0083",
+)  # fmt: skip
+CALIBRATION_V2_2 = "family-bins"
+CANDIDATES_V2_2 = (
+    {"name": "ridge", "clip": False, "robust": False, "family_term": False},
+    {"name": "ridge+family", "clip": False, "robust": False, "family_term": True},
+    {"name": "ridge+clip", "clip": True, "robust": False, "family_term": False},
+    {"name": "ridge+family+clip", "clip": True, "robust": False, "family_term": True},
+)
+SCHEMES_V2_2 = ("task-out", "arch-out", "famgroup-out")  # selection; "family-out": info
+RULE_V2_2 = (
+    "data: a frozen snapshot of the zoo; train = every train/val group (TinyLM, GPT-2, "
+    "Llama), test = every test-* group (seen: the 19 evaluated before; fresh: the 10 of "
+    "session 18); a snapshot whose λ_max truth is not pinned (Lanczos residual > 0.1 λ_max) "
+    "is left out everywhere and listed",
+    "point model: among ridge, ridge+family, ridge+clip, ridge+family+clip, a candidate "
+    "other than ridge is chosen only if it lowers the mean of its three nested mean |ln "
+    "error| (leave one task out, one architecture out, one GPT-2/Llama group out; training "
+    "groups only) by >= 1 % relative and raises none of the three by more than 1 %; the "
+    "lowest such mean wins",
+    "interval: fixed before the evaluation, not selected: split-conformal within the "
+    "model family (family-bins: tiny / gpt2 / llama, from the checkpoint's structure), "
+    "finite-sample order statistics of the out-of-fold (leave-one-task-out) ln residuals; "
+    "an unknown family gets the pooled quantiles and is flagged",
+    "ship the refit only if its 80 % intervals cover 75-85 % of all held-out sets and "
+    "70-90 % of the fresh held-out sets, and its mean |ln error| is not above the shipped "
+    "v2's (0.5 % tie) on all held-out sets and on each of test-task, test-arch, GPT-2, Llama",
 )
 RULE_SPLITS = ("all-test", "test-task", "test-arch", "test-hf:gpt2", "test-hf:llama")
 RULE_TIE = 0.005
-RULE_V2_1 = (
-    "point model: a candidate other than ridge (ridge+clip, huber) is chosen only if it "
-    "lowers both the nested leave-one-task-out and leave-one-architecture-out mean |ln "
-    "error| on the train/val groups by >= 1 % relative (the lower mean of the two if "
-    "several)",
-    "interval: fixed before the evaluation, not selected: split-conformal per tertile of "
-    "mean loss / ln V (loss-bins), finite-sample order statistics",
-    "ship the refit only if its 80 % intervals cover 75-85 % of all held-out sets, 70-90 % "
-    "of the fresh held-out sets, and its mean |ln error| is not above the shipped v2's "
-    "(0.5 % tie) on all held-out sets and on each of test-task, test-arch, GPT-2, Llama",
-)
 PREVIOUS = "bench/gradmetanet/head_v2_top_shipped_s16.json"
+
+
+TOP_PINNED = 0.1  # v2.2: a λ_max truth counts only if its Lanczos residual <= 0.1 λ_max
+
+
+def unpinned_tops(zoo: Path, keep=None) -> dict[tuple[str, int], list[float]]:
+    """``(gid, step) -> [λ_max, residual]`` of every snapshot (of groups ``keep`` accepts)
+    whose λ_max truth is not pinned: Lanczos residual above `TOP_PINNED` times the value
+    (the Ritz value is then not known to be the top eigenvalue to 10 %). Reads headers."""
+    from safetensors import safe_open
+
+    out = {}
+    for path in group_files(zoo):
+        spec = read_spec(path)
+        if keep is not None and not keep(spec):
+            continue
+        with safe_open(str(path), "pt") as f:
+            snaps = json.loads(f.metadata()["snapshots"])
+        for m in snaps:
+            v, res = m["hessian_top"], m.get("hessian_top_residual", 0.0)
+            if not res <= TOP_PINNED * abs(v):
+                out[(spec.gid, m["step"])] = [v, res]
+    return out
 
 
 def logerr(p: float, t: float) -> float:
@@ -125,22 +180,27 @@ def backward_seconds(obj, batch) -> float:
     return time.perf_counter() - t0
 
 
-def timed_rows(corr: TopCorrection, zoo: Path) -> list[dict]:
-    """Every held-out set: the head timed end to end, then the baselines with its time."""
+def timed_rows(corr: TopCorrection, zoo: Path, skip=frozenset()) -> list[dict]:
+    """Every held-out set (but the ``(gid, step)`` in ``skip``): the head timed end to end
+    (the model family read from the model's structure, `model_family`), then the
+    baselines with its time."""
     torch.set_num_threads(1)
     rows = []
     for zs in zoo_sets(zoo, keep=held_out):
         spec, m, obj, batch, r = zs.spec, zs.meta, zs.objective, zs.batch, zs.draw
+        if (spec.gid, m["step"]) in skip:
+            continue
         t0 = time.perf_counter()
         s = extract(obj, batch)
-        lam, lo, hi = corr.predict(s.seq_top, tset_features(s))
+        fam = model_family(obj.model)
+        lam, lo, hi = corr.predict(s.seq_top, tset_features(s), fam)
         t_head = time.perf_counter() - t0
         t_bwd = backward_seconds(obj, batch)
         ec = equal_cost(obj, batch, zs.data(), t_head, seed=7 + r)
         rows.append(
             {
                 "gid": spec.gid, "split": spec.split, "family": spec.family,
-                "task": spec.task, "step": m["step"], "draw": r,
+                "family_detected": fam, "task": spec.task, "step": m["step"], "draw": r,
                 "truth": m["hessian_top"], "head": lam, "lo": lo, "hi": hi,
                 "plugin_seq": s.seq_top, "plugin": s.plug_top, "phi": tset_features(s),
                 "mc_equal_time": ec.mc_top,
@@ -153,64 +213,61 @@ def timed_rows(corr: TopCorrection, zoo: Path) -> list[dict]:
     return [r for r in rows if r["truth"] > 0]
 
 
-def reused_rows(corr: TopCorrection, items, baselines: Path) -> list[dict]:
-    """Held-out rows with the MC-GGN / Lanczos values of ``head_v2.json`` (module doc)."""
-    old = {(r["gid"], r["step"], r["draw"]): r for r in json.loads(baselines.read_text())["rows"]}
-    rows = []
-    for it in items:
-        o = old.get((it.gid, it.step, it.draw))
-        if not it.split.startswith("test") or o is None:
-            continue
-        lam, lo, hi = corr.predict(it.inp.seq_top, item_top_features(it))
-        rows.append(
-            {
-                "gid": it.gid, "split": it.split, "family": it.family, "task": it.task,
-                "step": it.step, "draw": it.draw, "truth": it.top, "head": lam, "lo": lo,
-                "hi": hi, "plugin_seq": it.inp.seq_top, "plugin": it.inp.plug_top,
-                "phi": item_top_features(it),
-                "mc_equal_time": o["top"]["mc_equal_time"],
-                "hutch_lanczos_equal_time": o["top"]["hutch_lanczos_equal_time"],
-                "hvps": o["hvps"], "mc_samples": o["mc_samples"],
-            }
-        )  # fmt: skip
-    return rows
-
-
 def arch_of(gid: str) -> str:
     """``L<blocks>d<width>`` from a zoo group id (the leave-one-architecture-out groups)."""
     return next(p for p in gid.split("-") if p.startswith("L")).split("h")[0]
 
 
-def select_v2_1(fit_items) -> tuple[dict, dict]:
-    """The refit's point model by `RULE_V2_1` (nested scores on training groups only)."""
-    phi = [item_top_features(it) for it in fit_items]
-    y = [math.log(it.top / it.inp.seq_top) for it in fit_items]
-    tasks = [it.task for it in fit_items]
-    archs = [arch_of(it.gid) for it in fit_items]
-    scores = {}
-    for c in CANDIDATES_V2_1:
-        kw = {"calibration": CALIBRATION_V2_1, "clip": c["clip"], "robust": c["robust"]}
-        t = nested_calibration(phi, y, tasks, **kw)
-        a = nested_calibration(phi, y, tasks, outer=archs, **kw)
-        scores[c["name"]] = {
-            **c,
-            "calibration": CALIBRATION_V2_1,
-            "task_out": {"error": t.error, "coverage": t.coverage, "width": t.width},
-            "arch_out": {"error": a.error, "coverage": a.coverage, "width": a.width},
-        }
+def nested_v2_2(items, cand: dict, calibration: str = CALIBRATION_V2_2) -> dict:
+    """A candidate's nested scores on training items (`cv_head_v2_2.py` module doc): the
+    whole fit redone without one task / architecture / GPT-2-or-Llama group / family."""
+    phi = [item_top_features(it) for it in items]
+    y = [math.log(it.top / it.inp.seq_top) for it in items]
+    fam = [it.family for it in items]
+    kw = {
+        "calibration": calibration, "clip": cand["clip"], "robust": cand["robust"],
+        "family": fam, "family_term": cand["family_term"],
+    }  # fmt: skip
+    schemes = {
+        "task-out": {},
+        "arch-out": {"outer": [arch_of(it.gid) for it in items]},
+        "famgroup-out": {
+            "outer": [it.gid for it in items],
+            "folds": {it.gid for it in items if it.family != "tiny"},
+        },
+        "family-out": {"outer": fam, "folds": {"gpt2", "llama"}},
+    }
+    out = {}
+    for name, extra in schemes.items():
+        s = nested_calibration(phi, y, [it.task for it in items], **kw, **extra)
+        by_fam = {}
+        for f in ("tiny", "gpt2", "llama"):
+            v = [s.per_set[i] for i in s.per_set if fam[i] == f]
+            if v:
+                by_fam[f] = {
+                    "n": len(v),
+                    "error": statistics.fmean(e for e, _ in v),
+                    "coverage": statistics.fmean(c for _, c in v),
+                }
+        out[name] = {"error": s.error, "coverage": s.coverage, "width": s.width,
+                     "n": len(s.per_set), "by_family": by_fam}  # fmt: skip
+    return out
+
+
+def select_v2_2(scores: dict[str, dict]) -> dict:
+    """`RULE_V2_2`'s point model from the candidates' `nested_v2_2` scores."""
+    mean = {k: statistics.fmean(v[o]["error"] for o in SCHEMES_V2_2) for k, v in scores.items()}
     base = scores["ridge"]
-    better = [
-        v
+    ok = [
+        k
         for k, v in scores.items()
         if k != "ridge"
-        and all(v[o]["error"] <= 0.99 * base[o]["error"] for o in ("task_out", "arch_out"))
+        and mean[k] <= 0.99 * mean["ridge"]
+        and all(v[o]["error"] <= 1.01 * base[o]["error"] for o in SCHEMES_V2_2)
     ]
-    pick = (
-        min(better, key=lambda v: v["task_out"]["error"] + v["arch_out"]["error"])
-        if better
-        else base
-    )
-    return {"name": pick["name"], "clip": pick["clip"], "robust": pick["robust"]}, scores
+    pick = min(ok, key=lambda k: mean[k]) if ok else "ridge"
+    c = next(c for c in CANDIDATES_V2_2 if c["name"] == pick)
+    return {**c, "nested_mean": mean}
 
 
 def with_head(rows: list[dict], key: str) -> list[dict]:
@@ -229,7 +286,7 @@ def split_summaries(rows: list[dict]) -> dict:
 
 
 def ship_decision(refit: dict, previous: dict) -> dict:
-    """`RULE_V2_1`'s shipping condition on the two heads' summaries of the same sets."""
+    """`RULE_V2_2`'s shipping condition (as v2.1's) on the two heads' summaries of the same sets."""
     conds = []
     cov = refit["all-test"]["coverage_80"]
     conds.append({"what": "coverage, all held-out sets, in 75-85 %", "value": cov,
@@ -248,7 +305,8 @@ def ship_decision(refit: dict, previous: dict) -> dict:
 
 
 def _keys(r: dict) -> list[str]:
-    part = "seen" if r["gid"] in SEEN_HELDOUT else "fresh"
+    g = r["gid"]
+    part = "fresh" if g in FRESH_V2_2 else "seen" if g in SEEN_V2_2 else "other"
     keys = ["all-test", r["split"]]
     if r["split"] == "test-hf":
         keys.append(f"test-hf:{r['family']}")
@@ -256,20 +314,22 @@ def _keys(r: dict) -> list[str]:
 
 
 def candidate_heldout(rows: list[dict], fit_items, trained_on: dict) -> dict:
-    """Every candidate's held-out error and coverage, for both calibrations (reported,
+    """Every candidate's held-out error and coverage, for every calibration (reported,
     never used to choose)."""
     phi = [item_top_features(it) for it in fit_items]
     y = [math.log(it.top / it.inp.seq_top) for it in fit_items]
+    fam = [it.family for it in fit_items]
     out = {}
-    for c in CANDIDATES_V2_1:
-        for cal in CALIBRATIONS:
+    for c in CANDIDATES_V2_2:
+        for cal in ALL_CALIBRATIONS:
             corr = fit_top_correction(
                 phi, y, [it.task for it in fit_items], trained_on=trained_on,
-                calibration=cal, clip=c["clip"], robust=c["robust"],
+                calibration=cal, clip=c["clip"], robust=c["robust"], family=fam,
+                family_term=c["family_term"],
             )  # fmt: skip
             per: dict[str, list[tuple[float, bool]]] = {}
             for r in rows:
-                lam, lo, hi = corr.predict(r["plugin_seq"], r["phi"])
+                lam, lo, hi = corr.predict(r["plugin_seq"], r["phi"], r["family_detected"])
                 e = (logerr(lam, r["truth"]), lo <= r["truth"] <= hi)
                 for k in _keys(r):
                     per.setdefault(k, []).append(e)
@@ -314,39 +374,43 @@ def trace_analogue(items) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--zoo", default="/work/cache/head/tzoo")
-    ap.add_argument("--baselines", default="bench/gradmetanet/head_v2.json")
     ap.add_argument("--out", default="bench/gradmetanet/head_v2_top.json")
     ap.add_argument("--weights", default="sample_models/gradmetanet_head_v2_top.json")
     ap.add_argument("--previous", default=PREVIOUS, help="the shipped v2 the rule compares with")
-    ap.add_argument("--reuse-baselines", action="store_true", help="module doc, step 4")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    zoo = Path(args.zoo)
     prev_doc = json.loads(Path(args.previous).read_text())
     previous = TopCorrection.from_dict(prev_doc)
-    items = [it for it in load_items(Path(args.zoo)) if it.top > 0 and it.inp.seq_top > 0]
+    bad = unpinned_tops(zoo)
+    items = [
+        it for it in load_items(zoo)
+        if it.top > 0 and it.inp.seq_top > 0 and (it.gid, it.step) not in bad
+    ]  # fmt: skip
     fit_items = [it for it in items if it.split in ("train", "val")]
     phi = [item_top_features(it) for it in fit_items]
     y = [math.log(it.top / it.inp.seq_top) for it in fit_items]
+    fam = [it.family for it in fit_items]
     ranges = {f: [min(p[k] for p in phi), max(p[k] for p in phi)] for k, f in enumerate(FEATURES)}
     trained_on = {
         "groups": sorted({it.gid for it in fit_items}),
         "tasks": sorted({it.task for it in fit_items}),
-        "families": sorted({it.family for it in fit_items}),
+        "families": sorted(set(fam)),
         "sets": len(fit_items),
+        "sets_by_family": {f: fam.count(f) for f in sorted(set(fam))},
         "b": 16,
         "tokens": 32,
         "feature_ranges": ranges,
     }
-    chosen, scores = select_v2_1(fit_items)
+    scores = {c["name"]: nested_v2_2(fit_items, c) for c in CANDIDATES_V2_2}
+    chosen = select_v2_2(scores)
+    print("chosen", chosen, f"{time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
     refit = fit_top_correction(
         phi, y, [it.task for it in fit_items], trained_on=trained_on,
-        calibration=CALIBRATION_V2_1, clip=chosen["clip"], robust=chosen["robust"],
+        calibration=CALIBRATION_V2_2, clip=chosen["clip"], robust=chosen["robust"],
+        family=fam, family_term=chosen["family_term"],
     )  # fmt: skip
-    rows = (
-        reused_rows(refit, items, Path(args.baselines))
-        if args.reuse_baselines
-        else timed_rows(refit, Path(args.zoo))
-    )
+    rows = timed_rows(refit, zoo, skip=frozenset(bad))
     for r in rows:
         r["refit"] = [r["head"], r["lo"], r["hi"]]
         r["previous"] = list(previous.predict(r["plugin_seq"], r["phi"]))
@@ -357,38 +421,39 @@ def main(argv=None) -> int:
     shipped = refit if ship else previous
     rows = with_head(rows, "refit" if ship else "previous")
     held_groups = sorted({r["gid"] for r in rows})
+    fam_check = sorted({(r["family"], r["family_detected"]) for r in rows}, key=str)
     result = {
         "what": "head v2 λ_max: ridge correction of the per-sequence plug-in (ttop), held out",
         "command": "PYTHONPATH=. python bench/gradmetanet/bench_head_v2_top.py --zoo <snapshot>",
         "loadavg": os.getloadavg(),
         "correction": shipped.to_dict(),
-        "shipped": "refit (v2.1)" if ship else "previous (v2, session 16), re-measured",
-        "equal_cost": "reused from head_v2.json (old head's time: more than equal)"
-        if args.reuse_baselines
-        else "timed in this run with the head's own time",
+        "shipped": "refit (v2.2)" if ship else "previous (v2, session 16), re-measured",
+        "equal_cost": "timed in this run with the head's own time",
         "hvps_equal_time_median": statistics.median(r["hvps"] for r in rows),
         "mc_samples_equal_time_median": statistics.median(r["mc_samples"] for r in rows),
         "summary": sum_refit if ship else sum_prev,
-        "v2_1": {
-            "rule": RULE_V2_1,
-            "rule_file": "bench/gradmetanet/HEAD_V2_1_RULE.md",
+        "v2_2": {
+            "session": 18,
+            "rule": RULE_V2_2,
+            "rule_file": "bench/gradmetanet/HEAD_V2_2_RULE.md",
             "chosen": chosen,
+            "calibration": CALIBRATION_V2_2,
             "nested_on_training_groups": scores,
             "decision": decision,
             "refit": {"correction": refit.to_dict(), "summary": sum_refit},
             "previous": {"file": args.previous, "summary": sum_prev},
             "heldout_groups": {
-                "seen": [g for g in held_groups if g in SEEN_HELDOUT],
-                "fresh": [g for g in held_groups if g not in SEEN_HELDOUT],
+                "seen": [g for g in held_groups if g not in FRESH_V2_2],
+                "fresh": [g for g in held_groups if g in FRESH_V2_2],
+                "fresh_missing": [g for g in FRESH_V2_2 if g not in held_groups],
             },
+            "unpinned_truth_excluded": [[*k, *v] for k, v in sorted(bad.items())],
+            "family_spec_vs_detected": fam_check,
             "heldout_of_every_candidate": candidate_heldout(rows, fit_items, trained_on),
         },
         "selection": prev_doc.get("selection")
         if not ship
-        else {
-            "rules": RULE_V2_1,
-            "chosen": {**chosen, "calibration": CALIBRATION_V2_1},
-        },
+        else {"rules": RULE_V2_2, "chosen": {**chosen, "calibration": CALIBRATION_V2_2}},
         "zoo": {
             "groups": len({it.gid for it in items}),
             "sets": len(items),
@@ -398,7 +463,7 @@ def main(argv=None) -> int:
         "rows": rows,
         "seconds": time.perf_counter() - t0,
     }
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    atomic_write_text(Path(args.out), json.dumps(result, indent=1))
     heldout = {
         k: {
             "sets": v["n"],
@@ -415,11 +480,11 @@ def main(argv=None) -> int:
         {
             **refit.to_dict(),
             "heldout": heldout,
-            "selection": {"rules": RULE_V2_1, "chosen": chosen, "nested": scores[chosen["name"]]},
+            "selection": {"rules": RULE_V2_2, "chosen": chosen, "nested": scores[chosen["name"]]},
             "made_by": result["command"],
         }
         if ship
-        else {**prev_doc, "heldout": heldout, "heldout_remeasured": "session 17, v2.1 rule"}
+        else {**prev_doc, "heldout": heldout, "heldout_remeasured": "session 18, v2.2 rule"}
     )
     atomic_write_text(Path(args.weights), json.dumps(out_doc, indent=1))
     print("ship" if ship else "not shipped", decision, file=sys.stderr)

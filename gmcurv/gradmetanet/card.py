@@ -580,17 +580,39 @@ TOP_PARTS = {
 V2_1_SPLITS = {**V2_SPLITS, **TOP_PARTS}
 
 
+CALIBRATION_TEXT = {
+    "global": "pooled",
+    "loss-bins": "within the tertile of mean loss / ln V of the set",
+    "family-bins": "within the set's model family (tiny / gpt2 / llama, read from the "
+    "checkpoint's structure; another family gets the pooled quantiles and is flagged)",
+}
+
+
+def _nested_cells(scores: dict[str, Any]) -> str:
+    """Nested training-group scores of each candidate (session 17: task / arch out;
+    session 18: task / arch / GPT-2-or-Llama-group out)."""
+    keys = ("task_out", "arch_out")
+    if any("task-out" in v for v in scores.values()):
+        keys = ("task-out", "arch-out", "famgroup-out")
+    return "; ".join(
+        f"{k}: " + " / ".join(_f(v[o]["error"]) for o in keys if o in v) for k, v in scores.items()
+    )
+
+
 def _v2_1_text(top: dict[str, Any]) -> list[str]:
-    """The session-17 rule (refit vs shipped v2), its decision and both heads' numbers."""
-    v = top["v2_1"]
+    """The latest refit rule (session 17's ``v2_1`` or 18's ``v2_2``: refit vs shipped v2),
+    its decision and both heads' numbers."""
+    v = top.get("v2_2") or top["v2_1"]
+    session = v.get("session", 17)
     ref, prev = v["refit"]["summary"], v["previous"]["summary"]
     dec = v["decision"]
     groups = v.get("heldout_groups", {})
     cal = top["correction"].get("calibration", "global")
-    how = "pooled" if cal == "global" else "within the tertile of mean loss / ln V of the set"
-    nested = "; ".join(
-        f"{k}: {_f(s['task_out']['error'])} / {_f(s['arch_out']['error'])}"
-        for k, s in v["nested_on_training_groups"].items()
+    how = CALIBRATION_TEXT.get(cal, cal)
+    schemes = (
+        "leave-task-out / leave-architecture-out / leave-one-GPT-2-or-Llama-group-out"
+        if session >= 18
+        else "leave-task-out / leave-architecture-out"
     )
     conds = "; ".join(
         f"{c['what']}: "
@@ -602,19 +624,27 @@ def _v2_1_text(top: dict[str, Any]) -> list[str]:
         + f" ({'ok' if c['ok'] else 'fails'})"
         for c in dec["conditions"]
     )
+    seen = "seen before" if session >= 18 else "seen last session"
+    excluded = v.get("unpinned_truth_excluded", [])
     lines = [
         f"Interval of the shipped correction: split-conformal 10 / 90 % order statistics of "
         f"the out-of-fold (leave-one-task-out) ln residuals of its training / val sets, {how}.",
         "",
-        f"Session 17 refit (rule written before the evaluation, "
+        f"Session {session} refit (rule written before the evaluation, "
         f"`{v['rule_file'].rsplit('/', 1)[-1]}` in the gmcurv source repository: "
         + " ".join(r + "." for r in v["rule"])
         + f") Point model chosen on the training groups: **{v['chosen']['name']}** (nested "
-        f"leave-task-out / leave-architecture-out mean |ln error|: {nested}). Decision: "
+        f"{schemes} mean |ln error|: {_nested_cells(v['nested_on_training_groups'])}). "
+        "Decision: "
         + ("**the refit ships**" if dec["ship"] else "**the refit is not shipped**; the "
            "session-16 correction stays, re-measured above on the larger held-out set")
-        + f" ({conds}). Held-out groups: {len(groups.get('seen', []))} seen last session, "
-        f"{len(groups.get('fresh', []))} fresh ({', '.join(groups.get('fresh', [])) or 'none'}).",
+        + f" ({conds}). Held-out groups: {len(groups.get('seen', []))} {seen}, "
+        f"{len(groups.get('fresh', []))} fresh ({', '.join(groups.get('fresh', [])) or 'none'})"
+        + (f"; not built in time: {', '.join(groups['fresh_missing'])}"
+           if groups.get("fresh_missing") else "")
+        + (". Left out (λ_max truth not pinned: Lanczos residual > 0.1 λ_max): "
+           + ", ".join(f"{e[0]} step {e[1]}" for e in excluded) if excluded else "")
+        + ".",
         "",
         "| held-out models | sets | refit mean abs ln error / coverage | shipped v2 mean abs "
         "ln error / coverage | best equal-cost baseline (mean) |",
@@ -636,7 +666,9 @@ def _v2_1_text(top: dict[str, Any]) -> list[str]:
 
 def _fit_kind(c: dict[str, Any]) -> str:
     kind = "Huber-loss ridge" if c.get("robust") else "ridge"
-    return kind + (" (features clamped to the training range)" if c.get("clip_lo") else "")
+    kind += " (features clamped to the training range)" if c.get("clip_lo") else ""
+    fams = c.get("families") or []
+    return kind + (f" with a per-family offset ({' / '.join(fams)})" if len(fams) > 1 else "")
 
 
 def v2_top_section(top: dict[str, Any]) -> str:
@@ -686,7 +718,8 @@ def v2_top_section(top: dict[str, Any]) -> str:
             f"{'yes' if 0.75 <= s['coverage_80'] <= 0.85 else 'no'} | {verdict} | "
             f"{'met' if v['target'] else 'missed'} |"
         )
-    lines += ["", *(_v2_1_text(top) if "v2_1" in top else _top_interval_text(top))]
+    rule = "v2_1" in top or "v2_2" in top
+    lines += ["", *(_v2_1_text(top) if rule else _top_interval_text(top))]
     lines += [
         "",
         f"It beats every equal-cost baseline (lower mean error, win rate > 50 %) on: "

@@ -84,6 +84,31 @@ def is_transformer(model: torch.nn.Module) -> bool:
     return any(layer_role(name) == "attn_in" for name, _ in model.named_modules())
 
 
+def model_family(model: torch.nn.Module) -> str | None:
+    """The transformer family of ``model`` from its own structure (and, for a
+    ``transformers`` model, its config): ``"gpt2"`` (Conv1D projections ``c_attn`` /
+    ``c_fc``, LayerNorm; ``config.model_type == "gpt2"``), ``"llama"`` (Linear ``q/k/v/o``
+    projections, a gated MLP ``gate/up/down_proj``, RMSNorm; ``model_type == "llama"``),
+    ``"tiny"`` (gmcurv's TinyLM: Linear ``qkv / proj / fc / out``, LayerNorm, no config).
+    None for anything else, including a structure and a config that disagree (e.g. a
+    Llama-shaped Qwen2 or Mistral): the caller treats it as an unknown family."""
+    leaves: dict[str, set[str]] = {}
+    for name, m in model.named_modules():
+        leaves.setdefault(name.rsplit(".", 1)[-1], set()).add(type(m).__name__)
+    kinds = {type(m).__name__ for m in model.modules()}
+    mtype = getattr(getattr(model, "config", None), "model_type", None)
+    has = lambda leaf, cls: cls in leaves.get(leaf, set())  # noqa: E731
+    if has("c_attn", "Conv1D") and has("c_fc", "Conv1D") and "LayerNorm" in kinds:
+        return "gpt2" if mtype == "gpt2" else None
+    gated = all(has(x, "Linear") for x in ("gate_proj", "up_proj", "down_proj", "q_proj", "o_proj"))
+    if gated and any(k.endswith("RMSNorm") for k in kinds):
+        return "llama" if mtype == "llama" else None
+    tiny = all(has(x, "Linear") for x in ("qkv", "proj", "fc", "out", "head"))
+    if tiny and "LayerNorm" in kinds and mtype is None:
+        return "tiny"
+    return None
+
+
 def block_index(name: str) -> int:
     """The transformer block of a module path (its first integer; -1 for the LM head)."""
     m = re.search(r"\.(\d+)\.", f".{name}.")

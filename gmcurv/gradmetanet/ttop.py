@@ -26,6 +26,16 @@ an input, never on the truth). `nested_calibration` scores a scheme by leave-one
 *around the whole fit* (penalty, shrink and quantiles refitted without the held group), so
 its coverage is that of sets the calibration never saw. ``clip=True`` clamps ``φ`` to the
 training range before the correction (no extrapolation on unseen architectures).
+
+The per-family term (v2.2, ``family_term=True``): ``φ`` is extended by indicators of the
+model family (`FAMILIES`: ``tiny`` the reference, ``gpt2``, ``llama``), standardised and
+penalised like the rest, so each family gets its own offset where the training groups of
+that family support one. The family comes from the checkpoint's own structure
+(`tfeatures.model_family`), never from a name the user gives. A set of another family (or
+one whose structure and config disagree) gets the indicators' training means (``z = 0``:
+the average family's offset) and is flagged out of range. ``calibration="family-bins"``
+takes the conformal quantiles within the set's family (Mondrian on family); an unknown
+family falls back to the pooled quantiles.
 """
 
 from __future__ import annotations
@@ -39,7 +49,7 @@ from torch import Tensor
 
 from gmcurv.data import DataSample
 from gmcurv.gradmetanet.predict import sample_batch
-from gmcurv.gradmetanet.tfeatures import ROLES, TSet, extract, global_features
+from gmcurv.gradmetanet.tfeatures import ROLES, TSet, extract, global_features, model_family
 from gmcurv.objective import Objective
 
 FEATURES = (
@@ -54,7 +64,18 @@ SHARE_FLOOR = 1e-6
 PENALTIES = (0.03, 0.1, 0.3, 1.0, 3.0)
 SHRINKS = tuple(k / 10 for k in range(11))
 CALIBRATIONS = ("global", "loss-bins")
+FAMILY_CALIBRATION = "family-bins"  # needs per-set families (`fit_top_correction`)
+ALL_CALIBRATIONS = (*CALIBRATIONS, FAMILY_CALIBRATION)
 BIN_FEATURE = FEATURES.index("loss_over_log_vocab")
+FAMILIES = ("tiny", "gpt2", "llama")  # `tfeatures.model_family`; the first is the reference
+
+
+def family_indicators(family: str | None, families: list[str]) -> list[float] | None:
+    """Indicators of ``family`` for ``families[1:]`` (all zero: the reference
+    ``families[0]``); None for a family outside ``families`` (unknown)."""
+    if family not in families:
+        return None
+    return [float(family == f) for f in families[1:]]
 
 
 def scale_free_features(
@@ -106,30 +127,54 @@ class TopCorrection:
     clip_lo: list[float] = field(default_factory=list)  # φ clamped to these (clip=True)
     clip_hi: list[float] = field(default_factory=list)
     robust: bool = False  # fitted with Huber's loss (`_ridge`); provenance only
+    families: list[str] = field(default_factory=list)  # family term: indicators of [1:]
+    family_intervals: dict[str, list[float]] = field(default_factory=dict)  # "family-bins"
 
     def _clipped(self, phi: list[float]) -> list[float]:
         if not self.clip_lo:
             return list(phi)
         return [min(max(p, a), b) for p, a, b in zip(phi, self.clip_lo, self.clip_hi, strict=True)]
 
-    def log_ratio(self, phi: list[float]) -> float:
-        z = [(p - m) / s for p, m, s in zip(self._clipped(phi), self.mean, self.scale, strict=True)]
+    def knows(self, family: str | None) -> bool:
+        """Whether ``family`` is one this correction was fitted on (always true without a
+        family term or family bins)."""
+        uses = self.families or self.family_intervals
+        return not uses or family in (self.families or list(self.family_intervals))
+
+    def design(self, phi: list[float], family: str | None = None) -> list[float]:
+        """``φ`` (clipped if fitted so) with the family indicators appended (an unknown
+        family: their training means, i.e. ``z = 0``)."""
+        x = self._clipped(phi)
+        if not self.families:
+            return x
+        ind = family_indicators(family, self.families)
+        return x + (ind if ind is not None else self.mean[len(FEATURES) :])
+
+    def log_ratio(self, phi: list[float], family: str | None = None) -> float:
+        x = self.design(phi, family)
+        z = [(p - m) / s for p, m, s in zip(x, self.mean, self.scale, strict=True)]
         return self.shrink * (
             self.intercept + sum(w * x for w, x in zip(self.weights, z, strict=True))
         )
 
-    def log_interval(self, phi: list[float]) -> tuple[float, float]:
-        """The log quantiles ``(q_lo, q_hi)`` that apply to a set with features ``φ``."""
+    def log_interval(self, phi: list[float], family: str | None = None) -> tuple[float, float]:
+        """The log quantiles ``(q_lo, q_hi)`` that apply to a set with features ``φ`` (and
+        ``family``, for family bins; an unknown family gets the pooled quantiles)."""
+        if self.family_intervals:
+            lo, hi = self.family_intervals.get(family or "", self.interval)
+            return lo, hi
         if not self.bin_edges:
             return self.interval
         k = sum(phi[BIN_FEATURE] > e for e in self.bin_edges)
         lo, hi = self.bin_intervals[k]
         return lo, hi
 
-    def predict(self, seq_top: float, phi: list[float]) -> tuple[float, float, float]:
-        """``(λ̂, lo, hi)`` from the per-sequence plug-in and ``φ``."""
-        lam = seq_top * math.exp(self.log_ratio(phi))
-        lo, hi = self.log_interval(phi)
+    def predict(
+        self, seq_top: float, phi: list[float], family: str | None = None
+    ) -> tuple[float, float, float]:
+        """``(λ̂, lo, hi)`` from the per-sequence plug-in, ``φ`` and the model family."""
+        lam = seq_top * math.exp(self.log_ratio(phi, family))
+        lo, hi = self.log_interval(phi, family)
         return lam, lam * math.exp(lo), lam * math.exp(hi)
 
     def to_dict(self) -> dict:
@@ -238,14 +283,26 @@ def fit_top_correction(
     calibration: str = "global",
     clip: bool = False,
     robust: bool = False,
+    family: list[str] | None = None,
+    family_term: bool = False,
 ) -> TopCorrection:
     """Fit on ``log(λ / λ_S)`` of training sets; penalty and shrink by leave-one-group-out
-    CV, interval by ``calibration`` on its out-of-fold residuals (module doc). Needs at
-    least two groups."""
+    CV, interval by ``calibration`` on its out-of-fold residuals (module doc). ``family``:
+    each set's model family (`FAMILIES`), needed by ``family_term`` (indicators appended to
+    ``φ``) and by ``"family-bins"``. Needs at least two groups."""
     if len(set(groups)) < 2:
         raise ValueError("cross-validation needs sets from at least two groups")
-    if calibration not in CALIBRATIONS:
-        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    if calibration not in ALL_CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {ALL_CALIBRATIONS}, got {calibration!r}")
+    if (family_term or calibration == FAMILY_CALIBRATION) and family is None:
+        raise ValueError("a family term or family bins need each set's family")
+    fams = [f for f in FAMILIES if f in set(family)] if family_term and family else []
+    if family is not None and not set(family) <= set(FAMILIES):
+        raise ValueError(f"families must be among {FAMILIES}, got {sorted(set(family))}")
+    if fams:
+        phi = [
+            list(p) + (family_indicators(f, fams) or []) for p, f in zip(phi, family, strict=True)
+        ]
     X = torch.tensor(phi, dtype=torch.float64)
     y = torch.tensor(log_ratio, dtype=torch.float64)
     best = None
@@ -265,6 +322,13 @@ def fit_top_correction(
         edges = [_quantile(v, 1 / 3), _quantile(v, 2 / 3)]
         k = (v.unsqueeze(1) > torch.tensor(edges, dtype=v.dtype)).sum(1)
         per_bin = [list(conformal_interval(resid[k == b], level)) for b in range(3)]
+    fam_iv: dict[str, list[float]] = {}
+    if calibration == FAMILY_CALIBRATION:
+        assert family is not None
+        for f in sorted(set(family)):
+            sel = torch.tensor([x == f for x in family])
+            fam_iv[f] = list(conformal_interval(resid[sel], level))
+    n_phi = X.shape[1] - max(len(fams) - 1, 0)  # clip φ only, never the indicators
     return TopCorrection(
         mean=mu.tolist(),
         scale=sd.tolist(),
@@ -280,9 +344,11 @@ def fit_top_correction(
         calibration=calibration,
         bin_edges=edges,
         bin_intervals=per_bin,
-        clip_lo=X.min(0).values.tolist() if clip else [],
-        clip_hi=X.max(0).values.tolist() if clip else [],
+        clip_lo=X[:, :n_phi].min(0).values.tolist() if clip else [],
+        clip_hi=X[:, :n_phi].max(0).values.tolist() if clip else [],
         robust=robust,
+        families=fams,
+        family_intervals=fam_iv,
     )
 
 
@@ -294,6 +360,7 @@ class NestedScore:
     coverage: float  # share of held-out sets inside their interval
     width: float  # mean interval width in log units
     per_group: dict[str, tuple[float, float]]  # group -> (error, coverage)
+    per_set: dict[int, tuple[float, bool]] = field(default_factory=dict)  # i -> (|r|, in)
 
 
 def nested_calibration(
@@ -305,33 +372,44 @@ def nested_calibration(
     calibration: str = "global",
     clip: bool = False,
     robust: bool = False,
+    family: list[str] | None = None,
+    family_term: bool = False,
+    folds: set[str] | None = None,
 ) -> NestedScore:
     """Leave one ``outer`` group out (default: ``groups``) around the whole
     `fit_top_correction` (its inner CV over ``groups`` included), predict the held group:
-    the error, coverage and width a new group would see. Needs three ``groups``."""
+    the error, coverage and width a new group would see. ``folds``: hold out only these
+    ``outer`` labels (the rest always train; scores are over the held ones). Needs three
+    ``groups``."""
     outer = groups if outer is None else outer
     errs: list[float] = []
     cov: list[float] = []
     wid: list[float] = []
     per: dict[str, tuple[float, float]] = {}
-    for g in sorted(set(outer)):
+    per_set: dict[int, tuple[float, bool]] = {}
+    for g in sorted(set(outer) if folds is None else set(folds) & set(outer)):
         keep = [i for i, o in enumerate(outer) if o != g]
         held = [i for i, o in enumerate(outer) if o == g]
         c = fit_top_correction(
             [phi[i] for i in keep], [log_ratio[i] for i in keep], [groups[i] for i in keep],
             level, calibration=calibration, clip=clip, robust=robust,
+            family=None if family is None else [family[i] for i in keep],
+            family_term=family_term,
         )  # fmt: skip
         e_g, c_g = [], []
         for i in held:
-            r = log_ratio[i] - c.log_ratio(phi[i])
-            lo, hi = c.log_interval(phi[i])
+            f = None if family is None else family[i]
+            r = log_ratio[i] - c.log_ratio(phi[i], f)
+            lo, hi = c.log_interval(phi[i], f)
             e_g.append(abs(r))
             c_g.append(float(lo <= r <= hi))
             wid.append(hi - lo)
+            per_set[i] = (abs(r), lo <= r <= hi)
         errs += e_g
         cov += c_g
         per[g] = (sum(e_g) / len(e_g), sum(c_g) / len(c_g))
-    return NestedScore(sum(errs) / len(errs), sum(cov) / len(cov), sum(wid) / len(wid), per)
+    n = len(errs)
+    return NestedScore(sum(errs) / n, sum(cov) / n, sum(wid) / n, per, per_set)
 
 
 @dataclass(frozen=True)
@@ -348,20 +426,31 @@ class TopPrediction:
     tokens: float
     seconds: float
     out_of_range: list[tuple[str, float, tuple[float, float]]]  # (what, value, trained range)
+    family: str | None = None  # `tfeatures.model_family` of the model (None: unknown)
 
 
 def predict_top(
     objective: Objective, data: DataSample, corr: TopCorrection, seed: int = 0
 ) -> TopPrediction:
     """One capture of ``b`` random sequences of `data` (``b`` as in training, Monte Carlo
-    labels, seeded), the correction, and every input outside its training range."""
+    labels, seeded), the correction (with the family read from the model's structure), and
+    every input outside its training range; a family the correction was not fitted on is
+    flagged with value NaN (module doc: its fallback)."""
     t0 = time.perf_counter()
     b = int(corr.trained_on.get("b", 16))
     batch, _ = sample_batch(data, b, seed, objective.device, objective.dtype)
     s = extract(objective, batch, seed=seed)
     phi = tset_features(s)
-    lam, lo, hi = corr.predict(s.seq_top, phi)
+    family = model_family(objective.model)
+    lam, lo, hi = corr.predict(s.seq_top, phi, family)
     flags: list[tuple[str, float, tuple[float, float]]] = []
+    if not corr.knows(family):
+        known = ", ".join(corr.families or list(corr.family_intervals))
+        what = (
+            f"model family {family or 'unknown'} (trained on {known}: the average family's "
+            "offset and the pooled interval are used)"
+        )
+        flags.append((what, math.nan, (math.nan, math.nan)))
     for name, v in zip(FEATURES, phi, strict=True):
         rng = corr.trained_on.get("feature_ranges", {}).get(name)
         if rng is not None and not rng[0] <= v <= rng[1]:
@@ -373,5 +462,5 @@ def predict_top(
         flags.append(("sequences", float(s.b), (float(b), float(b))))
     return TopPrediction(
         lam, (lo, hi), corr.level, s.seq_top, s.plug_top, s.b, data.n, s.tokens,
-        time.perf_counter() - t0, flags,
+        time.perf_counter() - t0, flags, family,
     )  # fmt: skip

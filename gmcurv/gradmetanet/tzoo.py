@@ -162,6 +162,35 @@ PLAN = (  # (split, task, family, (blocks, width, heads)[, snapshot steps]), in 
     ("train", "markov", "tiny", (1, 32, 4), SNAP_C),
     ("test-hf", "reverse", "gpt2", (1, 64, 4), SNAP_C),
     ("test-hf", "copy", "llama", (2, 48, 2), SNAPSHOTS),
+    # session 18: GPT-2 / Llama training groups (a per-family term needs them) and fresh
+    # held-out groups nobody has evaluated: transformers' own models, unseen widths 80/112
+    # and depth 3, the held-out task
+    ("train", "markov", "gpt2", (1, 32, 2), SNAP_B),
+    ("train", "markov", "llama", (2, 32, 2), SNAP_C),
+    ("test-hf", "copy", "gpt2", (2, 32, 2), SNAP_B),
+    ("train", "copy", "gpt2", (2, 32, 4), SNAP_C),
+    ("train", "copy", "llama", (1, 64, 4), SNAPSHOTS),
+    ("test-hf", "sort", "llama", (1, 32, 4), SNAP_C),
+    ("train", "count", "gpt2", (1, 64, 2), SNAPSHOTS),
+    ("train", "count", "llama", (2, 32, 4), SNAP_B),
+    ("test-arch", "reverse", "tiny", (1, 80, 4), SNAP_C),  # unseen width
+    ("val", "copy", "gpt2", (1, 64, 4), SNAP_C),
+    ("val", "markov", "llama", (1, 32, 2), SNAPSHOTS),
+    ("train", "reverse", "gpt2", (2, 64, 4), SNAP_B),
+    ("train", "reverse", "llama", (1, 32, 2), SNAP_C),
+    ("test-hf", "dyck", "gpt2", (1, 48, 4), SNAP_C),
+    ("train", "sort", "gpt2", (1, 32, 4), SNAP_C),
+    ("train", "sort", "llama", (2, 64, 2), SNAPSHOTS),
+    ("test-arch", "modsum", "tiny", (3, 32, 2), SNAP_B),  # unseen depth
+    ("train", "dyck", "gpt2", (2, 32, 2), SNAPSHOTS),
+    ("train", "dyck", "llama", (1, 64, 4), SNAP_B),
+    ("test-hf", "count", "llama", (2, 64, 2), SNAP_B),
+    ("train", "modsum", "gpt2", (1, 64, 1), SNAP_B),
+    ("train", "modsum", "llama", (2, 32, 2), SNAP_C),
+    ("test-task", HELD_OUT_TASK, "tiny", (2, 64, 4), SNAP_B),
+    ("test-hf", "modsum", "gpt2", (2, 64, 2), SNAPSHOTS),
+    ("test-arch", "sort", "tiny", (1, 112, 4), SNAPSHOTS),  # unseen width
+    ("test-hf", "reverse", "llama", (1, 48, 2), SNAPSHOTS),
 )
 
 
