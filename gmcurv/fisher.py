@@ -638,13 +638,15 @@ def _hadamard_pairs(dg: DecomposedGradients) -> list:
 
 def _panel_stream(dg: DecomposedGradients, n_examples: int, k: int) -> PanelStream | None:
     """A `gmcurv.gram_sum.PanelStream` for ``K`` of `n_examples` examples, given the first
-    batch `dg`, when it pays: more batches follow, every block is panelled (one-token
-    Linear), the block route will run on the formed ``K`` (`block_route`) and the
-    stream's copy of the factors is small (`STREAM_COPY`); else None."""
+    batch `dg`, when it pays: at least `STREAM_BATCHES` batches, every block panelled
+    (one-token Linear), the block route ahead on the formed ``K`` (`block_route`), and the
+    stream's copy of the factors small (`STREAM_COPY`); else None."""
     from gmcurv.gram_sum import MIN_PANELS, PANEL_ROWS, PanelStream
 
     size = n_examples * dg.columns
-    if n_examples <= dg.n or not block_route(size, k) or -(-size // PANEL_ROWS) < MIN_PANELS:
+    if n_examples < STREAM_BATCHES * dg.n or not block_route(size, k):
+        return None
+    if -(-size // PANEL_ROWS) < MIN_PANELS:
         return None
     pairs = _hadamard_pairs(dg)
     if not pairs or any(f is None for f in pairs):
@@ -660,6 +662,9 @@ def _panel_stream(dg: DecomposedGradients, n_examples: int, k: int) -> PanelStre
 
 
 STREAM_COPY = 32 << 20  # bytes of factor copies `_panel_stream` may hold beyond the kernel's
+# batches from which forming K while capturing pays: with B batches the panels of the last
+# one (about 2/B of K) are left for after the capture, and the capture runs on one thread
+STREAM_BATCHES = 4
 
 
 def _add_batch(acc: FisherAccumulator, dg: DecomposedGradients, sq, col_norms) -> None:

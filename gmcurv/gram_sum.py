@@ -139,15 +139,10 @@ def summed_gram_product(
             K, rows = _mirror_lower(K), size
     else:
         whole = list(sources)
-    index = {id(s): i for i, s in enumerate(sources)}
-    for s in whole:
-        part = _block_gram(s, torch.float64 if diagonals is not None else acc)
-        if diagonals is not None:
-            diagonals[index[id(s)]] = part.diagonal().clone()
-            part = part.to(acc)  # a fresh tensor (or float64 already): summed into in place
+    if whole:
+        index = {id(s): i for i, s in enumerate(sources)}
+        part = _whole_sum(whole, acc, progress, share, diagonals, index)
         K = part if K is None else K.add_(part)
-        if progress:
-            progress(share)
     if K is None:
         K = torch.zeros(size, size, dtype=acc, device=device)
     gram = LowerGram(K, rows)
@@ -347,6 +342,64 @@ def _panel_tiles(
     (`_panel_sum`, `_tile_sum`), the diagonal tile symmetrised."""
     for c0 in range(0, p1, BUILD_COLS):
         _tile_sum(factors, K, p0, p1, c0, min(p1, c0 + BUILD_COLS), dd, aa)
+
+
+def _whole_sum(
+    blocks: Sequence[GradientSource],
+    dtype: torch.dtype,
+    progress: Callable[[int], None] | None,
+    share: float,
+    diagonals: dict[int, Tensor] | None,
+    index: dict[int, int],
+) -> Tensor:
+    """``Σ K_block`` (in `dtype`) of blocks whose kernels are formed whole
+    (`_block_gram`), the blocks shared among the torch threads by cost (`_gram_cost`;
+    each thread sums its own on one intra-op thread: `in_threads`). `diagonals`: each
+    block's float64 diagonal under its `index` (`summed_gram_product`). `progress(share)`
+    per block, on the caller's thread (other threads' blocks counted as seen done)."""
+    costs = [_gram_cost(s) for s in blocks]
+    done, told = [0], [0]
+    lock = threading.Lock()
+
+    def work(t: int, chosen: list[int]) -> Tensor | None:
+        total = None
+        for i in chosen:
+            src = blocks[i]
+            part = _block_gram(src, torch.float64 if diagonals is not None else dtype)
+            if diagonals is not None:
+                diagonals[index[id(src)]] = part.diagonal().clone()
+                part = part.to(dtype)  # a fresh tensor (or float64 already): summed into
+            total = part if total is None else total.add_(part)
+            with lock:
+                done[0] += 1
+            if progress and t == 0:
+                progress(share * (done[0] - told[0]))
+                told[0] = done[0]
+        return total
+
+    threads = _threads(sum(costs)) if len(blocks) > 1 else 1
+    parts = [p for p in in_threads(work, costs, threads) if p is not None]
+    if progress and done[0] > told[0]:
+        progress(share * (done[0] - told[0]))
+    K = parts[0]
+    for part in parts[1:]:
+        K.add_(part)
+    return K
+
+
+def _gram_cost(src: GradientSource) -> float:
+    """About the multiply-adds of `_block_gram` for `src` (to share blocks among threads):
+    several-token Linear blocks by their cheaper route, others ``rows² x factor width``."""
+    if isinstance(src, LinearFactors) and src.tokens > 1:
+        from gmcurv.factors import linear_kernels as kernels
+        from gmcurv.factors.linear import MATERIALISED_RATE
+
+        n, c, t = src.n, src.columns, src.tokens
+        o, i = src.delta.shape[-1], src.x.shape[-1] + 1
+        token = kernels.token_pair_cost(n, c, t, o, i)
+        return float(min(token, MATERIALISED_RATE * (n * c * (t + n * c) * o * i)))
+    rows = max(1, src.n * src.columns)
+    return float(rows * src.nbytes() / max(1, src.dtype.itemsize))
 
 
 MIRROR_TILE = 128  # transposed copies tile by tile: a tile pair stays in L2

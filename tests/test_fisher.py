@@ -268,12 +268,14 @@ def test_float32_summary_first_product_and_precision_matched_tolerance(monkeypat
 
 
 def test_kernel_formed_while_capturing_on_two_threads(monkeypatch, tmp_path):
-    """Two torch threads, several batches, every block one-token Linear: `fisher_summary`
+    """Two torch threads, enough batches, every block one-token Linear: `fisher_summary`
     forms ``K`` while capturing (`gmcurv.gram_sum.PanelStream`, the capture on one thread,
-    the panels on another), restores the thread count, and gives the top-5 of the
-    one-thread route within the reported bound and the float64 truth to 1e-5."""
+    the panels on another; not for two batches), restores the thread count, and gives
+    the top-5 of the one-thread route within the reported bound and the float64 truth to
+    1e-5."""
     from safetensors.torch import save_file
 
+    import gmcurv.fisher as F
     import gmcurv.gram_sum as gs
     from gmcurv.fisher import fisher_summary
     from gmcurv.io.data import load_data
@@ -289,7 +291,9 @@ def test_kernel_formed_while_capturing_on_two_threads(monkeypatch, tmp_path):
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        two = fisher_summary(obj, data, batch_size=100, k=5)
+        assert n >= F.STREAM_BATCHES * 64  # enough batches to stream
+        two = fisher_summary(obj, data, batch_size=64, k=5)
+        fisher_summary(obj, data, batch_size=n // 2, k=5)  # two batches: formed after
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(old)

@@ -451,3 +451,31 @@ def test_panel_stream_equals_the_panel_sum(dtype, small_panels, monkeypatch):
         idle.finish()
     idle.close()
     assert not idle._worker.is_alive()
+
+
+@pytest.mark.parametrize("name", ["attention", "tokens"])
+def test_whole_blocks_shared_among_threads(name, monkeypatch):
+    """Blocks formed whole (embeddings, several-token Linear, dense) shared among two
+    threads (`_whole_sum`): the kernel equals the one-thread sum (float64, 1e-12) and the
+    explicit gradients' Gram; the diagonals and the progress count are the same."""
+    obj, batch = _problem(name)
+    dg = capture(obj, batch)
+    sources = [b.source for b in dg.blocks]
+    d1: dict = {}
+    t1: list[float] = []
+    one, _ = gs.summed_gram_product(sources, N, progress=t1.append, diagonals=d1)
+    monkeypatch.setattr(gs, "MIN_THREADED", 0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        d2: dict = {}
+        t2: list[float] = []
+        two, _ = gs.summed_gram_product(sources, N, progress=t2.append, diagonals=d2)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(two, one, rtol=1e-12, atol=1e-12)
+    rows = _rows(dg, obj).reshape(dg.n * dg.columns, -1)
+    torch.testing.assert_close(two, rows @ rows.T, rtol=1e-10, atol=1e-13)
+    assert d1.keys() == d2.keys() and all(torch.equal(d1[i], d2[i]) for i in d1)
+    assert sum(t2) == pytest.approx(sum(t1)) == pytest.approx(N)
+    assert gs._gram_cost(sources[0]) > 0
