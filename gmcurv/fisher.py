@@ -352,11 +352,12 @@ class FisherAccumulator:
 
     def add(self, dg: DecomposedGradients, sq_norms: Mapping[str, Tensor] | None = None) -> None:
         """Add a batch; `sq_norms`: ``{block: [N, C]}`` squared norms already computed
-        (e.g. the diagonal of the block's Gram kernel)."""
+        (e.g. the diagonal of the block's Gram kernel); blocks it lacks compute theirs."""
         for b in dg.blocks:
             self.block_params[b.name] = b.params
             self.block_kinds[b.name] = b.kind
-            sq = b.source.sq_norms() if sq_norms is None else sq_norms[b.name]
+            known = None if sq_norms is None else sq_norms.get(b.name)
+            sq = b.source.sq_norms() if known is None else known
             self.sq_norms.setdefault(b.name, []).append(sq.sum(1).double())
             if self.diagonal:
                 for k, v in b.source.diag().items():
@@ -498,6 +499,9 @@ def fisher_summary(
     # diagonal), its eigenvalues and its share of K (otherwise K is summed by panels)
     one_batch = k > 0 and per_layer and per_layer_eigen and not comm.active
     one_batch = one_batch and data.n <= batch_size
+    # eigenvalues wanted (one process): the blocks' squared norms wait for the summed kernel,
+    # whose blocks formed whole give them as their diagonals (`_sq_from_kernel`)
+    defer = k > 0 and not comm.active and not one_batch
     grams: dict[str, Tensor] = {}
     stream = capture_stream(
         objective,
@@ -514,33 +518,41 @@ def fisher_summary(
         if one_batch:
             grams = _block_grams(dg, phase, eigen_progress)
             sq = {name: K.diagonal().reshape(dg.n, dg.columns) for name, K in grams.items()}
-        acc.add(dg, sq)
-        if fisher == "mc":
-            for b in dg.blocks:
-                part = b.source.sq_norms() if sq is None else sq[b.name]
-                col_norms.setdefault(b.name, []).append(part.double())
+        if not defer:
+            _add_batch(acc, dg, sq, col_norms if fisher == "mc" else None)
         if k > 0:
             kept.append(dg)
         del sq
+    diagonals: dict[int, Tensor] | None = {} if defer else None
+    full = None
+    if k > 0:
+        full = gather_decomposed(DecomposedGradients.cat(kept))
+        del kept
+    total = first = None
+    if k > 0 and not one_batch:
+        assert full is not None
+        n_rows = full.n * full.columns
+        # the block route's first product is taken while the kernel is formed
+        V0 = first_block(full, k, seed) if block_route(n_rows, k) else None
+        label = "Fisher: Gram kernel (rows)"
+        total, KV0 = formed_kernel_product(full, label, phase, eigen_progress, V0, True, diagonals)
+        first = None if V0 is None or KV0 is None else (V0, KV0)
+    if defer:
+        assert full is not None and diagonals is not None
+        sq = _sq_from_kernel(full, diagonals)
+        _add_batch(acc, full, sq, col_norms if fisher == "mc" else None)
     acc = acc.gathered()
     col_norms = {k: [gather_rows(torch.cat(v))] for k, v in col_norms.items()}
-    columns = kept[0].columns if kept else mc_samples if fisher == "mc" else 1
+    columns = full.columns if full is not None else mc_samples if fisher == "mc" else 1
     trace = _trace_estimate(acc, fisher, None, columns, col_norms)
     eigenvalues: list[Estimate] = []
     rank = rule = None
     layer_eigs: dict[str, list[Estimate]] = {}
     if k > 0:
+        assert full is not None
         n_rows = acc.n * columns
-        full = gather_decomposed(DecomposedGradients.cat(kept))
-        del kept
-        total = sum(grams.values()) if one_batch else None
-        first = None
-        if total is None:
-            # the block route's first product is taken while the kernel is formed
-            V0 = first_block(full, k, seed) if block_route(n_rows, k) else None
-            label = "Fisher: Gram kernel (rows)"
-            total, KV0 = formed_kernel_product(full, label, phase, eigen_progress, V0, True)
-            first = None if V0 is None or KV0 is None else (V0, KV0)
+        if one_batch:
+            total = sum(grams.values())
         if phase:
             phase("Fisher: Gram eigenvalues (kernel products)", eigen_products(n_rows, k))
         res = fisher_eigen(
@@ -591,6 +603,22 @@ def fisher_summary(
     )
 
 
+def _add_batch(acc: FisherAccumulator, dg: DecomposedGradients, sq, col_norms) -> None:
+    """`FisherAccumulator.add`, and each block's per-column squared norms into `col_norms`
+    (Monte Carlo Fisher; None otherwise)."""
+    acc.add(dg, sq)
+    if col_norms is not None:
+        for b in dg.blocks:
+            part = b.source.sq_norms() if sq is None or b.name not in sq else sq[b.name]
+            col_norms.setdefault(b.name, []).append(part.double())
+
+
+def _sq_from_kernel(dg: DecomposedGradients, diagonals: dict[int, Tensor]) -> dict[str, Tensor]:
+    """``{block: [N, C]}`` squared norms from the diagonals of the blocks' kernels formed
+    whole by `formed_kernel_product` (indexed by block; the others compute their own)."""
+    return {dg.blocks[i].name: d.reshape(dg.n, dg.columns) for i, d in diagonals.items()}
+
+
 def formed_kernel(dg: DecomposedGradients, label: str, phase, progress) -> Tensor | None:
     """``K`` by `gmcurv.gram_sum.summed_gram` when `fisher_eigen` would form it (at most
     ``DENSE_GRAM_LIMIT`` rows), announced as phase `label` counted in rows; else None."""
@@ -604,10 +632,12 @@ def formed_kernel_product(
     progress,
     first: Tensor | None = None,
     lower: bool = False,
+    diagonals: dict[int, Tensor] | None = None,
 ):
     """`formed_kernel` and ``K first`` taken while forming it (None without `first`;
     `gmcurv.gram_sum.summed_gram_product`, whose `lower` gives ``K`` as its lower
-    panels, a `gmcurv.gram_sum.LowerGram`)."""
+    panels, a `gmcurv.gram_sum.LowerGram`, and `diagonals` the kernel diagonals of the
+    blocks it forms whole)."""
     from gmcurv.gram_sum import summed_gram_product
 
     rows = dg.n * dg.columns
@@ -616,7 +646,7 @@ def formed_kernel_product(
     if phase:
         phase(label, rows)
     sources = [b.source for b in dg.blocks]
-    return summed_gram_product(sources, rows, dg.losses.device, progress, first, lower)
+    return summed_gram_product(sources, rows, dg.losses.device, progress, first, lower, diagonals)
 
 
 def _block_grams(dg: DecomposedGradients, phase, progress) -> dict[str, Tensor]:

@@ -92,6 +92,7 @@ def summed_gram_product(
     progress: Callable[[int], None] | None = None,
     first: Tensor | None = None,
     lower: bool = False,
+    diagonals: dict[int, Tensor] | None = None,
 ):
     """`summed_gram` and, for a block ``V = first`` (``[size, b]``), the product ``K V`` in
     ``K``'s dtype, taken panel by panel while each row panel is still in cache
@@ -101,7 +102,9 @@ def summed_gram_product(
     ``K V`` is the product with the (exactly symmetric) ``K``, up to rounding.
 
     `lower`: return ``K`` as a `LowerGram` (its lower panels only: no mirroring, and
-    products that read half of ``K``) instead of a full tensor."""
+    products that read half of ``K``) instead of a full tensor. `diagonals`: filled with
+    ``{i: diag K_i}`` (float64, ``||g_i[n,c]||²``) for each source ``i`` whose kernel is
+    formed whole (not by panels): its squared norms at no extra cost."""
     low = bool(sources) and all(s.dtype == torch.float32 for s in sources)
     acc = torch.float32 if low else torch.float64
     found = [(s, hadamard_factors(s)) for s in sources]
@@ -120,8 +123,12 @@ def summed_gram_product(
             K, rows = _mirror_lower(K), size
     else:
         whole = list(sources)
+    index = {id(s): i for i, s in enumerate(sources)}
     for s in whole:
-        part = _block_gram(s, acc)  # a fresh tensor: summed into in place
+        part = _block_gram(s, torch.float64 if diagonals is not None else acc)
+        if diagonals is not None:
+            diagonals[index[id(s)]] = part.diagonal().clone()
+            part = part.to(acc)  # a fresh tensor (or float64 already): summed into in place
         K = part if K is None else K.add_(part)
         if progress:
             progress(share)

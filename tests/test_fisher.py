@@ -235,9 +235,9 @@ def test_float32_summary_first_product_and_precision_matched_tolerance(monkeypat
     seen = []
     real = gs.summed_gram_product
 
-    def spy(sources, size, device="cpu", progress=None, first=None, lower=False):
+    def spy(sources, size, device="cpu", progress=None, first=None, lower=False, diagonals=None):
         seen.append((first, lower))
-        return real(sources, size, device, progress, first, lower)
+        return real(sources, size, device, progress, first, lower, diagonals)
 
     monkeypatch.setattr(gs, "summed_gram_product", spy)
     s = fisher_summary(obj, data, batch_size=100, k=5)

@@ -36,12 +36,16 @@ class EmbeddingFactors(GradientSource):
         return self.delta.dtype
 
     def materialize(self, rows: slice) -> dict[str, Tensor]:
+        d = self.delta[rows]
+        r, c, _, o = d.shape
+        return {self.names[0]: self.scatter_into(d.new_zeros(r, c, self.shapes[0][0], o), rows)}
+
+    def scatter_into(self, out: Tensor, rows: slice) -> Tensor:
+        """``out += g[rows]`` in place (``out: [r, C, V, O]``, e.g. a tied head's own
+        gradient: no ``[V, O]`` zeros and no sum of two tables), returned."""
         d, idx = self.delta[rows], self.index[rows]
         r, c, t, o = d.shape
-        v = self.shapes[0][0]
-        out = d.new_zeros(r, c, v, o)
-        scatter_idx = idx[:, None, :, None].expand(r, c, t, o)
-        return {self.names[0]: out.scatter_add_(2, scatter_idx, d)}
+        return out.scatter_add_(2, idx[:, None, :, None].expand(r, c, t, o), d)
 
     def _same(self, other_index: Tensor | None = None) -> Tensor:
         other = self.index if other_index is None else other_index

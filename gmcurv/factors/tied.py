@@ -37,10 +37,25 @@ class SumOfSources(GradientSource):
         return self.parts[0].dtype
 
     def materialize(self, rows: slice) -> dict[str, Tensor]:
+        """The parts' gradients summed: embedding parts last, scattered straight into a
+        gradient materialised here (a tied head's: no ``[V, O]`` zeros, no extra sum)."""
         out: dict[str, Tensor] = {}
-        for part in self.parts:
+        owned: set[str] = set()  # tensors made here, safe to add into in place
+        tables = [p for p in self.parts if isinstance(p, EmbeddingFactors)]
+        for part in [p for p in self.parts if not isinstance(p, EmbeddingFactors)] + tables:
+            if isinstance(part, EmbeddingFactors) and part.names[0] in owned:
+                part.scatter_into(out[part.names[0]], rows)
+                continue
             for k, v in part.materialize(rows).items():
-                out[k] = v if k not in out else out[k] + v
+                if k not in out:
+                    out[k] = v
+                    if isinstance(part, LinearFactors):  # fresh products, never views
+                        owned.add(k)
+                elif k in owned:
+                    out[k].add_(v)
+                else:
+                    out[k] = out[k] + v
+                    owned.add(k)
         return out
 
     def sq_norms(self) -> Tensor:
