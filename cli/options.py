@@ -165,7 +165,7 @@ ArchOpt = Annotated[
         "required unless the checkpoint's metadata names it), hf:Class (a transformers class, "
         "e.g. hf:LlamaForCausalLM, built from the config.json beside the weights), or "
         "path/to/model.py:factory / "
-        "package.module:factory: a no-argument function returning an nn.Module whose forward "
+        "package.module:factory, a no-argument function returning an nn.Module whose forward "
         "returns a tensor, a tuple (first element used), a dict or a Hugging Face ModelOutput "
         "(its 'logits'). Overrides metadata/config.json.",
         show_default=False,

@@ -42,9 +42,15 @@ def check_output_paths(
     seen: dict[Path, str] = {}
     for option, path in outputs.items():
         if option == "--export" and (path.is_dir() or not path.suffix):
-            ensure_not_input(path, inputs)  # a directory of adapters
+            ensure_not_input(path, inputs, option)  # a directory of adapters
             continue
-        ensure_not_input(path, inputs)
+        if option == "--save-pruned" and (path.is_dir() or path.suffix != ".safetensors"):
+            from gmcurv.io.pruned import check_directory_output
+
+            ensure_not_input(path, inputs, option)  # a save_pretrained-layout directory
+            check_directory_output(path, option)
+            continue
+        ensure_not_input(path, inputs, option)
         check_writable(path, option)
         key = path.expanduser().resolve()
         if key in seen:

@@ -54,6 +54,11 @@ def record_choices(
     ):
         if sources.get(key, "default") == "default":
             config[key], sources[key] = value, why
+    stored = [d for d in getattr(loaded, "stored_dtypes", ()) if d != config.get("dtype")]
+    if stored:  # e.g. bfloat16 weights computed in float32: say so beside the dtype
+        config["weights_dtype"] = ", ".join(loaded.stored_dtypes)
+        how = "upcast" if "float64" not in stored else "converted"
+        sources["weights_dtype"] = f"the checkpoint's; {how} to {config.get('dtype')} (--dtype)"
     if objective is not None:
         loss = objective.loss
         shift = getattr(loss, "shift", None)

@@ -53,7 +53,7 @@ def header(report: Report, console: Console, title: str) -> None:
 
 
 # the options and derived choices that change the numbers, shown with their source
-CHOICES = ("arch", "loss", "label_shift", "fisher", "mode", "dtype")
+CHOICES = ("arch", "loss", "label_shift", "fisher", "mode", "dtype", "weights_dtype")
 
 
 def choices(config: dict[str, Any]) -> str:

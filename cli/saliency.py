@@ -145,9 +145,12 @@ SavePrunedOpt = Annotated[
     Path | None,
     typer.Option(
         "--save-pruned",
-        help="With --prune: where to write the pruned checkpoint (.safetensors; default "
-        "<model>.pruned-<percent>.safetensors), a plain state dict; its pruning masks go "
-        "beside it to <name>.masks.safetensors.",
+        help="With --prune: where to write the pruned checkpoint: a .safetensors file (a "
+        "plain state dict; its pruning masks go beside it to <name>.masks.safetensors) or a "
+        "directory (no suffix: save_pretrained's layout, model.safetensors + the model's "
+        "config.json and tokenizer files, loadable by from_pretrained). Default: "
+        "<model>.pruned-<percent>.safetensors beside a file MODEL, the directory "
+        "<dir>.pruned-<percent> beside a directory MODEL.",
         show_default=False,
     ),
 ]
@@ -391,10 +394,14 @@ def _outputs(
                 f"--save-pruned {save_pruned}: a pruned checkpoint is only written with --prune",
                 hint="add --prune FRACTION",
             )
-        if save_pruned.suffix.lower() != ".safetensors":
+        from gmcurv.io.pruned import FILE_SUFFIXES
+
+        if save_pruned.suffix.lower() in FILE_SUFFIXES and not save_pruned.is_dir():
             raise ConfigError(
-                f"--save-pruned {save_pruned}: the pruned checkpoint is a .safetensors file",
-                hint="give a name ending in .safetensors, e.g. model.pruned.safetensors",
+                f"--save-pruned {save_pruned}: the pruned checkpoint is a .safetensors file "
+                "or a directory",
+                hint="give a name ending in .safetensors (e.g. model.pruned.safetensors), or a "
+                "directory name for the save_pretrained layout",
             )
     return output
 
@@ -551,20 +558,28 @@ def _pruned_target(
 ) -> Path | None:
     """Where --prune writes the checkpoint (--save-pruned, or the default name beside the
     model), refused before any compute if it is an input or the report."""
-    from gmcurv.io.pruned import default_output_path, pruned_outputs
+    from gmcurv.io.pruned import (
+        check_directory_output,
+        default_output_path,
+        is_directory_output,
+        pruned_outputs,
+    )
 
     target = None
     if prune is not None:
         assert session.loaded is not None
-        target = Path(save_pruned or default_output_path(session.loaded.path, prune))
+        model_arg = session.inputs[0] if session.inputs else None
+        target = Path(save_pruned or default_output_path(session.loaded.path, prune, model_arg))
+        if save_pruned is None and is_directory_output(target):
+            check_directory_output(target)
         for path in pruned_outputs(target):  # the checkpoint and its masks sidecar
-            ensure_not_input(path, session.inputs)
+            ensure_not_input(path, session.inputs, "--save-pruned")
             if report_file is not None and report_file.resolve() == path.resolve():
                 raise ConfigError(
                     f"the report and the pruned checkpoint would both be written to {path}"
                 )
     if report_file is not None:
-        ensure_not_input(report_file, session.inputs)
+        ensure_not_input(report_file, session.inputs, "-o/--output")
     return target
 
 

@@ -403,3 +403,24 @@ def test_predict_flags_a_family_the_correction_never_saw(tmp_path):
     flag = [w for w, v, _ in tp2.out_of_range if "family" in w]
     assert flag and "tiny" in flag[0] and "gpt2, llama" in flag[0] and "pooled" in flag[0]
     assert tp2.interval[0] < tp2.value < tp2.interval[1]
+
+
+def test_shipped_correction_flags_a_transformer_of_another_family(tmp_path):
+    """A Llama-shaped Qwen2 saved by `transformers` runs, with its family flagged."""
+    from gmcurv.io.checkpoint import load_model
+
+    model = _hf_model("qwen2")
+    with contextlib.redirect_stderr(io.StringIO()):
+        model.save_pretrained(str(tmp_path / "q"))
+    ids, _ = make_task("count", 20, T, seed=0)
+    save_file({"input_ids": (ids % V).contiguous()}, str(tmp_path / "d.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lm = load_model(tmp_path / "q", dtype=torch.float64)
+    corr, _ = load_top_correction()
+    tp = ttop.predict_top(
+        Objective.build(lm.model, lm.loss), load_data(tmp_path / "d.safetensors"), corr
+    )
+    flag = [w for w, v, _ in tp.out_of_range if w.startswith("model family")]
+    assert tp.family is None and flag and "unknown" in flag[0] and "gpt2" in flag[0]
+    assert tp.interval[0] < tp.value < tp.interval[1]

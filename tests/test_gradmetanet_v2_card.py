@@ -214,3 +214,21 @@ def test_v2_2_rule_block_states_family_calibration_groups_and_exclusions():
     assert "ridge+family: 0.600 / 0.500 / 0.700" in text and "**the refit ships**" in text
     assert "1 seen before, 1 fresh (b); not built in time: c" in text
     assert "Left out (λ_max truth not pinned" in text and "g step 800" in text
+
+
+def test_top_use_table_says_per_family_where_to_use_the_exact_engine():
+    from gmcurv.gradmetanet.card import top_use_table
+
+    good, bad = _top_split(0.3, 0.6), _top_split(0.7, 0.6)
+    summ = {"test-task": {**good, "coverage_80": 0.8},
+            "fresh:test-task": {**good, "coverage_80": 0.9},
+            "test-hf:gpt2": {**good, "coverage_80": 0.7},
+            "fresh:test-hf:gpt2": {**bad, "coverage_80": 0.6}}  # fmt: skip
+    text = "\n".join(top_use_table(summ))
+    task = next(x for x in text.splitlines() if x.startswith("| TinyLM (gmcurv's own)"))
+    gpt2 = next(x for x in text.splitlines() if x.startswith("| GPT-2"))
+    assert "wins: +50 %" in task and "the head for a one-capture estimate" in task
+    assert "80 % (90 %)" in task
+    assert "Lanczos): the head does not beat" in gpt2 and "on the fresh groups" in gpt2
+    assert "Llama" not in text.split("| any other")[0]  # no Llama sets: no row
+    assert "flags the family as out of range" in text

@@ -191,7 +191,7 @@ def test_export_canonical(runner, adapters, tmp_path):
     )
     _error(
         runner.invoke(app, ["lora", str(a), "--export", str(a / "inside.safetensors")]),
-        "would overwrite the input",
+        "inside the input directory",
     )
 
 

@@ -574,7 +574,7 @@ def _top_interval_text(top: dict[str, Any]) -> list[str]:
 
 
 TOP_PARTS = {
-    "seen:all-test": "held-out groups seen last session",
+    "seen:all-test": "held-out groups seen in earlier sessions",
     "fresh:all-test": "fresh held-out groups (never seen)",
 }
 V2_1_SPLITS = {**V2_SPLITS, **TOP_PARTS}
@@ -664,6 +664,65 @@ def _v2_1_text(top: dict[str, Any]) -> list[str]:
     return lines
 
 
+TOP_USE_SPLITS = {
+    "test-task": "TinyLM (gmcurv's own), unseen task",
+    "test-arch": "TinyLM, unseen width / depth",
+    "test-hf:gpt2": "GPT-2 (transformers)",
+    "test-hf:llama": "Llama (transformers)",
+}
+BASELINE_USE = {
+    "plugin_seq": "the per-sequence plug-in (`--method learned` prints it beside the head)",
+    "plugin": "the token-level plug-in / GGN on the same sequences (printed beside the head)",
+    "mc_equal_time": "MC-GGN λ_max at the same time",
+    "hutch_lanczos_equal_time": "Lanczos at the same time",
+}
+
+
+def top_use_table(summ: dict[str, Any]) -> list[str]:
+    """Per family and split (all / fresh held-out sets): does the λ_max head win at equal
+    cost, does it meet the -25 % target, does its interval cover 75-85 %, and what to use."""
+    lines = [
+        "Where the λ_max head wins, per model family, and where to use the exact engine:",
+        "",
+        "| family / split | sets (fresh) | head vs best equal-cost baseline, all (fresh) | "
+        ">= 25 %? | 80 % coverage, all (fresh) | use |",
+        "|---|---:|---|---|---|---|",
+    ]
+    for split, label in TOP_USE_SPLITS.items():
+        s, f = summ.get(split), summ.get(f"fresh:{split}")
+        if s is None:
+            continue
+        v = top_verdict(s)
+        gain = f"{100 * s['gain_over_best']:+.0f} % vs {s['best_baseline']}"
+        if f is not None:
+            gain += f" ({100 * f['gain_over_best']:+.0f} % vs {f['best_baseline']})"
+        cov = _pct(s["coverage_80"]) + (f" ({_pct(f['coverage_80'])})" if f else "")
+        fresh_loses = f is not None and not top_verdict(f)["wins"]
+        if v["wins"] and not fresh_loses:
+            use = (
+                "the head for a one-capture estimate with its interval; "
+                "`gmcurv eigen --curvature hessian` (Lanczos) when accuracy matters"
+            )
+        else:
+            who = v["beaten_by"] or (top_verdict(f)["beaten_by"] if f else [])
+            use = (
+                "`gmcurv eigen --curvature hessian` (Lanczos): the head does not beat "
+                + ", ".join(BASELINE_USE[b] for b in who)
+                + ("" if v["beaten_by"] else " on the fresh groups")
+            )
+        lines.append(
+            f"| {label} | {s['n']} ({f['n'] if f else 0}) | "
+            f"{'wins' if v['wins'] else 'loses'}: {gain} | "
+            f"{'met' if v['target'] else 'missed'} | {cov} | {use} |"
+        )
+    lines += [
+        "| any other family (e.g. Qwen2, Mistral, OPT) | — | not measured | — | — | "
+        "`gmcurv eigen --curvature hessian`; the head runs but flags the family as out of "
+        "range |",
+    ]
+    return lines
+
+
 def _fit_kind(c: dict[str, Any]) -> str:
     kind = "Huber-loss ridge" if c.get("robust") else "ridge"
     kind += " (features clamped to the training range)" if c.get("clip_lo") else ""
@@ -719,6 +778,7 @@ def v2_top_section(top: dict[str, Any]) -> str:
             f"{'met' if v['target'] else 'missed'} |"
         )
     rule = "v2_1" in top or "v2_2" in top
+    lines += ["", *top_use_table(summ)]
     lines += ["", *(_v2_1_text(top) if rule else _top_interval_text(top))]
     lines += [
         "",

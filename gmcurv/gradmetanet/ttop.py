@@ -434,8 +434,9 @@ def predict_top(
 ) -> TopPrediction:
     """One capture of ``b`` random sequences of `data` (``b`` as in training, Monte Carlo
     labels, seeded), the correction (with the family read from the model's structure), and
-    every input outside its training range; a family the correction was not fitted on is
-    flagged with value NaN (module doc: its fallback)."""
+    every input outside its training range; a family that is not one of `FAMILIES`, or not
+    one the correction was fitted on, is flagged with value NaN (module doc: its
+    fallback)."""
     t0 = time.perf_counter()
     b = int(corr.trained_on.get("b", 16))
     batch, _ = sample_batch(data, b, seed, objective.device, objective.dtype)
@@ -444,12 +445,14 @@ def predict_top(
     family = model_family(objective.model)
     lam, lo, hi = corr.predict(s.seq_top, phi, family)
     flags: list[tuple[str, float, tuple[float, float]]] = []
-    if not corr.knows(family):
-        known = ", ".join(corr.families or list(corr.family_intervals))
-        what = (
-            f"model family {family or 'unknown'} (trained on {known}: the average family's "
-            "offset and the pooled interval are used)"
+    if family is None or not corr.knows(family):
+        known = ", ".join(corr.families or list(corr.family_intervals) or FAMILIES)
+        fallback = (
+            "the average family's offset and the pooled interval are used"
+            if corr.families or corr.family_intervals
+            else "measured on those only"
         )
+        what = f"model family {family or 'unknown'} (trained on {known}: {fallback})"
         flags.append((what, math.nan, (math.nan, math.nan)))
     for name, v in zip(FEATURES, phi, strict=True):
         rng = corr.trained_on.get("feature_ranges", {}).get(name)

@@ -51,6 +51,9 @@ from gmcurv.models.hf import hf_state_keys, is_hf_model
 META_VERSION = "gmcurv.version"
 DEFAULT_LOSS_SOURCE = "built-in default (no --loss, checkpoint metadata or config.json names one)"
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
+# safetensors' floating dtype codes, as torch names them
+FLOAT_CODES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+FLOAT_CODES |= {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 @dataclass
@@ -67,6 +70,7 @@ class LoadedModel:
     masks: dict[str, Tensor] = field(default_factory=dict)
     key_map: dict[str, str] = field(default_factory=dict)  # file name -> model state name
     loss_source: str = "--loss"  # where `loss` came from (see `loss_source`)
+    stored_dtypes: tuple[str, ...] = ()  # floating dtypes of the file's entries ("bfloat16")
 
     @property
     def n_params(self) -> int:
@@ -92,6 +96,17 @@ def resolve_weights_path(model_path: str | Path) -> Path:
         if len(found) == 1:
             return found[0]
         if not found:
+            pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+            if pickles:  # e.g. pytorch_model.bin: never unpickled
+                raise CheckpointError(
+                    f"{path}: directory holds only pickle-based weights "
+                    f"({', '.join(pickles[:3])}), which gmcurv refuses (loading one can run "
+                    "arbitrary code)",
+                    hint="convert once, where you trust the file: "
+                    "transformers' Model.from_pretrained(dir).save_pretrained(dir) writes "
+                    "model.safetensors (or safetensors.torch.save_file(torch.load(f, "
+                    "weights_only=True), 'model.safetensors'))",
+                )
             raise CheckpointError(
                 f"{path}: directory holds no .safetensors file",
                 hint="point MODEL at a .safetensors file or a directory with model.safetensors",
@@ -227,6 +242,9 @@ def load_model(
         masks=masks,
         key_map=key_map,
         loss_source=loss_source(loss, loss_hint, arch_name, arch_source, header.metadata),
+        stored_dtypes=tuple(
+            sorted({FLOAT_CODES[c] for c in header.dtypes.values() if c in FLOAT_CODES})
+        ),
     )
 
 

@@ -223,10 +223,7 @@ def _discover(path: Path) -> list[tuple[Path, str]]:
     if path.is_file():
         fmt = fmt_of(path)
         if fmt is None:
-            raise DataError(
-                f"{path}: unsupported data format {path.suffix!r}",
-                hint="use .safetensors, .npz or .csv files, or a directory of .npy pairs",
-            )
+            raise DataError(f"{path}: unsupported data format {path.suffix!r}", hint=_hint(path))
         return [(path, fmt)]
     files = sorted((p for p in path.iterdir() if p.is_file()), key=lambda p: natural_key(p.name))
     if any(p.name in ("inputs.npy", "x.npy") for p in files):
@@ -255,3 +252,23 @@ def load_data(path: str | Path, samples: int | None = None) -> DataSample:
     if sample.n == 0:
         raise DataError(f"{p}: the data sample is empty (0 examples)", hint="add examples")
     return sample.take(samples) if samples is not None else sample
+
+
+TEXT_SUFFIXES = {".txt", ".json", ".jsonl", ".parquet", ".arrow", ".tsv", ".md"}
+
+
+def _hint(path: Path) -> str:
+    """How to turn an unsupported data file into one gmcurv reads."""
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:  # text: gmcurv never tokenizes (no guess of the tokenizer)
+        return (
+            "gmcurv reads token ids, not text: tokenize with the model's tokenizer and save "
+            "the ids, e.g. save_file({'input_ids': ids, 'attention_mask': mask}, "
+            "'data.safetensors') (safetensors.torch; equal-length rows, padding masked)"
+        )
+    if suffix == ".npy":
+        return (
+            "a lone .npy holds one array: put it in a directory as inputs.npy (+ targets.npy), "
+            "or save {'input_ids': ...} to a .safetensors or .npz file"
+        )
+    return "use .safetensors, .npz or .csv files, or a directory of .npy pairs"

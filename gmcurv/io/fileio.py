@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -22,17 +23,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def ensure_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> Path:
-    """Refuse an output path that is (or lies inside / contains) one of the inputs."""
+def ensure_not_input(
+    output: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike | None],
+    option: str | None = None,
+) -> Path:
+    """Refuse an output path that is (or lies inside / contains) one of the inputs; the
+    message names `option` (the flag that chose the path) when given."""
     out = Path(output).expanduser().resolve()
+    what = f"{option} {output}" if option else str(output)
+    hint = f"choose another path for {option}" if option else "choose another output path"
     for item in inputs:
         if item is None:
             continue
         src = Path(item).expanduser().resolve()
-        if out == src or (src.is_dir() and src in out.parents):
+        if out == src:
             raise ConfigError(
-                f"refusing to write {output}: it would overwrite the input {item}",
-                hint="choose another output path with -o/--output",
+                f"refusing to write {what}: it would overwrite the input {item}", hint=hint
+            )
+        if src.is_dir() and src in out.parents:
+            raise ConfigError(
+                f"refusing to write {what}: it lies inside the input directory {item} "
+                "(outputs never overwrite or add to inputs)",
+                hint=hint,
             )
     return out
 
@@ -95,10 +108,14 @@ def _signals_deferred() -> Iterator[None]:
 
 
 def remove_live_temporaries() -> None:
-    """Delete every temporary `atomic_write` has not renamed yet (signal path)."""
+    """Delete every temporary `atomic_write` / `atomic_directory` has not renamed yet
+    (signal path)."""
     for name in list(LIVE_TEMPORARIES):
         with contextlib.suppress(OSError):
-            os.unlink(name)
+            if os.path.isdir(name) and not os.path.islink(name):
+                shutil.rmtree(name, ignore_errors=True)
+            else:
+                os.unlink(name)
         LIVE_TEMPORARIES.discard(name)
 
 
@@ -145,3 +162,40 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write UTF-8 text atomically (see `atomic_write`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_dir)` on a temporary directory beside `path`, then move it into place:
+    renamed whole when `path` does not exist, else file by file (each an atomic replace).
+
+    A crash, an exception or a signal before the move leaves `path` untouched.
+    """
+    target = Path(path).expanduser()
+    parent = target.parent if str(target.parent) else Path(".")
+    with _signals_deferred():
+        try:
+            tmp_name = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot write {target}: {e.strerror}", hint="choose another output path"
+            ) from None
+        LIVE_TEMPORARIES.add(tmp_name)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700
+        with _signals_deferred():
+            if not target.exists():
+                os.rename(tmp, target)
+            else:
+                for f in sorted(tmp.iterdir()):
+                    os.replace(f, target / f.name)
+                tmp.rmdir()
+            LIVE_TEMPORARIES.discard(tmp_name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        LIVE_TEMPORARIES.discard(tmp_name)
+        raise
+    return target
