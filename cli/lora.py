@@ -3,6 +3,7 @@ the curvature of the loss along each adapter's update."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -103,7 +104,39 @@ def split_paths(paths: list[Path]) -> tuple[list[Path], Path | None, Path | None
         )
     model = rest[0] if rest else None
     data = rest[1] if len(rest) > 1 else None
+    if model is not None and data is None:
+        _check_not_data(model, adapters[0])
     return adapters, model, data
+
+
+def _check_not_data(model: Path, adapter: Path) -> None:
+    """DATA given without MODEL (the adapter's base is elsewhere): say which base the
+    adapter names, and that gmcurv never downloads it."""
+    import json
+
+    from gmcurv.io.checkpoint import DATA_INPUT_KEYS, DATA_KEYS
+    from gmcurv.io.tensors import read_header
+
+    if not (model.is_file() and model.suffix.lower() == ".safetensors"):
+        return
+    try:
+        keys = set(read_header(model).shapes)
+    except Exception:  # not readable as a header: loading it reports the problem
+        return
+    if not (keys and keys <= DATA_KEYS and keys & DATA_INPUT_KEYS):
+        return
+    base = None
+    config = adapter / "adapter_config.json" if adapter.is_dir() else None
+    if config is not None and config.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            base = json.loads(config.read_text()).get("base_model_name_or_path")
+    named = f" (the adapter names {base!r} as its base)" if base else ""
+    raise ConfigError(
+        f"{model} holds data ({', '.join(sorted(keys))}), but the path after the adapters "
+        f"is MODEL: the base model is missing{named}",
+        hint="gmcurv lora ADAPTER MODEL DATA, with MODEL the base model's local directory "
+        "or .safetensors file (gmcurv never downloads one)",
+    )
 
 
 def parse_scales(text: str) -> list[float]:

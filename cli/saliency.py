@@ -504,6 +504,7 @@ def saliency(
     if prune is not None:
         assert target is not None
         pruned = _prune(session, prune, criterion, scope, update, rounds, common)
+        warn_emptied(pruned)
         if not results:
             eps0 = pruned.eps[0] if pruned.eps else None
             results = _common(pruned.fisher, pruned.columns, session.data.n, damping, eps0)
@@ -694,6 +695,28 @@ def _write_pruned(session: Session, pruned: PruneResult, target: Path) -> tuple[
             )
             digest = sha256_file(path)
     return path, digest
+
+
+def warn_emptied(pruned: PruneResult) -> None:
+    """Warn (into the report too) when --prune removed every weight of a tensor: the layer
+    then passes only its bias on, which global ranking allows (e.g. OBD on attention
+    projections whose Fisher is tiny) but a user rarely means."""
+    import warnings
+
+    from gmcurv.errors import GmcurvWarning
+
+    emptied = [n for n, layer in pruned.layers.items() if layer.n_removed == layer.n_params]
+    if emptied and pruned.scope == "global":
+        shown = ", ".join(emptied[:4]) + (
+            f" (+{len(emptied) - 4} more)" if len(emptied) > 4 else ""
+        )
+        warnings.warn(
+            f"--prune {pruned.fraction:g} ({pruned.criterion}, global scope) removed every "
+            f"weight of {len(emptied)} tensor(s): {shown}; those layers now output only "
+            f"their bias. --scope layer prunes each tensor by the same fraction",
+            GmcurvWarning,
+            stacklevel=2,
+        )
 
 
 def _prune_part(res: dict, console: Console) -> None:

@@ -77,3 +77,27 @@ def test_half_precision_weights_are_stated(runner, tmp_path):
     r = runner.invoke(app, [*args, "--quiet"])
     footer = " ".join(r.stdout.split())
     assert "weights dtype bfloat16 (the checkpoint's; upcast to float32 (--dtype))" in footer
+
+
+def test_data_where_model_belongs_is_named(runner, tmp_path):
+    """DATA first (or an adapter with DATA but no base model): the file holds data, not
+    weights; the adapter's base is named and gmcurv says it never downloads it."""
+    from lora_fixtures import write_peft_adapter
+
+    d = tmp_path / "d.safetensors"
+    save_file({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, str(d))
+    save_file({"net.0.weight": torch.zeros(2, 4)}, str(tmp_path / "m.safetensors"))
+    r = runner.invoke(app, ["trace", str(d), str(tmp_path / "m.safetensors")])
+    assert r.exit_code == 2 and "holds data (input_ids)" in r.output
+    assert "MODEL comes before DATA" in r.output
+
+    adapter = write_peft_adapter(
+        tmp_path / "ad",
+        {"net.0": (torch.zeros(2, 1), torch.zeros(1, 4))},
+        r=1,
+        alpha=1,
+        base_model_name_or_path="meta-llama/Llama-2-7b-hf",
+    )
+    r = runner.invoke(app, ["lora", str(adapter), str(d)])
+    assert r.exit_code == 2, r.output
+    assert "meta-llama/Llama-2-7b-hf" in r.output and "never downloads" in r.output

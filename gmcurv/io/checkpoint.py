@@ -51,6 +51,9 @@ from gmcurv.models.hf import hf_state_keys, is_hf_model
 META_VERSION = "gmcurv.version"
 DEFAULT_LOSS_SOURCE = "built-in default (no --loss, checkpoint metadata or config.json names one)"
 PICKLE_SUFFIXES = {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}
+# the keys of a DATA file (gmcurv.io.data): a "checkpoint" holding only these is data
+DATA_INPUT_KEYS = {"inputs", "x", "input_ids", "pixel_values"}
+DATA_KEYS = DATA_INPUT_KEYS | {"targets", "y", "labels", "attention_mask", "token_type_ids"}
 # safetensors' floating dtype codes, as torch names them
 FLOAT_CODES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 FLOAT_CODES |= {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
@@ -208,6 +211,12 @@ def load_model(
     """Resolve, build and load a model from MODEL (file or directory)."""
     weights = resolve_weights_path(model_path)
     header = read_weights_header(weights)
+    keys = set(header.shapes)
+    if keys and keys <= DATA_KEYS and keys & DATA_INPUT_KEYS:
+        raise CheckpointError(
+            f"{weights}: holds data ({', '.join(sorted(keys))}), not model weights",
+            hint="MODEL comes before DATA on the command line: gmcurv COMMAND MODEL DATA",
+        )
     model, arch_name, arch_source, loss_hint = build_model(header, arch)
     tensors = load_tensors(weights)
     masks = {k[len(MASK_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MASK_PREFIX)}
