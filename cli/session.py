@@ -104,14 +104,22 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-def warm_up_autograd() -> None:
+def warm_up_autograd(products: bool = False) -> None:
     """Pay torch's lazy imports of the first backward (``torch.autograd.grad`` with
     ``grad_outputs`` imports sympy through ``torch.fx``) once, as start-up, so that
     compute timings measure compute; and set malloc to reuse freed memory
-    (`gmcurv.memory.keep_freed_memory`)."""
+    (`gmcurv.memory.keep_freed_memory`; `products`: large blocks too, for commands that
+    run repeated curvature products)."""
     import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
-    keep_freed_memory()  # products' temporaries reuse freed memory, no page faults
+    keep_freed_memory(large=products)  # products' temporaries reuse freed memory
+
+
+def runs_products(params: dict) -> bool:
+    """Whether a command with these parameters computes Hessian / GGN / ``H - G``
+    products (its ``--curvature`` is not the Fisher, whose capture is one pass)."""
+    curvature = params.get("curvature")
+    return getattr(curvature, "value", curvature) not in (None, "fisher")
 
 
 def _family_code(model: Path, arch: str | None) -> str:
@@ -213,7 +221,7 @@ class Session:
         if need_data:
             family = _family_code(model, arch)
             with s.stage("startup"), s.progress(f"starting up{family and f' ({family})'}", None):
-                warm_up_autograd()
+                warm_up_autograd(runs_products(ctx.params))
                 if family:
                     _import_transformers()
         # no count to show: a spinner with the elapsed time (imports of torch's and the

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
+from gmcurv.cli.session import runs_products
 from gmcurv.memory import _glibc, keep_freed_memory
 
 
@@ -28,6 +33,37 @@ def test_commands_set_it_at_startup(monkeypatch):
     from gmcurv.cli import session
 
     calls = []
-    monkeypatch.setattr(session, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(session, "keep_freed_memory", lambda **k: calls.append(k) or True)
     session.warm_up_autograd()
-    assert calls == [1]
+    session.warm_up_autograd(products=True)  # Hessian / GGN commands: large blocks too
+    assert calls == [{"large": False}, {"large": True}]
+
+
+@pytest.mark.skipif(not _glibc(), reason="mallopt is glibc's")
+def test_large_setting_applies_in_a_fresh_process():
+    """``large=True`` is applied (mallopt accepted every parameter) and the process still
+    computes; the setting only moves where malloc takes memory from."""
+    code = (
+        "import torch\n"
+        "from gmcurv.memory import keep_freed_memory\n"
+        "ok = keep_freed_memory(large=True)\n"
+        "x = torch.ones(1 << 24); del x\n"
+        "print(ok, float(torch.ones(1 << 24).sum()))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", str(float(1 << 24))]
+
+
+def test_products_only_for_non_fisher_curvature():
+    from enum import Enum
+
+    class C(Enum):
+        fisher = "fisher"
+        hessian = "hessian"
+
+    assert not runs_products({})  # no --curvature (e.g. saliency)
+    assert not runs_products({"curvature": C.fisher})
+    assert runs_products({"curvature": C.hessian})
+    assert runs_products({"curvature": "ggn"})
