@@ -30,7 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from try_families import CAUSAL, build  # noqa: E402
+from try_families import CAUSAL, build, run_child  # noqa: E402
 
 FAMILIES = ("llama", "qwen2", "opt", "bert-cls", "bert-mlm", "vit")
 OUT = HERE / "commands.json"
@@ -232,22 +232,7 @@ def main() -> None:
         for fam in FAMILIES:
             if only and fam not in only:
                 continue
-            tmp = Path(root) / fam / "out"
-            tmp.mkdir()
-            e = built[fam]
-            spec = json.dumps({**e, "tmp": str(tmp)})
-            start = time.perf_counter()
-            p = subprocess.run(
-                [sys.executable, __file__, "--child", fam, spec],
-                capture_output=True,
-                text=True,
-                cwd=root,
-            )
-            line = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "{}"
-            res = json.loads(line) if line.startswith("{") else {"raw": p.stdout[-2000:]}
-            res["process_wall"] = round(time.perf_counter() - start, 2)
-            if p.returncode:
-                res["child_stderr"] = p.stderr[-3000:]
+            res = run_child(__file__, fam, built[fam], Path(root))
             results["families"][fam] = res
             print(f"{fam}: {res['process_wall']} s", file=sys.stderr)
             OUT.write_text(json.dumps(results, indent=1) + "\n")

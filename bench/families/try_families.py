@@ -323,6 +323,24 @@ def child(fam: str, spec: str) -> None:
     )
 
 
+def run_child(script: str, fam: str, entry: dict, root: Path) -> dict:
+    """Run `script --child fam SPEC` in its own process (SPEC = `entry` plus an empty output
+    dir): the child's last JSON line, its whole-process wall time and, on failure, stderr."""
+    tmp = root / fam / "out"
+    tmp.mkdir()
+    spec = json.dumps({**entry, "tmp": str(tmp)})
+    start = time.perf_counter()
+    p = subprocess.run(
+        [sys.executable, script, "--child", fam, spec], capture_output=True, text=True, cwd=root
+    )
+    line = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "{}"
+    res = json.loads(line) if line.startswith("{") else {"raw": p.stdout[-2000:]}
+    res["process_wall"] = round(time.perf_counter() - start, 2)
+    if p.returncode:
+        res["child_stderr"] = p.stderr[-3000:]
+    return res
+
+
 def main() -> None:
     os.environ.setdefault("GMCURV_NO_CONFIG", "1")
     only = sys.argv[1:]
@@ -335,21 +353,7 @@ def main() -> None:
         for fam, e in built.items():
             if only and fam not in only:
                 continue
-            tmp = Path(root) / fam / "out"
-            tmp.mkdir()
-            spec = json.dumps({**e, "tmp": str(tmp)})
-            start = time.perf_counter()
-            p = subprocess.run(
-                [sys.executable, __file__, "--child", fam, spec],
-                capture_output=True,
-                text=True,
-                cwd=root,
-            )
-            line = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else "{}"
-            res = json.loads(line) if line.startswith("{") else {"raw": p.stdout[-2000:]}
-            res["process_wall"] = round(time.perf_counter() - start, 2)
-            if p.returncode:
-                res["child_stderr"] = p.stderr[-3000:]
+            res = run_child(__file__, fam, e, Path(root))
             results["families"][fam] = res
             print(f"{fam}: {res['process_wall']} s", file=sys.stderr)
             (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -119,6 +119,24 @@ def remove_live_temporaries() -> None:
         LIVE_TEMPORARIES.discard(name)
 
 
+def _registered_temporary(target: Path, parent: Path, directory: bool) -> Path:
+    """An empty temporary file (or directory) ``.<name>.*.tmp`` beside `target`, created and
+    registered in `LIVE_TEMPORARIES` as one step (a signal between the two leaves nothing)."""
+    with _signals_deferred():
+        try:
+            if directory:
+                name = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+            else:
+                fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+                os.close(fd)
+        except OSError as e:
+            raise ConfigError(
+                f"cannot write {target}: {e.strerror}", hint="choose another output path"
+            ) from None
+        LIVE_TEMPORARIES.add(name)
+    return Path(name)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place.
 
@@ -127,16 +145,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     target = Path(path).expanduser()
     parent = target.parent if str(target.parent) else Path(".")
     check_writable(target)
-    with _signals_deferred():  # created and registered as one step
-        try:
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-        except OSError as e:
-            raise ConfigError(
-                f"cannot write {target}: {e.strerror}", hint="choose another output path"
-            ) from None
-        LIVE_TEMPORARIES.add(tmp_name)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _registered_temporary(target, parent, directory=False)
+    tmp_name = str(tmp)
     try:
         write(tmp)
         umask = os.umask(0)
@@ -172,15 +182,8 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     """
     target = Path(path).expanduser()
     parent = target.parent if str(target.parent) else Path(".")
-    with _signals_deferred():
-        try:
-            tmp_name = tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-        except OSError as e:
-            raise ConfigError(
-                f"cannot write {target}: {e.strerror}", hint="choose another output path"
-            ) from None
-        LIVE_TEMPORARIES.add(tmp_name)
-    tmp = Path(tmp_name)
+    tmp = _registered_temporary(target, parent, directory=True)
+    tmp_name = str(tmp)
     try:
         write(tmp)
         umask = os.umask(0)
