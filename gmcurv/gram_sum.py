@@ -481,7 +481,10 @@ class PanelStream:
     caller joins in for what is left at `finish`. Same tiles, same ops as `_panel_sum`:
     the same kernel bit for bit.
 
-    `layers`: per block ``(O, I or None, bias)``, the widths of its `HadamardFactors`."""
+    `layers`: per block ``(O, I or None, bias)``, the widths of its `HadamardFactors`.
+    `rows`: the whole sample's `HadamardFactors` (in `dtype`) that the caller fills batch
+    by batch (`gmcurv.capture.GradientRows`), read in place — `add` then only announces
+    the new rows; without, the stream keeps its own copy of each batch's factors."""
 
     def __init__(
         self,
@@ -489,16 +492,22 @@ class PanelStream:
         layers: Sequence[tuple[int, int | None, bool]],
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        rows: Sequence[HadamardFactors] | None = None,
     ):
         self.size, self.dtype, self.ready = size, dtype, 0
-        self.factors = [
-            (
-                torch.empty(size, o, dtype=dtype, device=device),
-                None if i is None else torch.empty(size, i, dtype=dtype, device=device),
-                bias,
-            )
-            for o, i, bias in layers
-        ]
+        self._copy = rows is None
+        self.factors = (
+            [
+                (
+                    torch.empty(size, o, dtype=dtype, device=device),
+                    None if i is None else torch.empty(size, i, dtype=dtype, device=device),
+                    bias,
+                )
+                for o, i, bias in layers
+            ]
+            if rows is None
+            else [(f.delta, f.x, f.bias) for f in rows]
+        )
         self.K = torch.empty(size, size, dtype=dtype, device=device)
         self._tiles: list[tuple[int, int, int, int]] = []  # formable, not yet taken
         self._next_panel = 0  # start of the first panel not yet queued
@@ -509,12 +518,15 @@ class PanelStream:
         self._worker.start()
 
     def add(self, pairs: Sequence[HadamardFactors]) -> None:
-        """The next rows' factors (one batch: every block's `HadamardFactors`)."""
+        """The next rows' factors (one batch: every block's `HadamardFactors`; with `rows`,
+        already in place: only their count is read)."""
         n = pairs[0].delta.shape[0]
         r0, r1 = self.ready, self.ready + n
         if r1 > self.size:
             raise ValueError(f"more rows than the kernel's {self.size}")
         for (D, X, _), f in zip(self.factors, pairs, strict=True):
+            if not self._copy:
+                break
             D[r0:r1].copy_(f.delta)
             if X is not None and f.x is not None:
                 X[r0:r1].copy_(f.x)
@@ -580,7 +592,7 @@ class PanelStream:
                 return
 
 
-STREAM_COLS = 1024  # columns of a streamed tile
+STREAM_COLS = 512  # columns of a streamed tile (small: the last ones balance the threads)
 
 
 @contextmanager

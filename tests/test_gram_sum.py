@@ -410,22 +410,36 @@ def test_threaded_panels_and_tiles_equal_one_thread(dtype, small_panels, monkeyp
         assert bool(((got - ref).abs() <= 4 * N * 2.0**-53 * (ref_K.abs() @ Y.abs())).all())
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_panel_stream_equals_the_panel_sum(dtype, small_panels, monkeypatch):
+def test_panel_stream_equals_the_panel_sum(dtype, in_place, small_panels, monkeypatch):
     """`PanelStream` fed batches of 4, 2, 1... rows (panels of 3 rows, tiles of 2 columns,
-    a background thread): the lower panels of the same ``K`` as `summed_gram` (float64 to
-    1e-12, float32 within ``4 D u |g_i| |g_j|``), diagonal tiles exactly symmetric; too
-    many or too few rows are refused, and `close` stops the thread."""
+    a background thread), keeping its own copy of the rows or reading them in place from
+    the caller's tensors (`rows`, filled batch by batch as `GradientRows` does): the lower
+    panels of the same ``K`` as `summed_gram` (float64 to 1e-12, float32 within
+    ``4 D u |g_i| |g_j|``), diagonal tiles exactly symmetric; too many or too few rows are
+    refused, and `close` stops the thread."""
     monkeypatch.setattr(gs, "STREAM_COLS", 2)
     dg = _captured("mlp", dtype)
     sources = [b.source for b in dg.blocks]
     pairs = [gs.hadamard_factors(s) for s in sources]
     assert all(f is not None for f in pairs)
     layers = [(f.delta.shape[1], None if f.x is None else f.x.shape[1], f.bias) for f in pairs]
-    stream = gs.PanelStream(N, layers, dtype)
+    # in place: the stream reads tensors that hold garbage until the caller copies each batch
+    full = [
+        gs.HadamardFactors(
+            torch.full_like(f.delta, float("nan")), torch.full_like(f.x, 7.0), f.bias
+        )
+        for f in pairs
+    ]
+    stream = gs.PanelStream(N, layers, dtype, rows=full if in_place else None)
     r0 = 0
     for n in (4, 2, 1, N):
         n = min(n, N - r0)
+        if in_place:
+            for f, g in zip(full, pairs, strict=True):
+                f.delta[r0 : r0 + n].copy_(g.delta[r0 : r0 + n])
+                f.x[r0 : r0 + n].copy_(g.x[r0 : r0 + n])
         stream.add(
             [gs.HadamardFactors(f.delta[r0 : r0 + n], f.x[r0 : r0 + n], f.bias) for f in pairs]
         )
