@@ -520,6 +520,7 @@ def fisher_summary(
     # on a second core while the next batches are captured on the first (`_panel_stream`)
     panels: PanelStream | None = None
     streamed: LowerGram | None = None
+    V0 = KV0 = None  # the block route's first block and its product (`PanelStream.finish`)
     threads = torch.get_num_threads()
     try:
         for dg in stream:
@@ -546,7 +547,9 @@ def fisher_summary(
         if panels is not None and panels.ready == panels.size:  # else: formed after all
             if phase:
                 phase("Fisher: Gram kernel (rows, formed while capturing)", None)
-            streamed = panels.finish()
+            assert rows is not None
+            V0 = first_block(rows.result(), k, seed)  # its product taken while finishing K
+            streamed, KV0 = panels.finish(V0)
     finally:
         if panels is not None:
             panels.close()
@@ -560,9 +563,7 @@ def fisher_summary(
         del kept, rows
     total = first = None
     if streamed is not None:  # every block panelled: no diagonals of whole blocks
-        assert full is not None
-        V0 = first_block(full, k, seed)
-        total, first = streamed, (V0, streamed.matmat(V0))
+        total, first = streamed, (V0, KV0)
     elif k > 0 and not one_batch:
         assert full is not None
         n_rows = full.n * full.columns

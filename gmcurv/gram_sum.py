@@ -479,7 +479,11 @@ class PanelStream:
     ``P``'s end, so a background thread forms them while the caller captures the next
     batches (on one intra-op thread each: the two run side by side on two cores), and the
     caller joins in for what is left at `finish`. Same tiles, same ops as `_panel_sum`:
-    the same kernel bit for bit.
+    the same kernel bit for bit. `finish` can also take a first block product ``K V``:
+    each tile formed after it is called adds its share while in cache, the tiles formed
+    before are queued as product tasks among the last ones (filling the threads' tail);
+    every tile's share is kept apart and summed in tile order, so ``K V`` does not
+    depend on which thread took which tile.
 
     `layers`: per block ``(O, I or None, bias)``, the widths of its `HadamardFactors`.
     `rows`: the whole sample's `HadamardFactors` (in `dtype`) that the caller fills batch
@@ -509,7 +513,12 @@ class PanelStream:
             else [(f.delta, f.x, f.bias) for f in rows]
         )
         self.K = torch.empty(size, size, dtype=dtype, device=device)
-        self._tiles: list[tuple[int, int, int, int]] = []  # formable, not yet taken
+        # tasks (p0, p1, c0, c1, form): a tile to form (and multiply, once `_vt` is set)
+        # or, form False, a formed tile to multiply
+        self._tiles: list[tuple[int, int, int, int, bool]] = []
+        self._formed: list[tuple[int, int, int, int]] = []  # formed before `_vt` was set
+        self._vt: Tensor | None = None  # Vᵀ of `finish`'s first block, [b, size]
+        self._parts: dict[tuple[int, int, int, int], tuple[Tensor, Tensor | None]] = {}
         self._next_panel = 0  # start of the first panel not yet queued
         self._closed = False
         self._error: BaseException | None = None
@@ -535,13 +544,19 @@ class PanelStream:
             self._queue_panels()
             self._cv.notify_all()
 
-    def finish(self) -> LowerGram:
-        """``K`` (every row added) as a `LowerGram` of `PANEL_ROWS`-row panels: the
-        remaining tiles shared between the caller and the background thread."""
+    def finish(self, first: Tensor | None = None) -> tuple[LowerGram, Tensor | None]:
+        """``K`` (every row added) as a `LowerGram` of `PANEL_ROWS`-row panels, the
+        remaining tiles shared between the caller and the background thread, and ``K V``
+        for ``V = first`` (``[size, b]``, in ``K``'s dtype; None without `first`)."""
         if self.ready != self.size:
             raise ValueError(f"{self.ready} of {self.size} rows added")
         with self._cv:
             self._closed = True
+            if first is not None:
+                self._vt = first.to(self.dtype).T.contiguous()
+                # cheap product tasks first in the list: popped last, they fill the tail
+                self._tiles[:0] = [(*t, False) for t in self._formed]
+                self._formed = []
             self._queue_panels()
             self._cv.notify_all()
         with _one_thread():
@@ -549,7 +564,15 @@ class PanelStream:
         self._worker.join()
         if self._error is not None:
             raise self._error
-        return LowerGram(self.K, PANEL_ROWS)
+        if self._vt is None:
+            return LowerGram(self.K, PANEL_ROWS), None
+        out = torch.zeros_like(self._vt)
+        for (p0, p1, c0, c1), (own, mirror) in sorted(self._parts.items()):
+            out[:, p0:p1] += own
+            if mirror is not None:
+                out[:, c0:c1] += mirror
+        self._parts.clear()
+        return LowerGram(self.K, PANEL_ROWS), out.T
 
     def close(self) -> None:
         """Stop the background thread (on errors: the kernel is abandoned)."""
@@ -565,9 +588,9 @@ class PanelStream:
             p1 = min(self.size, p0 + PANEL_ROWS)
             if self.ready < p1:
                 break
-            self._tiles.append((p0, p1, p0, p1))  # the diagonal tile: symmetrised
+            self._tiles.append((p0, p1, p0, p1, True))  # the diagonal tile: symmetrised
             for c0 in range(0, p0, STREAM_COLS):
-                self._tiles.append((p0, p1, c0, min(p0, c0 + STREAM_COLS)))
+                self._tiles.append((p0, p1, c0, min(p0, c0 + STREAM_COLS), True))
             self._next_panel = p1
 
     def _work(self, background: bool) -> None:
@@ -582,14 +605,31 @@ class PanelStream:
                     self._cv.wait()
                 if not self._tiles:
                     return
-                p0, p1, c0, c1 = self._tiles.pop()  # the latest panels' (costliest) first
+                p0, p1, c0, c1, form = self._tiles.pop()  # the latest panels' (costliest) first
             try:
-                _tile_sum(self.factors, self.K, p0, p1, c0, c1, dd, aa)
+                if form:
+                    _tile_sum(self.factors, self.K, p0, p1, c0, c1, dd, aa)
+                with self._cv:
+                    vt = self._vt
+                    if vt is None:  # no product asked for yet: queued by `finish`, if asked
+                        self._formed.append((p0, p1, c0, c1))
+                if vt is not None:
+                    self._parts[(p0, p1, c0, c1)] = _tile_share(self.K, vt, p0, p1, c0, c1)
             except BaseException as e:  # re-raised by finish
                 with self._cv:
                     self._error, self._closed, self._tiles = e, True, []
                     self._cv.notify_all()
                 return
+
+
+def _tile_share(
+    K: Tensor, Vt: Tensor, p0: int, p1: int, c0: int, c1: int
+) -> tuple[Tensor, Tensor | None]:
+    """A lower tile ``T = K[p0:p1, c0:c1]``'s shares of ``(K V)ᵀ``: ``Vᵀ[:, C] Tᵀ`` (for
+    the columns ``P``) and, below the diagonal, the mirror's ``Vᵀ[:, P] T`` (for ``C``)."""
+    tile = K[p0:p1, c0:c1]
+    own = Vt[:, c0:c1] @ tile.T
+    return own, (Vt[:, p0:p1] @ tile if c1 <= p0 else None)
 
 
 STREAM_COLS = 512  # columns of a streamed tile (small: the last ones balance the threads)

@@ -318,7 +318,9 @@ def test_kernel_formed_while_capturing_on_two_threads(monkeypatch, tmp_path):
     one = fisher_summary(obj, data, batch_size=100, k=5)
     finished = []
     real = gs.PanelStream.finish
-    monkeypatch.setattr(gs.PanelStream, "finish", lambda self: finished.append(1) or real(self))
+    monkeypatch.setattr(
+        gs.PanelStream, "finish", lambda self, first=None: finished.append(1) or real(self, first)
+    )
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

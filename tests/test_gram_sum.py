@@ -4,6 +4,8 @@ explicit per-example-gradient Gram ``J J^T`` and ``eigvalsh`` of ``F = J^T J / N
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from models import TinyAttention, TinyConv, mlp, seeded
@@ -448,10 +450,24 @@ def test_panel_stream_equals_the_panel_sum(dtype, in_place, small_panels, monkey
             break
     with pytest.raises(ValueError, match="more rows"):
         stream.add(pairs)
-    K = stream.finish()
+    if in_place:  # let the background form every tile: the product is then all tasks
+        for _ in range(2000):
+            with stream._cv:
+                if not stream._tiles:
+                    break
+            time.sleep(0.001)
+    V = torch.randn(N, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    K, KV = stream.finish(V if in_place else None)
     assert isinstance(K, gs.LowerGram) and K.rows == 3
     ref = gs.summed_gram(sources, N).double()
     got = K.full().double()
+    if in_place:  # K V in K's dtype: within the rounding of a dtype product of the same K
+        assert KV is not None and KV.dtype == dtype and KV.shape == (N, 3)
+        u = torch.finfo(dtype).eps
+        bound = 2 * N * u * (got.abs() @ V.abs())
+        assert bool(((KV.double() - got @ V).abs() <= bound).all())
+    else:
+        assert KV is None
     if dtype == torch.float64:
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     else:
