@@ -330,8 +330,11 @@ def _root(
 
 
 def main() -> None:
-    """Console-script entry point (SIGINT -> exit 130, SIGTERM -> 143; see `signals`)."""
-    from gmcurv.cli import signals
+    """Run the command line (SIGINT -> exit 130, SIGTERM -> 143, see `signals`; the garbage
+    collector held through start-up, see `startup`). The ``gmcurv`` script enters through
+    `gmcurv.__main__.main`, which does both before this module is imported."""
+    from gmcurv.cli import signals, startup
 
+    startup.hold()
     signals.install()
     app()

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 from rich.console import Console
 
+from gmcurv.cli import startup
 from gmcurv.cli.consoles import note, stderr, stdout
 from gmcurv.cli.outputs import OUTPUT_OPTIONS, check_output_paths, publish
 from gmcurv.cli.progress import Advance, progress_bar
@@ -188,6 +189,7 @@ class Session:
         self.device = torch.device("cpu") if self.device is None else self.device
         self.dtype = torch.float32 if self.dtype is None else self.dtype
         self.comm = distributed.current() if self.comm is None else self.comm
+        startup.release()  # collect from here on (after `open`'s start-up, when opened)
 
     # ------------------------------------------------------------------------- loading
     @classmethod
@@ -214,16 +216,18 @@ class Session:
 
         collected_warnings.clear()
         check_rules(ctx.params.get("fail_if"))  # a typo in a rule fails before any compute
-        s = _start(cls, ctx, device, dtype, seed, quiet, json_mode)
-        model, data = _default_inputs(s, model, data, need_data)
-        loss_name = getattr(loss, "value", loss)
-        s.record_user_code(ctx, arch=arch, loss=loss_name)
-        if need_data:
-            family = _family_code(model, arch)
-            with s.stage("startup"), s.progress(f"starting up{family and f' ({family})'}", None):
-                warm_up_autograd(runs_products(ctx.params))
-                if family:
-                    _import_transformers()
+        with startup.pinned():  # the collector stays off through start-up, then on
+            s = _start(cls, ctx, device, dtype, seed, quiet, json_mode)
+            model, data = _default_inputs(s, model, data, need_data)
+            loss_name = getattr(loss, "value", loss)
+            s.record_user_code(ctx, arch=arch, loss=loss_name)
+            if need_data:
+                family = _family_code(model, arch)
+                label = f"starting up{family and f' ({family})'}"
+                with s.stage("startup"), s.progress(label, None):
+                    warm_up_autograd(runs_products(ctx.params))
+                    if family:
+                        _import_transformers()
         # no count to show: a spinner with the elapsed time (imports of torch's and the
         # model family's code, reading the checkpoint) — loading can take seconds
         with s.stage("load"), s.progress("loading the model and data", None):

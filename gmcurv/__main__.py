@@ -1,9 +1,21 @@
-"""``python -m gmcurv`` (also ``torchrun -m gmcurv``) runs the command line."""
+"""``python -m gmcurv`` (also ``torchrun -m gmcurv``) and the ``gmcurv`` console script.
+
+`main` runs before anything heavy is imported: Ctrl-C during start-up exits 130 quietly
+(`gmcurv.cli.signals`) and the cyclic garbage collector stays off until the command's
+start-up is over (`gmcurv.cli.startup`).
+"""
+
+
+def main() -> None:
+    """The process entry: signals and the start-up collector policy, then the app."""
+    from gmcurv.cli import signals, startup
+
+    startup.hold()  # before the heavy imports (typer, rich, then torch in the command)
+    signals.install()
+    from gmcurv.cli.app import main as app_main
+
+    app_main()
+
 
 if __name__ == "__main__":
-    from gmcurv.cli import signals
-
-    signals.install()  # before the heavy imports: Ctrl-C during start-up exits 130 quietly
-    from gmcurv.cli.app import main
-
     main()

@@ -128,7 +128,7 @@ def test_wheel_holds_the_front_end_samples_head_and_card(installed):
         assert shipped in names
     top = {n.split("/", 1)[0] for n in names}  # no top-level cli or sample_models
     assert {t for t in top if not t.endswith(".dist-info")} == {"gmcurv"}, top
-    assert "gmcurv = gmcurv.cli.app:main" in scripts
+    assert "gmcurv = gmcurv.__main__:main" in scripts
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
 
 

@@ -1,6 +1,8 @@
 """Start-up: ``--help``, ``COMMAND --help`` and ``check`` import neither torch nor matplotlib
 (nor numpy, scipy, transformers, safetensors; the help screens not even pydantic or
-rich.markdown), checked through ``sys.modules`` in a fresh interpreter, not by timing."""
+rich.markdown), checked through ``sys.modules`` in a fresh interpreter, not by timing; and
+the start-up collector policy (`gmcurv.cli.startup`): off through start-up, on (start-up's
+objects frozen) for load and compute, untouched by commands run in-process."""
 
 from __future__ import annotations
 
@@ -121,3 +123,107 @@ def test_help_formatter_without_markdown_still_works():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
     )
     assert out.stdout.strip() == "ok"
+
+
+# ----------------------------------------------------------- the start-up collector policy
+ENTRY = textwrap.dedent(
+    """
+    import atexit, gc, json, sys
+    state = {}
+
+    def dump():  # registered first: runs last, after the command
+        heavy = [m for m in ("torch", "matplotlib", "sympy") if m in sys.modules]
+        print(json.dumps({**state, "heavy": heavy, "enabled_at_exit": gc.isenabled()}))
+
+    atexit.register(dump)
+    if sys.argv[-1] == "spy":  # spy on start-up (torch's lazy imports) and on the compute
+        sys.argv.pop()
+        from gmcurv.cli import session, trace
+
+        warm, compute = session.warm_up_autograd, trace.fisher_results
+
+        def warm_spy(*a, **k):
+            state["startup"] = {"enabled": gc.isenabled()}
+            return warm(*a, **k)
+
+        def compute_spy(*a, **k):
+            state["compute"] = {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
+            return compute(*a, **k)
+
+        session.warm_up_autograd, trace.fisher_results = warm_spy, compute_spy
+    import runpy
+    sys.argv = ["gmcurv", *sys.argv[1:]]
+    runpy.run_module("gmcurv", run_name="__main__", alter_sys=True)
+    """
+)
+
+
+def _entry(*args: str, cwd) -> dict:
+    """``python -m gmcurv ARGS`` (the console script's entry, `gmcurv.__main__.main`)."""
+    out = subprocess.run(
+        [sys.executable, "-c", ENTRY, *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env={**__import__("os").environ, "GMCURV_NO_CONFIG": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_help_through_the_entry_point_imports_neither_torch_nor_matplotlib(tmp_path):
+    for args in (["--help"], ["trace", "--help"]):
+        doc = _entry(*args, cwd=tmp_path)
+        assert doc["heavy"] == [], (args, doc)
+
+
+def test_collector_is_off_for_start_up_and_on_with_imports_frozen_for_compute(tmp_path):
+    """The command line holds the cyclic collector through start-up (torch's lazy imports)
+    and turns it back on, the start-up's objects frozen, before load and compute."""
+    doc = _entry("trace", "-q", "-o", str(tmp_path / "r.json"), "spy", cwd=tmp_path)
+    assert doc["startup"] == {"enabled": False}, doc
+    assert doc["compute"]["enabled"] is True, doc
+    assert doc["compute"]["frozen"] > 10_000, doc  # torch's modules, out of every collection
+    assert doc["enabled_at_exit"] is True
+    assert json.loads((tmp_path / "r.json").read_text())["results"]["fisher"]["trace"]["value"] > 0
+
+
+def test_startup_hold_pinned_release():
+    import gc
+
+    from gmcurv.cli import startup
+
+    assert gc.isenabled() and not startup.held()
+    frozen = gc.get_freeze_count()
+    startup.release()  # not held (a library or test process): the collector is left alone
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    try:
+        startup.hold()
+        assert not gc.isenabled() and startup.held()
+        with startup.pinned():
+            with startup.pinned():
+                startup.release()  # inside a session's start-up: still held
+                assert not gc.isenabled()
+            assert not gc.isenabled()  # the outermost block releases
+        assert gc.isenabled() and not startup.held()
+        assert gc.get_freeze_count() >= frozen
+        startup.release()  # twice: no-op
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+        startup._held = False
+
+
+def test_commands_run_in_process_leave_the_collector_alone(runner, tmp_path):
+    """``CliRunner`` (and ``report``'s in-process commands) do not go through the process
+    entry: no command turns the collector off or freezes the caller's objects."""
+    import gc
+
+    from gmcurv.cli.app import app
+
+    frozen = gc.get_freeze_count()
+    res = runner.invoke(app, ["info", "-q", "--json"])
+    assert res.exit_code == 0, res.output
+    assert gc.isenabled() and gc.get_freeze_count() == frozen
