@@ -53,6 +53,16 @@ def release() -> None:
         _held = False
 
 
+def passive_waits() -> None:
+    """Idle OpenMP threads sleep at once instead of spinning (``OMP_WAIT_POLICY=PASSIVE``,
+    unless the user set a policy): torch's OpenMP runtime reads it when torch loads, so
+    this runs at process entry. On a machine whose cores are busy with other work, threads
+    that spin at every parallel region's barrier wait for preempted team-mates instead
+    (W2 ``trace --k 0`` compute at load 5: 0.7-2.0 s spinning, 0.06-0.2 s passive;
+    `bench/cli/WALL.md`)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def held() -> bool:
     """Whether `hold` has the collector off now."""
     return _held

@@ -2,8 +2,8 @@
 
 `main` runs before anything heavy is imported: Ctrl-C during start-up exits 130 quietly
 (`gmcurv.cli.signals`) and the cyclic garbage collector stays off until the command's
-start-up is over; at the end the process exits without the interpreter's teardown
-(`gmcurv.cli.startup`).
+start-up is over; idle OpenMP threads sleep instead of spinning (a busy machine); at the
+end the process exits without the interpreter's teardown (`gmcurv.cli.startup`).
 """
 
 
@@ -12,6 +12,7 @@ def main() -> None:
     from gmcurv.cli import signals, startup
 
     startup.hold()  # before the heavy imports (typer, rich, then torch in the command)
+    startup.passive_waits()  # read when torch loads its OpenMP runtime
     signals.install()
     from gmcurv.cli.app import app
 

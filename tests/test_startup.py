@@ -133,7 +133,8 @@ ENTRY = textwrap.dedent(
 
     def dump():  # registered first: runs last, after the command
         heavy = [m for m in ("torch", "matplotlib", "sympy") if m in sys.modules]
-        print(json.dumps({**state, "heavy": heavy, "enabled_at_exit": gc.isenabled()}))
+        omp = __import__("os").environ.get("OMP_WAIT_POLICY")
+        print(json.dumps({**state, "heavy": heavy, "enabled_at_exit": gc.isenabled(), "omp": omp}))
 
     atexit.register(dump)
     if sys.argv[-1] == "spy":  # spy on start-up (torch's lazy imports) and on the compute
@@ -249,3 +250,18 @@ def test_exit_without_teardown_flushes_runs_atexit_and_keeps_the_code():
         )
         assert out.returncode == 3, out.stderr
         assert expected in out.stdout and "atexit ran" in out.stdout, out.stdout
+
+
+def test_passive_waits_set_at_entry_unless_the_user_chose(monkeypatch, tmp_path):
+    """`passive_waits`: the command line's process runs with OMP_WAIT_POLICY=PASSIVE (set
+    at entry, before torch loads its OpenMP runtime); a user's own policy is kept."""
+    import os
+
+    from gmcurv.cli import startup
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert _entry("--help", cwd=tmp_path)["omp"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert _entry("--help", cwd=tmp_path)["omp"] == "ACTIVE"
+    startup.passive_waits()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
