@@ -337,4 +337,4 @@ def main() -> None:
 
     startup.hold()
     signals.install()
-    app()
+    startup.run_then_exit(app)

@@ -2,7 +2,8 @@
 
 `main` runs before anything heavy is imported: Ctrl-C during start-up exits 130 quietly
 (`gmcurv.cli.signals`) and the cyclic garbage collector stays off until the command's
-start-up is over (`gmcurv.cli.startup`).
+start-up is over; at the end the process exits without the interpreter's teardown
+(`gmcurv.cli.startup`).
 """
 
 
@@ -12,9 +13,9 @@ def main() -> None:
 
     startup.hold()  # before the heavy imports (typer, rich, then torch in the command)
     signals.install()
-    from gmcurv.cli.app import main as app_main
+    from gmcurv.cli.app import app
 
-    app_main()
+    startup.run_then_exit(app)  # and skip the interpreter's teardown
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from gmcurv.estimate import Estimate
 from gmcurv.memory import DENSE_GRAM_LIMIT
 
 if TYPE_CHECKING:
+    from gmcurv.capture import GradientRows
     from gmcurv.gram_sum import LowerGram, PanelStream
 
 
@@ -484,7 +485,7 @@ def fisher_summary(
     Linear, the Gram kernel is formed while the data is captured (`_panel_stream`): the
     capture on one thread, the kernel's panels on another, the thread count restored after.
     """
-    from gmcurv.capture import Capturer, capture_stream
+    from gmcurv.capture import Capturer, GradientRows, capture_stream
     from gmcurv.distributed import current, gather_decomposed
 
     comm = current()
@@ -496,6 +497,7 @@ def fisher_summary(
     acc = FisherAccumulator(diagonal=False)
     col_norms: dict[str, list[Tensor]] = {}
     kept: list[DecomposedGradients] = []
+    rows: GradientRows | None = None  # the factors of all N examples, filled batch by batch
     # one batch holds the whole sample and each layer's own eigenvalues are wanted: each
     # block's Gram kernel is formed once, right after the capture, and gives its trace (the
     # diagonal), its eigenvalues and its share of K (otherwise K is summed by panels)
@@ -518,6 +520,7 @@ def fisher_summary(
     # on a second core while the next batches are captured on the first (`_panel_stream`)
     panels: PanelStream | None = None
     streamed: LowerGram | None = None
+    V0 = KV0 = None  # the block route's first block and its product (`PanelStream.finish`)
     threads = torch.get_num_threads()
     try:
         for dg in stream:
@@ -528,19 +531,25 @@ def fisher_summary(
                 sq = {name: K.diagonal().reshape(dg.n, dg.columns) for name, K in grams.items()}
             if not defer:
                 _add_batch(acc, dg, sq, col_norms if fisher == "mc" else None)
-            if k > 0:
-                kept.append(dg)
-                if len(kept) == 1 and threads > 1 and defer:
-                    panels = _panel_stream(dg, data.n, k)
+            if k > 0 and not kept and rows is None and defer:  # the first batch
+                rows = GradientRows.start(dg, data.n)
+                if rows is not None and threads > 1:
+                    panels = _panel_stream(dg, data.n, k, rows)
                     if panels is not None:
                         torch.set_num_threads(1)  # the capture on one core
+            if rows is not None:
+                rows.add(dg)  # this batch's factors copied: its memory is reused
                 if panels is not None:
                     panels.add(_hadamard_pairs(dg))
+            elif k > 0:
+                kept.append(dg)
             del sq
         if panels is not None and panels.ready == panels.size:  # else: formed after all
             if phase:
                 phase("Fisher: Gram kernel (rows, formed while capturing)", None)
-            streamed = panels.finish()
+            assert rows is not None
+            V0 = first_block(rows.result(), k, seed)  # its product taken while finishing K
+            streamed, KV0 = panels.finish(V0)
     finally:
         if panels is not None:
             panels.close()
@@ -548,13 +557,13 @@ def fisher_summary(
     diagonals: dict[int, Tensor] | None = {} if defer else None
     full = None
     if k > 0:
-        full = gather_decomposed(DecomposedGradients.cat(kept))
-        del kept
+        full = (
+            rows.result() if rows is not None else gather_decomposed(DecomposedGradients.cat(kept))
+        )
+        del kept, rows
     total = first = None
     if streamed is not None:  # every block panelled: no diagonals of whole blocks
-        assert full is not None
-        V0 = first_block(full, k, seed)
-        total, first = streamed, (V0, streamed.matmat(V0))
+        total, first = streamed, (V0, KV0)
     elif k > 0 and not one_batch:
         assert full is not None
         n_rows = full.n * full.columns
@@ -636,11 +645,15 @@ def _hadamard_pairs(dg: DecomposedGradients) -> list:
     return [hadamard_factors(b.source) for b in dg.blocks]
 
 
-def _panel_stream(dg: DecomposedGradients, n_examples: int, k: int) -> PanelStream | None:
+def _panel_stream(
+    dg: DecomposedGradients, n_examples: int, k: int, rows: GradientRows
+) -> PanelStream | None:
     """A `gmcurv.gram_sum.PanelStream` for ``K`` of `n_examples` examples, given the first
     batch `dg`, when it pays: at least `STREAM_BATCHES` batches, every block panelled
     (one-token Linear), the block route ahead on the formed ``K`` (`block_route`), and the
-    stream's copy of the factors small (`STREAM_COPY`); else None."""
+    stream's copy of the factors small (`STREAM_COPY`); else None. The stream reads the
+    factors in place from `rows` when they are its rows already (one column, the kernel's
+    dtype); else it keeps its own copy."""
     from gmcurv.gram_sum import MIN_PANELS, PANEL_ROWS, PanelStream
 
     size = n_examples * dg.columns
@@ -648,6 +661,8 @@ def _panel_stream(dg: DecomposedGradients, n_examples: int, k: int) -> PanelStre
         return None
     if -(-size // PANEL_ROWS) < MIN_PANELS:
         return None
+    from gmcurv.gram_sum import hadamard_factors
+
     pairs = _hadamard_pairs(dg)
     if not pairs or any(f is None for f in pairs):
         return None
@@ -655,6 +670,9 @@ def _panel_stream(dg: DecomposedGradients, n_examples: int, k: int) -> PanelStre
     dtype = torch.float32 if low else torch.float64
     layers = [(f.delta.shape[1], None if f.x is None else f.x.shape[1], f.bias) for f in pairs]
     # the stream keeps its own copy of the factors: at most the kernel's size, or STREAM_COPY
+    full = [hadamard_factors(s) for s in rows.sources]
+    if dg.columns == 1 and all(b.source.dtype == dtype for b in dg.blocks):
+        return PanelStream(size, layers, dtype, dg.losses.device, rows=full)  # type: ignore[arg-type]
     width = sum(o + (i or 0) for o, i, _ in layers)
     if size * width > max(size * size, STREAM_COPY // dtype.itemsize):
         return None

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from gmcurv.block_krylov import in_threads
+from gmcurv.block_krylov import in_threads, intra_op_threads
 from gmcurv.factors import GradientSource, LinearFactors
 from gmcurv.factors.source import GEMM_CHUNK, rows_gram
 
@@ -219,7 +219,10 @@ class LowerGram:
                 _panel_product(self.data[p0:p1, :end], Yt, out, p0, p1, below, buf)
             return out
 
-        parts = in_threads(work, [float(e) for e in ends], _threads(n * n * Yt.shape[0]))
+        work_size = n * n * Yt.shape[0]
+        threads = _threads(work_size) if convert else _threads(work_size, MIN_THREADED_PRODUCT)
+        with intra_op_threads(1 if threads == 1 else torch.get_num_threads()):
+            parts = in_threads(work, [float(e) for e in ends], threads)
         out = parts[0]
         for part in parts[1:]:
             out.add_(part)
@@ -230,11 +233,15 @@ SKINNY = 64  # products with at most this many columns run transposed by panels
 TILE_COLS = 512  # columns of a float64 tile (`LowerGram.exact`): 1 MB of 256 rows
 BUILD_COLS = 2048  # columns of a kernel tile (wide GEMMs run fastest)
 MIN_THREADED = 1 << 24  # multiply-adds below which a product or kernel runs on one thread
+# ... and a product in K's own dtype (memory-bound: one thread reads a 2,048-row kernel's
+# panels about as fast as two, without their fork/join)
+MIN_THREADED_PRODUCT = MIN_THREADED
 
 
-def _threads(work: float) -> int:
-    """Threads for `work` multiply-adds: torch's count when there is enough to share."""
-    return torch.get_num_threads() if work >= MIN_THREADED else 1
+def _threads(work: float, least: float | None = None) -> int:
+    """Threads for `work` multiply-adds: torch's count when there is enough to share
+    (`least`, default `MIN_THREADED`)."""
+    return torch.get_num_threads() if work >= (least or MIN_THREADED) else 1
 
 
 def _tile_product(
@@ -479,9 +486,16 @@ class PanelStream:
     ``P``'s end, so a background thread forms them while the caller captures the next
     batches (on one intra-op thread each: the two run side by side on two cores), and the
     caller joins in for what is left at `finish`. Same tiles, same ops as `_panel_sum`:
-    the same kernel bit for bit.
+    the same kernel bit for bit. `finish` can also take a first block product ``K V``:
+    each tile formed after it is called adds its share while in cache, the tiles formed
+    before are queued as product tasks among the last ones (filling the threads' tail);
+    every tile's share is kept apart and summed in tile order, so ``K V`` does not
+    depend on which thread took which tile.
 
-    `layers`: per block ``(O, I or None, bias)``, the widths of its `HadamardFactors`."""
+    `layers`: per block ``(O, I or None, bias)``, the widths of its `HadamardFactors`.
+    `rows`: the whole sample's `HadamardFactors` (in `dtype`) that the caller fills batch
+    by batch (`gmcurv.capture.GradientRows`), read in place — `add` then only announces
+    the new rows; without, the stream keeps its own copy of each batch's factors."""
 
     def __init__(
         self,
@@ -489,18 +503,29 @@ class PanelStream:
         layers: Sequence[tuple[int, int | None, bool]],
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        rows: Sequence[HadamardFactors] | None = None,
     ):
         self.size, self.dtype, self.ready = size, dtype, 0
-        self.factors = [
-            (
-                torch.empty(size, o, dtype=dtype, device=device),
-                None if i is None else torch.empty(size, i, dtype=dtype, device=device),
-                bias,
-            )
-            for o, i, bias in layers
-        ]
+        self._copy = rows is None
+        self.factors = (
+            [
+                (
+                    torch.empty(size, o, dtype=dtype, device=device),
+                    None if i is None else torch.empty(size, i, dtype=dtype, device=device),
+                    bias,
+                )
+                for o, i, bias in layers
+            ]
+            if rows is None
+            else [(f.delta, f.x, f.bias) for f in rows]
+        )
         self.K = torch.empty(size, size, dtype=dtype, device=device)
-        self._tiles: list[tuple[int, int, int, int]] = []  # formable, not yet taken
+        # tasks (p0, p1, c0, c1, form): a tile to form (and multiply, once `_vt` is set)
+        # or, form False, a formed tile to multiply
+        self._tiles: list[tuple[int, int, int, int, bool]] = []
+        self._formed: list[tuple[int, int, int, int]] = []  # formed before `_vt` was set
+        self._vt: Tensor | None = None  # Vᵀ of `finish`'s first block, [b, size]
+        self._parts: dict[tuple[int, int, int, int], tuple[Tensor, Tensor | None]] = {}
         self._next_panel = 0  # start of the first panel not yet queued
         self._closed = False
         self._error: BaseException | None = None
@@ -509,12 +534,15 @@ class PanelStream:
         self._worker.start()
 
     def add(self, pairs: Sequence[HadamardFactors]) -> None:
-        """The next rows' factors (one batch: every block's `HadamardFactors`)."""
+        """The next rows' factors (one batch: every block's `HadamardFactors`; with `rows`,
+        already in place: only their count is read)."""
         n = pairs[0].delta.shape[0]
         r0, r1 = self.ready, self.ready + n
         if r1 > self.size:
             raise ValueError(f"more rows than the kernel's {self.size}")
         for (D, X, _), f in zip(self.factors, pairs, strict=True):
+            if not self._copy:
+                break
             D[r0:r1].copy_(f.delta)
             if X is not None and f.x is not None:
                 X[r0:r1].copy_(f.x)
@@ -523,13 +551,19 @@ class PanelStream:
             self._queue_panels()
             self._cv.notify_all()
 
-    def finish(self) -> LowerGram:
-        """``K`` (every row added) as a `LowerGram` of `PANEL_ROWS`-row panels: the
-        remaining tiles shared between the caller and the background thread."""
+    def finish(self, first: Tensor | None = None) -> tuple[LowerGram, Tensor | None]:
+        """``K`` (every row added) as a `LowerGram` of `PANEL_ROWS`-row panels, the
+        remaining tiles shared between the caller and the background thread, and ``K V``
+        for ``V = first`` (``[size, b]``, in ``K``'s dtype; None without `first`)."""
         if self.ready != self.size:
             raise ValueError(f"{self.ready} of {self.size} rows added")
         with self._cv:
             self._closed = True
+            if first is not None:
+                self._vt = first.to(self.dtype).T.contiguous()
+                # cheap product tasks first in the list: popped last, they fill the tail
+                self._tiles[:0] = [(*t, False) for t in self._formed]
+                self._formed = []
             self._queue_panels()
             self._cv.notify_all()
         with _one_thread():
@@ -537,7 +571,15 @@ class PanelStream:
         self._worker.join()
         if self._error is not None:
             raise self._error
-        return LowerGram(self.K, PANEL_ROWS)
+        if self._vt is None:
+            return LowerGram(self.K, PANEL_ROWS), None
+        out = torch.zeros_like(self._vt)
+        for (p0, p1, c0, c1), (own, mirror) in sorted(self._parts.items()):
+            out[:, p0:p1] += own
+            if mirror is not None:
+                out[:, c0:c1] += mirror
+        self._parts.clear()
+        return LowerGram(self.K, PANEL_ROWS), out.T
 
     def close(self) -> None:
         """Stop the background thread (on errors: the kernel is abandoned)."""
@@ -553,9 +595,9 @@ class PanelStream:
             p1 = min(self.size, p0 + PANEL_ROWS)
             if self.ready < p1:
                 break
-            self._tiles.append((p0, p1, p0, p1))  # the diagonal tile: symmetrised
+            self._tiles.append((p0, p1, p0, p1, True))  # the diagonal tile: symmetrised
             for c0 in range(0, p0, STREAM_COLS):
-                self._tiles.append((p0, p1, c0, min(p0, c0 + STREAM_COLS)))
+                self._tiles.append((p0, p1, c0, min(p0, c0 + STREAM_COLS), True))
             self._next_panel = p1
 
     def _work(self, background: bool) -> None:
@@ -570,9 +612,16 @@ class PanelStream:
                     self._cv.wait()
                 if not self._tiles:
                     return
-                p0, p1, c0, c1 = self._tiles.pop()  # the latest panels' (costliest) first
+                p0, p1, c0, c1, form = self._tiles.pop()  # the latest panels' (costliest) first
             try:
-                _tile_sum(self.factors, self.K, p0, p1, c0, c1, dd, aa)
+                if form:
+                    _tile_sum(self.factors, self.K, p0, p1, c0, c1, dd, aa)
+                with self._cv:
+                    vt = self._vt
+                    if vt is None:  # no product asked for yet: queued by `finish`, if asked
+                        self._formed.append((p0, p1, c0, c1))
+                if vt is not None:
+                    self._parts[(p0, p1, c0, c1)] = _tile_share(self.K, vt, p0, p1, c0, c1)
             except BaseException as e:  # re-raised by finish
                 with self._cv:
                     self._error, self._closed, self._tiles = e, True, []
@@ -580,13 +629,21 @@ class PanelStream:
                 return
 
 
-STREAM_COLS = 1024  # columns of a streamed tile
+def _tile_share(
+    K: Tensor, Vt: Tensor, p0: int, p1: int, c0: int, c1: int
+) -> tuple[Tensor, Tensor | None]:
+    """A lower tile ``T = K[p0:p1, c0:c1]``'s shares of ``(K V)ᵀ``: ``Vᵀ[:, C] Tᵀ`` (for
+    the columns ``P``) and, below the diagonal, the mirror's ``Vᵀ[:, P] T`` (for ``C``)."""
+    tile = K[p0:p1, c0:c1]
+    own = Vt[:, c0:c1] @ tile.T
+    return own, (Vt[:, p0:p1] @ tile if c1 <= p0 else None)
+
+
+STREAM_COLS = 512  # columns of a streamed tile (small: the last ones balance the threads)
 
 
 @contextmanager
 def _one_thread():
-    from gmcurv.block_krylov import intra_op_threads
-
     with intra_op_threads(1):
         yield
 

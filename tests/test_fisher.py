@@ -133,6 +133,37 @@ def test_cat_of_batches_gives_same_eigenvalues():
     torch.testing.assert_close(fisher_eigen(joined, 3).values, fisher_eigen(dg, 3).values)
 
 
+@pytest.mark.parametrize("name", CASES)
+def test_gradient_rows_equal_the_cat_of_batches(name):
+    """`GradientRows` (the batches copied into whole-sample tensors as they arrive) equals
+    `DecomposedGradients.cat` bit for bit for Linear-only captures (several tokens and
+    columns too), holds no batch, and refuses too many or too few rows; other sources
+    are left to `cat` (`start` gives None)."""
+    from gmcurv.capture import GradientRows
+    from gmcurv.factors import LinearFactors
+
+    obj, batch = _problem(name)
+    dg = capture(obj, batch, fisher="exact")
+    parts = [dg.select(torch.arange(0, 3)), dg.select(torch.arange(3, N))]
+    rows = GradientRows.start(parts[0], N)
+    if not all(isinstance(b.source, LinearFactors) for b in dg.blocks):
+        assert rows is None
+        return
+    assert rows is not None
+    with pytest.raises(ValueError, match="examples added"):
+        rows.result()
+    for p in parts:
+        rows.add(p)
+    with pytest.raises(ValueError, match="more than"):
+        rows.add(parts[0])
+    got, want = rows.result(), DecomposedGradients.cat(parts)
+    assert got.fisher == want.fisher and torch.equal(got.losses, want.losses)
+    for a, b in zip(got.blocks, want.blocks, strict=True):
+        assert (a.name, a.kind, a.params) == (b.name, b.kind, b.params)
+        assert torch.equal(a.source.delta, b.source.delta) and torch.equal(a.source.x, b.source.x)
+        assert a.source.delta.data_ptr() != parts[0].blocks[0].source.delta.data_ptr()
+
+
 @pytest.mark.parametrize("name", ["attention", "conv", "tied", "tokens"])
 def test_exact_fisher_closed_forms_with_many_columns(name):
     obj, batch = _problem(name)
@@ -287,7 +318,9 @@ def test_kernel_formed_while_capturing_on_two_threads(monkeypatch, tmp_path):
     one = fisher_summary(obj, data, batch_size=100, k=5)
     finished = []
     real = gs.PanelStream.finish
-    monkeypatch.setattr(gs.PanelStream, "finish", lambda self: finished.append(1) or real(self))
+    monkeypatch.setattr(
+        gs.PanelStream, "finish", lambda self, first=None: finished.append(1) or real(self, first)
+    )
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

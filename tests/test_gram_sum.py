@@ -4,6 +4,8 @@ explicit per-example-gradient Gram ``J J^T`` and ``eigvalsh`` of ``F = J^T J / N
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from models import TinyAttention, TinyConv, mlp, seeded
@@ -410,22 +412,36 @@ def test_threaded_panels_and_tiles_equal_one_thread(dtype, small_panels, monkeyp
         assert bool(((got - ref).abs() <= 4 * N * 2.0**-53 * (ref_K.abs() @ Y.abs())).all())
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_panel_stream_equals_the_panel_sum(dtype, small_panels, monkeypatch):
+def test_panel_stream_equals_the_panel_sum(dtype, in_place, small_panels, monkeypatch):
     """`PanelStream` fed batches of 4, 2, 1... rows (panels of 3 rows, tiles of 2 columns,
-    a background thread): the lower panels of the same ``K`` as `summed_gram` (float64 to
-    1e-12, float32 within ``4 D u |g_i| |g_j|``), diagonal tiles exactly symmetric; too
-    many or too few rows are refused, and `close` stops the thread."""
+    a background thread), keeping its own copy of the rows or reading them in place from
+    the caller's tensors (`rows`, filled batch by batch as `GradientRows` does): the lower
+    panels of the same ``K`` as `summed_gram` (float64 to 1e-12, float32 within
+    ``4 D u |g_i| |g_j|``), diagonal tiles exactly symmetric; too many or too few rows are
+    refused, and `close` stops the thread."""
     monkeypatch.setattr(gs, "STREAM_COLS", 2)
     dg = _captured("mlp", dtype)
     sources = [b.source for b in dg.blocks]
     pairs = [gs.hadamard_factors(s) for s in sources]
     assert all(f is not None for f in pairs)
     layers = [(f.delta.shape[1], None if f.x is None else f.x.shape[1], f.bias) for f in pairs]
-    stream = gs.PanelStream(N, layers, dtype)
+    # in place: the stream reads tensors that hold garbage until the caller copies each batch
+    full = [
+        gs.HadamardFactors(
+            torch.full_like(f.delta, float("nan")), torch.full_like(f.x, 7.0), f.bias
+        )
+        for f in pairs
+    ]
+    stream = gs.PanelStream(N, layers, dtype, rows=full if in_place else None)
     r0 = 0
     for n in (4, 2, 1, N):
         n = min(n, N - r0)
+        if in_place:
+            for f, g in zip(full, pairs, strict=True):
+                f.delta[r0 : r0 + n].copy_(g.delta[r0 : r0 + n])
+                f.x[r0 : r0 + n].copy_(g.x[r0 : r0 + n])
         stream.add(
             [gs.HadamardFactors(f.delta[r0 : r0 + n], f.x[r0 : r0 + n], f.bias) for f in pairs]
         )
@@ -434,10 +450,24 @@ def test_panel_stream_equals_the_panel_sum(dtype, small_panels, monkeypatch):
             break
     with pytest.raises(ValueError, match="more rows"):
         stream.add(pairs)
-    K = stream.finish()
+    if in_place:  # let the background form every tile: the product is then all tasks
+        for _ in range(2000):
+            with stream._cv:
+                if not stream._tiles:
+                    break
+            time.sleep(0.001)
+    V = torch.randn(N, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    K, KV = stream.finish(V if in_place else None)
     assert isinstance(K, gs.LowerGram) and K.rows == 3
     ref = gs.summed_gram(sources, N).double()
     got = K.full().double()
+    if in_place:  # K V in K's dtype: within the rounding of a dtype product of the same K
+        assert KV is not None and KV.dtype == dtype and KV.shape == (N, 3)
+        u = torch.finfo(dtype).eps
+        bound = 2 * N * u * (got.abs() @ V.abs())
+        assert bool(((KV.double() - got @ V).abs() <= bound).all())
+    else:
+        assert KV is None
     if dtype == torch.float64:
         torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
     else:

@@ -227,3 +227,25 @@ def test_commands_run_in_process_leave_the_collector_alone(runner, tmp_path):
     res = runner.invoke(app, ["info", "-q", "--json"])
     assert res.exit_code == 0, res.output
     assert gc.isenabled() and gc.get_freeze_count() == frozen
+
+
+EXIT = textwrap.dedent(
+    """
+    import atexit, sys, threading, time
+    from gmcurv.cli import startup
+    atexit.register(lambda: print("atexit ran"))
+    if sys.argv[1] == "thread":  # a thread still working: the ordinary exit waits for it
+        threading.Thread(target=lambda: (time.sleep(0.3), print("thread done"))).start()
+    print("buffered", end=" ")
+    startup.run_then_exit(lambda: sys.exit(3))
+    """
+)
+
+
+def test_exit_without_teardown_flushes_runs_atexit_and_keeps_the_code():
+    for mode, expected in (("plain", "buffered atexit ran"), ("thread", "thread done")):
+        out = subprocess.run(
+            [sys.executable, "-c", EXIT, mode], capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 3, out.stderr
+        assert expected in out.stdout and "atexit ran" in out.stdout, out.stdout

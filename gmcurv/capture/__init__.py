@@ -29,7 +29,7 @@ OPT's positional embedding, called with the attention mask) are ``dense``.
 """
 
 from gmcurv.capture.capturer import Capturer
-from gmcurv.capture.gradients import Block, DecomposedGradients
+from gmcurv.capture.gradients import Block, DecomposedGradients, GradientRows
 from gmcurv.capture.plan import (
     BlockPlan,
     LayerInfo,
@@ -46,6 +46,7 @@ __all__ = [
     "BlockPlan",
     "Capturer",
     "DecomposedGradients",
+    "GradientRows",
     "LayerInfo",
     "capture",
     "capture_all",
