@@ -72,6 +72,7 @@ class CurvatureOperator:
         if kind not in CURVATURES:
             raise ConfigError(f"unknown curvature {kind!r}", hint=f"use one of {CURVATURES}")
         self.objective, self.data, self.batch_size, self.kind = objective, data, batch_size, kind
+        self._space = objective.space  # fixed for the objective's life; built once, not per use
         self.n_matvecs, self.progress = n_matvecs, progress
         source = FixedBatches(data, batch_size, objective.device, objective.dtype, cache_bytes)
         params = {p.untyped_storage().data_ptr() for p in objective.params.values()}
@@ -89,7 +90,7 @@ class CurvatureOperator:
     # -- what it acts on -------------------------------------------------------------------
     @property
     def space(self) -> ParamSpace:
-        return self.objective.space
+        return self._space
 
     @property
     def size(self) -> int:
