@@ -296,6 +296,6 @@ def _kept_vjp(outputs, leaves, cotangents, batched: bool, names, like) -> dict[s
             allow_unused=True,
         )
     return {
-        k: like[k].new_zeros(like[k].shape) if t is None else t.detach()
+        k: like[k].new_zeros(like[k].shape) if t is None else t.detach() if t.requires_grad else t
         for k, t in zip(names, grads, strict=True)
     }

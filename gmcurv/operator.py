@@ -72,6 +72,7 @@ class CurvatureOperator:
         if kind not in CURVATURES:
             raise ConfigError(f"unknown curvature {kind!r}", hint=f"use one of {CURVATURES}")
         self.objective, self.data, self.batch_size, self.kind = objective, data, batch_size, kind
+        self._space = objective.space  # fixed for the objective's life; built once, not per use
         self.n_matvecs, self.progress = n_matvecs, progress
         source = FixedBatches(data, batch_size, objective.device, objective.dtype, cache_bytes)
         params = {p.untyped_storage().data_ptr() for p in objective.params.values()}
@@ -89,7 +90,7 @@ class CurvatureOperator:
     # -- what it acts on -------------------------------------------------------------------
     @property
     def space(self) -> ParamSpace:
-        return self.objective.space
+        return self._space
 
     @property
     def size(self) -> int:
@@ -160,8 +161,8 @@ class CurvatureOperator:
             self.state.residual(index, batch)  # computed (and kept) outside vmap
         return engine.each(lambda v: self._batch(index, batch, v), vecs, m)
 
-    def _mean(self, out: dict[str, Tensor] | None, count: int) -> dict[str, Tensor]:
-        """Sum over ranks, count the products, divide by ``N``."""
+    def _total(self, out: dict[str, Tensor] | None, count: int) -> dict[str, Tensor]:
+        """Sum over ranks and count the products (the sum ``Σ_n C_n v``, not yet / ``N``)."""
         assert out is not None
         comm = current()
         if comm.active:  # each rank holds a shard's partial sum
@@ -169,21 +170,31 @@ class CurvatureOperator:
         self.n_matvecs += count
         if self.progress:
             self.progress(count)
-        n = self.n
-        return {k: v.div_(n) for k, v in out.items()}  # products' own tensors
+        return out
 
-    def matvec_dict(self, vector: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``C v`` in parameter layout."""
+    def _mean(self, out: dict[str, Tensor] | None, count: int) -> dict[str, Tensor]:
+        """Sum over ranks, count the products, divide by ``N``."""
+        n = self.n
+        return {k: v.div_(n) for k, v in self._total(out, count).items()}  # products' own
+
+    def _sum(self, vector: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``Σ_n C_n v`` over every batch (and rank), counted as one product."""
         out: dict[str, Tensor] | None = None
         for i, batch in self._product_batches():
             part = self._batch(i, batch, vector)
             out = part if out is None else _accumulate(out, part)
-        return self._mean(out, 1)
+        return self._total(out, 1)
+
+    def matvec_dict(self, vector: dict[str, Tensor]) -> dict[str, Tensor]:
+        """``C v`` in parameter layout."""
+        n = self.n
+        return {k: v.div_(n) for k, v in self._sum(vector).items()}  # products' own tensors
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``C v`` for a flat vector (any float dtype; computed in the model's dtype)."""
+        """``C v`` for a flat vector (any float dtype; computed in the model's dtype); the
+        ``1/N`` is one division of the flat vector, not one per parameter tensor."""
         vec = self.space.unflatten(v.to(self.objective.dtype))
-        return self.space.flatten(self.matvec_dict(vec)).to(v.dtype)
+        return self.space.flatten(self._sum(vec)).div_(self.n).to(v.dtype)
 
     __call__ = matvec
 

@@ -54,9 +54,9 @@ class ParamSpace:
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Flat vector (or ``[..., P]`` batch of them) -> ``{name: tensor}`` views."""
         lead = vector.shape[:-1]
+        parts = torch.split(vector, self.numels, dim=-1)  # one op, not a slice per tensor
         return {
-            n: vector[..., sl].reshape(*lead, *s)
-            for (n, sl), s in zip(self.offsets().items(), self.shapes, strict=True)
+            n: t.reshape(*lead, *s) for n, t, s in zip(self.names, parts, self.shapes, strict=True)
         }
 
     def subset(self, names: list[str] | tuple[str, ...]) -> ParamSpace:

@@ -185,3 +185,14 @@ def test_prepare_skips_graphs_that_would_not_all_fit(tmp_path, monkeypatch):
     assert sizes == [] and op.graph_pending
     torch.testing.assert_close(op.matvec(v), H @ v, rtol=0, atol=1e-10)
     assert sizes == [4, 4, 3] and not op.graphs.graphs  # used by that product, then dropped
+
+
+def test_matvec_divides_the_flat_vector_as_matvec_dict_divides_each_tensor(tmp_path):
+    """``matvec`` scales the flat sum by ``1/N`` once: bitwise what ``matvec_dict`` gives."""
+    obj, _, data = problem("attention", tmp_path, n=11)
+    op = CurvatureOperator(obj, data, batch_size=4)
+    v = _rand(obj, 5)
+    flat = op.matvec(v)
+    per_tensor = obj.space.flatten(op.matvec_dict(obj.space.unflatten(v.to(obj.dtype))))
+    assert torch.equal(flat, per_tensor.to(v.dtype))
+    assert op.n_matvecs == 2

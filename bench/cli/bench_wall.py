@@ -22,7 +22,7 @@ copied in (``git archive REV | tar -x -C DIR; cp -r DIR/cli DIR/sample_models
 DIR/gmcurv/``), run by this interpreter with ``PYTHONPATH=DIR``.
 
 Run: ``python bench/cli/bench_wall.py [--rounds 8] [--baseline-src DIR --baseline-label REV]``
-(writes ``bench/cli/results_wall.json``; `WALL.md` says what the numbers were).
+(writes ``bench/cli/results_wall.json`` and the table of ``bench/cli/WALL.md``).
 """
 
 from __future__ import annotations
@@ -45,6 +45,11 @@ sys.path.insert(0, str(HERE.parent / "distributed"))
 from bench_distributed import write_workload  # noqa: E402
 
 OUT = HERE / "results_wall.json"
+MD = HERE / "WALL.md"  # its table between the markers is rewritten from the results
+MARKS = ("<!-- bench_wall:start (written by bench_wall.py) -->", "<!-- bench_wall:end -->")
+NAMES = {"--help": "`gmcurv --help`", "trace --help": "`gmcurv trace --help`",
+         "check": "`gmcurv check`", "trace (sample)": "`gmcurv trace` (sample)",
+         "trace W2": "`gmcurv trace` W2"}  # fmt: skip
 SETUP = ("startup", "load", "validate")  # the report's stages that are not compute
 TIME = "/usr/bin/time" if Path("/usr/bin/time").is_file() else None  # peak RSS (GNU time)
 
@@ -140,20 +145,66 @@ def summarise(rows: list[dict]) -> dict:
     return out
 
 
+def table(doc: dict) -> str:
+    """The markdown table of a run: new / baseline side by side (new alone without one)."""
+    summary, sides = doc["summary"], list(doc["summary"])
+    loads = [x for r in doc["load"] for x in (r["before"][0], r["after"][0])]
+    vs = f", baseline = {doc['baseline'] or 'the baseline tree'}" if len(sides) > 1 else ""
+    lines = [
+        f"`{doc['command']}`: {doc['rounds']} rounds, {doc['cpus']} CPUs, load average "
+        f"{min(loads):.1f}-{max(loads):.1f} (1 min) during the run; new = the tree run{vs}; "
+        "seconds (mean unless marked)" + (", new / baseline" if len(sides) > 1 else "") + ".",
+        "",
+        "| command | wall min | wall mean | up | startup stage | compute | exit | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(c: str, key: str, stat: str = "mean", fmt: str = ".2f") -> str:
+        vals = [summary[s][c].get(key, {}).get(stat) for s in sides]
+        return " / ".join(format(v, fmt) for v in vals) if None not in vals else ""
+
+    for c in summary[sides[0]]:
+        row = [cell(c, "wall", "min"), cell(c, "wall"), cell(c, "up"), cell(c, "startup")]
+        row += [cell(c, "compute"), cell(c, "exit"), cell(c, "rss_mb", fmt=".0f")]
+        lines.append(f"| {NAMES.get(c, c)} | " + " | ".join(row) + " |")
+    same = doc["results_identical_to_baseline"]
+    if same:
+        ok = all(same.values())
+        lines += [
+            "",
+            "Reports' results identical to the baseline's: " + ("yes" if ok else str(same)),
+        ]
+    return "\n".join(lines)
+
+
+def write_md(doc: dict, path: Path = MD) -> None:
+    text = path.read_text()
+    head, start, rest = text.partition(MARKS[0])
+    _, end, tail = rest.partition(MARKS[1])
+    if not (start and end):
+        raise SystemExit(f"{path}: markers {MARKS} not found")
+    path.write_text(f"{head}{MARKS[0]}\n{table(doc)}\n{MARKS[1]}{tail}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--baseline-src", type=Path, default=None, help="another gmcurv (module doc)")
     ap.add_argument("--baseline-label", default=None, help="what the baseline is (e.g. a commit)")
     ap.add_argument("--new-src", type=Path, default=ROOT, help="the gmcurv timed as 'new'")
-    ap.add_argument("--only", nargs="*", default=None, help="command names to time (default all)")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=None,
+        help="time the commands whose name has one of these words (help, check, sample, W2)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="gmcurv-bench-wall-"))
     cmds = commands(tmp)
     if args.only:
-        cmds = {k: v for k, v in cmds.items() if k in args.only}
+        cmds = {k: v for k, v in cmds.items() if any(w in k for w in args.only)}
     sides = {"new": args.new_src.resolve()}
     if args.baseline_src:
         sides["baseline"] = args.baseline_src.resolve()
@@ -198,6 +249,9 @@ def main() -> None:
     }
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {args.out}")
+    if args.out.resolve() == OUT:  # the committed results: their table too
+        write_md(doc)
+        print(f"wrote the table of {MD}")
     head = f"{'command':16} {'side':8} {'wall min':>8} {'mean':>6} {'up':>5} {'startup':>7}"
     print(head + f" {'compute':>7} {'exit':>5} {'RSS MB':>6}")
     for c in cmds:
