@@ -218,6 +218,10 @@ class Session:
         check_rules(ctx.params.get("fail_if"))  # a typo in a rule fails before any compute
         with startup.pinned():  # the collector stays off through start-up, then on
             s = _start(cls, ctx, device, dtype, seed, quiet, json_mode)
+            if startup.BUSY:  # the entry point let idle OpenMP threads sleep
+                s.note(
+                    f"busy machine ({startup.BUSY}): idle threads sleep (OMP_WAIT_POLICY=PASSIVE)"
+                )
             model, data = _default_inputs(s, model, data, need_data)
             loss_name = getattr(loss, "value", loss)
             s.record_user_code(ctx, arch=arch, loss=loss_name)

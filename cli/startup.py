@@ -53,14 +53,27 @@ def release() -> None:
         _held = False
 
 
+BUSY: str | None = None  # why `passive_waits` chose sleeping threads (None: it did not)
+
+
 def passive_waits() -> None:
-    """Idle OpenMP threads sleep at once instead of spinning (``OMP_WAIT_POLICY=PASSIVE``,
-    unless the user set a policy): torch's OpenMP runtime reads it when torch loads, so
-    this runs at process entry. On a machine whose cores are busy with other work, threads
-    that spin at every parallel region's barrier wait for preempted team-mates instead
-    (W2 ``trace --k 0`` compute at load 5: 0.7-2.0 s spinning, 0.06-0.2 s passive;
-    `bench/cli/WALL.md`)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """On a busy machine, idle OpenMP threads sleep at once instead of spinning: with the
+    1-minute load average above the core count as the command starts, and no policy set
+    by the user, ``OMP_WAIT_POLICY=PASSIVE`` (torch's OpenMP runtime reads it when torch
+    loads, so this runs at process entry; `BUSY` says why, for a note). Threads spinning
+    at every parallel region's barrier wait for team-mates preempted by the other jobs:
+    W2 ``trace --k 0`` at load 5 took 0.7-2.0 s of compute spinning, 0.06-0.2 s sleeping;
+    on an idle machine spinning is faster (27 vs 31 ms), so it stays (`bench/cli/BUSY.md`)."""
+    global BUSY
+    if "OMP_WAIT_POLICY" in os.environ:
+        return
+    try:
+        load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    except (OSError, AttributeError):  # no load average on this system
+        return
+    if load > cores:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        BUSY = f"load {load:.1f} on {cores} cores"
 
 
 def held() -> bool:

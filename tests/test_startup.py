@@ -252,16 +252,24 @@ def test_exit_without_teardown_flushes_runs_atexit_and_keeps_the_code():
         assert expected in out.stdout and "atexit ran" in out.stdout, out.stdout
 
 
-def test_passive_waits_set_at_entry_unless_the_user_chose(monkeypatch, tmp_path):
-    """`passive_waits`: the command line's process runs with OMP_WAIT_POLICY=PASSIVE (set
-    at entry, before torch loads its OpenMP runtime); a user's own policy is kept."""
+def test_passive_waits_only_on_a_busy_machine_unless_the_user_chose(monkeypatch, tmp_path):
+    """`passive_waits`: OMP_WAIT_POLICY=PASSIVE (and `BUSY` for a note) when the 1-minute
+    load average is above the core count at entry; idle: unset; a user's policy kept. The
+    real entry point sets it before torch loads (the process's environment at exit)."""
     import os
 
     from gmcurv.cli import startup
 
+    monkeypatch.setattr(startup, "BUSY", None)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert _entry("--help", cwd=tmp_path)["omp"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert _entry("--help", cwd=tmp_path)["omp"] == "ACTIVE"
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.1, 0.1))
     startup.passive_waits()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "OMP_WAIT_POLICY" not in os.environ and startup.BUSY is None
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0 * (os.cpu_count() or 1), 1.0, 1.0))
+    startup.passive_waits()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "cores" in (startup.BUSY or "")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    monkeypatch.setattr(startup, "BUSY", None)
+    startup.passive_waits()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and startup.BUSY is None
+    assert _entry("--help", cwd=tmp_path)["omp"] == "ACTIVE"  # the user's, through the entry

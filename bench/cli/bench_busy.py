@@ -1,6 +1,7 @@
-"""Whole ``gmcurv trace`` commands on a busy machine: torch's OpenMP threads spinning at
-every barrier (the runtime's default) against sleeping (``OMP_WAIT_POLICY=PASSIVE``, the
-command line's default since `gmcurv.cli.startup.passive_waits`).
+"""Whole ``gmcurv trace`` commands on an idle and a busy machine: torch's OpenMP threads
+spinning at every barrier (the runtime's default) against sleeping
+(``OMP_WAIT_POLICY=PASSIVE``, what the command line picks when the load average is above
+the core count as it starts, `gmcurv.cli.startup.passive_waits`).
 
 Load is made by `--hogs` processes spinning in pure Python (other users' jobs, same
 priority as gmcurv). Each command runs in its own process, rounds interleaved; compute =
@@ -29,18 +30,15 @@ sys.path.insert(0, str(HERE.parent / "distributed"))
 
 from bench_distributed import write_workload  # noqa: E402
 
-# OpenMP's own default (threads spin a while at each barrier, then sleep): the app run
-# without the entry point that sets the policy; gmcurv's: ``python -m gmcurv``
-APP = "import sys; from gmcurv.cli.app import app; sys.argv[0] = 'gmcurv'; app()"
-POLICIES = {"spin (OpenMP default)": ["-c", APP], "passive (gmcurv default)": ["-m", "gmcurv"]}
+POLICIES = {"spin (ACTIVE)": "ACTIVE", "passive (PASSIVE)": "PASSIVE"}
 COMMANDS = {"trace --k 0": ["--k", "0"], "trace (top-5)": []}
 
 
-def run(tmp: Path, args: list[str], entry: list[str]) -> float:
+def run(tmp: Path, args: list[str], policy: str) -> float:
     env = {**os.environ, "GMCURV_NO_CONFIG": "1", "PYTHONPATH": str(ROOT)}
-    env.pop("OMP_WAIT_POLICY", None)
+    env["OMP_WAIT_POLICY"] = policy
     out = tmp / "r.json"
-    cmd = [sys.executable, *entry, "trace", "W2.safetensors", "W2-data.safetensors"]
+    cmd = [sys.executable, "-m", "gmcurv", "trace", "W2.safetensors", "W2-data.safetensors"]
     subprocess.run([*cmd, "-q", "-o", str(out), *args], cwd=tmp, env=env, check=True,
                    capture_output=True)  # fmt: skip
     t = json.loads(out.read_text())["timings"]
@@ -86,13 +84,13 @@ def main() -> None:
         f"{a.hogs} pure-Python spinning processes at the same priority. Compute = the "
         "report's own stage timings, minimum (median) over interleaved rounds.",
         "",
-        "| machine | command | spin (OpenMP default) | passive (gmcurv default) | spin / passive |",
+        "| machine | command | spin (ACTIVE) | passive (PASSIVE) | spin / passive |",
         "|---|---|---|---|---|",
     ]
     for busy in (0, a.hogs):
         for c in COMMANDS:
             r = {x["policy"]: x for x in rows if x["hogs"] == busy and x["command"] == c}
-            s, p = r["spin (OpenMP default)"], r["passive (gmcurv default)"]
+            s, p = r["spin (ACTIVE)"], r["passive (PASSIVE)"]
             lines.append(
                 f"| {'idle' if not busy else f'{busy} busy processes'} | `{c}` | "
                 f"{1e3 * s['min_s']:.0f} ms ({1e3 * s['median_s']:.0f}) | "
