@@ -521,6 +521,7 @@ def fisher_summary(
     panels: PanelStream | None = None
     streamed: LowerGram | None = None
     V0 = KV0 = None  # the block route's first block and its product (`PanelStream.finish`)
+    full: DecomposedGradients | None = None  # all N examples' factors (eigenvalues wanted)
     threads = torch.get_num_threads()
     try:
         for dg in stream:
@@ -548,19 +549,19 @@ def fisher_summary(
             if phase:
                 phase("Fisher: Gram kernel (rows, formed while capturing)", None)
             assert rows is not None
-            V0 = first_block(rows.result(), k, seed)  # its product taken while finishing K
+            full = rows.result()
+            V0 = first_block(full, k, seed)  # its product taken while finishing K
             streamed, KV0 = panels.finish(V0)
     finally:
         if panels is not None:
             panels.close()
             torch.set_num_threads(threads)
     diagonals: dict[int, Tensor] | None = {} if defer else None
-    full = None
-    if k > 0:
+    if k > 0 and full is None:
         full = (
             rows.result() if rows is not None else gather_decomposed(DecomposedGradients.cat(kept))
         )
-        del kept, rows
+    del kept, rows
     total = first = None
     if streamed is not None:  # every block panelled: no diagonals of whole blocks
         total, first = streamed, (V0, KV0)
@@ -669,10 +670,10 @@ def _panel_stream(
     low = all(b.source.dtype == torch.float32 for b in dg.blocks)
     dtype = torch.float32 if low else torch.float64
     layers = [(f.delta.shape[1], None if f.x is None else f.x.shape[1], f.bias) for f in pairs]
-    # the stream keeps its own copy of the factors: at most the kernel's size, or STREAM_COPY
-    full = [hadamard_factors(s) for s in rows.sources]
-    if dg.columns == 1 and all(b.source.dtype == dtype for b in dg.blocks):
+    if dg.columns == 1 and all(b.source.dtype == dtype for b in dg.blocks):  # read in place
+        full = [hadamard_factors(s) for s in rows.sources]
         return PanelStream(size, layers, dtype, dg.losses.device, rows=full)  # type: ignore[arg-type]
+    # the stream keeps its own copy of the factors: at most the kernel's size, or STREAM_COPY
     width = sum(o + (i or 0) for o, i, _ in layers)
     if size * width > max(size * size, STREAM_COPY // dtype.itemsize):
         return None

@@ -219,8 +219,7 @@ class LowerGram:
                 _panel_product(self.data[p0:p1, :end], Yt, out, p0, p1, below, buf)
             return out
 
-        work_size = n * n * Yt.shape[0]
-        threads = _threads(work_size) if convert else _threads(work_size, MIN_THREADED_PRODUCT)
+        threads = _threads(n * n * Yt.shape[0])
         with intra_op_threads(1 if threads == 1 else torch.get_num_threads()):
             parts = in_threads(work, [float(e) for e in ends], threads)
         out = parts[0]
@@ -233,15 +232,11 @@ SKINNY = 64  # products with at most this many columns run transposed by panels
 TILE_COLS = 512  # columns of a float64 tile (`LowerGram.exact`): 1 MB of 256 rows
 BUILD_COLS = 2048  # columns of a kernel tile (wide GEMMs run fastest)
 MIN_THREADED = 1 << 24  # multiply-adds below which a product or kernel runs on one thread
-# ... and a product in K's own dtype (memory-bound: one thread reads a 2,048-row kernel's
-# panels about as fast as two, without their fork/join)
-MIN_THREADED_PRODUCT = MIN_THREADED
 
 
-def _threads(work: float, least: float | None = None) -> int:
-    """Threads for `work` multiply-adds: torch's count when there is enough to share
-    (`least`, default `MIN_THREADED`)."""
-    return torch.get_num_threads() if work >= (least or MIN_THREADED) else 1
+def _threads(work: float) -> int:
+    """Threads for `work` multiply-adds: torch's count when there is enough to share."""
+    return torch.get_num_threads() if work >= MIN_THREADED else 1
 
 
 def _tile_product(

@@ -137,6 +137,13 @@ def _registered_temporary(target: Path, parent: Path, directory: bool) -> Path:
     return Path(name)
 
 
+def _usual_permissions(path: Path, mode: int) -> None:
+    """Give `path` `mode` less the process's umask (what ``open``/``mkdir`` would give)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_path)` on a temporary file beside `path`, then rename it into place.
 
@@ -149,9 +156,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp_name = str(tmp)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
+        _usual_permissions(tmp, 0o666)  # mkstemp creates 0600
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         with _signals_deferred():  # renamed and unregistered as one step
@@ -186,9 +191,7 @@ def atomic_directory(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     tmp_name = str(tmp)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700
+        _usual_permissions(tmp, 0o777)  # mkdtemp creates 0700
         with _signals_deferred():
             if not target.exists():
                 os.rename(tmp, target)
