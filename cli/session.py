@@ -105,22 +105,14 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "float64": torch.float64}[name]
 
 
-def warm_up_autograd(products: bool = False) -> None:
+def warm_up_autograd() -> None:
     """Pay torch's lazy imports of the first backward (``torch.autograd.grad`` with
     ``grad_outputs`` imports sympy through ``torch.fx``) once, as start-up, so that
-    compute timings measure compute; and set malloc to reuse freed memory
-    (`gmcurv.memory.keep_freed_memory`; `products`: large blocks too, for commands that
-    run repeated curvature products)."""
+    compute timings measure compute; and set malloc to reuse freed memory, large blocks
+    included (`gmcurv.memory.keep_freed_memory`)."""
     import torch.fx.experimental.symbolic_shapes  # noqa: F401
 
-    keep_freed_memory(large=products)  # products' temporaries reuse freed memory
-
-
-def runs_products(params: dict) -> bool:
-    """Whether a command with these parameters computes Hessian / GGN / ``H - G``
-    products (its ``--curvature`` is not the Fisher, whose capture is one pass)."""
-    curvature = params.get("curvature")
-    return getattr(curvature, "value", curvature) not in (None, "fisher")
+    keep_freed_memory(large=True)
 
 
 def _family_code(model: Path, arch: str | None) -> str:
@@ -229,7 +221,7 @@ class Session:
                 family = _family_code(model, arch)
                 label = f"starting up{family and f' ({family})'}"
                 with s.stage("startup"), s.progress(label, None):
-                    warm_up_autograd(runs_products(ctx.params))
+                    warm_up_autograd()
                     if family:
                         _import_transformers()
         # no count to show: a spinner with the elapsed time (imports of torch's and the

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 
-from gmcurv.cli.session import runs_products
 from gmcurv.memory import _glibc, keep_freed_memory
 
 
@@ -29,14 +28,14 @@ def test_user_tuning_wins(monkeypatch, var, value):
 
 
 def test_commands_set_it_at_startup(monkeypatch):
-    """Compute commands call it in their start-up stage (not timed as compute)."""
+    """Compute commands call it in their start-up stage (not timed as compute), large
+    blocks included: a one-pass Fisher trace re-makes large blocks too (GPT-2 124M)."""
     from gmcurv.cli import session
 
     calls = []
     monkeypatch.setattr(session, "keep_freed_memory", lambda **k: calls.append(k) or True)
     session.warm_up_autograd()
-    session.warm_up_autograd(products=True)  # Hessian / GGN commands: large blocks too
-    assert calls == [{"large": False}, {"large": True}]
+    assert calls == [{"large": True}]
 
 
 @pytest.mark.skipif(not _glibc(), reason="mallopt is glibc's")
@@ -54,16 +53,3 @@ def test_large_setting_applies_in_a_fresh_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["True", str(float(1 << 24))]
-
-
-def test_products_only_for_non_fisher_curvature():
-    from enum import Enum
-
-    class C(Enum):
-        fisher = "fisher"
-        hessian = "hessian"
-
-    assert not runs_products({})  # no --curvature (e.g. saliency)
-    assert not runs_products({"curvature": C.fisher})
-    assert runs_products({"curvature": C.hessian})
-    assert runs_products({"curvature": "ggn"})

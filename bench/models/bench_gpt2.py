@@ -13,7 +13,10 @@ uniformly random token ids, ``[N, 128]``, next-token loss (all tokens count).
 Each method runs in its own subprocess; peak memory is the process's peak RSS (absolute,
 and above the RSS after set-up: model and data built, nothing run). Times: first run, then
 the median and the minimum of the timed repeats (the machine is shared: the load average
-after each method is recorded, and the minimum is the least disturbed measurement).
+after each method is recorded, and the minimum is the least disturbed measurement). The
+gmcurv methods start as the command line does (`gmcurv.cli.session.warm_up_autograd`: torch's
+lazy imports, and malloc reusing freed memory); the peers and the plain backward as a plain
+script does.
 
 - ``plain_backward``: ``loss.backward()`` of the mean loss (the reference cost);
 - ``gmcurv_trace``: `gmcurv.memory.estimate_capture` (the preflight), then `Capturer` +
@@ -289,6 +292,10 @@ def make_method(name: str, model, ids):
 
 def measure_one(n: int, method: str, repeats: int) -> dict:
     torch.set_num_threads(2)
+    if method.startswith("gmcurv"):  # the command line's start-up: its malloc setting
+        from gmcurv.cli.session import warm_up_autograd
+
+        warm_up_autograd()
     model, ids = build(n)
     base = rss_bytes()
     t_setup = time.perf_counter()

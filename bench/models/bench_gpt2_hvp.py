@@ -31,8 +31,7 @@ probe, its product, the sample ``z^T H z`` — PyHessian: ``randint_like`` and a
 per parameter, ``hessian_vector_product``, ``group_product``; gmcurv: what
 `gmcurv.stochastic.deflated_block_traces` does per probe (``rademacher_bits``,
 ``CurvatureOperator.matvec`` of the flat probe, ``probe_dots``). The gmcurv process starts
-with `gmcurv.memory.keep_freed_memory` (``large=True``: no mmapped blocks), as the CLI does
-for commands that run Hessian products.
+with `gmcurv.memory.keep_freed_memory` (``large=True``: no mmapped blocks), as the CLI does.
 
 Trace mode (`--trace`): what ``gmcurv trace --curvature hessian --no-per-layer --k 0
 --tol 0.05`` computes (`gmcurv.hessian.curvature_summary`), in its own process: value,
@@ -161,7 +160,7 @@ def one_hvp(library: str, products: int, steps: int = 0) -> dict:
         from gmcurv.operator import CurvatureOperator
         from gmcurv.stochastic import _generator, probe_dots, rademacher_bits
 
-        keep_freed_memory(large=True)  # as the CLI does for Hessian products
+        keep_freed_memory(large=True)  # as the CLI does
         obj = Objective.build(model, "next_token")
         assert list(obj.params) == names
         tmp = Path(tempfile.mkdtemp()) / "tokens.safetensors"

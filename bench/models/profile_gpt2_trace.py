@@ -6,14 +6,15 @@ plain forward+backward over the same sequences, in one process.
 
 Model and data as `bench_gpt2.py` (GPT-2 124M by default, random init, 8 x 128 random
 tokens; `--layers` / `--width` for a proxy). Each round runs the plain ``loss.backward()``
-then `fisher_summary` with the default options (what `gmcurv trace` computes), with
-`gmcurv.memory.keep_freed_memory` as the CLI does. Stages are timed by wrapping the engine
-functions that run them (wall and CPU seconds of this process; CPU seconds are the less
-load-sensitive measure on a shared machine): the memory preflight (its one-example forward
-is also the self-check's reference), the hooked forward and backward to the module outputs
-(`Capturer._record`), the factors, the one-off self-check (`check_example`: one example's
-backward, its materialised gradient, the agreement norms), per-block squared norms
-(`FisherAccumulator.add`), the Gram kernel and the top-5 eigenvalues.
+then `fisher_summary` with the default options (what `gmcurv trace` computes), after the
+command line's start-up (`gmcurv.cli.session.warm_up_autograd`: its malloc setting). Stages
+are timed by wrapping the engine functions that run them (wall and CPU seconds of this
+process; CPU seconds are the less load-sensitive measure on a shared machine): the memory
+preflight (its one-example forward is also the self-check's reference), the hooked forward
+and backward to the module outputs (`Capturer._record`), the factors, the one-off
+self-check (`check_example`: one example's backward, its materialised gradient, the
+agreement norms), per-block squared norms (`FisherAccumulator.add`), the Gram kernel and
+the top-5 eigenvalues.
 Results: ``profile_gpt2_trace.json`` (see RESULTS.md).
 """
 
@@ -77,9 +78,9 @@ def main() -> None:
     import transformers
 
     torch.set_num_threads(args.threads)
-    from gmcurv.memory import keep_freed_memory
+    from gmcurv.cli.session import warm_up_autograd
 
-    keep_freed_memory()
+    warm_up_autograd()  # the command line's start-up (its malloc setting)
     import bench_gpt2 as B
 
     torch.manual_seed(0)
