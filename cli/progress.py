@@ -56,7 +56,10 @@ class _RichSink:
         self.bar.advance(self.task, k)
 
     def phase(self, label: str, total: int | None) -> None:
-        self.bar.reset(self.task, total=total, description=label)
+        # a fresh task: `reset` keeps the previous total when given None (a count-less
+        # phase after a counted one would show the old total, its count stuck at 0)
+        self.bar.remove_task(self.task)
+        self.task = self.bar.add_task(label, total=total)
 
     def update(self, completed: float | None, total: int | None) -> None:
         kw = {k: v for k, v in (("completed", completed), ("total", total)) if v is not None}
@@ -65,7 +68,8 @@ class _RichSink:
 
 @contextlib.contextmanager
 def rich_bar(label: str, total: int | None, disabled: bool) -> Iterator[Advance]:
-    """A transient rich progress bar on stderr: spinner, label, bar, done/total, elapsed, ETA."""
+    """A transient rich progress bar on stderr: spinner, label, bar, done/total (none while
+    the total is unknown), elapsed, ETA."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -75,12 +79,17 @@ def rich_bar(label: str, total: int | None, disabled: bool) -> Iterator[Advance]
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.text import Text
+
+    class Count(MofNCompleteColumn):
+        def render(self, task):  # a spinner phase has no count to show ("0/?")
+            return Text("") if task.total is None else super().render(task)
 
     bar = Progress(
         SpinnerColumn(),
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
+        Count(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=stderr,

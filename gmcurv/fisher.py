@@ -485,7 +485,7 @@ def fisher_summary(
     Linear, the Gram kernel is formed while the data is captured (`_panel_stream`): the
     capture on one thread, the kernel's panels on another, the thread count restored after.
     """
-    from gmcurv.capture import Capturer, GradientRows, capture_stream
+    from gmcurv.capture import Capturer, CaptureSteps, GradientRows, capture_stream
     from gmcurv.distributed import current, gather_decomposed
 
     comm = current()
@@ -494,6 +494,8 @@ def fisher_summary(
     # capture_stream's memory preflight sizes activations, columns and factors from one
     # example's forward and, when eigenvalues are wanted, all N examples' factors + kernel
     cap = Capturer(objective, fisher, mc_samples, seed)
+    if phase and progress and data.n <= batch_size:  # one batch: progress inside it
+        cap.steps = CaptureSteps(phase, progress, "Fisher: ")
     acc = FisherAccumulator(diagonal=False)
     col_norms: dict[str, list[Tensor]] = {}
     kept: list[DecomposedGradients] = []

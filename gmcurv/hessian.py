@@ -521,7 +521,7 @@ def top_eigen(
     P, n = objective.space.size, data.n
     announce = phase or (lambda label, total: None)
     if kind == "fisher":
-        from gmcurv.capture import capture_all
+        from gmcurv.capture import CaptureSteps, capture_all
         from gmcurv.fisher import eigen_products, fisher_eigen, formed_kernel
 
         total = None if n <= batch_size else n  # one batch: a spinner (a count sits at 0)
@@ -529,9 +529,12 @@ def top_eigen(
             "capturing gradients" + (f" (one batch of {n:,} examples)" if total is None else ""),
             total,
         )
+        # one batch: progress inside it (module calls of the forward and backward)
+        steps = CaptureSteps(phase, progress) if phase and progress and total is None else None
         dg = capture_all(
-            objective, data, batch_size, fisher, progress=progress, budget_bytes=budget_bytes
-        )
+            objective, data, batch_size, fisher, progress=progress, budget_bytes=budget_bytes,
+            steps=steps,
+        )  # fmt: skip
         K = formed_kernel(dg, "Gram kernel (rows)", announce, progress)
         announce("Gram eigenvalues (kernel products)", eigen_products(dg.n * dg.columns, k))
         res = fisher_eigen(dg, k, vectors=vectors, tol=tol, seed=seed, progress=progress, kernel=K)

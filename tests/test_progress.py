@@ -106,6 +106,7 @@ def test_single_batch_capture_is_a_spinner(runner, files):
     phases = _run(runner, ["eigen", *files, "--curvature", "fisher", "--batch-size", "64", "-q"])
     (capture,) = _by_label(phases, "capturing gradients (one batch of 40 examples)")
     assert capture.total is None
+    _complete(_by_label(phases, "forward of 40 examples")[0])  # then it moves inside the batch
 
 
 def test_eigen_phases_have_totals(runner, files):
@@ -210,3 +211,28 @@ def test_spectrum_and_saliency_announce_the_graph_build(runner, files, command, 
     after = labels[phases.index(built) + 1]
     assert ("Lanczos quadrature: products" if products == "SLQ" else "Hessian diagonal") in after
     _complete(phases[phases.index(built) + 1])
+
+
+def test_trace_single_batch_moves_inside_it(runner, files):
+    """A sample captured as one batch: the hooked forward counts module calls, the
+    backward their cotangents, then the self-check (no count) — no phase sits at 0."""
+    model, data = files[:2]
+    phases = _run(runner, ["trace", model, data, "-q", "--k", "0"])
+    labels = [p.label for p in phases]
+    (forward,) = _by_label(phases, "forward of 40 examples: 3 hooked modules")
+    (backward,) = _by_label(phases, "backward: 3 module outputs")
+    (check,) = _by_label(phases, "self-check: example 0 alone against autograd")
+    for p in (forward, backward):
+        _complete(p)
+    assert check.total is None
+    assert labels.index(forward.label) < labels.index(backward.label) < labels.index(check.label)
+
+
+def test_rich_bar_countless_phase_after_a_counted_one():
+    """rich's ``reset`` keeps the old total when given None: each phase is a fresh task."""
+    with progress.rich_bar("counted", 8, disabled=True) as adv:
+        adv(3)
+        adv.phase("spinner", None)
+        sink = adv.sink
+        (task,) = sink.bar.tasks
+        assert (task.description, task.total, task.completed) == ("spinner", None, 0)

@@ -28,7 +28,7 @@ back to ``dense`` the same way, on any batch. Subclasses that override ``forward
 OPT's positional embedding, called with the attention mask) are ``dense``.
 """
 
-from gmcurv.capture.capturer import Capturer
+from gmcurv.capture.capturer import Capturer, CaptureSteps
 from gmcurv.capture.gradients import Block, DecomposedGradients, GradientRows
 from gmcurv.capture.plan import (
     BlockPlan,
@@ -44,6 +44,7 @@ from gmcurv.capture.stream import capture, capture_all, capture_stream
 __all__ = [
     "Block",
     "BlockPlan",
+    "CaptureSteps",
     "Capturer",
     "DecomposedGradients",
     "GradientRows",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -29,6 +30,22 @@ def _head(batch: Batch, m: int) -> Batch:
     return Batch(slice_inputs(batch.inputs, slice(0, m)), targets, batch.start)
 
 
+@dataclass(frozen=True)
+class CaptureSteps:
+    """Progress inside a batch, for a sample captured as one batch (whose count of
+    examples would sit at 0 until the end): ``phase(label, total)`` as each step starts —
+    the hooked forward (one unit per module call), the backward (one per module output
+    and Fisher column), the self-check (no count) — and ``tick(k)`` as units are done.
+    Labels start with `prefix`."""
+
+    phase: Callable[[str, int | None], None]
+    tick: Callable[[float], None]
+    prefix: str = ""
+
+    def start(self, step: str, total: int | None) -> None:
+        self.phase(f"{self.prefix}{step}", total)
+
+
 class Capturer:
     """Captures `DecomposedGradients` batch by batch for one objective and Fisher type.
 
@@ -36,6 +53,7 @@ class Capturer:
     in eval mode its first example alone against its row of the batch's capture; in train
     mode the first `CHECK_EXAMPLES` examples captured on their own. `check_report` says
     what was compared (None until a checked batch ran, or with ``check=False``).
+    `steps`: progress inside each batch (`CaptureSteps`; None: none).
     """
 
     def __init__(
@@ -59,6 +77,7 @@ class Capturer:
         self._reference: tuple[Batch, Tensor] | None = None  # see `offer_reference`
         self.fallbacks: list[str] = []  # blocks moved to dense by the self-check
         self.check_report: CheckReport | None = None
+        self.steps: CaptureSteps | None = None
 
     def offer_reference(self, example: Batch, outputs: Tensor) -> None:
         """A hook-free forward of one example (outputs with their graph, e.g. the memory
@@ -81,6 +100,7 @@ class Capturer:
         if self.objective.mode == "eval":
             reference, self._reference = self._reference, None
             dg, out, cols, broadcast = self._capture(batch)
+            self._step("self-check: example 0 alone against autograd", None)
             bad, checked = check_example(self.objective, batch, dg, out, cols, broadcast, reference)
             del out, cols, reference
             report = CheckReport(
@@ -95,6 +115,7 @@ class Capturer:
             small = n <= CHECK_EXAMPLES
             part = batch if small else _head(batch, CHECK_EXAMPLES)
             dg, out, cols, broadcast = self._capture(part)
+            self._step(f"self-check: {len(part):,} examples against autograd", None)
             bad = self_check(self.objective, part, dg, out, cols, broadcast)
             report = CheckReport(
                 len(part), n, "sum over the slice captured on its own against a hook-free "
@@ -109,6 +130,10 @@ class Capturer:
             report.fallbacks = list(bad)
         self.check_report = report
         return self._capture(batch)[0]
+
+    def _step(self, step: str, total: int | None) -> None:
+        if self.steps is not None:
+            self.steps.start(step, total)
 
     def _to_dense(self, names: list[str]) -> None:
         """Capture the blocks `names` densely from now on."""
@@ -139,6 +164,8 @@ class Capturer:
             recorder.active = False
             outputs = recorder.outputs()
             C = cols.shape[0]
+            columns = f" x {C} columns" if C > 1 else ""
+            self._step(f"backward: {len(outputs):,} module outputs{columns}", len(outputs) * C)
             for c in range(C if outputs else 0):
                 recorder.column = c
                 torch.autograd.grad(
@@ -151,7 +178,10 @@ class Capturer:
         recorder expanded over the batch)."""
         n = batch_size_of(batch.inputs)
         hooked = [p for p in self.plans if p.kind != "dense"]
-        recorder = Recorder(self.objective.model, [m for p in hooked for m in p.modules], n)
+        paths = [m for p in hooked for m in p.modules]
+        tick = self.steps.tick if self.steps is not None else None
+        recorder = Recorder(self.objective.model, paths, n, tick)
+        self._step(f"forward of {n:,} examples: {len(paths):,} hooked modules", len(paths))
         try:
             out, losses, cols = self._record(batch, recorder)
         finally:

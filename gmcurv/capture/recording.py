@@ -33,6 +33,8 @@ def _delta_hook(recorder: weakref.ref, call: weakref.ref) -> Callable[[Tensor], 
         rec, c = recorder(), call()
         if rec is not None and c is not None:
             c.deltas[rec.column] = g.detach().reshape(c.shape)
+            if rec.tick is not None:
+                rec.tick(1)
 
     return hook
 
@@ -59,8 +61,15 @@ class Recorder:
     (the first-batch self-check verifies the model's outputs are unchanged by this).
     """
 
-    def __init__(self, model: nn.Module, paths: Sequence[str], n: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        paths: Sequence[str],
+        n: int,
+        tick: Callable[[float], None] | None = None,
+    ):
         self.calls: dict[str, list[Call]] = {p: [] for p in paths}
+        self.tick = tick  # called once per recorded call and once per cotangent stored
         self.n = n
         self.column = 0
         self.active = True
@@ -86,8 +95,7 @@ class Recorder:
                     output,
                     shape=(self.n, k, *output.shape[1:]),
                 )
-                self.calls[path].append(call)
-                output.register_hook(_delta_hook(weakref.ref(self), weakref.ref(call)))
+                self._record(path, call)
                 return None
             broadcast = rows != self.n
             if broadcast:
@@ -97,15 +105,19 @@ class Recorder:
                 else:
                     output = output.unsqueeze(0).expand(self.n, *output.shape)
                     x = x.unsqueeze(0).expand(self.n, *x.shape)
-            call = Call(x.detach(), output, broadcast)
-            self.calls[path].append(call)
-            # weak references: a hook on `output` that held the call (which holds `output`)
-            # or the recorder would be a cycle through autograd's C++ graph, which Python's
-            # garbage collector cannot see — every batch's graph and factors would leak
-            output.register_hook(_delta_hook(weakref.ref(self), weakref.ref(call)))
+            self._record(path, Call(x.detach(), output, broadcast))
             return output if broadcast else None
 
         return hook
+
+    def _record(self, path: str, call: Call) -> None:
+        self.calls[path].append(call)
+        # weak references: a hook on `output` that held the call (which holds `output`) or
+        # the recorder would be a cycle through autograd's C++ graph, which Python's
+        # garbage collector cannot see — every batch's graph and factors would leak
+        call.output.register_hook(_delta_hook(weakref.ref(self), weakref.ref(call)))
+        if self.tick is not None:
+            self.tick(1)
 
     def outputs(self) -> list[Tensor]:
         return [c.output for calls in self.calls.values() for c in calls]

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 from gmcurv.batch import Batch
 from gmcurv.capture.budget import preflight_capture
-from gmcurv.capture.capturer import Capturer
+from gmcurv.capture.capturer import Capturer, CaptureSteps
 from gmcurv.capture.gradients import DecomposedGradients
 from gmcurv.data import DataSample
 from gmcurv.distributed import gather_decomposed
@@ -70,13 +70,17 @@ def capture_all(
     seed: int = 0,
     progress: ProgressFn | None = None,
     budget_bytes: int | None = None,
+    steps: CaptureSteps | None = None,
 ) -> DecomposedGradients:
     """All examples' factors at once (needed for Gram kernels), memory O(N (I+O)) per layer.
 
     Under torchrun each rank captures its shard and the factors are all-gathered.
+    `steps`: progress inside each batch (`CaptureSteps`).
     """
+    cap = Capturer(objective, fisher, mc_samples, seed)
+    cap.steps = steps
     stream = capture_stream(
-        objective, data, batch_size, fisher, mc_samples, seed, progress, None, budget_bytes, True
+        objective, data, batch_size, fisher, mc_samples, seed, progress, cap, budget_bytes, True
     )
     local = DecomposedGradients.cat(list(stream))
     return gather_decomposed(local)  # all ranks' examples under torchrun
