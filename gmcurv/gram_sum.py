@@ -232,11 +232,16 @@ SKINNY = 64  # products with at most this many columns run transposed by panels
 TILE_COLS = 512  # columns of a float64 tile (`LowerGram.exact`): 1 MB of 256 rows
 BUILD_COLS = 2048  # columns of a kernel tile (wide GEMMs run fastest)
 MIN_THREADED = 1 << 24  # multiply-adds below which a product or kernel runs on one thread
+# a kernel by panels below this (about 4 ms on one core) is formed on one thread: right after
+# a threaded capture, torch's idle OpenMP worker still spins on the second core, and sharing
+# it costs more than it saves (W1, 512 rows, 0.24 G multiply-adds: 25.3 vs 28.1 ms median)
+MIN_THREADED_KERNEL = 1 << 28
 
 
-def _threads(work: float) -> int:
-    """Threads for `work` multiply-adds: torch's count when there is enough to share."""
-    return torch.get_num_threads() if work >= MIN_THREADED else 1
+def _threads(work: float, least: float | None = None) -> int:
+    """Threads for `work` multiply-adds: torch's count when there is enough to share (at
+    least `least`, default `MIN_THREADED`)."""
+    return torch.get_num_threads() if work >= (MIN_THREADED if least is None else least) else 1
 
 
 def _tile_product(
@@ -298,7 +303,7 @@ def _panel_sum(
     Vt = None if first is None else first.to(dtype).T.contiguous()
     starts = list(range(0, size, PANEL_ROWS))
     inner = sum(d.shape[1] + (0 if x is None else x.shape[1]) for d, x, _ in factors)
-    threads = _threads(size * size * inner / 2)
+    threads = _threads(size * size * inner / 2, MIN_THREADED_KERNEL)
     done, told = [0], [0]  # rows formed (all threads), rows reported (caller's thread)
     lock = threading.Lock()
 

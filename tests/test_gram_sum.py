@@ -389,6 +389,7 @@ def test_threaded_panels_and_tiles_equal_one_thread(dtype, small_panels, monkeyp
     one_K, one_KV = gs.summed_gram_product(sources, N, first=V, lower=True)
     one_mm = one_K.matmat(Y)
     monkeypatch.setattr(gs, "MIN_THREADED", 0)
+    monkeypatch.setattr(gs, "MIN_THREADED_KERNEL", 0)
     monkeypatch.setattr(gs, "TILE_COLS", 2)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
