@@ -493,9 +493,9 @@ def fisher_summary(
 
     # capture_stream's memory preflight sizes activations, columns and factors from one
     # example's forward and, when eigenvalues are wanted, all N examples' factors + kernel
-    cap = Capturer(objective, fisher, mc_samples, seed)
-    if phase and progress and data.n <= batch_size:  # one batch: progress inside it
-        cap.steps = CaptureSteps(phase, progress, "Fisher: ")
+    one = phase and progress and data.n <= batch_size  # one batch: progress inside it
+    steps = CaptureSteps(phase, progress, "Fisher: ") if one else None
+    cap = Capturer(objective, fisher, mc_samples, seed, steps=steps)
     acc = FisherAccumulator(diagonal=False)
     col_norms: dict[str, list[Tensor]] = {}
     kept: list[DecomposedGradients] = []

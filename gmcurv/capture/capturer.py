@@ -63,6 +63,7 @@ class Capturer:
         mc_samples: int = 1,
         seed: int = 0,
         check: bool = True,
+        steps: CaptureSteps | None = None,
     ):
         if fisher not in FISHER_TYPES:
             raise ConfigError(f"unknown --fisher {fisher!r}", hint=f"use one of {FISHER_TYPES}")
@@ -77,7 +78,7 @@ class Capturer:
         self._reference: tuple[Batch, Tensor] | None = None  # see `offer_reference`
         self.fallbacks: list[str] = []  # blocks moved to dense by the self-check
         self.check_report: CheckReport | None = None
-        self.steps: CaptureSteps | None = None
+        self.steps = steps
 
     def offer_reference(self, example: Batch, outputs: Tensor) -> None:
         """A hook-free forward of one example (outputs with their graph, e.g. the memory

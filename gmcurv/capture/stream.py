@@ -77,8 +77,7 @@ def capture_all(
     Under torchrun each rank captures its shard and the factors are all-gathered.
     `steps`: progress inside each batch (`CaptureSteps`).
     """
-    cap = Capturer(objective, fisher, mc_samples, seed)
-    cap.steps = steps
+    cap = Capturer(objective, fisher, mc_samples, seed, steps=steps)
     stream = capture_stream(
         objective, data, batch_size, fisher, mc_samples, seed, progress, cap, budget_bytes, True
     )
